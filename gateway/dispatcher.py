@@ -1,0 +1,153 @@
+"""Hands waiting requests to the workers, oldest first, when a worker has room.
+
+The dispatcher owns every call to the workers: callers' streams only read the store, so
+a caller hanging up never cancels work; only `cancel` does. A worker call that breaks
+(replica died, Serve unavailable) is retried up to `max_attempts`, then the request
+fails with WORKER_FAILED — it is never left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from gateway.feed import ChangeFeed
+from gateway.store import RequestRecord, RequestStore
+from gateway.worker_client import GenerateCall, WorkerClient
+from loraserve.errors import ErrorType
+from loraserve.v1 import types_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: RequestStore,
+        feed: ChangeFeed,
+        worker: WorkerClient,
+        *,
+        capacity: int,
+        max_attempts: int,
+    ) -> None:
+        self._store = store
+        self._feed = feed
+        self._worker = worker
+        self._capacity = capacity
+        self._max_attempts = max_attempts
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._calls: dict[str, GenerateCall] = {}
+        self._cancelled: set[str] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._accepting = True
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="dispatcher")
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def _loop(self) -> None:
+        while self._accepting:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._accepting and len(self._running) < self._capacity:
+                record = self._store.oldest_waiting()
+                if record is None:
+                    break
+                if not self._store.start(record.id):
+                    continue
+                self._feed.notify()
+                task = asyncio.get_running_loop().create_task(self._run(record), name=f"request-{record.id}")
+                self._running[record.id] = task
+                task.add_done_callback(lambda _t, rid=record.id: self._finished(rid))
+
+    def _finished(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+        self._calls.pop(request_id, None)
+        self._cancelled.discard(request_id)
+        self.wake()
+
+    def cancel_running(self, request_id: str) -> None:
+        """Cancels the worker call; the replica stops at its next denoising step."""
+        self._cancelled.add(request_id)
+        call = self._calls.get(request_id)
+        if call is not None:
+            call.cancel()
+
+    async def _run(self, record: RequestRecord) -> None:
+        request = worker_pb2.GenerateRequest(request_id=record.id, input=record.input, seed=record.seed)
+        call = self._worker.generate(request, record.model_key)
+        self._calls[record.id] = call
+        try:
+            async for event in call:
+                self._apply(record.id, event)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            if record.id in self._cancelled:
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._worker_broke(record, exc)
+        else:
+            current = self._store.get(record.id)
+            if current is not None and not current.finished:
+                self._fail(record.id, ErrorType.WORKER_FAILED, "the worker ended the call without a result")
+        finally:
+            if not call.done():
+                call.cancel()
+            self._feed.notify()
+
+    def _apply(self, request_id: str, event: worker_pb2.GenerateResponse) -> None:
+        which = event.WhichOneof("event")
+        if which == "log":
+            self._store.add_log(request_id, event.log)
+        elif which == "progress":
+            self._store.set_progress(request_id, event.progress.step, event.progress.total)
+        elif which == "result":
+            self._store.complete(request_id, event.result.output, event.result.inference_seconds)
+        elif which == "failure":
+            self._store.fail(request_id, event.failure)
+        self._feed.notify()
+
+    def _worker_broke(self, record: RequestRecord, exc: grpc.aio.AioRpcError) -> None:
+        attempts = (self._store.get(record.id) or record).attempts
+        detail = f"{exc.code().name}: {exc.details()}"
+        log.warning("worker call failed", extra={"request_id": record.id, "attempt": attempts, "error": detail})
+        if attempts < self._max_attempts:
+            self._log(record.id, f"worker call failed ({detail}); retrying", types_pb2.LOG_LEVEL_WARN)
+            self._store.requeue(record.id)
+        else:
+            self._fail(record.id, ErrorType.WORKER_FAILED, f"worker failed after {attempts} attempts: {detail}")
+
+    def _fail(self, request_id: str, error_type: ErrorType, message: str) -> None:
+        self._log(request_id, message, types_pb2.LOG_LEVEL_ERROR)
+        self._store.fail(request_id, types_pb2.RequestError(type=error_type, message=message))
+
+    def _log(self, request_id: str, message: str, level: int) -> None:
+        self._store.add_log(
+            request_id,
+            types_pb2.LogEntry(message=message, level=level, source="gateway", timestamp=time.time()),
+        )
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Stops dispatching; running requests get `grace_seconds`, then go back to the queue."""
+        self._accepting = False
+        self.wake()
+        if self._loop_task is not None:
+            await self._loop_task
+        running = list(self._running.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace_seconds)
+            for request_id, task in list(self._running.items()):
+                if task in late:
+                    task.cancel()
+                    self._store.requeue(request_id)
+            await asyncio.gather(*late, return_exceptions=True)

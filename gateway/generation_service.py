@@ -1,0 +1,129 @@
+"""The public GenerationService: submit, status, stream, result, cancel, subscribe."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gateway.dispatcher import Dispatcher
+from gateway.errors import FailedPrecondition, NotFound, RequestFailed, Unavailable, grpc_errors
+from gateway.feed import ChangeFeed
+from gateway.status import build_status
+from gateway.store import RequestRecord, RequestStore, State
+from gateway.validation import validate_input
+from loraserve.config import Settings
+from loraserve.model_key import BaseModelRef
+from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
+    def __init__(self, settings: Settings, store: RequestStore, feed: ChangeFeed, dispatcher: Dispatcher) -> None:
+        self._settings = settings
+        self._store = store
+        self._feed = feed
+        self._dispatcher = dispatcher
+        self.accepting = True
+
+    def _submit(self, inp: types_pb2.GenerateInput, client_request_id: str) -> RequestRecord:
+        if not self.accepting:
+            raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
+        validate_input(inp, self._settings)
+        seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
+        key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
+        record, created = self._store.add(inp, seed=seed, model_key=key, client_request_id=client_request_id)
+        if created:
+            self._feed.notify()
+            self._dispatcher.wake()
+        return record
+
+    def _get(self, request_id: str) -> RequestRecord:
+        record = self._store.get(request_id)
+        if record is None:
+            raise NotFound(f"no request with id {request_id!r}")
+        return record
+
+    def _logs(self, record: RequestRecord, after: int = 0) -> tuple[list[types_pb2.LogEntry], int]:
+        rows = self._store.logs(record.id, after)
+        return [row.entry for row in rows], (rows[-1].seq if rows else after)
+
+    @grpc_errors
+    async def Submit(
+        self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.SubmitResponse:
+        record = self._submit(request.input, request.client_request_id)
+        return generation_pb2.SubmitResponse(request_id=record.id, status=build_status(self._store, record))
+
+    @grpc_errors
+    async def GetStatus(
+        self, request: generation_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GetStatusResponse:
+        record = self._get(request.request_id)
+        logs = self._logs(record)[0] if request.logs else None
+        return generation_pb2.GetStatusResponse(status=build_status(self._store, record, logs))
+
+    @grpc_errors
+    async def StreamStatus(
+        self, request: generation_pb2.StreamStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
+        async for status in self._updates(self._get(request.request_id), request.logs):
+            yield generation_pb2.StreamStatusResponse(status=status)
+
+    @grpc_errors
+    async def GetResult(
+        self, request: generation_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GetResultResponse:
+        return self._result(self._get(request.request_id))
+
+    @grpc_errors
+    async def Cancel(
+        self, request: generation_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.CancelResponse:
+        record = self._get(request.request_id)
+        if not record.finished and self._store.cancel(record.id):
+            if record.state == State.IN_PROGRESS:
+                self._dispatcher.cancel_running(record.id)
+            self._feed.notify()
+            self._dispatcher.wake()
+        return generation_pb2.CancelResponse(status=build_status(self._store, self._get(record.id)))
+
+    @grpc_errors
+    async def Subscribe(
+        self, request: generation_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.SubscribeResponse]:
+        record = self._submit(request.input, request.client_request_id)
+        async for status in self._updates(record, request.logs):
+            yield generation_pb2.SubscribeResponse(status=status)
+        yield generation_pb2.SubscribeResponse(result=self._result(self._get(record.id)))
+
+    async def _updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
+        """The current status, then every change, until the request ends; logs sent once each."""
+        last: generation_pb2.RequestStatus | None = None
+        log_seq = 0
+        version = self._feed.version
+        while True:
+            record = self._get(record.id)
+            new_logs: list[types_pb2.LogEntry] = []
+            if logs:
+                new_logs, log_seq = self._logs(record, log_seq)
+            status = build_status(self._store, record, new_logs)
+            if status != last:
+                yield status
+                last = generation_pb2.RequestStatus()
+                last.CopyFrom(status)
+                last.ClearField("logs")
+            if record.finished:
+                return
+            if self._feed.closed:
+                raise Unavailable("the gateway is shutting down; the request goes on, ask again later")
+            version = await self._feed.wait_past(version)
+
+    def _result(self, record: RequestRecord) -> generation_pb2.GetResultResponse:
+        if not record.finished:
+            raise FailedPrecondition(f"request {record.id} is {record.state}; its result is not ready")
+        if record.error is not None:
+            raise RequestFailed(record.error.type, record.error.message)
+        return generation_pb2.GetResultResponse(request_id=record.id, output=record.output)

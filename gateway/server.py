@@ -1,0 +1,95 @@
+"""Wires the gateway together: gRPC API (+ health, reflection), dispatcher, HTTP files."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.dispatcher import Dispatcher
+from gateway.feed import ChangeFeed
+from gateway.generation_service import GenerationService
+from gateway.http_files import make_http_app
+from gateway.storage_service import StorageService
+from gateway.store import RequestStore
+from gateway.worker_client import WorkerClient
+from loraserve.config import Settings
+from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
+from storage.object_store import LocalObjectStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
+)
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = RequestStore(settings.store_path)
+        self.files = LocalObjectStore(settings.files_dir, settings.files_base_url)
+        self.feed = ChangeFeed()
+        self.worker = WorkerClient(f"{settings.serve_grpc_host}:{settings.serve_grpc_port}", settings.serve_app_name)
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.feed,
+            self.worker,
+            capacity=settings.dispatch_capacity,
+            max_attempts=settings.max_attempts,
+        )
+        self.generation = GenerationService(settings, self.store, self.feed, self.dispatcher)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+        self._http: web.AppRunner | None = None
+        self.grpc_port = 0
+
+    async def start(self) -> None:
+        recovered = self.store.recover()
+        if recovered:
+            log.info("requeued requests that were running at the last stop", extra={"count": recovered})
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.server)
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(
+            StorageService(self.files, self.settings.max_upload_bytes), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        await self.server.start()
+        self._http = web.AppRunner(make_http_app(self.files), access_log=None)
+        await self._http.setup()
+        await web.TCPSite(self._http, self.settings.http_host, self.settings.http_port).start()
+        self.dispatcher.start()
+        self.dispatcher.wake()
+        for name in ("", *SERVICE_NAMES):
+            await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "gateway started",
+            extra={"grpc_port": self.grpc_port, "http_port": self.settings.http_port, "workers": self.worker_target},
+        )
+
+    @property
+    def worker_target(self) -> str:
+        return f"{self.settings.serve_grpc_host}:{self.settings.serve_grpc_port}"
+
+    async def _set_health(self, name: str, status: int) -> None:
+        await self.health.set(name, status)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stops accepting, lets running requests finish within the grace period, then closes."""
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        log.info("gateway stopping", extra={"grace_seconds": grace})
+        for name in ("", *SERVICE_NAMES):
+            await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.generation.accepting = False
+        await self.dispatcher.shutdown(grace)
+        self.feed.close()
+        await self.server.stop(grace=1.0)
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.worker.close()
+        self.store.close()

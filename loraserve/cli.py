@@ -1,0 +1,199 @@
+"""The `loraserve` command: serve, generate, make-tiny-model, demo.
+
+Settings come from `LORASERVE_*` env vars with flags over them (loraserve.config).
+Heavy imports (torch, Ray, diffusers) happen inside the subcommands that need them, so
+`loraserve generate` stays a light gRPC client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from loraserve.config import Settings
+from loraserve.schema import IMAGE_SIZE_PRESETS
+
+
+def parse_lora(value: str) -> dict[str, object]:
+    """`PATH[:SCALE]`; a colon that is not followed by a number stays in the path (URLs)."""
+    path, sep, scale = value.rpartition(":")
+    if sep:
+        try:
+            return {"path": path, "scale": float(scale)}
+        except ValueError:
+            pass
+    return {"path": value}
+
+
+def parse_size(value: str) -> str | dict[str, int]:
+    if value in IMAGE_SIZE_PRESETS:
+        return value
+    width, sep, height = value.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"--size must be one of {', '.join(IMAGE_SIZE_PRESETS)} or WxH, got {value!r}")
+    return {"width": int(width), "height": int(height)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="gateway + local Ray + Serve workers + local storage on one machine")
+    Settings.add_arguments(serve)
+
+    gen = sub.add_parser("generate", help="generate images through the gRPC API")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help="Hugging Face ID, URL or path of the base model")
+    gen.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="PATH[:SCALE]")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--size", type=parse_size, default="square_hd", help="preset or WxH")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--num-images", type=int)
+    gen.add_argument("--format", choices=["png", "jpeg"], default="png")
+    gen.add_argument("--out", type=Path, default=Path("."), help="folder for the images")
+    gen.add_argument("--target", default="127.0.0.1:50051", help="gateway gRPC address")
+
+    tiny = sub.add_parser("make-tiny-model", help="random-weight pipeline + LoRAs, for demos and tests")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--family", choices=["sdxl", "sd15"], default="sdxl")
+    tiny.add_argument("--loras", type=int, default=3)
+    tiny.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="the whole path once: serve, make a tiny model, generate with a LoRA")
+    Settings.add_arguments(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        asyncio.run(_serve(Settings.from_args(args)))
+    elif args.command == "generate":
+        return _generate(args)
+    elif args.command == "make-tiny-model":
+        from serving.tiny import make_tiny_model
+
+        model = make_tiny_model(args.dir, args.family, args.loras, args.seed)
+        print(model.pipeline_dir)
+        for path in model.lora_paths:
+            print(path)
+    elif args.command == "demo":
+        return asyncio.run(_demo(Settings.from_args(args)))
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    from loraserve.embedded import EmbeddedService
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with EmbeddedService(settings) as service:
+        print(f"loraserve ready: gRPC {settings.grpc_host}:{service.gateway.grpc_port}, files {settings.files_base_url}")
+        await stop.wait()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from loraserve.client import Client, LoraServeError
+    from loraserve.v1 import generation_pb2
+
+    request: dict[str, object] = {
+        "model_name": args.model,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "loras": args.lora,
+        "image_size": args.size,
+        "image_format": args.format,
+    }
+    optional = {
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "num_images": args.num_images,
+    }
+    request.update({k: v for k, v in optional.items() if v is not None})
+    bar = tqdm(total=0, unit="step", desc="queued")
+
+    def on_update(status: generation_pb2.RequestStatus) -> None:
+        for entry in status.logs:
+            bar.write(entry.message)
+        if status.state == generation_pb2.REQUEST_STATE_IN_QUEUE:
+            bar.set_description(f"queued (position {status.queue_position})")
+        elif status.HasField("progress"):
+            bar.set_description("generating")
+            bar.total = status.progress.total
+            bar.n = status.progress.step
+            bar.refresh()
+
+    try:
+        with Client(args.target) as client:
+            result = client.subscribe(request, on_queue_update=on_update, logs=True)
+    except LoraServeError as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        for name, why in exc.field_violations.items():
+            print(f"  {name}: {why}", file=sys.stderr)
+        return 1
+    bar.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for image in result.data.images:
+        target = args.out / image.file_name
+        with urllib.request.urlopen(image.url) as response:
+            target.write_bytes(response.read())
+        print(f"{target}  {image.width}x{image.height}  {image.url}")
+    print(f"request {result.request_id} seed {result.data.seed}")
+    return 0
+
+
+async def _demo(settings: Settings) -> int:
+    """Start the embedded service, make a tiny SDXL model, generate with a LoRA through gRPC."""
+    from loraserve.client import AsyncClient
+    from loraserve.embedded import EmbeddedService
+    from serving.tiny import make_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="loraserve-demo-"))
+    model = await asyncio.to_thread(make_tiny_model, workdir / "tiny-sdxl", "sdxl", 2)
+    print(f"tiny model: {model.pipeline_dir}")
+    async with EmbeddedService(settings) as service:
+        async with AsyncClient(f"127.0.0.1:{service.gateway.grpc_port}") as client:
+            result = await client.subscribe(
+                {
+                    "model_name": str(model.pipeline_dir),
+                    "prompt": "a photo of a red house",
+                    "loras": [{"path": str(model.lora_paths[0]), "scale": 0.8}],
+                    "image_size": {"width": 64, "height": 64},
+                    "num_inference_steps": 4,
+                    "seed": 42,
+                },
+                on_queue_update=lambda s: print(f"  status {generation_state_name(s.state)}", _progress(s)),
+            )
+    for image in result.data.images:
+        key = image.url.split("/files/", 1)[1]
+        print(f"image: {image.url}\n  stored at {settings.files_dir.resolve() / key}")
+    return 0
+
+
+def generation_state_name(state: int) -> str:
+    from loraserve.v1 import generation_pb2
+
+    return generation_pb2.RequestState.Name(state).removeprefix("REQUEST_STATE_")
+
+
+def _progress(status: object) -> str:
+    progress = getattr(status, "progress", None)
+    return f"step {progress.step}/{progress.total}" if progress is not None and progress.total else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

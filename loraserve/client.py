@@ -1,0 +1,218 @@
+"""Typed Python clients (sync and asyncio) over the generated stubs.
+
+The verbs are fal's: `subscribe`, `submit`, `status`, `stream_status`, `result`,
+`cancel`, `upload`. Inputs are GenerateInput messages or fal-style dicts. Errors are
+raised as LoraServeError carrying the gRPC code, the reason and the bad fields.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from loraserve.inputs import InputLike, to_input
+from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc, types_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+RequestStatus = generation_pb2.RequestStatus
+QueueUpdate = Callable[[RequestStatus], Any]
+
+
+@dataclass
+class LoraServeError(Exception):
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    field_violations: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.RpcError) -> LoraServeError:
+        code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
+        error = cls(code, exc.details() or "")  # type: ignore[attr-defined]
+        for key, value in exc.trailing_metadata() or ():  # type: ignore[attr-defined]
+            if key != _STATUS_DETAILS_KEY:
+                continue
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(info):
+                    error.reason = info.reason
+                elif detail.Unpack(bad):
+                    error.field_violations.update({v.field: v.description for v in bad.field_violations})
+        return error
+
+
+@dataclass(frozen=True)
+class Result:
+    request_id: str
+    data: types_pb2.GenerateOutput
+
+
+def _upload_messages(source: str | Path | bytes, file_name: str | None, content_type: str | None) -> Iterator[
+    storage_pb2.UploadRequest
+]:
+    if isinstance(source, bytes):
+        data, name = source, file_name or "upload.bin"
+    else:
+        path = Path(source)
+        data, name = path.read_bytes(), file_name or path.name
+    content_type = content_type or mimetypes.guess_type(name)[0] or ""
+    yield storage_pb2.UploadRequest(file_name=name, content_type=content_type, chunk=data[:UPLOAD_CHUNK_BYTES])
+    for start in range(UPLOAD_CHUNK_BYTES, len(data), UPLOAD_CHUNK_BYTES):
+        yield storage_pb2.UploadRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
+
+
+class Client:
+    """Blocking client; one channel per instance."""
+
+    def __init__(self, target: str = DEFAULT_TARGET) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._storage = storage_pb2_grpc.StorageServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, input: InputLike, *, client_request_id: str = "") -> str:
+        request = generation_pb2.SubmitRequest(input=to_input(input), client_request_id=client_request_id)
+        return _call(self._generation.Submit, request).request_id
+
+    def status(self, request_id: str, *, logs: bool = False) -> RequestStatus:
+        request = generation_pb2.GetStatusRequest(request_id=request_id, logs=logs)
+        return _call(self._generation.GetStatus, request).status
+
+    def stream_status(self, request_id: str, *, logs: bool = False) -> Iterator[RequestStatus]:
+        request = generation_pb2.StreamStatusRequest(request_id=request_id, logs=logs)
+        try:
+            for message in self._generation.StreamStatus(request):
+                yield message.status
+        except grpc.RpcError as exc:
+            raise LoraServeError.from_rpc_error(exc) from None
+
+    def result(self, request_id: str) -> Result:
+        response = _call(self._generation.GetResult, generation_pb2.GetResultRequest(request_id=request_id))
+        return Result(response.request_id, response.output)
+
+    def cancel(self, request_id: str) -> RequestStatus:
+        return _call(self._generation.Cancel, generation_pb2.CancelRequest(request_id=request_id)).status
+
+    def subscribe(
+        self, input: InputLike, *, on_queue_update: QueueUpdate | None = None, logs: bool = False,
+        client_request_id: str = "",
+    ) -> Result:
+        request = generation_pb2.SubscribeRequest(input=to_input(input), logs=logs, client_request_id=client_request_id)
+        try:
+            for message in self._generation.Subscribe(request):
+                if message.HasField("status") and on_queue_update is not None:
+                    on_queue_update(message.status)
+                elif message.HasField("result"):
+                    return Result(message.result.request_id, message.result.output)
+        except grpc.RpcError as exc:
+            raise LoraServeError.from_rpc_error(exc) from None
+        raise LoraServeError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+
+    def upload(
+        self, source: str | Path | bytes, *, file_name: str | None = None, content_type: str | None = None
+    ) -> types_pb2.File:
+        return _call(self._storage.Upload, _upload_messages(source, file_name, content_type)).file
+
+
+def _call(method: Callable[[Any], Any], request: Any) -> Any:
+    try:
+        return method(request)
+    except grpc.RpcError as exc:
+        raise LoraServeError.from_rpc_error(exc) from None
+
+
+class AsyncClient:
+    """asyncio client; create it inside the event loop that uses it."""
+
+    def __init__(self, target: str = DEFAULT_TARGET) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+        self._storage = storage_pb2_grpc.StorageServiceStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def submit(self, input: InputLike, *, client_request_id: str = "") -> str:
+        request = generation_pb2.SubmitRequest(input=to_input(input), client_request_id=client_request_id)
+        return (await _acall(self._generation.Submit(request))).request_id
+
+    async def status(self, request_id: str, *, logs: bool = False) -> RequestStatus:
+        request = generation_pb2.GetStatusRequest(request_id=request_id, logs=logs)
+        return (await _acall(self._generation.GetStatus(request))).status
+
+    async def stream_status(self, request_id: str, *, logs: bool = False) -> AsyncIterator[RequestStatus]:
+        request = generation_pb2.StreamStatusRequest(request_id=request_id, logs=logs)
+        try:
+            async for message in self._generation.StreamStatus(request):
+                yield message.status
+        except grpc.RpcError as exc:
+            raise LoraServeError.from_rpc_error(exc) from None
+
+    async def result(self, request_id: str) -> Result:
+        response = await _acall(self._generation.GetResult(generation_pb2.GetResultRequest(request_id=request_id)))
+        return Result(response.request_id, response.output)
+
+    async def cancel(self, request_id: str) -> RequestStatus:
+        return (await _acall(self._generation.Cancel(generation_pb2.CancelRequest(request_id=request_id)))).status
+
+    async def subscribe(
+        self,
+        input: InputLike,
+        *,
+        on_queue_update: Callable[[RequestStatus], Any] | None = None,
+        logs: bool = False,
+        client_request_id: str = "",
+    ) -> Result:
+        """`on_queue_update` may be a plain function or a coroutine function."""
+        request = generation_pb2.SubscribeRequest(input=to_input(input), logs=logs, client_request_id=client_request_id)
+        try:
+            async for message in self._generation.Subscribe(request):
+                if message.HasField("status") and on_queue_update is not None:
+                    outcome = on_queue_update(message.status)
+                    if isinstance(outcome, Awaitable):
+                        await outcome
+                elif message.HasField("result"):
+                    return Result(message.result.request_id, message.result.output)
+        except grpc.RpcError as exc:
+            raise LoraServeError.from_rpc_error(exc) from None
+        raise LoraServeError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+
+    async def upload(
+        self, source: str | Path | bytes, *, file_name: str | None = None, content_type: str | None = None
+    ) -> types_pb2.File:
+        return (await _acall(self._storage.Upload(_upload_messages(source, file_name, content_type)))).file
+
+
+async def _acall(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except grpc.RpcError as exc:
+        raise LoraServeError.from_rpc_error(exc) from None

@@ -1,0 +1,140 @@
+"""The one place where settings come from: `LORASERVE_*` env vars, with CLI flags over them.
+
+Nothing here is read at import time; `Settings.from_env()` / `add_arguments` +
+`from_args` build one frozen object per process and everything else takes it as an
+argument. Units are in the names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LORASERVE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the request store, local object store and weights downloads live.
+    data_dir: Path = Path("./loraserve-data")
+    # Public gRPC API of the gateway.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    # Gateway HTTP: stored files (local store), health.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Base of the URLs handed out for stored files; derived from http_host/port when empty.
+    public_url: str = ""
+    # Ray cluster to join; empty starts a local one (the embedded default).
+    ray_address: str = ""
+    ray_num_cpus: int = 0
+    # Ray Serve's gRPC ingress, which the gateway's dispatcher calls.
+    serve_grpc_host: str = "127.0.0.1"
+    serve_grpc_port: int = 9000
+    serve_http_port: int = 8000
+    serve_app_name: str = "loraserve"
+    # One replica's resources and the autoscaling bounds of the worker deployment.
+    replica_num_gpus: float = 0.0
+    replica_num_cpus: float = 1.0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int = 1
+    target_ongoing_requests: float = 1.0
+    max_ongoing_requests_per_replica: int = 1
+    upscale_delay_seconds: float = 30.0
+    downscale_delay_seconds: float = 600.0
+    # Base pipelines one replica keeps loaded (least recently used one evicted).
+    max_pipelines_per_replica: int = 2
+    # LoRAs kept loaded in one pipeline between requests.
+    max_loras_per_pipeline: int = 16
+    # "auto" picks cuda when there is one.
+    device: str = "auto"
+    # "auto": float16 on cuda, float32 on cpu.
+    torch_dtype: str = "auto"
+    # Requests handed to workers at once; 0 means max_replicas × max_ongoing_requests_per_replica.
+    max_in_flight: int = 0
+    # Worker attempts per request before it fails with WORKER_FAILED.
+    max_attempts: int = 2
+    # On shutdown, how long running requests may take to finish.
+    shutdown_grace_seconds: float = 30.0
+    # Largest accepted prompt, in characters.
+    max_prompt_chars: int = 10_000
+    max_loras_per_request: int = 16
+    max_upload_bytes: int = 100 * 1024 * 1024
+    log_level: str = "INFO"
+
+    @property
+    def files_base_url(self) -> str:
+        return self.public_url.rstrip("/") or f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def dispatch_capacity(self) -> int:
+        return self.max_in_flight or self.max_replicas * self.max_ongoing_requests_per_replica
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "requests.sqlite3"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.data_dir / "weights"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Adds one `--flag` per setting; flags left out fall back to env, then default."""
+        group = parser.add_argument_group("settings (each also LORASERVE_<NAME>)")
+        for f in fields(cls):
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f"setting_{f.name}",
+                default=None,
+                metavar=f.name.upper(),
+                help=f"default: {f.default}",
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        flags = {
+            f.name: _parse(f, value)
+            for f in fields(cls)
+            if (value := getattr(args, f"setting_{f.name}", None)) is not None
+        }
+        return cls.from_env(env, **flags)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            if raw.lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(
+            f"setting `{f.name}` ({ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}) "
+            f"must be a {kind.__name__}, got {raw!r}"
+        ) from exc

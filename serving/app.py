@@ -1,0 +1,223 @@
+"""The Ray Serve worker deployment, reached through Serve's gRPC ingress.
+
+One replica keeps up to `max_pipelines_per_replica` base pipelines loaded (Serve model
+multiplexing, keyed by the base-model key the gateway puts in `multiplexed_model_id`)
+and runs one generation at a time per replica: a pipeline is not safe to call from two
+requests at once. Outputs go straight to the object store; only file records return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from ray import serve
+from ray.serve.config import AutoscalingConfig
+
+from loraserve import schema
+from loraserve.config import Settings
+from loraserve.errors import ErrorType
+from loraserve.model_key import BaseModelRef
+from loraserve.v1 import types_pb2, worker_pb2
+from serving.pipelines import (
+    AdapterLoadError,
+    GenerationCancelled,
+    GenerationParams,
+    LoadedPipeline,
+    ModelLoadError,
+    generate,
+    load_pipeline,
+)
+from storage.object_store import LocalObjectStore, random_name
+
+log = logging.getLogger(__name__)
+
+SERVICER_FUNCTIONS = ["loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to_server"]
+
+_FAILURES: dict[type[BaseException], ErrorType] = {
+    ModelLoadError: ErrorType.MODEL_LOAD_FAILED,
+    AdapterLoadError: ErrorType.ADAPTER_LOAD_FAILED,
+    GenerationCancelled: ErrorType.CANCELLED,
+    torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
+}
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, setting)
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._device = resolve_device(settings.device)
+        self._dtype = resolve_dtype(settings.torch_dtype, self._device)
+        self._store = LocalObjectStore(settings.files_dir, settings.files_base_url)
+        self._generation_lock = asyncio.Lock()
+
+        async def load(key: str) -> LoadedPipeline:
+            return await asyncio.to_thread(self._load, key)
+
+        self._pipelines = serve.multiplexed(max_num_models_per_replica=settings.max_pipelines_per_replica)(load)
+
+    def _load(self, key: str) -> LoadedPipeline:
+        ref = BaseModelRef.from_key(key)
+        return load_pipeline(
+            ref.model_name,
+            device=self._device,
+            torch_dtype=self._dtype,
+            cache_dir=self._settings.weights_dir,
+            max_loras=self._settings.max_loras_per_pipeline,
+        )
+
+    async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        started = time.perf_counter()
+        inp = request.input
+        try:
+            yield _log(f"loading base model {inp.model_name}")
+            loaded = await self._pipelines(serve.get_multiplexed_model_id())
+            load_seconds = time.perf_counter() - started
+            yield _log(f"base model ready ({loaded.family}) after {load_seconds:.2f}s")
+            width, height = schema.image_size(inp)
+            params = GenerationParams(
+                prompt=inp.prompt,
+                negative_prompt=inp.negative_prompt,
+                width=width,
+                height=height,
+                num_inference_steps=schema.num_inference_steps(inp),
+                guidance_scale=schema.guidance_scale(inp),
+                num_images=schema.num_images(inp),
+                seed=request.seed,
+                loras=[(lora.path, schema.lora_scale(lora)) for lora in inp.loras],
+            )
+            yield _log(
+                f"generating {params.num_images} image(s) {width}x{height}, {params.num_inference_steps} steps,"
+                f" seed {params.seed}, {len(params.loras)} LoRA(s)"
+            )
+            gen_started = time.perf_counter()
+            images: list[Image.Image] = []
+            async for event in self._run_generation(loaded, params, images):
+                yield event
+            inference_seconds = time.perf_counter() - gen_started
+            output = await asyncio.to_thread(self._store_images, request.request_id, images, schema.image_format(inp))
+            output.seed = request.seed
+            yield _log(f"done: {len(images)} image(s) in {inference_seconds:.2f}s")
+            yield worker_pb2.GenerateResponse(
+                result=worker_pb2.WorkerResult(
+                    output=output, inference_seconds=inference_seconds, model_load_seconds=load_seconds
+                )
+            )
+        except asyncio.CancelledError:
+            log.info("request cancelled by the gateway", extra={"request_id": request.request_id})
+            raise
+        except Exception as exc:
+            yield _failure(exc, request.request_id)
+
+    async def _run_generation(
+        self, loaded: LoadedPipeline, params: GenerationParams, images: list[Image.Image]
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Runs the pipeline in a thread and relays its steps; a cancelled call stops it at the next step."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[worker_pb2.GenerateResponse | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def on_step(step: int, total: int) -> None:
+            progress = worker_pb2.GenerateResponse(progress=types_pb2.StepProgress(step=step, total=total))
+            loop.call_soon_threadsafe(events.put_nowait, progress)
+
+        def run() -> list[Image.Image]:
+            try:
+                return generate(loaded, params, on_step=on_step, should_stop=stop.is_set)
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, None)
+
+        async with self._generation_lock:
+            task = asyncio.ensure_future(asyncio.to_thread(run))
+            try:
+                while (event := await events.get()) is not None:
+                    yield event
+                images.extend(await task)
+            except (asyncio.CancelledError, GeneratorExit):
+                stop.set()
+                await asyncio.shield(_settle(task))
+                raise
+
+    def _store_images(self, request_id: str, images: list[Image.Image], image_format: str) -> types_pb2.GenerateOutput:
+        content_type = schema.IMAGE_FORMATS[image_format]
+        output = types_pb2.GenerateOutput()
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
+            name = random_name("." + ("png" if image_format == "png" else "jpg"))
+            stored = self._store.put(f"outputs/{request_id}/{name}", buffer.getvalue(), content_type)
+            output.images.add(
+                url=stored.url,
+                content_type=content_type,
+                file_name=name,
+                file_size=stored.size,
+                width=image.width,
+                height=image.height,
+            )
+        output.has_nsfw_concepts.extend([False] * len(images))
+        return output
+
+
+async def _settle(task: asyncio.Future[Any]) -> None:
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - the cancellation is what the caller asked for
+        pass
+
+
+def _log(message: str, level: int = types_pb2.LOG_LEVEL_INFO) -> worker_pb2.GenerateResponse:
+    return worker_pb2.GenerateResponse(
+        log=types_pb2.LogEntry(message=message, level=level, source="worker", timestamp=time.time())
+    )
+
+
+def _failure(exc: Exception, request_id: str) -> worker_pb2.GenerateResponse:
+    error_type = next((t for cls, t in _FAILURES.items() if isinstance(exc, cls)), ErrorType.INTERNAL)
+    if error_type == ErrorType.INTERNAL:
+        log.error("generation failed", extra={"request_id": request_id, "trace": traceback.format_exc()})
+        message = f"internal error in the worker: {type(exc).__name__}: {exc}"
+    else:
+        message = str(exc)
+    if error_type == ErrorType.OUT_OF_MEMORY and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return worker_pb2.GenerateResponse(failure=types_pb2.RequestError(type=error_type, message=message))
+
+
+def build_app(settings: Settings) -> Any:
+    """The Serve application with replica resources and autoscaling from settings."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
+        "max_ongoing_requests": settings.max_ongoing_requests_per_replica,
+    }
+    if settings.min_replicas == settings.max_replicas:
+        options["num_replicas"] = settings.max_replicas
+    else:
+        options["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=settings.min_replicas,
+            max_replicas=settings.max_replicas,
+            initial_replicas=settings.initial_replicas,
+            target_ongoing_requests=settings.target_ongoing_requests,
+            upscale_delay_s=settings.upscale_delay_seconds,
+            downscale_delay_s=settings.downscale_delay_seconds,
+        )
+    deployment: Callable[..., Any] = serve.deployment(name="Worker", **options)(Worker)
+    return deployment.bind(settings)  # type: ignore[attr-defined]

@@ -1,0 +1,351 @@
+"""Loading diffusers pipelines and generating images with resident LoRAs.
+
+This is the torch/diffusers core that the Ray Serve replicas wrap. It knows nothing about Ray
+or gRPC so it can be tested and reasoned about on its own. Weights are untrusted input: only
+safetensors are ever deserialised, and every failure surfaces as one of the typed errors below
+with a message a caller can act on, never as a stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import safetensors
+import safetensors.torch
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
+LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
+SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraserve" / "models"
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60.0
+MAX_REASON_CHARS = 400
+
+
+class ModelLoadError(Exception):
+    """A base model could not be loaded; the message names the model and the reason."""
+
+
+class AdapterLoadError(Exception):
+    """A LoRA could not be loaded; the message names the file and the reason."""
+
+
+class GenerationCancelled(Exception):
+    """The caller asked to stop mid-denoise; no partial images are returned."""
+
+
+@dataclass(kw_only=True)
+class GenerationParams:
+    """One text-to-image request, already validated by the caller; keyword-only so fields can't swap."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    num_images: int
+    seed: int
+    loras: list[tuple[str, float]] = field(default_factory=list)
+
+
+class LoadedPipeline:
+    """A hot pipeline plus the LoRAs kept resident on it, so switching LoRAs costs next to nothing."""
+
+    def __init__(self, pipe: DiffusionPipeline, *, family: str, model_name: str, max_loras: int = 16) -> None:
+        if max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {max_loras}")
+        self.pipe = pipe
+        self.family = family
+        self.model_name = model_name
+        self.max_loras = max_loras
+        # adapter name → source path, least recently used first
+        self._resident: OrderedDict[str, Path] = OrderedDict()
+
+    @property
+    def resident_loras(self) -> list[Path]:
+        """Exposed so callers can report cache contents (and tests can check eviction)."""
+        return list(self._resident.values())
+
+    def activate_loras(self, loras: Sequence[tuple[str, float]]) -> None:
+        """Make exactly these LoRAs (at these scales) active; an empty list gives the plain model."""
+        if not loras:
+            self.deactivate_loras()
+            return
+        scales: dict[str, float] = {}
+        for path, scale in loras:
+            name = self._ensure_resident(_lora_file(path), protected=set(scales))
+            # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
+            scales[name] = scales.get(name, 0.0) + scale
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
+
+    def deactivate_loras(self) -> None:
+        """Keep adapters resident but out of the forward pass, so output equals the plain model."""
+        if self._resident:
+            self.pipe.disable_lora()
+
+    def _ensure_resident(self, path: Path, protected: set[str]) -> str:
+        name = _adapter_name(path)
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return name
+        self._evict_for_one_more(protected)
+        self._load_adapter(path, name)
+        self._resident[name] = path
+        return name
+
+    def _evict_for_one_more(self, protected: set[str]) -> None:
+        """Free one slot if full; adapters the current request uses are never evicted."""
+        evictable = [name for name in self._resident if name not in protected]
+        while len(self._resident) >= self.max_loras and evictable:
+            victim = evictable.pop(0)
+            self.pipe.delete_adapters(victim)
+            del self._resident[victim]
+
+    def _load_adapter(self, path: Path, name: str) -> None:
+        state_dict = _read_lora_state_dict(path)
+        try:
+            self.pipe.load_lora_weights(state_dict, adapter_name=name)
+        except Exception as exc:
+            self._discard_partial_adapter(name)
+            raise AdapterLoadError(f"LoRA {str(path)!r} does not fit model {self.model_name!r}: {_reason(exc)}") from exc
+        if not self._adapter_present(name):
+            raise AdapterLoadError(
+                f"LoRA {str(path)!r} has no weights for any part of model {self.model_name!r} "
+                f"({self.family}); is it a LoRA for another model family?"
+            )
+
+    def _discard_partial_adapter(self, name: str) -> None:
+        """A failed load can leave the adapter in some components; remove it so later requests work."""
+        if self._adapter_present(name):
+            self.pipe.delete_adapters(name)
+
+    def _adapter_present(self, name: str) -> bool:
+        return any(name in names for names in self.pipe.get_list_adapters().values())
+
+
+def load_pipeline(
+    model_name: str,
+    *,
+    device: str = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+    max_loras: int = 16,
+) -> LoadedPipeline:
+    """Load a base model from a folder, a .safetensors file or URL, or a Hugging Face repo id."""
+    pipe = _load_diffusers_pipeline(model_name, torch_dtype, cache_dir)
+    family = _detect_family(pipe, model_name)
+    try:
+        pipe.to(device)
+    except Exception as exc:
+        raise ModelLoadError(f"could not move model {model_name!r} to device {device!r}: {_reason(exc)}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(pipe, family=family, model_name=model_name, max_loras=max_loras)
+
+
+def generate(
+    loaded: LoadedPipeline,
+    params: GenerationParams,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[PIL.Image.Image]:
+    """Run one request; the pipeline is left with no LoRA active whatever happens."""
+    try:
+        loaded.activate_loras(params.loras)
+        return _denoise(loaded.pipe, params, on_step, should_stop)
+    finally:
+        loaded.deactivate_loras()
+
+
+def _denoise(
+    pipe: DiffusionPipeline,
+    params: GenerationParams,
+    on_step: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> list[PIL.Image.Image]:
+    cancelled = False
+
+    def on_step_end(pipeline: DiffusionPipeline, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        nonlocal cancelled
+        if on_step is not None:
+            on_step(step + 1, pipeline.num_timesteps)
+        if should_stop is not None and should_stop():
+            cancelled = True
+            pipeline._interrupt = True
+        return tensors
+
+    output = pipe(
+        prompt=params.prompt,
+        # None (not "") lets SDXL use zero negative embeddings, as its config asks for.
+        negative_prompt=params.negative_prompt or None,
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+        num_images_per_prompt=params.num_images,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+        output_type="pil",
+        callback_on_step_end=on_step_end,
+    )
+    if cancelled:
+        raise GenerationCancelled("generation was cancelled before it finished")
+    return list(output.images)
+
+
+def _load_diffusers_pipeline(model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None) -> DiffusionPipeline:
+    if re.match(r"https?://", model_name):
+        return _load_single_file(_download(model_name, cache_dir or DEFAULT_CACHE_DIR), model_name, torch_dtype)
+    local = Path(model_name).expanduser()
+    if local.exists() or _looks_like_path(model_name):
+        return _load_local(local, model_name, torch_dtype)
+    return _from_pretrained(model_name, model_name, torch_dtype, cache_dir)
+
+
+def _looks_like_path(model_name: str) -> bool:
+    """Repo ids are `name` or `org/name`; anything else is meant as a local path that is missing."""
+    return (
+        model_name.startswith(("/", "./", "../", "~"))
+        or model_name.count("/") > 1
+        or Path(model_name).suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}
+    )
+
+
+def _load_local(path: Path, model_name: str, torch_dtype: torch.dtype) -> DiffusionPipeline:
+    if not path.exists():
+        raise ModelLoadError(f"model {model_name!r}: local path does not exist")
+    if path.is_file():
+        return _load_single_file(path, model_name, torch_dtype)
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model {model_name!r}: folder is not a diffusers pipeline (no model_index.json)")
+    return _from_pretrained(str(path), model_name, torch_dtype, cache_dir=None)
+
+
+def _from_pretrained(
+    source: str, model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None
+) -> DiffusionPipeline:
+    """use_safetensors=True makes diffusers fail rather than unpickle a .bin component."""
+    try:
+        return DiffusionPipeline.from_pretrained(
+            source, use_safetensors=True, dtype=torch_dtype, cache_dir=cache_dir, trust_remote_code=False
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model {model_name!r}: {_reason(exc)}") from exc
+
+
+def _load_single_file(path: Path, model_name: str, torch_dtype: torch.dtype) -> DiffusionPipeline:
+    _refuse_pickle(path.name, model_name)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"model {model_name!r}: a single-file model must be a .safetensors file")
+    try:
+        pipeline_class = _single_file_pipeline_class(path)
+        return pipeline_class.from_single_file(str(path), dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load single-file model {model_name!r}: {_reason(exc)}") from exc
+
+
+def _single_file_pipeline_class(path: Path) -> type[DiffusionPipeline]:
+    with safetensors.safe_open(str(path), framework="pt") as checkpoint:
+        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint.keys())
+    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+
+
+def _refuse_pickle(file_name: str, what: str) -> None:
+    if Path(file_name).suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"model {what!r}: {Path(file_name).suffix} files are pickle and can run code when loaded; "
+            "refused — use a .safetensors file"
+        )
+
+
+def _download(url: str, cache_dir: Path) -> Path:
+    """Stream to a temp file and rename, so a crash never leaves a truncated file in the cache."""
+    file_name = Path(urllib.parse.urlparse(url).path).name
+    _refuse_pickle(file_name, url)
+    if not file_name.lower().endswith(".safetensors"):
+        raise ModelLoadError(f"model {url!r}: a model URL must point at a .safetensors file")
+    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{file_name}"
+    if target.is_file():
+        return target
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _stream_to(url, target)
+    except Exception as exc:
+        raise ModelLoadError(f"could not download model {url!r}: {_reason(exc)}") from exc
+    return target
+
+
+def _stream_to(url: str, target: Path) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
+                out.write(chunk)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _detect_family(pipe: DiffusionPipeline, model_name: str) -> str:
+    """Trust the loaded components, not the name: checkpoints are often named arbitrarily."""
+    if isinstance(pipe, StableDiffusionXLPipeline) or getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd15"
+    raise ModelLoadError(
+        f"model {model_name!r} is a {type(pipe).__name__}; only Stable Diffusion 1.x/2.x and SDXL are supported"
+    )
+
+
+def _lora_file(path: str) -> Path:
+    """A LoRA is a .safetensors file, or a folder holding diffusers' standard weight file."""
+    candidate = Path(path).expanduser()
+    if candidate.is_dir():
+        candidate = candidate / LORA_FOLDER_WEIGHT_NAME
+        if not candidate.is_file():
+            raise AdapterLoadError(f"LoRA {path!r}: folder has no {LORA_FOLDER_WEIGHT_NAME}")
+    if not candidate.is_file():
+        raise AdapterLoadError(f"LoRA {path!r}: file does not exist")
+    if candidate.suffix.lower() != ".safetensors":
+        raise AdapterLoadError(f"LoRA {path!r}: only .safetensors LoRAs are accepted (pickle files are refused)")
+    return candidate.resolve()
+
+
+def _adapter_name(path: Path) -> str:
+    """Stable while the file is unchanged; a rewritten file gets a new name and is loaded afresh."""
+    stat = path.stat()
+    key = f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}"
+    return "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _read_lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read it ourselves so diffusers never gets a chance to fall back to pickle."""
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise AdapterLoadError(f"LoRA {str(path)!r} is not a readable safetensors file: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One short line a caller can act on; torch's shape errors put the useful part on line two."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join([f"{type(exc).__name__}:", *lines[:2]])
+    if len(text) > MAX_REASON_CHARS:
+        text = text[: MAX_REASON_CHARS - 1] + "…"
+    return text + (f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else "")

@@ -1,0 +1,1 @@
+"""Object stores for outputs and uploads, behind one small interface."""

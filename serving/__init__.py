@@ -1,0 +1,1 @@
+"""Everything that touches torch/diffusers: pipeline loading, LoRAs, generation, tiny test models."""

@@ -69,6 +69,7 @@ class Worker:
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
         self._store = LocalObjectStore(settings.files_dir, settings.files_base_url)
         self._generation_lock = asyncio.Lock()
+        self._pipeline_loads = 0
 
         async def load(key: str) -> LoadedPipeline:
             return await asyncio.to_thread(self._load, key)
@@ -77,6 +78,7 @@ class Worker:
 
     def _load(self, key: str) -> LoadedPipeline:
         ref = BaseModelRef.from_key(key)
+        self._pipeline_loads += 1
         return load_pipeline(
             ref.model_name,
             device=self._device,
@@ -89,10 +91,13 @@ class Worker:
         started = time.perf_counter()
         inp = request.input
         try:
-            yield _log(f"loading base model {inp.model_name}")
+            loads_before = self._pipeline_loads
             loaded = await self._pipelines(serve.get_multiplexed_model_id())
             load_seconds = time.perf_counter() - started
-            yield _log(f"base model ready ({loaded.family}) after {load_seconds:.2f}s")
+            if self._pipeline_loads > loads_before:
+                yield _log(f"loaded base model {inp.model_name} ({loaded.family}) in {load_seconds:.2f}s")
+            else:
+                yield _log(f"base model {inp.model_name} already loaded on this replica")
             width, height = schema.image_size(inp)
             params = GenerationParams(
                 prompt=inp.prompt,

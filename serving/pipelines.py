@@ -86,9 +86,12 @@ class LoadedPipeline:
         if not loras:
             self.deactivate_loras()
             return
+        files = [_lora_file(path) for path, _ in loras]
+        names = [_adapter_name(file) for file in files]
+        for file, name in zip(files, names):
+            self._ensure_resident(file, name, protected=set(names))
         scales: dict[str, float] = {}
-        for path, scale in loras:
-            name = self._ensure_resident(_lora_file(path), protected=set(scales))
+        for name, (_, scale) in zip(names, loras):
             # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
             scales[name] = scales.get(name, 0.0) + scale
         self.pipe.enable_lora()
@@ -99,15 +102,13 @@ class LoadedPipeline:
         if self._resident:
             self.pipe.disable_lora()
 
-    def _ensure_resident(self, path: Path, protected: set[str]) -> str:
-        name = _adapter_name(path)
+    def _ensure_resident(self, path: Path, name: str, protected: set[str]) -> None:
         if name in self._resident:
             self._resident.move_to_end(name)
-            return name
+            return
         self._evict_for_one_more(protected)
         self._load_adapter(path, name)
         self._resident[name] = path
-        return name
 
     def _evict_for_one_more(self, protected: set[str]) -> None:
         """Free one slot if full; adapters the current request uses are never evicted."""
@@ -123,7 +124,9 @@ class LoadedPipeline:
             self.pipe.load_lora_weights(state_dict, adapter_name=name)
         except Exception as exc:
             self._discard_partial_adapter(name)
-            raise AdapterLoadError(f"LoRA {str(path)!r} does not fit model {self.model_name!r}: {_reason(exc)}") from exc
+            raise AdapterLoadError(
+                f"LoRA {str(path)!r} does not fit model {self.model_name!r}: {_reason(exc)}"
+            ) from exc
         if not self._adapter_present(name):
             raise AdapterLoadError(
                 f"LoRA {str(path)!r} has no weights for any part of model {self.model_name!r} "

@@ -58,10 +58,13 @@ def make_tiny_model(
 ) -> TinyModel:
     """Build, save and describe a tiny pipeline plus `num_loras` LoRAs; same seed, same files."""
     out_dir = Path(out_dir)
-    pipe = _build_pipeline(family, seed)
-    pipeline_dir = out_dir / "pipeline"
-    pipe.save_pretrained(pipeline_dir, safe_serialization=True)
-    template = _unet_lora_template(pipe.unet)
+    # Seeded random weights, without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = _build_pipeline(family)
+        pipeline_dir = out_dir / "pipeline"
+        pipe.save_pretrained(pipeline_dir, safe_serialization=True)
+        template = _unet_lora_template(pipe.unet)
     lora_paths = [
         _save_random_lora(type(pipe), template, out_dir / "loras" / f"lora_{i}.safetensors", seed * 1000 + i + 1)
         for i in range(num_loras)
@@ -69,10 +72,9 @@ def make_tiny_model(
     return TinyModel(pipeline_dir=pipeline_dir, lora_paths=lora_paths, family=family)
 
 
-def _build_pipeline(family: Family, seed: int) -> DiffusionPipeline:
+def _build_pipeline(family: Family) -> DiffusionPipeline:
     tokenizer = _build_tokenizer()
     text_config = _text_encoder_config(tokenizer)
-    torch.manual_seed(seed)
     if family == "sd15":
         return StableDiffusionPipeline(
             vae=_build_vae(norm_num_groups=2),
@@ -221,7 +223,10 @@ def _save_random_lora(
 
 
 def _unet_lora_template(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """Key names and shapes of a rank-4 attention LoRA, taken from PEFT itself, sorted for stable files."""
+    """Key names and shapes of a rank-4 attention LoRA, taken from PEFT itself, sorted for stable files.
+
+    The UNet is wrapped with PEFT layers as a side effect, so call this only after it was saved.
+    """
     unet.add_adapter(
         LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGET_MODULES),
         adapter_name="template",

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import io
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +199,9 @@ def test_file_that_is_not_a_lora(loaded: LoadedPipeline, tmp_path: Path) -> None
         generate(loaded, params(loras=[(str(not_lora), 1.0)]))
 
 
-def test_lora_for_other_family_fails_cleanly(pipelines: dict[str, LoadedPipeline], tiny_models: dict[str, TinyModel]) -> None:
+def test_lora_for_other_family_fails_cleanly(
+    pipelines: dict[str, LoadedPipeline], tiny_models: dict[str, TinyModel]
+) -> None:
     sdxl = pipelines["sdxl"]
     plain = pixels(sdxl)
     sd15_lora = str(tiny_models["sd15"].lora_paths[0])
@@ -214,8 +215,8 @@ def test_lora_for_other_family_fails_cleanly(pipelines: dict[str, LoadedPipeline
 
 
 @pytest.fixture
-def small_cache(tiny_models: dict[str, TinyModel]) -> Iterator[LoadedPipeline]:
-    yield load_pipeline(str(tiny_models["sd15"].pipeline_dir), max_loras=2)
+def small_cache(tiny_models: dict[str, TinyModel]) -> LoadedPipeline:
+    return load_pipeline(str(tiny_models["sd15"].pipeline_dir), max_loras=2)
 
 
 def test_eviction_keeps_results_identical(small_cache: LoadedPipeline, tiny_models: dict[str, TinyModel]) -> None:
@@ -235,3 +236,19 @@ def test_request_needing_more_loras_than_cache_holds(
     all_three = pixels(small_cache, loras=loras)
     assert np.array_equal(pixels(small_cache, loras=loras), all_three)
     assert not np.array_equal(all_three, pixels(small_cache, loras=loras[:2]))
+
+
+def test_loading_one_lora_never_evicts_another_the_request_needs(
+    small_cache: LoadedPipeline, tiny_models: dict[str, TinyModel]
+) -> None:
+    lora_0, lora_1, lora_2 = (str(path) for path in tiny_models["sd15"].lora_paths)
+    pixels(small_cache, loras=[(lora_0, 1.0)])
+    pixels(small_cache, loras=[(lora_1, 1.0)])
+    pixels(small_cache, loras=[(lora_2, 1.0), (lora_0, 1.0)])
+    assert set(small_cache.resident_loras) == {Path(lora_0).resolve(), Path(lora_2).resolve()}
+
+
+def test_same_lora_twice_adds_scales(small_cache: LoadedPipeline, tiny_models: dict[str, TinyModel]) -> None:
+    lora = str(tiny_models["sd15"].lora_paths[0])
+    twice_half = pixels(small_cache, loras=[(lora, 0.5), (lora, 0.5)])
+    assert np.array_equal(twice_half, pixels(small_cache, loras=[(lora, 1.0)]))

@@ -1,0 +1,74 @@
+"""Session-wide fixtures: tiny models built once, and the real stack started once.
+
+The stack is what `loraserve serve` runs — local Ray, Serve with its gRPC ingress, the
+gateway on loopback — started in the test session's event loop, with the tiny models
+loaded back by path through the normal loading code.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from loraserve.config import Settings
+from serving.tiny import TinyModel, make_tiny_model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), "sdxl", num_loras=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sd15"), "sd15", num_loras=2)
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    http_port = free_port()
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("data"),
+        grpc_port=free_port(),
+        http_port=http_port,
+        ray_num_cpus=2,
+        serve_grpc_port=free_port(),
+        serve_http_port=free_port(),
+        replica_num_cpus=1,
+        device="cpu",
+        shutdown_grace_seconds=5,
+    )
+
+
+@pytest_asyncio.fixture(scope="session")
+async def stack(stack_settings: Settings) -> AsyncIterator[object]:
+    from loraserve.embedded import EmbeddedService
+
+    service = EmbeddedService(stack_settings)
+    async with service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def target(stack: object, stack_settings: Settings) -> str:
+    return f"127.0.0.1:{stack_settings.grpc_port}"
+
+
+def read_image_bytes(settings: Settings, url: str) -> bytes:
+    key = url.split("/files/", 1)[1]
+    return (settings.files_dir / key).read_bytes()
+
+
+@pytest.fixture
+def files_dir(stack_settings: Settings) -> Path:
+    return stack_settings.files_dir

@@ -6,6 +6,7 @@ preset name or {"width", "height"}.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ def to_input(value: InputLike) -> types_pb2.GenerateInput:
         return value
     data = dict(value)
     size = data.pop("image_size", None)
-    inp = json_format.ParseDict(data, types_pb2.GenerateInput())
+    inp = json_format.ParseDict(_json_floats(data), types_pb2.GenerateInput())
     if isinstance(size, str):
         inp.image_size.preset = size
     elif isinstance(size, Mapping):
@@ -30,3 +31,14 @@ def to_input(value: InputLike) -> types_pb2.GenerateInput:
     elif size is not None:
         raise ValueError(f"`image_size` must be a preset name or {{'width', 'height'}}, got {size!r}")
     return inp
+
+
+def _json_floats(value: Any) -> Any:
+    """Python's nan/inf become the strings proto JSON expects, so validation can name them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, Mapping):
+        return {k: _json_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_floats(v) for v in value]
+    return value

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (Python packages, buf from npm) and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+mkdir -p .tools
+if [ ! -x .tools/node_modules/.bin/buf ]; then
+  npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null
+fi
+export PATH="$PWD/.tools/node_modules/.bin:$PATH"
+export LORASERVE_REQUIRE_TOOLS=1
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

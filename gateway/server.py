@@ -82,10 +82,10 @@ class Gateway:
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Stops accepting, lets running requests finish within the grace period, then closes."""
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self.generation.accepting = False
         log.info("gateway stopping", extra={"grace_seconds": grace})
         for name in ("", *SERVICE_NAMES):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.generation.accepting = False
         await self.dispatcher.shutdown(grace)
         self.feed.close()
         await self.server.stop(grace=1.0)

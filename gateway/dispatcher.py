@@ -15,6 +15,7 @@ import time
 import grpc
 
 from gateway.feed import ChangeFeed
+from gateway.metrics import GatewayMetrics
 from gateway.store import RequestRecord, RequestStore
 from gateway.worker_client import GenerateCall, WorkerClient
 from loraserve.errors import ErrorType
@@ -29,6 +30,7 @@ class Dispatcher:
         store: RequestStore,
         feed: ChangeFeed,
         worker: WorkerClient,
+        metrics: GatewayMetrics,
         *,
         capacity: int,
         max_attempts: int,
@@ -36,6 +38,7 @@ class Dispatcher:
         self._store = store
         self._feed = feed
         self._worker = worker
+        self._metrics = metrics
         self._capacity = capacity
         self._max_attempts = max_attempts
         self._wakeup = asyncio.Event()
@@ -65,6 +68,8 @@ class Dispatcher:
                     break
                 if not self._store.start(record.id):
                     continue
+                if record.attempts == 0:
+                    self._metrics.queue_wait.observe(max(0.0, time.time() - record.created_at))
                 self._feed.notify()
                 task = asyncio.get_running_loop().create_task(self._run(record), name=f"request-{record.id}")
                 self._running[record.id] = task
@@ -112,9 +117,12 @@ class Dispatcher:
         elif which == "progress":
             self._store.set_progress(request_id, event.progress.step, event.progress.total)
         elif which == "result":
-            self._store.complete(request_id, event.result.output, event.result.inference_seconds)
+            if self._store.complete(request_id, event.result.output, event.result.inference_seconds):
+                self._metrics.inference.observe(event.result.inference_seconds)
+                self._metrics.outcome("completed")
         elif which == "failure":
-            self._store.fail(request_id, event.failure)
+            if self._store.fail(request_id, event.failure):
+                self._metrics.outcome("failed", event.failure.type)
         self._feed.notify()
 
     def _worker_broke(self, record: RequestRecord, exc: grpc.aio.AioRpcError) -> None:
@@ -123,13 +131,15 @@ class Dispatcher:
         log.warning("worker call failed", extra={"request_id": record.id, "attempt": attempts, "error": detail})
         if attempts < self._max_attempts:
             self._log(record.id, f"worker call failed ({detail}); retrying", types_pb2.LOG_LEVEL_WARN)
+            self._metrics.retries.inc()
             self._store.requeue(record.id)
         else:
             self._fail(record.id, ErrorType.WORKER_FAILED, f"worker failed after {attempts} attempts: {detail}")
 
     def _fail(self, request_id: str, error_type: ErrorType, message: str) -> None:
         self._log(request_id, message, types_pb2.LOG_LEVEL_ERROR)
-        self._store.fail(request_id, types_pb2.RequestError(type=error_type, message=message))
+        if self._store.fail(request_id, types_pb2.RequestError(type=error_type, message=message)):
+            self._metrics.outcome("failed", error_type)
 
     def _log(self, request_id: str, message: str, level: int) -> None:
         self._store.add_log(

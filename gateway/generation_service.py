@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.dispatcher import Dispatcher
-from gateway.errors import FailedPrecondition, NotFound, RequestFailed, Unavailable, grpc_errors
+from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, RequestFailed, Unavailable, grpc_errors
 from gateway.feed import ChangeFeed
+from gateway.metrics import GatewayMetrics
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.validation import validate_input
@@ -21,8 +22,16 @@ MAX_SEED = 2**63 - 1
 
 
 class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, settings: Settings, store: RequestStore, feed: ChangeFeed, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: RequestStore,
+        feed: ChangeFeed,
+        dispatcher: Dispatcher,
+        metrics: GatewayMetrics,
+    ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._store = store
         self._feed = feed
         self._dispatcher = dispatcher
@@ -31,11 +40,16 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     def _submit(self, inp: types_pb2.GenerateInput, client_request_id: str) -> RequestRecord:
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
-        validate_input(inp, self._settings)
+        try:
+            validate_input(inp, self._settings)
+        except InvalidArgument:
+            self._metrics.rejected.inc()
+            raise
         seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         record, created = self._store.add(inp, seed=seed, model_key=key, client_request_id=client_request_id)
         if created:
+            self._metrics.submitted.inc()
             self._feed.notify()
             self._dispatcher.wake()
         return record
@@ -84,6 +98,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     ) -> generation_pb2.CancelResponse:
         record = self._get(request.request_id)
         if not record.finished and self._store.cancel(record.id):
+            self._metrics.outcome("cancelled")
             if record.state == State.IN_PROGRESS:
                 self._dispatcher.cancel_running(record.id)
             self._feed.notify()

@@ -13,6 +13,7 @@ from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
 from gateway.generation_service import GenerationService
 from gateway.http_files import make_http_app
+from gateway.metrics import GatewayMetrics
 from gateway.storage_service import StorageService
 from gateway.store import RequestStore
 from gateway.worker_client import WorkerClient
@@ -34,15 +35,19 @@ class Gateway:
         self.store = RequestStore(settings.store_path)
         self.files = LocalObjectStore(settings.files_dir, settings.files_base_url)
         self.feed = ChangeFeed()
+        self.metrics = GatewayMetrics(
+            queue_depth=lambda: self.store.waiting_count(), in_flight=lambda: self.dispatcher.in_flight
+        )
         self.worker = WorkerClient(f"{settings.serve_grpc_host}:{settings.serve_grpc_port}", settings.serve_app_name)
         self.dispatcher = Dispatcher(
             self.store,
             self.feed,
             self.worker,
+            self.metrics,
             capacity=settings.dispatch_capacity,
             max_attempts=settings.max_attempts,
         )
-        self.generation = GenerationService(settings, self.store, self.feed, self.dispatcher)
+        self.generation = GenerationService(settings, self.store, self.feed, self.dispatcher, self.metrics)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
         self._http: web.AppRunner | None = None
@@ -60,7 +65,7 @@ class Gateway:
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         await self.server.start()
-        self._http = web.AppRunner(make_http_app(self.files), access_log=None)
+        self._http = web.AppRunner(make_http_app(self.files, self.metrics), access_log=None)
         await self._http.setup()
         await web.TCPSite(self._http, self.settings.http_host, self.settings.http_port).start()
         self.dispatcher.start()

@@ -52,6 +52,8 @@ class Settings:
     max_pipelines_per_replica: int = 2
     # LoRAs kept loaded in one pipeline between requests.
     max_loras_per_pipeline: int = 16
+    # A worker replica's Prometheus port (0: none).
+    worker_metrics_port: int = 0
     # "auto" picks cuda when there is one.
     device: str = "auto"
     # "auto": float16 on cuda, float32 on cpu.

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (Python packages, buf from npm) and runs the whole suite.
+# Installs everything the tests need (Python packages, buf from npm, promtool from Debian's
+# prometheus package) and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
+if ! command -v promtool >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 mkdir -p .tools
 if [ ! -x .tools/node_modules/.bin/buf ]; then
   npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null

@@ -27,6 +27,7 @@ from loraserve.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
+from serving.metrics import WorkerMetrics
 from serving.pipelines import (
     AdapterLoadError,
     GenerationCancelled,
@@ -70,6 +71,9 @@ class Worker:
         self._store = LocalObjectStore(settings.files_dir, settings.files_base_url)
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
+        self._metrics = WorkerMetrics()
+        if settings.worker_metrics_port:
+            self._metrics.serve(settings.worker_metrics_port)
 
         async def load(key: str) -> LoadedPipeline:
             return await asyncio.to_thread(self._load, key)
@@ -79,13 +83,14 @@ class Worker:
     def _load(self, key: str) -> LoadedPipeline:
         ref = BaseModelRef.from_key(key)
         self._pipeline_loads += 1
-        return load_pipeline(
-            ref.model_name,
-            device=self._device,
-            torch_dtype=self._dtype,
-            cache_dir=self._settings.weights_dir,
-            max_loras=self._settings.max_loras_per_pipeline,
-        )
+        with self._metrics.pipeline_load_seconds.time():
+            return load_pipeline(
+                ref.model_name,
+                device=self._device,
+                torch_dtype=self._dtype,
+                cache_dir=self._settings.weights_dir,
+                max_loras=self._settings.max_loras_per_pipeline,
+            )
 
     async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         started = time.perf_counter()
@@ -94,7 +99,9 @@ class Worker:
             loads_before = self._pipeline_loads
             loaded = await self._pipelines(serve.get_multiplexed_model_id())
             load_seconds = time.perf_counter() - started
-            if self._pipeline_loads > loads_before:
+            hot = self._pipeline_loads == loads_before
+            (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
+            if not hot:
                 yield _log(f"loaded base model {inp.model_name} ({loaded.family}) in {load_seconds:.2f}s")
             else:
                 yield _log(f"base model {inp.model_name} already loaded on this replica")
@@ -119,6 +126,8 @@ class Worker:
             async for event in self._run_generation(loaded, params, images):
                 yield event
             inference_seconds = time.perf_counter() - gen_started
+            self._metrics.generation_seconds.observe(inference_seconds)
+            self._metrics.requests.labels(outcome="completed").inc()
             output = await asyncio.to_thread(self._store_images, request.request_id, images, schema.image_format(inp))
             output.seed = request.seed
             yield _log(f"done: {len(images)} image(s) in {inference_seconds:.2f}s")
@@ -128,10 +137,13 @@ class Worker:
                 )
             )
         except asyncio.CancelledError:
+            self._metrics.requests.labels(outcome="cancelled").inc()
             log.info("request cancelled by the gateway", extra={"request_id": request.request_id})
             raise
         except Exception as exc:
-            yield _failure(exc, request.request_id)
+            failure = _failure(exc, request.request_id)
+            self._metrics.requests.labels(outcome=failure.failure.type.lower()).inc()
+            yield failure
 
     async def _run_generation(
         self, loaded: LoadedPipeline, params: GenerationParams, images: list[Image.Image]

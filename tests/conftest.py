@@ -18,6 +18,19 @@ from loraserve.config import Settings
 from serving.tiny import TinyModel, make_tiny_model
 
 
+def require_tool(name: str) -> str:
+    """The tool's path; scripts/test.sh installs it, so under it a missing tool fails."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("LORASERVE_REQUIRE_TOOLS"):
+            pytest.fail(f"{name} is not installed (scripts/test.sh installs it)")
+        pytest.skip(f"{name} not installed; scripts/test.sh installs it")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -45,6 +58,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         serve_grpc_port=free_port(),
         serve_http_port=free_port(),
         replica_num_cpus=1,
+        worker_metrics_port=free_port(),
         device="cpu",
         shutdown_grace_seconds=5,
     )

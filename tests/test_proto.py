@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from loraserve import protogen
+from tests.conftest import require_tool
 
 
 def test_generated_stubs_match_protos(tmp_path: Path) -> None:
@@ -22,11 +19,7 @@ def test_generated_stubs_match_protos(tmp_path: Path) -> None:
 
 
 def test_buf_lint_is_clean() -> None:
-    buf = shutil.which("buf")
-    if buf is None:
-        if os.environ.get("LORASERVE_REQUIRE_TOOLS"):
-            pytest.fail("buf is not installed (scripts/test.sh installs it from npm)")
-        pytest.skip("buf not installed; scripts/test.sh installs it")
+    buf = require_tool("buf")
     result = subprocess.run([buf, "lint"], cwd=protogen.PROTO_DIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 

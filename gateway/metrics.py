@@ -1,0 +1,59 @@
+"""The gateway's Prometheus metrics (names under `loraserve_`), served at `/metrics`.
+
+Each Gateway has its own registry, so several gateways in one process (tests) do not
+collide. Queue depth and in-flight counts are read at scrape time, never kept twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Tiny CPU jobs take milliseconds, SDXL at 1024² tens of seconds, queue waits minutes.
+SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        Gauge(
+            "loraserve_queue_depth", "Requests waiting in the gateway's queue.", registry=self.registry
+        ).set_function(queue_depth)
+        Gauge(
+            "loraserve_requests_in_flight", "Requests handed to workers and not finished.", registry=self.registry
+        ).set_function(in_flight)
+        self.submitted = Counter("loraserve_requests_submitted", "Requests accepted into the queue.", registry=self.registry)
+        self.rejected = Counter(
+            "loraserve_requests_rejected", "Submits refused as invalid.", registry=self.registry
+        )
+        self.finished = Counter(
+            "loraserve_requests_finished",
+            "Requests that ended, by outcome (completed, failed, cancelled) and error type.",
+            ["outcome", "error_type"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "loraserve_worker_retries", "Worker calls that broke and were retried.", registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "loraserve_queue_wait_seconds",
+            "Time from submit to the start on a worker.",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference = Histogram(
+            "loraserve_inference_seconds",
+            "Generation time on the worker, as the worker measured it.",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+
+    def outcome(self, outcome: str, error_type: str = "") -> None:
+        self.finished.labels(outcome=outcome, error_type=error_type).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

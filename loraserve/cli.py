@@ -35,7 +35,7 @@ def parse_size(value: str) -> str | dict[str, int]:
     if value in IMAGE_SIZE_PRESETS:
         return value
     width, sep, height = value.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
+    if not sep or not (width.isascii() and width.isdigit() and height.isascii() and height.isdigit()):
         raise argparse.ArgumentTypeError(f"--size must be one of {', '.join(IMAGE_SIZE_PRESETS)} or WxH, got {value!r}")
     return {"width": int(width), "height": int(height)}
 

@@ -25,7 +25,7 @@ def to_input(value: InputLike) -> types_pb2.GenerateInput:
     inp = json_format.ParseDict(_json_floats(data), types_pb2.GenerateInput())
     if isinstance(size, str):
         inp.image_size.preset = size
-    elif isinstance(size, Mapping):
+    elif isinstance(size, Mapping) and {"width", "height"} <= size.keys():
         inp.image_size.custom.width = int(size["width"])
         inp.image_size.custom.height = int(size["height"])
     elif size is not None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
 
 from loraserve.config import Settings
-from serving.tiny import TinyModel, make_tiny_model
+
+if TYPE_CHECKING:
+    from serving.tiny import TinyModel
 
 
 def require_tool(name: str) -> str:
@@ -39,11 +42,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    from serving.tiny import make_tiny_model
+
     return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl"), "sdxl", num_loras=3)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    from serving.tiny import make_tiny_model
+
     return make_tiny_model(tmp_path_factory.mktemp("tiny-sd15"), "sd15", num_loras=2)
 
 

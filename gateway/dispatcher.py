@@ -9,6 +9,7 @@ fails with WORKER_FAILED — it is never left hanging.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -73,9 +74,9 @@ class Dispatcher:
                 self._feed.notify()
                 task = asyncio.get_running_loop().create_task(self._run(record), name=f"request-{record.id}")
                 self._running[record.id] = task
-                task.add_done_callback(lambda _t, rid=record.id: self._finished(rid))
+                task.add_done_callback(functools.partial(self._finished, record.id))
 
-    def _finished(self, request_id: str) -> None:
+    def _finished(self, request_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._running.pop(request_id, None)
         self._calls.pop(request_id, None)
         self._cancelled.discard(request_id)
@@ -141,7 +142,7 @@ class Dispatcher:
         if self._store.fail(request_id, types_pb2.RequestError(type=error_type, message=message)):
             self._metrics.outcome("failed", error_type)
 
-    def _log(self, request_id: str, message: str, level: int) -> None:
+    def _log(self, request_id: str, message: str, level: types_pb2.LogLevel) -> None:
         self._store.add_log(
             request_id,
             types_pb2.LogEntry(message=message, level=level, source="gateway", timestamp=time.time()),

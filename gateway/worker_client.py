@@ -6,11 +6,13 @@ The gateway needs no Ray in its process: `application` picks the Serve app and
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import grpc
 
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
 
-GenerateCall = grpc.aio.UnaryStreamCall
+GenerateCall: TypeAlias = grpc.aio.UnaryStreamCall
 
 
 class WorkerClient:

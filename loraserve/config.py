@@ -128,7 +128,7 @@ class Settings:
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = type(f.default)
+    kind: type[Any] = type(f.default)
     try:
         if kind is bool:
             if raw.lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:

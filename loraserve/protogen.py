@@ -36,7 +36,7 @@ def generate(out_dir: Path = ROOT, proto_dir: Path = PROTO_DIR) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {[str(f) for f in files]}")
-    written = []
+    written: list[Path] = []
     for f in files:
         package_dir = out_dir / f.relative_to(proto_dir).parent
         package_dir.joinpath("__init__.py").touch()

@@ -13,4 +13,5 @@ if [ ! -x .tools/node_modules/.bin/buf ]; then
 fi
 export PATH="$PWD/.tools/node_modules/.bin:$PATH"
 export LORASERVE_REQUIRE_TOOLS=1
+.venv/bin/python -m mypy gateway loraserve serving storage
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

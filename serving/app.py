@@ -201,7 +201,7 @@ async def _settle(task: asyncio.Future[Any]) -> None:
         pass
 
 
-def _log(message: str, level: int = types_pb2.LOG_LEVEL_INFO) -> worker_pb2.GenerateResponse:
+def _log(message: str, level: types_pb2.LogLevel = types_pb2.LOG_LEVEL_INFO) -> worker_pb2.GenerateResponse:
     return worker_pb2.GenerateResponse(
         log=types_pb2.LogEntry(message=message, level=level, source="worker", timestamp=time.time())
     )

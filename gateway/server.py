@@ -19,6 +19,7 @@ from gateway.store import RequestStore
 from gateway.worker_client import WorkerClient
 from loraserve.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
+from storage import from_settings
 from storage.object_store import LocalObjectStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = RequestStore(settings.store_path)
-        self.files = LocalObjectStore(settings.files_dir, settings.files_base_url)
+        self.files = from_settings.object_store(settings)
         self.feed = ChangeFeed()
         self.metrics = GatewayMetrics(
             queue_depth=lambda: self.store.waiting_count(), in_flight=lambda: self.dispatcher.in_flight
@@ -59,13 +60,20 @@ class Gateway:
             log.info("requeued requests that were running at the last stop", extra={"count": recovered})
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.server)
         storage_pb2_grpc.add_StorageServiceServicer_to_server(
-            StorageService(self.files, self.settings.max_upload_bytes), self.server
+            StorageService(
+                self.files,
+                max_upload_bytes=self.settings.max_upload_bytes,
+                allowed_content_types=from_settings.upload_content_types(self.settings),
+                spool_dir=self.settings.data_dir / "spool",
+            ),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
         await self.server.start()
-        self._http = web.AppRunner(make_http_app(self.files, self.metrics), access_log=None)
+        local_files = self.files if isinstance(self.files, LocalObjectStore) else None
+        self._http = web.AppRunner(make_http_app(local_files, self.metrics), access_log=None)
         await self._http.setup()
         await web.TCPSite(self._http, self.settings.http_host, self.settings.http_port).start()
         self.dispatcher.start()

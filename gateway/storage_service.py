@@ -1,46 +1,64 @@
-"""StorageService.Upload: a client-streamed file into the object store."""
+"""StorageService.Upload: a client-streamed file into the object store, never whole in memory."""
 
 from __future__ import annotations
 
-import mimetypes
+import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
+from pathlib import Path
 
 import grpc
 
 from gateway.errors import FieldViolation, InvalidArgument, grpc_errors
 from loraserve.v1 import storage_pb2, storage_pb2_grpc, types_pb2
 from storage.object_store import ObjectStore, random_name
+from storage.uploads import UploadRefused, UploadWriter
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class StorageService(storage_pb2_grpc.StorageServiceServicer):
-    def __init__(self, store: ObjectStore, max_upload_bytes: int) -> None:
+    def __init__(
+        self, store: ObjectStore, *, max_upload_bytes: int, allowed_content_types: Collection[str], spool_dir: Path
+    ) -> None:
         self._store = store
         self._max_bytes = max_upload_bytes
+        self._allowed = allowed_content_types
+        self._spool_dir = spool_dir
+        spool_dir.mkdir(parents=True, exist_ok=True)
 
     @grpc_errors
     async def Upload(
         self, request_iterator: AsyncIterator[storage_pb2.UploadRequest], context: grpc.aio.ServicerContext
     ) -> storage_pb2.UploadResponse:
-        chunks: list[bytes] = []
-        size = 0
-        first: storage_pb2.UploadRequest | None = None
-        async for message in request_iterator:
-            first = first or message
-            size += len(message.chunk)
-            if size > self._max_bytes:
-                raise InvalidArgument([FieldViolation("chunk", f"the upload is larger than {self._max_bytes} bytes")])
-            chunks.append(message.chunk)
-        if first is None or size == 0:
-            raise InvalidArgument([FieldViolation("chunk", "the upload is empty")])
-        name = _safe_name(first.file_name)
-        content_type = first.content_type or mimetypes.guess_type(name)[0] or "application/octet-stream"
-        stored = self._store.put(f"uploads/{uuid.uuid4().hex}/{name}", b"".join(chunks), content_type)
+        writer: UploadWriter | None = None
+        name = ""
+        try:
+            async for message in request_iterator:
+                if writer is None:
+                    name = _safe_name(message.file_name)
+                    writer = UploadWriter(
+                        self._store,
+                        f"uploads/{uuid.uuid4().hex}/{name}",
+                        max_bytes=self._max_bytes,
+                        declared_content_type=message.content_type,
+                        allowed_content_types=self._allowed,
+                        spool_dir=self._spool_dir,
+                    )
+                writer.write(message.chunk)
+            if writer is None:
+                raise UploadRefused("the upload is empty")
+            stored = await asyncio.to_thread(writer.commit)
+        except UploadRefused as exc:
+            raise InvalidArgument([FieldViolation("chunk", str(exc))]) from None
+        finally:
+            if writer is not None:
+                writer.abort()
         return storage_pb2.UploadResponse(
-            file=types_pb2.File(url=stored.url, content_type=content_type, file_name=name, file_size=stored.size)
+            file=types_pb2.File(
+                url=stored.url, content_type=stored.content_type, file_name=name, file_size=stored.size
+            )
         )
 
 

@@ -13,15 +13,18 @@ from gateway.errors import FieldViolation, InvalidArgument
 from loraserve import schema
 from loraserve.config import Settings
 from loraserve.v1 import types_pb2
+from serving.schedulers import SCHEDULER_SPECS, names_accepting
 
 MAX_NAME_CHARS = 4096
+# Largest custom schedule: num_inference_steps' upper bound (sigmas carry one more, the final sigma).
+MAX_SCHEDULE_STEPS = 150
+NUM_TRAIN_TIMESTEPS = 1000
 NOT_SUPPORTED = "not supported yet by this loraserve build; leave it unset"
 
 # (field, is it set to something other than its default?) for options not implemented yet.
 _UNSUPPORTED: list[tuple[str, Callable[[types_pb2.GenerateInput], bool]]] = [
     ("unet_name", lambda i: bool(i.unet_name)),
     ("variant", lambda i: bool(i.variant)),
-    ("prompt_weighting", lambda i: i.prompt_weighting),
     ("embeddings", lambda i: len(i.embeddings) > 0),
     ("controlnets", lambda i: len(i.controlnets) > 0),
     ("controlnet_guess_mode", lambda i: i.controlnet_guess_mode),
@@ -36,26 +39,6 @@ _UNSUPPORTED: list[tuple[str, Callable[[types_pb2.GenerateInput], bool]]] = [
     ("ic_light_model_url", lambda i: bool(i.ic_light_model_url)),
     ("ic_light_model_background_image_url", lambda i: bool(i.ic_light_model_background_image_url)),
     ("ic_light_image_url", lambda i: bool(i.ic_light_image_url)),
-    ("clip_skip", lambda i: i.clip_skip != 0),
-    ("scheduler", lambda i: bool(i.scheduler)),
-    ("timesteps", lambda i: i.timesteps.method == "array"),
-    ("sigmas", lambda i: i.sigmas.method == "array"),
-    ("prediction_type", lambda i: i.prediction_type not in ("", "epsilon")),
-    ("rescale_betas_snr_zero", lambda i: i.rescale_betas_snr_zero),
-    ("enable_safety_checker", lambda i: i.enable_safety_checker),
-    ("tile_width", lambda i: i.HasField("tile_width") and i.tile_width != schema.DEFAULT_TILE_SIZE),
-    ("tile_height", lambda i: i.HasField("tile_height") and i.tile_height != schema.DEFAULT_TILE_SIZE),
-    (
-        "tile_stride_width",
-        lambda i: i.HasField("tile_stride_width") and i.tile_stride_width != schema.DEFAULT_TILE_STRIDE,
-    ),
-    (
-        "tile_stride_height",
-        lambda i: i.HasField("tile_stride_height") and i.tile_stride_height != schema.DEFAULT_TILE_STRIDE,
-    ),
-    ("eta", lambda i: i.eta != 0),
-    ("debug_latents", lambda i: i.debug_latents),
-    ("debug_per_pass_latents", lambda i: i.debug_per_pass_latents),
 ]
 
 
@@ -72,6 +55,8 @@ def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tu
     yield from _ranges(inp)
     yield from _enums(inp)
     yield from _schedules(inp)
+    yield from _sampling(inp)
+    yield from _tiles(inp)
     yield from _loras(inp, settings)
     for field, is_set in _UNSUPPORTED:
         if is_set(inp):
@@ -150,6 +135,69 @@ def _schedules(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
     if inp.timesteps.method == "array" and inp.sigmas.method == "array":
         yield "sigmas", "cannot be set together with `timesteps`; give one custom schedule"
         yield "timesteps", "cannot be set together with `sigmas`; give one custom schedule"
+
+
+def _sampling(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
+    """What the named scheduler would reject or silently ignore (the worker checks the model's own)."""
+    if inp.timesteps.method == "array" and inp.timesteps.array:
+        yield from _timestep_values(list(inp.timesteps.array))
+    if inp.sigmas.method == "array" and inp.sigmas.array:
+        yield from _sigma_values(list(inp.sigmas.array))
+    spec = SCHEDULER_SPECS.get(inp.scheduler)
+    if spec is None:
+        return
+    name = inp.scheduler
+    if inp.timesteps.method == "array" and not spec.accepts_timesteps:
+        yield "timesteps", (
+            f"scheduler {name!r} cannot take a custom timestep schedule; "
+            f"use one of {', '.join(names_accepting('accepts_timesteps'))}"
+        )
+    if inp.sigmas.method == "array" and not spec.accepts_sigmas:
+        yield "sigmas", (
+            f"scheduler {name!r} cannot take a custom sigma schedule; "
+            f"use one of {', '.join(names_accepting('accepts_sigmas'))}"
+        )
+    if inp.eta != 0 and not spec.accepts_eta:
+        yield "eta", (
+            f"scheduler {name!r} does not use eta; use one of {', '.join(names_accepting('accepts_eta'))} "
+            "or leave eta at 0"
+        )
+    if inp.rescale_betas_snr_zero and inp.prediction_type == "epsilon" and not spec.zero_snr_safe_for_epsilon:
+        yield "rescale_betas_snr_zero", (
+            f"with zero terminal SNR, scheduler {name!r} cannot denoise an epsilon-prediction model (its first "
+            "step divides by zero); use prediction_type 'v_prediction' for v-prediction models or one of "
+            f"{', '.join(names_accepting('zero_snr_safe_for_epsilon'))}"
+        )
+
+
+def _timestep_values(values: list[int]) -> Iterator[tuple[str, str]]:
+    if len(values) > MAX_SCHEDULE_STEPS:
+        yield "timesteps.array", f"at most {MAX_SCHEDULE_STEPS} timesteps, got {len(values)}"
+    if any(not 0 <= value < NUM_TRAIN_TIMESTEPS for value in values):
+        yield "timesteps.array", f"every timestep must be between 0 and {NUM_TRAIN_TIMESTEPS - 1}"
+    if any(later >= earlier for earlier, later in zip(values, values[1:])):
+        yield "timesteps.array", "must be strictly decreasing (denoising runs from noisy to clean)"
+
+
+def _sigma_values(values: list[float]) -> Iterator[tuple[str, str]]:
+    if not 2 <= len(values) <= MAX_SCHEDULE_STEPS + 1:
+        yield "sigmas.array", (
+            f"needs 2 to {MAX_SCHEDULE_STEPS + 1} values: one per step plus the final sigma (usually 0), "
+            f"got {len(values)}"
+        )
+    if any(not math.isfinite(value) or value < 0 for value in values):
+        yield "sigmas.array", "every sigma must be a finite number >= 0"
+    elif any(later > earlier for earlier, later in zip(values, values[1:])):
+        yield "sigmas.array", "must not increase (denoising runs from noisy to clean)"
+
+
+def _tiles(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
+    """An explicit stride wider than its tile would leave gaps between tiles."""
+    for side in ("width", "height"):
+        stride_field = f"tile_stride_{side}"
+        tile = getattr(schema, f"tile_{side}")(inp)
+        if inp.HasField(stride_field) and getattr(inp, stride_field) > tile:
+            yield stride_field, f"must not exceed tile_{side} ({tile}), or tiles would leave gaps"
 
 
 def _loras(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:

@@ -69,6 +69,46 @@ class Settings:
     max_loras_per_request: int = 16
     max_upload_bytes: int = 100 * 1024 * 1024
     log_level: str = "INFO"
+    # Object store for outputs and uploads: "local" (data_dir/files, served by the gateway) or "s3".
+    object_store: str = "local"
+    # S3 / MinIO: endpoint is host[:port] without a scheme; the bucket is created when missing.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "loraserve"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = True
+    s3_key_prefix: str = ""
+    # Lifetime of presigned result URLs (at most 7 days).
+    s3_presign_expiry_seconds: int = 3600
+    # Plain `{base}/{key}` URLs instead of presigned ones (a public or proxied bucket).
+    s3_public_base_url: str = ""
+    # Where callers reach S3 when it differs from the in-cluster endpoint (presigned URLs name one host).
+    s3_presign_endpoint: str = ""
+    # Read-only credentials used to presign; the write credentials when empty.
+    s3_presign_access_key: str = ""
+    s3_presign_secret_key: str = ""
+    s3_timeout_seconds: float = 60.0
+    # File inputs fetched from URLs: caps, timeouts and the SSRF guard.
+    max_input_bytes: int = 50 * 1024 * 1024
+    max_data_uri_bytes: int = 20 * 1024 * 1024
+    fetch_timeout_seconds: float = 30.0
+    fetch_total_timeout_seconds: float = 300.0
+    # Private, loopback and link-local targets (never cloud metadata addresses) allowed.
+    allow_private_networks: bool = False
+    # Comma-separated host names / IP literals (as written in URLs) exempt from the address check.
+    fetch_allowed_hosts: str = ""
+    max_redirects: int = 5
+    max_image_pixels: int = 4096 * 4096
+    # Weights downloads (URLs, Hugging Face): size cap and whole-transfer timeout.
+    max_weights_bytes: int = 16 * 1024**3
+    weights_total_timeout_seconds: float = 3600.0
+    # Pickle weights (.ckpt, .bin, .pt) run code when loaded: refused unless the operator opts in.
+    allow_pickle_weights: bool = False
+    # Comma-separated content types an upload may have (detected from its bytes).
+    upload_allowed_content_types: str = (
+        "image/png,image/jpeg,image/webp,image/gif,application/x-safetensors,application/json"
+    )
 
     @property
     def files_base_url(self) -> str:

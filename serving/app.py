@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -37,7 +37,9 @@ from serving.pipelines import (
     generate,
     load_pipeline,
 )
-from storage.object_store import LocalObjectStore, random_name
+from storage import from_settings
+from storage.fetch import InputFetchError
+from storage.object_store import random_name
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,12 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     AdapterLoadError: ErrorType.ADAPTER_LOAD_FAILED,
     GenerationCancelled: ErrorType.CANCELLED,
     torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
+    InputFetchError: ErrorType.INVALID_INPUT,
 }
+
+T = TypeVar("T")
+Emit = Callable[[worker_pb2.GenerateResponse | None], None]
+ThreadWork = Callable[[Emit, threading.Event], T]
 
 
 def resolve_device(setting: str) -> str:
@@ -68,7 +75,8 @@ class Worker:
         self._settings = settings
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
-        self._store = LocalObjectStore(settings.files_dir, settings.files_base_url)
+        self._store = from_settings.object_store(settings)
+        self._weights = from_settings.weights_cache(settings, self._store)
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
         self._metrics = WorkerMetrics()
@@ -84,8 +92,16 @@ class Worker:
         ref = BaseModelRef.from_key(key)
         self._pipeline_loads += 1
         with self._metrics.pipeline_load_seconds.time():
+            try:
+                source = self._weights.resolve(
+                    ref.model_name,
+                    "input.model_name",
+                    on_progress=lambda line: log.info(line, extra={"model": ref.model_name}),
+                )
+            except InputFetchError as exc:
+                raise ModelLoadError(str(exc)) from exc
             return load_pipeline(
-                ref.model_name,
+                str(source),
                 device=self._device,
                 torch_dtype=self._dtype,
                 cache_dir=self._settings.weights_dir,
@@ -115,16 +131,25 @@ class Worker:
                 guidance_scale=schema.guidance_scale(inp),
                 num_images=schema.num_images(inp),
                 seed=request.seed,
-                loras=[(lora.path, schema.lora_scale(lora)) for lora in inp.loras],
+                loras=[],
             )
+            resolved: list[list[tuple[str, float]]] = []
+            async for event in self._in_thread(lambda emit, _stop: self._resolve_loras(inp, emit), resolved):
+                yield event
+            params.loras = resolved[0]
             yield _log(
                 f"generating {params.num_images} image(s) {width}x{height}, {params.num_inference_steps} steps,"
                 f" seed {params.seed}, {len(params.loras)} LoRA(s)"
             )
             gen_started = time.perf_counter()
-            images: list[Image.Image] = []
-            async for event in self._run_generation(loaded, params, images):
-                yield event
+            generated: list[list[Image.Image]] = []
+            async with self._generation_lock:
+                run = lambda emit, stop: generate(  # noqa: E731
+                    loaded, params, on_step=lambda i, n: emit(_progress(i, n)), should_stop=stop.is_set
+                )
+                async for event in self._in_thread(run, generated):
+                    yield event
+            images = generated[0]
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)
             self._metrics.requests.labels(outcome="completed").inc()
@@ -145,34 +170,44 @@ class Worker:
             self._metrics.requests.labels(outcome=failure.failure.type.lower()).inc()
             yield failure
 
-    async def _run_generation(
-        self, loaded: LoadedPipeline, params: GenerationParams, images: list[Image.Image]
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """Runs the pipeline in a thread and relays its steps; a cancelled call stops it at the next step."""
+    def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
+        """URLs, data URIs and stored files become checked local files in the node's weights cache."""
+        return [
+            (
+                str(self._weights.resolve(lora.path, f"input.loras[{i}].path", on_progress=lambda m: emit(_log(m)))),
+                schema.lora_scale(lora),
+            )
+            for i, lora in enumerate(inp.loras)
+        ]
+
+    async def _in_thread(self, work: ThreadWork[T], out: list[T]) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Runs blocking work in a thread, relaying the events it emits; its result lands in `out`.
+
+        If the call is cancelled the work is told to stop (generation stops at its next
+        step) and is waited for, so the pipeline is never used by two requests at once.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[worker_pb2.GenerateResponse | None] = asyncio.Queue()
         stop = threading.Event()
 
-        def on_step(step: int, total: int) -> None:
-            progress = worker_pb2.GenerateResponse(progress=types_pb2.StepProgress(step=step, total=total))
-            loop.call_soon_threadsafe(events.put_nowait, progress)
+        def emit(event: worker_pb2.GenerateResponse | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def run() -> list[Image.Image]:
+        def run() -> T:
             try:
-                return generate(loaded, params, on_step=on_step, should_stop=stop.is_set)
+                return work(emit, stop)
             finally:
-                loop.call_soon_threadsafe(events.put_nowait, None)
+                emit(None)
 
-        async with self._generation_lock:
-            task = asyncio.ensure_future(asyncio.to_thread(run))
-            try:
-                while (event := await events.get()) is not None:
-                    yield event
-                images.extend(await task)
-            except (asyncio.CancelledError, GeneratorExit):
-                stop.set()
-                await asyncio.shield(_settle(task))
-                raise
+        task = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            while (event := await events.get()) is not None:
+                yield event
+            out.append(await task)
+        except (asyncio.CancelledError, GeneratorExit):
+            stop.set()
+            await asyncio.shield(_settle(task))
+            raise
 
     def _store_images(self, request_id: str, images: list[Image.Image], image_format: str) -> types_pb2.GenerateOutput:
         content_type = schema.IMAGE_FORMATS[image_format]
@@ -199,6 +234,10 @@ async def _settle(task: asyncio.Future[Any]) -> None:
         await task
     except BaseException:  # noqa: BLE001 - the cancellation is what the caller asked for
         pass
+
+
+def _progress(step: int, total: int) -> worker_pb2.GenerateResponse:
+    return worker_pb2.GenerateResponse(progress=types_pb2.StepProgress(step=step, total=total))
 
 
 def _log(message: str, level: types_pb2.LogLevel = types_pb2.LOG_LEVEL_INFO) -> worker_pb2.GenerateResponse:

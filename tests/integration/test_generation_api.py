@@ -266,12 +266,18 @@ async def test_client_request_id_makes_submit_idempotent(target: str, tiny_sdxl:
 
 
 async def test_upload_returns_a_served_file(target: str) -> None:
-    payload = bytes(range(256)) * 5000
+    buffer = io.BytesIO()
+    Image.effect_noise((300, 200), 40).save(buffer, format="PNG")
+    payload = buffer.getvalue()
+    assert len(payload) > 64 * 1024
     async with AsyncClient(target) as client:
-        stored = await client.upload(payload, file_name="../../evil name.bin")
-    assert stored.file_size == len(payload)
+        stored = await client.upload(payload, file_name="../../evil name.png")
+        with pytest.raises(LoraServeError) as refused:
+            await client.upload(b"MZ" + bytes(range(256)) * 10, file_name="tool.exe")
+    assert stored.file_size == len(payload) and stored.content_type == "image/png"
     assert "/uploads/" in stored.url and ".." not in stored.url
     assert await fetch(stored.url) == payload
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "chunk" in refused.value.field_violations
 
 
 async def test_health_and_reflection(target: str) -> None:

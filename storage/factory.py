@@ -1,0 +1,23 @@
+"""Choosing the object-store backend from configuration, in one place for gateway and workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storage.object_store import LocalObjectStore, ObjectStore
+from storage.s3 import S3ObjectStore, S3Settings
+
+BACKENDS = ("local", "s3")
+
+
+def make_object_store(
+    backend: str, *, local_root: Path, local_base_url: str, s3: S3Settings | None = None
+) -> ObjectStore:
+    """`local` is the embedded default; `s3` needs `s3` settings (endpoint, credentials, bucket)."""
+    if backend == "local":
+        return LocalObjectStore(local_root, local_base_url)
+    if backend == "s3":
+        if s3 is None:
+            raise ValueError("object store backend 's3' needs S3 settings (endpoint, credentials, bucket)")
+        return S3ObjectStore(s3)
+    raise ValueError(f"object store backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,318 @@
+"""One local weights cache per node, keyed by content, for every way a request can name weights.
+
+Replicas on a node share the folder. Downloads land in `tmp/`, are hashed while they
+stream, checked, and renamed to `blobs/<sha256><suffix>`; an index file maps each URL to
+its blob. A per-URL `flock` makes concurrent requests (threads or processes) for the same
+uncached URL wait for one download instead of starting their own. Hugging Face repos go
+through `huggingface_hub` (its own cache under `hf/`, its offline mode), fetching only
+safetensors and small config files. Pickle files can run code when loaded, so they are
+refused unless the operator opts in, and a file that claims to be safetensors must be one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import huggingface_hub
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, decode_data_uri, fetch_to, redact_url
+from storage.sniff import looks_like_safetensors
+
+ProgressLines = Callable[[str], None]
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
+SAFETENSORS_SUFFIX = ".safetensors"
+HUB_CONFIG_PATTERNS = ("*.json", "*.txt")
+PROGRESS_STEP_FRACTION = 0.1
+PROGRESS_STEP_BYTES_UNKNOWN_TOTAL = 10_000_000
+_TRUE = {"1", "on", "yes", "true"}
+
+
+class WeightsCache:
+    """Turns a weights reference (path, URL, data URI, Hugging Face id) into a checked local path."""
+
+    def __init__(
+        self, root: Path, policy: FetchPolicy, *, allow_pickle: bool = False, store: StoredFiles | None = None
+    ) -> None:
+        self.root = root.resolve()
+        self.policy = policy
+        self.allow_pickle = allow_pickle
+        self.store = store
+        for folder in ("blobs", "index", "locks", "tmp", "hf"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+    def resolve(
+        self,
+        ref: str,
+        field: str,
+        *,
+        subfolder: str | None = None,
+        weight_name: str | None = None,
+        variant: str | None = None,
+        on_progress: ProgressLines | None = None,
+    ) -> Path:
+        """`subfolder`/`weight_name`/`variant` apply to local folders and repo ids; a URL names one file."""
+        report = on_progress or (lambda _line: None)
+        if ref[:5].lower() == "data:":
+            return self._from_data_uri(ref, field)
+        if re.match(r"https?://", ref, re.IGNORECASE):
+            return self._from_url(ref, field, report)
+        if "://" in ref:
+            raise InputFetchError(field, ref, "only http and https URLs are accepted")
+        local = Path(ref).expanduser()
+        if local.exists():
+            return self._checked_local(local, ref, field, subfolder, weight_name)
+        if _looks_like_path(ref):
+            raise InputFetchError(field, ref, "no such local file or folder")
+        return self._from_hub(ref, field, subfolder, _with_variant(weight_name, variant), variant, report)
+
+    def _from_url(self, url: str, field: str, report: ProgressLines) -> Path:
+        name = _file_name(url)
+        self._refuse_pickle_name(name, field, url)
+        stored_key = self.store.key_for_url(url) if self.store is not None else None
+        index_key = f"store:{stored_key}" if stored_key is not None else url
+        digest = hashlib.sha256(index_key.encode()).hexdigest()
+        index_file = self.root / "index" / f"{digest}.json"
+        if (cached := self._lookup(index_file)) is not None:
+            return cached
+        lock_file = self.root / "locks" / f"{digest}.lock"
+        with _exclusive(lock_file, lambda: report(f"waiting for {name}: another request is downloading it")):
+            if (cached := self._lookup(index_file)) is not None:
+                return cached
+            blob = self._download(url, field, name, report)
+            _write_atomically(index_file, json.dumps({"url": redact_url(url), "blob": blob.name}).encode())
+            return blob
+
+    def _download(self, url: str, field: str, name: str, report: ProgressLines) -> Path:
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="download-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                sink = _HashingSink(handle)
+                fetch_to(url, field, self.policy, sink, store=self.store, on_progress=_ProgressReporter(name, report))
+            return self._commit(tmp, sink.sha256.hexdigest(), self._content_suffix(tmp, name, field, url))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _from_data_uri(self, uri: str, field: str) -> Path:
+        data = decode_data_uri(uri, field, self.policy.max_data_uri_bytes)
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", prefix="data-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            return self._commit(tmp, hashlib.sha256(data).hexdigest(), self._content_suffix(tmp, "", field, uri))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _commit(self, tmp: Path, sha256: str, suffix: str) -> Path:
+        """Same content, same blob: a second copy is dropped, and the rename is atomic for readers."""
+        blob = self.root / "blobs" / f"{sha256}{suffix}"
+        if not blob.exists():
+            os.replace(tmp, blob)
+        return blob
+
+    def _lookup(self, index_file: Path) -> Path | None:
+        try:
+            blob = self.root / "blobs" / json.loads(index_file.read_bytes())["blob"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        return blob if blob.is_file() else None
+
+    def _content_suffix(self, path: Path, name: str, field: str, ref: str) -> str:
+        """The suffix the blob gets, decided by its bytes: a renamed pickle is still refused."""
+        with path.open("rb") as handle:
+            head = handle.read(9)
+        if looks_like_safetensors(head, path.stat().st_size):
+            return SAFETENSORS_SUFFIX
+        suffix = Path(name).suffix.lower()
+        if suffix == SAFETENSORS_SUFFIX:
+            raise InputFetchError(field, ref, "the file is named .safetensors but is not a safetensors file")
+        if self.allow_pickle:
+            return suffix if suffix in PICKLE_SUFFIXES else ".bin"
+        raise InputFetchError(
+            field, ref, "not a safetensors file; pickle-based weights can run code when loaded and are refused"
+        )
+
+    def _refuse_pickle_name(self, name: str, field: str, ref: str) -> None:
+        suffix = Path(name).suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise InputFetchError(
+                field, ref, f"{suffix} files are pickle and can run code when loaded; refused (use .safetensors)"
+            )
+
+    def _checked_local(self, path: Path, ref: str, field: str, subfolder: str | None, weight_name: str | None) -> Path:
+        if path.is_dir():
+            path = path / (subfolder or "") / (weight_name or "")
+            if not path.exists():
+                raise InputFetchError(field, ref, f"no {path.relative_to(Path(ref).expanduser())} in the folder")
+        if path.is_file():
+            self._refuse_pickle_name(path.name, field, ref)
+            self._content_suffix(path, path.name, field, ref)
+        return path
+
+    def _from_hub(
+        self,
+        repo_id: str,
+        field: str,
+        subfolder: str | None,
+        file_name: str | None,
+        variant: str | None,
+        report: ProgressLines,
+    ) -> Path:
+        """Only safetensors and configs are ever requested, and no repo code is run (no trust_remote_code)."""
+        offline = _hub_offline()
+        what = f"{repo_id}/{subfolder}" if subfolder else repo_id
+        if file_name is not None:
+            self._refuse_pickle_name(file_name, field, repo_id)
+        report(f"fetching {what}{'/' + file_name if file_name else ''} from Hugging Face")
+        try:
+            if file_name is not None:
+                path = huggingface_hub.hf_hub_download(
+                    repo_id, file_name, subfolder=subfolder, cache_dir=self.root / "hf", local_files_only=offline
+                )
+            else:
+                path = huggingface_hub.snapshot_download(
+                    repo_id,
+                    allow_patterns=_hub_patterns(subfolder, variant),
+                    cache_dir=self.root / "hf",
+                    local_files_only=offline,
+                )
+        except (EntryNotFoundError, HFValidationError, OSError) as exc:
+            raise InputFetchError(field, repo_id, _hub_reason(exc, offline)) from None
+        if file_name is not None:
+            self._content_suffix(Path(path), file_name, field, repo_id)
+            return Path(path)
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        weights = sorted(folder.rglob(f"*{SAFETENSORS_SUFFIX}"))
+        if not weights:
+            raise InputFetchError(field, repo_id, f"{what} has no .safetensors weights (pickle-only repos are refused)")
+        for weight in weights:
+            self._content_suffix(weight, weight.name, field, repo_id)
+        return folder
+
+
+class _HashingSink:
+    """Hashes while writing, so a multi-GB download is read once."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self._handle.write(data)
+
+
+class _ProgressReporter:
+    """Turns byte counts into a few human lines: about one per tenth, or per 10 MB without a total."""
+
+    def __init__(self, name: str, report: ProgressLines) -> None:
+        self._name = name
+        self._report = report
+        self._next = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total:
+            if done / total >= self._next:
+                self._report(f"downloading {self._name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB")
+                self._next = (int(done / total / PROGRESS_STEP_FRACTION) + 1) * PROGRESS_STEP_FRACTION
+        elif done >= self._next:
+            self._report(f"downloading {self._name}: {done / 1e6:.1f} MB")
+            self._next = done + PROGRESS_STEP_BYTES_UNKNOWN_TOTAL
+
+
+@contextmanager
+def _exclusive(lock_file: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """flock conflicts between separate opens, so it serialises threads of one process and processes alike."""
+    with lock_file.open("a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def _file_name(url: str) -> str:
+    return unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2]) or "weights"
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Repo ids are `name` or `org/name`; anything else is meant as a local path that is missing."""
+    suffix = Path(ref).suffix.lower()
+    has_weights_suffix = suffix in PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX}
+    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or has_weights_suffix
+
+
+def _with_variant(weight_name: str | None, variant: str | None) -> str | None:
+    """diffusers' naming: `model.safetensors` with variant fp16 is `model.fp16.safetensors`."""
+    if weight_name is None or not variant:
+        return weight_name
+    stem, dot, suffix = weight_name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}" if dot else f"{weight_name}.{variant}"
+
+
+def _hub_patterns(subfolder: str | None, variant: str | None) -> list[str]:
+    """With a variant only its weight files are fetched, not every precision the repo holds.
+
+    huggingface_hub matches with fnmatch, whose `*` also crosses `/`, so these reach nested folders.
+    """
+    weights = f"*.{variant}{SAFETENSORS_SUFFIX}" if variant else f"*{SAFETENSORS_SUFFIX}"
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return [prefix + pattern for pattern in (weights, *HUB_CONFIG_PATTERNS)]
+
+
+def _hub_offline() -> bool:
+    """huggingface_hub reads HF_HUB_OFFLINE once at import; the env is read again so a later change counts."""
+    return hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _hub_reason(exc: Exception, offline: bool) -> str:
+    """huggingface_hub's own messages are long and mention its internals; callers get the gist."""
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        if offline:
+            return "not in the local Hugging Face cache, and the service is offline (HF_HUB_OFFLINE is set)"
+        return f"could not reach Hugging Face and it is not in the local cache ({exc})"
+    if isinstance(exc, GatedRepoError):
+        return "the Hugging Face repo is gated: accept its terms and give the service a token (HF_TOKEN)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such Hugging Face repo, or it is private (the service needs a token for private repos)"
+    if isinstance(exc, RevisionNotFoundError):
+        return "no such revision in the Hugging Face repo"
+    if isinstance(exc, (EntryNotFoundError, RemoteEntryNotFoundError)):
+        return "no such file in the Hugging Face repo"
+    if isinstance(exc, HFValidationError):
+        return "not a local path, an http(s) URL, a data URI or a Hugging Face repo id"
+    return f"download from Hugging Face failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,143 @@
+"""The S3 object store against moto's standalone server on loopback, through the real `minio` SDK."""
+
+from __future__ import annotations
+
+import io
+import secrets
+import urllib.request
+from pathlib import Path
+
+import pytest
+from minio import Minio
+from storage_testkit import png_bytes, safetensors_bytes
+
+from storage.factory import make_object_store
+from storage.fetch import FetchPolicy, fetch_bytes
+from storage.object_store import InvalidKey, LocalObjectStore, ObjectNotFound
+from storage.s3 import S3ObjectStore, S3Settings
+from storage.uploads import UploadRefused, UploadWriter
+from storage.weights import WeightsCache
+
+
+def _settings(endpoint: str, **changes: object) -> S3Settings:
+    values: dict[str, object] = {
+        "endpoint": endpoint,
+        "access_key": "writer",
+        "secret_key": "writer-secret",
+        "bucket": f"test-{secrets.token_hex(4)}",
+        "secure": False,
+        "key_prefix": "loraserve",
+        "presign_expiry_seconds": 120,
+    }
+    values.update(changes)
+    return S3Settings(**values)  # type: ignore[arg-type]
+
+
+def _raw_client(endpoint: str) -> Minio:
+    return Minio(endpoint, access_key="writer", secret_key="writer-secret", secure=False, region="us-east-1")
+
+
+def test_put_get_and_a_presigned_url_that_downloads(s3_endpoint: str) -> None:
+    store = S3ObjectStore(_settings(s3_endpoint))
+    stored = store.put("outputs/req1/image.png", png_bytes(), "image/png")
+    assert stored.size == len(png_bytes()) and stored.content_type == "image/png"
+    assert store.get("outputs/req1/image.png") == png_bytes()
+    assert "X-Amz-Expires=120" in stored.url and "X-Amz-Signature=" in stored.url
+    with urllib.request.urlopen(stored.url, timeout=5) as response:
+        assert response.read() == png_bytes()
+        assert response.headers["Content-Type"] == "image/png"
+    with pytest.raises(ObjectNotFound):
+        store.get("outputs/req1/missing.png")
+
+
+def test_bucket_is_created_when_missing_and_reused_when_present(s3_endpoint: str) -> None:
+    settings = _settings(s3_endpoint)
+    assert not _raw_client(s3_endpoint).bucket_exists(settings.bucket)
+    S3ObjectStore(settings).put("a.txt", b"one", "text/plain")
+    assert _raw_client(s3_endpoint).bucket_exists(settings.bucket)
+    assert S3ObjectStore(settings).get("a.txt") == b"one"
+
+
+def test_keys_never_leave_the_prefix(s3_endpoint: str) -> None:
+    settings = _settings(s3_endpoint)
+    store = S3ObjectStore(settings)
+    for key in ("../escape.png", "a/../../b.png", "/abs.png", "a//b.png", "", ".hidden", "a/./b"):
+        with pytest.raises(InvalidKey):
+            store.put(key, b"x", "text/plain")
+    store.put("uploads/x/in.png", b"x", "image/png")
+    names = [obj.object_name for obj in _raw_client(s3_endpoint).list_objects(settings.bucket, recursive=True)]
+    assert names == ["loraserve/uploads/x/in.png"]
+
+
+def test_public_base_url_mode_and_own_url_recognition(s3_endpoint: str) -> None:
+    store = S3ObjectStore(_settings(s3_endpoint, public_base_url="https://cdn.example.com/images/"))
+    stored = store.put("outputs/r/img.png", b"x", "image/png")
+    assert stored.url == "https://cdn.example.com/images/loraserve/outputs/r/img.png"
+    assert store.key_for_url(stored.url) == "outputs/r/img.png"
+    assert store.key_for_url("https://cdn.example.com/images/other/outputs/r/img.png") is None
+    assert store.key_for_url("https://elsewhere.example.com/images/loraserve/outputs/r/img.png") is None
+
+
+def test_presigning_for_the_public_host_with_read_only_credentials(s3_endpoint: str, tmp_path: Path) -> None:
+    store = S3ObjectStore(
+        _settings(
+            s3_endpoint,
+            presign_endpoint="http://files.invalid:9000",
+            presign_access_key="reader",
+            presign_secret_key="reader-secret",
+        )
+    )
+    stored = store.put("outputs/r/img.png", png_bytes(), "image/png")
+    assert stored.url.startswith("http://files.invalid:9000/")
+    assert "X-Amz-Credential=reader%2F" in stored.url
+    # Our own URL is read from the bucket directly: files.invalid never has to resolve.
+    policy = FetchPolicy(timeout_seconds=2.0)
+    assert fetch_bytes(stored.url, "image_url", policy, store=store) == png_bytes()
+    cache = WeightsCache(tmp_path, policy, store=store)
+    lora = store.put("uploads/u/lora.safetensors", safetensors_bytes(), "application/x-safetensors")
+    assert cache.resolve(lora.url, "loras[0].path").read_bytes() == safetensors_bytes()
+
+
+def test_put_stream_of_unknown_length(s3_endpoint: str) -> None:
+    store = S3ObjectStore(_settings(s3_endpoint))
+    data = secrets.token_bytes(6 * 1024 * 1024)
+    stored = store.put_stream("big/blob.bin", io.BytesIO(data), -1, "application/octet-stream")
+    assert stored.size == len(data)
+    assert store.get("big/blob.bin") == data
+
+
+def test_upload_writer_streams_to_s3_and_leaves_nothing_when_refused(s3_endpoint: str) -> None:
+    settings = _settings(s3_endpoint)
+    store = S3ObjectStore(settings)
+    data = png_bytes((64, 64))
+    with UploadWriter(store, "uploads/u2/in.png", max_bytes=10_000, declared_content_type="text/plain") as writer:
+        for start in range(0, len(data), 100):
+            writer.write(data[start : start + 100])
+        stored = writer.commit()
+    assert stored.content_type == "image/png" and store.get("uploads/u2/in.png") == data
+    weights = safetensors_bytes()
+    with (
+        pytest.raises(UploadRefused, match="larger than 1000 bytes"),
+        UploadWriter(store, "uploads/u3/lora.safetensors", max_bytes=1000) as writer,
+    ):
+        for start in range(0, len(weights), 100):
+            writer.write(weights[start : start + 100])
+    objects = _raw_client(s3_endpoint).list_objects(settings.bucket, prefix="loraserve/uploads/u3", recursive=True)
+    assert list(objects) == []
+
+
+def test_factory_and_settings_validation(s3_endpoint: str, tmp_path: Path) -> None:
+    local = make_object_store("local", local_root=tmp_path, local_base_url="http://127.0.0.1:8080")
+    assert isinstance(local, LocalObjectStore)
+    remote = make_object_store("s3", local_root=tmp_path, local_base_url="", s3=_settings(s3_endpoint))
+    assert isinstance(remote, S3ObjectStore)
+    with pytest.raises(ValueError, match="needs S3 settings"):
+        make_object_store("s3", local_root=tmp_path, local_base_url="")
+    with pytest.raises(ValueError, match="must be one of local, s3"):
+        make_object_store("gcs", local_root=tmp_path, local_base_url="")
+    with pytest.raises(ValueError, match="host\\[:port\\] without a scheme"):
+        _settings("http://127.0.0.1:9000")
+    with pytest.raises(ValueError, match="presign expiry"):
+        _settings(s3_endpoint, presign_expiry_seconds=8 * 24 * 3600)
+    with pytest.raises(InvalidKey):
+        _settings(s3_endpoint, key_prefix="../up")

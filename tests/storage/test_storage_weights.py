@@ -1,0 +1,211 @@
+"""The weights cache: content-keyed, downloaded once across threads and processes, safetensors only."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import multiprocessing
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from storage_testkit import FileServer, Route, safetensors_bytes
+
+from storage.fetch import FetchPolicy, InputFetchError
+from storage.object_store import LocalObjectStore
+from storage.weights import WeightsCache
+
+FAKE_PICKLE = b"PK\x03\x04" + b"\0" * 200
+
+
+def _resolve_in_child(root: str, url: str) -> str:
+    """Runs in a spawned process: a separate interpreter sharing only the cache folder."""
+    policy = FetchPolicy(timeout_seconds=5.0, allowed_hosts=frozenset({"127.0.0.1"}))
+    return str(WeightsCache(Path(root), policy).resolve(url, "loras[0].path"))
+
+
+def test_concurrent_threads_download_an_uncached_url_once(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    data = safetensors_bytes()
+    file_server.routes["/lora.safetensors"] = Route(data, delay_seconds=0.3)
+    cache = WeightsCache(tmp_path / "weights", loopback_policy)
+    results: list[Path] = []
+    logs: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def resolve() -> None:
+        barrier.wait()
+        results.append(cache.resolve(file_server.url("/lora.safetensors"), "loras[0].path", on_progress=logs.append))
+
+    threads = [threading.Thread(target=resolve) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert file_server.hits["/lora.safetensors"] == 1
+    assert len(results) == 6 and len(set(results)) == 1
+    assert results[0] == tmp_path / "weights" / "blobs" / f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    assert results[0].read_bytes() == data
+    assert any(line.startswith("waiting for lora.safetensors") for line in logs)
+    assert list((tmp_path / "weights" / "tmp").iterdir()) == []
+
+
+def test_concurrent_processes_download_an_uncached_url_once(tmp_path: Path, file_server: FileServer) -> None:
+    file_server.routes["/shared.safetensors"] = Route(safetensors_bytes(seed=1), delay_seconds=0.5)
+    args = [(str(tmp_path / "weights"), file_server.url("/shared.safetensors"))] * 3
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        paths = pool.starmap(_resolve_in_child, args)
+    assert file_server.hits["/shared.safetensors"] == 1
+    assert len(set(paths)) == 1
+    assert Path(paths[0]).read_bytes() == safetensors_bytes(seed=1)
+
+
+def test_progress_lines_come_about_every_tenth(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    data = safetensors_bytes(values=200_000)
+    file_server.routes["/big.safetensors"] = Route(data)
+    logs: list[str] = []
+    WeightsCache(tmp_path, loopback_policy).resolve(
+        file_server.url("/big.safetensors"), "model_name", on_progress=logs.append
+    )
+    assert 5 <= len(logs) <= 11
+    assert all(re.fullmatch(r"downloading big\.safetensors: \d+\.\d/0\.8 MB", line) for line in logs)
+    assert logs[-1] == "downloading big.safetensors: 0.8/0.8 MB"
+
+
+def test_a_cached_url_is_not_downloaded_again(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    file_server.routes["/a.safetensors"] = Route(safetensors_bytes())
+    first = WeightsCache(tmp_path, loopback_policy).resolve(file_server.url("/a.safetensors"), "loras[0].path")
+    second = WeightsCache(tmp_path, loopback_policy).resolve(file_server.url("/a.safetensors"), "loras[0].path")
+    assert first == second
+    assert file_server.hits["/a.safetensors"] == 1
+
+
+def test_url_data_uri_and_upload_of_the_same_bytes_share_one_blob(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    data = safetensors_bytes(seed=2)
+    file_server.routes["/api/download/42"] = Route(data)
+    store = LocalObjectStore(tmp_path / "files", "http://files.invalid:1")
+    uploaded = store.put("uploads/u1/style.safetensors", data, "application/x-safetensors")
+    cache = WeightsCache(tmp_path / "weights", loopback_policy, store=store)
+    by_url = cache.resolve(file_server.url("/api/download/42"), "loras[0].path")
+    by_data_uri = cache.resolve(
+        f"data:application/octet-stream;base64,{base64.b64encode(data).decode()}", "loras[1].path"
+    )
+    by_upload = cache.resolve(uploaded.url, "loras[2].path")
+    assert by_url == by_data_uri == by_upload
+    assert by_url.suffix == ".safetensors"
+    assert len(list((tmp_path / "weights" / "blobs").iterdir())) == 1
+
+
+def test_pickle_is_refused_before_downloading_unless_allowed(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    file_server.routes["/model.ckpt"] = Route(FAKE_PICKLE)
+    url = file_server.url("/model.ckpt")
+    with pytest.raises(InputFetchError, match=r"\.ckpt files are pickle and can run code when loaded; refused"):
+        WeightsCache(tmp_path, loopback_policy).resolve(url, "model_name")
+    assert file_server.hits["/model.ckpt"] == 0
+    allowed = WeightsCache(tmp_path, loopback_policy, allow_pickle=True).resolve(url, "model_name")
+    assert allowed.suffix == ".ckpt" and allowed.read_bytes() == FAKE_PICKLE
+
+
+def test_a_fake_safetensors_file_is_refused_and_not_cached(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    file_server.routes["/fake.safetensors"] = Route(FAKE_PICKLE)
+    cache = WeightsCache(tmp_path, loopback_policy, allow_pickle=True)
+    for _attempt in range(2):
+        with pytest.raises(InputFetchError, match="named .safetensors but is not a safetensors file"):
+            cache.resolve(file_server.url("/fake.safetensors"), "loras[0].path")
+    assert file_server.hits["/fake.safetensors"] == 2
+    assert [list((tmp_path / folder).iterdir()) for folder in ("blobs", "index", "tmp")] == [[], [], []]
+    file_server.routes["/no-suffix"] = Route(FAKE_PICKLE)
+    with pytest.raises(InputFetchError, match="not a safetensors file; pickle-based weights"):
+        WeightsCache(tmp_path, loopback_policy).resolve(file_server.url("/no-suffix"), "loras[0].path")
+
+
+def test_local_paths_are_returned_as_they_are_after_the_same_checks(
+    tmp_path: Path, loopback_policy: FetchPolicy
+) -> None:
+    cache = WeightsCache(tmp_path / "weights", loopback_policy)
+    good = tmp_path / "lora.safetensors"
+    good.write_bytes(safetensors_bytes())
+    assert cache.resolve(str(good), "loras[0].path") == good
+    folder = tmp_path / "pipeline"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(safetensors_bytes())
+    assert cache.resolve(str(folder), "model_name") == folder
+    assert cache.resolve(str(folder), "model_name", subfolder="unet") == folder / "unet"
+    (tmp_path / "old.bin").write_bytes(FAKE_PICKLE)
+    with pytest.raises(InputFetchError, match=r"\.bin files are pickle"):
+        cache.resolve(str(tmp_path / "old.bin"), "loras[0].path")
+    (tmp_path / "fake.safetensors").write_bytes(FAKE_PICKLE)
+    with pytest.raises(InputFetchError, match="not a safetensors file"):
+        cache.resolve(str(tmp_path / "fake.safetensors"), "loras[0].path")
+    with pytest.raises(InputFetchError, match="no such local file or folder"):
+        cache.resolve(str(tmp_path / "missing.safetensors"), "loras[0].path")
+    with pytest.raises(InputFetchError, match="only http and https"):
+        cache.resolve("s3://bucket/lora.safetensors", "loras[0].path")
+
+
+def test_hugging_face_id_in_offline_mode_gives_a_clear_error(
+    tmp_path: Path, loopback_policy: FetchPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = WeightsCache(tmp_path, loopback_policy)
+    logs: list[str] = []
+    with pytest.raises(InputFetchError) as caught:
+        cache.resolve("some-org/some-lora", "loras[0].path", on_progress=logs.append)
+    assert str(caught.value) == (
+        "loras[0].path: cannot use some-org/some-lora: not in the local Hugging Face cache, "
+        "and the service is offline (HF_HUB_OFFLINE is set)"
+    )
+    assert logs == ["fetching some-org/some-lora from Hugging Face"]
+    with pytest.raises(InputFetchError, match="fp16.safetensors|HF_HUB_OFFLINE"):
+        cache.resolve("some-org/sdxl", "model_name", subfolder="unet", weight_name="model.safetensors", variant="fp16")
+    with pytest.raises(InputFetchError, match=r"\.bin files are pickle"):
+        cache.resolve("some-org/some-lora", "loras[0].path", weight_name="adapter_model.bin")
+
+
+def _seed_hub_cache(hf_cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Lays files out the way huggingface_hub's cache does, so offline mode finds them."""
+    repo = hf_cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def test_hugging_face_files_from_the_cache_are_checked_too(
+    tmp_path: Path, loopback_policy: FetchPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = WeightsCache(tmp_path, loopback_policy)
+    lora = safetensors_bytes(seed=3)
+    _seed_hub_cache(tmp_path / "hf", "org/style-lora", {"pytorch_lora_weights.safetensors": lora})
+    path = cache.resolve("org/style-lora", "loras[0].path", weight_name="pytorch_lora_weights.safetensors")
+    assert path.read_bytes() == lora
+    _seed_hub_cache(
+        tmp_path / "hf",
+        "org/tiny-sdxl",
+        {
+            "model_index.json": b"{}",
+            "unet/config.json": b"{}",
+            "unet/diffusion_pytorch_model.fp16.safetensors": lora,
+        },
+    )
+    unet = cache.resolve("org/tiny-sdxl", "model_name", subfolder="unet", variant="fp16")
+    assert unet.name == "unet" and (unet / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    _seed_hub_cache(tmp_path / "hf", "org/evil", {"model.safetensors": FAKE_PICKLE})
+    with pytest.raises(InputFetchError, match="named .safetensors but is not a safetensors file"):
+        cache.resolve("org/evil", "model_name")

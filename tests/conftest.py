@@ -66,6 +66,8 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         serve_http_port=free_port(),
         replica_num_cpus=1,
         worker_metrics_port=free_port(),
+        # Test file servers listen on loopback; private networks stay refused.
+        fetch_allowed_hosts="127.0.0.1",
         device="cpu",
         shutdown_grace_seconds=5,
     )

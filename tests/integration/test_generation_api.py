@@ -267,7 +267,7 @@ async def test_client_request_id_makes_submit_idempotent(target: str, tiny_sdxl:
 
 async def test_upload_returns_a_served_file(target: str) -> None:
     buffer = io.BytesIO()
-    Image.effect_noise((300, 200), 40).save(buffer, format="PNG")
+    Image.effect_noise((400, 300), 60).convert("RGB").save(buffer, format="PNG")
     payload = buffer.getvalue()
     assert len(payload) > 64 * 1024
     async with AsyncClient(target) as client:

@@ -1,0 +1,130 @@
+"""File inputs and object stores through the real service: URLs, data URIs, uploads, S3."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from moto.server import ThreadedMotoServer
+from PIL import Image
+from ray import serve
+
+from gateway.server import Gateway
+from loraserve.client import AsyncClient, LoraServeError
+from loraserve.config import Settings
+from loraserve.v1 import generation_pb2 as gen
+from serving.app import build_app
+from serving.tiny import TinyModel
+from tests.conftest import free_port
+from tests.integration.test_generation_api import fetch, generate_pixels, request
+from tests.storage.storage_testkit import FileServer, Route
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_sdxl: TinyModel) -> Iterator[FileServer]:
+    server = FileServer()
+    body = tiny_sdxl.lora_paths[0].read_bytes()
+    server.routes["/style.safetensors"] = Route(body)
+    server.routes["/to-private.safetensors"] = Route(status=302, headers={"Location": "http://10.0.0.1/x.safetensors"})
+    server.routes["/to-metadata.safetensors"] = Route(
+        status=302, headers={"Location": "http://169.254.169.254/latest/meta-data"}
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_lora_by_url_data_uri_and_upload_match_the_path(
+    target: str, stack_settings: Settings, tiny_sdxl: TinyModel, lora_server: FileServer
+) -> None:
+    lora_path = tiny_sdxl.lora_paths[0]
+    by_path = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": str(lora_path)}]))
+    url = lora_server.url("/style.safetensors")
+    by_url = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": url}]))
+    by_url_again = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": url}]))
+    data_uri = "data:application/octet-stream;base64," + base64.b64encode(lora_path.read_bytes()).decode()
+    by_data = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": data_uri}]))
+    async with AsyncClient(target) as client:
+        uploaded = await client.upload(lora_path, file_name="style.safetensors")
+    by_upload = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": uploaded.url}]))
+    plain = await generate_pixels(target, stack_settings, request(tiny_sdxl))
+    assert np.abs(by_path - plain).mean() > 1.0
+    for other in (by_url, by_url_again, by_data, by_upload):
+        assert np.array_equal(other, by_path)
+    assert lora_server.hits["/style.safetensors"] == 1, "the weights cache downloaded the same URL twice"
+
+
+@pytest.mark.parametrize("route", ["/to-private.safetensors", "/to-metadata.safetensors"])
+async def test_redirect_to_a_private_address_fails_the_request_naming_the_field(
+    target: str, tiny_sdxl: TinyModel, lora_server: FileServer, route: str
+) -> None:
+    async with AsyncClient(target) as client:
+        request_id = await client.submit(request(tiny_sdxl, loras=[{"path": lora_server.url(route)}]))
+        async for status in client.stream_status(request_id):
+            final = status
+        with pytest.raises(LoraServeError) as info:
+            await client.result(request_id)
+    assert final.state == gen.REQUEST_STATE_COMPLETED and final.error.type == "INVALID_INPUT"
+    assert "input.loras[0].path" in final.error.message and route in final.error.message
+    assert info.value.reason == "INVALID_INPUT"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def s3_gateway(
+    stack: object, stack_settings: Settings, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Settings]:
+    """A second Serve app and gateway that keep outputs and uploads in S3 (moto on loopback)."""
+    settings = stack_settings.replace(
+        data_dir=tmp_path_factory.mktemp("s3-gateway"),
+        grpc_port=free_port(),
+        http_port=free_port(),
+        worker_metrics_port=0,
+        serve_app_name="loraserve-s3",
+        object_store="s3",
+        s3_endpoint=s3_endpoint,
+        s3_access_key="testing",
+        s3_secret_key="testing",
+        s3_bucket="loraserve-outputs",
+        s3_secure=False,
+        s3_presign_expiry_seconds=600,
+    )
+    await asyncio.to_thread(
+        serve.run, build_app(settings), name=settings.serve_app_name, route_prefix=f"/{settings.serve_app_name}"
+    )
+    gateway = Gateway(settings)
+    await gateway.start()
+    yield settings
+    await gateway.stop()
+    await asyncio.to_thread(serve.delete, settings.serve_app_name)
+
+
+async def test_outputs_and_uploads_live_in_s3(s3_gateway: Settings, tiny_sdxl: TinyModel, s3_endpoint: str) -> None:
+    async with AsyncClient(f"127.0.0.1:{s3_gateway.grpc_port}") as client:
+        result = await client.subscribe(request(tiny_sdxl, loras=[{"path": str(tiny_sdxl.lora_paths[1])}]))
+        png = io.BytesIO()
+        Image.new("RGB", (32, 16), (10, 200, 30)).save(png, format="PNG")
+        uploaded = await client.upload(png.getvalue(), file_name="control.png")
+    image = result.data.images[0]
+    assert image.url.startswith(f"http://{s3_endpoint}/loraserve-outputs/outputs/")
+    assert "X-Amz-Signature=" in image.url and "X-Amz-Expires=600" in image.url
+    served = await fetch(image.url)
+    assert len(served) == image.file_size and Image.open(io.BytesIO(served)).size == (64, 64)
+    assert not any(Path(s3_gateway.files_dir).rglob("*.png")), "an output was written to the local folder"
+    assert await fetch(uploaded.url) == png.getvalue()

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from loraserve.inputs import InputLike, to_input
+from loraserve.inputs import InputLike, file_payload, find_local_files, replace_local_files, to_input
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc, types_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -92,8 +92,18 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
+    def _prepare(self, input: InputLike) -> types_pb2.GenerateInput:
+        """Uploads the local files found in a dict input and refers to them by URL."""
+        if isinstance(input, types_pb2.GenerateInput):
+            return input
+        urls = {}
+        for value in find_local_files(input):
+            data, name = file_payload(value)
+            urls[id(value)] = self.upload(data, file_name=name).url
+        return to_input(replace_local_files(input, urls))
+
     def submit(self, input: InputLike, *, client_request_id: str = "") -> str:
-        request = generation_pb2.SubmitRequest(input=to_input(input), client_request_id=client_request_id)
+        request = generation_pb2.SubmitRequest(input=self._prepare(input), client_request_id=client_request_id)
         return _call(self._generation.Submit, request).request_id
 
     def status(self, request_id: str, *, logs: bool = False) -> RequestStatus:
@@ -119,7 +129,9 @@ class Client:
         self, input: InputLike, *, on_queue_update: QueueUpdate | None = None, logs: bool = False,
         client_request_id: str = "",
     ) -> Result:
-        request = generation_pb2.SubscribeRequest(input=to_input(input), logs=logs, client_request_id=client_request_id)
+        request = generation_pb2.SubscribeRequest(
+            input=self._prepare(input), logs=logs, client_request_id=client_request_id
+        )
         try:
             for message in self._generation.Subscribe(request):
                 if message.HasField("status") and on_queue_update is not None:
@@ -160,8 +172,18 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _prepare(self, input: InputLike) -> types_pb2.GenerateInput:
+        """Uploads the local files found in a dict input and refers to them by URL."""
+        if isinstance(input, types_pb2.GenerateInput):
+            return input
+        urls = {}
+        for value in find_local_files(input):
+            data, name = file_payload(value)
+            urls[id(value)] = (await self.upload(data, file_name=name)).url
+        return to_input(replace_local_files(input, urls))
+
     async def submit(self, input: InputLike, *, client_request_id: str = "") -> str:
-        request = generation_pb2.SubmitRequest(input=to_input(input), client_request_id=client_request_id)
+        request = generation_pb2.SubmitRequest(input=await self._prepare(input), client_request_id=client_request_id)
         return (await _acall(self._generation.Submit(request))).request_id
 
     async def status(self, request_id: str, *, logs: bool = False) -> RequestStatus:
@@ -192,7 +214,9 @@ class AsyncClient:
         client_request_id: str = "",
     ) -> Result:
         """`on_queue_update` may be a plain function or a coroutine function."""
-        request = generation_pb2.SubscribeRequest(input=to_input(input), logs=logs, client_request_id=client_request_id)
+        request = generation_pb2.SubscribeRequest(
+            input=await self._prepare(input), logs=logs, client_request_id=client_request_id
+        )
         try:
             async for message in self._generation.Subscribe(request):
                 if message.HasField("status") and on_queue_update is not None:

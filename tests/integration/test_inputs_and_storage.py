@@ -55,9 +55,11 @@ async def test_lora_by_url_data_uri_and_upload_match_the_path(
     async with AsyncClient(target) as client:
         uploaded = await client.upload(lora_path, file_name="style.safetensors")
     by_upload = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": uploaded.url}]))
+    # A pathlib.Path in a dict input is uploaded by the client and sent as its URL.
+    by_auto_upload = await generate_pixels(target, stack_settings, request(tiny_sdxl, loras=[{"path": lora_path}]))
     plain = await generate_pixels(target, stack_settings, request(tiny_sdxl))
     assert np.abs(by_path - plain).mean() > 1.0
-    for other in (by_url, by_url_again, by_data, by_upload):
+    for other in (by_url, by_url_again, by_data, by_upload, by_auto_upload):
         assert np.array_equal(other, by_path)
     assert lora_server.hits["/style.safetensors"] == 1, "the weights cache downloaded the same URL twice"
 

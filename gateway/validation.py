@@ -6,6 +6,7 @@ yet are refused by name ("not supported yet"), never accepted and ignored.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -175,7 +176,7 @@ def _timestep_values(values: list[int]) -> Iterator[tuple[str, str]]:
         yield "timesteps.array", f"at most {MAX_SCHEDULE_STEPS} timesteps, got {len(values)}"
     if any(not 0 <= value < NUM_TRAIN_TIMESTEPS for value in values):
         yield "timesteps.array", f"every timestep must be between 0 and {NUM_TRAIN_TIMESTEPS - 1}"
-    if any(later >= earlier for earlier, later in zip(values, values[1:])):
+    if any(later >= earlier for earlier, later in itertools.pairwise(values)):
         yield "timesteps.array", "must be strictly decreasing (denoising runs from noisy to clean)"
 
 
@@ -187,7 +188,7 @@ def _sigma_values(values: list[float]) -> Iterator[tuple[str, str]]:
         )
     if any(not math.isfinite(value) or value < 0 for value in values):
         yield "sigmas.array", "every sigma must be a finite number >= 0"
-    elif any(later > earlier for earlier, later in zip(values, values[1:])):
+    elif any(later > earlier for earlier, later in itertools.pairwise(values)):
         yield "sigmas.array", "must not increase (denoising runs from noisy to clean)"
 
 

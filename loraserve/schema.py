@@ -72,3 +72,33 @@ def image_format(inp: types_pb2.GenerateInput) -> str:
 
 def lora_scale(lora: types_pb2.LoraWeight) -> float:
     return lora.scale if lora.HasField("scale") else DEFAULT_LORA_SCALE
+
+
+def tile_width(inp: types_pb2.GenerateInput) -> int:
+    return inp.tile_width if inp.HasField("tile_width") else DEFAULT_TILE_SIZE
+
+
+def tile_height(inp: types_pb2.GenerateInput) -> int:
+    return inp.tile_height if inp.HasField("tile_height") else DEFAULT_TILE_SIZE
+
+
+def tile_stride_width(inp: types_pb2.GenerateInput) -> int:
+    """The explicit stride, else fal's default (2048) but at most half the tile, so tiles overlap."""
+    if inp.HasField("tile_stride_width"):
+        return inp.tile_stride_width
+    return min(DEFAULT_TILE_STRIDE, tile_width(inp) // 2)
+
+
+def tile_stride_height(inp: types_pb2.GenerateInput) -> int:
+    if inp.HasField("tile_stride_height"):
+        return inp.tile_stride_height
+    return min(DEFAULT_TILE_STRIDE, tile_height(inp) // 2)
+
+
+def custom_timesteps(inp: types_pb2.GenerateInput) -> list[int] | None:
+    """The custom timestep schedule (method "array"), or None for the scheduler's own."""
+    return list(inp.timesteps.array) if inp.timesteps.method == "array" else None
+
+
+def custom_sigmas(inp: types_pb2.GenerateInput) -> list[float] | None:
+    return list(inp.sigmas.array) if inp.sigmas.method == "array" else None

@@ -4,10 +4,17 @@ This is the torch/diffusers core that the Ray Serve replicas wrap. It knows noth
 or gRPC so it can be tested and reasoned about on its own. Weights are untrusted input: only
 safetensors are ever deserialised, and every failure surfaces as one of the typed errors below
 with a message a caller can act on, never as a stack trace.
+
+Per-request options never touch the resident pipeline: each request runs on a shallow copy
+(`_prepare`) that shares the modules but has its own scheduler (serving/schedulers.py) and, for
+images larger than a tile, tiling wrappers around the U-Net and VAE (serving/tiling.py); prompt
+weighting and clip_skip are computed into embeddings (serving/prompts.py). Only LoRA activation
+changes shared modules, and it is undone in a `finally`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -18,13 +25,21 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import safetensors
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from loraserve import schema
+from serving import latents as debug_files
+from serving import prompts, schedulers, tiling
+from serving.latents import OutputFile
+
+if TYPE_CHECKING:
+    from serving.safety import SafetyChecker
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -48,9 +63,24 @@ class GenerationCancelled(Exception):
     """The caller asked to stop mid-denoise; no partial images are returned."""
 
 
+class OptionUnavailableError(Exception):
+    """A request option this worker or this model cannot honour; `field_name` names the input field.
+
+    Raised before any denoising, e.g. `enable_safety_checker` with no checker configured, or
+    custom `timesteps` / `eta` that the model's own scheduler would reject or ignore.
+    """
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field_name = field_name
+
+
 @dataclass(kw_only=True)
 class GenerationParams:
-    """One text-to-image request, already validated by the caller; keyword-only so fields can't swap."""
+    """One text-to-image request, already validated by the caller; keyword-only so fields can't swap.
+
+    Every option after `loras` defaults to "off" / the fal default, so older callers keep working.
+    """
 
     prompt: str
     negative_prompt: str = ""
@@ -61,6 +91,36 @@ class GenerationParams:
     num_images: int
     seed: int
     loras: list[tuple[str, float]] = field(default_factory=list)
+    # One of loraserve.schema.SCHEDULERS; None keeps the model's own scheduler class.
+    scheduler: str | None = None
+    # Custom schedules (method "array"); at most one. They override num_inference_steps.
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    # "epsilon" / "v_prediction"; None keeps the model's scheduler config.
+    prediction_type: str | None = None
+    rescale_betas_snr_zero: bool = False
+    eta: float = 0.0
+    # fal's N (skip the last N CLIP layers) is diffusers' clip_skip=N; 0 means none.
+    clip_skip: int = 0
+    prompt_weighting: bool = False
+    # Pixels; images larger than a tile are denoised in overlapping tiles. A stride wider than the
+    # tile is clamped to it; params_from_input defaults an unset stride to half the tile.
+    tile_width: int = schema.DEFAULT_TILE_SIZE
+    tile_height: int = schema.DEFAULT_TILE_SIZE
+    tile_stride_width: int = schema.DEFAULT_TILE_STRIDE
+    tile_stride_height: int = schema.DEFAULT_TILE_STRIDE
+    enable_safety_checker: bool = False
+    debug_latents: bool = False
+    debug_per_pass_latents: bool = False
+
+
+@dataclass
+class GenerationResult:
+    images: list[PIL.Image.Image]
+    # One flag per image when the safety checker ran; None when the request did not ask for it.
+    has_nsfw_concepts: list[bool] | None = None
+    debug_latents: OutputFile | None = None
+    debug_per_pass_latents: OutputFile | None = None
 
 
 class LoadedPipeline:
@@ -167,25 +227,111 @@ def generate(
     *,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    safety_checker: SafetyChecker | None = None,
 ) -> list[PIL.Image.Image]:
-    """Run one request; the pipeline is left with no LoRA active whatever happens."""
+    """Run one request and return only its images (see generate_result for the other outputs)."""
+    return generate_result(
+        loaded, params, on_step=on_step, should_stop=should_stop, safety_checker=safety_checker
+    ).images
+
+
+def generate_result(
+    loaded: LoadedPipeline,
+    params: GenerationParams,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    safety_checker: SafetyChecker | None = None,
+) -> GenerationResult:
+    """Run one request; the pipeline is left with no LoRA active whatever happens.
+
+    Scheduler, tiling wrappers and prompt embeddings live in a per-request view of the pipeline,
+    so nothing but the LoRA activation touches the resident pipeline.
+    """
+    if params.enable_safety_checker and safety_checker is None:
+        raise OptionUnavailableError(
+            "enable_safety_checker",
+            "enable_safety_checker: this server has no safety checker model configured, so images cannot be "
+            "checked; leave enable_safety_checker off or ask the operator to configure one",
+        )
+    view, call_kwargs = _prepare(loaded.pipe, params)
     try:
         loaded.activate_loras(params.loras)
-        return _denoise(loaded.pipe, params, on_step, should_stop)
+        result = _denoise(view, params, call_kwargs, on_step, should_stop)
     finally:
         loaded.deactivate_loras()
+    if params.enable_safety_checker:
+        assert safety_checker is not None
+        result.images, result.has_nsfw_concepts = safety_checker.censor(result.images)
+    return result
+
+
+def _prepare(pipe: DiffusionPipeline, params: GenerationParams) -> tuple[DiffusionPipeline, dict[str, Any]]:
+    """A shallow per-request copy of the pipeline (same modules, own scheduler) and the call options."""
+    try:
+        scheduler = schedulers.build_scheduler(
+            pipe.scheduler,
+            params.scheduler,
+            prediction_type=params.prediction_type,
+            rescale_betas_snr_zero=params.rescale_betas_snr_zero,
+            num_inference_steps=params.num_inference_steps,
+        )
+        schedulers.check_request_options(
+            scheduler,
+            timesteps=params.timesteps,
+            sigmas=params.sigmas,
+            eta=params.eta,
+            rescale_betas_snr_zero=params.rescale_betas_snr_zero,
+        )
+    except schedulers.SchedulerOptionError as exc:
+        raise OptionUnavailableError(exc.field_name, str(exc)) from exc
+    view = copy.copy(pipe)
+    # Assign through __dict__: DiffusionPipeline.__setattr__ would rewrite the shared config.
+    view.__dict__["scheduler"] = scheduler
+    if tiling.needs_tiling(params.width, params.height, params.tile_width, params.tile_height):
+        view.__dict__.update(
+            tiling.tiled_components(
+                pipe.unet,
+                pipe.vae,
+                vae_scale_factor=pipe.vae_scale_factor,
+                tile_width=params.tile_width,
+                tile_height=params.tile_height,
+                stride_width=params.tile_stride_width,
+                stride_height=params.tile_stride_height,
+            )
+        )
+    kwargs: dict[str, Any] = {
+        "eta": params.eta,
+        "guidance_rescale": schedulers.ZERO_SNR_GUIDANCE_RESCALE if params.rescale_betas_snr_zero else 0.0,
+    }
+    if params.timesteps is not None:
+        kwargs["timesteps"] = list(params.timesteps)
+    elif params.sigmas is not None:
+        kwargs["sigmas"] = list(params.sigmas)
+    elif (trailing := schedulers.trailing_timesteps_if_ignored(scheduler, params.num_inference_steps)) is not None:
+        kwargs["timesteps"] = trailing
+    else:
+        kwargs["num_inference_steps"] = params.num_inference_steps
+    return view, kwargs
 
 
 def _denoise(
     pipe: DiffusionPipeline,
     params: GenerationParams,
+    call_kwargs: dict[str, Any],
     on_step: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
-) -> list[PIL.Image.Image]:
+) -> GenerationResult:
     cancelled = False
+    per_step: list[torch.Tensor] = []
+    final: list[torch.Tensor] = []
 
     def on_step_end(pipeline: DiffusionPipeline, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         nonlocal cancelled
+        if params.debug_per_pass_latents:
+            per_step.append(tensors["latents"].detach().to("cpu", copy=True))
+        if params.debug_latents and step + 1 == pipeline.num_timesteps:
+            final.append(tensors["latents"].detach().to("cpu", copy=True))
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
         if should_stop is not None and should_stop():
@@ -193,13 +339,23 @@ def _denoise(
             pipeline._interrupt = True
         return tensors
 
-    output = pipe(
-        prompt=params.prompt,
+    if params.prompt_weighting or params.clip_skip:
+        embeddings = prompts.encode_prompts(
+            pipe,
+            params.prompt,
+            params.negative_prompt,
+            weighting=params.prompt_weighting,
+            clip_skip=params.clip_skip or None,
+        )
+        prompt_kwargs: dict[str, Any] = embeddings.as_kwargs()
+    else:
         # None (not "") lets SDXL use zero negative embeddings, as its config asks for.
-        negative_prompt=params.negative_prompt or None,
+        prompt_kwargs = {"prompt": params.prompt, "negative_prompt": params.negative_prompt or None}
+    output = pipe(
+        **prompt_kwargs,
+        **call_kwargs,
         width=params.width,
         height=params.height,
-        num_inference_steps=params.num_inference_steps,
         guidance_scale=params.guidance_scale,
         num_images_per_prompt=params.num_images,
         generator=torch.Generator("cpu").manual_seed(params.seed),
@@ -208,7 +364,13 @@ def _denoise(
     )
     if cancelled:
         raise GenerationCancelled("generation was cancelled before it finished")
-    return list(output.images)
+    result = GenerationResult(images=list(output.images))
+    metadata = debug_files.metadata_for(pipe, params)
+    if params.debug_latents and final:
+        result.debug_latents = debug_files.final_latents_file(final[0], metadata)
+    if params.debug_per_pass_latents and per_step:
+        result.debug_per_pass_latents = debug_files.per_pass_latents_file(per_step, metadata)
+    return result
 
 
 def _load_diffusers_pipeline(model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None) -> DiffusionPipeline:
@@ -264,7 +426,7 @@ def _load_single_file(path: Path, model_name: str, torch_dtype: torch.dtype) -> 
 
 def _single_file_pipeline_class(path: Path) -> type[DiffusionPipeline]:
     with safetensors.safe_open(str(path), framework="pt") as checkpoint:
-        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint.keys())
+        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint)
     return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
 
 

@@ -24,9 +24,17 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 Family = Literal["sd15", "sdxl"]
 
@@ -70,6 +78,44 @@ def make_tiny_model(
         for i in range(num_loras)
     ]
     return TinyModel(pipeline_dir=pipeline_dir, lora_paths=lora_paths, family=family)
+
+
+def make_tiny_safety_checker(out_dir: Path, *, flag_everything: bool = False, seed: int = 0) -> Path:
+    """Save a tiny random StableDiffusionSafetyChecker + CLIPImageProcessor folder; returns its path.
+
+    A real checker flags an image when its CLIP embedding is closer to a concept embedding than
+    that concept's threshold. Thresholds of -2 (below any cosine similarity) flag every image,
+    thresholds of 2 (above any) flag none, so tests can force either outcome.
+    """
+    out_dir = Path(out_dir)
+    image_size = 32
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        projection_dim=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        checker = StableDiffusionSafetyChecker(config).eval()
+        threshold = -2.0 if flag_everything else 2.0
+        with torch.no_grad():
+            checker.concept_embeds.normal_()
+            checker.special_care_embeds.normal_()
+            checker.concept_embeds_weights.fill_(threshold)
+            checker.special_care_embeds_weights.fill_(2.0)
+    checker.save_pretrained(out_dir, safe_serialization=True)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
 
 
 def _build_pipeline(family: Family) -> DiffusionPipeline:

@@ -138,7 +138,6 @@ def test_bad_input_built_as_proto_names_the_field() -> None:
 UNSUPPORTED_VALUES: dict[str, Any] = {
     "unet_name": "org/custom-unet",
     "variant": "fp16",
-    "prompt_weighting": True,
     "embeddings": [{"path": "emb.safetensors", "tokens": ["<s0>"]}],
     "controlnets": [{"path": "cn", "image_url": "http://x/cn.png"}],
     "controlnet_guess_mode": True,
@@ -149,20 +148,6 @@ UNSUPPORTED_VALUES: dict[str, Any] = {
     "ic_light_model_url": "http://x/ic.safetensors",
     "ic_light_model_background_image_url": "http://x/bg.png",
     "ic_light_image_url": "http://x/fg.png",
-    "clip_skip": 1,
-    "scheduler": "DPM++ 2M Karras",
-    "timesteps": {"method": "array", "array": [999, 500, 1]},
-    "sigmas": {"method": "array", "array": [14.6, 1.0, 0.0]},
-    "prediction_type": "v_prediction",
-    "rescale_betas_snr_zero": True,
-    "enable_safety_checker": True,
-    "tile_width": 1024,
-    "tile_height": 1024,
-    "tile_stride_width": 512,
-    "tile_stride_height": 512,
-    "eta": 0.5,
-    "debug_latents": True,
-    "debug_per_pass_latents": True,
 }
 
 

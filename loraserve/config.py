@@ -52,6 +52,9 @@ class Settings:
     max_pipelines_per_replica: int = 2
     # LoRAs kept loaded in one pipeline between requests.
     max_loras_per_pipeline: int = 16
+    # Safety checker (StableDiffusionSafetyChecker + CLIP image processor: HF ID or folder) for
+    # `enable_safety_checker`; empty: such requests fail with a clear error.
+    safety_checker_path: str = ""
     # A worker replica's Prometheus port (0: none).
     worker_metrics_port: int = 0
     # "auto" picks cuda when there is one.

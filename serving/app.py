@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import torch
-from PIL import Image
 from ray import serve
 from ray.serve.config import AutoscalingConfig
 
@@ -28,15 +27,18 @@ from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
 from serving.metrics import WorkerMetrics
+from serving.params import params_from_input
 from serving.pipelines import (
     AdapterLoadError,
     GenerationCancelled,
-    GenerationParams,
+    GenerationResult,
     LoadedPipeline,
     ModelLoadError,
-    generate,
+    OptionUnavailableError,
+    generate_result,
     load_pipeline,
 )
+from serving.safety import SafetyChecker, load_safety_checker
 from storage import from_settings
 from storage.fetch import InputFetchError
 from storage.object_store import random_name
@@ -51,6 +53,7 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     GenerationCancelled: ErrorType.CANCELLED,
     torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
     InputFetchError: ErrorType.INVALID_INPUT,
+    OptionUnavailableError: ErrorType.INVALID_INPUT,
 }
 
 T = TypeVar("T")
@@ -79,6 +82,7 @@ class Worker:
         self._weights = from_settings.weights_cache(settings, self._store)
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
+        self._checker: SafetyChecker | None = None
         self._metrics = WorkerMetrics()
         if settings.worker_metrics_port:
             self._metrics.serve(settings.worker_metrics_port)
@@ -121,41 +125,35 @@ class Worker:
                 yield _log(f"loaded base model {inp.model_name} ({loaded.family}) in {load_seconds:.2f}s")
             else:
                 yield _log(f"base model {inp.model_name} already loaded on this replica")
-            width, height = schema.image_size(inp)
-            params = GenerationParams(
-                prompt=inp.prompt,
-                negative_prompt=inp.negative_prompt,
-                width=width,
-                height=height,
-                num_inference_steps=schema.num_inference_steps(inp),
-                guidance_scale=schema.guidance_scale(inp),
-                num_images=schema.num_images(inp),
-                seed=request.seed,
-                loras=[],
-            )
+            params = params_from_input(inp, request.seed)
             resolved: list[list[tuple[str, float]]] = []
             async for event in self._in_thread(lambda emit, _stop: self._resolve_loras(inp, emit), resolved):
                 yield event
             params.loras = resolved[0]
+            safety_checker = await self._safety_checker() if params.enable_safety_checker else None
             yield _log(
-                f"generating {params.num_images} image(s) {width}x{height}, {params.num_inference_steps} steps,"
-                f" seed {params.seed}, {len(params.loras)} LoRA(s)"
+                f"generating {params.num_images} image(s) {params.width}x{params.height},"
+                f" {params.num_inference_steps} steps, seed {params.seed}, {len(params.loras)} LoRA(s)"
             )
             gen_started = time.perf_counter()
-            generated: list[list[Image.Image]] = []
+            generated: list[GenerationResult] = []
             async with self._generation_lock:
-                run = lambda emit, stop: generate(  # noqa: E731
-                    loaded, params, on_step=lambda i, n: emit(_progress(i, n)), should_stop=stop.is_set
+                run = lambda emit, stop: generate_result(  # noqa: E731
+                    loaded,
+                    params,
+                    on_step=lambda i, n: emit(_progress(i, n)),
+                    should_stop=stop.is_set,
+                    safety_checker=safety_checker,
                 )
                 async for event in self._in_thread(run, generated):
                     yield event
-            images = generated[0]
+            result = generated[0]
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)
             self._metrics.requests.labels(outcome="completed").inc()
-            output = await asyncio.to_thread(self._store_images, request.request_id, images, schema.image_format(inp))
+            output = await asyncio.to_thread(self._store_outputs, request.request_id, result, schema.image_format(inp))
             output.seed = request.seed
-            yield _log(f"done: {len(images)} image(s) in {inference_seconds:.2f}s")
+            yield _log(f"done: {len(result.images)} image(s) in {inference_seconds:.2f}s")
             yield worker_pb2.GenerateResponse(
                 result=worker_pb2.WorkerResult(
                     output=output, inference_seconds=inference_seconds, model_load_seconds=load_seconds
@@ -169,6 +167,14 @@ class Worker:
             failure = _failure(exc, request.request_id)
             self._metrics.requests.labels(outcome=failure.failure.type.lower()).inc()
             yield failure
+
+    async def _safety_checker(self) -> SafetyChecker | None:
+        """Loaded once per replica on first use; None when the operator configured none."""
+        if self._settings.safety_checker_path and self._checker is None:
+            self._checker = await asyncio.to_thread(
+                load_safety_checker, self._settings.safety_checker_path, device=self._device, torch_dtype=self._dtype
+            )
+        return self._checker
 
     def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
         """URLs, data URIs and stored files become checked local files in the node's weights cache."""
@@ -209,13 +215,16 @@ class Worker:
             await asyncio.shield(_settle(task))
             raise
 
-    def _store_images(self, request_id: str, images: list[Image.Image], image_format: str) -> types_pb2.GenerateOutput:
+    def _store_outputs(
+        self, request_id: str, result: GenerationResult, image_format: str
+    ) -> types_pb2.GenerateOutput:
         content_type = schema.IMAGE_FORMATS[image_format]
+        suffix = ".png" if image_format == "png" else ".jpg"
         output = types_pb2.GenerateOutput()
-        for image in images:
+        for image in result.images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
-            name = random_name("." + ("png" if image_format == "png" else "jpg"))
+            name = random_name(suffix)
             stored = self._store.put(f"outputs/{request_id}/{name}", buffer.getvalue(), content_type)
             output.images.add(
                 url=stored.url,
@@ -225,7 +234,24 @@ class Worker:
                 width=image.width,
                 height=image.height,
             )
-        output.has_nsfw_concepts.extend([False] * len(images))
+        flags = result.has_nsfw_concepts or [False] * len(result.images)
+        output.has_nsfw_concepts.extend(flags)
+        for field, debug in (
+            ("debug_latents", result.debug_latents),
+            ("debug_per_pass_latents", result.debug_per_pass_latents),
+        ):
+            if debug is not None:
+                stored = self._store.put(
+                    f"outputs/{request_id}/{random_name('.safetensors')}", debug.data, debug.content_type
+                )
+                getattr(output, field).CopyFrom(
+                    types_pb2.File(
+                        url=stored.url,
+                        content_type=debug.content_type,
+                        file_name=debug.file_name,
+                        file_size=stored.size,
+                    )
+                )
         return output
 
 

@@ -16,11 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import re
-import tempfile
-import urllib.parse
-import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +40,6 @@ PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
 SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraserve" / "models"
-DOWNLOAD_CHUNK_BYTES = 1 << 20
-DOWNLOAD_TIMEOUT_S = 60.0
 MAX_REASON_CHARS = 400
 
 
@@ -210,7 +202,10 @@ def load_pipeline(
     cache_dir: Path | None = None,
     max_loras: int = 16,
 ) -> LoadedPipeline:
-    """Load a base model from a folder, a .safetensors file or URL, or a Hugging Face repo id."""
+    """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
+
+    URLs and uploads are turned into local files by `storage.weights.WeightsCache` first.
+    """
     pipe = _load_diffusers_pipeline(model_name, torch_dtype, cache_dir)
     family = _detect_family(pipe, model_name)
     try:
@@ -374,8 +369,9 @@ def _denoise(
 
 
 def _load_diffusers_pipeline(model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None) -> DiffusionPipeline:
-    if re.match(r"https?://", model_name):
-        return _load_single_file(_download(model_name, cache_dir or DEFAULT_CACHE_DIR), model_name, torch_dtype)
+    if "://" in model_name:
+        # Fetching is storage.weights' job: it guards URLs (SSRF, sizes) and caches by content.
+        raise ModelLoadError(f"model {model_name!r}: resolve URLs through the weights cache before loading")
     local = Path(model_name).expanduser()
     if local.exists() or _looks_like_path(model_name):
         return _load_local(local, model_name, torch_dtype)
@@ -436,35 +432,6 @@ def _refuse_pickle(file_name: str, what: str) -> None:
             f"model {what!r}: {Path(file_name).suffix} files are pickle and can run code when loaded; "
             "refused — use a .safetensors file"
         )
-
-
-def _download(url: str, cache_dir: Path) -> Path:
-    """Stream to a temp file and rename, so a crash never leaves a truncated file in the cache."""
-    file_name = Path(urllib.parse.urlparse(url).path).name
-    _refuse_pickle(file_name, url)
-    if not file_name.lower().endswith(".safetensors"):
-        raise ModelLoadError(f"model {url!r}: a model URL must point at a .safetensors file")
-    target = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{file_name}"
-    if target.is_file():
-        return target
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _stream_to(url, target)
-    except Exception as exc:
-        raise ModelLoadError(f"could not download model {url!r}: {_reason(exc)}") from exc
-    return target
-
-
-def _stream_to(url: str, target: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                out.write(chunk)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _detect_family(pipe: DiffusionPipeline, model_name: str) -> str:

@@ -55,9 +55,18 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 
 @pytest.fixture(scope="session")
-def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def flag_everything_checker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny safety checker that flags every image, so the censoring path is visible."""
+    from serving.tiny import make_tiny_safety_checker
+
+    return make_tiny_safety_checker(tmp_path_factory.mktemp("checker"), flag_everything=True)
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory, flag_everything_checker: Path) -> Settings:
     http_port = free_port()
     return Settings(
+        safety_checker_path=str(flag_everything_checker),
         data_dir=tmp_path_factory.mktemp("data"),
         grpc_port=free_port(),
         http_port=http_port,

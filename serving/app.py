@@ -83,6 +83,8 @@ class Worker:
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
         self._checker: SafetyChecker | None = None
+        # Base-model key → where the request waiting for that load wants its progress lines.
+        self._load_listeners: dict[str, Callable[[str], None]] = {}
         self._metrics = WorkerMetrics()
         if settings.worker_metrics_port:
             self._metrics.serve(settings.worker_metrics_port)
@@ -100,7 +102,7 @@ class Worker:
                 source = self._weights.resolve(
                     ref.model_name,
                     "input.model_name",
-                    on_progress=lambda line: log.info(line, extra={"model": ref.model_name}),
+                    on_progress=lambda line: self._load_listeners.get(key, _log_line)(line),
                 )
             except InputFetchError as exc:
                 raise ModelLoadError(str(exc)) from exc
@@ -110,6 +112,7 @@ class Worker:
                 torch_dtype=self._dtype,
                 cache_dir=self._settings.weights_dir,
                 max_loras=self._settings.max_loras_per_pipeline,
+                label=ref.model_name,
             )
 
     async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -117,7 +120,10 @@ class Worker:
         inp = request.input
         try:
             loads_before = self._pipeline_loads
-            loaded = await self._pipelines(serve.get_multiplexed_model_id())
+            pipelines: list[LoadedPipeline] = []
+            async for event in self._loading(serve.get_multiplexed_model_id(), pipelines):
+                yield event
+            loaded = pipelines[0]
             load_seconds = time.perf_counter() - started
             hot = self._pipeline_loads == loads_before
             (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
@@ -175,6 +181,30 @@ class Worker:
                 load_safety_checker, self._settings.safety_checker_path, device=self._device, torch_dtype=self._dtype
             )
         return self._checker
+
+    async def _loading(self, key: str, out: list[LoadedPipeline]) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """Gets the pipeline (hot or loaded now), relaying download progress to the request."""
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str] = asyncio.Queue()
+
+        def listen(line: str) -> None:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+        self._load_listeners[key] = listen
+        task = asyncio.ensure_future(self._pipelines(key))
+        try:
+            while not task.done():
+                next_line = asyncio.ensure_future(lines.get())
+                await asyncio.wait({task, next_line}, return_when=asyncio.FIRST_COMPLETED)
+                if next_line.done():
+                    yield _log(next_line.result())
+                else:
+                    next_line.cancel()
+            while not lines.empty():
+                yield _log(lines.get_nowait())
+            out.append(task.result())
+        finally:
+            self._load_listeners.pop(key, None)
 
     def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
         """URLs, data URIs and stored files become checked local files in the node's weights cache."""
@@ -260,6 +290,10 @@ async def _settle(task: asyncio.Future[Any]) -> None:
         await task
     except BaseException:  # noqa: BLE001 - the cancellation is what the caller asked for
         pass
+
+
+def _log_line(line: str) -> None:
+    log.info(line)
 
 
 def _progress(step: int, total: int) -> worker_pb2.GenerateResponse:

@@ -201,19 +201,22 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     max_loras: int = 16,
+    label: str | None = None,
 ) -> LoadedPipeline:
     """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
 
-    URLs and uploads are turned into local files by `storage.weights.WeightsCache` first.
+    URLs and uploads are turned into local files by `storage.weights.WeightsCache` first;
+    `label` is what the caller asked for (e.g. that URL), named in errors instead of the file.
     """
-    pipe = _load_diffusers_pipeline(model_name, torch_dtype, cache_dir)
-    family = _detect_family(pipe, model_name)
+    label = label or model_name
+    pipe = _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir)
+    family = _detect_family(pipe, label)
     try:
         pipe.to(device)
     except Exception as exc:
-        raise ModelLoadError(f"could not move model {model_name!r} to device {device!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipe, family=family, model_name=model_name, max_loras=max_loras)
+    return LoadedPipeline(pipe, family=family, model_name=label, max_loras=max_loras)
 
 
 def generate(
@@ -368,14 +371,16 @@ def _denoise(
     return result
 
 
-def _load_diffusers_pipeline(model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None) -> DiffusionPipeline:
-    if "://" in model_name:
+def _load_diffusers_pipeline(
+    source: str, label: str, torch_dtype: torch.dtype, cache_dir: Path | None
+) -> DiffusionPipeline:
+    if "://" in source:
         # Fetching is storage.weights' job: it guards URLs (SSRF, sizes) and caches by content.
-        raise ModelLoadError(f"model {model_name!r}: resolve URLs through the weights cache before loading")
-    local = Path(model_name).expanduser()
-    if local.exists() or _looks_like_path(model_name):
-        return _load_local(local, model_name, torch_dtype)
-    return _from_pretrained(model_name, model_name, torch_dtype, cache_dir)
+        raise ModelLoadError(f"model {label!r}: resolve URLs through the weights cache before loading")
+    local = Path(source).expanduser()
+    if local.exists() or _looks_like_path(source):
+        return _load_local(local, label, torch_dtype)
+    return _from_pretrained(source, label, torch_dtype, cache_dir)
 
 
 def _looks_like_path(model_name: str) -> bool:
@@ -422,7 +427,7 @@ def _load_single_file(path: Path, model_name: str, torch_dtype: torch.dtype) -> 
 
 def _single_file_pipeline_class(path: Path) -> type[DiffusionPipeline]:
     with safetensors.safe_open(str(path), framework="pt") as checkpoint:
-        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint)
+        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint.keys())
     return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
 
 

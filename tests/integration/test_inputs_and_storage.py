@@ -33,6 +33,7 @@ def lora_server(tiny_sdxl: TinyModel) -> Iterator[FileServer]:
     server = FileServer()
     body = tiny_sdxl.lora_paths[0].read_bytes()
     server.routes["/style.safetensors"] = Route(body)
+    server.routes["/not-a-checkpoint.safetensors"] = Route(body, chunked=True)
     server.routes["/to-private.safetensors"] = Route(status=302, headers={"Location": "http://10.0.0.1/x.safetensors"})
     server.routes["/to-metadata.safetensors"] = Route(
         status=302, headers={"Location": "http://169.254.169.254/latest/meta-data"}
@@ -62,6 +63,20 @@ async def test_lora_by_url_data_uri_and_upload_match_the_path(
     for other in (by_url, by_url_again, by_data, by_upload, by_auto_upload):
         assert np.array_equal(other, by_path)
     assert lora_server.hits["/style.safetensors"] == 1, "the weights cache downloaded the same URL twice"
+
+
+async def test_model_download_progress_reaches_the_request(
+    target: str, tiny_sdxl: TinyModel, lora_server: FileServer
+) -> None:
+    """A LoRA file posing as a checkpoint: downloaded (with progress lines), then refused clearly."""
+    url = lora_server.url("/not-a-checkpoint.safetensors")
+    async with AsyncClient(target) as client:
+        request_id = await client.submit(request(tiny_sdxl, model_name=url))
+        async for status in client.stream_status(request_id, logs=True):
+            final = status
+        logs = [entry.message for entry in (await client.status(request_id, logs=True)).logs]
+    assert final.error.type == "MODEL_LOAD_FAILED" and url in final.error.message
+    assert any(line.startswith("downloading not-a-checkpoint.safetensors") for line in logs), logs
 
 
 @pytest.mark.parametrize("route", ["/to-private.safetensors", "/to-metadata.safetensors"])

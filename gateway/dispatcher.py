@@ -17,6 +17,7 @@ import grpc
 
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
+from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestRecord, RequestStore
 from gateway.worker_client import GenerateCall, WorkerClient
 from loraserve.errors import ErrorType
@@ -35,6 +36,7 @@ class Dispatcher:
         *,
         capacity: int,
         max_attempts: int,
+        order: HotFirstOrder,
     ) -> None:
         self._store = store
         self._feed = feed
@@ -42,6 +44,7 @@ class Dispatcher:
         self._metrics = metrics
         self._capacity = capacity
         self._max_attempts = max_attempts
+        self._order = order
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._calls: dict[str, GenerateCall] = {}
@@ -64,11 +67,14 @@ class Dispatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._accepting and len(self._running) < self._capacity:
-                record = self._store.oldest_waiting()
-                if record is None:
+                waiting = self._store.waiting(self._order.lookahead)
+                if not waiting:
                     break
+                record = self._order.choose(waiting)
                 if not self._store.start(record.id):
+                    self._order.forget(record.id)
                     continue
+                self._order.dispatched(record)
                 if record.attempts == 0:
                     self._metrics.queue_wait.observe(max(0.0, time.time() - record.created_at))
                 self._feed.notify()
@@ -81,6 +87,10 @@ class Dispatcher:
         self._calls.pop(request_id, None)
         self._cancelled.discard(request_id)
         self.wake()
+
+    def left_queue(self, request_id: str) -> None:
+        """A waiting request was cancelled: it no longer counts for the fairness bound."""
+        self._order.forget(request_id)
 
     def cancel_running(self, request_id: str) -> None:
         """Cancels the worker call; the replica stops at its next denoising step."""

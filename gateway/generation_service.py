@@ -101,6 +101,8 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             self._metrics.outcome("cancelled")
             if record.state == State.IN_PROGRESS:
                 self._dispatcher.cancel_running(record.id)
+            else:
+                self._dispatcher.left_queue(record.id)
             self._feed.notify()
             self._dispatcher.wake()
         return generation_pb2.CancelResponse(status=build_status(self._store, self._get(record.id)))

@@ -14,6 +14,7 @@ from gateway.feed import ChangeFeed
 from gateway.generation_service import GenerationService
 from gateway.http_files import make_http_app
 from gateway.metrics import GatewayMetrics
+from gateway.scheduling import HotFirstOrder
 from gateway.storage_service import StorageService
 from gateway.store import RequestStore
 from gateway.worker_client import WorkerClient
@@ -47,6 +48,10 @@ class Gateway:
             self.metrics,
             capacity=settings.dispatch_capacity,
             max_attempts=settings.max_attempts,
+            order=HotFirstOrder(
+                max_skips=settings.max_queue_skips,
+                hot_slots=settings.max_replicas * settings.max_pipelines_per_replica,
+            ),
         )
         self.generation = GenerationService(settings, self.store, self.feed, self.dispatcher, self.metrics)
         self.health = health.aio.HealthServicer()

@@ -161,11 +161,16 @@ class RequestStore:
         return int(count)
 
     def oldest_waiting(self) -> RequestRecord | None:
+        head = self.waiting(1)
+        return head[0] if head else None
+
+    def waiting(self, limit: int) -> list[RequestRecord]:
+        """The head of the queue, oldest first."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq LIMIT 1"
-            ).fetchone()
-        return None if row is None else _record(row)
+            rows = self._db.execute(
+                "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [_record(row) for row in rows]
 
     def start(self, request_id: str) -> bool:
         """IN_QUEUE → IN_PROGRESS; False when it was no longer waiting (e.g. cancelled)."""

@@ -63,6 +63,9 @@ class Settings:
     torch_dtype: str = "auto"
     # Requests handed to workers at once; 0 means max_replicas × max_ongoing_requests_per_replica.
     max_in_flight: int = 0
+    # A request whose base model is hot may overtake older ones whose model is cold, but no
+    # request is overtaken more than this many times (0: strict FIFO).
+    max_queue_skips: int = 4
     # Worker attempts per request before it fails with WORKER_FAILED.
     max_attempts: int = 2
     # On shutdown, how long running requests may take to finish.

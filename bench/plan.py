@@ -1,0 +1,61 @@
+"""How much the benchmark measures: the full run (~10 min on 2 cores) and `--quick` (~2 min)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PROMPT = "a photo of a red house"
+SEED = 7
+GUIDANCE_SCALE = 7.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    # P1: one job of about 1 s on one CPU core (tiny SDXL: the VAE halves, so 64 px is a 32×32 latent).
+    p1_size: int = 64
+    p1_steps: int = 16
+    p1_rounds: int = 8
+    p1_block: int = 5
+    # Arms run in blocks of `block` calls, `rounds` times over: small blocks cancel drift on a shared machine.
+    # P2 / P3: shorter jobs, so the run stays short.
+    small_size: int = 64
+    small_steps: int = 4
+    num_loras: int = 50
+    p2_rounds: int = 8
+    p2_block: int = 4
+    p3_rounds: int = 8
+    p3_block: int = 4
+    # Calls per arm before measuring (model loads, first-call allocations).
+    warmup: int = 2
+    # P4: requests waiting behind one long job, timed calls per queue depth.
+    p4_small_waiting: int = 10
+    p4_large_waiting: int = 10_000
+    p4_samples: int = 2000
+    p4_concurrency: int = 64
+    # The job that keeps the single replica busy during P4 (cancelled at the end).
+    p4_long_size: int = 256
+    p4_long_steps: int = 150
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(quick=False)
+
+    @classmethod
+    def quick_run(cls) -> Plan:
+        return cls(
+            quick=True,
+            p1_rounds=4,
+            p1_block=3,
+            p2_rounds=3,
+            p2_block=2,
+            p3_rounds=3,
+            p3_block=2,
+            warmup=1,
+            p4_large_waiting=1_000,
+            p4_samples=500,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,571 @@
+"""Starts the real service on this machine and measures P1–P4 side by side in one run.
+
+The service is what `loraserve serve` runs (EmbeddedService: local Ray, Serve workers with
+their gRPC ingress, the gateway on loopback) with its own temporary data directory and free
+ports. Callers use `loraserve.client.AsyncClient`. Arms of a comparison run in interleaved
+blocks (order reversed every other round), so drift on a shared machine hits all arms alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import stats
+from bench.plan import GUIDANCE_SCALE, PROMPT, SEED, Plan
+from bench.stats import Row, median, ms, percentile, row
+
+_STARTED = time.perf_counter()
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.perf_counter() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tree_cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and all its children: the gateway, Ray and the replica."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+@dataclass
+class Arm:
+    """One side of a comparison: an async call that returns the seconds it measured."""
+
+    name: str
+    call: Callable[[], Awaitable[float]]
+    seconds: list[float] = field(default_factory=list)
+    # CPU seconds per call of every process of the run, one figure per block.
+    cpu_per_call: list[float] = field(default_factory=list)
+
+    def p(self, q: float) -> float:
+        return percentile(ms(self.seconds), q)
+
+    def cpu_ms(self) -> float | None:
+        return median(ms(self.cpu_per_call)) if self.cpu_per_call else None
+
+
+async def interleave(phase: str, arms: Sequence[Arm], *, rounds: int, block: int, warmup: int) -> None:
+    """Warm every arm, then `rounds` × (`block` calls of each arm); every other round runs the arms backwards."""
+    for arm in arms:
+        for _ in range(warmup):
+            await arm.call()
+    say(f"{phase}: warmed up ({warmup} call(s) per arm), measuring {rounds}×{block} per arm")
+    total = rounds * block * len(arms)
+    done = 0
+    for index in range(rounds):
+        order = arms if index % 2 == 0 else list(reversed(arms))
+        for arm in order:
+            cpu_before = tree_cpu_seconds()
+            for _ in range(block):
+                arm.seconds.append(await arm.call())
+                done += 1
+            cpu_after = tree_cpu_seconds()
+            if cpu_before is not None and cpu_after is not None:
+                arm.cpu_per_call.append((cpu_after - cpu_before) / block)
+        say(f"{phase}: {done}/{total} timed calls (round {index + 1}/{rounds})")
+
+
+def request_input(model_dir: Path, size: int, steps: int, loras: Sequence[Path] = ()) -> Any:
+    from loraserve.inputs import to_input
+
+    return to_input(
+        {
+            "model_name": str(model_dir),
+            "prompt": PROMPT,
+            "image_size": {"width": size, "height": size},
+            "num_inference_steps": steps,
+            "guidance_scale": GUIDANCE_SCALE,
+            "seed": SEED,
+            "loras": [{"path": str(path), "scale": 1.0} for path in loras],
+        }
+    )
+
+
+@dataclass
+class Served:
+    """What the service said about the requests of one arm, beyond the caller's clock."""
+
+    inference_s: list[float] = field(default_factory=list)
+    queue_wait_s: list[float] = field(default_factory=list)
+    model_loads: int = 0
+
+
+class Bench:
+    def __init__(self, plan: Plan, client: Any, workdir: Path) -> None:
+        self.plan = plan
+        self.client = client
+        self.workdir = workdir
+        self.rows: list[Row] = []
+        self.arms: dict[str, dict[str, Any]] = {}
+
+    async def subscribe(self, inp: Any, served: Served | None = None, logs: bool = False) -> float:
+        """End-to-end Subscribe (submit, every status update, the result), timed by the caller."""
+        from loraserve.v1 import generation_pb2
+
+        last: list[Any] = []
+        load_lines = 0
+
+        def on_update(status: Any) -> None:
+            nonlocal load_lines
+            last[:] = [status]
+            load_lines += sum(entry.message.startswith("loaded base model") for entry in status.logs)
+
+        started = time.perf_counter()
+        result = await self.client.subscribe(inp, on_queue_update=on_update, logs=logs)
+        elapsed = time.perf_counter() - started
+        if not result.data.images:
+            raise RuntimeError(f"request {result.request_id} returned no image")
+        if served is not None and last and last[0].state == generation_pb2.REQUEST_STATE_COMPLETED:
+            served.inference_s.append(last[0].metrics.inference_seconds)
+            served.queue_wait_s.append(last[0].metrics.queue_wait_seconds)
+            served.model_loads += load_lines
+        return elapsed
+
+    def record(self, phase: str, arms: Sequence[Arm]) -> None:
+        for arm in arms:
+            self.arms[f"{phase}: {arm.name}"] = {
+                "n": len(arm.seconds),
+                "p50_ms": round(arm.p(50), 3),
+                "p95_ms": round(arm.p(95), 3),
+                "p99_ms": round(arm.p(99), 3),
+                "cpu_ms_per_call_all_processes": None if (cpu := arm.cpu_ms()) is None else round(cpu, 1),
+                "samples_ms": [round(v, 3) for v in ms(arm.seconds)],
+            }
+
+    # P1 ------------------------------------------------------------------------------------
+    async def p1(self, model_dir: Path, plain: Any) -> None:
+        from bench import inprocess
+
+        plan = self.plan
+        inp = request_input(model_dir, plan.p1_size, plan.p1_steps)
+        served = Served()
+        warm = [True] * plan.warmup
+
+        async def service_call() -> float:
+            # Warm-up calls (the first one loads the model in the replica) stay out of the replica figures.
+            return await self.subscribe(inp, None if warm and warm.pop() else served)
+
+        arms = [
+            Arm("service Subscribe", service_call),
+            Arm(
+                "in-process diffusers",
+                lambda: asyncio.to_thread(inprocess.generate, plain, plan.p1_size, plan.p1_steps),
+            ),
+        ]
+        say(f"P1 serving overhead: {plan.p1_size}x{plan.p1_size}, {plan.p1_steps} steps")
+        await interleave("P1", arms, rounds=plan.p1_rounds, block=plan.p1_block, warmup=plan.warmup)
+        self.record("P1", arms)
+        service, local = arms
+        n = {"service": len(service.seconds), "in-process": len(local.seconds)}
+        inference = median(ms(served.inference_s))
+        detail = (
+            f"replica inference p50 {inference:.1f} ms ({inference - local.p(50):+.1f} vs in-process), "
+            f"queue wait p50 {median(ms(served.queue_wait_s)):.1f} ms, rest {service.p(50) - inference:.1f} ms; "
+            f"{plan.p1_size}px {plan.p1_steps} steps"
+        )
+        cpu_service, cpu_local = service.cpu_ms(), local.cpu_ms()
+        cpu_detail = f"overhead p95 {service.p(95) - local.p(95):+.1f} ms"
+        if cpu_service is not None and cpu_local is not None:
+            cpu_detail += f"; CPU per request, all processes: {cpu_service:.0f} vs {cpu_local:.0f} ms"
+        for q in (50, 95):
+            self.rows.append(
+                row(
+                    f"P1 serving overhead p{q}",
+                    (f"Subscribe p{q}", service.p(q)),
+                    (f"in-process p{q}", local.p(q)),
+                    "<=",
+                    1.03,
+                    detail if q == 50 else cpu_detail,
+                    n,
+                )
+            )
+
+    # P2 ------------------------------------------------------------------------------------
+    async def p2(self, model_dir: Path, loras: Sequence[Path], plain: Any, pristine_dir: Path) -> None:
+        from bench import inprocess
+
+        plan = self.plan
+        size, steps = plan.small_size, plan.small_steps
+        say(f"P2 LoRA tax and churn: warming {len(loras)} LoRAs into the replica (1-step requests)")
+        cold: list[float] = []
+        for index, lora in enumerate(loras):
+            cold.append(await self.subscribe(request_input(model_dir, size, 1, [lora])))
+            if (index + 1) % 10 == 0 or index + 1 == len(loras):
+                say(f"P2: {index + 1}/{len(loras)} LoRAs resident")
+        none_input = request_input(model_dir, size, steps)
+        # The same architecture with different random weights, never given a LoRA.
+        pristine_input = request_input(pristine_dir, size, steps)
+        one_input = request_input(model_dir, size, steps, [loras[0]])
+        rr_inputs = [request_input(model_dir, size, steps, [lora]) for lora in loras]
+        rr_next = itertools.cycle(rr_inputs)
+        naive_next = itertools.cycle(loras)
+        naive_pipe = await asyncio.to_thread(inprocess.load, model_dir)
+        served = {name: Served() for name in ("none", "rr", "one", "pristine")}
+
+        arms = [
+            Arm("service no LoRA", lambda: self.subscribe(none_input, served["none"])),
+            Arm(f"service {len(loras)}-LoRA round-robin", lambda: self.subscribe(next(rr_next), served["rr"])),
+            Arm("service one LoRA repeated", lambda: self.subscribe(one_input, served["one"])),
+            Arm("service no LoRA, model never given one", lambda: self.subscribe(pristine_input, served["pristine"])),
+            Arm("in-process no LoRA", lambda: asyncio.to_thread(inprocess.generate, plain, size, steps)),
+            Arm(
+                "in-process naive load/fuse/unfuse/unload",
+                lambda: asyncio.to_thread(inprocess.naive_lora, naive_pipe, next(naive_next), size, steps),
+            ),
+        ]
+        say(f"P2: {size}x{size}, {steps} steps, {len(arms)} arms")
+        await interleave("P2", arms, rounds=plan.p2_rounds, block=plan.p2_block, warmup=plan.warmup)
+        self.record("P2", arms)
+        none, rr, one, pristine, local, naive = arms
+        replica = {name: median(ms(s.inference_s)) for name, s in served.items()}
+        self.rows.append(
+            row(
+                "P2 LoRA tax",
+                (f"{len(loras)}-LoRA round-robin p50", rr.p(50)),
+                ("no LoRA p50", none.p(50)),
+                "<=",
+                1.10,
+                f"replica inference {replica['rr']:.1f} / {replica['none']:.1f} ms = "
+                f"{replica['rr'] / replica['none']:.3f}; {size}px {steps} steps",
+                {"rr": len(rr.seconds), "none": len(none.seconds)},
+            )
+        )
+        self.rows.append(
+            row(
+                "P2 LoRA churn",
+                ("one LoRA repeated p50", one.p(50)),
+                (f"{len(loras)}-LoRA round-robin p50", rr.p(50)),
+                ">=",
+                0.95,
+                f"replica inference {replica['one']:.1f} / {replica['rr']:.1f} ms",
+                {"one": len(one.seconds), "rr": len(rr.seconds)},
+            )
+        )
+        self.rows.append(
+            row(
+                "P2 LoRA tax vs pristine (info)",
+                (f"{len(loras)}-LoRA round-robin p50", rr.p(50)),
+                ("no LoRA, no adapters p50", pristine.p(50)),
+                detail=(
+                    f"no LoRA with {len(loras)} resident ÷ no adapters: {none.p(50) / pristine.p(50):.3f} "
+                    f"(replica inference {replica['none']:.1f} / {replica['pristine']:.1f} ms)"
+                ),
+                samples={"rr": len(rr.seconds), "pristine": len(pristine.seconds)},
+            )
+        )
+        tenth = max(1, len(cold) // 5)
+        self.rows.append(
+            row(
+                "P2 cold LoRA load (info)",
+                (f"LoRA #{len(cold) - tenth + 1}-{len(cold)} p50", median(ms(cold[-tenth:]))),
+                (f"LoRA #1-{tenth} p50", median(ms(cold[:tenth]))),
+                detail=f"first request of each LoRA (1 step) while {len(cold)} become resident, in order",
+                samples={"late": tenth, "early": tenth},
+            )
+        )
+        self.rows.append(
+            row(
+                "P2 naive server (info)",
+                ("naive in-process p50", naive.p(50)),
+                ("in-process no LoRA p50", local.p(50)),
+                detail=(f"reference 2.0-2.4; service round-robin ÷ naive {rr.p(50) / naive.p(50):.3f}"),
+                samples={"naive": len(naive.seconds), "in-process": len(local.seconds)},
+            )
+        )
+
+    # P3 ------------------------------------------------------------------------------------
+    async def p3(self, model_b: Path, model_c: Path) -> None:
+        from bench import inprocess
+
+        plan = self.plan
+        size, steps = plan.small_size, plan.small_steps
+        inputs = {model_b: request_input(model_b, size, steps), model_c: request_input(model_c, size, steps)}
+        other = {model_b: model_c, model_c: model_b}
+        last = [model_b]
+        reload_next = itertools.cycle([model_b, model_c])
+        served = {name: Served() for name in ("one", "alternating")}
+
+        async def one() -> float:
+            last[0] = model_b
+            return await self.subscribe(inputs[model_b], served["one"], logs=True)
+
+        async def alternating() -> float:
+            # Always the model the previous service request did not use: every call is a switch.
+            last[0] = other[last[0]]
+            return await self.subscribe(inputs[last[0]], served["alternating"], logs=True)
+
+        say(f"P3 base-model churn: loading two base models into the replica ({size}x{size}, {steps} steps)")
+        await self.subscribe(inputs[model_b])
+        await self.subscribe(inputs[model_c])
+        arms = [
+            Arm("service one base model", one),
+            Arm("service two base models alternating", alternating),
+            Arm(
+                "in-process reload per switch",
+                lambda: asyncio.to_thread(inprocess.reload_and_generate, next(reload_next), size, steps),
+            ),
+        ]
+        await interleave("P3", arms, rounds=plan.p3_rounds, block=plan.p3_block, warmup=plan.warmup)
+        self.record("P3", arms)
+        single, alt, reload = arms
+        reloads = served["alternating"].model_loads + served["one"].model_loads
+        self.rows.append(
+            row(
+                "P3 base-model churn",
+                ("one model p50", single.p(50)),
+                ("two alternating p50", alt.p(50)),
+                ">=",
+                0.95,
+                f"replica reloads while measuring: {reloads}; replica inference "
+                f"{median(ms(served['one'].inference_s)):.1f} / {median(ms(served['alternating'].inference_s)):.1f} ms",
+                {"one": len(single.seconds), "alternating": len(alt.seconds)},
+            )
+        )
+        self.rows.append(
+            row(
+                "P3 vs reload per switch (info)",
+                ("two alternating p50", alt.p(50)),
+                ("reload per switch p50", reload.p(50)),
+                detail="reload = in-process from_pretrained + generate; tiny model, so loading is cheap here",
+                samples={"alternating": len(alt.seconds), "reload": len(reload.seconds)},
+            )
+        )
+
+    # P4 ------------------------------------------------------------------------------------
+    async def p4(self, model_dir: Path) -> None:
+        from loraserve.v1 import generation_pb2
+
+        plan = self.plan
+        client = self.client
+        long_input = request_input(model_dir, plan.p4_long_size, plan.p4_long_steps)
+        small_input = request_input(model_dir, plan.small_size, 1)
+        say(f"P4 queue scale: occupying the replica with a {plan.p4_long_steps}-step {plan.p4_long_size}px job")
+        long_id = await client.submit(long_input)
+        deadline = time.monotonic() + 120
+        while (await client.status(long_id)).state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the long P4 job did not start within 120 s")
+            await asyncio.sleep(0.05)
+        waiting: list[str] = []
+        rng = random.Random(0)
+
+        async def fill(count: int) -> None:
+            """Submit `count` more waiting requests, `p4_concurrency` in flight over the one channel."""
+            target = len(waiting) + count
+            next_report = [len(waiting) + 1000]
+
+            async def worker() -> None:
+                while len(waiting) < target:
+                    waiting.append("")  # reserve the slot before awaiting
+                    slot = len(waiting) - 1
+                    waiting[slot] = await client.submit(small_input)
+                    if len(waiting) >= next_report[0]:
+                        next_report[0] += 1000
+                        say(f"P4: {len(waiting)}/{target} requests waiting")
+
+            await asyncio.gather(*(worker() for _ in range(min(plan.p4_concurrency, count))))
+
+        async def measure(depth: int) -> tuple[Arm, Arm]:
+            submit, status = Arm(f"Submit @{depth}", _never), Arm(f"GetStatus @{depth}", _never)
+            for index in range(plan.p4_samples + plan.warmup * 10):
+                started = time.perf_counter()
+                request_id = await client.submit(small_input)
+                submitted = time.perf_counter() - started
+                await client.cancel(request_id)  # untimed: keeps the queue at `depth`
+                probe = waiting[rng.randrange(len(waiting))]
+                started = time.perf_counter()
+                reply = await client.status(probe)
+                looked_up = time.perf_counter() - started
+                if reply.state != generation_pb2.REQUEST_STATE_IN_QUEUE:
+                    raise RuntimeError(f"P4: a waiting request left the queue ({reply.state}); the replica is free")
+                if index >= plan.warmup * 10:
+                    submit.seconds.append(submitted)
+                    status.seconds.append(looked_up)
+            return submit, status
+
+        await fill(plan.p4_small_waiting)
+        say(f"P4: {len(waiting)} waiting; timing {plan.p4_samples} Submit + GetStatus calls")
+        small = await measure(len(waiting))
+        await fill(plan.p4_large_waiting - len(waiting))
+        depth = len(waiting)
+        last_position = (await client.status(waiting[-1])).queue_position
+        say(f"P4: {depth} waiting (last at position {last_position}); timing {plan.p4_samples} calls")
+        large = await measure(depth)
+        still_running = (await client.status(long_id)).state == generation_pb2.REQUEST_STATE_IN_PROGRESS
+        say(f"P4: cancelling {len(waiting)} waiting requests and the long job")
+        await self._cancel_all(waiting)
+        await client.cancel(long_id)
+        if not still_running:
+            raise RuntimeError("P4: the long job ended while measuring; the queue was not held")
+        self.record("P4", [*small, *large])
+        for name, (at_small, at_large) in {"Submit": (small[0], large[0]), "GetStatus": (small[1], large[1])}.items():
+            self.rows.append(
+                row(
+                    f"P4 {name} p99",
+                    (f"p99 @{depth} waiting", at_large.p(99)),
+                    (f"p99 @{plan.p4_small_waiting} waiting", at_small.p(99)),
+                    "<=",
+                    1.5,
+                    f"p50 {at_large.p(50):.2f} / {at_small.p(50):.2f} ms = {at_large.p(50) / at_small.p(50):.2f}; "
+                    "sequential calls, one in flight",
+                    {"large": len(at_large.seconds), "small": len(at_small.seconds)},
+                )
+            )
+
+    async def _cancel_all(self, request_ids: Sequence[str]) -> None:
+        pending = iter(request_ids)
+        done = [0]
+
+        async def worker() -> None:
+            for request_id in pending:
+                await self.client.cancel(request_id)
+                done[0] += 1
+                if done[0] % 2000 == 0:
+                    say(f"P4: cancelled {done[0]}/{len(request_ids)}")
+
+        await asyncio.gather(*(worker() for _ in range(self.plan.p4_concurrency)))
+
+
+async def _never() -> float:
+    raise AssertionError("P4 arms are timed by hand")
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import ray
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "ray": ray.__version__,
+    }
+
+
+async def run(
+    plan: Plan, *, replica_cpus: int = 1, verbose: bool = False, keep_workdir: bool = False
+) -> tuple[list[Row], dict[str, Any]]:
+    """Builds the tiny models, starts the service, runs P1–P4, stops it; returns rows and metadata."""
+    workdir = Path(tempfile.mkdtemp(prefix="loraserve-bench-"))
+    try:
+        rows, meta = await _run(plan, workdir, replica_cpus, verbose)
+    finally:
+        if not keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta["workdir"] = str(workdir) if keep_workdir else None
+    return rows, meta
+
+
+async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> tuple[list[Row], dict[str, Any]]:
+    import ray
+
+    from bench import inprocess
+    from loraserve.client import AsyncClient
+    from loraserve.config import Settings
+    from loraserve.embedded import EmbeddedService
+    from serving.tiny import make_tiny_model
+
+    wall_started = time.time()
+    threads = max(1, math.floor(replica_cpus))
+    inprocess.use_threads(threads)
+    inprocess.quiet()
+    load_before = os.getloadavg()
+    say(f"building tiny SDXL models in {workdir} (one with {plan.num_loras} LoRAs, two plain)")
+    model_a = await asyncio.to_thread(make_tiny_model, workdir / "model-a", "sdxl", plan.num_loras, 0)
+    model_b = await asyncio.to_thread(make_tiny_model, workdir / "model-b", "sdxl", 0, 1)
+    model_c = await asyncio.to_thread(make_tiny_model, workdir / "model-c", "sdxl", 0, 2)
+    plain = await asyncio.to_thread(inprocess.load, model_a.pipeline_dir)
+
+    ray_cpus = max(2, threads + 1)
+    settings = Settings(
+        data_dir=workdir / "data",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        ray_num_cpus=ray_cpus,
+        serve_grpc_port=free_port(),
+        serve_http_port=free_port(),
+        replica_num_cpus=float(replica_cpus),
+        device="cpu",
+        max_pipelines_per_replica=2,
+        max_loras_per_pipeline=64,
+        shutdown_grace_seconds=5,
+        log_level="WARNING",
+    )
+    # Same local Ray start_workers() would begin, minus forwarding every replica log line to this terminal.
+    ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=verbose, logging_level="WARNING")
+    say(f"starting the service (local Ray with {ray_cpus} CPUs, one replica with {replica_cpus} CPU)")
+    bench: Bench | None = None
+    async with EmbeddedService(settings) as service:
+        target = f"127.0.0.1:{service.gateway.grpc_port}"
+        say(f"service ready on {target}")
+        async with AsyncClient(target) as client:
+            bench = Bench(plan, client, workdir)
+            await bench.p1(model_a.pipeline_dir, plain)
+            await bench.p2(model_a.pipeline_dir, model_a.lora_paths, plain, model_b.pipeline_dir)
+            await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
+            await bench.p4(model_b.pipeline_dir)
+        say("stopping the service")
+    meta = {
+        "command": " ".join(sys.argv),
+        "quick": plan.quick,
+        "plan": plan.to_dict(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads_in_process": threads,
+        "replica_num_cpus": replica_cpus,
+        "versions": _versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_started)),
+        "wall_seconds": round(time.time() - wall_started, 1),
+        "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
+        "loadavg_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
+        "arms": bench.arms,
+    }
+    return bench.rows, meta
+
+
+def report(rows: Sequence[Row], meta: dict[str, Any], json_path: Path | None) -> None:
+    print(stats.format_table(rows))
+    passed = sum(r.status == stats.PASS for r in rows)
+    missed = sum(r.status == stats.MISS for r in rows)
+    print(
+        f"\n{passed} PASS, {missed} MISS; {meta['cpu_count']} CPU cores, torch {meta['torch_threads_in_process']} "
+        f"thread(s) in the replica and in-process; {'quick' if meta['quick'] else 'full'} run, "
+        f"{meta['wall_seconds']:.0f} s; load average before {meta['loadavg_1_5_15_before'][0]:.2f}, "
+        f"after {meta['loadavg_1_5_15_after'][0]:.2f}"
+    )
+    if json_path is not None:
+        stats.write_json(json_path, rows, meta)
+        say(f"wrote {json_path}")

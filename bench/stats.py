@@ -1,0 +1,158 @@
+"""Pure helpers of the benchmark: percentiles, ratio rows with targets, the table, the JSON.
+
+Nothing here imports torch, Ray or gRPC, so tests check it on fixed numbers in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Op = Literal["<=", ">="]
+
+PASS = "PASS"
+MISS = "MISS"
+INFO = "INFO"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0–100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"q must be within 0..100, got {q}")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50.0)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator ÷ denominator; a zero or negative denominator is a measuring error, not infinity."""
+    if denominator <= 0:
+        raise ValueError(f"ratio with a non-positive denominator: {numerator} / {denominator}")
+    return numerator / denominator
+
+
+def verdict(value: float, op: Op | None, target: float | None) -> str:
+    """PASS when `value op target` holds, MISS when not, INFO for a row without a target."""
+    if op is None or target is None:
+        return INFO
+    if op == "<=":
+        return PASS if value <= target else MISS
+    if op == ">=":
+        return PASS if value >= target else MISS
+    raise ValueError(f"unknown comparison {op!r}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: ratio = numerator_ms ÷ denominator_ms, checked against a target."""
+
+    name: str
+    numerator_label: str
+    numerator_ms: float
+    denominator_label: str
+    denominator_ms: float
+    op: Op | None = None
+    target: float | None = None
+    detail: str = ""
+    samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return ratio(self.numerator_ms, self.denominator_ms)
+
+    @property
+    def status(self) -> str:
+        return verdict(self.ratio, self.op, self.target)
+
+    @property
+    def target_text(self) -> str:
+        if self.op is None or self.target is None:
+            return "-"
+        return f"{'≤' if self.op == '<=' else '≥'} {self.target:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(ratio=round(self.ratio, 4), status=self.status, target_text=self.target_text)
+        return data
+
+
+def row(
+    name: str,
+    numerator: tuple[str, float],
+    denominator: tuple[str, float],
+    op: Op | None = None,
+    target: float | None = None,
+    detail: str = "",
+    samples: dict[str, int] | None = None,
+) -> Row:
+    """Shorthand: `row("P2 churn", ("one LoRA p50", 310.0), ("50 round-robin p50", 320.0), ">=", 0.95)`."""
+    return Row(
+        name=name,
+        numerator_label=numerator[0],
+        numerator_ms=numerator[1],
+        denominator_label=denominator[0],
+        denominator_ms=denominator[1],
+        op=op,
+        target=target,
+        detail=detail,
+        samples=dict(samples or {}),
+    )
+
+
+HEADERS = ("row", "numerator", "ms", "÷ denominator", "ms", "ratio", "target", "result", "detail")
+
+
+def table_cells(rows: Sequence[Row]) -> list[tuple[str, ...]]:
+    return [
+        (
+            r.name,
+            r.numerator_label,
+            f"{r.numerator_ms:.2f}",
+            r.denominator_label,
+            f"{r.denominator_ms:.2f}",
+            f"{r.ratio:.3f}",
+            r.target_text,
+            r.status,
+            r.detail,
+        )
+        for r in rows
+    ]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A plain-text table, columns padded to their widest cell; numbers right-aligned."""
+    cells = [HEADERS, *table_cells(rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADERS))]
+    numeric = {2, 4, 5}
+
+    def render(line: tuple[str, ...]) -> str:
+        parts = [cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i]) for i, cell in enumerate(line)]
+        return " | ".join(parts).rstrip()
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([render(HEADERS), rule, *(render(line) for line in cells[1:])])
+
+
+def to_json(rows: Sequence[Row], meta: dict[str, Any]) -> str:
+    return json.dumps({"meta": meta, "rows": [r.to_dict() for r in rows]}, indent=2, ensure_ascii=False)
+
+
+def write_json(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(rows, meta) + "\n", encoding="utf-8")
+
+
+def ms(seconds: Sequence[float]) -> list[float]:
+    return [s * 1000.0 for s in seconds]

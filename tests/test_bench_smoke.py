@@ -1,0 +1,104 @@
+"""The benchmark's pure helpers on fixed numbers (not timed; the service is not started here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench/` sits beside the packages
+
+from bench import stats
+from bench.plan import Plan
+from bench.stats import MISS, PASS, row
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert stats.percentile(values, 0) == 1.0
+    assert stats.percentile(values, 100) == 5.0
+    assert stats.median(values) == 3.0
+    assert stats.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert stats.percentile(list(map(float, range(1, 101))), 95) == pytest.approx(95.05)
+    assert stats.percentile(list(map(float, range(1, 101))), 99) == pytest.approx(99.01)
+    assert stats.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+    with pytest.raises(ValueError):
+        stats.percentile([1.0], 101)
+
+
+def test_ratio_is_numerator_over_denominator() -> None:
+    assert stats.ratio(103.0, 100.0) == pytest.approx(1.03)
+    with pytest.raises(ValueError):
+        stats.ratio(1.0, 0.0)
+
+
+def test_upper_bound_targets() -> None:
+    # P1: service ÷ in-process must stay at or below 1.03.
+    at_target = row("P1", ("service", 103.0), ("plain", 100.0), "<=", 1.03)
+    assert at_target.ratio == pytest.approx(1.03) and at_target.status == PASS
+    assert row("P1", ("service", 104.0), ("plain", 100.0), "<=", 1.03).status == MISS
+    # P2 LoRA tax: 1.16-1.40 is what a plain unfused set_adapters approach gives: a MISS against 1.10.
+    assert row("tax", ("rr", 116.0), ("none", 100.0), "<=", 1.10).status == MISS
+    assert row("tax", ("rr", 109.0), ("none", 100.0), "<=", 1.10).status == PASS
+    # P4: p99 at 10,000 waiting ÷ p99 at 10 waiting.
+    assert row("P4", ("@10000", 3.0), ("@10", 2.0), "<=", 1.5).status == PASS
+    assert row("P4", ("@10000", 3.1), ("@10", 2.0), "<=", 1.5).status == MISS
+
+
+def test_lower_bound_targets_are_fast_over_slow() -> None:
+    """Churn rows put the steady case on top: one LoRA (or one model) ÷ round-robin (or alternating)."""
+    churn_free = row("churn", ("one", 300.0), ("round-robin", 310.0), ">=", 0.95)
+    assert churn_free.ratio == pytest.approx(0.9677, abs=1e-4) and churn_free.status == PASS
+    costly = row("churn", ("one", 300.0), ("round-robin", 330.0), ">=", 0.95)
+    assert costly.status == MISS
+    # Switching that is faster than the steady case is not penalised.
+    assert row("churn", ("one", 300.0), ("round-robin", 290.0), ">=", 0.95).status == PASS
+
+
+def test_rows_without_a_target_are_info() -> None:
+    naive = row("naive", ("naive", 220.0), ("plain", 100.0))
+    assert naive.status == stats.INFO and naive.target_text == "-"
+    assert naive.ratio == pytest.approx(2.2)
+    with pytest.raises(ValueError):
+        stats.verdict(1.0, "==", 1.0)  # type: ignore[arg-type]
+
+
+def test_table_has_one_line_per_row_with_ratio_target_and_result() -> None:
+    rows = [
+        row("P1 serving overhead p50", ("Subscribe p50", 1040.0), ("in-process p50", 1000.0), "<=", 1.03),
+        row("P2 LoRA churn", ("one p50", 300.0), ("rr p50", 310.0), ">=", 0.95, detail="d"),
+        row("P2 naive (info)", ("naive p50", 650.0), ("plain p50", 300.0)),
+    ]
+    lines = stats.format_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[0].startswith("row") and "ratio" in lines[0] and "result" in lines[0]
+    assert set(lines[1]) <= {"-", "+"}
+    assert "1040.00" in lines[2] and "1.040" in lines[2] and "≤ 1.03" in lines[2] and "MISS" in lines[2]
+    assert "0.968" in lines[3] and "≥ 0.95" in lines[3] and "PASS" in lines[3]
+    assert "2.167" in lines[4] and "INFO" in lines[4]
+    # Columns line up: every separator sits at the same place on every line.
+    bars = {tuple(i for i, ch in enumerate(line) if ch in "|+") for line in lines[:4]}
+    assert len(bars) == 1
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    rows = [row("P4 Submit p99", ("@10000", 3.0), ("@10", 2.0), "<=", 1.5, samples={"large": 5})]
+    path = tmp_path / "out" / "bench.json"
+    stats.write_json(path, rows, {"quick": True})
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["meta"] == {"quick": True}
+    (only,) = data["rows"]
+    assert only["ratio"] == 1.5 and only["status"] == PASS and only["op"] == "<="
+    assert only["numerator_ms"] == 3.0 and only["denominator_ms"] == 2.0 and only["samples"] == {"large": 5}
+
+
+def test_quick_plan_is_smaller_than_full() -> None:
+    full, quick = Plan.full(), Plan.quick_run()
+    assert full.p4_large_waiting == 10_000 and quick.p4_large_waiting == 1_000
+    assert full.num_loras == quick.num_loras == 50
+    assert quick.p1_rounds * quick.p1_block < full.p1_rounds * full.p1_block
+    assert quick.p4_samples < full.p4_samples

@@ -6,6 +6,7 @@ root; two requests never collide because keys carry the request id or a random p
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -88,13 +89,7 @@ class LocalObjectStore:
         return path
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-        return StoredObject(key=key, url=self.url(key), size=len(data), content_type=content_type)
+        return self.put_stream(key, io.BytesIO(data), len(data), content_type)
 
     def put_stream(self, key: str, readable: BinaryIO, length: int, content_type: str) -> StoredObject:
         """Copies in chunks to a temp file beside the target, so readers never see a partial file.

@@ -70,10 +70,6 @@ def test_failed_replace_keeps_the_old_content(
     assert (root / "a.txt").read_bytes() == b"old"
 
 
-@pytest.mark.xfail(
-    reason="LocalObjectStore.put does not remove its .tmp- file when writing or os.replace fails",
-    strict=True,
-)
 def test_failed_put_leaves_no_temp_file(store: LocalObjectStore, root: Path) -> None:
     (root / "taken" / "child").mkdir(parents=True)  # a folder where the file should go: replace fails
     with pytest.raises(OSError):

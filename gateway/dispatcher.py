@@ -18,12 +18,16 @@ import grpc
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.scheduling import HotFirstOrder
-from gateway.store import RequestRecord, RequestStore
+from gateway.store import RequestRecord, RequestStore, State
 from gateway.worker_client import GenerateCall, WorkerClient
 from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
+
+# Prefetch calls in flight at once: they only warm caches, so they must never crowd out work.
+MAX_PREFETCHES = 2
+PREFETCH_TIMEOUT_SECONDS = 600.0
 
 
 class Dispatcher:
@@ -50,6 +54,8 @@ class Dispatcher:
         self._calls: dict[str, GenerateCall] = {}
         self._cancelled: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._prefetch_slots = asyncio.Semaphore(MAX_PREFETCHES)
+        self._prefetches: set[asyncio.Task[None]] = set()
         self._accepting = True
 
     @property
@@ -87,6 +93,33 @@ class Dispatcher:
         self._calls.pop(request_id, None)
         self._cancelled.discard(request_id)
         self.wake()
+
+    def prefetch(self, record: RequestRecord) -> None:
+        """A request that will wait: have a replica read its adapters into host RAM meanwhile."""
+        if not record.input.loras or len(self._running) < self._capacity:
+            return
+        task = asyncio.get_running_loop().create_task(self._prefetch(record), name=f"prefetch-{record.id}")
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
+
+    async def _prefetch(self, record: RequestRecord) -> None:
+        async with self._prefetch_slots:
+            current = self._store.get(record.id)
+            if current is None or current.state != State.IN_QUEUE:
+                return
+            request = worker_pb2.PrefetchRequest(request_id=record.id, input=record.input)
+            try:
+                response = await self._worker.prefetch(request, record.model_key, PREFETCH_TIMEOUT_SECONDS)
+            except grpc.aio.AioRpcError as exc:
+                # Only a warm-up: the request itself resolves its adapters again and reports errors.
+                log.info("prefetch failed", extra={"request_id": record.id, "error": exc.code().name})
+                return
+            self._log(
+                record.id,
+                f"prefetched {response.adapters_ready} adapter(s) while waiting",
+                types_pb2.LOG_LEVEL_INFO,
+            )
+            self._feed.notify()
 
     def left_queue(self, request_id: str) -> None:
         """A waiting request was cancelled: it no longer counts for the fairness bound."""
@@ -161,6 +194,8 @@ class Dispatcher:
     async def shutdown(self, grace_seconds: float) -> None:
         """Stops dispatching; running requests get `grace_seconds`, then go back to the queue."""
         self._accepting = False
+        for task in self._prefetches:
+            task.cancel()
         self.wake()
         if self._loop_task is not None:
             await self._loop_task

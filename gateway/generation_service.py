@@ -51,6 +51,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if created:
             self._metrics.submitted.inc()
             self._feed.notify()
+            self._dispatcher.prefetch(record)
             self._dispatcher.wake()
         return record
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Iterator
 
+from gateway.conditioning_validation import conditioning_violations
 from gateway.errors import FieldViolation, InvalidArgument
 from loraserve import schema
 from loraserve.config import Settings
@@ -20,28 +22,11 @@ MAX_NAME_CHARS = 4096
 # Largest custom schedule: num_inference_steps' upper bound (sigmas carry one more, the final sigma).
 MAX_SCHEDULE_STEPS = 150
 NUM_TRAIN_TIMESTEPS = 1000
-NOT_SUPPORTED = "not supported yet by this loraserve build; leave it unset"
-
-# (field, is it set to something other than its default?) for options not implemented yet.
-_UNSUPPORTED: list[tuple[str, Callable[[types_pb2.GenerateInput], bool]]] = [
-    ("unet_name", lambda i: bool(i.unet_name)),
-    ("variant", lambda i: bool(i.variant)),
-    ("embeddings", lambda i: len(i.embeddings) > 0),
-    ("controlnets", lambda i: len(i.controlnets) > 0),
-    ("controlnet_guess_mode", lambda i: i.controlnet_guess_mode),
-    ("ip_adapter", lambda i: len(i.ip_adapter) > 0),
-    ("image_encoder_path", lambda i: bool(i.image_encoder_path)),
-    ("image_encoder_subfolder", lambda i: bool(i.image_encoder_subfolder)),
-    (
-        "image_encoder_weight_name",
-        lambda i: i.HasField("image_encoder_weight_name")
-        and i.image_encoder_weight_name != schema.DEFAULT_IMAGE_ENCODER_WEIGHT_NAME,
-    ),
-    ("ic_light_model_url", lambda i: bool(i.ic_light_model_url)),
-    ("ic_light_model_background_image_url", lambda i: bool(i.ic_light_model_background_image_url)),
-    ("ic_light_image_url", lambda i: bool(i.ic_light_image_url)),
-]
-
+# The hosted endpoint takes one embedding; a few together still fit one prompt's token budget.
+MAX_EMBEDDINGS = 8
+MAX_TOKEN_CHARS = 64
+# A variant becomes part of weight file names (`model.fp16.safetensors`), so no paths or dots.
+VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 def validate_input(inp: types_pb2.GenerateInput, settings: Settings, prefix: str = "input") -> None:
     """Raises InvalidArgument listing every violation; field paths start at `prefix`."""
@@ -59,9 +44,10 @@ def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tu
     yield from _sampling(inp)
     yield from _tiles(inp)
     yield from _loras(inp, settings)
-    for field, is_set in _UNSUPPORTED:
-        if is_set(inp):
-            yield field, NOT_SUPPORTED
+    yield from _base_model_parts(inp)
+    yield from _embeddings(inp)
+    # ControlNets, IP-Adapters and IC-Light.
+    yield from conditioning_violations(inp)
 
 
 def _text(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:
@@ -199,6 +185,42 @@ def _tiles(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
         tile = getattr(schema, f"tile_{side}")(inp)
         if inp.HasField(stride_field) and getattr(inp, stride_field) > tile:
             yield stride_field, f"must not exceed tile_{side} ({tile}), or tiles would leave gaps"
+
+
+def _base_model_parts(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
+    if inp.unet_name and not inp.unet_name.strip():
+        yield "unet_name", "must not be blank: a Hugging Face ID, URL or path of a U-Net, or unset"
+    elif len(inp.unet_name) > MAX_NAME_CHARS:
+        yield "unet_name", f"is longer than {MAX_NAME_CHARS} characters"
+    if inp.variant and not VARIANT_PATTERN.fullmatch(inp.variant.strip()):
+        yield "variant", (
+            f"must be a weights variant name such as 'fp16' (letters, digits, '_' or '-', at most 32), got {inp.variant!r}"
+        )
+
+
+def _embeddings(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
+    """Tokens are added to the vocabulary for the request, so they must be single, distinct words."""
+    if len(inp.embeddings) > MAX_EMBEDDINGS:
+        yield "embeddings", f"at most {MAX_EMBEDDINGS} embeddings per request, got {len(inp.embeddings)}"
+    owner: dict[str, int] = {}
+    for index, embedding in enumerate(inp.embeddings):
+        if not embedding.path.strip():
+            yield f"embeddings[{index}].path", "is required: a URL or path of a textual-inversion .safetensors file"
+        elif len(embedding.path) > MAX_NAME_CHARS:
+            yield f"embeddings[{index}].path", f"is longer than {MAX_NAME_CHARS} characters"
+        for token in schema.embedding_tokens(embedding):
+            if not token or any(char.isspace() for char in token) or len(token) > MAX_TOKEN_CHARS:
+                yield f"embeddings[{index}].tokens", (
+                    f"each token must be 1 to {MAX_TOKEN_CHARS} characters without spaces, got {token!r}"
+                )
+            elif owner.get(token) == index:
+                yield f"embeddings[{index}].tokens", f"token {token!r} is given twice"
+            elif token in owner:
+                yield f"embeddings[{index}].tokens", (
+                    f"token {token!r} is already used by embeddings[{owner[token]}]; give each embedding its own tokens"
+                )
+            else:
+                owner[token] = index
 
 
 def _loras(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:

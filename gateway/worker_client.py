@@ -23,9 +23,19 @@ class WorkerClient:
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._app_name = app_name
 
+    def _metadata(self, model_key: str) -> tuple[tuple[str, str], ...]:
+        return (("application", self._app_name), ("multiplexed_model_id", model_key))
+
     def generate(self, request: worker_pb2.GenerateRequest, model_key: str) -> GenerateCall:
-        metadata = (("application", self._app_name), ("multiplexed_model_id", model_key))
-        return self._stub.Generate(request, metadata=metadata)
+        return self._stub.Generate(request, metadata=self._metadata(model_key))
+
+    async def prefetch(
+        self, request: worker_pb2.PrefetchRequest, model_key: str, timeout_seconds: float
+    ) -> worker_pb2.PrefetchResponse:
+        response: worker_pb2.PrefetchResponse = await self._stub.Prefetch(
+            request, metadata=self._metadata(model_key), timeout=timeout_seconds
+        )
+        return response
 
     async def close(self) -> None:
         await self._channel.close()

@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=["sdxl", "sd15"], default="sdxl")
     tiny.add_argument("--loras", type=int, default=3)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--kohya-loras", type=int, default=0, metavar="N", help="also N kohya-format LoRAs (alpha 8)")
+    tiny.add_argument("--embedding", action="store_true", help="also a two-vector embedding (tokens <s0> <s1>)")
+    tiny.add_argument("--unet", action="store_true", help="also another U-Net that fits it, for unet_name")
+    tiny.add_argument("--variant", metavar="NAME", help="also NAME (e.g. fp16) variant files, with other U-Net weights")
+    tiny.add_argument(
+        "--adapters",
+        action="store_true",
+        help="also build a ControlNet, an IP-Adapter + image encoder and (sd15) IC-Light models that fit it",
+    )
 
     demo = sub.add_parser("demo", help="the whole path once: serve, make a tiny model, generate with a LoRA")
     Settings.add_arguments(demo)
@@ -85,9 +94,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(model.pipeline_dir)
         for path in model.lora_paths:
             print(path)
+        for path in _tiny_fixtures(args, model.pipeline_dir):
+            print(path)
+        if args.adapters:
+            from serving.tiny_adapters import describe, make_tiny_adapters
+
+            print(describe(make_tiny_adapters(args.dir / "adapters", model.pipeline_dir, args.family, args.seed)))
     elif args.command == "demo":
         return asyncio.run(_demo(Settings.from_args(args)))
     return 0
+
+
+def _tiny_fixtures(args: argparse.Namespace, pipeline_dir: Path) -> list[Path]:
+    """The make-tiny-model extras for unet_name, variant, kohya LoRAs and embeddings."""
+    from serving.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_unet, make_tiny_variant
+
+    paths = [
+        make_tiny_lora(
+            args.dir / "loras" / f"kohya_{i}.safetensors",
+            args.family,
+            seed=args.seed * 1000 + 500 + i,
+            lora_format="kohya",
+            alpha=8,
+        )
+        for i in range(args.kohya_loras)
+    ]
+    if args.embedding:
+        paths.append(make_tiny_embedding(args.dir / "embeddings", args.family, seed=args.seed + 1))
+    if args.unet:
+        paths.append(make_tiny_unet(args.dir / "unet", args.family, seed=args.seed + 1))
+    if args.variant:
+        paths.append(make_tiny_variant(pipeline_dir, args.variant, seed=args.seed + 1))
+    return paths
 
 
 async def _serve(settings: Settings) -> None:

@@ -52,6 +52,8 @@ class Settings:
     max_pipelines_per_replica: int = 2
     # LoRAs kept loaded in one pipeline between requests.
     max_loras_per_pipeline: int = 16
+    # ControlNets, IP-Adapter weights, image encoders and IC-Light offsets one replica keeps loaded.
+    max_conditioning_models_per_replica: int = 4
     # Safety checker (StableDiffusionSafetyChecker + CLIP image processor: HF ID or folder) for
     # `enable_safety_checker`; empty: such requests fail with a clear error.
     safety_checker_path: str = ""

@@ -26,6 +26,7 @@ from loraserve.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
+from serving import conditioning
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
 from serving.pipelines import (
@@ -80,6 +81,8 @@ class Worker:
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
         self._store = from_settings.object_store(settings)
         self._weights = from_settings.weights_cache(settings, self._store)
+        self._image_policy = from_settings.image_fetch_policy(settings)
+        conditioning.set_cache_capacity(settings.max_conditioning_models_per_replica)
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
         self._checker: SafetyChecker | None = None
@@ -98,11 +101,16 @@ class Worker:
         ref = BaseModelRef.from_key(key)
         self._pipeline_loads += 1
         with self._metrics.pipeline_load_seconds.time():
+            def report(line: str) -> None:
+                self._load_listeners.get(key, _log_line)(line)
+
+            variant = ref.variant or None
             try:
-                source = self._weights.resolve(
-                    ref.model_name,
-                    "input.model_name",
-                    on_progress=lambda line: self._load_listeners.get(key, _log_line)(line),
+                source = self._weights.resolve(ref.model_name, "input.model_name", variant=variant, on_progress=report)
+                unet = (
+                    self._weights.resolve(ref.unet_name, "input.unet_name", variant=variant, on_progress=report)
+                    if ref.unet_name
+                    else None
                 )
             except InputFetchError as exc:
                 raise ModelLoadError(str(exc)) from exc
@@ -113,6 +121,9 @@ class Worker:
                 cache_dir=self._settings.weights_dir,
                 max_loras=self._settings.max_loras_per_pipeline,
                 label=ref.model_name,
+                unet=str(unet) if unet is not None else None,
+                unet_label=ref.unet_name or None,
+                variant=variant,
             )
 
     async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -136,6 +147,15 @@ class Worker:
             async for event in self._in_thread(lambda emit, _stop: self._resolve_loras(inp, emit), resolved):
                 yield event
             params.loras = resolved[0]
+            embeddings: list[list[tuple[str, list[str]]]] = []
+            async for event in self._in_thread(lambda emit, _stop: self._resolve_embeddings(inp, emit), embeddings):
+                yield event
+            params.embeddings = embeddings[0]
+            if params.conditioning is not None:
+                cond = params.conditioning
+                done: list[None] = []
+                async for event in self._in_thread(lambda emit, _stop: self._resolve_conditioning(cond, emit), done):
+                    yield event
             safety_checker = await self._safety_checker() if params.enable_safety_checker else None
             yield _log(
                 f"generating {params.num_images} image(s) {params.width}x{params.height},"
@@ -206,6 +226,30 @@ class Worker:
         finally:
             self._load_listeners.pop(key, None)
 
+    def _resolve_conditioning(self, cond: conditioning.Conditioning, emit: Emit) -> None:
+        """ControlNet / IP-Adapter / IC-Light weights through the weights cache, their images through the fetcher."""
+        conditioning.resolve_conditioning(
+            cond,
+            weights=self._weights,
+            image_policy=self._image_policy,
+            store=self._store,
+            on_progress=lambda m: emit(_log(m)),
+        )
+
+    async def Prefetch(self, request: worker_pb2.PrefetchRequest) -> worker_pb2.PrefetchResponse:
+        """While a request waits in the gateway's queue, its LoRA files land in the node's weights cache.
+
+        Only files: a LoRA becomes resident in a pipeline when its request runs, so a request
+        that is cancelled while waiting costs no GPU memory. Failures are left for the request
+        itself to report.
+        """
+        try:
+            resolved = await asyncio.to_thread(self._resolve_loras, request.input, lambda _event: None)
+        except InputFetchError as exc:
+            log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
+            return worker_pb2.PrefetchResponse()
+        return worker_pb2.PrefetchResponse(adapters_ready=len(resolved))
+
     def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
         """URLs, data URIs and stored files become checked local files in the node's weights cache."""
         return [
@@ -214,6 +258,20 @@ class Worker:
                 schema.lora_scale(lora),
             )
             for i, lora in enumerate(inp.loras)
+        ]
+
+    def _resolve_embeddings(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, list[str]]]:
+        """Like LoRAs: textual-inversion files become checked local files; tokens get fal's default."""
+        return [
+            (
+                str(
+                    self._weights.resolve(
+                        embedding.path, f"input.embeddings[{i}].path", on_progress=lambda m: emit(_log(m))
+                    )
+                ),
+                schema.embedding_tokens(embedding),
+            )
+            for i, embedding in enumerate(inp.embeddings)
         ]
 
     async def _in_thread(self, work: ThreadWork[T], out: list[T]) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -322,7 +380,9 @@ def build_app(settings: Settings) -> Any:
     """The Serve application with replica resources and autoscaling from settings."""
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
-        "max_ongoing_requests": settings.max_ongoing_requests_per_replica,
+        # One slot more than generations: a Prefetch never waits behind a running generation
+        # (generations are serialised by the replica's lock anyway).
+        "max_ongoing_requests": settings.max_ongoing_requests_per_replica + 1,
     }
     if settings.min_replicas == settings.max_replicas:
         options["num_replicas"] = settings.max_replicas

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from loraserve import schema
 from loraserve.v1 import types_pb2
+from serving.conditioning import conditioning_from_input
 from serving.pipelines import GenerationParams
 
 
 def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationParams:
     """Every option the core implements; defaults resolve through loraserve.schema.
 
-    Options the gateway refuses as not supported (unet_name, embeddings, controlnets, …) are
-    not read here.
+    Options the gateway refuses as not supported are not read here. `unet_name` and `variant`
+    are part of the base-model key (loraserve/model_key.py), so they shape the loaded pipeline,
+    not the request. Paths (loras, embeddings) are as the caller gave them; the worker replaces
+    them with local files from its weights cache.
     """
     width, height = schema.image_size(inp)
     return GenerationParams(
@@ -24,6 +27,7 @@ def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationPara
         num_images=schema.num_images(inp),
         seed=seed,
         loras=[(lora.path, schema.lora_scale(lora)) for lora in inp.loras],
+        embeddings=[(embedding.path, schema.embedding_tokens(embedding)) for embedding in inp.embeddings],
         scheduler=inp.scheduler or None,
         timesteps=schema.custom_timesteps(inp),
         sigmas=schema.custom_sigmas(inp),
@@ -39,4 +43,5 @@ def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationPara
         enable_safety_checker=inp.enable_safety_checker,
         debug_latents=inp.debug_latents,
         debug_per_pass_latents=inp.debug_per_pass_latents,
+        conditioning=conditioning_from_input(inp),
     )

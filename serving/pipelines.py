@@ -8,8 +8,11 @@ with a message a caller can act on, never as a stack trace.
 Per-request options never touch the resident pipeline: each request runs on a shallow copy
 (`_prepare`) that shares the modules but has its own scheduler (serving/schedulers.py) and, for
 images larger than a tile, tiling wrappers around the U-Net and VAE (serving/tiling.py); prompt
-weighting and clip_skip are computed into embeddings (serving/prompts.py). Only LoRA activation
-changes shared modules, and it is undone in a `finally`.
+weighting and clip_skip are computed into embeddings (serving/prompts.py). ControlNets compose a
+ControlNet pipeline on the same modules; IP-Adapters and IC-Light change the shared U-Net for the
+request only (serving/conditioning.py); textual-inversion tokens are added to the shared
+tokenizers and text encoders for the request only (serving/embeddings.py). Every change to shared
+modules (LoRA activation included) is undone in a `finally`.
 """
 
 from __future__ import annotations
@@ -27,17 +30,28 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from loraserve import schema
+from serving import embeddings as textual_inversion
 from serving import latents as debug_files
-from serving import prompts, schedulers, tiling
+from serving import prompts, schedulers, tiling, unets
 from serving.latents import OutputFile
 
 if TYPE_CHECKING:
+    from serving.conditioning import Conditioning
     from serving.safety import SafetyChecker
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
+LORA_DOWN_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_down.weight",
+    ".lora.down.weight",
+    "_lora.down.weight",
+    ".lora_linear_layer.down.weight",
+)
 # Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
 SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
 MAX_REASON_CHARS = 400
@@ -83,6 +97,8 @@ class GenerationParams:
     num_images: int
     seed: int
     loras: list[tuple[str, float]] = field(default_factory=list)
+    # Textual inversions: (local .safetensors path, tokens naming its vectors); see serving/embeddings.py.
+    embeddings: list[tuple[str, list[str]]] = field(default_factory=list)
     # One of loraserve.schema.SCHEDULERS; None keeps the model's own scheduler class.
     scheduler: str | None = None
     # Custom schedules (method "array"); at most one. They override num_inference_steps.
@@ -104,6 +120,8 @@ class GenerationParams:
     enable_safety_checker: bool = False
     debug_latents: bool = False
     debug_per_pass_latents: bool = False
+    # ControlNets, IP-Adapters, IC-Light (serving/conditioning.py); None: none of them.
+    conditioning: Conditioning | None = None
 
 
 @dataclass
@@ -127,6 +145,7 @@ class LoadedPipeline:
         self.max_loras = max_loras
         # adapter name → source path, least recently used first
         self._resident: OrderedDict[str, Path] = OrderedDict()
+        self._embeddings = textual_inversion.LoadedEmbeddings()
 
     @property
     def resident_loras(self) -> list[Path]:
@@ -154,6 +173,17 @@ class LoadedPipeline:
         if self._resident:
             self.pipe.disable_lora()
 
+    def load_embeddings(self, embeddings: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Add this request's textual-inversion tokens; `unload_embeddings` takes them out again."""
+        self.unload_embeddings()
+        try:
+            self._embeddings = textual_inversion.load(self.pipe, embeddings, model_label=self.model_name)
+        except textual_inversion.EmbeddingLoadError as exc:
+            raise AdapterLoadError(str(exc)) from exc
+
+    def unload_embeddings(self) -> None:
+        textual_inversion.unload(self.pipe, self._embeddings)
+
     def _ensure_resident(self, path: Path, name: str, protected: set[str]) -> None:
         if name in self._resident:
             self._resident.move_to_end(name)
@@ -171,19 +201,45 @@ class LoadedPipeline:
             del self._resident[victim]
 
     def _load_adapter(self, path: Path, name: str) -> None:
-        state_dict = _read_lora_state_dict(path)
+        """diffusers/PEFT and kohya/A1111 files alike; a LoRA only part of which fits is refused whole.
+
+        Loaded by path, not as a state dict, so diffusers also reads the file's LoRA metadata
+        (`lora_alpha`, rank / alpha patterns); a state dict would silently drop it (alpha = rank).
+        use_safetensors=True makes diffusers raise rather than fall back to a pickle file.
+        """
+        file_layers = _lora_layer_count(path)
         try:
-            self.pipe.load_lora_weights(state_dict, adapter_name=name)
+            self.pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
         except Exception as exc:
             self._discard_partial_adapter(name)
             raise AdapterLoadError(
-                f"LoRA {str(path)!r} does not fit model {self.model_name!r}: {_reason(exc)}"
+                f"LoRA {str(path)!r} does not fit model {self.model_name!r} ({self.family}); is it a LoRA for "
+                f"another model family? {_reason(exc)}"
             ) from exc
         if not self._adapter_present(name):
             raise AdapterLoadError(
                 f"LoRA {str(path)!r} has no weights for any part of model {self.model_name!r} "
                 f"({self.family}); is it a LoRA for another model family?"
             )
+        loaded_layers = self._adapter_layer_count(name)
+        if loaded_layers < file_layers:
+            # e.g. an SDXL LoRA on SD 1.5: its first text encoder fits, the rest is skipped silently.
+            self._discard_partial_adapter(name)
+            raise AdapterLoadError(
+                f"LoRA {str(path)!r} does not fit model {self.model_name!r} ({self.family}): only {loaded_layers} "
+                f"of its {file_layers} layers match a layer of the model; is it a LoRA for another model family?"
+            )
+
+    def _adapter_layer_count(self, name: str) -> int:
+        """Layers of the U-Net and text encoders that hold adapter `name`."""
+        components = (getattr(self.pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
+        return sum(
+            1
+            for component in components
+            if component is not None
+            for module in component.modules()
+            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {})
+        )
 
     def _discard_partial_adapter(self, name: str) -> None:
         """A failed load can leave the adapter in some components; remove it so later requests work."""
@@ -202,15 +258,35 @@ def load_pipeline(
     cache_dir: Path | None = None,
     max_loras: int = 16,
     label: str | None = None,
+    unet: str | None = None,
+    unet_label: str | None = None,
+    variant: str | None = None,
 ) -> LoadedPipeline:
     """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
 
     URLs and uploads are turned into local files by `storage.weights.WeightsCache` first;
     `label` is what the caller asked for (e.g. that URL), named in errors instead of the file.
+    `unet` (a local U-Net folder or .safetensors file, `unet_label` in errors) replaces the
+    model's U-Net (serving/unets.py); `variant` (e.g. "fp16") picks `*.{variant}.safetensors`
+    files in diffusers folders.
     """
     label = label or model_name
-    pipe = _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir)
+    variant = variant or None
+    pipe = _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant)
     family = _detect_family(pipe, label)
+    if unet:
+        try:
+            custom = unets.load_unet(
+                Path(unet),
+                unet_label or unet,
+                base=pipe.unet,
+                model_label=label,
+                variant=variant,
+                torch_dtype=torch_dtype,
+            )
+        except unets.UNetLoadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        pipe.register_modules(unet=custom)
     try:
         pipe.to(device)
     except Exception as exc:
@@ -241,7 +317,7 @@ def generate_result(
     should_stop: Callable[[], bool] | None = None,
     safety_checker: SafetyChecker | None = None,
 ) -> GenerationResult:
-    """Run one request; the pipeline is left with no LoRA active whatever happens.
+    """Run one request; the pipeline is left with no LoRA active and no embedding loaded whatever happens.
 
     Scheduler, tiling wrappers and prompt embeddings live in a per-request view of the pipeline,
     so nothing but the LoRA activation touches the resident pipeline.
@@ -255,8 +331,14 @@ def generate_result(
     view, call_kwargs = _prepare(loaded.pipe, params)
     try:
         loaded.activate_loras(params.loras)
-        result = _denoise(view, params, call_kwargs, on_step, should_stop)
+        loaded.load_embeddings(params.embeddings)
+        # Imported here: serving.conditioning imports this module's errors.
+        from serving.conditioning import applied
+
+        with applied(loaded, view, params, call_kwargs) as (view, call_kwargs):
+            result = _denoise(view, params, call_kwargs, on_step, should_stop)
     finally:
+        loaded.unload_embeddings()
         loaded.deactivate_loras()
     if params.enable_safety_checker:
         assert safety_checker is not None
@@ -372,15 +454,15 @@ def _denoise(
 
 
 def _load_diffusers_pipeline(
-    source: str, label: str, torch_dtype: torch.dtype, cache_dir: Path | None
+    source: str, label: str, torch_dtype: torch.dtype, cache_dir: Path | None, variant: str | None = None
 ) -> DiffusionPipeline:
     if "://" in source:
         # Fetching is storage.weights' job: it guards URLs (SSRF, sizes) and caches by content.
         raise ModelLoadError(f"model {label!r}: resolve URLs through the weights cache before loading")
     local = Path(source).expanduser()
     if local.exists() or _looks_like_path(source):
-        return _load_local(local, label, torch_dtype)
-    return _from_pretrained(source, label, torch_dtype, cache_dir)
+        return _load_local(local, label, torch_dtype, variant)
+    return _from_pretrained(source, label, torch_dtype, cache_dir, variant)
 
 
 def _looks_like_path(model_name: str) -> bool:
@@ -392,23 +474,39 @@ def _looks_like_path(model_name: str) -> bool:
     )
 
 
-def _load_local(path: Path, model_name: str, torch_dtype: torch.dtype) -> DiffusionPipeline:
+def _load_local(path: Path, model_name: str, torch_dtype: torch.dtype, variant: str | None = None) -> DiffusionPipeline:
     if not path.exists():
         raise ModelLoadError(f"model {model_name!r}: local path does not exist")
     if path.is_file():
+        if variant:
+            raise ModelLoadError(
+                f"model {model_name!r} is a single .safetensors file; variant {variant!r} only applies to "
+                "diffusers folders and Hugging Face repos — leave variant unset"
+            )
         return _load_single_file(path, model_name, torch_dtype)
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"model {model_name!r}: folder is not a diffusers pipeline (no model_index.json)")
-    return _from_pretrained(str(path), model_name, torch_dtype, cache_dir=None)
+    if variant and not any(path.glob(f"*/*.{variant}.safetensors")):
+        raise ModelLoadError(f"model {model_name!r} has no {variant!r} variant: no *.{variant}.safetensors weights")
+    return _from_pretrained(str(path), model_name, torch_dtype, cache_dir=None, variant=variant)
 
 
 def _from_pretrained(
-    source: str, model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None
+    source: str, model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None, variant: str | None = None
 ) -> DiffusionPipeline:
-    """use_safetensors=True makes diffusers fail rather than unpickle a .bin component."""
+    """use_safetensors=True makes diffusers fail rather than unpickle a .bin component.
+
+    With a variant, components that lack that variant's files fall back to their plain
+    weights (diffusers' behaviour; _load_local refuses a variant that no component has).
+    """
     try:
         return DiffusionPipeline.from_pretrained(
-            source, use_safetensors=True, dtype=torch_dtype, cache_dir=cache_dir, trust_remote_code=False
+            source,
+            use_safetensors=True,
+            dtype=torch_dtype,
+            cache_dir=cache_dir,
+            trust_remote_code=False,
+            variant=variant,
         )
     except Exception as exc:
         raise ModelLoadError(f"could not load model {model_name!r}: {_reason(exc)}") from exc
@@ -471,12 +569,14 @@ def _adapter_name(path: Path) -> str:
     return "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _read_lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read it ourselves so diffusers never gets a chance to fall back to pickle."""
+def _lora_layer_count(path: Path) -> int:
+    """Layers the file adapts (one down/A matrix each, in any of the formats), from its header only."""
     try:
-        return safetensors.torch.load_file(str(path), device="cpu")
+        with safetensors.safe_open(str(path), framework="pt") as lora:
+            keys = list(lora.keys())
     except Exception as exc:
         raise AdapterLoadError(f"LoRA {str(path)!r} is not a readable safetensors file: {_reason(exc)}") from exc
+    return sum(1 for key in keys if key.endswith(LORA_DOWN_SUFFIXES))
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,11 +9,15 @@ so a whole pipeline fits in a few megabytes and denoises a 64×64 image in well 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import safetensors.torch
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -282,3 +286,183 @@ def _unet_lora_template(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     finally:
         unet.delete_adapters("template")
     return dict(sorted(state_dict.items()))
+
+
+# --- fixtures for unet_name, variant, kohya / text-encoder LoRAs and embeddings ---------------
+
+
+def make_tiny_unet(out_dir: Path, family: Family = "sdxl", seed: int = 1) -> Path:
+    """A diffusers U-Net folder with the tiny family's config and other (seeded) weights.
+
+    Fits the tiny pipeline of the same family, so as `unet_name` it changes the image; the other
+    family's one does not fit (different cross-attention width), which must be refused.
+    """
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _build_sd15_unet() if family == "sd15" else _build_sdxl_unet(_text_encoder_config(_build_tokenizer()))
+    unet.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def make_tiny_variant(pipeline_dir: Path, variant: str = "fp16", seed: int = 1) -> Path:
+    """Add `*.{variant}.safetensors` files (float16, with a differently seeded U-Net) to a tiny pipeline.
+
+    Real variant files hold the same weights at another precision; these hold other U-Net weights
+    too, so a test can see from the image that `variant` really picked them.
+    """
+    pipeline_dir = Path(pipeline_dir)
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), use_safetensors=True, dtype=torch.float16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        other = UNet2DConditionModel.from_config(pipe.unet.config)
+    pipe.unet.load_state_dict(other.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, component in pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                model: Any = component
+                model.save_pretrained(Path(tmp) / name, variant=variant, safe_serialization=True)
+        for file in Path(tmp).rglob(f"*.{variant}.safetensors"):
+            target = pipeline_dir / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+    return pipeline_dir
+
+
+LoraFormat = Literal["peft", "kohya"]
+# What kohya's sd-scripts trains by default: every attention / feed-forward projection of the
+# U-Net's transformer blocks, and attention + MLP of each text encoder layer.
+KOHYA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+LoraComponent = Literal["unet", "text_encoder", "text_encoder_2"]
+
+
+def make_tiny_lora(
+    path: Path,
+    family: Family = "sdxl",
+    *,
+    seed: int = 1,
+    lora_format: LoraFormat = "peft",
+    alpha: float | None = None,
+    components: Sequence[LoraComponent] | None = None,
+    fold_alpha: bool = False,
+) -> Path:
+    """One seeded random LoRA for the tiny `family` pipeline, written in the format asked for.
+
+    The same seed gives the same matrices in every format, so files can be compared:
+    - "peft": diffusers' `save_lora_weights` (keys `unet.….lora_A.weight`); `alpha` is stored
+      as diffusers does, in the header's `lora_adapter_metadata` (`lora_alpha`).
+    - "kohya": the kohya / A1111 layout (`lora_unet_…`, `lora_te_…` / `lora_te1_…` /
+      `lora_te2_…`, `.lora_down.weight` / `.lora_up.weight`, one `.alpha` per layer); SDXL U-Net
+      names use the original `input_blocks` / `middle_block` / `output_blocks` layout, as
+      sd-scripts writes them. Text-encoder names keep the `text_model.` prefix that
+      transformers < 5 had (what published files carry).
+    `fold_alpha` multiplies alpha / rank into the up matrices and writes no alpha: the same
+    LoRA, as a file without alpha. `components` defaults to the U-Net and every text encoder.
+    """
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe = _build_pipeline(family)
+    available: list[LoraComponent] = (
+        ["unet", "text_encoder", "text_encoder_2"] if family == "sdxl" else ["unet", "text_encoder"]
+    )
+    chosen = list(components) if components is not None else available
+    if unknown := set(chosen) - set(available):
+        raise ValueError(f"a {family} pipeline has no {', '.join(sorted(unknown))}")
+    generator = torch.Generator().manual_seed(seed)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for component in available:
+        model = getattr(pipe, component)
+        targets = KOHYA_UNET_TARGETS if component == "unet" else TEXT_ENCODER_TARGETS
+        # Drawn for every component, so one component's matrices do not depend on which others are chosen.
+        drawn = {
+            key: torch.randn(shape, generator=generator) * LORA_INIT_STD
+            for key, shape in _linear_lora_shapes(model, targets).items()
+        }
+        if component in chosen:
+            layers[component] = drawn
+    if fold_alpha and alpha is not None:
+        layers = {
+            component: {key: t * (alpha / LORA_RANK) if ".lora_B." in key else t for key, t in tensors.items()}
+            for component, tensors in layers.items()
+        }
+        alpha = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if lora_format == "kohya":
+        layers_per_block = pipe.unet.config.layers_per_block
+        safetensors.torch.save_file(_kohya_state_dict(layers, family, alpha, layers_per_block), str(path))
+        return path
+    kwargs: dict[str, Any] = {f"{component}_lora_layers": tensors for component, tensors in layers.items()}
+    if alpha is not None:
+        for name in layers:
+            targets = KOHYA_UNET_TARGETS if name == "unet" else TEXT_ENCODER_TARGETS
+            kwargs[f"{name}_lora_adapter_metadata"] = {
+                "r": LORA_RANK,
+                "lora_alpha": alpha,
+                "target_modules": list(targets),
+            }
+    type(pipe).save_lora_weights(path.parent, weight_name=path.name, **kwargs)
+    return path
+
+
+def make_tiny_embedding(
+    out_dir: Path, family: Family = "sdxl", num_vectors: int = 2, *, seed: int = 1, size: int | None = None
+) -> Path:
+    """A textual-inversion .safetensors for the tiny `family` pipeline; returns the file.
+
+    SD 1.5: `{"emb_params": (num_vectors, 32)}` (A1111 / kohya); SDXL: `{"clip_l": …, "clip_g": …}`,
+    one tensor per text encoder. `size` overrides the vector size (e.g. a wrong one, for tests).
+    Vectors are drawn with std 1, well above the tiny vocabulary's, so they move the image.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = size or _text_encoder_config(_build_tokenizer()).hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    keys = ["clip_l", "clip_g"] if family == "sdxl" else ["emb_params"]
+    tensors = {key: torch.randn((num_vectors, width), generator=generator) for key in keys}
+    path = out_dir / f"embedding-{family}-{num_vectors}v-{width}-seed{seed}.safetensors"
+    safetensors.torch.save_file(tensors, str(path))
+    return path
+
+
+def _linear_lora_shapes(model: torch.nn.Module, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """PEFT-named A/B shapes for every Linear whose name ends in a target, sorted for stable files."""
+    prefix = "text_model." if isinstance(model, CLIPTextModel) and not hasattr(model, "text_model") else ""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            shapes[f"{prefix}{name}.lora_A.weight"] = (LORA_RANK, module.in_features)
+            shapes[f"{prefix}{name}.lora_B.weight"] = (module.out_features, LORA_RANK)
+    return dict(sorted(shapes.items()))
+
+
+def _kohya_state_dict(
+    layers: dict[str, dict[str, torch.Tensor]], family: str, alpha: float | None, layers_per_block: int
+) -> dict[str, torch.Tensor]:
+    state_dict: dict[str, torch.Tensor] = {}
+    for component, tensors in layers.items():
+        prefix = "lora_te1" if component == "text_encoder" and family == "sdxl" else KOHYA_PREFIXES[component]
+        for key, tensor in tensors.items():
+            module, _, kind = key.partition(".lora_")
+            if component == "unet" and family == "sdxl":
+                module = _sgm_module_name(module, layers_per_block)
+            name = f"{prefix}_{module.replace('.', '_')}"
+            state_dict[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+            if alpha is not None:
+                state_dict[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return state_dict
+
+
+def _sgm_module_name(module: str, layers_per_block: int) -> str:
+    """diffusers U-Net attention names → the original SDXL layout kohya trains on."""
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+        block, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + block * (layers_per_block + 1) + layer}.1.{rest}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+        block, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{block * (layers_per_block + 1) + layer}.1.{rest}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+        return f"middle_block.1.{match[1]}"
+    raise ValueError(f"no original-layout name for U-Net module {module!r}")

@@ -33,6 +33,7 @@ def lora_server(tiny_sdxl: TinyModel) -> Iterator[FileServer]:
     server = FileServer()
     body = tiny_sdxl.lora_paths[0].read_bytes()
     server.routes["/style.safetensors"] = Route(body)
+    server.routes["/prefetched.safetensors"] = Route(body)
     server.routes["/not-a-checkpoint.safetensors"] = Route(body, chunked=True)
     server.routes["/to-private.safetensors"] = Route(status=302, headers={"Location": "http://10.0.0.1/x.safetensors"})
     server.routes["/to-metadata.safetensors"] = Route(
@@ -63,6 +64,26 @@ async def test_lora_by_url_data_uri_and_upload_match_the_path(
     for other in (by_url, by_url_again, by_data, by_upload, by_auto_upload):
         assert np.array_equal(other, by_path)
     assert lora_server.hits["/style.safetensors"] == 1, "the weights cache downloaded the same URL twice"
+
+
+async def test_adapters_of_a_waiting_request_are_prefetched(
+    target: str, tiny_sdxl: TinyModel, lora_server: FileServer
+) -> None:
+    url = lora_server.url("/prefetched.safetensors")
+    async with AsyncClient(target) as client:
+        busy = await client.submit(request(tiny_sdxl, num_inference_steps=150, image_size={"width": 128, "height": 128}))
+        waiting = await client.submit(request(tiny_sdxl, loras=[{"path": url}]))
+        async for status in client.stream_status(waiting, logs=True):
+            if any("prefetched 1 adapter(s)" in entry.message for entry in status.logs):
+                break
+        # Fetched while the request was still waiting behind the busy one.
+        assert status.state == gen.REQUEST_STATE_IN_QUEUE
+        assert lora_server.hits["/prefetched.safetensors"] == 1
+        await client.cancel(busy)
+        async for status in client.stream_status(waiting):
+            final = status
+    assert final.state == gen.REQUEST_STATE_COMPLETED and not final.HasField("error")
+    assert lora_server.hits["/prefetched.safetensors"] == 1, "the request downloaded its LoRA again"
 
 
 async def test_model_download_progress_reaches_the_request(

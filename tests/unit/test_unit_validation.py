@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway import validation
 from gateway.errors import InvalidArgument
-from gateway.validation import NOT_SUPPORTED, validate_input
+from gateway.validation import validate_input
 from loraserve.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
@@ -132,35 +131,6 @@ def test_bad_input_built_as_proto_names_the_field() -> None:
         "input.loras[1].scale",
     }
     assert "multiple of 8, got 12" in found["input.image_size.height"][0]
-
-
-# One non-default value for every option this build refuses; the set is checked against _UNSUPPORTED.
-UNSUPPORTED_VALUES: dict[str, Any] = {
-    "unet_name": "org/custom-unet",
-    "variant": "fp16",
-    "embeddings": [{"path": "emb.safetensors", "tokens": ["<s0>"]}],
-    "controlnets": [{"path": "cn", "image_url": "http://x/cn.png"}],
-    "controlnet_guess_mode": True,
-    "ip_adapter": [{"path": "ipa", "ip_adapter_image_url": ["http://x/i.png"]}],
-    "image_encoder_path": "org/encoder",
-    "image_encoder_subfolder": "models/image_encoder",
-    "image_encoder_weight_name": "model.safetensors",
-    "ic_light_model_url": "http://x/ic.safetensors",
-    "ic_light_model_background_image_url": "http://x/bg.png",
-    "ic_light_image_url": "http://x/fg.png",
-}
-
-
-def test_unsupported_table_covers_every_refused_option() -> None:
-    assert set(UNSUPPORTED_VALUES) == {name for name, _ in validation._UNSUPPORTED}
-
-
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED_VALUES))
-def test_unsupported_option_is_refused_by_name(name: str) -> None:
-    found = violations(to_input(body(**{name: UNSUPPORTED_VALUES[name]})))
-    # The value is otherwise valid, so the refusal is the only thing reported.
-    assert found == {f"input.{name}": [NOT_SUPPORTED]}
-    assert "not supported yet" in NOT_SUPPORTED
 
 
 def test_valid_minimal_input_passes_as_dict_and_as_proto() -> None:

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from gateway import validation
 from gateway.errors import InvalidArgument
 from gateway.validation import validate_input
 from loraserve import schema
@@ -24,23 +23,6 @@ from serving.schedulers import SCHEDULER_SPECS
 
 SETTINGS = Settings()
 MINIMAL: dict[str, Any] = {"model_name": "stabilityai/stable-diffusion-xl-base-1.0", "prompt": "a red house"}
-IMPLEMENTED = {
-    "prompt_weighting",
-    "clip_skip",
-    "scheduler",
-    "timesteps",
-    "sigmas",
-    "prediction_type",
-    "rescale_betas_snr_zero",
-    "enable_safety_checker",
-    "tile_width",
-    "tile_height",
-    "tile_stride_width",
-    "tile_stride_height",
-    "eta",
-    "debug_latents",
-    "debug_per_pass_latents",
-}
 
 
 def violations(**overrides: Any) -> dict[str, list[str]]:
@@ -54,8 +36,6 @@ def violations(**overrides: Any) -> dict[str, list[str]]:
     return {}
 
 
-def test_implemented_options_are_no_longer_refused_as_unsupported() -> None:
-    assert not IMPLEMENTED & {name for name, _ in validation._UNSUPPORTED}
 
 
 @pytest.mark.parametrize(

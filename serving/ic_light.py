@@ -1,0 +1,199 @@
+"""IC-Light relighting (SD 1.5) for one request, as in lllyasviel's IC-Light reference code.
+
+An IC-Light model is an offset for every parameter of an SD 1.5 U-Net; its `conv_in` takes 8
+input channels (the "fc" model: noisy latent + foreground latent) or 12 ("fbc": + background
+latent). The reference widens the U-Net's `conv_in` with zeros, adds the offset to every
+parameter, and concatenates the VAE-encoded conditions (`latent_dist.mode() * scaling_factor`)
+to the latent on every U-Net call.
+
+Here the resident U-Net is left as it is: for this request each of its parameters is swapped for
+base + offset (the swap is undone by the request's ExitStack, so nothing leaks), and the view's
+U-Net is wrapped so every call gets the conditions concatenated. The wrapper sits outside any
+tiling wrapper, so tiles crop the conditions together with the latent. The U-Net's config keeps
+in_channels 4, so the pipeline still makes 4-channel latents, as in the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import safetensors.torch
+import torch
+
+from serving.pipelines import AdapterLoadError, OptionUnavailableError
+
+if TYPE_CHECKING:
+    from serving.conditioning import ICLightSpec, ModelCache
+
+LATENT_CHANNELS = 4
+FOREGROUND_CHANNELS = 2 * LATENT_CHANNELS
+BACKGROUND_CHANNELS = 3 * LATENT_CHANNELS
+MAX_REASON_CHARS = 300
+# Parameters that adapters add to a U-Net (PEFT LoRA layers, IP-Adapter processors and projection).
+_ADAPTER_MARKERS = ("lora_", ".processor.", "encoder_hid_proj.")
+
+
+class ICLightUNet:
+    """Callable like the U-Net it wraps, with the condition latents concatenated to every sample."""
+
+    def __init__(self, unet: Any, conditions: torch.Tensor) -> None:
+        self._unet = unet
+        self._conditions = conditions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unet, name)
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        conditions = self._conditions.to(device=sample.device, dtype=sample.dtype)
+        conditions = torch.cat([conditions] * (sample.shape[0] // conditions.shape[0]), dim=0)
+        return self._unet(torch.cat([sample, conditions], dim=1), timestep, *args, **kwargs)
+
+
+def check_images(spec: ICLightSpec) -> None:
+    if spec.image is None:
+        raise OptionUnavailableError("ic_light_image_url", "ic_light_image_url: the foreground image is required")
+
+
+def apply(
+    stack: contextlib.ExitStack,
+    unet: Any,
+    view_unet: Any,
+    vae: Any,
+    spec: ICLightSpec,
+    *,
+    models: ModelCache,
+    width: int,
+    height: int,
+    model_name: str,
+) -> ICLightUNet:
+    """Swaps the offset into `unet` until `stack` closes; returns the view's new U-Net."""
+    from serving.conditioning import file_key
+
+    if spec.weights is None or spec.image is None:
+        raise OptionUnavailableError("ic_light_model_url", "ic_light_model_url: the model was not resolved")
+    path = spec.weights
+    device, dtype = unet.device, unet.dtype
+    offset = models.get(("ic_light", *file_key(path), str(device)), lambda: read_offset(path, spec.model_url, device))
+    parameters = _base_parameters(unet)
+    channels = check_fits(offset, parameters, spec.model_url, model_name)
+    if channels == BACKGROUND_CHANNELS and spec.background is None:
+        raise OptionUnavailableError(
+            "ic_light_model_background_image_url",
+            f"ic_light_model_background_image_url: IC-Light model {spec.model_url!r} is background-conditioned (fbc, "
+            "12 input channels) and needs a background image",
+        )
+    if channels == FOREGROUND_CHANNELS and spec.background is not None:
+        raise OptionUnavailableError(
+            "ic_light_model_background_image_url",
+            f"ic_light_model_background_image_url: IC-Light model {spec.model_url!r} is foreground-only (fc, 8 input "
+            "channels) and cannot use a background image; use a background-conditioned (fbc) model or leave it unset",
+        )
+    images = [spec.image] if spec.background is None else [spec.image, spec.background]
+    conditions = encode_conditions(vae, images, width, height)
+    stack.enter_context(_offset_parameters(unet, parameters, offset, dtype))
+    return ICLightUNet(view_unet, conditions)
+
+
+def read_offset(path: Path, label: str, device: torch.device) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterLoadError(f"IC-Light model {label!r}: only .safetensors files are read (pickle files are refused)")
+    try:
+        return safetensors.torch.load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise AdapterLoadError(f"IC-Light model {label!r} is not a readable safetensors file: {_reason(exc)}") from exc
+
+
+def _base_parameters(unet: Any) -> dict[str, str]:
+    """The U-Net's own parameter names (as in an IC-Light file) → their current names (PEFT adds `.base_layer`)."""
+    names: dict[str, str] = {}
+    for name, _ in unet.named_parameters():
+        if any(marker in name for marker in _ADAPTER_MARKERS) or name.startswith("encoder_hid_proj"):
+            continue
+        names[name.replace(".base_layer.", ".")] = name
+    return names
+
+
+def check_fits(offset: dict[str, torch.Tensor], parameters: dict[str, str], label: str, model_name: str) -> int:
+    """The offset must cover exactly this U-Net's parameters; returns conv_in's input channels (8 or 12)."""
+    missing = sorted(set(parameters) - set(offset))
+    unexpected = sorted(set(offset) - set(parameters))
+    if missing or unexpected:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise AdapterLoadError(
+            f"IC-Light model {label!r} does not fit model {model_name!r} ({detail}, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected); is it an IC-Light model for SD 1.5?"
+        )
+    conv_in = offset["conv_in.weight"]
+    if conv_in.ndim != 4 or conv_in.shape[1] not in (FOREGROUND_CHANNELS, BACKGROUND_CHANNELS):
+        raise AdapterLoadError(
+            f"IC-Light model {label!r}: conv_in.weight has shape {tuple(conv_in.shape)}; an IC-Light U-Net takes "
+            f"{FOREGROUND_CHANNELS} (foreground) or {BACKGROUND_CHANNELS} (foreground + background) input channels"
+        )
+    return int(conv_in.shape[1])
+
+
+@contextlib.contextmanager
+def _offset_parameters(
+    unet: Any, parameters: dict[str, str], offset: dict[str, torch.Tensor], dtype: torch.dtype
+) -> Any:
+    """Each parameter replaced by base + offset (conv_in zero-widened first); the originals put back after."""
+    originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for clean, actual in parameters.items():
+                module_name, _, attr = actual.rpartition(".")
+                module = unet.get_submodule(module_name) if module_name else unet
+                base = module._parameters[attr]
+                delta = offset[clean].to(device=base.device, dtype=torch.float32)
+                merged = torch.zeros(delta.shape, device=base.device, dtype=torch.float32)
+                if tuple(delta.shape) == tuple(base.shape):
+                    merged += base.float()
+                elif clean == "conv_in.weight":
+                    merged[:, : base.shape[1]] = base.float()
+                else:
+                    raise AdapterLoadError(
+                        f"IC-Light offset for {clean} has shape {tuple(delta.shape)}, the model's is {tuple(base.shape)}"
+                    )
+                merged += delta
+                originals.append((module, attr, base))
+                module._parameters[attr] = torch.nn.Parameter(merged.to(dtype), requires_grad=False)
+        yield
+    finally:
+        for module, attr, base in reversed(originals):
+            module._parameters[attr] = base
+
+
+@torch.no_grad()
+def encode_conditions(vae: Any, images: list[PIL.Image.Image], width: int, height: int) -> torch.Tensor:
+    """Each image resized and centre-cropped to the output, VAE-encoded; concatenated on channels (1, 4·n, h, w)."""
+    parameter = next(vae.parameters())
+    pixels = torch.stack([_to_tensor(_resize_and_center_crop(image, width, height)) for image in images])
+    latents = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    return torch.cat([latent[None] for latent in latents], dim=1)
+
+
+def _resize_and_center_crop(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """The reference's resize_and_center_crop: cover the target, then crop the middle."""
+    image = image.convert("RGB")
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), PIL.Image.Resampling.LANCZOS
+    )
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    """HWC uint8 → CHW in [-1, 1], as the reference's numpy2pytorch (÷127.5 here, the VAE's own range)."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {' '.join(lines[:2])}"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"

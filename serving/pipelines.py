@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.lora.layer import LoraLayer
 
 from loraserve import schema
 from serving import embeddings as textual_inversion
@@ -145,6 +146,7 @@ class LoadedPipeline:
         self.max_loras = max_loras
         # adapter name → source path, least recently used first
         self._resident: OrderedDict[str, Path] = OrderedDict()
+        self._layers: list[LoraLayer] | None = None
         self._embeddings = textual_inversion.LoadedEmbeddings()
 
     @property
@@ -165,13 +167,33 @@ class LoadedPipeline:
         for name, (_, scale) in zip(names, loras):
             # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
             scales[name] = scales.get(name, 0.0) + scale
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(list(scales), adapter_weights=list(scales.values()))
+        active = list(scales)
+        for layer in self._lora_layers():
+            # What diffusers' enable_lora + set_adapters do, minus PEFT's requires_grad sweep over
+            # every resident adapter's parameters: that sweep made each switch cost grow with the
+            # number of resident adapters (47 ms with 20 on a tiny model), for nothing at inference.
+            layer._disable_adapters = False
+            layer._active_adapter = active
+            for name, scale in scales.items():
+                layer.set_scale(name, scale)
 
     def deactivate_loras(self) -> None:
         """Keep adapters resident but out of the forward pass, so output equals the plain model."""
-        if self._resident:
-            self.pipe.disable_lora()
+        for layer in self._lora_layers():
+            layer._disable_adapters = True
+
+    def _lora_layers(self) -> list[LoraLayer]:
+        """Every LoRA-wrapped layer of the U-Net and text encoders; recomputed after loads and evictions."""
+        if self._layers is None:
+            components = (getattr(self.pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
+            self._layers = [
+                module
+                for component in components
+                if component is not None
+                for module in component.modules()
+                if isinstance(module, LoraLayer)
+            ]
+        return self._layers
 
     def load_embeddings(self, embeddings: Sequence[tuple[str, Sequence[str]]]) -> None:
         """Add this request's textual-inversion tokens; `unload_embeddings` takes them out again."""
@@ -189,6 +211,7 @@ class LoadedPipeline:
             self._resident.move_to_end(name)
             return
         self._evict_for_one_more(protected)
+        self._layers = None
         self._load_adapter(path, name)
         self._resident[name] = path
 
@@ -199,6 +222,7 @@ class LoadedPipeline:
             victim = evictable.pop(0)
             self.pipe.delete_adapters(victim)
             del self._resident[victim]
+            self._layers = None
 
     def _load_adapter(self, path: Path, name: str) -> None:
         """diffusers/PEFT and kohya/A1111 files alike; a LoRA only part of which fits is refused whole.

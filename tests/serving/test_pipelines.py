@@ -13,6 +13,8 @@ import safetensors.torch
 import torch
 
 from serving.pipelines import (
+    _adapter_name,
+    _lora_file,
     AdapterLoadError,
     GenerationCancelled,
     GenerationParams,
@@ -121,6 +123,27 @@ def test_lora_scales_combinations_and_no_leakage(loaded: LoadedPipeline, loras: 
     assert np.array_equal(at_zero, plain_before)
     assert np.array_equal(plain_after, plain_before)
     assert np.array_equal(pixels(loaded, loras=[(loras[0], 1.0)]), first)
+
+
+def lora_layer_state(loaded: LoadedPipeline) -> list[tuple[bool, list[str], dict[str, float]]]:
+    return [
+        (layer.disable_adapters, sorted(layer.active_adapters), dict(layer.scaling))
+        for layer in loaded._lora_layers()
+    ]
+
+
+def test_fast_switching_matches_diffusers_set_adapters(loaded: LoadedPipeline, loras: list[str]) -> None:
+    """Our activation writes the same layer state as diffusers' enable_lora + set_adapters."""
+    wanted = [(loras[0], 0.7), (loras[1], 0.4)]
+    loaded.activate_loras(wanted)
+    ours = lora_layer_state(loaded)
+    names = [_adapter_name(_lora_file(path)) for path, _ in wanted]
+    loaded.pipe.enable_lora()
+    loaded.pipe.set_adapters(names, adapter_weights=[scale for _, scale in wanted])
+    theirs = lora_layer_state(loaded)
+    loaded.deactivate_loras()
+    assert ours and ours == theirs
+    assert all(disabled for disabled, _, _ in lora_layer_state(loaded))
 
 
 def test_lora_folder_with_standard_weight_name(loaded: LoadedPipeline, loras: list[str], tmp_path: Path) -> None:

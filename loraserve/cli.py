@@ -165,7 +165,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     def on_update(status: generation_pb2.RequestStatus) -> None:
         for entry in status.logs:
-            bar.write(entry.message)
+            bar.write(entry.message, file=sys.stderr)
         if status.state == generation_pb2.REQUEST_STATE_IN_QUEUE:
             bar.set_description(f"queued (position {status.queue_position})")
         elif status.HasField("progress"):

@@ -50,8 +50,9 @@ class Settings:
     downscale_delay_seconds: float = 600.0
     # Base pipelines one replica keeps loaded (least recently used one evicted).
     max_pipelines_per_replica: int = 2
-    # LoRAs kept loaded in one pipeline between requests.
+    # LoRAs kept loaded in one pipeline between requests, by count and by bytes (0: count only).
     max_loras_per_pipeline: int = 16
+    max_lora_bytes_per_pipeline: int = 4 * 1024**3
     # ControlNets, IP-Adapter weights, image encoders and IC-Light offsets one replica keeps loaded.
     max_conditioning_models_per_replica: int = 4
     # Safety checker (StableDiffusionSafetyChecker + CLIP image processor: HF ID or folder) for

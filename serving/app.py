@@ -120,6 +120,8 @@ class Worker:
                 torch_dtype=self._dtype,
                 cache_dir=self._settings.weights_dir,
                 max_loras=self._settings.max_loras_per_pipeline,
+                max_lora_bytes=self._settings.max_lora_bytes_per_pipeline,
+                metrics=self._metrics,
                 label=ref.model_name,
                 unet=str(unet) if unet is not None else None,
                 unet_label=ref.unet_name or None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,19 +31,22 @@ import safetensors
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from loraserve import schema
 from serving import embeddings as textual_inversion
 from serving import latents as debug_files
 from serving import prompts, schedulers, tiling, unets
 from serving.latents import OutputFile
+from serving.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from serving.conditioning import Conditioning
     from serving.safety import SafetyChecker
 
+# The adapter-cache tier of LoRAs loaded in a pipeline (on its device), as metrics name it.
+GPU_TIER = "gpu"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
@@ -137,15 +141,29 @@ class GenerationResult:
 class LoadedPipeline:
     """A hot pipeline plus the LoRAs kept resident on it, so switching LoRAs costs next to nothing."""
 
-    def __init__(self, pipe: DiffusionPipeline, *, family: str, model_name: str, max_loras: int = 16) -> None:
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        family: str,
+        model_name: str,
+        max_loras: int = 16,
+        max_lora_bytes: int = 0,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         if max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, got {max_loras}")
         self.pipe = pipe
         self.family = family
         self.model_name = model_name
         self.max_loras = max_loras
+        # Bytes of LoRA weights kept resident on this pipeline's device; 0: only the count bounds it.
+        self.max_lora_bytes = max_lora_bytes
+        self._metrics = metrics
         # adapter name → source path, least recently used first
         self._resident: OrderedDict[str, Path] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._released = False
         self._layers: list[LoraLayer] | None = None
         self._embeddings = textual_inversion.LoadedEmbeddings()
 
@@ -206,23 +224,71 @@ class LoadedPipeline:
     def unload_embeddings(self) -> None:
         textual_inversion.unload(self.pipe, self._embeddings)
 
+    @property
+    def resident_lora_bytes(self) -> int:
+        return sum(self._sizes.values())
+
     def _ensure_resident(self, path: Path, name: str, protected: set[str]) -> None:
         if name in self._resident:
             self._resident.move_to_end(name)
+            self._count("cache_hits")
             return
+        self._count("cache_misses")
         self._evict_for_one_more(protected)
         self._layers = None
+        started = time.perf_counter()
         self._load_adapter(path, name)
         self._resident[name] = path
+        self._sizes[name] = self._adapter_bytes(name)
+        self._track_bytes(self._sizes[name])
+        if self._metrics is not None:
+            self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        self._evict_over_budget(protected)
+
+    def _adapter_bytes(self, name: str) -> int:
+        return sum(
+            p.numel() * p.element_size()
+            for layer in self._lora_layers()
+            for weights in (layer.lora_A, layer.lora_B)
+            if name in weights
+            for p in weights[name].parameters()
+        )
+
+    def _evict_over_budget(self, protected: set[str]) -> None:
+        """The byte budget; like the count, it never evicts an adapter the current request uses."""
+        if not self.max_lora_bytes:
+            return
+        for victim in [name for name in self._resident if name not in protected]:
+            if self.resident_lora_bytes <= self.max_lora_bytes:
+                return
+            self._evict(victim)
+
+    def _evict(self, name: str) -> None:
+        self.pipe.delete_adapters(name)
+        del self._resident[name]
+        self._track_bytes(-self._sizes.pop(name, 0))
+        self._layers = None
+        self._count("cache_evictions")
+
+    def _count(self, counter: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, counter).labels(tier=GPU_TIER).inc()
+
+    def _track_bytes(self, delta: int) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_bytes.labels(tier=GPU_TIER).inc(delta)
+
+    def __del__(self) -> None:
+        """Ray Serve calls this when it unloads the pipeline: its adapters leave the tier's gauge."""
+        if not self._released:
+            self._released = True
+            self._track_bytes(-self.resident_lora_bytes)
 
     def _evict_for_one_more(self, protected: set[str]) -> None:
         """Free one slot if full; adapters the current request uses are never evicted."""
         evictable = [name for name in self._resident if name not in protected]
         while len(self._resident) >= self.max_loras and evictable:
-            victim = evictable.pop(0)
-            self.pipe.delete_adapters(victim)
-            del self._resident[victim]
-            self._layers = None
+            self._evict(evictable.pop(0))
 
     def _load_adapter(self, path: Path, name: str) -> None:
         """diffusers/PEFT and kohya/A1111 files alike; a LoRA only part of which fits is refused whole.
@@ -281,6 +347,8 @@ def load_pipeline(
     torch_dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     max_loras: int = 16,
+    max_lora_bytes: int = 0,
+    metrics: WorkerMetrics | None = None,
     label: str | None = None,
     unet: str | None = None,
     unet_label: str | None = None,
@@ -316,7 +384,9 @@ def load_pipeline(
     except Exception as exc:
         raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipe, family=family, model_name=label, max_loras=max_loras)
+    return LoadedPipeline(
+        pipe, family=family, model_name=label, max_loras=max_loras, max_lora_bytes=max_lora_bytes, metrics=metrics
+    )
 
 
 def generate(

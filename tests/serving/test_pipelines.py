@@ -11,15 +11,16 @@ import PIL.Image
 import pytest
 import safetensors.torch
 import torch
+from prometheus_client import generate_latest
 
 from serving.pipelines import (
-    _adapter_name,
-    _lora_file,
     AdapterLoadError,
     GenerationCancelled,
     GenerationParams,
     LoadedPipeline,
     ModelLoadError,
+    _adapter_name,
+    _lora_file,
     generate,
     load_pipeline,
 )
@@ -261,3 +262,36 @@ def test_same_lora_twice_adds_scales(small_cache: LoadedPipeline, tiny_models: d
     lora = str(tiny_models["sd15"].lora_paths[0])
     twice_half = pixels(small_cache, loras=[(lora, 0.5), (lora, 0.5)])
     assert np.array_equal(twice_half, pixels(small_cache, loras=[(lora, 1.0)]))
+
+
+def test_byte_budget_evicts_least_recently_used_and_counts(tiny_models: dict[str, TinyModel]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    probe = load_pipeline(str(tiny_models["sd15"].pipeline_dir))
+    lora_0, lora_1, lora_2 = (str(path) for path in tiny_models["sd15"].lora_paths[:3])
+    probe.activate_loras([(lora_0, 1.0)])
+    one = probe.resident_lora_bytes
+    assert one > 0
+    budget = 2 * one
+    cache = load_pipeline(str(tiny_models["sd15"].pipeline_dir), max_loras=10, max_lora_bytes=budget, metrics=metrics)
+    for lora in (lora_0, lora_1, lora_0, lora_2):  # lora_1 is the least recently used when lora_2 arrives
+        cache.activate_loras([(lora, 1.0)])
+        assert cache.resident_lora_bytes <= budget
+    assert [p.name for p in cache.resident_loras] == [Path(lora_0).name, Path(lora_2).name]
+    # One request needing more than the budget still gets all of its LoRAs.
+    cache.activate_loras([(lora_0, 1.0), (lora_1, 1.0), (lora_2, 1.0)])
+    assert len(cache.resident_loras) == 3
+    cache.deactivate_loras()
+    values = {
+        (s.name, s.labels.get("tier")): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert values[("loraserve_cache_hits_total", "gpu")] == 3
+    assert values[("loraserve_cache_misses_total", "gpu")] == 4
+    assert values[("loraserve_cache_evictions_total", "gpu")] == 1
+    assert values[("loraserve_cache_bytes", "gpu")] == cache.resident_lora_bytes
+    assert values[("loraserve_adapter_load_seconds_count", None)] == 4

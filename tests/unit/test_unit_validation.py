@@ -12,25 +12,11 @@ from gateway.validation import validate_input
 from loraserve.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
-
-SETTINGS = Settings()
-MINIMAL: dict[str, Any] = {"model_name": "stabilityai/stable-diffusion-xl-base-1.0", "prompt": "a red house"}
+from tests.unit.validation_testkit import MINIMAL, SETTINGS, violations_of
 
 
 def body(**overrides: Any) -> dict[str, Any]:
     return {**MINIMAL, **overrides}
-
-
-def violations(inp: types_pb2.GenerateInput, settings: Settings = SETTINGS) -> dict[str, list[str]]:
-    """field path -> descriptions; {} when the input is valid."""
-    try:
-        validate_input(inp, settings)
-    except InvalidArgument as exc:
-        found: dict[str, list[str]] = {}
-        for v in exc.violations:
-            found.setdefault(v.field, []).append(v.description)
-        return found
-    return {}
 
 
 # (case id, fal-style overrides, field path that must be named, text its description must contain)
@@ -109,7 +95,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str, str]] = [
 
 @pytest.mark.parametrize(("overrides", "field", "why"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_names_the_field(overrides: dict[str, Any], field: str, why: str) -> None:
-    found = violations(to_input(body(**overrides)))
+    found = violations_of(to_input(body(**overrides)))
     assert field in found, f"expected {field} among {sorted(found)}"
     assert any(why in description for description in found[field]), found[field]
 
@@ -123,7 +109,7 @@ def test_bad_input_built_as_proto_names_the_field() -> None:
         guidance_scale=float("nan"),
         loras=[types_pb2.LoraWeight(path="a", scale=1.0), types_pb2.LoraWeight(path="b", scale=float("-inf"))],
     )
-    found = violations(inp)
+    found = violations_of(inp)
     assert set(found) == {
         "input.image_size.height",
         "input.num_images",
@@ -169,7 +155,7 @@ def test_defaults_given_explicitly_pass() -> None:
         debug_latents=False,
         debug_per_pass_latents=False,
     )
-    assert violations(to_input(fal_defaults)) == {}
+    assert violations_of(to_input(fal_defaults)) == {}
 
 
 @pytest.mark.parametrize(
@@ -187,12 +173,12 @@ def test_defaults_given_explicitly_pass() -> None:
     ids=["size-bounds", "preset", "jpeg", "upper-bounds", "lower-bounds", "16-loras", "prompt-at-limit", "name-at-limit"],
 )
 def test_boundary_values_pass(overrides: dict[str, Any]) -> None:
-    assert violations(to_input(body(**overrides))) == {}
+    assert violations_of(to_input(body(**overrides))) == {}
 
 
 def test_limits_come_from_settings() -> None:
     tight = Settings(max_prompt_chars=5, max_loras_per_request=1)
-    found = violations(to_input(body(prompt="sixsix", loras=[{"path": "a"}, {"path": "b"}])), tight)
+    found = violations_of(to_input(body(prompt="sixsix", loras=[{"path": "a"}, {"path": "b"}])), tight)
     assert set(found) == {"input.prompt", "input.loras"}
     assert "longer than 5 characters" in found["input.prompt"][0]
     assert "at most 1 LoRAs per request, got 2" in found["input.loras"][0]

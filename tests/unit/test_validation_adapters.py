@@ -6,27 +6,12 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidArgument
-from gateway.validation import MAX_EMBEDDINGS, validate_input
+from gateway.validation import MAX_EMBEDDINGS
 from loraserve import schema
-from loraserve.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
 from serving.params import params_from_input
-
-SETTINGS = Settings()
-MINIMAL: dict[str, Any] = {"model_name": "stabilityai/stable-diffusion-xl-base-1.0", "prompt": "a red house"}
-
-
-def violations(**overrides: Any) -> dict[str, list[str]]:
-    try:
-        validate_input(to_input({**MINIMAL, **overrides}), SETTINGS)
-    except InvalidArgument as exc:
-        found: dict[str, list[str]] = {}
-        for v in exc.violations:
-            found.setdefault(v.field, []).append(v.description)
-        return found
-    return {}
+from tests.unit.validation_testkit import MINIMAL, violations
 
 
 @pytest.mark.parametrize(

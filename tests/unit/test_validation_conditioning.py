@@ -8,13 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidArgument
-from gateway.validation import validate_input
-from loraserve.config import Settings
-from loraserve.inputs import to_input
+from tests.unit.validation_testkit import violations
 
-SETTINGS = Settings()
-MINIMAL: dict[str, Any] = {"model_name": "stabilityai/stable-diffusion-xl-base-1.0", "prompt": "a red house"}
 CN: dict[str, Any] = {"path": "org/controlnet-canny", "image_url": "https://example.com/canny.png"}
 IPA: dict[str, Any] = {
     "path": "h94/IP-Adapter",
@@ -23,16 +18,6 @@ IPA: dict[str, Any] = {
     "ip_adapter_image_url": ["https://example.com/ref.png"],
 }
 
-
-def violations(**overrides: Any) -> dict[str, list[str]]:
-    try:
-        validate_input(to_input({**MINIMAL, **overrides}), SETTINGS)
-    except InvalidArgument as exc:
-        found: dict[str, list[str]] = {}
-        for v in exc.violations:
-            found.setdefault(v.field, []).append(v.description)
-        return found
-    return {}
 
 
 @pytest.mark.parametrize(

@@ -59,14 +59,15 @@ async def generate_pixels(target: str, settings: Settings, body: dict[str, Any])
 
 
 async def test_submit_status_result(target: str, tiny_sdxl: TinyModel, stack_settings: Settings) -> None:
-    def run() -> tuple[gen.RequestStatus, Any, gen.RequestStatus]:
+    def run() -> tuple[gen.RequestStatus, list[gen.RequestStatus], Any, gen.RequestStatus]:
         with Client(target) as client:
             request_id = client.submit(request(tiny_sdxl, num_images=2, image_format="jpeg"))
             first = client.status(request_id)
             statuses = list(client.stream_status(request_id, logs=True))
-            return first, client.result(request_id), client.status(request_id, logs=True)
+            return first, statuses, client.result(request_id), client.status(request_id, logs=True)
 
-    first, result, final = await asyncio.to_thread(run)
+    first, streamed, result, final = await asyncio.to_thread(run)
+    assert streamed[-1].state == COMPLETED and all(s.state != COMPLETED for s in streamed[:-1])
     assert first.state in (IN_QUEUE, IN_PROGRESS, COMPLETED)
     assert final.state == COMPLETED and not final.HasField("error")
     assert final.metrics.queue_wait_seconds >= 0 and final.metrics.inference_seconds > 0

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pytest_asyncio
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from ray import serve
 
@@ -113,15 +112,6 @@ async def test_redirect_to_a_private_address_fails_the_request_naming_the_field(
     assert final.state == gen.REQUEST_STATE_COMPLETED and final.error.type == "INVALID_INPUT"
     assert "input.loras[0].path" in final.error.message and route in final.error.message
     assert info.value.reason == "INVALID_INPUT"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

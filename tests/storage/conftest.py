@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from moto.server import ThreadedMotoServer
 from storage_testkit import FileServer
 
 from storage.fetch import FetchPolicy
@@ -31,11 +30,3 @@ def loopback_policy() -> FetchPolicy:
         max_image_pixels=256 * 256,
     )
 
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()

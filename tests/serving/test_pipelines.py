@@ -295,3 +295,16 @@ def test_byte_budget_evicts_least_recently_used_and_counts(tiny_models: dict[str
     assert values[("loraserve_cache_evictions_total", "gpu")] == 1
     assert values[("loraserve_cache_bytes", "gpu")] == cache.resident_lora_bytes
     assert values[("loraserve_adapter_load_seconds_count", None)] == 4
+
+
+def test_interleaved_loras_give_the_bytes_of_each_alone(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
+) -> None:
+    lora_a, lora_b = (str(path) for path in tiny_models["sdxl"].lora_paths[:2])
+    fresh = str(tiny_models["sdxl"].pipeline_dir)
+    alone_a = png_bytes(generate(load_pipeline(fresh), params(loras=[(lora_a, 1.0)]))[0])
+    alone_b = png_bytes(generate(load_pipeline(fresh), params(loras=[(lora_b, 0.6)]))[0])
+    shared = pipelines["sdxl"]
+    for _ in range(2):
+        assert png_bytes(generate(shared, params(loras=[(lora_a, 1.0)]))[0]) == alone_a
+        assert png_bytes(generate(shared, params(loras=[(lora_b, 0.6)]))[0]) == alone_b

@@ -32,6 +32,7 @@ from serving.params import params_from_input
 from serving.pipelines import (
     AdapterLoadError,
     GenerationCancelled,
+    GenerationParams,
     GenerationResult,
     LoadedPipeline,
     ModelLoadError,
@@ -145,19 +146,9 @@ class Worker:
             else:
                 yield _log(f"base model {inp.model_name} already loaded on this replica")
             params = params_from_input(inp, request.seed)
-            resolved: list[list[tuple[str, float]]] = []
-            async for event in self._in_thread(lambda emit, _stop: self._resolve_loras(inp, emit), resolved):
+            resolved: list[None] = []
+            async for event in self._in_thread(lambda emit, _stop: self._resolve_inputs(inp, params, emit), resolved):
                 yield event
-            params.loras = resolved[0]
-            embeddings: list[list[tuple[str, list[str]]]] = []
-            async for event in self._in_thread(lambda emit, _stop: self._resolve_embeddings(inp, emit), embeddings):
-                yield event
-            params.embeddings = embeddings[0]
-            if params.conditioning is not None:
-                cond = params.conditioning
-                done: list[None] = []
-                async for event in self._in_thread(lambda emit, _stop: self._resolve_conditioning(cond, emit), done):
-                    yield event
             safety_checker = await self._safety_checker() if params.enable_safety_checker else None
             yield _log(
                 f"generating {params.num_images} image(s) {params.width}x{params.height},"
@@ -227,6 +218,13 @@ class Worker:
             out.append(task.result())
         finally:
             self._load_listeners.pop(key, None)
+
+    def _resolve_inputs(self, inp: types_pb2.GenerateInput, params: GenerationParams, emit: Emit) -> None:
+        """Every file the request names becomes a checked local file or image before the pipeline is touched."""
+        params.loras = self._resolve_loras(inp, emit)
+        params.embeddings = self._resolve_embeddings(inp, emit)
+        if params.conditioning is not None:
+            self._resolve_conditioning(params.conditioning, emit)
 
     def _resolve_conditioning(self, cond: conditioning.Conditioning, emit: Emit) -> None:
         """ControlNet / IP-Adapter / IC-Light weights through the weights cache, their images through the fetcher."""

@@ -112,6 +112,8 @@ class Settings:
     # Weights downloads (URLs, Hugging Face): size cap and whole-transfer timeout.
     max_weights_bytes: int = 16 * 1024**3
     weights_total_timeout_seconds: float = 3600.0
+    # Disk budget of the node's weights cache for URL / upload / data-URI files (LRU; 0: unbounded).
+    max_weights_cache_bytes: int = 100 * 1024**3
     # Pickle weights (.ckpt, .bin, .pt) run code when loaded: refused unless the operator opts in.
     allow_pickle_weights: bool = False
     # Comma-separated content types an upload may have (detected from its bytes).

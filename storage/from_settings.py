@@ -58,7 +58,13 @@ def weights_cache(settings: Settings, store: ObjectStore) -> WeightsCache:
         max_bytes=settings.max_weights_bytes,
         total_timeout_seconds=settings.weights_total_timeout_seconds,
     )
-    return WeightsCache(settings.weights_dir, policy, allow_pickle=settings.allow_pickle_weights, store=store)
+    return WeightsCache(
+        settings.weights_dir,
+        policy,
+        allow_pickle=settings.allow_pickle_weights,
+        store=store,
+        max_blob_bytes=settings.max_weights_cache_bytes,
+    )
 
 
 def upload_content_types(settings: Settings) -> frozenset[str]:

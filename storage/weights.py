@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,12 +54,23 @@ class WeightsCache:
     """Turns a weights reference (path, URL, data URI, Hugging Face id) into a checked local path."""
 
     def __init__(
-        self, root: Path, policy: FetchPolicy, *, allow_pickle: bool = False, store: StoredFiles | None = None
+        self,
+        root: Path,
+        policy: FetchPolicy,
+        *,
+        allow_pickle: bool = False,
+        store: StoredFiles | None = None,
+        max_blob_bytes: int = 0,
+        min_blob_age_seconds: float = 300.0,
     ) -> None:
         self.root = root.resolve()
         self.policy = policy
         self.allow_pickle = allow_pickle
         self.store = store
+        # The disk tier's budget (0: unbounded). Blobs used within `min_blob_age_seconds` are
+        # never evicted: a request on this node may have the path in hand and not opened it yet.
+        self.max_blob_bytes = max_blob_bytes
+        self.min_blob_age_seconds = min_blob_age_seconds
         for folder in ("blobs", "index", "locks", "tmp", "hf"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
@@ -131,14 +143,45 @@ class WeightsCache:
         blob = self.root / "blobs" / f"{sha256}{suffix}"
         if not blob.exists():
             os.replace(tmp, blob)
+        else:
+            os.utime(blob)
+        self._evict_blobs(keep=blob)
         return blob
+
+    def _evict_blobs(self, keep: Path) -> None:
+        """Least recently used blobs (by mtime, touched on every use) go until the budget holds.
+
+        An evicted blob's index entries point at nothing and are downloaded again on next use.
+        """
+        if not self.max_blob_bytes:
+            return
+        blobs = []
+        for path in (self.root / "blobs").iterdir():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            blobs.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in blobs)
+        now = time.time()
+        for mtime, size, path in sorted(blobs):
+            if total <= self.max_blob_bytes:
+                return
+            if path == keep or now - mtime < self.min_blob_age_seconds:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
 
     def _lookup(self, index_file: Path) -> Path | None:
         try:
             blob = self.root / "blobs" / json.loads(index_file.read_bytes())["blob"]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-        return blob if blob.is_file() else None
+        try:
+            os.utime(blob)  # last use, for the disk tier's LRU
+        except FileNotFoundError:
+            return None
+        return blob
 
     def _content_suffix(self, path: Path, name: str, field: str, ref: str) -> str:
         """The suffix the blob gets, decided by its bytes: a renamed pickle is still refused."""

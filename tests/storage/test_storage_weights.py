@@ -209,3 +209,36 @@ def test_hugging_face_files_from_the_cache_are_checked_too(
     _seed_hub_cache(tmp_path / "hf", "org/evil", {"model.safetensors": FAKE_PICKLE})
     with pytest.raises(InputFetchError, match="named .safetensors but is not a safetensors file"):
         cache.resolve("org/evil", "model_name")
+
+
+def test_disk_budget_evicts_the_least_recently_used_blob(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    files = {f"/w{i}.safetensors": safetensors_bytes(values=1000, seed=i) for i in range(3)}
+    for path, data in files.items():
+        file_server.routes[path] = Route(data)
+    one = len(files["/w0.safetensors"])
+    cache = WeightsCache(tmp_path / "weights", loopback_policy, max_blob_bytes=2 * one, min_blob_age_seconds=0)
+    url = file_server.url
+    first = cache.resolve(url("/w0.safetensors"), "f")
+    cache.resolve(url("/w1.safetensors"), "f")
+    cache.resolve(url("/w0.safetensors"), "f")  # w0 used again: w1 is now the least recently used
+    cache.resolve(url("/w2.safetensors"), "f")
+    blobs = sorted((tmp_path / "weights" / "blobs").iterdir())
+    assert sum(p.stat().st_size for p in blobs) <= 2 * one
+    assert first in blobs and len(blobs) == 2
+    assert file_server.hits["/w0.safetensors"] == 1
+    cache.resolve(url("/w1.safetensors"), "f")  # evicted: fetched again, and still correct
+    assert file_server.hits["/w1.safetensors"] == 2
+
+
+def test_recently_used_blobs_survive_the_budget(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    file_server.routes["/a.safetensors"] = Route(safetensors_bytes(seed=1))
+    file_server.routes["/b.safetensors"] = Route(safetensors_bytes(seed=2))
+    cache = WeightsCache(tmp_path / "weights", loopback_policy, max_blob_bytes=1)
+    a = cache.resolve(file_server.url("/a.safetensors"), "f")
+    b = cache.resolve(file_server.url("/b.safetensors"), "f")
+    # Over budget, but both were used moments ago and may be about to be opened.
+    assert a.is_file() and b.is_file()

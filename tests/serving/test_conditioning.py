@@ -52,13 +52,6 @@ FAMILIES: list[Family] = ["sd15", "sdxl"]
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
@@ -77,14 +70,6 @@ def pipelines(models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
     return {family: load_pipeline(str(model.pipeline_dir)) for family, model in models.items()}
 
 
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def loaded(pipelines: dict[str, LoadedPipeline], family: str) -> LoadedPipeline:
-    return pipelines[family]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ accepted and has no effect. Models are built once for the module; images are 64Ã
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +42,6 @@ TILED = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Two intra-op threads on a shared 2-core box slow these tiny models down tens of times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
@@ -71,14 +63,6 @@ def checkers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SafetyChecke
     }
 
 
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def loaded(pipelines: dict[str, LoadedPipeline], family: str) -> LoadedPipeline:
-    return pipelines[family]
 
 
 def params(**overrides: object) -> GenerationParams:

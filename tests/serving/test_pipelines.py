@@ -40,14 +40,6 @@ def pipelines(tiny_models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
     return {family: load_pipeline(str(model.pipeline_dir)) for family, model in tiny_models.items()}
 
 
-@pytest.fixture(params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def loaded(pipelines: dict[str, LoadedPipeline], family: str) -> LoadedPipeline:
-    return pipelines[family]
 
 
 @pytest.fixture

@@ -32,7 +32,6 @@ import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.tuners.lora.layer import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from loraserve import schema
 from serving import embeddings as textual_inversion
@@ -322,19 +321,13 @@ class LoadedPipeline:
 
     def _adapter_layer_count(self, name: str) -> int:
         """Layers of the U-Net and text encoders that hold adapter `name`."""
-        components = (getattr(self.pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
-        return sum(
-            1
-            for component in components
-            if component is not None
-            for module in component.modules()
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {})
-        )
+        return sum(1 for layer in self._lora_layers() if name in layer.lora_A)
 
     def _discard_partial_adapter(self, name: str) -> None:
         """A failed load can leave the adapter in some components; remove it so later requests work."""
         if self._adapter_present(name):
             self.pipe.delete_adapters(name)
+            self._layers = None
 
     def _adapter_present(self, name: str) -> bool:
         return any(name in names for names in self.pipe.get_list_adapters().values())

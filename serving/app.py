@@ -81,7 +81,10 @@ class Worker:
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
         self._store = from_settings.object_store(settings)
-        self._weights = from_settings.weights_cache(settings, self._store)
+        self._metrics = WorkerMetrics()
+        if settings.worker_metrics_port:
+            self._metrics.serve(settings.worker_metrics_port)
+        self._weights = from_settings.weights_cache(settings, self._store, self._metrics.tier_observer("disk"))
         self._image_policy = from_settings.image_fetch_policy(settings)
         conditioning.set_cache_capacity(settings.max_conditioning_models_per_replica)
         self._generation_lock = asyncio.Lock()
@@ -89,9 +92,6 @@ class Worker:
         self._checker: SafetyChecker | None = None
         # Base-model key → where the request waiting for that load wants its progress lines.
         self._load_listeners: dict[str, Callable[[str], None]] = {}
-        self._metrics = WorkerMetrics()
-        if settings.worker_metrics_port:
-            self._metrics.serve(settings.worker_metrics_port)
 
         async def load(key: str) -> LoadedPipeline:
             return await asyncio.to_thread(self._load, key)

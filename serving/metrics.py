@@ -36,6 +36,9 @@ class WorkerMetrics:
         self.cache_evictions = Counter(
             "loraserve_cache_evictions", "Entries evicted from a tier.", ["tier"], registry=self.registry
         )
+        self.cache_evicted_bytes = Counter(
+            "loraserve_cache_evicted_bytes", "Bytes freed by evictions from a tier.", ["tier"], registry=self.registry
+        )
         self.cache_bytes = Gauge("loraserve_cache_bytes", "Bytes held by a tier.", ["tier"], registry=self.registry)
         self.generation_seconds = Histogram(
             "loraserve_worker_generation_seconds",
@@ -47,6 +50,9 @@ class WorkerMetrics:
             "loraserve_worker_requests", "Requests this replica ended, by outcome.", ["outcome"], registry=self.registry
         )
 
+    def tier_observer(self, tier: str) -> TierObserver:
+        return TierObserver(self, tier)
+
     def serve(self, port: int) -> bool:
         """Starts the /metrics endpoint; False when the port is already taken on this node."""
         try:
@@ -55,3 +61,27 @@ class WorkerMetrics:
             log.warning("worker metrics port taken; this replica is not scraped", extra={"port": port, "error": str(exc)})
             return False
         return True
+
+
+class TierObserver:
+    """Feeds one tier's series from a cache that must not know Prometheus (it satisfies storage's `CacheObserver`)."""
+
+    def __init__(self, metrics: WorkerMetrics, tier: str) -> None:
+        self._hits = metrics.cache_hits.labels(tier=tier)
+        self._misses = metrics.cache_misses.labels(tier=tier)
+        self._evictions = metrics.cache_evictions.labels(tier=tier)
+        self._evicted_bytes = metrics.cache_evicted_bytes.labels(tier=tier)
+        self._bytes = metrics.cache_bytes.labels(tier=tier)
+
+    def on_hit(self) -> None:
+        self._hits.inc()
+
+    def on_miss(self) -> None:
+        self._misses.inc()
+
+    def on_evict(self, size_bytes: int) -> None:
+        self._evictions.inc()
+        self._evicted_bytes.inc(size_bytes)
+
+    def on_bytes(self, total_bytes: int) -> None:
+        self._bytes.set(total_bytes)

@@ -9,7 +9,7 @@ from storage.factory import make_object_store
 from storage.fetch import FetchPolicy
 from storage.object_store import ObjectStore
 from storage.s3 import S3Settings
-from storage.weights import WeightsCache
+from storage.weights import CacheObserver, WeightsCache
 
 
 def _csv(value: str) -> frozenset[str]:
@@ -52,7 +52,7 @@ def image_fetch_policy(settings: Settings) -> FetchPolicy:
     )
 
 
-def weights_cache(settings: Settings, store: ObjectStore) -> WeightsCache:
+def weights_cache(settings: Settings, store: ObjectStore, observer: CacheObserver | None = None) -> WeightsCache:
     policy = dataclasses.replace(
         image_fetch_policy(settings),
         max_bytes=settings.max_weights_bytes,
@@ -64,6 +64,7 @@ def weights_cache(settings: Settings, store: ObjectStore) -> WeightsCache:
         allow_pickle=settings.allow_pickle_weights,
         store=store,
         max_blob_bytes=settings.max_weights_cache_bytes,
+        observer=observer,
     )
 
 

@@ -7,6 +7,10 @@ uncached URL wait for one download instead of starting their own. Hugging Face r
 through `huggingface_hub` (its own cache under `hf/`, its offline mode), fetching only
 safetensors and small config files. Pickle files can run code when loaded, so they are
 refused unless the operator opts in, and a file that claims to be safetensors must be one.
+
+Blobs and Hugging Face repo folders share one disk budget, least recently used first. The
+cache reports hits, misses, evictions and its size to an optional `CacheObserver`, so the
+serving side can export them without storage knowing about metrics.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
 import huggingface_hub
@@ -36,6 +43,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import repo_folder_name
 
 from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, decode_data_uri, fetch_to, redact_url
 from storage.sniff import looks_like_safetensors
@@ -50,6 +58,37 @@ PROGRESS_STEP_BYTES_UNKNOWN_TOTAL = 10_000_000
 _TRUE = {"1", "on", "yes", "true"}
 
 
+class CacheObserver(Protocol):
+    """Whoever wants the disk tier's numbers (the worker's metrics) implements this; storage stays unaware of them.
+
+    A hit is a URL, data URI or repo already on disk; a miss is one that had to be fetched or
+    written (counted even when the fetch then fails). Local paths are neither.
+    """
+
+    def on_hit(self) -> None: ...
+
+    def on_miss(self) -> None: ...
+
+    def on_evict(self, size_bytes: int) -> None: ...
+
+    def on_bytes(self, total_bytes: int) -> None:
+        """The whole node's count, read from the disk: the replicas of a node share the folder."""
+
+
+class _Unobserved:
+    def on_hit(self) -> None:
+        pass
+
+    def on_miss(self) -> None:
+        pass
+
+    def on_evict(self, size_bytes: int) -> None:
+        pass
+
+    def on_bytes(self, total_bytes: int) -> None:
+        pass
+
+
 class WeightsCache:
     """Turns a weights reference (path, URL, data URI, Hugging Face id) into a checked local path."""
 
@@ -62,17 +101,21 @@ class WeightsCache:
         store: StoredFiles | None = None,
         max_blob_bytes: int = 0,
         min_blob_age_seconds: float = 300.0,
+        observer: CacheObserver | None = None,
     ) -> None:
         self.root = root.resolve()
         self.policy = policy
         self.allow_pickle = allow_pickle
         self.store = store
-        # The disk tier's budget (0: unbounded). Blobs used within `min_blob_age_seconds` are
-        # never evicted: a request on this node may have the path in hand and not opened it yet.
+        # The disk tier's budget (0: unbounded), blobs and Hugging Face repos together. Entries
+        # used within `min_blob_age_seconds` are never evicted: a request on this node may have
+        # the path in hand and not opened it yet.
         self.max_blob_bytes = max_blob_bytes
         self.min_blob_age_seconds = min_blob_age_seconds
+        self._observer: CacheObserver = observer or _Unobserved()
         for folder in ("blobs", "index", "locks", "tmp", "hf"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self._observer.on_bytes(sum(size for _, size, _ in self._entries()))
 
     def resolve(
         self,
@@ -107,11 +150,14 @@ class WeightsCache:
         digest = hashlib.sha256(index_key.encode()).hexdigest()
         index_file = self.root / "index" / f"{digest}.json"
         if (cached := self._lookup(index_file)) is not None:
+            self._observer.on_hit()
             return cached
         lock_file = self.root / "locks" / f"{digest}.lock"
         with _exclusive(lock_file, lambda: report(f"waiting for {name}: another request is downloading it")):
             if (cached := self._lookup(index_file)) is not None:
+                self._observer.on_hit()
                 return cached
+            self._observer.on_miss()
             blob = self._download(url, field, name, report)
             _write_atomically(index_file, json.dumps({"url": redact_url(url), "blob": blob.name}).encode())
             return blob
@@ -123,7 +169,7 @@ class WeightsCache:
             with os.fdopen(fd, "wb") as handle:
                 sink = _HashingSink(handle)
                 fetch_to(url, field, self.policy, sink, store=self.store, on_progress=_ProgressReporter(name, report))
-            return self._commit(tmp, sink.sha256.hexdigest(), self._content_suffix(tmp, name, field, url))
+            return self._commit(tmp, sink.sha256.hexdigest(), self._content_suffix(tmp, name, field, url))[0]
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -134,43 +180,66 @@ class WeightsCache:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            return self._commit(tmp, hashlib.sha256(data).hexdigest(), self._content_suffix(tmp, "", field, uri))
+            blob, new = self._commit(tmp, hashlib.sha256(data).hexdigest(), self._content_suffix(tmp, "", field, uri))
         finally:
             tmp.unlink(missing_ok=True)
+        if new:
+            self._observer.on_miss()
+        else:
+            self._observer.on_hit()
+        return blob
 
-    def _commit(self, tmp: Path, sha256: str, suffix: str) -> Path:
-        """Same content, same blob: a second copy is dropped, and the rename is atomic for readers."""
+    def _commit(self, tmp: Path, sha256: str, suffix: str) -> tuple[Path, bool]:
+        """Same content, same blob: a second copy is dropped (False), and the rename is atomic for readers."""
         blob = self.root / "blobs" / f"{sha256}{suffix}"
-        if not blob.exists():
+        new = not blob.exists()
+        if new:
             os.replace(tmp, blob)
         else:
             os.utime(blob)
-        self._evict_blobs(keep=blob)
-        return blob
+        self._evict(keep=blob)
+        return blob, new
 
-    def _evict_blobs(self, keep: Path) -> None:
-        """Least recently used blobs (by mtime, touched on every use) go until the budget holds.
+    def _evict(self, keep: Path) -> None:
+        """Least recently used entries go until the budget holds; the size left is reported either way.
 
-        An evicted blob's index entries point at nothing and are downloaded again on next use.
+        An evicted blob's index entries point at nothing and are downloaded again on next use; so
+        is an evicted Hugging Face repo. Replicas may evict at once: the same order makes them
+        pick the same victims, and only the one that removes an entry counts it.
         """
-        if not self.max_blob_bytes:
-            return
-        blobs = []
+        entries = self._entries()
+        total = sum(size for _, size, _ in entries)
+        budget = self.max_blob_bytes or math.inf
+        now = time.time()
+        for last_use, size, path in sorted(entries):
+            if total <= budget:
+                break
+            if path == keep or now - last_use < self.min_blob_age_seconds:
+                continue
+            if _remove(path, self.root / "tmp"):
+                self._observer.on_evict(size)
+            total -= size
+        self._observer.on_bytes(total)
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, bytes, path) of what the budget counts: each blob, and each Hugging Face repo as a whole.
+
+        A repo's snapshots link into its own `blobs/` and its `refs/` name the snapshots, so
+        removing anything less than the whole folder could leave huggingface_hub a broken repo.
+        Its dot folders (`.locks`) hold no weights and may be in use by a download.
+        """
+        entries = []
         for path in (self.root / "blobs").iterdir():
             try:
-                stat = path.stat()
+                blob = path.stat()
             except FileNotFoundError:
                 continue
-            blobs.append((stat.st_mtime, stat.st_size, path))
-        total = sum(size for _, size, _ in blobs)
-        now = time.time()
-        for mtime, size, path in sorted(blobs):
-            if total <= self.max_blob_bytes:
-                return
-            if path == keep or now - mtime < self.min_blob_age_seconds:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
+            entries.append((blob.st_mtime, blob.st_size, path))
+        for repo in (self.root / "hf").iterdir():
+            if repo.is_dir() and not repo.name.startswith("."):
+                last_use, size = _folder_usage(repo)
+                entries.append((last_use, size, repo))
+        return entries
 
     def _lookup(self, index_file: Path) -> Path | None:
         try:
@@ -230,6 +299,10 @@ class WeightsCache:
         if file_name is not None:
             self._refuse_pickle_name(file_name, field, repo_id)
         report(f"fetching {what}{'/' + file_name if file_name else ''} from Hugging Face")
+        repo = self.root / "hf" / repo_folder_name(repo_id=repo_id, repo_type="model")
+        with suppress(FileNotFoundError):
+            os.utime(repo)  # last use, before the hub call: a cached repo must not be evicted under it
+        _, bytes_before = _folder_usage(repo)
         try:
             if file_name is not None:
                 path = huggingface_hub.hf_hub_download(
@@ -242,8 +315,16 @@ class WeightsCache:
                     cache_dir=self.root / "hf",
                     local_files_only=offline,
                 )
-        except (EntryNotFoundError, HFValidationError, OSError) as exc:
+        except HFValidationError as exc:  # not a repo id at all, so no cache lookup
             raise InputFetchError(field, repo_id, _hub_reason(exc, offline)) from None
+        except (EntryNotFoundError, OSError) as exc:
+            self._observer.on_miss()
+            raise InputFetchError(field, repo_id, _hub_reason(exc, offline)) from None
+        if _folder_usage(repo)[1] > bytes_before:
+            self._observer.on_miss()
+            self._evict(keep=repo)
+        else:
+            self._observer.on_hit()
         if file_name is not None:
             self._content_suffix(Path(path), file_name, field, repo_id)
             return Path(path)
@@ -299,6 +380,46 @@ def _exclusive(lock_file: Path, on_wait: Callable[[], None]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _folder_usage(folder: Path) -> tuple[float, int]:
+    """Newest mtime of anything inside (the folder itself included, touched on every use) and bytes of its files.
+
+    lstat, so a snapshot's symlinks are not counted again as the blobs they point at. A
+    missing folder (never fetched, or just evicted by another replica) is (0, 0).
+    """
+    last_use, size = 0.0, 0
+    for dirpath, _dirs, names in os.walk(folder):
+        for path in (dirpath, *(os.path.join(dirpath, name) for name in names)):
+            try:
+                entry = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            last_use = max(last_use, entry.st_mtime)
+            if stat.S_ISREG(entry.st_mode):
+                size += entry.st_size
+    return last_use, size
+
+
+def _remove(path: Path, trash: Path) -> bool:
+    """False when another replica removed it first.
+
+    A repo folder is first renamed out of `hf/` in one step, so huggingface_hub never finds it half deleted.
+    """
+    if not path.is_dir():
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+    bin_folder = Path(tempfile.mkdtemp(dir=trash, prefix="evict-"))
+    try:
+        os.rename(path, bin_folder / path.name)
+    except FileNotFoundError:
+        return False
+    finally:
+        shutil.rmtree(bin_folder, ignore_errors=True)
+    return True
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import multiprocessing
+import os
 import re
 import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -174,16 +177,20 @@ def test_hugging_face_id_in_offline_mode_gives_a_clear_error(
         cache.resolve("some-org/some-lora", "loras[0].path", weight_name="adapter_model.bin")
 
 
-def _seed_hub_cache(hf_cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
-    """Lays files out the way huggingface_hub's cache does, so offline mode finds them."""
+def _seed_hub_cache(hf_cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Lays files out the way huggingface_hub's cache does (snapshot links into blobs/), so offline mode finds them."""
     repo = hf_cache / f"models--{repo_id.replace('/', '--')}"
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
     for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
         path = repo / "snapshots" / commit / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        path.symlink_to(os.path.relpath(blob, path.parent))
+    return repo
 
 
 def test_hugging_face_files_from_the_cache_are_checked_too(
@@ -242,3 +249,161 @@ def test_recently_used_blobs_survive_the_budget(
     b = cache.resolve(file_server.url("/b.safetensors"), "f")
     # Over budget, but both were used moments ago and may be about to be opened.
     assert a.is_file() and b.is_file()
+
+
+@dataclass
+class RecordingObserver:
+    hits: int = 0
+    misses: int = 0
+    evicted: list[int] = field(default_factory=list)
+    total_bytes: int | None = None
+
+    def on_hit(self) -> None:
+        self.hits += 1
+
+    def on_miss(self) -> None:
+        self.misses += 1
+
+    def on_evict(self, size_bytes: int) -> None:
+        self.evicted.append(size_bytes)
+
+    def on_bytes(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+
+
+def _age(folder: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    for path in [folder, *folder.rglob("*")]:
+        os.utime(path, (then, then), follow_symlinks=False)
+
+
+def _data_uri(data: bytes) -> str:
+    return f"data:application/octet-stream;base64,{base64.b64encode(data).decode()}"
+
+
+def test_observer_counts_downloads_as_misses_and_cached_references_as_hits(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    url_data, uri_data = safetensors_bytes(seed=1), safetensors_bytes(values=500, seed=2)
+    file_server.routes["/a.safetensors"] = Route(url_data)
+    seen = RecordingObserver()
+    cache = WeightsCache(tmp_path / "weights", loopback_policy, observer=seen)
+    assert seen.total_bytes == 0
+    cache.resolve(file_server.url("/a.safetensors"), "f")
+    cache.resolve(file_server.url("/a.safetensors"), "f")
+    assert (seen.hits, seen.misses) == (1, 1)
+    cache.resolve(_data_uri(uri_data), "f")
+    cache.resolve(_data_uri(uri_data), "f")
+    assert (seen.hits, seen.misses) == (2, 2)
+    local = tmp_path / "local.safetensors"
+    local.write_bytes(url_data)
+    cache.resolve(str(local), "f")
+    assert (seen.hits, seen.misses, seen.evicted) == (2, 2, [])
+    assert seen.total_bytes == len(url_data) + len(uri_data)
+    file_server.routes["/broken.safetensors"] = Route(b"gone", status=404)
+    with pytest.raises(InputFetchError):
+        cache.resolve(file_server.url("/broken.safetensors"), "f")
+    assert seen.misses == 3
+    # Another replica starting on the node reports what is already there.
+    again = RecordingObserver()
+    WeightsCache(tmp_path / "weights", loopback_policy, observer=again)
+    assert again.total_bytes == len(url_data) + len(uri_data)
+
+
+def test_observer_sees_each_eviction_with_the_bytes_it_freed(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    files = {f"/w{i}.safetensors": safetensors_bytes(values=1000 + 100 * i, seed=i) for i in range(3)}
+    for path, data in files.items():
+        file_server.routes[path] = Route(data)
+    s0, s1, s2 = (len(data) for data in files.values())
+    seen = RecordingObserver()
+    cache = WeightsCache(
+        tmp_path / "weights", loopback_policy, max_blob_bytes=s1 + s2, min_blob_age_seconds=0, observer=seen
+    )
+    for path in files:
+        cache.resolve(file_server.url(path), "f")
+    assert seen.evicted == [s0]
+    assert seen.total_bytes == s1 + s2
+    cache.resolve(file_server.url("/w0.safetensors"), "f")  # w1 is now the least recently used
+    assert seen.evicted == [s0, s1]
+    assert seen.total_bytes == s0 + s2
+    assert (seen.hits, seen.misses) == (0, 4)
+
+
+def test_hugging_face_repos_count_toward_the_budget_and_go_whole_when_old(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    root = tmp_path / "weights"
+    old_files = {"model_index.json": b"{}", "unet/diffusion_pytorch_model.safetensors": safetensors_bytes(2000, 1)}
+    old = _seed_hub_cache(root / "hf", "org/old", old_files)
+    recent = _seed_hub_cache(root / "hf", "org/recent", {"lora.safetensors": safetensors_bytes(700, 2)})
+    (root / "hf" / ".locks" / old.name).mkdir(parents=True)
+    (root / "hf" / ".locks" / old.name / "x.lock").write_bytes(b"held by a download")
+    _age(old, 3600)
+    old_bytes = sum(len(data) for data in old_files.values()) + len("0" * 40)
+    recent_bytes = len(safetensors_bytes(700, 2)) + len("0" * 40)
+    url_data = safetensors_bytes(seed=3)
+    file_server.routes["/new.safetensors"] = Route(url_data)
+    seen = RecordingObserver()
+    # The budget is below what the recent repo and the new blob need: only the old repo may go.
+    cache = WeightsCache(root, loopback_policy, max_blob_bytes=len(url_data), min_blob_age_seconds=60, observer=seen)
+    assert seen.total_bytes == old_bytes + recent_bytes  # the snapshots' links are not counted twice
+    blob = cache.resolve(file_server.url("/new.safetensors"), "f")
+    assert seen.evicted == [old_bytes]
+    assert seen.total_bytes == recent_bytes + len(url_data)
+    assert not old.exists() and recent.is_dir() and blob.is_file()
+    assert (root / "hf" / ".locks" / old.name / "x.lock").is_file()
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_hugging_face_repos_read_from_disk_are_hits_and_kept_while_in_use(
+    tmp_path: Path, loopback_policy: FetchPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "weights"
+    lora = safetensors_bytes(seed=4)
+    repo = _seed_hub_cache(root / "hf", "org/style-lora", {"lora.safetensors": lora})
+    _age(repo, 3600)
+    seen = RecordingObserver()
+    cache = WeightsCache(root, loopback_policy, max_blob_bytes=1, min_blob_age_seconds=60, observer=seen)
+    cache.resolve("org/style-lora", "f", weight_name="lora.safetensors")
+    assert (seen.hits, seen.misses) == (1, 0)
+    with pytest.raises(InputFetchError, match="HF_HUB_OFFLINE"):
+        cache.resolve("org/absent", "f")
+    assert (seen.hits, seen.misses) == (1, 1)
+    cache.resolve(_data_uri(safetensors_bytes(values=10, seed=5)), "f")  # over budget: evicts what it can
+    assert seen.evicted == [] and repo.is_dir()  # used a moment ago
+    _age(repo, 3600)
+    cache.resolve(_data_uri(safetensors_bytes(values=10, seed=6)), "f")
+    assert seen.evicted == [len(lora) + len("0" * 40)] and not repo.exists()
+    with pytest.raises(InputFetchError, match="HF_HUB_OFFLINE"):
+        cache.resolve("org/style-lora", "f", weight_name="lora.safetensors")
+
+
+def test_a_hugging_face_download_is_a_miss_and_enforces_the_budget(
+    tmp_path: Path, loopback_policy: FetchPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "weights"
+    lora = safetensors_bytes(seed=7)
+    old_blob = WeightsCache(root, loopback_policy).resolve(_data_uri(safetensors_bytes(values=50, seed=8)), "f")
+    os.utime(old_blob, (time.time() - 3600,) * 2)
+    old_blob_bytes = old_blob.stat().st_size
+
+    def download(repo_id: str, filename: str, **_kwargs: object) -> str:
+        """Stands in for the network: writes what huggingface_hub would, where it would."""
+        repo = root / "hf" / f"models--{repo_id.replace('/', '--')}"
+        if not repo.exists():
+            _seed_hub_cache(root / "hf", repo_id, {filename: lora})
+        return str(repo / "snapshots" / ("0" * 40) / filename)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    seen = RecordingObserver()
+    cache = WeightsCache(root, loopback_policy, max_blob_bytes=1, min_blob_age_seconds=60, observer=seen)
+    path = cache.resolve("org/new-lora", "f", weight_name="lora.safetensors")
+    assert (seen.hits, seen.misses) == (0, 1)
+    assert seen.evicted == [old_blob_bytes]
+    assert not old_blob.exists() and path.read_bytes() == lora
+    assert seen.total_bytes == len(lora) + len("0" * 40)
+    cache.resolve("org/new-lora", "f", weight_name="lora.safetensors")
+    assert (seen.hits, seen.misses) == (1, 1)

@@ -9,6 +9,7 @@ requests at once. Outputs go straight to the object store; only file records ret
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import threading
@@ -27,6 +28,7 @@ from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
 from serving import conditioning
+from serving.lora_cache import HostLoraCache
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
 from serving.pipelines import (
@@ -37,8 +39,10 @@ from serving.pipelines import (
     LoadedPipeline,
     ModelLoadError,
     OptionUnavailableError,
+    PipelineReleased,
     generate_result,
     load_pipeline,
+    lora_file,
 )
 from serving.safety import SafetyChecker, load_safety_checker
 from storage import from_settings
@@ -58,6 +62,8 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     OptionUnavailableError: ErrorType.INVALID_INPUT,
 }
 
+# Lookups of a request's pipeline; another request's load can evict it between lookup and use.
+PIPELINE_ATTEMPTS = 3
 T = TypeVar("T")
 Emit = Callable[[worker_pb2.GenerateResponse | None], None]
 ThreadWork = Callable[[Emit, threading.Event], T]
@@ -86,6 +92,7 @@ class Worker:
             self._metrics.serve(settings.worker_metrics_port)
         self._weights = from_settings.weights_cache(settings, self._store, self._metrics.tier_observer("disk"))
         self._image_policy = from_settings.image_fetch_policy(settings)
+        self._host_loras = HostLoraCache(settings.max_host_lora_bytes, metrics=self._metrics)
         conditioning.set_cache_capacity(settings.max_conditioning_models_per_replica)
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
@@ -123,6 +130,7 @@ class Worker:
                 max_loras=self._settings.max_loras_per_pipeline,
                 max_lora_bytes=self._settings.max_lora_bytes_per_pipeline,
                 metrics=self._metrics,
+                host_loras=self._host_loras,
                 label=ref.model_name,
                 unet=str(unet) if unet is not None else None,
                 unet_label=ref.unet_name or None,
@@ -132,12 +140,23 @@ class Worker:
     async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         started = time.perf_counter()
         inp = request.input
+        holding = contextlib.ExitStack()
         try:
             loads_before = self._pipeline_loads
             pipelines: list[LoadedPipeline] = []
-            async for event in self._loading(serve.get_multiplexed_model_id(), pipelines):
-                yield event
-            loaded = pipelines[0]
+            for _ in range(PIPELINE_ATTEMPTS):
+                async for event in self._loading(serve.get_multiplexed_model_id(), pipelines):
+                    yield event
+                try:
+                    # Taken on the event loop right after the lookup: an eviction from now on
+                    # waits for this request to end before it frees the weights.
+                    holding.enter_context(pipelines[-1].in_use())
+                    break
+                except PipelineReleased:
+                    yield _log("base model was unloaded from this replica just now; loading it again")
+            else:
+                raise ModelLoadError(f"model {inp.model_name!r} kept being unloaded from this replica; retry later")
+            loaded = pipelines[-1]
             load_seconds = time.perf_counter() - started
             hot = self._pipeline_loads == loads_before
             (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
@@ -186,6 +205,8 @@ class Worker:
             failure = _failure(exc, request.request_id)
             self._metrics.requests.labels(outcome=failure.failure.type.lower()).inc()
             yield failure
+        finally:
+            holding.close()
 
     async def _safety_checker(self) -> SafetyChecker | None:
         """Loaded once per replica on first use; None when the operator configured none."""
@@ -237,18 +258,25 @@ class Worker:
         )
 
     async def Prefetch(self, request: worker_pb2.PrefetchRequest) -> worker_pb2.PrefetchResponse:
-        """While a request waits in the gateway's queue, its LoRA files land in the node's weights cache.
+        """While a request waits in the gateway's queue, its LoRAs are downloaded and parsed into host RAM.
 
-        Only files: a LoRA becomes resident in a pipeline when its request runs, so a request
-        that is cancelled while waiting costs no GPU memory. Failures are left for the request
-        itself to report.
+        Not onto the GPU: a LoRA becomes resident in a pipeline when its request runs, so a
+        request that is cancelled while waiting costs no GPU memory. Failures are left for the
+        request itself to report.
         """
         try:
-            resolved = await asyncio.to_thread(self._resolve_loras, request.input, lambda _event: None)
-        except InputFetchError as exc:
+            resolved = await asyncio.to_thread(self._prefetch_loras, request.input)
+        except (InputFetchError, AdapterLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
             return worker_pb2.PrefetchResponse()
-        return worker_pb2.PrefetchResponse(adapters_ready=len(resolved))
+        return worker_pb2.PrefetchResponse(adapters_ready=resolved)
+
+    def _prefetch_loras(self, inp: types_pb2.GenerateInput) -> int:
+        """Into the node's weights cache on disk, then parsed into this replica's host-RAM tier."""
+        resolved = self._resolve_loras(inp, lambda _event: None)
+        for path, _scale in resolved:
+            self._host_loras.get(lora_file(path))
+        return len(resolved)
 
     def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
         """URLs, data URIs and stored files become checked local files in the node's weights cache."""

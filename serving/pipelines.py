@@ -18,19 +18,20 @@ modules (LoRA activation included) is undone in a `finally`.
 from __future__ import annotations
 
 import copy
-import hashlib
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 import safetensors
-import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from peft.tuners.lora.layer import LoraLayer
 
 from loraserve import schema
@@ -38,6 +39,8 @@ from serving import embeddings as textual_inversion
 from serving import latents as debug_files
 from serving import prompts, schedulers, tiling, unets
 from serving.latents import OutputFile
+from serving.lora_cache import HostLoraCache, LoraFileError, ParsedLora, adapter_name, parse_lora_file
+from serving.memory import return_freed_memory
 from serving.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
@@ -48,14 +51,6 @@ if TYPE_CHECKING:
 GPU_TIER = "gpu"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-# The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
-LORA_DOWN_SUFFIXES = (
-    ".lora_A.weight",
-    ".lora_down.weight",
-    ".lora.down.weight",
-    "_lora.down.weight",
-    ".lora_linear_layer.down.weight",
-)
 # Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
 SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
 MAX_REASON_CHARS = 400
@@ -67,6 +62,10 @@ class ModelLoadError(Exception):
 
 class AdapterLoadError(Exception):
     """A LoRA could not be loaded; the message names the file and the reason."""
+
+
+class PipelineReleased(ModelLoadError):
+    """The pipeline was evicted and its memory freed before this request could use it; load it again."""
 
 
 class GenerationCancelled(Exception):
@@ -149,6 +148,7 @@ class LoadedPipeline:
         max_loras: int = 16,
         max_lora_bytes: int = 0,
         metrics: WorkerMetrics | None = None,
+        host_loras: HostLoraCache | None = None,
     ) -> None:
         if max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, got {max_loras}")
@@ -159,12 +159,18 @@ class LoadedPipeline:
         # Bytes of LoRA weights kept resident on this pipeline's device; 0: only the count bounds it.
         self.max_lora_bytes = max_lora_bytes
         self._metrics = metrics
+        # The replica's host-RAM tier, shared by its pipelines; None: files are parsed on every load.
+        self._host_loras = host_loras
         # adapter name → source path, least recently used first
         self._resident: OrderedDict[str, Path] = OrderedDict()
         self._sizes: dict[str, int] = {}
-        self._released = False
         self._layers: list[LoraLayer] | None = None
         self._embeddings = textual_inversion.LoadedEmbeddings()
+        # Requests running on this pipeline; an eviction while one runs frees the memory when it ends.
+        self._users = 0
+        self._released = False
+        self._freed = False
+        self._state_lock = threading.Lock()
 
     @property
     def resident_loras(self) -> list[Path]:
@@ -176,8 +182,8 @@ class LoadedPipeline:
         if not loras:
             self.deactivate_loras()
             return
-        files = [_lora_file(path) for path, _ in loras]
-        names = [_adapter_name(file) for file in files]
+        files = [lora_file(path) for path, _ in loras]
+        names = [adapter_name(file) for file in files]
         for file, name in zip(files, names):
             self._ensure_resident(file, name, protected=set(names))
         scales: dict[str, float] = {}
@@ -277,11 +283,54 @@ class LoadedPipeline:
         if self._metrics is not None:
             self._metrics.cache_bytes.labels(tier=GPU_TIER).inc(delta)
 
-    def __del__(self) -> None:
-        """Ray Serve calls this when it unloads the pipeline: its adapters leave the tier's gauge."""
-        if not self._released:
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held by each request for its whole run, so that an eviction never frees weights under it."""
+        with self._state_lock:
+            if self._freed:
+                raise PipelineReleased(f"model {self.model_name!r} was unloaded from this replica")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._users -= 1
+                free_now = self._released and not self._users
+            if free_now:
+                self._free()
+
+    def release(self) -> None:
+        """Gives the pipeline's memory back now, or when its last running request ends.
+
+        Dropping references is not enough: request views, the conditioning cache and reference
+        cycles inside diffusers can keep modules alive, so the weights themselves are replaced by
+        storage-less meta tensors, and the allocator is asked to hand the freed memory back.
+        """
+        with self._state_lock:
+            if self._released:
+                return
             self._released = True
-            self._track_bytes(-self.resident_lora_bytes)
+            free_now = not self._users
+        if free_now:
+            self._free()
+
+    def _free(self) -> None:
+        with self._state_lock:
+            if self._freed:
+                return
+            self._freed = True
+        self._track_bytes(-self.resident_lora_bytes)
+        self._resident.clear()
+        self._sizes.clear()
+        self._layers = None
+        for component in self.pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.to("meta")
+        return_freed_memory()
+
+    def __del__(self) -> None:
+        """Ray Serve's multiplexer calls this when it evicts the pipeline (least recently used)."""
+        self.release()
 
     def _evict_for_one_more(self, protected: set[str]) -> None:
         """Free one slot if full; adapters the current request uses are never evicted."""
@@ -289,16 +338,19 @@ class LoadedPipeline:
         while len(self._resident) >= self.max_loras and evictable:
             self._evict(evictable.pop(0))
 
-    def _load_adapter(self, path: Path, name: str) -> None:
-        """diffusers/PEFT and kohya/A1111 files alike; a LoRA only part of which fits is refused whole.
-
-        Loaded by path, not as a state dict, so diffusers also reads the file's LoRA metadata
-        (`lora_alpha`, rank / alpha patterns); a state dict would silently drop it (alpha = rank).
-        use_safetensors=True makes diffusers raise rather than fall back to a pickle file.
-        """
-        file_layers = _lora_layer_count(path)
+    def _parsed(self, path: Path) -> ParsedLora:
+        """From the host-RAM tier when there is one; the file is read at most once per replica."""
         try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name, use_safetensors=True)
+            return self._host_loras.get(path) if self._host_loras is not None else parse_lora_file(path)
+        except LoraFileError as exc:
+            raise AdapterLoadError(f"LoRA {str(path)!r}: {exc}") from exc
+
+    def _load_adapter(self, path: Path, name: str) -> None:
+        """diffusers/PEFT and kohya/A1111 files alike; a LoRA only part of which fits is refused whole."""
+        parsed = self._parsed(path)
+        file_layers = parsed.layer_count
+        try:
+            load_parsed_lora(self.pipe, parsed, sdxl=self.family == "sdxl")
         except Exception as exc:
             self._discard_partial_adapter(name)
             raise AdapterLoadError(
@@ -342,6 +394,7 @@ def load_pipeline(
     max_loras: int = 16,
     max_lora_bytes: int = 0,
     metrics: WorkerMetrics | None = None,
+    host_loras: HostLoraCache | None = None,
     label: str | None = None,
     unet: str | None = None,
     unet_label: str | None = None,
@@ -378,7 +431,13 @@ def load_pipeline(
         raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
     return LoadedPipeline(
-        pipe, family=family, model_name=label, max_loras=max_loras, max_lora_bytes=max_lora_bytes, metrics=metrics
+        pipe,
+        family=family,
+        model_name=label,
+        max_loras=max_loras,
+        max_lora_bytes=max_lora_bytes,
+        metrics=metrics,
+        host_loras=host_loras,
     )
 
 
@@ -415,18 +474,19 @@ def generate_result(
             "enable_safety_checker: this server has no safety checker model configured, so images cannot be "
             "checked; leave enable_safety_checker off or ask the operator to configure one",
         )
-    view, call_kwargs = _prepare(loaded.pipe, params)
-    try:
-        loaded.activate_loras(params.loras)
-        loaded.load_embeddings(params.embeddings)
-        # Imported here: serving.conditioning imports this module's errors.
-        from serving.conditioning import applied
+    with loaded.in_use():
+        view, call_kwargs = _prepare(loaded.pipe, params)
+        try:
+            loaded.activate_loras(params.loras)
+            loaded.load_embeddings(params.embeddings)
+            # Imported here: serving.conditioning imports this module's errors.
+            from serving.conditioning import applied
 
-        with applied(loaded, view, params, call_kwargs) as (view, call_kwargs):
-            result = _denoise(view, params, call_kwargs, on_step, should_stop)
-    finally:
-        loaded.unload_embeddings()
-        loaded.deactivate_loras()
+            with applied(loaded, view, params, call_kwargs) as (view, call_kwargs):
+                result = _denoise(view, params, call_kwargs, on_step, should_stop)
+        finally:
+            loaded.unload_embeddings()
+            loaded.deactivate_loras()
     if params.enable_safety_checker:
         assert safety_checker is not None
         result.images, result.has_nsfw_concepts = safety_checker.censor(result.images)
@@ -635,7 +695,7 @@ def _detect_family(pipe: DiffusionPipeline, model_name: str) -> str:
     )
 
 
-def _lora_file(path: str) -> Path:
+def lora_file(path: str) -> Path:
     """A LoRA is a .safetensors file, or a folder holding diffusers' standard weight file."""
     candidate = Path(path).expanduser()
     if candidate.is_dir():
@@ -649,21 +709,33 @@ def _lora_file(path: str) -> Path:
     return candidate.resolve()
 
 
-def _adapter_name(path: Path) -> str:
-    """Stable while the file is unchanged; a rewritten file gets a new name and is loaded afresh."""
-    stat = path.stat()
-    key = f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}"
-    return "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+def load_parsed_lora(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> None:
+    """What `load_lora_weights(path)` does, from a state dict already in memory plus its metadata.
 
-
-def _lora_layer_count(path: Path) -> int:
-    """Layers the file adapts (one down/A matrix each, in any of the formats), from its header only."""
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as lora:
-            keys = list(lora.keys())
-    except Exception as exc:
-        raise AdapterLoadError(f"LoRA {str(path)!r} is not a readable safetensors file: {_reason(exc)}") from exc
-    return sum(1 for key in keys if key.endswith(LORA_DOWN_SUFFIXES))
+    diffusers drops the file's LoRA metadata (`lora_alpha`, rank / alpha patterns) when handed a
+    state dict, and the LoRA would then run at the wrong strength (alpha = rank); its per-component
+    loaders take the metadata, so this calls them the way `load_lora_weights` does. A contract
+    test checks both give the same adapter weights and scales, for PEFT and kohya files.
+    """
+    state_dict, network_alphas = pipe.lora_state_dict(
+        dict(parsed.state_dict), **({"unet_config": pipe.unet.config} if sdxl else {})
+    )
+    if not all("lora" in key for key in state_dict):
+        raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'")
+    common: dict[str, Any] = {
+        "network_alphas": network_alphas,
+        "adapter_name": parsed.name,
+        "metadata": parsed.metadata,
+        "_pipeline": pipe,
+        "low_cpu_mem_usage": _LOW_CPU_MEM_USAGE_DEFAULT_LORA,
+    }
+    pipe.load_lora_into_unet(state_dict, unet=pipe.unet, **common)
+    for attr in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, attr, None)
+        if encoder is not None:
+            pipe.load_lora_into_text_encoder(
+                state_dict, text_encoder=encoder, prefix=attr, lora_scale=pipe.lora_scale, **common
+            )
 
 
 def _reason(exc: BaseException) -> str:

@@ -19,11 +19,11 @@ from serving.pipelines import (
     GenerationParams,
     LoadedPipeline,
     ModelLoadError,
-    _adapter_name,
-    _lora_file,
+    lora_file,
     generate,
     load_pipeline,
 )
+from serving.lora_cache import adapter_name
 from serving.tiny import TinyModel, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
@@ -130,7 +130,7 @@ def test_fast_switching_matches_diffusers_set_adapters(loaded: LoadedPipeline, l
     wanted = [(loras[0], 0.7), (loras[1], 0.4)]
     loaded.activate_loras(wanted)
     ours = lora_layer_state(loaded)
-    names = [_adapter_name(_lora_file(path)) for path, _ in wanted]
+    names = [adapter_name(lora_file(path)) for path, _ in wanted]
     loaded.pipe.enable_lora()
     loaded.pipe.set_adapters(names, adapter_weights=[scale for _, scale in wanted])
     theirs = lora_layer_state(loaded)

@@ -1,0 +1,151 @@
+"""The host-RAM tier of the adapter cache: LoRA files read and parsed once per replica.
+
+Between the node's weights cache on disk (storage/weights.py) and the adapters resident in a
+pipeline on the GPU (serving/pipelines.py) sits this tier: a LoRA's tensors and its diffusers
+metadata (`lora_alpha`, rank patterns) in host memory, least recently used out first within a
+byte budget. A LoRA that was evicted from a pipeline, or that another base model on the same
+replica uses, or whose request is still waiting in the gateway's queue (Prefetch), is made
+resident from here without touching the disk.
+
+Entries are keyed like resident adapters (path + mtime + size), so a file rewritten in place is
+read afresh. The cache is shared by the replica's pipelines and by its Prefetch calls, which run
+in other threads, hence the lock; a file being parsed by one thread is waited for, not read twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+
+from serving.metrics import WorkerMetrics
+
+HOST_TIER = "host"
+# The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
+LORA_DOWN_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_down.weight",
+    ".lora.down.weight",
+    "_lora.down.weight",
+    ".lora_linear_layer.down.weight",
+)
+
+
+class LoraFileError(Exception):
+    """The file is not a readable safetensors LoRA; the message says why."""
+
+
+@dataclass(frozen=True)
+class ParsedLora:
+    """What diffusers would read from the file: its tensors (on the CPU) and its LoRA metadata."""
+
+    name: str
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    # diffusers' `lora_adapter_metadata` header entry (None when the file has none, e.g. kohya).
+    metadata: dict[str, Any] | None
+    nbytes: int
+    # Layers the file adapts (one down/A matrix each, in any of the formats).
+    layer_count: int
+
+
+def adapter_name(path: Path) -> str:
+    """Stable while the file is unchanged; a rewritten file gets a new name and is loaded afresh."""
+    stat = path.stat()
+    key = f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}"
+    return "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def parse_lora_file(path: Path) -> ParsedLora:
+    """Reads the whole file once; only safetensors is ever deserialised (no pickle).
+
+    The metadata is parsed by diffusers' own reader, as when it loads the file by path.
+    """
+    try:
+        state_dict = safetensors.torch.load_file(str(path), device="cpu")
+        metadata = _load_sft_state_dict_metadata(str(path))
+    except Exception as exc:
+        raise LoraFileError(f"not a readable safetensors LoRA file: {type(exc).__name__}: {exc}") from exc
+    return ParsedLora(
+        name=adapter_name(path),
+        path=path,
+        state_dict=state_dict,
+        metadata=metadata,
+        nbytes=sum(t.numel() * t.element_size() for t in state_dict.values()),
+        layer_count=sum(1 for key in state_dict if key.endswith(LORA_DOWN_SUFFIXES)),
+    )
+
+
+class HostLoraCache:
+    """Parsed LoRAs in host RAM, least recently used out first when over `max_bytes` (0: unbounded).
+
+    An entry larger than the whole budget is still returned to its caller, just not kept.
+    """
+
+    def __init__(self, max_bytes: int, *, metrics: WorkerMetrics | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._metrics = metrics
+        self._entries: OrderedDict[str, ParsedLora] = OrderedDict()
+        self._lock = threading.Lock()
+        # Names being parsed right now → set when done, so a second caller waits instead of reading.
+        self._parsing: dict[str, threading.Event] = {}
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(entry.nbytes for entry in self._entries.values())
+
+    def names(self) -> list[str]:
+        """Least recently used first; for reports and tests."""
+        with self._lock:
+            return list(self._entries)
+
+    def get(self, path: Path) -> ParsedLora:
+        name = adapter_name(path)
+        while True:
+            with self._lock:
+                entry = self._entries.get(name)
+                if entry is not None:
+                    self._entries.move_to_end(name)
+                    self._count("cache_hits")
+                    return entry
+                waiting = self._parsing.get(name)
+                if waiting is None:
+                    done = self._parsing[name] = threading.Event()
+                    break
+            waiting.wait()
+        self._count("cache_misses")
+        try:
+            entry = parse_lora_file(path)
+            with self._lock:
+                self._keep(entry)
+            return entry
+        finally:
+            with self._lock:
+                del self._parsing[name]
+            done.set()
+
+    def _keep(self, entry: ParsedLora) -> None:
+        if self.max_bytes and entry.nbytes > self.max_bytes:
+            return
+        self._entries[entry.name] = entry
+        self._track_bytes(entry.nbytes)
+        while self.max_bytes and sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+            _, victim = self._entries.popitem(last=False)
+            self._track_bytes(-victim.nbytes)
+            self._count("cache_evictions")
+
+    def _count(self, counter: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, counter).labels(tier=HOST_TIER).inc()
+
+    def _track_bytes(self, delta: int) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_bytes.labels(tier=HOST_TIER).inc(delta)

@@ -1,0 +1,257 @@
+"""The host-RAM tier of parsed LoRAs, loading from it, and giving an evicted pipeline's memory back."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.lora.layer import LoraLayer
+
+from serving.lora_cache import HostLoraCache, parse_lora_file
+from serving.memory import memory_figures
+from serving.metrics import WorkerMetrics
+from serving.pipelines import (
+    GenerationParams,
+    LoadedPipeline,
+    PipelineReleased,
+    generate,
+    load_parsed_lora,
+    load_pipeline,
+)
+from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
+
+FAMILIES = ["sd15", "sdxl"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: make_tiny_model(root / family, family=family, num_loras=3) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
+    return {family: load_pipeline(str(model.pipeline_dir)) for family, model in tiny_models.items()}
+
+
+def params(**overrides: object) -> GenerationParams:
+    defaults: dict[str, object] = {
+        "prompt": "a photo of a cat",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": 5.0,
+        "num_images": 1,
+        "seed": 1,
+    }
+    return GenerationParams(**{**defaults, **overrides})  # type: ignore[arg-type]
+
+
+def pixels(loaded: LoadedPipeline, **overrides: object) -> np.ndarray:
+    return np.asarray(generate(loaded, params(**overrides))[0])
+
+
+def samples(metrics: WorkerMetrics, tier: str) -> dict[str, float]:
+    return {
+        name: metrics.registry.get_sample_value(f"loraserve_cache_{name}", {"tier": tier}) or 0.0
+        for name in ("hits_total", "misses_total", "evictions_total", "bytes")
+    }
+
+
+# --- loading a parsed LoRA is loading the file ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lora_format,components",
+    [("peft", None), ("kohya", None), ("peft", ["text_encoder"])],
+    ids=["peft-alpha", "kohya-alpha", "text-encoder-only"],
+)
+def test_parsed_lora_loads_exactly_like_load_lora_weights_by_path(
+    loaded: LoadedPipeline, tmp_path: Path, lora_format: str, components: list[str] | None
+) -> None:
+    """Alpha 2 on rank 4: a load that lost the file's metadata would scale by 1 instead of 0.5."""
+    path = make_tiny_lora(
+        tmp_path / "lora.safetensors", loaded.family, lora_format=lora_format, alpha=2, components=components  # type: ignore[arg-type]
+    )
+    parsed = parse_lora_file(path)
+    pipe = loaded.pipe
+    pipe.load_lora_weights(str(path), adapter_name="by_path", use_safetensors=True)
+    load_parsed_lora(pipe, parsed, sdxl=loaded.family == "sdxl")
+    try:
+        layers = [
+            module
+            for component in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
+            if component is not None
+            for module in component.modules()
+            if isinstance(module, LoraLayer) and "by_path" in module.lora_A
+        ]
+        assert len(layers) == parsed.layer_count
+        for layer in layers:
+            assert layer.scaling[parsed.name] == layer.scaling["by_path"] == 0.5
+            assert torch.equal(layer.lora_A[parsed.name].weight, layer.lora_A["by_path"].weight)
+            assert torch.equal(layer.lora_B[parsed.name].weight, layer.lora_B["by_path"].weight)
+    finally:
+        pipe.delete_adapters(["by_path", parsed.name])
+        loaded._layers = None
+
+
+# --- the host-RAM tier ----------------------------------------------------------------------
+
+
+def test_host_tier_parses_once_and_counts(tiny_models: dict[str, TinyModel]) -> None:
+    metrics = WorkerMetrics()
+    cache = HostLoraCache(0, metrics=metrics)
+    path = tiny_models["sd15"].lora_paths[0].resolve()
+    first = cache.get(path)
+    assert cache.get(path) is first
+    assert samples(metrics, "host") == {
+        "hits_total": 1,
+        "misses_total": 1,
+        "evictions_total": 0,
+        "bytes": first.nbytes,
+    }
+
+
+def test_host_tier_evicts_least_recently_used_within_its_budget(tiny_models: dict[str, TinyModel]) -> None:
+    paths = [p.resolve() for p in tiny_models["sd15"].lora_paths]
+    one = parse_lora_file(paths[0]).nbytes
+    metrics = WorkerMetrics()
+    cache = HostLoraCache(2 * one, metrics=metrics)
+    a, b, c = (parse_lora_file(p).name for p in paths)
+    for path in (paths[0], paths[1], paths[0], paths[2]):  # b is the least recently used when c arrives
+        cache.get(path)
+        assert cache.nbytes <= 2 * one
+    assert cache.names() == [a, c]
+    assert samples(metrics, "host") == {"hits_total": 1, "misses_total": 3, "evictions_total": 1, "bytes": 2 * one}
+
+
+def test_an_entry_bigger_than_the_budget_is_returned_but_not_kept(tiny_models: dict[str, TinyModel]) -> None:
+    path = tiny_models["sd15"].lora_paths[0].resolve()
+    cache = HostLoraCache(1)
+    assert cache.get(path).nbytes > 1
+    assert cache.names() == []
+
+
+def test_a_rewritten_file_is_parsed_afresh(tiny_models: dict[str, TinyModel], tmp_path: Path) -> None:
+    path = make_tiny_lora(tmp_path / "lora.safetensors", "sd15", seed=1)
+    cache = HostLoraCache(0)
+    before = cache.get(path)
+    make_tiny_lora(path, "sd15", seed=2)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    after = cache.get(path)
+    assert after.name != before.name
+    key = next(iter(before.state_dict))
+    assert not torch.equal(after.state_dict[key], before.state_dict[key])
+
+
+def test_threads_asking_for_the_same_file_at_once_parse_it_once(tiny_models: dict[str, TinyModel]) -> None:
+    metrics = WorkerMetrics()
+    cache = HostLoraCache(0, metrics=metrics)
+    path = tiny_models["sd15"].lora_paths[0].resolve()
+    start = threading.Barrier(4)
+    got: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(cache.get(path))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 4 and all(entry is got[0] for entry in got)
+    assert samples(metrics, "host")["misses_total"] == 1
+    assert samples(metrics, "host")["hits_total"] == 3
+
+
+def test_adapter_evicted_from_the_pipeline_comes_back_from_host_ram_with_the_same_bytes(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
+) -> None:
+    metrics = WorkerMetrics()
+    host = HostLoraCache(0, metrics=metrics)
+    model = tiny_models["sdxl"]
+    small = load_pipeline(str(model.pipeline_dir), max_loras=1, host_loras=host, metrics=metrics)
+    lora_a, lora_b = (str(p) for p in model.lora_paths[:2])
+    first = pixels(small, loras=[(lora_a, 1.0)])
+    pixels(small, loras=[(lora_b, 1.0)])  # evicts lora_a from the pipeline, not from host RAM
+    again = pixels(small, loras=[(lora_a, 1.0)])
+    assert np.array_equal(first, again)
+    assert np.array_equal(first, pixels(pipelines["sdxl"], loras=[(lora_a, 1.0)]))
+    assert samples(metrics, "gpu")["evictions_total"] == 2
+    assert samples(metrics, "host") == {
+        "hits_total": 1,
+        "misses_total": 2,
+        "evictions_total": 0,
+        "bytes": host.nbytes,
+    }
+
+
+def test_pipelines_of_one_replica_share_the_host_tier(tiny_models: dict[str, TinyModel]) -> None:
+    metrics = WorkerMetrics()
+    host = HostLoraCache(0, metrics=metrics)
+    model = tiny_models["sd15"]
+    lora = str(model.lora_paths[0])
+    for _ in range(2):
+        pipeline = load_pipeline(str(model.pipeline_dir), host_loras=host)
+        pipeline.activate_loras([(lora, 1.0)])
+        pipeline.release()
+    assert samples(metrics, "host")["misses_total"] == 1
+    assert samples(metrics, "host")["hits_total"] == 1
+
+
+# --- an evicted pipeline's memory goes back ------------------------------------------------
+
+
+def weight_bytes(loaded: LoadedPipeline) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for component in loaded.pipe.components.values()
+        if isinstance(component, torch.nn.Module)
+        for t in component.state_dict().values()
+    )
+
+
+def test_released_pipeline_gives_its_memory_back_to_the_process(tiny_models: dict[str, TinyModel]) -> None:
+    """Read from the process's resident set (torch.cuda.memory_allocated on a GPU machine)."""
+    path = str(tiny_models["sdxl"].pipeline_dir)
+    warm = load_pipeline(path)  # imports, kernels and allocator arenas reach their steady state first
+    pixels(warm)
+    warm.release()
+    del warm
+    before = memory_figures()
+    loaded = load_pipeline(path)
+    pixels(loaded)
+    weights = weight_bytes(loaded)
+    held = memory_figures()
+    loaded.release()
+    after = memory_figures()
+    key = "cuda_allocated_bytes" if torch.cuda.is_available() else "rss_bytes"
+    grown, freed = getattr(held, key) - getattr(before, key), getattr(held, key) - getattr(after, key)
+    assert grown >= weights
+    assert freed >= 0.9 * weights, f"{freed} of {weights} weight bytes came back (grew by {grown})"
+
+
+def test_release_while_a_request_runs_frees_after_it_ends(tiny_models: dict[str, TinyModel]) -> None:
+    model = tiny_models["sd15"]
+    loaded = load_pipeline(str(model.pipeline_dir))
+    lora = str(model.lora_paths[0])
+    expected = pixels(load_pipeline(str(model.pipeline_dir)), loras=[(lora, 1.0)])
+    released_at: list[int] = []
+
+    def evict_mid_request(step: int, _total: int) -> None:
+        if not released_at:
+            loaded.release()
+            released_at.append(step)
+
+    image = generate(loaded, params(loras=[(lora, 1.0)]), on_step=evict_mid_request)[0]
+    assert released_at == [1]
+    assert np.array_equal(np.asarray(image), expected)
+    assert loaded.pipe.unet.device.type == "meta"
+    with pytest.raises(PipelineReleased):
+        generate(loaded, params())

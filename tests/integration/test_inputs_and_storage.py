@@ -22,6 +22,7 @@ from serving.app import build_app
 from serving.tiny import TinyModel
 from tests.conftest import free_port
 from tests.integration.test_generation_api import fetch, generate_pixels, request
+from tests.integration.test_metrics import samples, scrape
 from tests.storage.storage_testkit import FileServer, Route
 
 pytestmark = pytest.mark.integration
@@ -65,24 +66,37 @@ async def test_lora_by_url_data_uri_and_upload_match_the_path(
     assert lora_server.hits["/style.safetensors"] == 1, "the weights cache downloaded the same URL twice"
 
 
+async def host_tier(settings: Settings) -> tuple[float, float]:
+    """The replica's host-RAM tier (parsed LoRAs): (misses, hits) so far."""
+    worker = samples(await scrape(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"))
+    misses, hits = (worker.get((f"loraserve_cache_{name}_total", (("tier", "host"),)), 0.0) for name in ("misses", "hits"))
+    return misses, hits
+
+
 async def test_adapters_of_a_waiting_request_are_prefetched(
-    target: str, tiny_sdxl: TinyModel, lora_server: FileServer
+    target: str, stack_settings: Settings, tiny_sdxl: TinyModel, lora_server: FileServer
 ) -> None:
     url = lora_server.url("/prefetched.safetensors")
+    misses_before, hits_before = await host_tier(stack_settings)
     async with AsyncClient(target) as client:
         busy = await client.submit(request(tiny_sdxl, num_inference_steps=150, image_size={"width": 128, "height": 128}))
         waiting = await client.submit(request(tiny_sdxl, loras=[{"path": url}]))
         async for status in client.stream_status(waiting, logs=True):
             if any("prefetched 1 adapter(s)" in entry.message for entry in status.logs):
                 break
-        # Fetched while the request was still waiting behind the busy one.
+        # Downloaded and parsed into the replica's host RAM while still waiting behind the busy one.
         assert status.state == gen.REQUEST_STATE_IN_QUEUE
         assert lora_server.hits["/prefetched.safetensors"] == 1
+        misses_waiting, hits_waiting = await host_tier(stack_settings)
+        assert (misses_waiting - misses_before) + (hits_waiting - hits_before) == 1
         await client.cancel(busy)
         async for status in client.stream_status(waiting):
             final = status
     assert final.state == gen.REQUEST_STATE_COMPLETED and not final.HasField("error")
     assert lora_server.hits["/prefetched.safetensors"] == 1, "the request downloaded its LoRA again"
+    misses_after, hits_after = await host_tier(stack_settings)
+    assert misses_after == misses_waiting, "the request read its LoRA file again instead of the parsed copy"
+    assert hits_after > hits_waiting
 
 
 async def test_model_download_progress_reaches_the_request(

@@ -25,6 +25,8 @@ from serving.pipelines import (
 from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
+# The memory tests run on the GPU where there is one (the device check runs this module there).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +222,12 @@ def weight_bytes(loaded: LoadedPipeline) -> int:
 def test_released_pipeline_gives_its_memory_back_to_the_process(tiny_models: dict[str, TinyModel]) -> None:
     """Read from the process's resident set (torch.cuda.memory_allocated on a GPU machine)."""
     path = str(tiny_models["sdxl"].pipeline_dir)
-    warm = load_pipeline(path)  # imports, kernels and allocator arenas reach their steady state first
+    warm = load_pipeline(path, device=DEVICE)  # imports, kernels and allocator arenas reach their steady state first
     pixels(warm)
     warm.release()
     del warm
     before = memory_figures()
-    loaded = load_pipeline(path)
+    loaded = load_pipeline(path, device=DEVICE)
     pixels(loaded)
     weights = weight_bytes(loaded)
     held = memory_figures()
@@ -239,9 +241,9 @@ def test_released_pipeline_gives_its_memory_back_to_the_process(tiny_models: dic
 
 def test_release_while_a_request_runs_frees_after_it_ends(tiny_models: dict[str, TinyModel]) -> None:
     model = tiny_models["sd15"]
-    loaded = load_pipeline(str(model.pipeline_dir))
+    loaded = load_pipeline(str(model.pipeline_dir), device=DEVICE)
     lora = str(model.lora_paths[0])
-    expected = pixels(load_pipeline(str(model.pipeline_dir)), loras=[(lora, 1.0)])
+    expected = pixels(load_pipeline(str(model.pipeline_dir), device=DEVICE), loras=[(lora, 1.0)])
     released_at: list[int] = []
 
     def evict_mid_request(step: int, _total: int) -> None:

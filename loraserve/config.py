@@ -58,6 +58,8 @@ class Settings:
     max_host_lora_bytes: int = 8 * 1024**3
     # ControlNets, IP-Adapter weights, image encoders and IC-Light offsets one replica keeps loaded.
     max_conditioning_models_per_replica: int = 4
+    # ... and by the bytes of their weights (0: count only).
+    max_conditioning_bytes_per_replica: int = 8 * 1024**3
     # Safety checker (StableDiffusionSafetyChecker + CLIP image processor: HF ID or folder) for
     # `enable_safety_checker`; empty: such requests fail with a clear error.
     safety_checker_path: str = ""

@@ -93,7 +93,9 @@ class Worker:
         self._weights = from_settings.weights_cache(settings, self._store, self._metrics.tier_observer("disk"))
         self._image_policy = from_settings.image_fetch_policy(settings)
         self._host_loras = HostLoraCache(settings.max_host_lora_bytes, metrics=self._metrics)
-        conditioning.set_cache_capacity(settings.max_conditioning_models_per_replica)
+        conditioning.configure_cache(
+            settings.max_conditioning_models_per_replica, settings.max_conditioning_bytes_per_replica, self._metrics
+        )
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0
         self._checker: SafetyChecker | None = None

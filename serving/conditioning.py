@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import PIL.Image
+import torch
 from diffusers import DiffusionPipeline
 
 from loraserve import schema
@@ -46,11 +47,14 @@ from serving.pipelines import OptionUnavailableError
 from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, fetch_bytes, fetch_image
 
 if TYPE_CHECKING:
+    from serving.metrics import WorkerMetrics
     from serving.pipelines import GenerationParams, LoadedPipeline
     from storage.weights import WeightsCache
 
 T = TypeVar("T")
 DEFAULT_CACHE_CAPACITY = 4
+# The adapter-cache tier of loaded conditioning models, as metrics name it.
+CONDITIONING_TIER = "conditioning"
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
@@ -131,31 +135,56 @@ class Conditioning:
 
 
 class ModelCache:
-    """A count-bounded LRU of loaded models (ControlNets, IP-Adapter weights, image encoders, IC-Light offsets).
+    """An LRU of loaded models (ControlNets, IP-Adapter weights, image encoders, IC-Light offsets).
 
     One per replica process: models load once and serve every base pipeline of their family.
-    Entries are immutable for requests (IP-Adapter and IC-Light weights are copied into the U-Net
-    per request), so sharing them never leaks state between requests.
+    Bounded by count and by the bytes of their tensors (0: count only); a model evicted while a
+    request still uses it stays alive in that request until it ends. Entries are immutable for
+    requests (IP-Adapter and IC-Light weights are copied into the U-Net per request), so sharing
+    them never leaks state between requests.
     """
 
-    def __init__(self, capacity: int = DEFAULT_CACHE_CAPACITY) -> None:
+    def __init__(
+        self, capacity: int = DEFAULT_CACHE_CAPACITY, max_bytes: int = 0, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.capacity = max(1, capacity)
+        self.max_bytes = max_bytes
+        self.metrics = metrics
         self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._sizes: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
         self.loads = 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
 
     def get(self, key: tuple[Any, ...], load: Callable[[], T]) -> T:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
+                self._count("cache_hits")
                 return self._entries[key]
+        self._count("cache_misses")
         value = load()
         with self._lock:
             self.loads += 1
+            if key in self._entries:
+                self._drop(key)
             self._entries[key] = value
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._sizes[key] = tensor_bytes(value)
+            self._track_bytes(self._sizes[key])
+            while len(self._entries) > 1 and (
+                len(self._entries) > self.capacity or (self.max_bytes and sum(self._sizes.values()) > self.max_bytes)
+            ):
+                self._drop(next(iter(self._entries)))
+                self._count("cache_evictions")
         return value
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        del self._entries[key]
+        self._track_bytes(-self._sizes.pop(key))
 
     def keys(self) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -163,15 +192,40 @@ class ModelCache:
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            for key in list(self._entries):
+                self._drop(key)
+
+    def _count(self, counter: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, counter).labels(tier=CONDITIONING_TIER).inc()
+
+    def _track_bytes(self, delta: int) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_bytes.labels(tier=CONDITIONING_TIER).inc(delta)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a cached value: a module, a tensor, or containers of them."""
+    if isinstance(value, torch.nn.Module):
+        return sum(t.numel() * t.element_size() for t in value.state_dict().values())
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 # Per process is per replica: each Ray Serve replica is its own process.
 MODELS = ModelCache()
 
 
-def set_cache_capacity(capacity: int) -> None:
+def configure_cache(capacity: int, max_bytes: int, metrics: WorkerMetrics | None) -> None:
+    """The replica's budgets and metrics, from its settings."""
     MODELS.capacity = max(1, capacity)
+    MODELS.max_bytes = max_bytes
+    MODELS.metrics = metrics
 
 
 def file_key(path: Path) -> tuple[str, int, int]:

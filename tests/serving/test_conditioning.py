@@ -271,6 +271,28 @@ def test_loaded_controlnets_stay_in_a_count_bounded_lru(loaded: LoadedPipeline, 
     assert small.keys() == [("b",)] and small.get(("b",), lambda: 3) == 2
 
 
+def test_conditioning_models_are_bounded_by_bytes_and_counted() -> None:
+    from serving.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    one_kib = torch.zeros(256)  # float32: 1024 bytes
+    cache = ModelCache(capacity=10, max_bytes=2048, metrics=metrics)
+    for key in ("a", "b", "a", "c"):  # b is the least recently used when c arrives
+        cache.get((key,), lambda: {"weight": one_kib.clone()})
+    assert cache.keys() == [("a",), ("c",)] and cache.nbytes == 2048
+    # A real model's bytes are its tensors'; one bigger than the budget is still kept alone.
+    cache.get(("controlnet",), lambda: torch.nn.Linear(64, 64))
+    assert cache.keys() == [("controlnet",)] and cache.nbytes == (64 * 64 + 64) * 4
+
+    def value(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"tier": "conditioning"}) or 0.0
+
+    assert value("loraserve_cache_hits_total") == 1
+    assert value("loraserve_cache_misses_total") == 4
+    assert value("loraserve_cache_evictions_total") == 3
+    assert value("loraserve_cache_bytes") == cache.nbytes
+
+
 # ---------------------------------------------------------------- IP-Adapter
 
 IP_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

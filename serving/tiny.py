@@ -263,22 +263,32 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _save_random_lora(
-    pipeline_class: type[DiffusionPipeline], template: dict[str, torch.Tensor], path: Path, seed: int
+    pipeline_class: type[DiffusionPipeline],
+    template: dict[str, torch.Tensor],
+    path: Path,
+    seed: int,
+    *,
+    std: float = LORA_INIT_STD,
 ) -> Path:
-    """PEFT zero-initialises lora_B (a no-op LoRA), so every tensor gets seeded random values."""
+    """PEFT zero-initialises lora_B (a no-op LoRA), so every tensor gets seeded random values.
+
+    Values are drawn in float32 (the same numbers for any template) and stored in the template's
+    dtype, so a float16 model's template gives float16 files, as published LoRAs mostly are.
+    A full-size model needs a smaller `std` than the tiny one to keep its activations finite.
+    """
     generator = torch.Generator().manual_seed(seed)
-    layers = {key: torch.randn(t.shape, generator=generator) * LORA_INIT_STD for key, t in template.items()}
+    layers = {key: (torch.randn(t.shape, generator=generator) * std).to(t.dtype) for key, t in template.items()}
     pipeline_class.save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name)
     return path
 
 
-def _unet_lora_template(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """Key names and shapes of a rank-4 attention LoRA, taken from PEFT itself, sorted for stable files.
+def _unet_lora_template(unet: UNet2DConditionModel, rank: int = LORA_RANK) -> dict[str, torch.Tensor]:
+    """Key names and shapes of an attention LoRA (alpha = rank), taken from PEFT itself, sorted for stable files.
 
     The UNet is wrapped with PEFT layers as a side effect, so call this only after it was saved.
     """
     unet.add_adapter(
-        LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGET_MODULES),
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGET_MODULES),
         adapter_name="template",
     )
     try:

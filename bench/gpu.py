@@ -569,8 +569,8 @@ class Bench:
     def release(self) -> None:
         """(e) eviction as the service does it, then what the allocator holds compared with before loading.
 
-        Ray Serve's multiplexer calls `__del__`, which calls `release()`, and drops its reference;
-        `release()` is called here by name so that the figures are about it.
+        Ray Serve's multiplexer calls the `__del__` of the worker's EvictablePipeline, which calls
+        `release()`, and drops its reference; here `release()` is called directly.
         """
         device, report = self.device, self.report
         unet = weakref.ref(self.pipe.unet)

@@ -81,6 +81,20 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return getattr(torch, setting)
 
 
+class EvictablePipeline:
+    """What Serve's multiplexer holds for a base model: its `__del__` is Serve's eviction hook.
+
+    Serve calls it explicitly when it evicts the least recently used model; the pipeline then
+    frees its weights once no request is running on it (LoadedPipeline.release).
+    """
+
+    def __init__(self, loaded: LoadedPipeline) -> None:
+        self.loaded = loaded
+
+    def __del__(self) -> None:
+        self.loaded.release()
+
+
 class Worker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -102,8 +116,8 @@ class Worker:
         # Base-model key → where the request waiting for that load wants its progress lines.
         self._load_listeners: dict[str, Callable[[str], None]] = {}
 
-        async def load(key: str) -> LoadedPipeline:
-            return await asyncio.to_thread(self._load, key)
+        async def load(key: str) -> EvictablePipeline:
+            return EvictablePipeline(await asyncio.to_thread(self._load, key))
 
         self._pipelines = serve.multiplexed(max_num_models_per_replica=settings.max_pipelines_per_replica)(load)
 
@@ -145,20 +159,20 @@ class Worker:
         holding = contextlib.ExitStack()
         try:
             loads_before = self._pipeline_loads
-            pipelines: list[LoadedPipeline] = []
+            pipelines: list[EvictablePipeline] = []
             for _ in range(PIPELINE_ATTEMPTS):
                 async for event in self._loading(serve.get_multiplexed_model_id(), pipelines):
                     yield event
                 try:
                     # Taken on the event loop right after the lookup: an eviction from now on
                     # waits for this request to end before it frees the weights.
-                    holding.enter_context(pipelines[-1].in_use())
+                    holding.enter_context(pipelines[-1].loaded.in_use())
                     break
                 except PipelineReleased:
                     yield _log("base model was unloaded from this replica just now; loading it again")
             else:
                 raise ModelLoadError(f"model {inp.model_name!r} kept being unloaded from this replica; retry later")
-            loaded = pipelines[-1]
+            loaded = pipelines[-1].loaded
             load_seconds = time.perf_counter() - started
             hot = self._pipeline_loads == loads_before
             (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
@@ -218,7 +232,7 @@ class Worker:
             )
         return self._checker
 
-    async def _loading(self, key: str, out: list[LoadedPipeline]) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _loading(self, key: str, out: list[EvictablePipeline]) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Gets the pipeline (hot or loaded now), relaying download progress to the request."""
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[str] = asyncio.Queue()

@@ -37,7 +37,7 @@ from peft.tuners.lora.layer import LoraLayer
 from loraserve import schema
 from serving import embeddings as textual_inversion
 from serving import latents as debug_files
-from serving import prompts, schedulers, tiling, unets
+from serving import lora_merge, prompts, schedulers, tiling, unets
 from serving.latents import OutputFile
 from serving.lora_cache import HostLoraCache, LoraFileError, ParsedLora, adapter_name, parse_lora_file
 from serving.memory import return_freed_memory
@@ -164,7 +164,9 @@ class LoadedPipeline:
         # adapter name → source path, least recently used first
         self._resident: OrderedDict[str, Path] = OrderedDict()
         self._sizes: dict[str, int] = {}
-        self._layers: list[LoraLayer] | None = None
+        self._slots: list[lora_merge.LoraSlot] | None = None
+        # Whether merged copies / base layers stand in for the wrappers (between activate and deactivate).
+        self._merged = False
         self._embeddings = textual_inversion.LoadedEmbeddings()
         # Requests running on this pipeline; an eviction while one runs frees the memory when it ends.
         self._users = 0
@@ -178,9 +180,15 @@ class LoadedPipeline:
         return list(self._resident.values())
 
     def activate_loras(self, loras: Sequence[tuple[str, float]]) -> None:
-        """Make exactly these LoRAs (at these scales) active; an empty list gives the plain model."""
+        """Make exactly these LoRAs (at these scales) active; an empty list gives the plain model.
+
+        Until `deactivate_loras`, the models run with the LoRAs merged into copies of the weights
+        they touch and with no PEFT wrapper in the forward pass (serving/lora_merge.py).
+        """
+        self.deactivate_loras()
         if not loras:
-            self.deactivate_loras()
+            lora_merge.swap_in_merged(self._lora_slots(), {})
+            self._merged = True
             return
         files = [lora_file(path) for path, _ in loras]
         names = [adapter_name(file) for file in files]
@@ -199,24 +207,29 @@ class LoadedPipeline:
             layer._active_adapter = active
             for name, scale in scales.items():
                 layer.set_scale(name, scale)
+        lora_merge.swap_in_merged(self._lora_slots(), scales)
+        self._merged = True
 
     def deactivate_loras(self) -> None:
-        """Keep adapters resident but out of the forward pass, so output equals the plain model."""
+        """Back to the wrapped layers PEFT manages, adapters resident but off: output equals the plain model.
+
+        Loading and evicting adapters only ever happen in this state.
+        """
+        if self._merged:
+            lora_merge.restore_wrappers(self._lora_slots())
+            self._merged = False
         for layer in self._lora_layers():
             layer._disable_adapters = True
 
-    def _lora_layers(self) -> list[LoraLayer]:
+    def _lora_slots(self) -> list[lora_merge.LoraSlot]:
         """Every LoRA-wrapped layer of the U-Net and text encoders; recomputed after loads and evictions."""
-        if self._layers is None:
+        if self._slots is None:
             components = (getattr(self.pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
-            self._layers = [
-                module
-                for component in components
-                if component is not None
-                for module in component.modules()
-                if isinstance(module, LoraLayer)
-            ]
-        return self._layers
+            self._slots = lora_merge.lora_slots(component for component in components if component is not None)
+        return self._slots
+
+    def _lora_layers(self) -> list[LoraLayer]:
+        return [slot.layer for slot in self._lora_slots()]
 
     def load_embeddings(self, embeddings: Sequence[tuple[str, Sequence[str]]]) -> None:
         """Add this request's textual-inversion tokens; `unload_embeddings` takes them out again."""
@@ -240,7 +253,7 @@ class LoadedPipeline:
             return
         self._count("cache_misses")
         self._evict_for_one_more(protected)
-        self._layers = None
+        self._slots = None
         started = time.perf_counter()
         self._load_adapter(path, name)
         self._resident[name] = path
@@ -272,7 +285,7 @@ class LoadedPipeline:
         self.pipe.delete_adapters(name)
         del self._resident[name]
         self._track_bytes(-self._sizes.pop(name, 0))
-        self._layers = None
+        self._slots = None
         self._count("cache_evictions")
 
     def _count(self, counter: str) -> None:
@@ -322,15 +335,12 @@ class LoadedPipeline:
         self._track_bytes(-self.resident_lora_bytes)
         self._resident.clear()
         self._sizes.clear()
-        self._layers = None
+        self._slots = None
         for component in self.pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.to("meta")
         return_freed_memory()
 
-    def __del__(self) -> None:
-        """Ray Serve's multiplexer calls this when it evicts the pipeline (least recently used)."""
-        self.release()
 
     def _evict_for_one_more(self, protected: set[str]) -> None:
         """Free one slot if full; adapters the current request uses are never evicted."""
@@ -379,7 +389,7 @@ class LoadedPipeline:
         """A failed load can leave the adapter in some components; remove it so later requests work."""
         if self._adapter_present(name):
             self.pipe.delete_adapters(name)
-            self._layers = None
+            self._slots = None
 
     def _adapter_present(self, name: str) -> bool:
         return any(name in names for names in self.pipe.get_list_adapters().values())

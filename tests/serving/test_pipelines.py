@@ -131,6 +131,7 @@ def test_fast_switching_matches_diffusers_set_adapters(loaded: LoadedPipeline, l
     loaded.activate_loras(wanted)
     ours = lora_layer_state(loaded)
     names = [adapter_name(lora_file(path)) for path, _ in wanted]
+    loaded.deactivate_loras()  # diffusers finds the wrappers only while they are in the model
     loaded.pipe.enable_lora()
     loaded.pipe.set_adapters(names, adapter_weights=[scale for _, scale in wanted])
     theirs = lora_layer_state(loaded)

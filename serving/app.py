@@ -28,7 +28,7 @@ from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
 from serving import conditioning
-from serving.lora_cache import HostLoraCache
+from serving.lora_cache import HOST_TIER, HostLoraCache
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
 from serving.pipelines import (
@@ -106,9 +106,13 @@ class Worker:
             self._metrics.serve(settings.worker_metrics_port)
         self._weights = from_settings.weights_cache(settings, self._store, self._metrics.tier_observer("disk"))
         self._image_policy = from_settings.image_fetch_policy(settings)
-        self._host_loras = HostLoraCache(settings.max_host_lora_bytes, metrics=self._metrics)
+        self._host_loras = HostLoraCache(
+            settings.max_host_lora_bytes, observer=self._metrics.tier_observer(HOST_TIER)
+        )
         conditioning.configure_cache(
-            settings.max_conditioning_models_per_replica, settings.max_conditioning_bytes_per_replica, self._metrics
+            settings.max_conditioning_models_per_replica,
+            settings.max_conditioning_bytes_per_replica,
+            self._metrics.tier_observer(conditioning.CONDITIONING_TIER),
         )
         self._generation_lock = asyncio.Lock()
         self._pipeline_loads = 0

@@ -47,7 +47,7 @@ from serving.pipelines import OptionUnavailableError
 from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, fetch_bytes, fetch_image
 
 if TYPE_CHECKING:
-    from serving.metrics import WorkerMetrics
+    from serving.metrics import TierObserver
     from serving.pipelines import GenerationParams, LoadedPipeline
     from storage.weights import WeightsCache
 
@@ -145,11 +145,11 @@ class ModelCache:
     """
 
     def __init__(
-        self, capacity: int = DEFAULT_CACHE_CAPACITY, max_bytes: int = 0, metrics: WorkerMetrics | None = None
+        self, capacity: int = DEFAULT_CACHE_CAPACITY, max_bytes: int = 0, observer: TierObserver | None = None
     ) -> None:
         self.capacity = max(1, capacity)
         self.max_bytes = max_bytes
-        self.metrics = metrics
+        self.observer = observer
         self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._sizes: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
@@ -164,9 +164,11 @@ class ModelCache:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
-                self._count("cache_hits")
+                if self.observer is not None:
+                    self.observer.on_hit()
                 return self._entries[key]
-        self._count("cache_misses")
+        if self.observer is not None:
+            self.observer.on_miss()
         value = load()
         with self._lock:
             self.loads += 1
@@ -174,17 +176,22 @@ class ModelCache:
                 self._drop(key)
             self._entries[key] = value
             self._sizes[key] = tensor_bytes(value)
-            self._track_bytes(self._sizes[key])
             while len(self._entries) > 1 and (
                 len(self._entries) > self.capacity or (self.max_bytes and sum(self._sizes.values()) > self.max_bytes)
             ):
-                self._drop(next(iter(self._entries)))
-                self._count("cache_evictions")
+                size = self._drop(next(iter(self._entries)))
+                if self.observer is not None:
+                    self.observer.on_evict(size)
+            self._report_bytes()
         return value
 
-    def _drop(self, key: tuple[Any, ...]) -> None:
+    def _drop(self, key: tuple[Any, ...]) -> int:
         del self._entries[key]
-        self._track_bytes(-self._sizes.pop(key))
+        return self._sizes.pop(key)
+
+    def _report_bytes(self) -> None:
+        if self.observer is not None:
+            self.observer.on_bytes(sum(self._sizes.values()))
 
     def keys(self) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -194,14 +201,7 @@ class ModelCache:
         with self._lock:
             for key in list(self._entries):
                 self._drop(key)
-
-    def _count(self, counter: str) -> None:
-        if self.metrics is not None:
-            getattr(self.metrics, counter).labels(tier=CONDITIONING_TIER).inc()
-
-    def _track_bytes(self, delta: int) -> None:
-        if self.metrics is not None:
-            self.metrics.cache_bytes.labels(tier=CONDITIONING_TIER).inc(delta)
+            self._report_bytes()
 
 
 def tensor_bytes(value: Any) -> int:
@@ -221,11 +221,11 @@ def tensor_bytes(value: Any) -> int:
 MODELS = ModelCache()
 
 
-def configure_cache(capacity: int, max_bytes: int, metrics: WorkerMetrics | None) -> None:
+def configure_cache(capacity: int, max_bytes: int, observer: TierObserver | None) -> None:
     """The replica's budgets and metrics, from its settings."""
     MODELS.capacity = max(1, capacity)
     MODELS.max_bytes = max_bytes
-    MODELS.metrics = metrics
+    MODELS.observer = observer
 
 
 def file_key(path: Path) -> tuple[str, int, int]:

@@ -25,8 +25,9 @@ import safetensors.torch
 import torch
 from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
 
-from serving.metrics import WorkerMetrics
+from serving.metrics import TierObserver
 
+# The adapter-cache tier of parsed LoRAs in a replica's RAM, as metrics name it.
 HOST_TIER = "host"
 # The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
 LORA_DOWN_SUFFIXES = (
@@ -89,9 +90,9 @@ class HostLoraCache:
     An entry larger than the whole budget is still returned to its caller, just not kept.
     """
 
-    def __init__(self, max_bytes: int, *, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(self, max_bytes: int, *, observer: TierObserver | None = None) -> None:
         self.max_bytes = max_bytes
-        self._metrics = metrics
+        self._observer = observer
         self._entries: OrderedDict[str, ParsedLora] = OrderedDict()
         self._lock = threading.Lock()
         # Names being parsed right now → set when done, so a second caller waits instead of reading.
@@ -114,14 +115,16 @@ class HostLoraCache:
                 entry = self._entries.get(name)
                 if entry is not None:
                     self._entries.move_to_end(name)
-                    self._count("cache_hits")
+                    if self._observer is not None:
+                        self._observer.on_hit()
                     return entry
                 waiting = self._parsing.get(name)
                 if waiting is None:
                     done = self._parsing[name] = threading.Event()
                     break
             waiting.wait()
-        self._count("cache_misses")
+        if self._observer is not None:
+            self._observer.on_miss()
         try:
             entry = parse_lora_file(path)
             with self._lock:
@@ -136,16 +139,11 @@ class HostLoraCache:
         if self.max_bytes and entry.nbytes > self.max_bytes:
             return
         self._entries[entry.name] = entry
-        self._track_bytes(entry.nbytes)
-        while self.max_bytes and sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+        total = sum(e.nbytes for e in self._entries.values())
+        while self.max_bytes and total > self.max_bytes:
             _, victim = self._entries.popitem(last=False)
-            self._track_bytes(-victim.nbytes)
-            self._count("cache_evictions")
-
-    def _count(self, counter: str) -> None:
-        if self._metrics is not None:
-            getattr(self._metrics, counter).labels(tier=HOST_TIER).inc()
-
-    def _track_bytes(self, delta: int) -> None:
-        if self._metrics is not None:
-            self._metrics.cache_bytes.labels(tier=HOST_TIER).inc(delta)
+            total -= victim.nbytes
+            if self._observer is not None:
+                self._observer.on_evict(victim.nbytes)
+        if self._observer is not None:
+            self._observer.on_bytes(total)

@@ -18,6 +18,7 @@ from serving.pipelines import (
     generate,
     load_pipeline,
 )
+from serving_testkit import params, pixels
 from serving.tiny import (
     TinyModel,
     make_tiny_embedding,
@@ -43,23 +44,6 @@ def pipelines(tiny_models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
     return {family: load_pipeline(str(model.pipeline_dir)) for family, model in tiny_models.items()}
 
 
-
-
-def params(**overrides: object) -> GenerationParams:
-    defaults: dict[str, object] = {
-        "prompt": "a photo of a cat",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "num_images": 1,
-        "seed": 1,
-    }
-    return GenerationParams(**{**defaults, **overrides})  # type: ignore[arg-type]
-
-
-def pixels(loaded: LoadedPipeline, **overrides: object) -> np.ndarray:
-    return np.stack([np.asarray(image) for image in generate(loaded, params(**overrides))]).astype(np.int16)
 
 
 def adapters_in(loaded: LoadedPipeline) -> set[str]:

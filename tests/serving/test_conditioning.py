@@ -276,7 +276,7 @@ def test_conditioning_models_are_bounded_by_bytes_and_counted() -> None:
 
     metrics = WorkerMetrics()
     one_kib = torch.zeros(256)  # float32: 1024 bytes
-    cache = ModelCache(capacity=10, max_bytes=2048, metrics=metrics)
+    cache = ModelCache(capacity=10, max_bytes=2048, observer=metrics.tier_observer("conditioning"))
     for key in ("a", "b", "a", "c"):  # b is the least recently used when c arrives
         cache.get((key,), lambda: {"weight": one_kib.clone()})
     assert cache.keys() == [("a",), ("c",)] and cache.nbytes == 2048

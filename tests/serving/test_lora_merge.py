@@ -11,6 +11,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 
 from serving.pipelines import GenerationParams, LoadedPipeline, generate, load_pipeline
+from serving_testkit import params, pixels
 from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
@@ -36,19 +37,6 @@ def text_encoder_loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
         family: make_tiny_lora(root / f"{family}.safetensors", family, lora_format="kohya", alpha=2, seed=5)  # type: ignore[arg-type]
         for family in FAMILIES
     }
-
-
-def params(**overrides: object) -> GenerationParams:
-    defaults: dict[str, object] = {
-        "prompt": "a photo of a cat",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "num_images": 1,
-        "seed": 1,
-    }
-    return GenerationParams(**{**defaults, **overrides})  # type: ignore[arg-type]
 
 
 def unfused_diffusers(model: TinyModel, loras: list[tuple[str, float]]) -> np.ndarray:

@@ -22,6 +22,7 @@ from serving.pipelines import (
     load_parsed_lora,
     load_pipeline,
 )
+from serving_testkit import params, pixels
 from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
@@ -38,23 +39,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel
 @pytest.fixture(scope="module")
 def pipelines(tiny_models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
     return {family: load_pipeline(str(model.pipeline_dir)) for family, model in tiny_models.items()}
-
-
-def params(**overrides: object) -> GenerationParams:
-    defaults: dict[str, object] = {
-        "prompt": "a photo of a cat",
-        "width": 64,
-        "height": 64,
-        "num_inference_steps": 2,
-        "guidance_scale": 5.0,
-        "num_images": 1,
-        "seed": 1,
-    }
-    return GenerationParams(**{**defaults, **overrides})  # type: ignore[arg-type]
-
-
-def pixels(loaded: LoadedPipeline, **overrides: object) -> np.ndarray:
-    return np.asarray(generate(loaded, params(**overrides))[0])
 
 
 def samples(metrics: WorkerMetrics, tier: str) -> dict[str, float]:
@@ -106,7 +90,7 @@ def test_parsed_lora_loads_exactly_like_load_lora_weights_by_path(
 
 def test_host_tier_parses_once_and_counts(tiny_models: dict[str, TinyModel]) -> None:
     metrics = WorkerMetrics()
-    cache = HostLoraCache(0, metrics=metrics)
+    cache = HostLoraCache(0, observer=metrics.tier_observer("host"))
     path = tiny_models["sd15"].lora_paths[0].resolve()
     first = cache.get(path)
     assert cache.get(path) is first
@@ -122,7 +106,7 @@ def test_host_tier_evicts_least_recently_used_within_its_budget(tiny_models: dic
     paths = [p.resolve() for p in tiny_models["sd15"].lora_paths]
     one = parse_lora_file(paths[0]).nbytes
     metrics = WorkerMetrics()
-    cache = HostLoraCache(2 * one, metrics=metrics)
+    cache = HostLoraCache(2 * one, observer=metrics.tier_observer("host"))
     a, b, c = (parse_lora_file(p).name for p in paths)
     for path in (paths[0], paths[1], paths[0], paths[2]):  # b is the least recently used when c arrives
         cache.get(path)
@@ -153,7 +137,7 @@ def test_a_rewritten_file_is_parsed_afresh(tiny_models: dict[str, TinyModel], tm
 
 def test_threads_asking_for_the_same_file_at_once_parse_it_once(tiny_models: dict[str, TinyModel]) -> None:
     metrics = WorkerMetrics()
-    cache = HostLoraCache(0, metrics=metrics)
+    cache = HostLoraCache(0, observer=metrics.tier_observer("host"))
     path = tiny_models["sd15"].lora_paths[0].resolve()
     start = threading.Barrier(4)
     got: list[object] = []
@@ -176,7 +160,7 @@ def test_adapter_evicted_from_the_pipeline_comes_back_from_host_ram_with_the_sam
     tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
 ) -> None:
     metrics = WorkerMetrics()
-    host = HostLoraCache(0, metrics=metrics)
+    host = HostLoraCache(0, observer=metrics.tier_observer("host"))
     model = tiny_models["sdxl"]
     small = load_pipeline(str(model.pipeline_dir), max_loras=1, host_loras=host, metrics=metrics)
     lora_a, lora_b = (str(p) for p in model.lora_paths[:2])
@@ -196,7 +180,7 @@ def test_adapter_evicted_from_the_pipeline_comes_back_from_host_ram_with_the_sam
 
 def test_pipelines_of_one_replica_share_the_host_tier(tiny_models: dict[str, TinyModel]) -> None:
     metrics = WorkerMetrics()
-    host = HostLoraCache(0, metrics=metrics)
+    host = HostLoraCache(0, observer=metrics.tier_observer("host"))
     model = tiny_models["sd15"]
     lora = str(model.lora_paths[0])
     for _ in range(2):
@@ -253,7 +237,7 @@ def test_release_while_a_request_runs_frees_after_it_ends(tiny_models: dict[str,
 
     image = generate(loaded, params(loras=[(lora, 1.0)]), on_step=evict_mid_request)[0]
     assert released_at == [1]
-    assert np.array_equal(np.asarray(image), expected)
+    assert np.array_equal(np.asarray(image)[None], expected)
     assert loaded.pipe.unet.device.type == "meta"
     with pytest.raises(PipelineReleased):
         generate(loaded, params())

@@ -24,6 +24,7 @@ from serving.pipelines import (
     load_pipeline,
 )
 from serving.lora_cache import adapter_name
+from serving_testkit import params, pixels
 from serving.tiny import TinyModel, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
@@ -45,23 +46,6 @@ def pipelines(tiny_models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
 @pytest.fixture
 def loras(tiny_models: dict[str, TinyModel], family: str) -> list[str]:
     return [str(path) for path in tiny_models[family].lora_paths]
-
-
-def params(**overrides: object) -> GenerationParams:
-    defaults: dict[str, object] = dict(
-        prompt="a photo of a cat",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=5.0,
-        num_images=1,
-        seed=1,
-    )
-    return GenerationParams(**{**defaults, **overrides})  # type: ignore[arg-type]
-
-
-def pixels(loaded: LoadedPipeline, **overrides: object) -> np.ndarray:
-    return np.stack([np.asarray(image) for image in generate(loaded, params(**overrides))])
 
 
 def png_bytes(image: PIL.Image.Image) -> bytes:

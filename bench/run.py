@@ -58,6 +58,39 @@ def tree_cpu_seconds() -> float | None:
     return total
 
 
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """Busy CPU seconds of the whole machine so far (every process, the kernel included) and steal time.
+
+    Minus `tree_cpu_seconds` this is what processes outside the run took while it measured: on
+    a shared 2-core machine another job slows the replica (and the gateway, the proxy) more than
+    the single in-process thread, so every ratio against an in-process reference is inflated.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return None
+    times = psutil.cpu_times()
+    # Interrupt time is left out: with IRQ time accounting the kernel charges it to no process, so
+    # the loopback traffic of the run's own gRPC calls would otherwise count as someone else's.
+    busy = times.user + times.nice + times.system
+    return busy, getattr(times, "steal", 0.0)
+
+
+@dataclass
+class Load:
+    """CPU seconds other processes (and the hypervisor, as steal) took while arms were measured."""
+
+    other_cpu_s: float = 0.0
+    steal_s: float = 0.0
+    wall_s: float = 0.0
+
+    def cores(self) -> tuple[float, float]:
+        """Average cores busy with other processes, and stolen, over the measured time."""
+        if self.wall_s <= 0:
+            return 0.0, 0.0
+        return self.other_cpu_s / self.wall_s, self.steal_s / self.wall_s
+
+
 @dataclass
 class Arm:
     """One side of a comparison: an async call that returns the seconds it measured."""
@@ -67,6 +100,8 @@ class Arm:
     seconds: list[float] = field(default_factory=list)
     # CPU seconds per call of every process of the run, one figure per block.
     cpu_per_call: list[float] = field(default_factory=list)
+    # CPU seconds per call of the machine's other processes, one figure per block.
+    other_cpu_per_call: list[float] = field(default_factory=list)
 
     def p(self, q: float) -> float:
         return percentile(ms(self.seconds), q)
@@ -74,9 +109,17 @@ class Arm:
     def cpu_ms(self) -> float | None:
         return median(ms(self.cpu_per_call)) if self.cpu_per_call else None
 
+    def other_cpu_ms(self) -> float | None:
+        return median(ms(self.other_cpu_per_call)) if self.other_cpu_per_call else None
 
-async def interleave(phase: str, arms: Sequence[Arm], *, rounds: int, block: int, warmup: int) -> None:
-    """Warm every arm, then `rounds` × (`block` calls of each arm); every other round runs the arms backwards."""
+
+async def interleave(
+    phase: str, arms: Sequence[Arm], *, rounds: int, block: int, warmup: int, load: Load | None = None
+) -> None:
+    """Warm every arm, then `rounds` × (`block` calls of each arm); every other round runs the arms backwards.
+
+    `load` adds up what other processes took meanwhile.
+    """
     for arm in arms:
         for _ in range(warmup):
             await arm.call()
@@ -86,13 +129,22 @@ async def interleave(phase: str, arms: Sequence[Arm], *, rounds: int, block: int
     for index in range(rounds):
         order = arms if index % 2 == 0 else list(reversed(arms))
         for arm in order:
-            cpu_before = tree_cpu_seconds()
+            machine_before, cpu_before = machine_cpu_seconds(), tree_cpu_seconds()
+            wall_before = time.perf_counter()
             for _ in range(block):
                 arm.seconds.append(await arm.call())
                 done += 1
-            cpu_after = tree_cpu_seconds()
+            wall = time.perf_counter() - wall_before
+            cpu_after, machine_after = tree_cpu_seconds(), machine_cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
                 arm.cpu_per_call.append((cpu_after - cpu_before) / block)
+                if machine_before is not None and machine_after is not None:
+                    other = max(0.0, (machine_after[0] - machine_before[0]) - (cpu_after - cpu_before))
+                    arm.other_cpu_per_call.append(other / block)
+                    if load is not None:
+                        load.other_cpu_s += other
+                        load.steal_s += machine_after[1] - machine_before[1]
+                        load.wall_s += wall
         say(f"{phase}: {done}/{total} timed calls (round {index + 1}/{rounds})")
 
 
@@ -128,6 +180,7 @@ class Bench:
         self.workdir = workdir
         self.rows: list[Row] = []
         self.arms: dict[str, dict[str, Any]] = {}
+        self.load = Load()
 
     async def subscribe(self, inp: Any, served: Served | None = None, logs: bool = False) -> float:
         """End-to-end Subscribe (submit, every status update, the result), timed by the caller."""
@@ -160,6 +213,7 @@ class Bench:
                 "p95_ms": round(arm.p(95), 3),
                 "p99_ms": round(arm.p(99), 3),
                 "cpu_ms_per_call_all_processes": None if (cpu := arm.cpu_ms()) is None else round(cpu, 1),
+                "cpu_ms_per_call_other_processes": None if (other := arm.other_cpu_ms()) is None else round(other, 1),
                 "samples_ms": [round(v, 3) for v in ms(arm.seconds)],
             }
 
@@ -184,7 +238,7 @@ class Bench:
             ),
         ]
         say(f"P1 serving overhead: {plan.p1_size}x{plan.p1_size}, {plan.p1_steps} steps")
-        await interleave("P1", arms, rounds=plan.p1_rounds, block=plan.p1_block, warmup=plan.warmup)
+        await interleave("P1", arms, rounds=plan.p1_rounds, block=plan.p1_block, warmup=plan.warmup, load=self.load)
         self.record("P1", arms)
         service, local = arms
         n = {"service": len(service.seconds), "in-process": len(local.seconds)}
@@ -198,6 +252,9 @@ class Bench:
         cpu_detail = f"overhead p95 {service.p(95) - local.p(95):+.1f} ms"
         if cpu_service is not None and cpu_local is not None:
             cpu_detail += f"; CPU per request, all processes: {cpu_service:.0f} vs {cpu_local:.0f} ms"
+        other_service, other_local = service.other_cpu_ms(), local.other_cpu_ms()
+        if other_service is not None and other_local is not None:
+            cpu_detail += f"; other processes' CPU per request: {other_service:.0f} vs {other_local:.0f} ms"
         for q in (50, 95):
             self.rows.append(
                 row(
@@ -245,7 +302,7 @@ class Bench:
             ),
         ]
         say(f"P2: {size}x{size}, {steps} steps, {len(arms)} arms")
-        await interleave("P2", arms, rounds=plan.p2_rounds, block=plan.p2_block, warmup=plan.warmup)
+        await interleave("P2", arms, rounds=plan.p2_rounds, block=plan.p2_block, warmup=plan.warmup, load=self.load)
         self.record("P2", arms)
         none, rr, one, pristine, local, naive = arms
         replica = {name: median(ms(s.inference_s)) for name, s in served.items()}
@@ -336,7 +393,7 @@ class Bench:
                 lambda: asyncio.to_thread(inprocess.reload_and_generate, next(reload_next), size, steps),
             ),
         ]
-        await interleave("P3", arms, rounds=plan.p3_rounds, block=plan.p3_block, warmup=plan.warmup)
+        await interleave("P3", arms, rounds=plan.p3_rounds, block=plan.p3_block, warmup=plan.warmup, load=self.load)
         self.record("P3", arms)
         single, alt, reload = arms
         reloads = served["alternating"].model_loads + served["one"].model_loads
@@ -461,6 +518,19 @@ async def _never() -> float:
     raise AssertionError("P4 arms are timed by hand")
 
 
+def ray_worker_torch_threads(num_cpus: float) -> int:
+    """torch's thread count in a Ray worker given `num_cpus`, as the replica gets it (same OMP_NUM_THREADS rule)."""
+    import ray
+
+    @ray.remote(num_cpus=num_cpus)
+    def threads() -> int:
+        import torch
+
+        return int(torch.get_num_threads())
+
+    return int(ray.get(threads.remote()))
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import peft
@@ -502,6 +572,10 @@ async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> t
     wall_started = time.time()
     threads = max(1, math.floor(replica_cpus))
     inprocess.use_threads(threads)
+    # Ray gives a worker OMP_NUM_THREADS = its CPUs only when the driver's environment has none; a
+    # caller's own value (scripts/test.sh exports 1) would reach the replica unchanged and its torch
+    # would run a different number of threads than the in-process references. Same count on both sides.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     inprocess.quiet()
     load_before = os.getloadavg()
     say(f"building tiny SDXL models in {workdir} (one with {plan.num_loras} LoRAs, two plain)")
@@ -527,6 +601,12 @@ async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> t
     )
     # Same local Ray start_workers() would begin, minus forwarding every replica log line to this terminal.
     ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=verbose, logging_level="WARNING")
+    worker_threads = await asyncio.to_thread(ray_worker_torch_threads, replica_cpus)
+    if worker_threads != threads:
+        raise RuntimeError(
+            f"a Ray worker with {replica_cpus} CPU(s) runs torch on {worker_threads} thread(s), the in-process "
+            f"references on {threads}: P1 and the naive-server row would compare different thread counts"
+        )
     say(f"starting the service (local Ray with {ray_cpus} CPUs, one replica with {replica_cpus} CPU)")
     bench: Bench | None = None
     async with EmbeddedService(settings) as service:
@@ -545,12 +625,15 @@ async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> t
         "plan": plan.to_dict(),
         "cpu_count": os.cpu_count(),
         "torch_threads_in_process": threads,
+        "torch_threads_ray_worker": worker_threads,
         "replica_num_cpus": replica_cpus,
         "versions": _versions(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_started)),
         "wall_seconds": round(time.time() - wall_started, 1),
         "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
         "loadavg_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
+        "other_processes_cores_while_measuring": round(bench.load.cores()[0], 3),
+        "steal_cores_while_measuring": round(bench.load.cores()[1], 3),
         "arms": bench.arms,
     }
     return bench.rows, meta
@@ -566,6 +649,9 @@ def report(rows: Sequence[Row], meta: dict[str, Any], json_path: Path | None) ->
         f"{meta['wall_seconds']:.0f} s; load average before {meta['loadavg_1_5_15_before'][0]:.2f}, "
         f"after {meta['loadavg_1_5_15_after'][0]:.2f}"
     )
+    note = stats.contention_note(meta["other_processes_cores_while_measuring"], meta["steal_cores_while_measuring"])
+    if note:
+        print(note)
     if json_path is not None:
         stats.write_json(json_path, rows, meta)
         say(f"wrote {json_path}")

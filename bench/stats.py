@@ -154,5 +154,22 @@ def write_json(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> None:
     path.write_text(to_json(rows, meta) + "\n", encoding="utf-8")
 
 
+# Cores (on average over the measured blocks) that other processes, or the hypervisor as steal, may
+# take before the table says the machine was shared: kernel threads alone stay near 0.02.
+CONTENTION_WARN_CORES = 0.1
+
+
+def contention_note(other_cores: float, steal_cores: float) -> str:
+    """A warning line for the table when the machine was shared while measuring; "" when it was not."""
+    if other_cores < CONTENTION_WARN_CORES and steal_cores < CONTENTION_WARN_CORES:
+        return ""
+    return (
+        f"WARNING: other processes used {other_cores:.2f} core(s) on average while the arms ran "
+        f"(steal {steal_cores:.2f}): the service arms (replica, Serve proxy, gateway) lose more to that "
+        "contention than the single in-process thread, so ratios against in-process references read high; "
+        "rerun on an idle machine"
+    )
+
+
 def ms(seconds: Sequence[float]) -> list[float]:
     return [s * 1000.0 for s in seconds]

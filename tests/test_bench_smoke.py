@@ -102,3 +102,10 @@ def test_quick_plan_is_smaller_than_full() -> None:
     assert full.num_loras == quick.num_loras == 50
     assert quick.p1_rounds * quick.p1_block < full.p1_rounds * full.p1_block
     assert quick.p4_samples < full.p4_samples
+
+
+def test_contention_note_only_when_other_processes_took_cpu() -> None:
+    assert stats.contention_note(0.02, 0.0) == ""
+    shared = stats.contention_note(0.85, 0.01)
+    assert shared.startswith("WARNING") and "0.85 core(s)" in shared
+    assert stats.contention_note(0.0, 0.3).startswith("WARNING")

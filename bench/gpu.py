@@ -116,6 +116,7 @@ SECTIONS = {
     "d_adapter_memory": "(d) GPU memory per resident adapter",
     "e_release": "(e) pipeline release on eviction",
     "f_peak": "(f) peak memory of one generation",
+    "g_interleaved": "(g) plain, unfused LoRA, served, served + LoRA, in turn",
 }
 
 
@@ -130,6 +131,8 @@ class Config:
     steps: int
     repeats: int
     num_loras: int
+    # Which sections run after setup (all by default; `--sections` picks some, e.g. on a short lease).
+    sections: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -407,6 +410,7 @@ class Bench:
     # Memory before load_pipeline and right after it, for (e).
     baseline: Snapshot
     loaded_at: Snapshot
+    pipeline_dir: Path
     # Figures later sections compare against.
     plain_ms: float | None = None
     served_ms: float | None = None
@@ -566,6 +570,48 @@ class Bench:
                 "b_lora_tax", "resident-adapter tax on no-LoRA requests", percent(ms(samples), self.served_ms), "%"
             )
 
+    def interleaved(self) -> None:
+        """(g) the headline ratios with the arms taken in turn, round after round.
+
+        Sections run one after another drifted by up to 10% on the same machine (clocks, a shared
+        host CPU), more than the differences measured; here drift hits every arm alike. Arms:
+        plain diffusers on its own copy of the model, the same with one LoRA through diffusers'
+        load_lora_weights + set_adapters (unfused: what users write), and the service's pipeline
+        with no LoRA and with that LoRA (resident, merged per request).
+        """
+        config, device, report, lora = self.config, self.device, self.report, self.loras[0]
+        plain_pipe = StableDiffusionXLPipeline.from_pretrained(
+            self.pipeline_dir, torch_dtype=config.dtype, use_safetensors=True
+        ).to(config.device)
+        user_pipe = StableDiffusionXLPipeline.from_pretrained(
+            self.pipeline_dir, torch_dtype=config.dtype, use_safetensors=True
+        ).to(config.device)
+        for pipe in (plain_pipe, user_pipe):
+            pipe.set_progress_bar_config(disable=True)
+        user_pipe.load_lora_weights(str(lora), adapter_name="user")
+        user_pipe.set_adapters(["user"], adapter_weights=[1.0])
+        arms: dict[str, Callable[[], object]] = {
+            "plain diffusers, no LoRA": lambda: plain(plain_pipe, config),
+            "plain diffusers + LoRA (set_adapters)": lambda: plain(user_pipe, config),
+            "served, no LoRA": lambda: served(self.live, config),
+            "served + LoRA (merged)": lambda: served(self.live, config, [lora]),
+        }
+        for work in arms.values():
+            work()
+        samples: dict[str, list[float]] = {name: [] for name in arms}
+        for _ in range(config.repeats):
+            for name, work in arms.items():
+                samples[name].append(device.timed(work))
+        base = ms(samples["plain diffusers, no LoRA"])
+        resident = len(self.live.resident_loras)
+        for name, values in samples.items():
+            report.keep("g_interleaved", name, values)
+            report.add("g_interleaved", name, ms(values), "ms", f"median of {config.repeats} rounds")
+        for name in list(arms)[1:]:
+            report.add("g_interleaved", f"{name} ÷ plain", ms(samples[name]) / base, "x", f"{resident} resident")
+        del plain_pipe, user_pipe
+        device.collect()
+
     def release(self) -> None:
         """(e) eviction as the service does it, then what the allocator holds compared with before loading.
 
@@ -610,18 +656,24 @@ def run(config: Config, report: Report, workdir: Path) -> None:
         started = device.clock()
         loaded = load_pipeline(str(pipeline_dir), device=str(config.device), torch_dtype=config.dtype, host_loras=host)
         report.add("setup", "load_pipeline", device.clock() - started, "s", "from the saved folder, to the device")
-        benches.append(Bench(config, device, report, loaded, loras, host, baseline, device.snapshot()))
+        benches.append(Bench(config, device, report, loaded, loras, host, baseline, device.snapshot(), pipeline_dir))
 
     report.section("setup", setup)
     if not benches:
         return
     # From here on `bench` holds the only reference to the pipeline, so (e) can drop it as the service does.
     bench = benches.pop()
-    report.section("a_overhead", bench.overhead)
-    report.section("b_lora_tax", bench.diffusers_lora)
-    report.section("c_switch", bench.adapters)
-    report.section("b_lora_tax", bench.served_lora)
-    report.section("e_release", bench.release)
+    steps = {
+        "overhead": ("a_overhead", bench.overhead),
+        "diffusers_lora": ("b_lora_tax", bench.diffusers_lora),
+        "adapters": ("c_switch", bench.adapters),
+        "served_lora": ("b_lora_tax", bench.served_lora),
+        "interleaved": ("g_interleaved", bench.interleaved),
+        "release": ("e_release", bench.release),
+    }
+    for name, (section, work) in steps.items():
+        if not config.sections or name in config.sections:
+            report.section(section, work)
 
 
 def versions() -> dict[str, str]:
@@ -646,6 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per arm after one warm-up (default 3)")
     parser.add_argument("--loras", type=int, default=8, help="LoRA files made resident (default 8, at least 4)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure and raw sample here")
+    parser.add_argument(
+        "--sections",
+        default="",
+        help="comma-separated subset of overhead,diffusers_lora,adapters,served_lora,interleaved,release (default all)",
+    )
     parser.add_argument("--workdir", type=Path, help="where the model and LoRAs are written (default: a temp dir)")
     return parser
 
@@ -667,6 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps or (2 if args.tiny else 30),
         repeats=args.repeats,
         num_loras=args.loras,
+        sections=tuple(name for name in args.sections.split(",") if name),
     )
     meta: dict[str, Any] = {
         "config": {**asdict(config), "device": str(device), "dtype": str(config.dtype)},

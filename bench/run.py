@@ -603,6 +603,7 @@ async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> t
     ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=verbose, logging_level="WARNING")
     worker_threads = await asyncio.to_thread(ray_worker_torch_threads, replica_cpus)
     if worker_threads != threads:
+        ray.shutdown()
         raise RuntimeError(
             f"a Ray worker with {replica_cpus} CPU(s) runs torch on {worker_threads} thread(s), the in-process "
             f"references on {threads}: P1 and the naive-server row would compare different thread counts"

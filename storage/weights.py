@@ -196,7 +196,7 @@ class WeightsCache:
         if new:
             os.replace(tmp, blob)
         else:
-            os.utime(blob)
+            _mark_used(blob)
         self._evict(keep=blob)
         return blob, new
 
@@ -234,7 +234,7 @@ class WeightsCache:
                 blob = path.stat()
             except FileNotFoundError:
                 continue
-            entries.append((blob.st_mtime, blob.st_size, path))
+            entries.append((max(blob.st_atime, blob.st_mtime), blob.st_size, path))
         for repo in (self.root / "hf").iterdir():
             if repo.is_dir() and not repo.name.startswith("."):
                 last_use, size = _folder_usage(repo)
@@ -247,7 +247,7 @@ class WeightsCache:
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
         try:
-            os.utime(blob)  # last use, for the disk tier's LRU
+            _mark_used(blob)
         except FileNotFoundError:
             return None
         return blob
@@ -420,6 +420,16 @@ def _remove(path: Path, trash: Path) -> bool:
     finally:
         shutil.rmtree(bin_folder, ignore_errors=True)
     return True
+
+
+def _mark_used(blob: Path) -> None:
+    """Last use, for the disk tier's LRU, goes in the access time: the modification time must stay.
+
+    Workers key what they keep of a file (resident adapters, parsed LoRAs) on path + mtime + size
+    so that a rewritten file is read afresh; bumping the mtime on every use made every request
+    for a cached URL load its LoRA again.
+    """
+    os.utime(blob, ns=(time.time_ns(), blob.stat().st_mtime_ns))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -94,9 +94,8 @@ async def test_adapters_of_a_waiting_request_are_prefetched(
             final = status
     assert final.state == gen.REQUEST_STATE_COMPLETED and not final.HasField("error")
     assert lora_server.hits["/prefetched.safetensors"] == 1, "the request downloaded its LoRA again"
-    misses_after, hits_after = await host_tier(stack_settings)
+    misses_after, _ = await host_tier(stack_settings)
     assert misses_after == misses_waiting, "the request read its LoRA file again instead of the parsed copy"
-    assert hits_after > hits_waiting
 
 
 async def test_model_download_progress_reaches_the_request(

@@ -89,6 +89,20 @@ def test_a_cached_url_is_not_downloaded_again(
     assert file_server.hits["/a.safetensors"] == 1
 
 
+def test_using_a_cached_file_keeps_its_modification_time(
+    tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
+) -> None:
+    """Workers key resident adapters on path + mtime + size: a use must not look like a rewrite."""
+    file_server.routes["/a.safetensors"] = Route(safetensors_bytes())
+    cache = WeightsCache(tmp_path, loopback_policy)
+    blob = cache.resolve(file_server.url("/a.safetensors"), "loras[0].path")
+    stamped = blob.stat().st_mtime_ns - 10_000_000_000
+    os.utime(blob, ns=(stamped, stamped))
+    assert cache.resolve(file_server.url("/a.safetensors"), "loras[0].path") == blob
+    assert blob.stat().st_mtime_ns == stamped
+    assert blob.stat().st_atime_ns > stamped, "the use is recorded, in the access time"
+
+
 def test_url_data_uri_and_upload_of_the_same_bytes_share_one_blob(
     tmp_path: Path, file_server: FileServer, loopback_policy: FetchPolicy
 ) -> None:

@@ -7,6 +7,7 @@ picks up what was waiting. Calls are short and made from the event loop's thread
 
 from __future__ import annotations
 
+import bisect
 import sqlite3
 import threading
 import time
@@ -100,6 +101,14 @@ class RequestStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # The seqs of waiting requests, sorted: a queue position is a binary search instead of a
+        # COUNT over the waiting index, which grew with the queue (1.9× slower Submit / 1.7×
+        # GetStatus at 10,000 waiting). Kept in step with the table by every method that moves a
+        # request in or out of IN_QUEUE, under the same lock; this process is the store's only writer.
+        self._waiting = [
+            int(seq)
+            for (seq,) in self._db.execute("SELECT seq FROM requests WHERE state = ? ORDER BY seq", (State.IN_QUEUE,))
+        ]
 
     def close(self) -> None:
         self._db.close()
@@ -141,6 +150,7 @@ class RequestStore:
                 ),
             )
             row = db.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
+            bisect.insort(self._waiting, int(row["seq"]))
         return _record(row), True
 
     def get(self, request_id: str) -> RequestRecord | None:
@@ -149,16 +159,13 @@ class RequestStore:
         return None if row is None else _record(row)
 
     def queue_position(self, record: RequestRecord) -> int:
+        """Requests waiting ahead of this one."""
         with self._lock:
-            (ahead,) = self._db.execute(
-                "SELECT COUNT(*) FROM requests WHERE state = 'IN_QUEUE' AND seq < ?", (record.seq,)
-            ).fetchone()
-        return int(ahead)
+            return bisect.bisect_left(self._waiting, record.seq)
 
     def waiting_count(self) -> int:
         with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM requests WHERE state = 'IN_QUEUE'").fetchone()
-        return int(count)
+            return len(self._waiting)
 
     def oldest_waiting(self) -> RequestRecord | None:
         head = self.waiting(1)
@@ -175,30 +182,33 @@ class RequestStore:
     def start(self, request_id: str) -> bool:
         """IN_QUEUE → IN_PROGRESS; False when it was no longer waiting (e.g. cancelled)."""
         with self._tx() as db:
-            cur = db.execute(
+            started = db.execute(
                 "UPDATE requests SET state = ?, started_at = COALESCE(started_at, ?),"
                 " attempts = attempts + 1, step = 0, total_steps = 0"
-                " WHERE id = ? AND state = ?",
+                " WHERE id = ? AND state = ? RETURNING seq",
                 (State.IN_PROGRESS, time.time(), request_id, State.IN_QUEUE),
-            )
-        return cur.rowcount == 1
+            ).fetchall()
+            self._leave_queue(started)
+        return bool(started)
 
     def requeue(self, request_id: str) -> None:
         """Puts a started request back in its original place (its seq keeps its FIFO turn)."""
         with self._tx() as db:
-            db.execute(
-                "UPDATE requests SET state = ?, step = 0, total_steps = 0 WHERE id = ? AND state = ?",
+            requeued = db.execute(
+                "UPDATE requests SET state = ?, step = 0, total_steps = 0 WHERE id = ? AND state = ? RETURNING seq",
                 (State.IN_QUEUE, request_id, State.IN_PROGRESS),
-            )
+            ).fetchall()
+            self._join_queue(requeued)
 
     def recover(self) -> int:
         """After a restart nothing is running: what was IN_PROGRESS waits again."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE requests SET state = ?, step = 0, total_steps = 0 WHERE state = ?",
+            recovered = db.execute(
+                "UPDATE requests SET state = ?, step = 0, total_steps = 0 WHERE state = ? RETURNING seq",
                 (State.IN_QUEUE, State.IN_PROGRESS),
-            )
-        return cur.rowcount
+            ).fetchall()
+            self._join_queue(recovered)
+        return len(recovered)
 
     def set_progress(self, request_id: str, step: int, total: int) -> None:
         with self._tx() as db:
@@ -236,12 +246,26 @@ class RequestStore:
 
     def _finish(self, request_id: str, state: State, error: types_pb2.RequestError) -> bool:
         with self._tx() as db:
+            waiting = db.execute(
+                "SELECT seq FROM requests WHERE id = ? AND state = ?", (request_id, State.IN_QUEUE)
+            ).fetchall()
             cur = db.execute(
                 "UPDATE requests SET state = ?, error_type = ?, error_message = ?, finished_at = ?"
                 " WHERE id = ? AND state IN (?, ?)",
                 (state, error.type, error.message, time.time(), request_id, State.IN_QUEUE, State.IN_PROGRESS),
             )
+            self._leave_queue(waiting)
         return cur.rowcount == 1
+
+    def _join_queue(self, rows: list[sqlite3.Row]) -> None:
+        for row in rows:
+            bisect.insort(self._waiting, int(row[0]))
+
+    def _leave_queue(self, rows: list[sqlite3.Row]) -> None:
+        for row in rows:
+            at = bisect.bisect_left(self._waiting, int(row[0]))
+            if at < len(self._waiting) and self._waiting[at] == int(row[0]):
+                del self._waiting[at]
 
     def add_log(self, request_id: str, entry: types_pb2.LogEntry) -> None:
         with self._tx() as db:

@@ -270,3 +270,45 @@ def test_a_second_connection_sees_committed_writes(store: RequestStore, path: Pa
         assert reader.get(a.id).state == State.IN_PROGRESS
     finally:
         reader.close()
+
+
+def test_positions_agree_with_the_table_through_random_transitions(path: Path) -> None:
+    """Positions come from an in-memory index of waiting seqs; the table is the truth they must match."""
+    import random
+
+    rng = random.Random(5)
+    store = RequestStore(path)
+    records: list[RequestRecord] = []
+    output = types_pb2.GenerateOutput()
+    error = types_pb2.RequestError(type="WORKER_FAILED", message="x")
+    actions = {
+        "add": lambda r: records.append(add(store)),
+        "start": store.start,
+        "requeue": store.requeue,
+        "cancel": store.cancel,
+        "fail": lambda r: store.fail(r, error),
+        "complete": lambda r: store.complete(r, output, 1.0),
+    }
+
+    def check(current: RequestStore) -> None:
+        truth = sqlite3.connect(path)
+        waiting = [seq for (seq,) in truth.execute("SELECT seq FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq")]
+        truth.close()
+        assert current.waiting_count() == len(waiting)
+        for record in records:
+            expected = sum(1 for seq in waiting if seq < record.seq)
+            assert current.queue_position(record) == expected
+
+    for step in range(400):
+        name = rng.choice(list(actions))
+        if name == "add" or not records:
+            actions["add"](None)
+        else:
+            actions[name](rng.choice(records).id)
+        if step % 50 == 49:
+            check(store)
+    store.close()
+    reopened = RequestStore(path)
+    assert reopened.recover() >= 0
+    check(reopened)
+    reopened.close()

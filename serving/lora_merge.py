@@ -35,13 +35,18 @@ class LoraSlot:
     layer: LoraLayer
 
 
-def lora_slots(components: Iterable[torch.nn.Module]) -> list[LoraSlot]:
+def lora_slots(model: torch.nn.Module) -> list[LoraSlot]:
+    """Every LoRA wrapper in `model`, in module order, without walking into the wrappers.
+
+    Each resident adapter adds modules inside every wrapper it touches; a walk that went into
+    them (`named_modules`) would grow with the number of resident adapters.
+    """
     slots: list[LoraSlot] = []
-    for component in components:
-        for name, module in component.named_modules():
-            if isinstance(module, LoraLayer):
-                parent_name, _, attr = name.rpartition(".")
-                slots.append(LoraSlot(component.get_submodule(parent_name), attr, module))
+    for attr, child in model._modules.items():
+        if isinstance(child, LoraLayer):
+            slots.append(LoraSlot(model, attr, child))
+        elif child is not None:
+            slots.extend(lora_slots(child))
     return slots
 
 

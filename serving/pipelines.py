@@ -224,8 +224,7 @@ class LoadedPipeline:
     def _lora_slots(self) -> list[lora_merge.LoraSlot]:
         """Every LoRA-wrapped layer of the U-Net and text encoders; recomputed after loads and evictions."""
         if self._slots is None:
-            components = (getattr(self.pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
-            self._slots = lora_merge.lora_slots(component for component in components if component is not None)
+            self._slots = [slot for model in _lora_models(self.pipe) for slot in lora_merge.lora_slots(model)]
         return self._slots
 
     def _lora_layers(self) -> list[LoraLayer]:
@@ -740,11 +739,8 @@ def load_parsed_lora(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool)
     for a layer no resident adapter touched stays. tests/serving/test_lora_loading.py checks the
     result equals loading into the wrapped model. Returns every LoRA wrapper of the models now.
     """
-    components = [
-        module for module in (getattr(pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
-        if isinstance(module, torch.nn.Module)
-    ]
-    resident = [list(_wrapper_slots(component)) for component in components]
+    components = _lora_models(pipe)
+    resident = [lora_merge.lora_slots(component) for component in components]
     for slot in (slot for aside in resident for slot in aside):
         slot.parent._modules[slot.attr] = slot.layer.base_layer
     try:
@@ -752,7 +748,7 @@ def load_parsed_lora(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool)
     finally:
         # Also after a failed load; what PEFT loaded stays out of the resident wrappers then, and
         # the caller deletes the adapter by name from the wrappers PEFT made for other layers.
-        loaded = [list(_wrapper_slots(component)) for component in components]
+        loaded = [lora_merge.lora_slots(component) for component in components]
         for slot in (slot for aside in resident for slot in aside):
             slot.parent._modules[slot.attr] = slot.layer
     slots: list[lora_merge.LoraSlot] = []
@@ -772,16 +768,10 @@ def load_parsed_lora(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool)
     return slots
 
 
-def _wrapper_slots(model: torch.nn.Module) -> Iterator[lora_merge.LoraSlot]:
-    """Every LoRA wrapper in `model`, without walking into them (their adapters' modules)."""
-    stack = [model]
-    while stack:
-        parent = stack.pop()
-        for attr, child in parent._modules.items():
-            if isinstance(child, LoraLayer):
-                yield lora_merge.LoraSlot(parent, attr, child)
-            elif child is not None:
-                stack.append(child)
+def _lora_models(pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+    """The models diffusers loads LoRAs into: the U-Net and the text encoders the pipeline has."""
+    models = (getattr(pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
+    return [model for model in models if isinstance(model, torch.nn.Module)]
 
 
 def _move_adapter(source: LoraLayer, target: LoraLayer, name: str) -> None:

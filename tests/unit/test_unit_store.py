@@ -272,6 +272,36 @@ def test_a_second_connection_sees_committed_writes(store: RequestStore, path: Pa
         reader.close()
 
 
+def wal_bytes(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
+
+
+def test_commits_never_checkpoint_on_the_callers_thread(store: RequestStore, path: Path) -> None:
+    """With SQLite's automatic checkpoint the log is copied back (and reused) at 1,000 pages; here only the checkpointer copies."""
+    store.checkpointer.stop()
+    for index in range(1500):
+        record = add(store, f"p{index}")
+        store.cancel(record.id)
+    page = 4096
+    assert wal_bytes(path) > 2000 * page
+    done = store.checkpointer.checkpoint()
+    assert not done.busy and done.log_frames > 2000 and done.checkpointed_frames == done.log_frames
+    with sqlite3.connect(path) as other:
+        assert other.execute("SELECT COUNT(*) FROM requests WHERE state = 'CANCELLED'").fetchone() == (1500,)
+    other.close()
+
+
+def test_the_checkpointer_thread_copies_the_log_every_few_hundred_commits(store: RequestStore, path: Path) -> None:
+    from gateway.wal_checkpoints import EVERY_COMMITS
+
+    for index in range(EVERY_COMMITS):
+        add(store, f"p{index}")
+    assert store.checkpointer.wait_for(1, timeout=30)
+    # Everything was copied back, so the next commit starts the log over from its beginning.
+    add(store, "after")
+    assert store.checkpointer.checkpoint().log_frames < 20
+
+
 def test_positions_agree_with_the_table_through_random_transitions(path: Path) -> None:
     """Positions come from an in-memory index of waiting seqs; the table is the truth they must match."""
     import random

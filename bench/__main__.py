@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.plan import Plan
+from bench.plan import PHASES, Plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="CPUs (= torch threads) of the one worker replica; the in-process references use as many (default 1)",
     )
+    parser.add_argument(
+        "--only",
+        type=lambda text: [part.strip().upper() for part in text.split(",") if part.strip()],
+        default=list(PHASES),
+        metavar="P1,P4",
+        help=f"run only these phases (of {', '.join(PHASES)}); the full table needs all of them",
+    )
     parser.add_argument("--verbose", action="store_true", help="forward the Ray workers' logs to stderr")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the tiny models and the data dir")
     return parser
@@ -35,11 +42,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from bench.run import report, run
 
+    unknown = sorted(set(args.only) - set(PHASES))
+    if unknown:
+        build_parser().error(f"--only: no phase {', '.join(unknown)} (phases: {', '.join(PHASES)})")
     plan = Plan.quick_run() if args.quick else Plan.full()
     # Whatever Ray or diffusers print while it runs goes to stderr; stdout carries only the table.
     with contextlib.redirect_stdout(sys.stderr):
         rows, meta = asyncio.run(
-            run(plan, replica_cpus=args.replica_cpus, verbose=args.verbose, keep_workdir=args.keep_workdir)
+            run(
+                plan,
+                phases=args.only,
+                replica_cpus=args.replica_cpus,
+                verbose=args.verbose,
+                keep_workdir=args.keep_workdir,
+            )
         )
     report(rows, meta, args.json)
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 PROMPT = "a photo of a red house"
 SEED = 7
 GUIDANCE_SCALE = 7.5
+PHASES = ("P1", "P2", "P3", "P4")
 
 
 @dataclass(frozen=True)
@@ -29,14 +30,16 @@ class Plan:
     p3_block: int = 4
     # Calls per arm before measuring (model loads, first-call allocations).
     warmup: int = 2
-    # P4: requests waiting behind one long job, timed calls per queue depth.
+    # P4: requests waiting behind one long job, timed calls per queue depth, in rounds that
+    # alternate the depths (the queue is filled and cancelled back down between them).
     p4_small_waiting: int = 10
     p4_large_waiting: int = 10_000
-    p4_samples: int = 2000
+    p4_samples: int = 4000
+    p4_rounds: int = 4
     p4_concurrency: int = 64
     # The job that keeps the single replica busy during P4 (cancelled at the end).
-    p4_long_size: int = 256
-    p4_long_steps: int = 150
+    p4_hold_size: int = 512
+    p4_hold_steps: int = 150
 
     @classmethod
     def full(cls) -> Plan:
@@ -55,6 +58,7 @@ class Plan:
             warmup=1,
             p4_large_waiting=1_000,
             p4_samples=500,
+            p4_rounds=2,
         )
 
     def to_dict(self) -> dict[str, Any]:

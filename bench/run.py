@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stats
-from bench.plan import GUIDANCE_SCALE, PROMPT, SEED, Plan
+from bench.plan import GUIDANCE_SCALE, PHASES, PROMPT, SEED, Plan
 from bench.stats import Row, median, ms, percentile, row
 
 _STARTED = time.perf_counter()
@@ -421,81 +421,101 @@ class Bench:
 
     # P4 ------------------------------------------------------------------------------------
     async def p4(self, model_dir: Path) -> None:
+        """Submit and GetStatus at 10 and at 10,000 waiting, in interleaved rounds.
+
+        The queue is filled to the large depth and cancelled back down between rounds (order
+        small, large | large, small | ...), so a noisy minute on this shared machine lands on
+        both depths instead of on whichever was measured last: the p99 of sub-millisecond calls
+        swung 1.2-3.5x between identical runs that measured the depths one after the other.
+        """
         from loraserve.v1 import generation_pb2
 
         plan = self.plan
         client = self.client
-        long_input = request_input(model_dir, plan.p4_long_size, plan.p4_long_steps)
+        hold_input = request_input(model_dir, plan.p4_hold_size, plan.p4_hold_steps)
         small_input = request_input(model_dir, plan.small_size, 1)
-        say(f"P4 queue scale: occupying the replica with a {plan.p4_long_steps}-step {plan.p4_long_size}px job")
-        long_id = await client.submit(long_input)
+        say(f"P4 queue scale: occupying the replica with a {plan.p4_hold_steps}-step {plan.p4_hold_size}px job")
+        hold_id = await client.submit(hold_input)
         deadline = time.monotonic() + 120
-        while (await client.status(long_id)).state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
+        while (await client.status(hold_id)).state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
             if time.monotonic() > deadline:
-                raise RuntimeError("the long P4 job did not start within 120 s")
+                raise RuntimeError("the P4 hold job did not start within 120 s")
             await asyncio.sleep(0.05)
         waiting: list[str] = []
         rng = random.Random(0)
 
-        async def fill(count: int) -> None:
-            """Submit `count` more waiting requests, `p4_concurrency` in flight over the one channel."""
-            target = len(waiting) + count
-            next_report = [len(waiting) + 1000]
+        async def fill(depth: int) -> None:
+            """Submit until `depth` requests wait, `p4_concurrency` in flight over the one channel."""
+            next_report = [len(waiting) + 2500]
 
             async def worker() -> None:
-                while len(waiting) < target:
+                while len(waiting) < depth:
                     waiting.append("")  # reserve the slot before awaiting
                     slot = len(waiting) - 1
                     waiting[slot] = await client.submit(small_input)
                     if len(waiting) >= next_report[0]:
-                        next_report[0] += 1000
-                        say(f"P4: {len(waiting)}/{target} requests waiting")
+                        next_report[0] += 2500
+                        say(f"P4: {len(waiting)}/{depth} requests waiting")
 
-            await asyncio.gather(*(worker() for _ in range(min(plan.p4_concurrency, count))))
+            await asyncio.gather(*(worker() for _ in range(min(plan.p4_concurrency, depth - len(waiting)))))
 
-        async def measure(depth: int) -> tuple[Arm, Arm]:
-            submit, status = Arm(f"Submit @{depth}", _never), Arm(f"GetStatus @{depth}", _never)
-            for index in range(plan.p4_samples + plan.warmup * 10):
+        async def drain(depth: int) -> None:
+            """Cancel the newest waiting requests until `depth` are left."""
+            newest = waiting[depth:]
+            del waiting[depth:]
+            await self._cancel_all(newest)
+
+        async def measure(submit: Arm, status: Arm, samples: int, warmup: int) -> None:
+            for index in range(samples + warmup):
                 started = time.perf_counter()
                 request_id = await client.submit(small_input)
                 submitted = time.perf_counter() - started
-                await client.cancel(request_id)  # untimed: keeps the queue at `depth`
+                await client.cancel(request_id)  # untimed: keeps the queue at its depth
                 probe = waiting[rng.randrange(len(waiting))]
                 started = time.perf_counter()
                 reply = await client.status(probe)
                 looked_up = time.perf_counter() - started
                 if reply.state != generation_pb2.REQUEST_STATE_IN_QUEUE:
                     raise RuntimeError(f"P4: a waiting request left the queue ({reply.state}); the replica is free")
-                if index >= plan.warmup * 10:
+                if index >= warmup:
                     submit.seconds.append(submitted)
                     status.seconds.append(looked_up)
-            return submit, status
 
-        await fill(plan.p4_small_waiting)
-        say(f"P4: {len(waiting)} waiting; timing {plan.p4_samples} Submit + GetStatus calls")
-        small = await measure(len(waiting))
-        await fill(plan.p4_large_waiting - len(waiting))
-        depth = len(waiting)
-        last_position = (await client.status(waiting[-1])).queue_position
-        say(f"P4: {depth} waiting (last at position {last_position}); timing {plan.p4_samples} calls")
-        large = await measure(depth)
-        still_running = (await client.status(long_id)).state == generation_pb2.REQUEST_STATE_IN_PROGRESS
-        say(f"P4: cancelling {len(waiting)} waiting requests and the long job")
+        small_depth, large_depth = plan.p4_small_waiting, plan.p4_large_waiting
+        arms = {
+            small_depth: (Arm(f"Submit @{small_depth}", _never), Arm(f"GetStatus @{small_depth}", _never)),
+            large_depth: (Arm(f"Submit @{large_depth}", _never), Arm(f"GetStatus @{large_depth}", _never)),
+        }
+        per_round = math.ceil(plan.p4_samples / plan.p4_rounds)
+        await fill(small_depth)
+        for index in range(plan.p4_rounds):
+            for depth in (small_depth, large_depth) if index % 2 == 0 else (large_depth, small_depth):
+                if len(waiting) < depth:
+                    await fill(depth)
+                    position = (await client.status(waiting[-1])).queue_position
+                    say(f"P4: {len(waiting)} waiting (last at position {position})")
+                elif len(waiting) > depth:
+                    await drain(depth)
+                await measure(*arms[depth], per_round, plan.warmup * 10)
+            say(f"P4: round {index + 1}/{plan.p4_rounds}, {per_round} Submit + GetStatus calls per depth")
+        hold = await client.status(hold_id)
+        say(f"P4: cancelling {len(waiting)} waiting requests and the hold job (at step {hold.progress.step})")
         await self._cancel_all(waiting)
-        await client.cancel(long_id)
-        if not still_running:
-            raise RuntimeError("P4: the long job ended while measuring; the queue was not held")
+        await client.cancel(hold_id)
+        if hold.state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
+            raise RuntimeError("P4: the hold job ended while measuring; the queue was not held")
+        small, large = arms[small_depth], arms[large_depth]
         self.record("P4", [*small, *large])
         for name, (at_small, at_large) in {"Submit": (small[0], large[0]), "GetStatus": (small[1], large[1])}.items():
             self.rows.append(
                 row(
                     f"P4 {name} p99",
-                    (f"p99 @{depth} waiting", at_large.p(99)),
-                    (f"p99 @{plan.p4_small_waiting} waiting", at_small.p(99)),
+                    (f"p99 @{large_depth} waiting", at_large.p(99)),
+                    (f"p99 @{small_depth} waiting", at_small.p(99)),
                     "<=",
                     1.5,
                     f"p50 {at_large.p(50):.2f} / {at_small.p(50):.2f} ms = {at_large.p(50) / at_small.p(50):.2f}; "
-                    "sequential calls, one in flight",
+                    f"sequential calls, one in flight, {plan.p4_rounds} interleaved rounds",
                     {"large": len(at_large.seconds), "small": len(at_small.seconds)},
                 )
             )
@@ -508,7 +528,7 @@ class Bench:
             for request_id in pending:
                 await self.client.cancel(request_id)
                 done[0] += 1
-                if done[0] % 2000 == 0:
+                if done[0] % 2500 == 0:
                     say(f"P4: cancelled {done[0]}/{len(request_ids)}")
 
         await asyncio.gather(*(worker() for _ in range(self.plan.p4_concurrency)))
@@ -547,12 +567,17 @@ def _versions() -> dict[str, str]:
 
 
 async def run(
-    plan: Plan, *, replica_cpus: int = 1, verbose: bool = False, keep_workdir: bool = False
+    plan: Plan,
+    *,
+    phases: Sequence[str] = PHASES,
+    replica_cpus: int = 1,
+    verbose: bool = False,
+    keep_workdir: bool = False,
 ) -> tuple[list[Row], dict[str, Any]]:
-    """Builds the tiny models, starts the service, runs P1–P4, stops it; returns rows and metadata."""
+    """Builds the tiny models, starts the service, runs the phases (P1–P4), stops it; returns rows and metadata."""
     workdir = Path(tempfile.mkdtemp(prefix="loraserve-bench-"))
     try:
-        rows, meta = await _run(plan, workdir, replica_cpus, verbose)
+        rows, meta = await _run(plan, workdir, set(phases), replica_cpus, verbose)
     finally:
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -560,7 +585,9 @@ async def run(
     return rows, meta
 
 
-async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> tuple[list[Row], dict[str, Any]]:
+async def _run(
+    plan: Plan, workdir: Path, phases: set[str], replica_cpus: int, verbose: bool
+) -> tuple[list[Row], dict[str, Any]]:
     import ray
 
     from bench import inprocess
@@ -615,14 +642,19 @@ async def _run(plan: Plan, workdir: Path, replica_cpus: int, verbose: bool) -> t
         say(f"service ready on {target}")
         async with AsyncClient(target) as client:
             bench = Bench(plan, client, workdir)
-            await bench.p1(model_a.pipeline_dir, plain)
-            await bench.p2(model_a.pipeline_dir, model_a.lora_paths, plain, model_b.pipeline_dir)
-            await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
-            await bench.p4(model_b.pipeline_dir)
+            if "P1" in phases:
+                await bench.p1(model_a.pipeline_dir, plain)
+            if "P2" in phases:
+                await bench.p2(model_a.pipeline_dir, model_a.lora_paths, plain, model_b.pipeline_dir)
+            if "P3" in phases:
+                await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
+            if "P4" in phases:
+                await bench.p4(model_b.pipeline_dir)
         say("stopping the service")
     meta = {
         "command": " ".join(sys.argv),
         "quick": plan.quick,
+        "phases": sorted(phases),
         "plan": plan.to_dict(),
         "cpu_count": os.cpu_count(),
         "torch_threads_in_process": threads,
@@ -646,7 +678,8 @@ def report(rows: Sequence[Row], meta: dict[str, Any], json_path: Path | None) ->
     missed = sum(r.status == stats.MISS for r in rows)
     print(
         f"\n{passed} PASS, {missed} MISS; {meta['cpu_count']} CPU cores, torch {meta['torch_threads_in_process']} "
-        f"thread(s) in the replica and in-process; {'quick' if meta['quick'] else 'full'} run, "
+        f"thread(s) in the replica and in-process; {'quick' if meta['quick'] else 'full'} run"
+        f"{'' if len(meta['phases']) == len(PHASES) else ' of ' + ', '.join(meta['phases'])}, "
         f"{meta['wall_seconds']:.0f} s; load average before {meta['loadavg_1_5_15_before'][0]:.2f}, "
         f"after {meta['loadavg_1_5_15_after'][0]:.2f}"
     )

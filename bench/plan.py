@@ -1,4 +1,4 @@
-"""How much the benchmark measures: the full run (~10 min on 2 cores) and `--quick` (~2 min)."""
+"""How much the benchmark measures: the full run (~5 min on 2 cores) and `--quick` (~2.5 min)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ class Plan:
     # P1: one job of about 1 s on one CPU core (tiny SDXL: the VAE halves, so 64 px is a 32×32 latent).
     p1_size: int = 64
     p1_steps: int = 16
-    p1_rounds: int = 8
-    p1_block: int = 5
+    # 60 calls per arm: the p95 of 40 was the second-slowest call and moved by ±2% between runs.
+    p1_rounds: int = 20
+    p1_block: int = 3
     # Arms run in blocks of `block` calls, `rounds` times over: small blocks cancel drift on a shared machine.
     # P2 / P3: shorter jobs, so the run stays short.
     small_size: int = 64

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -28,7 +29,8 @@ from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
 from serving import conditioning
-from serving.lora_cache import HOST_TIER, HostLoraCache
+from serving.embeddings import EmbeddingLoadError
+from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
 from serving.pipelines import (
@@ -283,25 +285,31 @@ class Worker:
         )
 
     async def Prefetch(self, request: worker_pb2.PrefetchRequest) -> worker_pb2.PrefetchResponse:
-        """While a request waits in the gateway's queue, its LoRAs are downloaded and parsed into host RAM.
+        """While a request waits in the gateway's queue, its LoRAs and embeddings are downloaded and parsed.
 
-        Not onto the GPU: a LoRA becomes resident in a pipeline when its request runs, so a
-        request that is cancelled while waiting costs no GPU memory. Failures are left for the
-        request itself to report.
+        Into host RAM, not onto the GPU: a LoRA becomes resident in a pipeline when its request
+        runs, so a request that is cancelled while waiting costs no GPU memory. Failures are left
+        for the request itself to report.
         """
         try:
-            resolved = await asyncio.to_thread(self._prefetch_loras, request.input)
-        except (InputFetchError, AdapterLoadError) as exc:
+            resolved = await asyncio.to_thread(self._prefetch_adapters, request.input)
+        except (InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
             return worker_pb2.PrefetchResponse()
         return worker_pb2.PrefetchResponse(adapters_ready=resolved)
 
-    def _prefetch_loras(self, inp: types_pb2.GenerateInput) -> int:
-        """Into the node's weights cache on disk, then parsed into this replica's host-RAM tier."""
-        resolved = self._resolve_loras(inp, lambda _event: None)
-        for path, _scale in resolved:
+    def _prefetch_adapters(self, inp: types_pb2.GenerateInput) -> int:
+        """Into the node's weights cache on disk, then parsed into this replica's host-RAM tier.
+
+        Paths are resolved and spelled as Generate spells them, so the request finds the entries.
+        """
+        loras = self._resolve_loras(inp, lambda _event: None)
+        embeddings = self._resolve_embeddings(inp, lambda _event: None)
+        for path, _scale in loras:
             self._host_loras.get(lora_file(path))
-        return len(resolved)
+        for path, _tokens in embeddings:
+            self._host_loras.get_embedding(Path(path))
+        return len(loras) + len(embeddings)
 
     def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
         """URLs, data URIs and stored files become checked local files in the node's weights cache."""

@@ -12,24 +12,27 @@ stands for all of them (diffusers expands `<tok>` to `<tok> <tok>_1 …` in prom
 A1111 embeddings are used). Any other count is refused rather than guessed.
 
 Embeddings are added to the resident tokenizers and text encoders for the duration of a request
-and removed afterwards (`unload`), so the next request sees the plain vocabulary; adding them is
-cheap next to a denoising run. Everything is checked before the first token is added, so a bad
-file leaves the pipeline untouched. Errors are `EmbeddingLoadError`; serving.pipelines turns
-them into `AdapterLoadError`.
+and removed afterwards (`unload`), so the next request sees the plain vocabulary: a token left
+behind would change how every later prompt containing that string is tokenised, on requests that
+never named the embedding, and would make a later request that binds the same token to another
+file fail as "already in the vocabulary". Adding them is cheap next to a denoising run; reading
+the file is what is worth keeping, so the caller passes `read`, which takes the tensors from the
+replica's host-RAM tier (serving/lora_cache.py) where it has one. Everything is checked before
+the first token is added, so a bad file leaves the pipeline untouched. Errors are
+`EmbeddingLoadError`; serving.pipelines turns them into `AdapterLoadError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 
-SAFETENSORS_SUFFIX = ".safetensors"
+# An embedding file's tensors by name; raises EmbeddingLoadError naming the file if it can't be read.
+ReadEmbedding = Callable[[Path], Mapping[str, torch.Tensor]]
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
@@ -44,13 +47,15 @@ class LoadedEmbeddings:
     added: list[tuple[Any, Any, list[str]]] = field(default_factory=list)
 
 
-def load(pipe: Any, embeddings: Sequence[tuple[str, Sequence[str]]], *, model_label: str) -> LoadedEmbeddings:
+def load(
+    pipe: Any, embeddings: Sequence[tuple[str, Sequence[str]]], *, model_label: str, read: ReadEmbedding
+) -> LoadedEmbeddings:
     """Add every embedding's tokens to the pipeline; on any error nothing stays added."""
     loaded = LoadedEmbeddings()
     if not embeddings:
         return loaded
     encoders = _encoders(pipe)
-    plans = [_plan(Path(path), list(tokens), encoders, model_label) for path, tokens in embeddings]
+    plans = [_plan(Path(path), list(tokens), encoders, model_label, read) for path, tokens in embeddings]
     _check_unique(plans)
     try:
         for plan in plans:
@@ -93,10 +98,12 @@ def _encoders(pipe: Any) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def _plan(path: Path, tokens: list[str], encoders: list[tuple[Any, Any]], model_label: str) -> _Plan:
+def _plan(
+    path: Path, tokens: list[str], encoders: list[tuple[Any, Any]], model_label: str, read: ReadEmbedding
+) -> _Plan:
     """Read and check one embedding against the model without changing anything."""
     name = path.name
-    tensors = _read(path)
+    tensors = read(path)
     sdxl = len(encoders) == 2
     if set(SDXL_KEYS) <= set(tensors):
         if not sdxl:
@@ -139,15 +146,6 @@ def _plan(path: Path, tokens: list[str], encoders: list[tuple[Any, Any]], model_
                 "pick tokens that are not words (e.g. <s0>)"
             )
     return _Plan(path=path, tokens=tokens, vectors=vectors)
-
-
-def _read(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix.lower() != SAFETENSORS_SUFFIX:
-        raise EmbeddingLoadError(f"embedding {path.name!r}: only .safetensors embeddings are accepted")
-    try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as exc:
-        raise EmbeddingLoadError(f"embedding {path.name!r} is not a readable safetensors file: {exc}") from exc
 
 
 def _as_vectors(tensor: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,15 +1,19 @@
-"""The host-RAM tier of the adapter cache: LoRA files read and parsed once per replica.
+"""The host-RAM tier of the adapter cache: LoRA and embedding files read and parsed once per replica.
 
-Between the node's weights cache on disk (storage/weights.py) and the adapters resident in a
-pipeline on the GPU (serving/pipelines.py) sits this tier: a LoRA's tensors and its diffusers
-metadata (`lora_alpha`, rank patterns) in host memory, least recently used out first within a
-byte budget. A LoRA that was evicted from a pipeline, or that another base model on the same
-replica uses, or whose request is still waiting in the gateway's queue (Prefetch), is made
-resident from here without touching the disk.
+Between the node's weights cache on disk (storage/weights.py) and the adapters in use on the GPU
+(serving/pipelines.py) sits this tier: a LoRA's tensors and its diffusers metadata (`lora_alpha`,
+rank patterns), and a textual-inversion embedding's vectors, in host memory, least recently used
+out first within one byte budget that both kinds share. A LoRA that was evicted from a pipeline,
+or that another base model on the same replica uses, or whose request is still waiting in the
+gateway's queue (Prefetch), is made resident from here without touching the disk; an embedding,
+which is added to the tokenizers for one request only (serving/embeddings.py), is taken from here
+by every request that names it.
 
 Entries are keyed like resident adapters (path + mtime + size), so a file rewritten in place is
-read afresh. The cache is shared by the replica's pipelines and by its Prefetch calls, which run
-in other threads, hence the lock; a file being parsed by one thread is waited for, not read twice.
+read afresh; the key starts with its kind, so one file asked for as a LoRA and as an embedding is
+two entries, each parsed its own way. The cache is shared by the replica's pipelines and by its
+Prefetch calls, which run in other threads, hence the lock; a file being parsed by one thread is
+waited for, not read twice.
 """
 
 from __future__ import annotations
@@ -17,18 +21,21 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors.torch
 import torch
 from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
 
+from serving.embeddings import EmbeddingLoadError
 from serving.metrics import TierObserver
 
-# The adapter-cache tier of parsed LoRAs in a replica's RAM, as metrics name it.
+# The adapter-cache tier of parsed LoRAs and embeddings in a replica's RAM, as metrics name it.
 HOST_TIER = "host"
+SAFETENSORS_SUFFIX = ".safetensors"
 # The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
 LORA_DOWN_SUFFIXES = (
     ".lora_A.weight",
@@ -57,11 +64,37 @@ class ParsedLora:
     layer_count: int
 
 
+@dataclass(frozen=True)
+class ParsedEmbedding:
+    """A textual-inversion file's tensors (on the CPU), not yet checked against any model."""
+
+    name: str
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+
+
+Parsed = TypeVar("Parsed", ParsedLora, ParsedEmbedding)
+
+
 def adapter_name(path: Path) -> str:
     """Stable while the file is unchanged; a rewritten file gets a new name and is loaded afresh."""
+    return "lora_" + _file_digest(path)
+
+
+def embedding_name(path: Path) -> str:
+    """Like `adapter_name`, with a prefix of its own so an embedding never takes a LoRA's entry."""
+    return "embedding_" + _file_digest(path)
+
+
+def _file_digest(path: Path) -> str:
     stat = path.stat()
     key = f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}"
-    return "lora_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def parse_lora_file(path: Path) -> ParsedLora:
@@ -79,21 +112,33 @@ def parse_lora_file(path: Path) -> ParsedLora:
         path=path,
         state_dict=state_dict,
         metadata=metadata,
-        nbytes=sum(t.numel() * t.element_size() for t in state_dict.values()),
+        nbytes=_nbytes(state_dict),
         layer_count=sum(1 for key in state_dict if key.endswith(LORA_DOWN_SUFFIXES)),
     )
 
 
-class HostLoraCache:
-    """Parsed LoRAs in host RAM, least recently used out first when over `max_bytes` (0: unbounded).
+def parse_embedding_file(path: Path) -> ParsedEmbedding:
+    """Safetensors only, never pickle; errors name the file, as every embedding error does."""
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        raise EmbeddingLoadError(f"embedding {path.name!r}: only .safetensors embeddings are accepted")
+    try:
+        tensors = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise EmbeddingLoadError(f"embedding {path.name!r} is not a readable safetensors file: {exc}") from exc
+    return ParsedEmbedding(name=embedding_name(path), path=path, tensors=tensors, nbytes=_nbytes(tensors))
 
+
+class HostLoraCache:
+    """Parsed LoRAs and embeddings in host RAM, least recently used out first over `max_bytes` (0: unbounded).
+
+    One cache for both kinds, so they share the budget, the LRU order and the "host" tier metrics.
     An entry larger than the whole budget is still returned to its caller, just not kept.
     """
 
     def __init__(self, max_bytes: int, *, observer: TierObserver | None = None) -> None:
         self.max_bytes = max_bytes
         self._observer = observer
-        self._entries: OrderedDict[str, ParsedLora] = OrderedDict()
+        self._entries: OrderedDict[str, ParsedLora | ParsedEmbedding] = OrderedDict()
         self._lock = threading.Lock()
         # Names being parsed right now → set when done, so a second caller waits instead of reading.
         self._parsing: dict[str, threading.Event] = {}
@@ -109,11 +154,16 @@ class HostLoraCache:
             return list(self._entries)
 
     def get(self, path: Path) -> ParsedLora:
-        name = adapter_name(path)
+        return self._get(adapter_name(path), ParsedLora, lambda: parse_lora_file(path))
+
+    def get_embedding(self, path: Path) -> ParsedEmbedding:
+        return self._get(embedding_name(path), ParsedEmbedding, lambda: parse_embedding_file(path))
+
+    def _get(self, name: str, kind: type[Parsed], parse: Callable[[], Parsed]) -> Parsed:
         while True:
             with self._lock:
                 entry = self._entries.get(name)
-                if entry is not None:
+                if isinstance(entry, kind):
                     self._entries.move_to_end(name)
                     if self._observer is not None:
                         self._observer.on_hit()
@@ -126,16 +176,16 @@ class HostLoraCache:
         if self._observer is not None:
             self._observer.on_miss()
         try:
-            entry = parse_lora_file(path)
+            parsed = parse()
             with self._lock:
-                self._keep(entry)
-            return entry
+                self._keep(parsed)
+            return parsed
         finally:
             with self._lock:
                 del self._parsing[name]
             done.set()
 
-    def _keep(self, entry: ParsedLora) -> None:
+    def _keep(self, entry: ParsedLora | ParsedEmbedding) -> None:
         if self.max_bytes and entry.nbytes > self.max_bytes:
             return
         self._entries[entry.name] = entry

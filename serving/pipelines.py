@@ -39,7 +39,14 @@ from serving import embeddings as textual_inversion
 from serving import latents as debug_files
 from serving import lora_merge, prompts, schedulers, tiling, unets
 from serving.latents import OutputFile
-from serving.lora_cache import HostLoraCache, LoraFileError, ParsedLora, adapter_name, parse_lora_file
+from serving.lora_cache import (
+    HostLoraCache,
+    LoraFileError,
+    ParsedLora,
+    adapter_name,
+    parse_embedding_file,
+    parse_lora_file,
+)
 from serving.memory import return_freed_memory
 from serving.metrics import WorkerMetrics
 
@@ -159,7 +166,8 @@ class LoadedPipeline:
         # Bytes of LoRA weights kept resident on this pipeline's device; 0: only the count bounds it.
         self.max_lora_bytes = max_lora_bytes
         self._metrics = metrics
-        # The replica's host-RAM tier, shared by its pipelines; None: files are parsed on every load.
+        # The replica's host-RAM tier of LoRAs and embeddings, shared by its pipelines; None: files
+        # are parsed on every load.
         self._host_loras = host_loras
         # adapter name → source path, least recently used first
         self._resident: OrderedDict[str, Path] = OrderedDict()
@@ -234,9 +242,16 @@ class LoadedPipeline:
         """Add this request's textual-inversion tokens; `unload_embeddings` takes them out again."""
         self.unload_embeddings()
         try:
-            self._embeddings = textual_inversion.load(self.pipe, embeddings, model_label=self.model_name)
+            self._embeddings = textual_inversion.load(
+                self.pipe, embeddings, model_label=self.model_name, read=self._embedding_tensors
+            )
         except textual_inversion.EmbeddingLoadError as exc:
             raise AdapterLoadError(str(exc)) from exc
+
+    def _embedding_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """From the host-RAM tier when there is one, as for LoRAs: a file is read once, not per request."""
+        parsed = self._host_loras.get_embedding(path) if self._host_loras is not None else parse_embedding_file(path)
+        return parsed.tensors
 
     def unload_embeddings(self) -> None:
         textual_inversion.unload(self.pipe, self._embeddings)

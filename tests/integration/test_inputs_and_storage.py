@@ -19,7 +19,7 @@ from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.app import build_app
-from serving.tiny import TinyModel
+from serving.tiny import TinyModel, make_tiny_embedding
 from tests.conftest import free_port
 from tests.integration.test_generation_api import fetch, generate_pixels, request
 from tests.integration.test_metrics import samples, scrape
@@ -29,11 +29,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def lora_server(tiny_sdxl: TinyModel) -> Iterator[FileServer]:
+def lora_server(tiny_sdxl: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
     server = FileServer()
     body = tiny_sdxl.lora_paths[0].read_bytes()
     server.routes["/style.safetensors"] = Route(body)
     server.routes["/prefetched.safetensors"] = Route(body)
+    embedding = make_tiny_embedding(tmp_path_factory.mktemp("embeddings"), "sdxl", seed=11)
+    server.routes["/prefetched-embedding.safetensors"] = Route(embedding.read_bytes())
     server.routes["/not-a-checkpoint.safetensors"] = Route(body, chunked=True)
     server.routes["/to-private.safetensors"] = Route(status=302, headers={"Location": "http://10.0.0.1/x.safetensors"})
     server.routes["/to-metadata.safetensors"] = Route(
@@ -67,7 +69,7 @@ async def test_lora_by_url_data_uri_and_upload_match_the_path(
 
 
 async def host_tier(settings: Settings) -> tuple[float, float]:
-    """The replica's host-RAM tier (parsed LoRAs): (misses, hits) so far."""
+    """The replica's host-RAM tier (parsed LoRAs and embeddings): (misses, hits) so far."""
     worker = samples(await scrape(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"))
     misses, hits = (worker.get((f"loraserve_cache_{name}_total", (("tier", "host"),)), 0.0) for name in ("misses", "hits"))
     return misses, hits
@@ -77,25 +79,37 @@ async def test_adapters_of_a_waiting_request_are_prefetched(
     target: str, stack_settings: Settings, tiny_sdxl: TinyModel, lora_server: FileServer
 ) -> None:
     url = lora_server.url("/prefetched.safetensors")
+    embedding_url = lora_server.url("/prefetched-embedding.safetensors")
     misses_before, hits_before = await host_tier(stack_settings)
     async with AsyncClient(target) as client:
         busy = await client.submit(request(tiny_sdxl, num_inference_steps=150, image_size={"width": 128, "height": 128}))
-        waiting = await client.submit(request(tiny_sdxl, loras=[{"path": url}]))
+        waiting = await client.submit(
+            request(
+                tiny_sdxl,
+                prompt="a photo of <s0> <s1> house",
+                loras=[{"path": url}],
+                embeddings=[{"path": embedding_url, "tokens": ["<s0>", "<s1>"]}],
+            )
+        )
         async for status in client.stream_status(waiting, logs=True):
-            if any("prefetched 1 adapter(s)" in entry.message for entry in status.logs):
+            prefetched = [entry.message for entry in status.logs if entry.message.startswith("prefetched ")]
+            if prefetched:
                 break
         # Downloaded and parsed into the replica's host RAM while still waiting behind the busy one.
+        assert prefetched == ["prefetched 2 adapter(s) while waiting"]
         assert status.state == gen.REQUEST_STATE_IN_QUEUE
         assert lora_server.hits["/prefetched.safetensors"] == 1
+        assert lora_server.hits["/prefetched-embedding.safetensors"] == 1
         misses_waiting, hits_waiting = await host_tier(stack_settings)
-        assert (misses_waiting - misses_before) + (hits_waiting - hits_before) == 1
+        assert (misses_waiting - misses_before) + (hits_waiting - hits_before) == 2
         await client.cancel(busy)
         async for status in client.stream_status(waiting):
             final = status
     assert final.state == gen.REQUEST_STATE_COMPLETED and not final.HasField("error")
     assert lora_server.hits["/prefetched.safetensors"] == 1, "the request downloaded its LoRA again"
+    assert lora_server.hits["/prefetched-embedding.safetensors"] == 1, "the request downloaded its embedding again"
     misses_after, _ = await host_tier(stack_settings)
-    assert misses_after == misses_waiting, "the request read its LoRA file again instead of the parsed copy"
+    assert misses_after == misses_waiting, "the request read an adapter file again instead of the parsed copy"
 
 
 async def test_model_download_progress_reaches_the_request(

@@ -1,4 +1,4 @@
-"""The host-RAM tier of parsed LoRAs, loading from it, and giving an evicted pipeline's memory back."""
+"""The host-RAM tier of parsed LoRAs and embeddings, loading from it, and giving an evicted pipeline's memory back."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft.tuners.lora.layer import LoraLayer
 
-from serving.lora_cache import HostLoraCache, parse_lora_file
+from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file
 from serving.memory import memory_figures
 from serving.metrics import WorkerMetrics
 from serving.pipelines import (
@@ -23,7 +23,7 @@ from serving.pipelines import (
     load_pipeline,
 )
 from serving_testkit import params, pixels
-from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
+from serving.tiny import TinyModel, make_tiny_embedding, make_tiny_lora, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
 # The memory tests run on the GPU where there is one (the device check runs this module there).
@@ -189,6 +189,89 @@ def test_pipelines_of_one_replica_share_the_host_tier(tiny_models: dict[str, Tin
         pipeline.release()
     assert samples(metrics, "host")["misses_total"] == 1
     assert samples(metrics, "host")["hits_total"] == 1
+
+
+# --- embeddings in the same tier -------------------------------------------------------------
+
+EMBEDDING_TOKENS = ["<s0>", "<s1>"]
+EMBEDDING_PROMPT = "a photo of <s0> <s1> cat"
+
+
+def rewrite_in_place(path: Path, source: Path) -> None:
+    """New content, same size: only the bumped mtime tells the two files apart."""
+    stat = path.stat()
+    path.write_bytes(source.read_bytes())
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_second_request_with_the_same_embedding_takes_it_from_host_ram(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline], tmp_path: Path, family: str
+) -> None:
+    metrics = WorkerMetrics()
+    host = HostLoraCache(0, observer=metrics.tier_observer("host"))
+    loaded = load_pipeline(str(tiny_models[family].pipeline_dir), host_loras=host)
+    embedding = [(str(make_tiny_embedding(tmp_path, family)), EMBEDDING_TOKENS)]
+    first = pixels(loaded, prompt=EMBEDDING_PROMPT, embeddings=embedding)
+    assert samples(metrics, "host")["misses_total"] == 1
+    second = pixels(loaded, prompt=EMBEDDING_PROMPT, embeddings=embedding)
+    assert np.array_equal(first, second)
+    # The tier's tensors give what a pipeline reading the file itself gives.
+    assert np.array_equal(first, pixels(pipelines[family], prompt=EMBEDDING_PROMPT, embeddings=embedding))
+    assert samples(metrics, "host") == {
+        "hits_total": 1,
+        "misses_total": 1,
+        "evictions_total": 0,
+        "bytes": parse_embedding_file(Path(embedding[0][0])).nbytes,
+    }
+
+
+def test_embeddings_share_the_budget_and_the_lru_order_with_loras(
+    tiny_models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    lora, lora_2 = (p.resolve() for p in tiny_models["sd15"].lora_paths[:2])
+    emb, emb_2 = (make_tiny_embedding(tmp_path, "sd15", seed=seed) for seed in (1, 2))
+    budget = parse_lora_file(lora).nbytes + parse_embedding_file(emb).nbytes
+    metrics = WorkerMetrics()
+    cache = HostLoraCache(budget, observer=metrics.tier_observer("host"))
+    cache.get(lora)
+    first = cache.get_embedding(emb)
+    cache.get(lora)  # now the embedding is the least recently used
+    cache.get_embedding(emb_2)  # a LoRA and an embedding fit, not a third entry
+    assert cache.names() == [parse_lora_file(lora).name, parse_embedding_file(emb_2).name]
+    cache.get(lora_2)
+    assert cache.names() == [parse_embedding_file(emb_2).name, parse_lora_file(lora_2).name]
+    again = cache.get_embedding(emb)
+    assert again is not first and again.tensors.keys() == first.tensors.keys()
+    assert all(torch.equal(again.tensors[key], tensor) for key, tensor in first.tensors.items())
+    assert cache.names() == [parse_lora_file(lora_2).name, first.name]
+    assert samples(metrics, "host") == {"hits_total": 1, "misses_total": 5, "evictions_total": 3, "bytes": budget}
+
+
+def test_one_file_as_a_lora_and_as_an_embedding_is_two_entries(tiny_models: dict[str, TinyModel]) -> None:
+    path = tiny_models["sd15"].lora_paths[0].resolve()
+    metrics = WorkerMetrics()
+    cache = HostLoraCache(0, observer=metrics.tier_observer("host"))
+    lora, embedding = cache.get(path), cache.get_embedding(path)
+    assert cache.get(path) is lora and cache.get_embedding(path) is embedding
+    assert len(cache.names()) == 2
+    assert samples(metrics, "host")["hits_total"] == 2
+
+
+def test_an_embedding_rewritten_in_place_is_read_afresh(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline], tmp_path: Path
+) -> None:
+    metrics = WorkerMetrics()
+    host = HostLoraCache(0, observer=metrics.tier_observer("host"))
+    loaded = load_pipeline(str(tiny_models["sdxl"].pipeline_dir), host_loras=host)
+    path = make_tiny_embedding(tmp_path / "a", "sdxl", seed=1)
+    embedding = [(str(path), EMBEDDING_TOKENS)]
+    before = pixels(loaded, prompt=EMBEDDING_PROMPT, embeddings=embedding)
+    rewrite_in_place(path, make_tiny_embedding(tmp_path / "b", "sdxl", seed=2))
+    after = pixels(loaded, prompt=EMBEDDING_PROMPT, embeddings=embedding)
+    assert np.abs(after - before).mean() > 1.0
+    assert np.array_equal(after, pixels(pipelines["sdxl"], prompt=EMBEDDING_PROMPT, embeddings=embedding))
+    assert samples(metrics, "host")["misses_total"] == 2
 
 
 # --- an evicted pipeline's memory goes back ------------------------------------------------

@@ -96,7 +96,7 @@ class Dispatcher:
 
     def prefetch(self, record: RequestRecord) -> None:
         """A request that will wait: have a replica read its adapters into host RAM meanwhile."""
-        if not record.input.loras or len(self._running) < self._capacity:
+        if not (record.input.loras or record.input.embeddings) or len(self._running) < self._capacity:
             return
         task = asyncio.get_running_loop().create_task(self._prefetch(record), name=f"prefetch-{record.id}")
         self._prefetches.add(task)

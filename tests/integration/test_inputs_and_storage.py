@@ -83,29 +83,34 @@ async def test_adapters_of_a_waiting_request_are_prefetched(
     misses_before, hits_before = await host_tier(stack_settings)
     async with AsyncClient(target) as client:
         busy = await client.submit(request(tiny_sdxl, num_inference_steps=150, image_size={"width": 128, "height": 128}))
-        waiting = await client.submit(
+        # One waits with a LoRA, one with only an embedding: each kind is prefetched on its own.
+        with_lora = await client.submit(request(tiny_sdxl, loras=[{"path": url}]))
+        with_embedding = await client.submit(
             request(
                 tiny_sdxl,
                 prompt="a photo of <s0> <s1> house",
-                loras=[{"path": url}],
                 embeddings=[{"path": embedding_url, "tokens": ["<s0>", "<s1>"]}],
             )
         )
-        async for status in client.stream_status(waiting, logs=True):
-            prefetched = [entry.message for entry in status.logs if entry.message.startswith("prefetched ")]
-            if prefetched:
-                break
-        # Downloaded and parsed into the replica's host RAM while still waiting behind the busy one.
-        assert prefetched == ["prefetched 2 adapter(s) while waiting"]
-        assert status.state == gen.REQUEST_STATE_IN_QUEUE
+        for waiting in (with_lora, with_embedding):
+            async for status in client.stream_status(waiting, logs=True):
+                prefetched = [entry.message for entry in status.logs if entry.message.startswith("prefetched ")]
+                if prefetched:
+                    break
+            # Downloaded and parsed into the replica's host RAM while still waiting behind the busy one.
+            assert prefetched == ["prefetched 1 adapter(s) while waiting"]
+            assert status.state == gen.REQUEST_STATE_IN_QUEUE
         assert lora_server.hits["/prefetched.safetensors"] == 1
         assert lora_server.hits["/prefetched-embedding.safetensors"] == 1
         misses_waiting, hits_waiting = await host_tier(stack_settings)
         assert (misses_waiting - misses_before) + (hits_waiting - hits_before) == 2
         await client.cancel(busy)
-        async for status in client.stream_status(waiting):
-            final = status
-    assert final.state == gen.REQUEST_STATE_COMPLETED and not final.HasField("error")
+        finals = []
+        for waiting in (with_lora, with_embedding):
+            async for status in client.stream_status(waiting):
+                final = status
+            finals.append(final)
+    assert all(f.state == gen.REQUEST_STATE_COMPLETED and not f.HasField("error") for f in finals), finals
     assert lora_server.hits["/prefetched.safetensors"] == 1, "the request downloaded its LoRA again"
     assert lora_server.hits["/prefetched-embedding.safetensors"] == 1, "the request downloaded its embedding again"
     misses_after, _ = await host_tier(stack_settings)

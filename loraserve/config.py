@@ -53,7 +53,7 @@ class Settings:
     # LoRAs kept loaded in one pipeline between requests, by count and by bytes (0: count only).
     max_loras_per_pipeline: int = 16
     max_lora_bytes_per_pipeline: int = 4 * 1024**3
-    # Parsed LoRA files kept in one replica's host RAM (shared by its pipelines and fed by
+    # Parsed LoRA and embedding files kept in one replica's host RAM (shared by its pipelines and fed by
     # prefetching for waiting requests), least recently used out first; 0: unbounded.
     max_host_lora_bytes: int = 8 * 1024**3
     # ControlNets, IP-Adapter weights, image encoders and IC-Light offsets one replica keeps loaded.

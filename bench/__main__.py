@@ -40,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from bench.run import report, run
-
     unknown = sorted(set(args.only) - set(PHASES))
     if unknown:
         build_parser().error(f"--only: no phase {', '.join(unknown)} (phases: {', '.join(PHASES)})")
+    from bench.run import report, run
+
     plan = Plan.quick_run() if args.quick else Plan.full()
     # Whatever Ray or diffusers print while it runs goes to stderr; stdout carries only the table.
     with contextlib.redirect_stdout(sys.stderr):

@@ -109,3 +109,14 @@ def test_contention_note_only_when_other_processes_took_cpu() -> None:
     shared = stats.contention_note(0.85, 0.01)
     assert shared.startswith("WARNING") and "0.85 core(s)" in shared
     assert stats.contention_note(0.0, 0.3).startswith("WARNING")
+
+
+def test_only_names_phases_case_insensitively_and_refuses_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import build_parser, main
+
+    assert build_parser().parse_args(["--only", "p1, P4"]).only == ["P1", "P4"]
+    assert build_parser().parse_args([]).only == ["P1", "P2", "P3", "P4"]
+    with pytest.raises(SystemExit) as exited:
+        main(["--only", "P1,P5"])
+    assert exited.value.code == 2
+    assert "--only: no phase P5" in capsys.readouterr().err

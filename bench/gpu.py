@@ -41,7 +41,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from bench.inprocess import quiet
+from bench.inprocess import plain_call, quiet
 from bench.plan import GUIDANCE_SCALE, PROMPT, SEED
 from serving.lora_cache import HostLoraCache
 from serving.memory import memory_figures
@@ -368,18 +368,7 @@ def request(config: Config, loras: Sequence[Path] = ()) -> GenerationParams:
 
 
 def plain(pipe: Any, config: Config, output_type: str = "pil") -> Any:
-    """What a user of diffusers writes for the same request: the pipeline call and nothing else."""
-    return pipe(
-        prompt=PROMPT,
-        negative_prompt=None,
-        width=config.size,
-        height=config.size,
-        num_inference_steps=config.steps,
-        guidance_scale=GUIDANCE_SCALE,
-        num_images_per_prompt=1,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type=output_type,
-    ).images
+    return plain_call(pipe, config.size, config.steps, output_type)
 
 
 def finite(pipe: Any, config: Config) -> float:

@@ -38,7 +38,8 @@ def load(path: Path) -> Any:
     return pipe
 
 
-def _call(pipe: Any, size: int, steps: int) -> None:
+def plain_call(pipe: Any, size: int, steps: int, output_type: str = "pil") -> Any:
+    """What a user of diffusers writes for the benchmark's request: the pipeline call and nothing else."""
     output = pipe(
         prompt=PROMPT,
         negative_prompt=None,
@@ -48,16 +49,17 @@ def _call(pipe: Any, size: int, steps: int) -> None:
         guidance_scale=GUIDANCE_SCALE,
         num_images_per_prompt=1,
         generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type="pil",
+        output_type=output_type,
     )
     if len(output.images) != 1:
         raise RuntimeError(f"expected one image, got {len(output.images)}")
+    return output.images
 
 
 def generate(pipe: Any, size: int, steps: int) -> float:
     """Plain diffusers: the pipeline call and nothing else."""
     started = time.perf_counter()
-    _call(pipe, size, steps)
+    plain_call(pipe, size, steps)
     return time.perf_counter() - started
 
 
@@ -66,7 +68,7 @@ def naive_lora(pipe: Any, lora: Path, size: int, steps: int) -> float:
     started = time.perf_counter()
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora()
-    _call(pipe, size, steps)
+    plain_call(pipe, size, steps)
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     return time.perf_counter() - started
@@ -76,7 +78,7 @@ def reload_and_generate(path: Path, size: int, steps: int) -> float:
     """Switching base models without a cache: `from_pretrained` for every switch, then generate."""
     started = time.perf_counter()
     pipe = load(path)
-    _call(pipe, size, steps)
+    plain_call(pipe, size, steps)
     elapsed = time.perf_counter() - started
     del pipe
     return elapsed

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything the tests need (Python packages, buf from npm, promtool from Debian's
-# prometheus package) and runs the whole suite.
+# prometheus package, Debian's postgresql server) and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-if ! command -v promtool >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+# promtool from Debian's prometheus; a real PostgreSQL server (tests/postgres_server.py starts it).
+apt_packages=()
+command -v promtool >/dev/null || apt_packages+=(prometheus)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_packages+=(postgresql)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 mkdir -p .tools
 if [ ! -x .tools/node_modules/.bin/buf ]; then

@@ -19,6 +19,7 @@ from loraserve.config import Settings
 
 if TYPE_CHECKING:
     from serving.tiny import TinyModel
+    from tests.postgres_server import PostgresServer
 
 
 def require_tool(name: str) -> str:
@@ -50,6 +51,28 @@ def s3_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback for the session (Debian's package, see scripts/test.sh)."""
+    from tests.postgres_server import PostgresServer, find_bin_dir
+
+    import os
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("LORASERVE_REQUIRE_TOOLS"):
+            pytest.fail("postgresql is not installed (scripts/test.sh installs it)")
+        pytest.skip("postgresql not installed; scripts/test.sh installs it")
+    with PostgresServer(bin_dir) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A DSN to a new empty database on the session's server, so each test starts clean."""
+    return postgres_server.fresh_database()
 
 
 @pytest.fixture(scope="session")

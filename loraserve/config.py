@@ -103,6 +103,11 @@ class Settings:
     s3_presign_access_key: str = ""
     s3_presign_secret_key: str = ""
     s3_timeout_seconds: float = 60.0
+    # Storing a finished generation's outputs: attempts before the worker attempt fails, and the
+    # backoff between them (random up to base × 2^retry, capped), so one S3 hiccup loses no GPU work.
+    output_write_attempts: int = 5
+    output_write_backoff_seconds: float = 0.5
+    output_write_max_backoff_seconds: float = 8.0
     # File inputs fetched from URLs: caps, timeouts and the SSRF guard.
     max_input_bytes: int = 50 * 1024 * 1024
     max_data_uri_bytes: int = 20 * 1024 * 1024

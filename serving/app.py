@@ -50,6 +50,7 @@ from serving.safety import SafetyChecker, load_safety_checker
 from storage import from_settings
 from storage.fetch import InputFetchError
 from storage.object_store import random_name
+from storage.retry import StorageUnavailable, put_retrying
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
     InputFetchError: ErrorType.INVALID_INPUT,
     OptionUnavailableError: ErrorType.INVALID_INPUT,
+    # The outputs could not be stored: a failed worker attempt, which the gateway may run again.
+    StorageUnavailable: ErrorType.WORKER_FAILED,
 }
 
 # Lookups of a request's pipeline; another request's load can evict it between lookup and use.
@@ -367,14 +370,16 @@ class Worker:
     def _store_outputs(
         self, request_id: str, result: GenerationResult, image_format: str
     ) -> types_pb2.GenerateOutput:
+        """Each write is retried on store failures: the images exist nowhere else yet."""
         content_type = schema.IMAGE_FORMATS[image_format]
         suffix = ".png" if image_format == "png" else ".jpg"
+        policy = from_settings.output_write_policy(self._settings)
         output = types_pb2.GenerateOutput()
         for image in result.images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
             name = random_name(suffix)
-            stored = self._store.put(f"outputs/{request_id}/{name}", buffer.getvalue(), content_type)
+            stored = put_retrying(self._store, f"outputs/{request_id}/{name}", buffer.getvalue(), content_type, policy)
             output.images.add(
                 url=stored.url,
                 content_type=content_type,
@@ -390,8 +395,12 @@ class Worker:
             ("debug_per_pass_latents", result.debug_per_pass_latents),
         ):
             if debug is not None:
-                stored = self._store.put(
-                    f"outputs/{request_id}/{random_name('.safetensors')}", debug.data, debug.content_type
+                stored = put_retrying(
+                    self._store,
+                    f"outputs/{request_id}/{random_name('.safetensors')}",
+                    debug.data,
+                    debug.content_type,
+                    policy,
                 )
                 getattr(output, field).CopyFrom(
                     types_pb2.File(

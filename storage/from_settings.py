@@ -8,6 +8,7 @@ from loraserve.config import Settings
 from storage.factory import make_object_store
 from storage.fetch import FetchPolicy
 from storage.object_store import ObjectStore
+from storage.retry import RetryPolicy
 from storage.s3 import S3Settings
 from storage.weights import CacheObserver, WeightsCache
 
@@ -36,6 +37,14 @@ def object_store(settings: Settings) -> ObjectStore:
         )
     return make_object_store(
         settings.object_store, local_root=settings.files_dir, local_base_url=settings.files_base_url, s3=s3
+    )
+
+
+def output_write_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        attempts=settings.output_write_attempts,
+        base_delay_seconds=settings.output_write_backoff_seconds,
+        max_delay_seconds=settings.output_write_max_backoff_seconds,
     )
 
 

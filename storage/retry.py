@@ -1,0 +1,81 @@
+"""Object-store writes retried with backoff, for writes whose failure would throw finished work away.
+
+A generation's outputs exist only in the worker's memory until they are stored: one S3
+hiccup (a 503, a dropped connection, SlowDown) at that moment would otherwise fail a
+request whose GPU time is already spent. Writes are retried a bounded number of times
+with capped exponential backoff and full jitter, so replicas hitting the same outage do
+not retry in step; after the last attempt the caller gets `StorageUnavailable`, which
+the worker reports as a failed worker attempt (the gateway may run it again elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import urllib3
+from minio.error import MinioException
+
+from storage.object_store import ObjectStore, StoredObject
+
+log = logging.getLogger(__name__)
+
+# What a store raises when the store (not the key or the data) is at fault: local disk
+# errors, S3 error answers, and connection failures urllib3 gave up on.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OSError, MinioException, urllib3.exceptions.HTTPError)
+
+
+class StorageUnavailable(Exception):
+    """The store failed a write through every attempt."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay_seconds: float = 0.5
+    max_delay_seconds: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"storage write attempts must be at least 1, got {self.attempts}")
+        if self.base_delay_seconds < 0 or self.max_delay_seconds < 0:
+            raise ValueError("storage retry delays must not be negative")
+
+    def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
+        """Before retry number `retry` (0-based): uniform in [0, min(cap, base * 2**retry)]."""
+        return rand() * min(self.max_delay_seconds, self.base_delay_seconds * 2**retry)
+
+
+def put_retrying(
+    store: ObjectStore,
+    key: str,
+    data: bytes,
+    content_type: str,
+    policy: RetryPolicy,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    rand: Callable[[], float] = random.random,
+) -> StoredObject:
+    """`store.put`, retried on store failures; the same key each time, so a retry overwrites, never duplicates.
+
+    Errors that are the caller's (an invalid key) are raised at once: retrying cannot fix them.
+    """
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return store.put(key, data, content_type)
+        except TRANSIENT_ERRORS as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            if attempt == policy.attempts:
+                raise StorageUnavailable(
+                    f"could not store {key!r} after {attempt} attempt(s): {detail}"
+                ) from exc
+            delay = policy.delay(attempt - 1, rand)
+            log.warning(
+                "object store write failed; retrying",
+                extra={"key": key, "attempt": attempt, "delay_seconds": round(delay, 3), "error": detail},
+            )
+            sleep(delay)
+    raise AssertionError("unreachable: the loop returns or raises")

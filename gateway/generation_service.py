@@ -17,6 +17,8 @@ from gateway.validation import validate_input
 from loraserve.config import Settings
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
+from storage.object_store import ObjectStore
+from storage.result_urls import with_fresh_urls
 
 MAX_SEED = 2**63 - 1
 
@@ -29,8 +31,10 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         feed: ChangeFeed,
         dispatcher: Dispatcher,
         metrics: GatewayMetrics,
+        files: ObjectStore,
     ) -> None:
         self._settings = settings
+        self._files = files
         self._metrics = metrics
         self._store = store
         self._feed = feed
@@ -144,4 +148,6 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             raise FailedPrecondition(f"request {record.id} is {record.state}; its result is not ready")
         if record.error is not None:
             raise RequestFailed(record.error.type, record.error.message)
-        return generation_pb2.GetResultResponse(request_id=record.id, output=record.output)
+        # Signed now from the stored keys: URLs signed when the request finished expire long before it is deleted.
+        output = with_fresh_urls(record.output, self._files)
+        return generation_pb2.GetResultResponse(request_id=record.id, output=output)

@@ -53,7 +53,9 @@ class Gateway:
                 hot_slots=settings.max_replicas * settings.max_pipelines_per_replica,
             ),
         )
-        self.generation = GenerationService(settings, self.store, self.feed, self.dispatcher, self.metrics)
+        self.generation = GenerationService(
+            settings, self.store, self.feed, self.dispatcher, self.metrics, self.files
+        )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
         self._http: web.AppRunner | None = None

@@ -1,0 +1,34 @@
+"""Result URLs made when a result is read, so a result stays downloadable as long as its objects exist.
+
+A presigned URL stops working when its signature expires (an hour by default), but a
+request's result is kept for days. The request store keeps what the worker returned;
+each URL in it names its object's key (`ObjectStore.key_for_url` reads it back whatever
+the signature or expiry), so reading a result signs every file anew from its key.
+"""
+
+from __future__ import annotations
+
+from loraserve.v1 import types_pb2
+from storage.object_store import ObjectStore
+
+_FILE_FIELDS = ("debug_latents", "debug_per_pass_latents")
+
+
+def fresh_url(url: str, files: ObjectStore) -> str:
+    """The store's current URL for the object `url` names; other URLs (another store's, data URIs) as they are."""
+    key = files.key_for_url(url)
+    return url if key is None else files.url(key)
+
+
+def with_fresh_urls(output: types_pb2.GenerateOutput, files: ObjectStore) -> types_pb2.GenerateOutput:
+    """A copy of `output` whose image and debug-file URLs are signed now; `output` is left as stored."""
+    fresh = types_pb2.GenerateOutput()
+    fresh.CopyFrom(output)
+    for image in fresh.images:
+        image.url = fresh_url(image.url, files)
+    for field in _FILE_FIELDS:
+        if fresh.HasField(field):
+            file = getattr(fresh, field)
+            if file.url:
+                file.url = fresh_url(file.url, files)
+    return fresh

@@ -149,5 +149,5 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if record.error is not None:
             raise RequestFailed(record.error.type, record.error.message)
         # Signed now from the stored keys: URLs signed when the request finished expire long before it is deleted.
-        output = with_fresh_urls(record.output, self._files)
+        output = None if record.output is None else with_fresh_urls(record.output, self._files)
         return generation_pb2.GetResultResponse(request_id=record.id, output=output)

@@ -17,15 +17,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import urllib3
-from minio.error import MinioException
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from storage.object_store import ObjectStore, StoredObject
 
 log = logging.getLogger(__name__)
 
-# What a store raises when the store (not the key or the data) is at fault: local disk
-# errors, S3 error answers, and connection failures urllib3 gave up on.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OSError, MinioException, urllib3.exceptions.HTTPError)
+# Answers that say "not now" rather than "never": the server is busy, overloaded or timed out.
+_RETRY_STATUSES = frozenset({408, 429})
+_RETRY_S3_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether the store (not the key, the data or the configuration) is at fault, so a retry may work.
+
+    Local disk errors, connections urllib3 gave up on, and S3 5xx / throttling answers are;
+    AccessDenied, NoSuchBucket, bad credentials, other 4xx answers and unwritable folders are
+    not: retrying them only delays the error the operator has to fix.
+    """
+    if isinstance(exc, PermissionError):
+        return False
+    if isinstance(exc, (OSError, urllib3.exceptions.HTTPError)):
+        return True
+    if isinstance(exc, S3Error):
+        return exc.code in _RETRY_S3_CODES or _retry_status(exc.response.status)
+    if isinstance(exc, ServerError):
+        return _retry_status(exc.status_code)
+    if isinstance(exc, InvalidResponseError):
+        # A proxy's error page in front of the store; minio keeps its status only in `_code`.
+        return _retry_status(int(getattr(exc, "_code", 0)))
+    return False
+
+
+def _retry_status(status: int) -> bool:
+    return status >= 500 or status in _RETRY_STATUSES
 
 
 class StorageUnavailable(Exception):
@@ -61,12 +86,14 @@ def put_retrying(
 ) -> StoredObject:
     """`store.put`, retried on store failures; the same key each time, so a retry overwrites, never duplicates.
 
-    Errors that are the caller's (an invalid key) are raised at once: retrying cannot fix them.
+    Other errors (an invalid key, a refused write) are raised at once: retrying cannot fix them.
     """
     for attempt in range(1, policy.attempts + 1):
         try:
             return store.put(key, data, content_type)
-        except TRANSIENT_ERRORS as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             detail = f"{type(exc).__name__}: {exc}"
             if attempt == policy.attempts:
                 raise StorageUnavailable(

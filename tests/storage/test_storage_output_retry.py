@@ -15,7 +15,9 @@ from typing import BinaryIO
 import numpy as np
 import PIL.Image
 import pytest
-from minio.error import ServerError
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from loraserve.config import Settings
 from loraserve.errors import ErrorType
@@ -23,7 +25,8 @@ from serving.app import Worker, _failure
 from serving.latents import OutputFile
 from serving.pipelines import GenerationResult
 from storage.object_store import InvalidKey, LocalObjectStore, ObjectStore, StoredObject
-from storage.retry import RetryPolicy, StorageUnavailable, put_retrying
+from storage.retry import RetryPolicy, StorageUnavailable, is_transient, put_retrying
+from storage.s3 import S3ObjectStore, S3Settings
 
 
 class FlakyStore:
@@ -142,3 +145,48 @@ def test_caller_errors_are_not_retried(tmp_path: Path) -> None:
 def test_policy_refuses_nonsense(changes: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**changes)  # type: ignore[arg-type]
+
+
+def _s3_error(status: int, code: str) -> S3Error:
+    return S3Error(urllib3.HTTPResponse(status=status), code, "message", "/bucket/key", "req", "host")
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (_s3_error(503, "SlowDown"), True),
+        (_s3_error(500, "InternalError"), True),
+        (_s3_error(400, "RequestTimeout"), True),
+        (_s3_error(403, "AccessDenied"), False),
+        (_s3_error(404, "NoSuchBucket"), False),
+        (_s3_error(403, "InvalidAccessKeyId"), False),
+        (ServerError("server failed with HTTP status code 502", 502), True),
+        (ServerError("server failed with HTTP status code 304", 304), False),
+        (InvalidResponseError(503, "text/html", "<html>busy</html>"), True),
+        (InvalidResponseError(403, "text/html", "<html>no</html>"), False),
+        (urllib3.exceptions.MaxRetryError(None, "/bucket/key", "connection refused"), True),
+        (OSError(28, "No space left on device"), True),
+        (PermissionError(13, "Permission denied"), False),
+        (ValueError("object 'k': expected 3 bytes, the source ended after 2"), False),
+    ],
+)
+def test_which_store_errors_are_retried(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient
+
+
+def test_a_refused_write_is_not_retried(s3_endpoint: str) -> None:
+    """A write S3 refuses for good (here: the bucket was deleted) fails at once, with S3's own error."""
+    settings = S3Settings(
+        endpoint=s3_endpoint,
+        access_key="writer",
+        secret_key="writer-secret",
+        bucket=f"gone-{secrets.token_hex(4)}",
+        secure=False,
+    )
+    store = S3ObjectStore(settings)
+    Minio(s3_endpoint, access_key="writer", secret_key="writer-secret", secure=False).remove_bucket(settings.bucket)
+    slept: list[float] = []
+    with pytest.raises(S3Error) as caught:
+        put_retrying(store, "outputs/r/a.png", b"x", "image/png", RetryPolicy(), sleep=slept.append)
+    assert caught.value.code == "NoSuchBucket"
+    assert slept == []

@@ -1,112 +1,81 @@
-"""A request's LoRAs merged into the weights it runs with, and PEFT's wrappers out of the forward pass.
+"""A request's LoRA set merged into copies of the weights it touches, swapped into the modules for the request.
 
-Resident adapters live in PEFT's LoRA layers, which wrap each adapted Linear / Conv of the U-Net
-and text encoders; loading, eviction and the per-adapter scales all go through them. Running
-through them is the costly part: on SDXL at 1024² with a rank-32 LoRA on an H100, PEFT's unfused
-forward doubled the time of a request (+98% for diffusers' own `set_adapters`), and even with
-every adapter disabled the wrappers cost +39% (bench/gpu.py). So for the length of one request
-each wrapper is swapped out of its parent for
-- its base layer, where none of the request's LoRAs touches it, or
-- a copy of the base layer whose weight is `W + Σ scale·ΔW` (PEFT's own `get_delta_weight`, the
-  math of `fuse_lora`), computed into a new tensor: the resident weights are never modified, so
-  no rounding drift accumulates and nothing has to be unfused,
-and put back afterwards. Layers PEFT computes differently (DoRA and other variants, LoRA bias)
-keep the wrapper, which runs them unfused with the scales already set on it.
+For each adapted layer the request runs with `W' = W + Σ scale · up @ down` (`up` carries PEFT's
+alpha / r): what diffusers' `fuse_lora` computes, but into new tensors, so the resident weights are
+never modified, no rounding drift accumulates and nothing has to be unfused. Layers of one shape
+group (serving/lora_tensors.py) are merged by one `baddbmm` over their stacked weights, so a
+switch costs one launch per group and LoRA, not one per layer: an SDXL attention LoRA adapts 560
+layers in a few dozen groups. Several LoRAs are applied one after the other, as `fuse_lora` does.
+
+The merged copies are installed by swapping each module's `weight` parameter and restored by
+swapping the original back: no module is wrapped, so the forward pass is the plain model's.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.lora.layer import LoraLayer
 
-MERGEABLE_BASE_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+from serving.lora_tensors import LoraTensors, Mergeable, ShapeGroup
 
-
-@dataclass(frozen=True)
-class LoraSlot:
-    """Where one PEFT LoRA layer sits in its model, so it can be swapped out and back in."""
-
-    parent: torch.nn.Module
-    attr: str
-    layer: LoraLayer
+# The request's LoRAs as (name, combined scale), in order; equal keys give equal merged weights.
+MergeKey = tuple[tuple[str, float], ...]
 
 
-def lora_slots(model: torch.nn.Module) -> list[LoraSlot]:
-    """Every LoRA wrapper in `model`, in module order, without walking into the wrappers.
+@dataclass
+class MergedWeights:
+    """The weights one LoRA set gives, kept so that a request repeating the set merges nothing."""
 
-    Each resident adapter adds modules inside every wrapper it touches; a walk that went into
-    them (`named_modules`) would grow with the number of resident adapters.
-    """
-    slots: list[LoraSlot] = []
-    for attr, child in model._modules.items():
-        if isinstance(child, LoraLayer):
-            slots.append(LoraSlot(model, attr, child))
-        elif child is not None:
-            slots.extend(lora_slots(child))
-    return slots
+    key: MergeKey
+    parameters: list[tuple[torch.nn.Module, torch.nn.Parameter]]
 
-
-def swap_in_merged(slots: Iterable[LoraSlot], scales: Mapping[str, float]) -> None:
-    """Each slot gets its base layer, a merged copy of it, or (for unmergeable layers) its wrapper.
-
-    The wrappers' PEFT state must already say which adapters are active at which scale
-    (`set_scale`), since `get_delta_weight` reads the scaling from it.
-    """
-    for slot in slots:
-        layer = slot.layer
-        names = [name for name, scale in scales.items() if scale != 0.0 and name in layer.lora_A]
-        if not names:
-            replacement: torch.nn.Module = layer.get_base_layer()
-        elif _mergeable(layer, names):
-            replacement = _merged_copy(layer, names)
-        else:
-            continue
-        slot.parent._modules[slot.attr] = replacement
+    @property
+    def nbytes(self) -> int:
+        # Groups' views share storages; count each storage once.
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for _, p in self.parameters}
+        return sum(storages.values())
 
 
-def restore_wrappers(slots: Iterable[LoraSlot]) -> None:
-    for slot in slots:
-        slot.parent._modules[slot.attr] = slot.layer
-
-
-def _mergeable(layer: LoraLayer, names: list[str]) -> bool:
-    variants = getattr(layer, "lora_variant", {})
-    return isinstance(layer.get_base_layer(), MERGEABLE_BASE_TYPES) and not any(
-        layer.use_dora.get(name, False) or layer.lora_bias.get(name, False) or name in variants for name in names
-    )
-
-
-def _merged_copy(layer: LoraLayer, names: list[str]) -> torch.nn.Module:
-    base = layer.get_base_layer()
-    weight = base.weight
+def merge(
+    active: Sequence[tuple[LoraTensors, float]],
+    *,
+    which: Callable[[ShapeGroup], bool] = lambda _group: True,
+) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """Merged weight parameters for the layers of the groups `which` selects; the modules are untouched."""
+    current: dict[Mergeable, torch.Tensor] = {}
     with torch.no_grad():
-        merged = weight.detach()
-        for name in names:
-            merged = _plus_delta(layer, name, merged)
-    view = copy.copy(base)
-    # A fresh parameter dict: copy.copy shares the base layer's, which must stay untouched.
-    view._parameters = {**base._parameters, "weight": torch.nn.Parameter(merged, requires_grad=False)}
-    return view
+        for lora, scale in active:
+            for group in lora.groups:
+                if which(group):
+                    _merge_group(group, scale, current)
+    return [(module, torch.nn.Parameter(weight, requires_grad=False)) for module, weight in current.items()]
 
 
-def _plus_delta(layer: LoraLayer, name: str, weight: torch.Tensor) -> torch.Tensor:
-    """A new tensor `weight + scale·B·A`; one fused kernel for a plain Linear (the common case).
+def _merge_group(group: ShapeGroup, scale: float, current: dict[Mergeable, torch.Tensor]) -> None:
+    weights = [current.get(module, module.weight) for module in group.modules]
+    stacked = torch.stack([w.detach().reshape(w.shape[0], -1) for w in weights])
+    dtype = stacked.dtype
+    # CPUs have no fast (or no) half-precision matmul; PEFT computes those deltas in float32 too.
+    compute = torch.float32 if stacked.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+    if compute != dtype:
+        stacked = stacked.to(compute)
+    stacked.baddbmm_(group.up.to(compute), group.down.to(compute), alpha=scale)
+    if compute != dtype:
+        stacked = stacked.to(dtype)
+    for module, weight, merged in zip(group.modules, weights, stacked.unbind(0)):
+        current[module] = merged.view(weight.shape)
 
-    A switch merges every adapted layer (560 in an SDXL attention LoRA), so kernel launches add
-    up; other layer types go through PEFT's `get_delta_weight`.
-    """
-    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if (
-        isinstance(layer.get_base_layer(), torch.nn.Linear)
-        and not getattr(layer, "fan_in_fan_out", False)
-        # CPUs lack fast half-precision matmuls; PEFT's path computes those in float32.
-        and (weight.device.type == "cuda" or weight.dtype == torch.float32)
-    ):
-        return torch.addmm(
-            weight, lora_b.to(weight.dtype), lora_a.to(weight.dtype), alpha=float(layer.scaling[name])
-        )
-    return weight + layer.get_delta_weight(name).to(weight.dtype)
+
+def install(parameters: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """Swaps the merged weights in; returns the originals for `restore`."""
+    originals = [(module, module._parameters["weight"]) for module, _ in parameters]
+    for module, parameter in parameters:
+        module._parameters["weight"] = parameter
+    return originals  # type: ignore[return-value]
+
+
+def restore(originals: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
+    for module, parameter in reversed(originals):
+        module._parameters["weight"] = parameter

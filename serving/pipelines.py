@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,22 +29,21 @@ import PIL.Image
 import safetensors
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
-from peft.tuners.lora.layer import LoraLayer
 
 from loraserve import schema
 from serving import embeddings as textual_inversion
 from serving import latents as debug_files
-from serving import lora_merge, prompts, schedulers, tiling, unets
-from serving.latents import OutputFile
-from serving.lora_cache import (
-    HostLoraCache,
-    LoraFileError,
-    ParsedLora,
-    adapter_name,
-    parse_embedding_file,
-    parse_lora_file,
+from serving import lora_tier, prompts, schedulers, tiling, unets
+from serving.errors import (
+    AdapterLoadError,
+    GenerationCancelled,
+    ModelLoadError,
+    OptionUnavailableError,
+    PipelineReleased,
 )
+from serving.latents import OutputFile
+from serving.lora_cache import HostLoraCache, LoraFileError, ParsedLora, parse_embedding_file, parse_lora_file
+from serving.lora_tier import GPU_TIER
 from serving.memory import return_freed_memory
 from serving.metrics import WorkerMetrics
 
@@ -54,41 +51,11 @@ if TYPE_CHECKING:
     from serving.conditioning import Conditioning
     from serving.safety import SafetyChecker
 
-# The adapter-cache tier of LoRAs loaded in a pipeline (on its device), as metrics name it.
-GPU_TIER = "gpu"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 LORA_FOLDER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
 SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
 MAX_REASON_CHARS = 400
-
-
-class ModelLoadError(Exception):
-    """A base model could not be loaded; the message names the model and the reason."""
-
-
-class AdapterLoadError(Exception):
-    """A LoRA could not be loaded; the message names the file and the reason."""
-
-
-class PipelineReleased(ModelLoadError):
-    """The pipeline was evicted and its memory freed before this request could use it; load it again."""
-
-
-class GenerationCancelled(Exception):
-    """The caller asked to stop mid-denoise; no partial images are returned."""
-
-
-class OptionUnavailableError(Exception):
-    """A request option this worker or this model cannot honour; `field_name` names the input field.
-
-    Raised before any denoising, e.g. `enable_safety_checker` with no checker configured, or
-    custom `timesteps` / `eta` that the model's own scheduler would reject or ignore.
-    """
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(message)
-        self.field_name = field_name
 
 
 @dataclass(kw_only=True)
@@ -144,7 +111,7 @@ class GenerationResult:
 
 
 class LoadedPipeline:
-    """A hot pipeline plus the LoRAs kept resident on it, so switching LoRAs costs next to nothing."""
+    """A hot pipeline plus the LoRAs kept resident on it as low-rank tensors (serving/lora_tier.py)."""
 
     def __init__(
         self,
@@ -152,29 +119,31 @@ class LoadedPipeline:
         *,
         family: str,
         model_name: str,
-        max_loras: int = 16,
+        max_loras: int = 0,
         max_lora_bytes: int = 0,
         metrics: WorkerMetrics | None = None,
         host_loras: HostLoraCache | None = None,
     ) -> None:
-        if max_loras < 1:
-            raise ValueError(f"max_loras must be at least 1, got {max_loras}")
+        if max_loras < 0 or max_lora_bytes < 0:
+            raise ValueError(f"max_loras and max_lora_bytes must not be negative, got {max_loras}, {max_lora_bytes}")
         self.pipe = pipe
         self.family = family
         self.model_name = model_name
-        self.max_loras = max_loras
-        # Bytes of LoRA weights kept resident on this pipeline's device; 0: only the count bounds it.
-        self.max_lora_bytes = max_lora_bytes
         self._metrics = metrics
         # The replica's host-RAM tier of LoRAs and embeddings, shared by its pipelines; None: files
         # are parsed on every load.
         self._host_loras = host_loras
-        # adapter name → source path, least recently used first
-        self._resident: OrderedDict[str, Path] = OrderedDict()
-        self._sizes: dict[str, int] = {}
-        self._slots: list[lora_merge.LoraSlot] | None = None
-        # Whether merged copies / base layers stand in for the wrappers (between activate and deactivate).
-        self._merged = False
+        # Bytes of LoRA tensors kept on this pipeline's device; 0: a share of the free device memory
+        # on a GPU, a fixed amount on a CPU (lora_tier.default_budget). max_loras 0: no count bound.
+        self._loras = lora_tier.DeviceLoraTier(
+            pipe,
+            sdxl=family == "sdxl",
+            describe=f"model {model_name!r} ({family})",
+            max_bytes=max_lora_bytes or lora_tier.default_budget(pipe.unet.device),
+            max_count=max_loras,
+            metrics=metrics,
+            parse=self._parsed,
+        )
         self._embeddings = textual_inversion.LoadedEmbeddings()
         # Requests running on this pipeline; an eviction while one runs frees the memory when it ends.
         self._users = 0
@@ -183,60 +152,38 @@ class LoadedPipeline:
         self._state_lock = threading.Lock()
 
     @property
+    def max_loras(self) -> int:
+        return self._loras.max_count
+
+    @property
+    def max_lora_bytes(self) -> int:
+        return self._loras.max_bytes
+
+    @property
     def resident_loras(self) -> list[Path]:
-        """Exposed so callers can report cache contents (and tests can check eviction)."""
-        return list(self._resident.values())
+        """Least recently used first; exposed so callers can report cache contents (and tests can check eviction)."""
+        return self._loras.paths
+
+    @property
+    def resident_lora_bytes(self) -> int:
+        return self._loras.nbytes
+
+    @property
+    def lora_merges(self) -> int:
+        """How many LoRA sets were merged; a request repeating the previous set adds none."""
+        return self._loras.merges
 
     def activate_loras(self, loras: Sequence[tuple[str, float]]) -> None:
         """Make exactly these LoRAs (at these scales) active; an empty list gives the plain model.
 
         Until `deactivate_loras`, the models run with the LoRAs merged into copies of the weights
-        they touch and with no PEFT wrapper in the forward pass (serving/lora_merge.py).
+        they touch (serving/lora_merge.py).
         """
-        self.deactivate_loras()
-        if not loras:
-            lora_merge.swap_in_merged(self._lora_slots(), {})
-            self._merged = True
-            return
-        files = [lora_file(path) for path, _ in loras]
-        names = [adapter_name(file) for file in files]
-        for file, name in zip(files, names):
-            self._ensure_resident(file, name, protected=set(names))
-        scales: dict[str, float] = {}
-        for name, (_, scale) in zip(names, loras):
-            # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
-            scales[name] = scales.get(name, 0.0) + scale
-        active = list(scales)
-        for layer in self._lora_layers():
-            # What diffusers' enable_lora + set_adapters do, minus PEFT's requires_grad sweep over
-            # every resident adapter's parameters: that sweep made each switch cost grow with the
-            # number of resident adapters (47 ms with 20 on a tiny model), for nothing at inference.
-            layer._disable_adapters = False
-            layer._active_adapter = active
-            for name, scale in scales.items():
-                layer.set_scale(name, scale)
-        lora_merge.swap_in_merged(self._lora_slots(), scales)
-        self._merged = True
+        self._loras.activate([(lora_file(path), scale) for path, scale in loras])
 
     def deactivate_loras(self) -> None:
-        """Back to the wrapped layers PEFT manages, adapters resident but off: output equals the plain model.
-
-        Loading and evicting adapters only ever happen in this state.
-        """
-        if self._merged:
-            lora_merge.restore_wrappers(self._lora_slots())
-            self._merged = False
-        for layer in self._lora_layers():
-            layer._disable_adapters = True
-
-    def _lora_slots(self) -> list[lora_merge.LoraSlot]:
-        """Every LoRA-wrapped layer of the U-Net and text encoders; recomputed after loads and evictions."""
-        if self._slots is None:
-            self._slots = [slot for model in _lora_models(self.pipe) for slot in lora_merge.lora_slots(model)]
-        return self._slots
-
-    def _lora_layers(self) -> list[LoraLayer]:
-        return [slot.layer for slot in self._lora_slots()]
+        """The resident weights back in every module: output equals the plain model."""
+        self._loras.deactivate()
 
     def load_embeddings(self, embeddings: Sequence[tuple[str, Sequence[str]]]) -> None:
         """Add this request's textual-inversion tokens; `unload_embeddings` takes them out again."""
@@ -255,60 +202,6 @@ class LoadedPipeline:
 
     def unload_embeddings(self) -> None:
         textual_inversion.unload(self.pipe, self._embeddings)
-
-    @property
-    def resident_lora_bytes(self) -> int:
-        return sum(self._sizes.values())
-
-    def _ensure_resident(self, path: Path, name: str, protected: set[str]) -> None:
-        if name in self._resident:
-            self._resident.move_to_end(name)
-            self._count("cache_hits")
-            return
-        self._count("cache_misses")
-        self._evict_for_one_more(protected)
-        self._slots = None
-        started = time.perf_counter()
-        self._load_adapter(path, name)
-        self._resident[name] = path
-        self._sizes[name] = self._adapter_bytes(name)
-        self._track_bytes(self._sizes[name])
-        if self._metrics is not None:
-            self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
-        self._evict_over_budget(protected)
-
-    def _adapter_bytes(self, name: str) -> int:
-        return sum(
-            p.numel() * p.element_size()
-            for layer in self._lora_layers()
-            for weights in (layer.lora_A, layer.lora_B)
-            if name in weights
-            for p in weights[name].parameters()
-        )
-
-    def _evict_over_budget(self, protected: set[str]) -> None:
-        """The byte budget; like the count, it never evicts an adapter the current request uses."""
-        if not self.max_lora_bytes:
-            return
-        for victim in [name for name in self._resident if name not in protected]:
-            if self.resident_lora_bytes <= self.max_lora_bytes:
-                return
-            self._evict(victim)
-
-    def _evict(self, name: str) -> None:
-        self.pipe.delete_adapters(name)
-        del self._resident[name]
-        self._track_bytes(-self._sizes.pop(name, 0))
-        self._slots = None
-        self._count("cache_evictions")
-
-    def _count(self, counter: str) -> None:
-        if self._metrics is not None:
-            getattr(self._metrics, counter).labels(tier=GPU_TIER).inc()
-
-    def _track_bytes(self, delta: int) -> None:
-        if self._metrics is not None:
-            self._metrics.cache_bytes.labels(tier=GPU_TIER).inc(delta)
 
     @contextmanager
     def in_use(self) -> Iterator[None]:
@@ -346,21 +239,12 @@ class LoadedPipeline:
             if self._freed:
                 return
             self._freed = True
-        self._track_bytes(-self.resident_lora_bytes)
-        self._resident.clear()
-        self._sizes.clear()
-        self._slots = None
+        self._loras.clear()
         for component in self.pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.to("meta")
         return_freed_memory()
 
-
-    def _evict_for_one_more(self, protected: set[str]) -> None:
-        """Free one slot if full; adapters the current request uses are never evicted."""
-        evictable = [name for name in self._resident if name not in protected]
-        while len(self._resident) >= self.max_loras and evictable:
-            self._evict(evictable.pop(0))
 
     def _parsed(self, path: Path) -> ParsedLora:
         """From the host-RAM tier when there is one; the file is read at most once per replica."""
@@ -369,47 +253,6 @@ class LoadedPipeline:
         except LoraFileError as exc:
             raise AdapterLoadError(f"LoRA {str(path)!r}: {exc}") from exc
 
-    def _load_adapter(self, path: Path, name: str) -> None:
-        """diffusers/PEFT and kohya/A1111 files alike; a LoRA only part of which fits is refused whole."""
-        parsed = self._parsed(path)
-        file_layers = parsed.layer_count
-        try:
-            # The wrappers after the load, found without walking every resident adapter's modules.
-            self._slots = load_parsed_lora(self.pipe, parsed, sdxl=self.family == "sdxl")
-        except Exception as exc:
-            self._slots = None
-            self._discard_partial_adapter(name)
-            raise AdapterLoadError(
-                f"LoRA {str(path)!r} does not fit model {self.model_name!r} ({self.family}); is it a LoRA for "
-                f"another model family? {_reason(exc)}"
-            ) from exc
-        if not self._adapter_present(name):
-            raise AdapterLoadError(
-                f"LoRA {str(path)!r} has no weights for any part of model {self.model_name!r} "
-                f"({self.family}); is it a LoRA for another model family?"
-            )
-        loaded_layers = self._adapter_layer_count(name)
-        if loaded_layers < file_layers:
-            # e.g. an SDXL LoRA on SD 1.5: its first text encoder fits, the rest is skipped silently.
-            self._discard_partial_adapter(name)
-            raise AdapterLoadError(
-                f"LoRA {str(path)!r} does not fit model {self.model_name!r} ({self.family}): only {loaded_layers} "
-                f"of its {file_layers} layers match a layer of the model; is it a LoRA for another model family?"
-            )
-
-    def _adapter_layer_count(self, name: str) -> int:
-        """Layers of the U-Net and text encoders that hold adapter `name`."""
-        return sum(1 for layer in self._lora_layers() if name in layer.lora_A)
-
-    def _discard_partial_adapter(self, name: str) -> None:
-        """A failed load can leave the adapter in some components; remove it so later requests work."""
-        if self._adapter_present(name):
-            self.pipe.delete_adapters(name)
-            self._slots = None
-
-    def _adapter_present(self, name: str) -> bool:
-        return any(name in names for names in self.pipe.get_list_adapters().values())
-
 
 def load_pipeline(
     model_name: str,
@@ -417,7 +260,7 @@ def load_pipeline(
     device: str = "cpu",
     torch_dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
-    max_loras: int = 16,
+    max_loras: int = 0,
     max_lora_bytes: int = 0,
     metrics: WorkerMetrics | None = None,
     host_loras: HostLoraCache | None = None,
@@ -733,92 +576,6 @@ def lora_file(path: str) -> Path:
     if candidate.suffix.lower() != ".safetensors":
         raise AdapterLoadError(f"LoRA {path!r}: only .safetensors LoRAs are accepted (pickle files are refused)")
     return candidate.resolve()
-
-
-def load_parsed_lora(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> list[lora_merge.LoraSlot]:
-    """What `load_lora_weights(path)` does, from a state dict already in memory plus its metadata.
-
-    diffusers drops the file's LoRA metadata (`lora_alpha`, rank / alpha patterns) when handed a
-    state dict, and the LoRA would then run at the wrong strength (alpha = rank); its per-component
-    loaders take the metadata, so this calls them the way `load_lora_weights` does. A contract
-    test checks both give the same adapter weights and scales, for PEFT and kohya files.
-
-    The loaders run with the adapters already resident set aside: PEFT walks every module of the
-    model several times per load (matching each against every existing wrapper's name, saving
-    and loading the whole state dict, sweeping requires_grad), so with the resident adapters'
-    layers in the tree a load grew with their number (tiny SDXL, 20 resident: 0.2 s → 0.8 s).
-    Each LoRA wrapper is swapped for its base layer, PEFT wraps the base layers afresh for the
-    new adapter, and then the new adapter's per-adapter entries (weights, dropout, r, alpha,
-    scaling, variant: everything PEFT keys by adapter name, the state its `delete_adapter`
-    removes) move into the resident wrapper, which goes back in its place. A wrapper PEFT made
-    for a layer no resident adapter touched stays. tests/serving/test_lora_loading.py checks the
-    result equals loading into the wrapped model. Returns every LoRA wrapper of the models now.
-    """
-    components = _lora_models(pipe)
-    resident = [lora_merge.lora_slots(component) for component in components]
-    for slot in (slot for aside in resident for slot in aside):
-        slot.parent._modules[slot.attr] = slot.layer.base_layer
-    try:
-        _call_lora_loaders(pipe, parsed, sdxl=sdxl)
-    finally:
-        # Also after a failed load; what PEFT loaded stays out of the resident wrappers then, and
-        # the caller deletes the adapter by name from the wrappers PEFT made for other layers.
-        loaded = [lora_merge.lora_slots(component) for component in components]
-        for slot in (slot for aside in resident for slot in aside):
-            slot.parent._modules[slot.attr] = slot.layer
-    slots: list[lora_merge.LoraSlot] = []
-    for aside, fresh in zip(resident, loaded):
-        places = {(id(slot.parent), slot.attr): slot for slot in aside}
-        for slot in fresh:
-            kept = places.get((id(slot.parent), slot.attr))
-            if kept is None:
-                slots.append(slot)
-            else:
-                _move_adapter(slot.layer, kept.layer, parsed.name)
-        if fresh:
-            for slot in aside:
-                # What PEFT's model-wide set_adapter after an injection leaves on every wrapper.
-                slot.layer._active_adapter = copy.copy(fresh[0].layer._active_adapter)
-        slots.extend(aside)
-    return slots
-
-
-def _lora_models(pipe: DiffusionPipeline) -> list[torch.nn.Module]:
-    """The models diffusers loads LoRAs into: the U-Net and the text encoders the pipeline has."""
-    models = (getattr(pipe, attr, None) for attr in ("unet", "text_encoder", "text_encoder_2"))
-    return [model for model in models if isinstance(model, torch.nn.Module)]
-
-
-def _move_adapter(source: LoraLayer, target: LoraLayer, name: str) -> None:
-    """Adapter `name`'s entries, from a wrapper PEFT just made into the resident one of the same layer."""
-    if type(source) is not type(target) or source.base_layer is not target.base_layer:
-        raise RuntimeError(f"PEFT wrapped a layer as {type(source).__name__}, its resident wrapper is {type(target).__name__}")
-    entries = {**vars(source), **source._modules, **source._parameters}
-    for attr, value in entries.items():
-        if isinstance(value, (dict, torch.nn.ModuleDict, torch.nn.ParameterDict)) and name in value:
-            getattr(target, attr)[name] = value[name]
-
-
-def _call_lora_loaders(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> None:
-    state_dict, network_alphas = pipe.lora_state_dict(
-        dict(parsed.state_dict), **({"unet_config": pipe.unet.config} if sdxl else {})
-    )
-    if not all("lora" in key for key in state_dict):
-        raise ValueError("Invalid LoRA checkpoint: every parameter name must contain 'lora'")
-    common: dict[str, Any] = {
-        "network_alphas": network_alphas,
-        "adapter_name": parsed.name,
-        "metadata": parsed.metadata,
-        "_pipeline": pipe,
-        "low_cpu_mem_usage": _LOW_CPU_MEM_USAGE_DEFAULT_LORA,
-    }
-    pipe.load_lora_into_unet(state_dict, unet=pipe.unet, **common)
-    for attr in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, attr, None)
-        if encoder is not None:
-            pipe.load_lora_into_text_encoder(
-                state_dict, text_encoder=encoder, prefix=attr, lora_scale=pipe.lora_scale, **common
-            )
 
 
 def _reason(exc: BaseException) -> str:

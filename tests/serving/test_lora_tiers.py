@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft.tuners.lora.layer import LoraLayer
 
 from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file
 from serving.memory import memory_figures
@@ -19,7 +18,6 @@ from serving.pipelines import (
     LoadedPipeline,
     PipelineReleased,
     generate,
-    load_parsed_lora,
     load_pipeline,
 )
 from serving_testkit import params, pixels
@@ -46,43 +44,6 @@ def samples(metrics: WorkerMetrics, tier: str) -> dict[str, float]:
         name: metrics.registry.get_sample_value(f"loraserve_cache_{name}", {"tier": tier}) or 0.0
         for name in ("hits_total", "misses_total", "evictions_total", "bytes")
     }
-
-
-# --- loading a parsed LoRA is loading the file ----------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "lora_format,components",
-    [("peft", None), ("kohya", None), ("peft", ["text_encoder"])],
-    ids=["peft-alpha", "kohya-alpha", "text-encoder-only"],
-)
-def test_parsed_lora_loads_exactly_like_load_lora_weights_by_path(
-    loaded: LoadedPipeline, tmp_path: Path, lora_format: str, components: list[str] | None
-) -> None:
-    """Alpha 2 on rank 4: a load that lost the file's metadata would scale by 1 instead of 0.5."""
-    path = make_tiny_lora(
-        tmp_path / "lora.safetensors", loaded.family, lora_format=lora_format, alpha=2, components=components  # type: ignore[arg-type]
-    )
-    parsed = parse_lora_file(path)
-    pipe = loaded.pipe
-    pipe.load_lora_weights(str(path), adapter_name="by_path", use_safetensors=True)
-    load_parsed_lora(pipe, parsed, sdxl=loaded.family == "sdxl")
-    try:
-        layers = [
-            module
-            for component in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-            if component is not None
-            for module in component.modules()
-            if isinstance(module, LoraLayer) and "by_path" in module.lora_A
-        ]
-        assert len(layers) == parsed.layer_count
-        for layer in layers:
-            assert layer.scaling[parsed.name] == layer.scaling["by_path"] == 0.5
-            assert torch.equal(layer.lora_A[parsed.name].weight, layer.lora_A["by_path"].weight)
-            assert torch.equal(layer.lora_B[parsed.name].weight, layer.lora_B["by_path"].weight)
-    finally:
-        pipe.delete_adapters(["by_path", parsed.name])
-        loaded._layers = None
 
 
 # --- the host-RAM tier ----------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""A LoRA as low-rank tensors per adapted layer of one pipeline, read the way diffusers reads it.
+
+diffusers' `load_lora_weights` normalises the file (kohya / A1111 and older diffusers keys become
+PEFT's `lora_A` / `lora_B`), works out each layer's rank and alpha (the file's metadata, kohya
+`.alpha` keys, rank and alpha patterns) and then has PEFT wrap every adapted layer: on an SDXL
+U-Net that injection took about a second per LoRA. Here the same normalisation runs (diffusers'
+own converters and `_create_lora_config`, PEFT's own pattern matching and scaling rule), and the
+result is kept as plain tensors: for each adapted Linear / Conv2d, `up · scaling` (out × r) and
+`down` (r × in·k·k), so that `W + scale · up @ down` is the weight diffusers' `fuse_lora` gives.
+No module is created or modified.
+
+Layers are grouped by component and shape (out, in·k·k, r): one group's matrices are stacked, so
+a request's merge costs one batched matmul per group, not one per layer (serving/lora_merge.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+from diffusers.utils.peft_utils import _create_lora_config
+from peft.utils.other import get_pattern_key
+
+from serving.lora_cache import ParsedLora
+
+# The models diffusers loads LoRAs into, by pipeline attribute.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+UNET = "unet"
+# Text-encoder layers whose rank diffusers reads off the file (others take the config's `r`).
+TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
+MERGEABLE = (torch.nn.Linear, torch.nn.Conv2d)
+Mergeable = torch.nn.Linear | torch.nn.Conv2d
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+class LoraFitError(Exception):
+    """The LoRA cannot be applied to this pipeline (wrong family, unsupported variant); the message says why."""
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """One adapted layer: its module and the LoRA matrices as 2-D (conv kernels flattened)."""
+
+    component: str
+    name: str
+    module: Mergeable
+    up: torch.Tensor
+    down: torch.Tensor
+    # PEFT's alpha / r (or alpha / √r with rsLoRA), times diffusers' text-encoder lora_scale.
+    scaling: float
+
+
+@dataclass(frozen=True)
+class ShapeGroup:
+    """Layers of one component with one weight shape and rank: stacked, merged by one batched matmul."""
+
+    component: str
+    modules: tuple[Mergeable, ...]
+    # (n, out, r), PEFT's scaling folded in, and (n, r, in·k·k)
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down))
+
+
+@dataclass(frozen=True)
+class LoraTensors:
+    """One LoRA ready to merge into one pipeline's weights, on the device and in the dtype of the layers it adapts."""
+
+    name: str
+    groups: tuple[ShapeGroup, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(group.nbytes for group in self.groups)
+
+    @property
+    def layer_count(self) -> int:
+        return sum(len(group.modules) for group in self.groups)
+
+
+def lora_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The models diffusers loads LoRAs into that this pipeline has."""
+    models = {attr: getattr(pipe, attr, None) for attr in LORA_COMPONENTS}
+    return {attr: model for attr, model in models.items() if isinstance(model, torch.nn.Module)}
+
+
+def lora_tensors(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> LoraTensors:
+    """The LoRA's layers of this pipeline; every layer the file adapts must be one of them."""
+    deltas = layer_deltas(pipe, parsed, sdxl=sdxl)
+    if not deltas:
+        raise LoraFitError("it has no weights for any part of this model")
+    if len(deltas) < parsed.layer_count:
+        raise LoraFitError(
+            f"only {len(deltas)} of its {parsed.layer_count} layers match a layer of the model"
+        )
+    return LoraTensors(parsed.name, tuple(_grouped(deltas)))
+
+
+def layer_deltas(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> list[LayerDelta]:
+    """What `load_lora_weights` would put in each layer, as matrices; layers missing from the model are left out."""
+    state_dict, network_alphas = pipe.lora_state_dict(
+        dict(parsed.state_dict), **({"unet_config": pipe.unet.config} if sdxl else {})
+    )
+    if not all("lora" in key for key in state_dict):
+        raise LoraFitError("invalid LoRA checkpoint: every parameter name must contain 'lora'")
+    deltas: list[LayerDelta] = []
+    for attr, model in lora_models(pipe).items():
+        part, alphas, metadata = _component_part(state_dict, network_alphas, parsed.metadata, attr)
+        if not part:
+            continue
+        if attr == UNET:
+            peft_dict, rank = _unet_peft(part)
+        else:
+            peft_dict, rank = _text_encoder_peft(part, model)
+        config = _create_lora_config(peft_dict, alphas, metadata, rank, is_unet=attr == UNET)
+        if config.use_dora or config.lora_bias or any(not key.endswith((LORA_A, LORA_B)) for key in peft_dict):
+            raise LoraFitError("DoRA, LoRA bias and other LoRA variants are not supported; use a plain LoRA")
+        extra = pipe.lora_scale if attr != UNET else 1.0
+        deltas.extend(_deltas(attr, model, peft_dict, config, extra))
+    return deltas
+
+
+def _component_part(
+    state_dict: Mapping[str, torch.Tensor],
+    network_alphas: Mapping[str, float] | None,
+    metadata: Mapping[str, Any] | None,
+    prefix: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict[str, Any] | None]:
+    """One component's keys with its prefix removed, as diffusers' per-component loaders take them."""
+    start = f"{prefix}."
+    part = {key.removeprefix(start): value for key, value in state_dict.items() if key.startswith(start)}
+    alphas = None
+    if network_alphas:
+        alphas = {
+            key.removeprefix(start): value
+            for key, value in network_alphas.items()
+            if key.startswith(start) and key.split(".")[0] == prefix
+        }
+    part_metadata = None
+    if metadata is not None:
+        part_metadata = {key.removeprefix(start): value for key, value in metadata.items() if key.startswith(start)}
+    return part, alphas, part_metadata
+
+
+def _unet_peft(part: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """diffusers' `load_lora_adapter`: PEFT keys, ranks keyed by anchored pattern."""
+    if "lora_A" not in next(iter(part)):
+        part = convert_unet_state_dict_to_peft(part)
+    rank = {f"^{key}": value.shape[1] for key, value in part.items() if "lora_B" in key and value.ndim > 1}
+    return part, rank
+
+
+def _text_encoder_peft(
+    part: dict[str, torch.Tensor], model: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """diffusers' `_load_lora_into_text_encoder`: PEFT keys, ranks of the attention and MLP projections."""
+    peft_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    if not hasattr(model, "text_model"):
+        peft_dict = {key.removeprefix("text_model."): value for key, value in peft_dict.items()}
+    rank: dict[str, int] = {}
+    for key, value in peft_dict.items():
+        if key.endswith(LORA_B) and key.removesuffix(LORA_B).endswith(TEXT_ENCODER_RANKED):
+            rank[key] = value.shape[1]
+    return peft_dict, rank
+
+
+def _deltas(
+    component: str, model: torch.nn.Module, peft_dict: Mapping[str, torch.Tensor], config: Any, extra: float
+) -> Iterable[LayerDelta]:
+    for key, down in peft_dict.items():
+        if not key.endswith(LORA_A):
+            continue
+        name = key.removesuffix(LORA_A)
+        up = peft_dict.get(name + LORA_B)
+        if up is None:
+            raise LoraFitError(f"layer {component}.{name} has a down matrix and no up matrix")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(module, MERGEABLE):
+            raise LoraFitError(f"layer {component}.{name} is a {type(module).__name__}, not a Linear or Conv2d")
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        scaling = (alpha / math.sqrt(r) if config.use_rslora else alpha / r) * extra
+        weight = module.weight
+        up2d, down2d = up.flatten(1), down.flatten(1)
+        if (
+            up.shape[2:] not in ((), (1, 1))
+            or up2d.shape[1] != down2d.shape[0]
+            or up2d.shape[0] != weight.shape[0]
+            or down2d.shape[1] != weight[0].numel()
+        ):
+            raise LoraFitError(
+                f"layer {component}.{name}: LoRA matrices {tuple(up.shape)} · {tuple(down.shape)} do not fit "
+                f"its weight {tuple(weight.shape)}"
+            )
+        yield LayerDelta(component, name, module, up2d, down2d, scaling)
+
+
+def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
+    """Stacked on the host, then one transfer per group to its layers' device and dtype.
+
+    Text encoders' groups come first, as they run first.
+    """
+    groups: dict[tuple[str, int, int, int], list[LayerDelta]] = {}
+    for delta in deltas:
+        key = (delta.component, delta.up.shape[0], delta.down.shape[1], delta.down.shape[0])
+        groups.setdefault(key, []).append(delta)
+    order = sorted(groups, key=lambda key: (key[0] == UNET, LORA_COMPONENTS.index(key[0])))
+    for key in order:
+        members = groups[key]
+        device, dtype = members[0].module.weight.device, members[0].module.weight.dtype
+        non_blocking = device.type == "cuda"
+        up = torch.stack([d.up for d in members]).to(dtype)
+        # The scaling folded into `up` in the pipeline's dtype, as PEFT scales B·A.
+        up *= torch.tensor([d.scaling for d in members], dtype=dtype).view(-1, 1, 1)
+        down = torch.stack([d.down for d in members]).to(dtype)
+        if non_blocking:
+            up, down = up.pin_memory(), down.pin_memory()
+        yield ShapeGroup(
+            key[0],
+            tuple(d.module for d in members),
+            up.to(device, non_blocking=non_blocking),
+            down.to(device, non_blocking=non_blocking),
+        )

@@ -1,0 +1,208 @@
+"""The device tier of the adapter cache: one pipeline's LoRAs as low-rank tensors, bounded by bytes.
+
+Below it sit the replica's host-RAM tier of parsed files (serving/lora_cache.py) and the node's
+weights cache on disk. A miss here turns a parsed file into stacked `up` / `down` matrices on the
+pipeline's device (serving/lora_tensors.py): no module is built, so it costs the key conversion
+and one transfer per shape group, and the device holds exactly the LoRA's tensors. A request's
+set is merged into copies of the weights it touches (serving/lora_merge.py) and swapped in; the
+copies of the last set stay (not installed) so that a request repeating it merges nothing.
+
+On a GPU the U-Net's share of the merge runs on a side stream while the prompt is encoded (the
+text encoders' share runs first, on the main stream, as they need it); a pre-forward hook makes
+the U-Net's first call wait for it. On a CPU everything runs in order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from serving import lora_merge
+from serving.errors import AdapterLoadError
+from serving.lora_cache import ParsedLora, adapter_name
+from serving.lora_tensors import UNET, LoraFitError, LoraTensors, ShapeGroup, lora_tensors
+from serving.metrics import WorkerMetrics
+
+# The adapter-cache tier of LoRAs resident in a pipeline (on its device), as metrics name it.
+GPU_TIER = "gpu"
+# The default byte budget: this share of the device memory free once the pipeline is loaded
+# (the rest is for activations, merged copies and other pipelines), or a fixed amount on a CPU.
+DEVICE_BUDGET_FRACTION = 0.25
+CPU_BUDGET_BYTES = 2 * 1024**3
+MAX_REASON_CHARS = 400
+
+
+def default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * DEVICE_BUDGET_FRACTION)
+    return CPU_BUDGET_BYTES
+
+
+def _is_unet(group: ShapeGroup) -> bool:
+    return group.component == UNET
+
+
+class DeviceLoraTier:
+    """LoRAs resident on one pipeline (least recently used out first) and the merged weights of the last set."""
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        sdxl: bool,
+        describe: str,
+        max_bytes: int,
+        max_count: int = 0,
+        metrics: WorkerMetrics | None = None,
+        parse: Callable[[Path], ParsedLora],
+    ) -> None:
+        self._pipe = pipe
+        self._sdxl = sdxl
+        # "model 'x' (sdxl)": how errors name the pipeline.
+        self._describe = describe
+        self.max_bytes = max_bytes
+        # 0: only bytes bound the tier.
+        self.max_count = max_count
+        self._metrics = metrics
+        self._parse = parse
+        self._resident: OrderedDict[str, tuple[Path, LoraTensors]] = OrderedDict()
+        self._merged: lora_merge.MergedWeights | None = None
+        self._originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+        self._wait_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._stream: torch.cuda.Stream | None = None
+        # Merges computed so far; a repeated set adds none (for tests and bench/lora.py).
+        self.merges = 0
+
+    @property
+    def paths(self) -> list[Path]:
+        return [path for path, _ in self._resident.values()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensors.nbytes for _, tensors in self._resident.values())
+
+    @property
+    def merged_bytes(self) -> int:
+        """The merged copies kept for the last set (not part of the budget: at most one set per pipeline)."""
+        return self._merged.nbytes if self._merged is not None else 0
+
+    def activate(self, loras: Sequence[tuple[Path, float]]) -> None:
+        """Exactly these LoRAs at these scales until `deactivate`; an empty list leaves the plain weights."""
+        self.deactivate()
+        names = [adapter_name(path) for path, _ in loras]
+        for (path, _), name in zip(loras, names):
+            self.ensure_resident(path, name, protected=set(names))
+        scales: dict[str, float] = {}
+        for name, (_, scale) in zip(names, loras):
+            # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
+            scales[name] = scales.get(name, 0.0) + scale
+        key: lora_merge.MergeKey = tuple((name, scale) for name, scale in scales.items() if scale != 0.0)
+        if not key:
+            return
+        if self._merged is not None and self._merged.key == key:
+            self._originals = lora_merge.install(self._merged.parameters)
+            return
+        self._merged = None  # its memory goes before the next set's is taken
+        active = [(self._resident[name][1], scale) for name, scale in key]
+        self.merges += 1
+        first = lora_merge.merge(active, which=lambda group: not _is_unet(group))
+        self._originals = lora_merge.install(first)
+        rest = self._merge_unet(active)
+        self._originals += lora_merge.install(rest)
+        self._merged = lora_merge.MergedWeights(key, first + rest)
+
+    def _merge_unet(
+        self, active: Sequence[tuple[LoraTensors, float]]
+    ) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+        unet = getattr(self._pipe, UNET, None)
+        device = unet.device if isinstance(unet, torch.nn.Module) else torch.device("cpu")
+        if device.type != "cuda" or unet is None:
+            return lora_merge.merge(active, which=_is_unet)
+        main = torch.cuda.current_stream(device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            merged = lora_merge.merge(active, which=_is_unet)
+        for _, parameter in merged:
+            # Allocated on the side stream, read on the main one: the allocator must know.
+            parameter.record_stream(main)
+        done = self._stream.record_event()
+
+        def wait(_module: torch.nn.Module, _args: object) -> None:
+            torch.cuda.current_stream(device).wait_event(done)
+
+        self._wait_hook = unet.register_forward_pre_hook(wait)
+        return merged
+
+    def deactivate(self) -> None:
+        """The resident weights back in every module; the last set's merged copies are kept for a repeat."""
+        if self._wait_hook is not None:
+            self._wait_hook.remove()
+            self._wait_hook = None
+        lora_merge.restore(self._originals)
+        self._originals = []
+
+    def clear(self) -> None:
+        """Drops every adapter and merged copy (the pipeline is being freed)."""
+        self.deactivate()
+        self._track_bytes(-self.nbytes)
+        self._resident.clear()
+        self._merged = None
+
+    def ensure_resident(self, path: Path, name: str, protected: set[str]) -> None:
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            self._count("cache_hits")
+            return
+        self._count("cache_misses")
+        started = time.perf_counter()
+        tensors = self._tensors(path)
+        self._resident[name] = (path, tensors)
+        self._track_bytes(tensors.nbytes)
+        if self._metrics is not None:
+            self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
+        self._evict_over_budget(protected)
+
+    def _tensors(self, path: Path) -> LoraTensors:
+        parsed = self._parse(path)
+        try:
+            return lora_tensors(self._pipe, parsed, sdxl=self._sdxl)
+        except LoraFitError as exc:
+            reason = str(exc)
+        except Exception as exc:  # noqa: BLE001 - diffusers' converters raise anything on a malformed file
+            reason = _reason(exc)
+        raise AdapterLoadError(
+            f"LoRA {str(path)!r} does not fit {self._describe}: {reason}; is it a LoRA for another model family?"
+        )
+
+    def _evict_over_budget(self, protected: set[str]) -> None:
+        """Bytes (and a count, if set) bound the tier; a request's own LoRAs are never evicted for it."""
+        for victim in [name for name in self._resident if name not in protected]:
+            over_bytes = self.max_bytes and self.nbytes > self.max_bytes
+            over_count = self.max_count and len(self._resident) > self.max_count
+            if not (over_bytes or over_count):
+                return
+            _, tensors = self._resident.pop(victim)
+            self._track_bytes(-tensors.nbytes)
+            self._count("cache_evictions")
+
+    def _count(self, counter: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, counter).labels(tier=GPU_TIER).inc()
+
+    def _track_bytes(self, delta: int) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_bytes.labels(tier=GPU_TIER).inc(delta)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join([f"{type(exc).__name__}:", *lines[:2]])
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"

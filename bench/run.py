@@ -622,7 +622,6 @@ async def _run(
         replica_num_cpus=float(replica_cpus),
         device="cpu",
         max_pipelines_per_replica=2,
-        max_loras_per_pipeline=64,
         shutdown_grace_seconds=5,
         log_level="WARNING",
     )

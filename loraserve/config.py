@@ -50,9 +50,10 @@ class Settings:
     downscale_delay_seconds: float = 600.0
     # Base pipelines one replica keeps loaded (least recently used one evicted).
     max_pipelines_per_replica: int = 2
-    # LoRAs kept loaded in one pipeline between requests, by count and by bytes (0: count only).
-    max_loras_per_pipeline: int = 16
-    max_lora_bytes_per_pipeline: int = 4 * 1024**3
+    # LoRA tensors kept on one pipeline's device between requests, by bytes (0: a quarter of the device
+    # memory free once the pipeline is loaded on a GPU, 2 GiB on a CPU) and optionally by count (0: none).
+    max_loras_per_pipeline: int = 0
+    max_lora_bytes_per_pipeline: int = 0
     # Parsed LoRA and embedding files kept in one replica's host RAM (shared by its pipelines and fed by
     # prefetching for waiting requests), least recently used out first; 0: unbounded.
     max_host_lora_bytes: int = 8 * 1024**3

@@ -71,7 +71,8 @@ class RetryPolicy:
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
         """Before retry number `retry` (0-based): uniform in [0, min(cap, base * 2**retry)]."""
-        return rand() * min(self.max_delay_seconds, self.base_delay_seconds * 2**retry)
+        # The exponent is capped so that a huge attempts setting cannot overflow the float.
+        return rand() * min(self.max_delay_seconds, self.base_delay_seconds * 2 ** min(retry, 60))
 
 
 def put_retrying(

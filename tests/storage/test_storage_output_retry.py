@@ -131,6 +131,7 @@ def test_backoff_doubles_up_to_the_cap_with_jitter(tmp_path: Path) -> None:
     assert slept == [0.5, 1.0, 1.5, 1.5]
     assert [policy.delay(retry, rand=lambda: 1.0) for retry in range(4)] == [1.0, 2.0, 3.0, 3.0]
     assert policy.delay(2, rand=lambda: 0.0) == 0.0
+    assert policy.delay(5000, rand=lambda: 1.0) == 3.0
 
 
 def test_caller_errors_are_not_retried(tmp_path: Path) -> None:

@@ -51,6 +51,8 @@ class Dispatcher:
         self._order = order
         self._wakeup = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
+        # The lease token of each running request: renewed while its call runs, named by every write.
+        self._leases: dict[str, str] = {}
         self._calls: dict[str, GenerateCall] = {}
         self._cancelled: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -73,23 +75,26 @@ class Dispatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._accepting and len(self._running) < self._capacity:
-                waiting = self._store.waiting(self._order.lookahead)
+                waiting = await self._store.waiting(self._order.lookahead)
                 if not waiting:
                     break
-                record = self._order.choose(waiting)
-                if not self._store.start(record.id):
-                    self._order.forget(record.id)
+                chosen = self._order.choose(waiting)
+                record = await self._store.claim(chosen.id)
+                if record is None:
+                    self._order.forget(chosen.id)
                     continue
                 self._order.dispatched(record)
-                if record.attempts == 0:
+                if record.attempts == 1:
                     self._metrics.queue_wait.observe(max(0.0, time.time() - record.created_at))
                 self._feed.notify()
                 task = asyncio.get_running_loop().create_task(self._run(record), name=f"request-{record.id}")
                 self._running[record.id] = task
+                self._leases[record.id] = record.lease_token
                 task.add_done_callback(functools.partial(self._finished, record.id))
 
     def _finished(self, request_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._running.pop(request_id, None)
+        self._leases.pop(request_id, None)
         self._calls.pop(request_id, None)
         self._cancelled.discard(request_id)
         self.wake()
@@ -104,7 +109,7 @@ class Dispatcher:
 
     async def _prefetch(self, record: RequestRecord) -> None:
         async with self._prefetch_slots:
-            current = self._store.get(record.id)
+            current = await self._store.get(record.id)
             if current is None or current.state != State.IN_QUEUE:
                 return
             request = worker_pb2.PrefetchRequest(request_id=record.id, input=record.input)
@@ -114,12 +119,31 @@ class Dispatcher:
                 # Only a warm-up: the request itself resolves its adapters again and reports errors.
                 log.info("prefetch failed", extra={"request_id": record.id, "error": exc.code().name})
                 return
-            self._log(
+            await self._log(
                 record.id,
                 f"prefetched {response.adapters_ready} adapter(s) while waiting",
                 types_pb2.LOG_LEVEL_INFO,
             )
             self._feed.notify()
+
+    async def renew_leases(self) -> None:
+        """Extends the leases of running requests; a run whose lease is gone (cancelled on another
+        gateway, or taken back after this gateway stalled) stops at once."""
+        leases = dict(self._leases)
+        held = await self._store.renew(leases)
+        for request_id in leases.keys() - held:
+            if request_id in self._running:
+                log.info("lease lost; stopping the worker call", extra={"request_id": request_id})
+                self.cancel_running(request_id)
+
+    async def changed_elsewhere(self, request_id: str) -> None:
+        """Another gateway changed a request: if it is one running here and it ended there (Cancel), stop it."""
+        token = self._leases.get(request_id)
+        if token is None:
+            return
+        current = await self._store.get(request_id)
+        if current is None or current.finished or current.lease_token != token:
+            self.cancel_running(request_id)
 
     def left_queue(self, request_id: str) -> None:
         """A waiting request was cancelled: it no longer counts for the fairness bound."""
@@ -138,55 +162,58 @@ class Dispatcher:
         self._calls[record.id] = call
         try:
             async for event in call:
-                self._apply(record.id, event)
+                await self._apply(record, event)
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             if record.id in self._cancelled:
                 return
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            self._worker_broke(record, exc)
+            await self._worker_broke(record, exc)
         else:
-            current = self._store.get(record.id)
+            current = await self._store.get(record.id)
             if current is not None and not current.finished:
-                self._fail(record.id, ErrorType.WORKER_FAILED, "the worker ended the call without a result")
+                await self._fail(record, ErrorType.WORKER_FAILED, "the worker ended the call without a result")
         finally:
             if not call.done():
                 call.cancel()
             self._feed.notify()
 
-    def _apply(self, request_id: str, event: worker_pb2.GenerateResponse) -> None:
+    async def _apply(self, record: RequestRecord, event: worker_pb2.GenerateResponse) -> None:
         which = event.WhichOneof("event")
         if which == "log":
-            self._store.add_log(request_id, event.log)
+            await self._store.add_log(record.id, event.log)
         elif which == "progress":
-            self._store.set_progress(request_id, event.progress.step, event.progress.total)
+            await self._store.set_progress(record.id, record.lease_token, event.progress.step, event.progress.total)
         elif which == "result":
-            if self._store.complete(request_id, event.result.output, event.result.inference_seconds):
+            if await self._store.complete(
+                record.id, record.lease_token, event.result.output, event.result.inference_seconds
+            ):
                 self._metrics.inference.observe(event.result.inference_seconds)
                 self._metrics.outcome("completed")
         elif which == "failure":
-            if self._store.fail(request_id, event.failure):
+            if await self._store.fail(record.id, event.failure, record.lease_token):
                 self._metrics.outcome("failed", event.failure.type)
         self._feed.notify()
 
-    def _worker_broke(self, record: RequestRecord, exc: grpc.aio.AioRpcError) -> None:
-        attempts = (self._store.get(record.id) or record).attempts
+    async def _worker_broke(self, record: RequestRecord, exc: grpc.aio.AioRpcError) -> None:
+        attempts = record.attempts
         detail = f"{exc.code().name}: {exc.details()}"
         log.warning("worker call failed", extra={"request_id": record.id, "attempt": attempts, "error": detail})
         if attempts < self._max_attempts:
-            self._log(record.id, f"worker call failed ({detail}); retrying", types_pb2.LOG_LEVEL_WARN)
+            await self._log(record.id, f"worker call failed ({detail}); retrying", types_pb2.LOG_LEVEL_WARN)
             self._metrics.retries.inc()
-            self._store.requeue(record.id)
+            await self._store.requeue(record.id, record.lease_token)
         else:
-            self._fail(record.id, ErrorType.WORKER_FAILED, f"worker failed after {attempts} attempts: {detail}")
+            await self._fail(record, ErrorType.WORKER_FAILED, f"worker failed after {attempts} attempts: {detail}")
 
-    def _fail(self, request_id: str, error_type: ErrorType, message: str) -> None:
-        self._log(request_id, message, types_pb2.LOG_LEVEL_ERROR)
-        if self._store.fail(request_id, types_pb2.RequestError(type=error_type, message=message)):
+    async def _fail(self, record: RequestRecord, error_type: ErrorType, message: str) -> None:
+        await self._log(record.id, message, types_pb2.LOG_LEVEL_ERROR)
+        error = types_pb2.RequestError(type=error_type, message=message)
+        if await self._store.fail(record.id, error, record.lease_token):
             self._metrics.outcome("failed", error_type)
 
-    def _log(self, request_id: str, message: str, level: types_pb2.LogLevel) -> None:
-        self._store.add_log(
+    async def _log(self, request_id: str, message: str, level: types_pb2.LogLevel) -> None:
+        await self._store.add_log(
             request_id,
             types_pb2.LogEntry(message=message, level=level, source="gateway", timestamp=time.time()),
         )
@@ -205,5 +232,6 @@ class Dispatcher:
             for request_id, task in list(self._running.items()):
                 if task in late:
                     task.cancel()
-                    self._store.requeue(request_id)
+                    # Stopped by this shutdown, not by the request: the attempt is given back.
+                    await self._store.requeue(request_id, self._leases[request_id], refund_attempt=True)
             await asyncio.gather(*late, return_exceptions=True)

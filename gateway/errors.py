@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from gateway.store import StoreUnavailable
 from loraserve.errors import ErrorType
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class Unavailable(ServiceError):
     reason = "SHUTTING_DOWN"
 
 
+class StoreDown(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_UNAVAILABLE"
+
+
 # How a failed request's RequestError.type is answered by GetResult / Subscribe.
 REQUEST_ERROR_CODES: dict[str, grpc.StatusCode] = {
     ErrorType.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -78,6 +84,7 @@ REQUEST_ERROR_CODES: dict[str, grpc.StatusCode] = {
     ErrorType.OUT_OF_MEMORY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorType.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorType.WORKER_FAILED: grpc.StatusCode.UNAVAILABLE,
+    ErrorType.START_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorType.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -91,6 +98,9 @@ class RequestFailed(ServiceError):
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
+    if isinstance(exc, StoreUnavailable):
+        log.warning("request store unavailable", extra={"error": str(exc)})
+        exc = StoreDown("the request store is unreachable; nothing was changed, retry shortly")
     if not isinstance(exc, ServiceError):
         log.exception("unexpected error", exc_info=exc)
         exc = ServiceError("internal error; see the gateway log")

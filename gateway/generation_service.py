@@ -13,7 +13,7 @@ from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State
-from gateway.validation import validate_input
+from gateway.validation import validate_input, validate_start_timeout
 from loraserve.config import Settings
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
@@ -41,17 +41,22 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self._dispatcher = dispatcher
         self.accepting = True
 
-    def _submit(self, inp: types_pb2.GenerateInput, client_request_id: str) -> RequestRecord:
+    async def _submit(
+        self, inp: types_pb2.GenerateInput, client_request_id: str, start_timeout: float
+    ) -> RequestRecord:
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
         try:
             validate_input(inp, self._settings)
+            validate_start_timeout(start_timeout)
         except InvalidArgument:
             self._metrics.rejected.inc()
             raise
         seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
-        record, created = self._store.add(inp, seed=seed, model_key=key, client_request_id=client_request_id)
+        record, created = await self._store.add(
+            inp, seed=seed, model_key=key, client_request_id=client_request_id, start_timeout_seconds=start_timeout
+        )
         if created:
             self._metrics.submitted.inc()
             self._feed.notify()
@@ -59,50 +64,50 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             self._dispatcher.wake()
         return record
 
-    def _get(self, request_id: str) -> RequestRecord:
-        record = self._store.get(request_id)
+    async def _get(self, request_id: str) -> RequestRecord:
+        record = await self._store.get(request_id)
         if record is None:
             raise NotFound(f"no request with id {request_id!r}")
         return record
 
-    def _logs(self, record: RequestRecord, after: int = 0) -> tuple[list[types_pb2.LogEntry], int]:
-        rows = self._store.logs(record.id, after)
+    async def _logs(self, record: RequestRecord, after: int = 0) -> tuple[list[types_pb2.LogEntry], int]:
+        rows = await self._store.logs(record.id, after)
         return [row.entry for row in rows], (rows[-1].seq if rows else after)
 
     @grpc_errors
     async def Submit(
         self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.SubmitResponse:
-        record = self._submit(request.input, request.client_request_id)
-        return generation_pb2.SubmitResponse(request_id=record.id, status=build_status(self._store, record))
+        record = await self._submit(request.input, request.client_request_id, request.start_timeout)
+        return generation_pb2.SubmitResponse(request_id=record.id, status=await build_status(self._store, record))
 
     @grpc_errors
     async def GetStatus(
         self, request: generation_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GetStatusResponse:
-        record = self._get(request.request_id)
-        logs = self._logs(record)[0] if request.logs else None
-        return generation_pb2.GetStatusResponse(status=build_status(self._store, record, logs))
+        record = await self._get(request.request_id)
+        logs = (await self._logs(record))[0] if request.logs else None
+        return generation_pb2.GetStatusResponse(status=await build_status(self._store, record, logs))
 
     @grpc_errors
     async def StreamStatus(
         self, request: generation_pb2.StreamStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
-        async for status in self._updates(self._get(request.request_id), request.logs):
+        async for status in self._updates(await self._get(request.request_id), request.logs):
             yield generation_pb2.StreamStatusResponse(status=status)
 
     @grpc_errors
     async def GetResult(
         self, request: generation_pb2.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GetResultResponse:
-        return self._result(self._get(request.request_id))
+        return self._result(await self._get(request.request_id))
 
     @grpc_errors
     async def Cancel(
         self, request: generation_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.CancelResponse:
-        record = self._get(request.request_id)
-        if not record.finished and self._store.cancel(record.id):
+        record = await self._get(request.request_id)
+        if not record.finished and await self._store.cancel(record.id):
             self._metrics.outcome("cancelled")
             if record.state == State.IN_PROGRESS:
                 self._dispatcher.cancel_running(record.id)
@@ -110,16 +115,16 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 self._dispatcher.left_queue(record.id)
             self._feed.notify()
             self._dispatcher.wake()
-        return generation_pb2.CancelResponse(status=build_status(self._store, self._get(record.id)))
+        return generation_pb2.CancelResponse(status=await build_status(self._store, await self._get(record.id)))
 
     @grpc_errors
     async def Subscribe(
         self, request: generation_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.SubscribeResponse]:
-        record = self._submit(request.input, request.client_request_id)
+        record = await self._submit(request.input, request.client_request_id, request.start_timeout)
         async for status in self._updates(record, request.logs):
             yield generation_pb2.SubscribeResponse(status=status)
-        yield generation_pb2.SubscribeResponse(result=self._result(self._get(record.id)))
+        yield generation_pb2.SubscribeResponse(result=self._result(await self._get(record.id)))
 
     async def _updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
         """The current status, then every change, until the request ends; logs sent once each."""
@@ -127,11 +132,11 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         log_seq = 0
         version = self._feed.version
         while True:
-            record = self._get(record.id)
+            record = await self._get(record.id)
             new_logs: list[types_pb2.LogEntry] = []
             if logs:
-                new_logs, log_seq = self._logs(record, log_seq)
-            status = build_status(self._store, record, new_logs)
+                new_logs, log_seq = await self._logs(record, log_seq)
+            status = await build_status(self._store, record, new_logs)
             if status != last:
                 yield status
                 last = generation_pb2.RequestStatus()

@@ -39,6 +39,11 @@ class GatewayMetrics:
         self.retries = Counter(
             "loraserve_worker_retries", "Worker calls that broke and were retried.", registry=self.registry
         )
+        self.upkeep_errors = Counter(
+            "loraserve_lease_upkeep_errors",
+            "Rounds of lease renewal / take-back / start-timeout upkeep that failed (the next one retries).",
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "loraserve_queue_wait_seconds",
             "Time from submit to the start on a worker.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -16,7 +17,8 @@ from gateway.http_files import make_http_app
 from gateway.metrics import GatewayMetrics
 from gateway.scheduling import HotFirstOrder
 from gateway.storage_service import StorageService
-from gateway.store import RequestStore
+from gateway.lease_keeper import LeaseKeeper
+from gateway.store import RequestStore, open_store
 from gateway.worker_client import WorkerClient
 from loraserve.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
@@ -32,13 +34,23 @@ SERVICE_NAMES = (
 
 
 class Gateway:
+    """Built in `start`: opening the store is async (PostgreSQL) and may fail; nothing listens before it."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = RequestStore(settings.store_path)
         self.files = from_settings.object_store(settings)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+        self._http: web.AppRunner | None = None
+        self._keeper: LeaseKeeper | None = None
+        self.grpc_port = 0
+
+    def _build(self, store: RequestStore) -> None:
+        settings = self.settings
+        self.store = store
         self.feed = ChangeFeed()
         self.metrics = GatewayMetrics(
-            queue_depth=lambda: self.store.waiting_count(), in_flight=lambda: self.dispatcher.in_flight
+            queue_depth=lambda: self.store.known_queue_depth(), in_flight=lambda: self.dispatcher.in_flight
         )
         self.worker = WorkerClient(f"{settings.serve_grpc_host}:{settings.serve_grpc_port}", settings.serve_app_name)
         self.dispatcher = Dispatcher(
@@ -56,15 +68,33 @@ class Gateway:
         self.generation = GenerationService(
             settings, self.store, self.feed, self.dispatcher, self.metrics, self.files
         )
-        self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
-        self._http: web.AppRunner | None = None
-        self.grpc_port = 0
+        self._keeper = LeaseKeeper(
+            self.store,
+            renew=self.dispatcher.renew_leases,
+            max_attempts=settings.max_attempts,
+            on_change=self._changed,
+            on_error=lambda exc: self.metrics.upkeep_errors.inc(),
+        )
+
+    def _changed(self, request_ids: list[str]) -> None:
+        self.feed.notify()
+        self.dispatcher.wake()
+
+    def _changed_elsewhere(self, request_id: str) -> None:
+        """A NOTIFY from the shared store: wake streams and the dispatcher; stop a run cancelled elsewhere."""
+        self._changed([request_id])
+        if request_id:
+            asyncio.get_running_loop().create_task(self.dispatcher.changed_elsewhere(request_id))
 
     async def start(self) -> None:
-        recovered = self.store.recover()
+        self._build(await open_store(self.settings))
+        recovered = await self.store.recover(self.settings.max_attempts)
         if recovered:
-            log.info("requeued requests that were running at the last stop", extra={"count": recovered})
+            log.info(
+                "took back requests that were running when their gateway stopped",
+                extra={"requeued": recovered.requeued, "failed": recovered.failed},
+            )
+        await self.store.listen(self._changed_elsewhere)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.server)
         storage_pb2_grpc.add_StorageServiceServicer_to_server(
             StorageService(
@@ -85,6 +115,8 @@ class Gateway:
         await web.TCPSite(self._http, self.settings.http_host, self.settings.http_port).start()
         self.dispatcher.start()
         self.dispatcher.wake()
+        assert self._keeper is not None
+        self._keeper.start()
         for name in ("", *SERVICE_NAMES):
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -107,9 +139,11 @@ class Gateway:
         for name in ("", *SERVICE_NAMES):
             await self._set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.dispatcher.shutdown(grace)
+        if self._keeper is not None:
+            await self._keeper.stop()
         self.feed.close()
         await self.server.stop(grace=1.0)
         if self._http is not None:
             await self._http.cleanup()
         await self.worker.close()
-        self.store.close()
+        await self.store.close()

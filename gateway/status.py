@@ -13,12 +13,12 @@ _STATES = {
 }
 
 
-def build_status(
+async def build_status(
     store: RequestStore, record: RequestRecord, logs: list[types_pb2.LogEntry] | None = None
 ) -> generation_pb2.RequestStatus:
     status = generation_pb2.RequestStatus(request_id=record.id, state=_STATES[record.state], logs=logs or [])
     if record.state == State.IN_QUEUE:
-        status.queue_position = store.queue_position(record)
+        status.queue_position = await store.queue_position(record)
     if record.state == State.IN_PROGRESS and record.total_steps:
         status.progress.CopyFrom(types_pb2.StepProgress(step=record.step, total=record.total_steps))
     if record.finished:

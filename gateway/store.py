@@ -1,25 +1,33 @@
-"""RequestStore: the queue and history of requests, in SQLite (WAL) in the data directory.
+"""RequestStore: the queue and history of requests, behind one interface with two engines.
 
 Everything a caller can ask about a request — its place in the queue, its logs, its
-progress, its result — is read from here, so a restarted gateway answers the same and
-picks up what was waiting. Calls are short and made from the event loop's thread.
+progress, its result — is read from here, so any gateway answers the same and a
+restarted one picks up what was waiting. SQLite (`gateway/store_sqlite.py`) is the
+embedded default for one gateway; PostgreSQL (`gateway/store_postgres.py`) lets any
+number of gateways share one queue.
+
+A running request is held under a lease: `claim` hands it to this gateway with a fresh
+token, the owner renews the lease while the worker call runs, and every write the run
+makes (progress, result, requeue) names the token. When the owner dies its lease runs
+out and `take_back` returns the request to the queue (or fails it once it has used its
+attempts), so a late result from a lost owner never overwrites the new run's.
 """
 
 from __future__ import annotations
 
-import bisect
-import sqlite3
-import threading
-import time
+import os
+import socket
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from gateway.wal_checkpoints import WalCheckpointer
+from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2
+
+if TYPE_CHECKING:
+    from loraserve.config import Settings
 
 
 class State(StrEnum):
@@ -30,38 +38,6 @@ class State(StrEnum):
 
 
 FINAL_STATES = (State.COMPLETED, State.CANCELLED)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    client_request_id TEXT UNIQUE,
-    state TEXT NOT NULL,
-    input BLOB NOT NULL,
-    seed INTEGER NOT NULL,
-    model_key TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER NOT NULL DEFAULT 0,
-    output BLOB,
-    error_type TEXT,
-    error_message TEXT,
-    inference_seconds REAL
-);
-CREATE INDEX IF NOT EXISTS requests_waiting ON requests (seq) WHERE state = 'IN_QUEUE';
-CREATE TABLE IF NOT EXISTS logs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL,
-    message TEXT NOT NULL,
-    level INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    timestamp REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS logs_by_request ON logs (request_id, seq);
-"""
 
 
 @dataclass(frozen=True)
@@ -81,6 +57,11 @@ class RequestRecord:
     output: types_pb2.GenerateOutput | None
     error: types_pb2.RequestError | None
     inference_seconds: float | None
+    # The gateway running it and the token of that run (both empty unless IN_PROGRESS).
+    owner: str = ""
+    lease_token: str = ""
+    # A waiting request not started by then fails (fal's `start_timeout`); None: no limit.
+    start_deadline: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -93,235 +74,163 @@ class LogRecord:
     entry: types_pb2.LogEntry
 
 
-class RequestStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints (and their fsync) run on the checkpointer's thread, not inside a caller's commit.
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._db.executescript(_SCHEMA)
-        self._checkpointer = WalCheckpointer(path)
-        self._checkpointer.start()
-        # The seqs of waiting requests, sorted: a queue position is a binary search instead of a
-        # COUNT over the waiting index, which grew with the queue (1.9× slower Submit / 1.7×
-        # GetStatus at 10,000 waiting). Kept in step with the table by every method that moves a
-        # request in or out of IN_QUEUE, under the same lock; this process is the store's only writer.
-        self._waiting = [
-            int(seq)
-            for (seq,) in self._db.execute("SELECT seq FROM requests WHERE state = ? ORDER BY seq", (State.IN_QUEUE,))
-        ]
+@dataclass(frozen=True)
+class TakenBack:
+    """Requests whose owner's lease ran out: back in the queue, or failed after their last attempt."""
 
-    def close(self) -> None:
-        self._checkpointer.stop()
-        self._db.close()
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
-    @property
-    def checkpointer(self) -> WalCheckpointer:
-        return self._checkpointer
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.failed)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        self._checkpointer.committed()
 
-    def add(
-        self, inp: types_pb2.GenerateInput, *, seed: int, model_key: str, client_request_id: str = ""
+class StoreUnavailable(Exception):
+    """The store's database cannot be reached; the caller may retry later."""
+
+
+def lost_owner_error(attempts: int) -> types_pb2.RequestError:
+    return types_pb2.RequestError(
+        type=ErrorType.WORKER_FAILED,
+        message=f"the request was running when its worker or gateway was lost, {attempts} time(s);"
+        " it is not run again (max_attempts)",
+    )
+
+
+def start_timeout_error() -> types_pb2.RequestError:
+    return types_pb2.RequestError(
+        type=ErrorType.START_TIMEOUT, message="the request was not started within its start_timeout; it did not run"
+    )
+
+
+CANCELLED_BY_CALLER = types_pb2.RequestError(type=ErrorType.CANCELLED, message="cancelled by the caller")
+
+
+class RequestStore(Protocol):
+    """What the gateway needs of a store; both engines pass the same tests (tests/unit/test_unit_store.py)."""
+
+    # This gateway's name in leases; unique per process.
+    owner: str
+    lease_seconds: float
+
+    async def add(
+        self,
+        inp: types_pb2.GenerateInput,
+        *,
+        seed: int,
+        model_key: str,
+        client_request_id: str = "",
+        start_timeout_seconds: float = 0.0,
     ) -> tuple[RequestRecord, bool]:
-        """Queues a request; returns (record, created). A repeated client_request_id is not queued twice."""
-        with self._tx() as db:
-            if client_request_id:
-                row = db.execute(
-                    "SELECT * FROM requests WHERE client_request_id = ?", (client_request_id,)
-                ).fetchone()
-                if row is not None:
-                    return _record(row), False
-            request_id = str(uuid.uuid4())
-            db.execute(
-                "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    request_id,
-                    client_request_id or None,
-                    State.IN_QUEUE,
-                    inp.SerializeToString(),
-                    seed,
-                    model_key,
-                    time.time(),
-                ),
-            )
-            row = db.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
-            bisect.insort(self._waiting, int(row["seq"]))
-        return _record(row), True
+        """Queues a request durably; returns (record, created). A repeated client_request_id is not queued twice."""
+        ...
 
-    def get(self, request_id: str) -> RequestRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
-        return None if row is None else _record(row)
+    async def get(self, request_id: str) -> RequestRecord | None: ...
 
-    def queue_position(self, record: RequestRecord) -> int:
+    async def queue_position(self, record: RequestRecord) -> int:
         """Requests waiting ahead of this one."""
-        with self._lock:
-            return bisect.bisect_left(self._waiting, record.seq)
+        ...
 
-    def waiting_count(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+    async def waiting_count(self) -> int: ...
 
-    def oldest_waiting(self) -> RequestRecord | None:
-        head = self.waiting(1)
-        return head[0] if head else None
+    def known_queue_depth(self) -> int:
+        """The queue depth without a query (for a metrics scrape): exact for SQLite, recent for PostgreSQL."""
+        ...
 
-    def waiting(self, limit: int) -> list[RequestRecord]:
+    async def waiting(self, limit: int) -> list[RequestRecord]:
         """The head of the queue, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
-        return [_record(row) for row in rows]
+        ...
 
-    def start(self, request_id: str) -> bool:
-        """IN_QUEUE → IN_PROGRESS; False when it was no longer waiting (e.g. cancelled)."""
-        with self._tx() as db:
-            started = db.execute(
-                "UPDATE requests SET state = ?, started_at = COALESCE(started_at, ?),"
-                " attempts = attempts + 1, step = 0, total_steps = 0"
-                " WHERE id = ? AND state = ? RETURNING seq",
-                (State.IN_PROGRESS, time.time(), request_id, State.IN_QUEUE),
-            ).fetchall()
-            self._leave_queue(started)
-        return bool(started)
+    async def claim(self, request_id: str) -> RequestRecord | None:
+        """IN_QUEUE → IN_PROGRESS under a new lease held by this gateway (one attempt more); None when
+        another gateway took it or it is no longer waiting."""
+        ...
 
-    def requeue(self, request_id: str) -> None:
-        """Puts a started request back in its original place (its seq keeps its FIFO turn)."""
-        with self._tx() as db:
-            requeued = db.execute(
-                "UPDATE requests SET state = ?, step = 0, total_steps = 0 WHERE id = ? AND state = ? RETURNING seq",
-                (State.IN_QUEUE, request_id, State.IN_PROGRESS),
-            ).fetchall()
-            self._join_queue(requeued)
+    async def renew(self, leases: Mapping[str, str]) -> set[str]:
+        """Extends the leases {request id: token}; returns the ids this gateway still holds."""
+        ...
 
-    def recover(self) -> int:
-        """After a restart nothing is running: what was IN_PROGRESS waits again."""
-        with self._tx() as db:
-            recovered = db.execute(
-                "UPDATE requests SET state = ?, step = 0, total_steps = 0 WHERE state = ? RETURNING seq",
-                (State.IN_QUEUE, State.IN_PROGRESS),
-            ).fetchall()
-            self._join_queue(recovered)
-        return len(recovered)
+    async def requeue(self, request_id: str, token: str, *, refund_attempt: bool = False) -> bool:
+        """Puts a run back in its original FIFO place; `refund_attempt` when the call never reached a worker."""
+        ...
 
-    def set_progress(self, request_id: str, step: int, total: int) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE requests SET step = ?, total_steps = ? WHERE id = ? AND state = ?",
-                (step, total, request_id, State.IN_PROGRESS),
-            )
+    async def recover(self, max_attempts: int) -> TakenBack:
+        """At start: requests whose owner is gone go back to the queue (or fail after `max_attempts`)."""
+        ...
 
-    def complete(self, request_id: str, output: types_pb2.GenerateOutput, inference_seconds: float) -> bool:
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE requests SET state = ?, output = ?, inference_seconds = ?, finished_at = ?"
-                " WHERE id = ? AND state = ?",
-                (
-                    State.COMPLETED,
-                    output.SerializeToString(),
-                    inference_seconds,
-                    time.time(),
-                    request_id,
-                    State.IN_PROGRESS,
-                ),
-            )
-        return cur.rowcount == 1
+    async def take_back(self, max_attempts: int) -> TakenBack:
+        """Requests whose lease ran out (their owner died) go back to the queue, or fail after `max_attempts`."""
+        ...
 
-    def fail(self, request_id: str, error: types_pb2.RequestError) -> bool:
-        """Ends a waiting or running request with an error (state COMPLETED, as fal reports it)."""
-        return self._finish(request_id, State.COMPLETED, error)
+    async def expire_start_deadlines(self) -> list[str]:
+        """Fails waiting requests whose start_timeout has passed; returns their ids."""
+        ...
 
-    def cancel(self, request_id: str) -> bool:
-        return self._finish(
-            request_id,
-            State.CANCELLED,
-            types_pb2.RequestError(type="CANCELLED", message="cancelled by the caller"),
-        )
+    async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None: ...
 
-    def _finish(self, request_id: str, state: State, error: types_pb2.RequestError) -> bool:
-        with self._tx() as db:
-            waiting = db.execute(
-                "SELECT seq FROM requests WHERE id = ? AND state = ?", (request_id, State.IN_QUEUE)
-            ).fetchall()
-            cur = db.execute(
-                "UPDATE requests SET state = ?, error_type = ?, error_message = ?, finished_at = ?"
-                " WHERE id = ? AND state IN (?, ?)",
-                (state, error.type, error.message, time.time(), request_id, State.IN_QUEUE, State.IN_PROGRESS),
-            )
-            self._leave_queue(waiting)
-        return cur.rowcount == 1
+    async def complete(
+        self, request_id: str, token: str, output: types_pb2.GenerateOutput, inference_seconds: float
+    ) -> bool: ...
 
-    def _join_queue(self, rows: list[sqlite3.Row]) -> None:
-        for row in rows:
-            bisect.insort(self._waiting, int(row[0]))
+    async def fail(self, request_id: str, error: types_pb2.RequestError, token: str | None = None) -> bool:
+        """Ends a waiting or running request with an error (state COMPLETED, as fal reports it); with a
+        token, only while that run still holds the request."""
+        ...
 
-    def _leave_queue(self, rows: list[sqlite3.Row]) -> None:
-        for row in rows:
-            at = bisect.bisect_left(self._waiting, int(row[0]))
-            if at < len(self._waiting) and self._waiting[at] == int(row[0]):
-                del self._waiting[at]
+    async def cancel(self, request_id: str) -> bool: ...
 
-    def add_log(self, request_id: str, entry: types_pb2.LogEntry) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO logs (request_id, message, level, source, timestamp) VALUES (?, ?, ?, ?, ?)",
-                (request_id, entry.message, entry.level, entry.source, entry.timestamp),
-            )
+    async def add_log(self, request_id: str, entry: types_pb2.LogEntry) -> None: ...
 
-    def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM logs WHERE request_id = ? AND seq > ? ORDER BY seq", (request_id, after_seq)
-            ).fetchall()
-        return [
-            LogRecord(
-                row["seq"],
-                types_pb2.LogEntry(
-                    message=row["message"], level=row["level"], source=row["source"], timestamp=row["timestamp"]
-                ),
-            )
-            for row in rows
-        ]
+    async def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]: ...
+
+    async def listen(self, on_change: Callable[[str], None]) -> None:
+        """Calls `on_change(request_id)` for changes other gateways make (nothing to do for one gateway)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
-def _record(row: sqlite3.Row) -> RequestRecord:
+def new_owner_name() -> str:
+    """Unique per gateway process, readable in the table: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def open_store(settings: Settings) -> RequestStore:
+    """SQLite in the data dir (locked to this gateway) unless `store_url` names a PostgreSQL database."""
+    if settings.store_url:
+        from gateway.store_postgres import PostgresStore
+
+        return await PostgresStore.open(settings.store_url, lease_seconds=settings.lease_seconds)
+    from gateway.store_sqlite import SqliteStore
+
+    return SqliteStore(settings.store_path, lease_seconds=settings.lease_seconds)
+
+
+def record_from_row(row: Any) -> RequestRecord:
+    """A row of `requests` from either engine (sqlite3.Row or a psycopg dict row)."""
     output = None
     if row["output"] is not None:
-        output = types_pb2.GenerateOutput.FromString(row["output"])
+        output = types_pb2.GenerateOutput.FromString(bytes(row["output"]))
     error = None
     if row["error_type"] is not None:
         error = types_pb2.RequestError(type=row["error_type"], message=row["error_message"] or "")
     return RequestRecord(
-        seq=row["seq"],
+        seq=int(row["seq"]),
         id=row["id"],
         state=State(row["state"]),
-        input=types_pb2.GenerateInput.FromString(row["input"]),
-        seed=row["seed"],
+        input=types_pb2.GenerateInput.FromString(bytes(row["input"])),
+        seed=int(row["seed"]),
         model_key=row["model_key"],
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-        attempts=row["attempts"],
-        step=row["step"],
-        total_steps=row["total_steps"],
+        attempts=int(row["attempts"]),
+        step=int(row["step"]),
+        total_steps=int(row["total_steps"]),
         output=output,
         error=error,
         inference_seconds=row["inference_seconds"],
+        owner=row["owner"] or "",
+        lease_token=row["lease_token"] or "",
+        start_deadline=row["start_deadline"],
     )

@@ -35,6 +35,14 @@ def validate_input(inp: types_pb2.GenerateInput, settings: Settings, prefix: str
         raise InvalidArgument(violations)
 
 
+def validate_start_timeout(seconds: float) -> None:
+    """fal's clients refuse a start timeout of 1 s or less; 0 means none."""
+    if not math.isfinite(seconds) or seconds < 0 or 0 < seconds <= 1:
+        raise InvalidArgument(
+            [FieldViolation("start_timeout", f"must be 0 (no limit) or more than 1 second, got {seconds}")]
+        )
+
+
 def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:
     yield from _text(inp, settings)
     yield from _size(inp)

@@ -22,6 +22,12 @@ ENV_PREFIX = "LORASERVE_"
 class Settings:
     # Where the request store, local object store and weights downloads live.
     data_dir: Path = Path("./loraserve-data")
+    # The request store: empty keeps SQLite in data_dir (one gateway); a `postgresql://` URL lets any
+    # number of gateways share one queue.
+    store_url: str = ""
+    # A running request's lease: its gateway renews it every third of this; when the gateway dies,
+    # another (or the same one restarted) takes the request back once it has run out.
+    lease_seconds: float = 30.0
     # Public gRPC API of the gateway.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
@@ -33,6 +39,8 @@ class Settings:
     # Ray cluster to join; empty starts a local one (the embedded default).
     ray_address: str = ""
     ray_num_cpus: int = 0
+    # Tries at starting (or joining) Ray before giving up; a failed try is cleaned up first.
+    ray_start_attempts: int = 3
     # Ray Serve's gRPC ingress, which the gateway's dispatcher calls.
     serve_grpc_host: str = "127.0.0.1"
     serve_grpc_port: int = 9000
@@ -75,8 +83,23 @@ class Settings:
     # A request whose base model is hot may overtake older ones whose model is cold, but no
     # request is overtaken more than this many times (0: strict FIFO).
     max_queue_skips: int = 4
-    # Worker attempts per request before it fails with WORKER_FAILED.
-    max_attempts: int = 2
+    # Worker attempts per request before it fails with WORKER_FAILED (a replica died, hung past the
+    # deadline, or could not write the output). A call that never reached a worker is no attempt.
+    max_attempts: int = 10
+    # Deadline of one worker call, from dispatch to result: a hung replica gives the request back then.
+    worker_call_timeout_seconds: float = 1800.0
+    # Keepalive pings on the channel to the workers (0: none), and how long one may go unanswered
+    # before the connection counts as dead. Serve's gRPC proxy cuts off clients that ping more often
+    # than every 300 s while it sends nothing.
+    worker_keepalive_seconds: float = 300.0
+    worker_keepalive_timeout_seconds: float = 20.0
+    # Backoff (jittered, doubling) between the attempts of a request, between probes of unreachable
+    # workers, and between restarts of the dispatcher after an error.
+    retry_backoff_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 60.0
+    # Worker calls in a row that cannot reach a worker before dispatching pauses (health reports the
+    # GenerationService NOT_SERVING) until the workers can be reached again; waiting requests keep their places.
+    worker_unreachable_threshold: int = 3
     # On shutdown, how long running requests may take to finish.
     shutdown_grace_seconds: float = 30.0
     # Largest accepted prompt, in characters.

@@ -16,4 +16,6 @@ class ErrorType(StrEnum):
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
     CANCELLED = "CANCELLED"
     WORKER_FAILED = "WORKER_FAILED"
+    # Not started within the Submit's start_timeout (fal's `start_timeout`).
+    START_TIMEOUT = "START_TIMEOUT"
     INTERNAL = "INTERNAL"

@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from gateway.server import Gateway
-from gateway.store import RequestStore, State
+from gateway.store import State
+from gateway.store_sqlite import SqliteStore
 from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
 from loraserve.inputs import to_input
@@ -48,10 +49,10 @@ async def test_graceful_shutdown_finishes_running_and_refuses_new(
             await client.submit(request(tiny_sdxl))
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
         await stopping
-    store = RequestStore(settings.store_path)
-    record = store.get(running)
+    store = SqliteStore(settings.store_path)
+    record = await store.get(running)
     assert record is not None and record.state == State.COMPLETED and record.error is None
-    store.close()
+    await store.close()
 
 
 async def test_restart_runs_what_was_waiting_or_running(
@@ -60,11 +61,11 @@ async def test_restart_runs_what_was_waiting_or_running(
     settings = own_gateway_settings(stack_settings, tmp_path)
     inp = to_input(request(tiny_sdxl))
     key = BaseModelRef.normalised(inp.model_name).key
-    store = RequestStore(settings.store_path)
-    interrupted, _ = store.add(inp, seed=1, model_key=key)
-    waiting, _ = store.add(inp, seed=2, model_key=key)
-    assert store.start(interrupted.id)
-    store.close()  # the gateway "died" with one request running and one waiting
+    store = SqliteStore(settings.store_path)
+    interrupted, _ = await store.add(inp, seed=1, model_key=key)
+    waiting, _ = await store.add(inp, seed=2, model_key=key)
+    assert await store.claim(interrupted.id)
+    await store.close()  # the gateway "died" with one request running and one waiting
 
     gateway = Gateway(settings)
     await gateway.start()

@@ -90,6 +90,7 @@ REQUEST_FAILURES: list[tuple[str, int]] = [
     (ErrorType.OUT_OF_MEMORY, code_pb2.RESOURCE_EXHAUSTED),
     (ErrorType.CANCELLED, code_pb2.CANCELLED),
     (ErrorType.WORKER_FAILED, code_pb2.UNAVAILABLE),
+    (ErrorType.START_TIMEOUT, code_pb2.DEADLINE_EXCEEDED),
     (ErrorType.INTERNAL, code_pb2.INTERNAL),
     ("SOMETHING_NEW", code_pb2.INTERNAL),
 ]

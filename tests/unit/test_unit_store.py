@@ -1,344 +1,396 @@
-"""gateway.store.RequestStore: the SQLite queue — FIFO order, positions, transitions, restarts."""
+"""The RequestStore interface, run against both engines: SQLite in a temp dir and PostgreSQL on a
+real server on loopback (tests/postgres_server.py) — FIFO order, positions, transitions, leases,
+restarts. Engine-specific behaviour lives in test_unit_store_sqlite.py / test_unit_store_postgres.py.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from gateway.store import RequestRecord, RequestStore, State
+from gateway.store_postgres import PostgresStore
+from gateway.store_sqlite import SqliteStore
 from loraserve.v1 import types_pb2
 
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "requests.sqlite3"
+Opener = Callable[[], Awaitable[RequestStore]]
 
 
-@pytest.fixture
-def store(path: Path) -> Iterator[RequestStore]:
-    store = RequestStore(path)
-    yield store
-    store.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens (or reopens, as a restarted gateway would) one store of the parametrized engine."""
+    if request.param == "sqlite":
+        path = tmp_path / "data" / "requests.sqlite3"
+
+        async def sqlite() -> RequestStore:
+            return SqliteStore(path)
+
+        return sqlite
+    dsn: str = request.getfixturevalue("postgres_dsn")
+
+    async def postgres() -> RequestStore:
+        return await PostgresStore.open(dsn)
+
+    return postgres
+
+
+@pytest_asyncio.fixture
+async def store(open_store: Opener) -> AsyncIterator[RequestStore]:
+    opened = await open_store()
+    yield opened
+    await opened.close()
 
 
 def inp(prompt: str = "a red house") -> types_pb2.GenerateInput:
     return types_pb2.GenerateInput(model_name="org/model", prompt=prompt, num_images=2)
 
 
-def add(store: RequestStore, prompt: str = "p", *, client_request_id: str = "") -> RequestRecord:
-    record, created = store.add(inp(prompt), seed=7, model_key="key", client_request_id=client_request_id)
+async def add(store: RequestStore, prompt: str = "p", *, client_request_id: str = "") -> RequestRecord:
+    record, created = await store.add(inp(prompt), seed=7, model_key="key", client_request_id=client_request_id)
     assert created
     return record
 
 
-def positions(store: RequestStore, *records: RequestRecord) -> list[int]:
-    return [store.queue_position(r) for r in records]
+async def claim(store: RequestStore, record: RequestRecord) -> RequestRecord:
+    claimed = await store.claim(record.id)
+    assert claimed is not None
+    return claimed
+
+
+async def get(store: RequestStore, request_id: str) -> RequestRecord:
+    record = await store.get(request_id)
+    assert record is not None
+    return record
+
+
+async def positions(store: RequestStore, *records: RequestRecord) -> list[int]:
+    return [await store.queue_position(r) for r in records]
+
+
+async def oldest(store: RequestStore) -> str | None:
+    head = await store.waiting(1)
+    return head[0].id if head else None
 
 
 def output() -> types_pb2.GenerateOutput:
     return types_pb2.GenerateOutput(images=[types_pb2.Image(url="http://h/files/a.png", width=64, height=64)], seed=7)
 
 
-def test_add_and_get(store: RequestStore) -> None:
-    record, created = store.add(inp("hello"), seed=123, model_key="mk")
+async def test_add_and_get(store: RequestStore) -> None:
+    record, created = await store.add(inp("hello"), seed=123, model_key="mk")
     assert created
-    got = store.get(record.id)
+    got = await get(store, record.id)
     assert got == record
     assert got.state == State.IN_QUEUE and not got.finished
     assert got.input == inp("hello")
     assert (got.seed, got.model_key, got.attempts, got.step, got.total_steps) == (123, "mk", 0, 0, 0)
-    assert got.started_at is None and got.finished_at is None
-    assert got.output is None and got.error is None
-    assert store.get("no-such-id") is None
+    assert got.started_at is None and got.finished_at is None and got.start_deadline is None
+    assert got.output is None and got.error is None and got.lease_token == ""
+    assert await store.get("no-such-id") is None
 
 
-def test_fifo_and_queue_positions(store: RequestStore) -> None:
-    assert store.oldest_waiting() is None
-    assert store.waiting_count() == 0
-    a, b, c, d = (add(store, name) for name in "abcd")
-    assert positions(store, a, b, c, d) == [0, 1, 2, 3]
-    assert store.oldest_waiting().id == a.id
-    assert store.waiting_count() == 4
+async def test_fifo_and_queue_positions(store: RequestStore) -> None:
+    assert await oldest(store) is None
+    assert await store.waiting_count() == 0
+    a, b, c, d = [await add(store, name) for name in "abcd"]
+    assert await positions(store, a, b, c, d) == [0, 1, 2, 3]
+    assert [r.id for r in await store.waiting(10)] == [a.id, b.id, c.id, d.id]
+    assert await store.waiting_count() == 4 and store.known_queue_depth() == 4
 
-    assert store.start(a.id)
-    assert positions(store, b, c, d) == [0, 1, 2]
-    assert store.oldest_waiting().id == b.id
-
-    assert store.cancel(c.id)
-    assert positions(store, b, d) == [0, 1]
-
-    assert store.start(b.id)
-    assert positions(store, d) == [0]
-    assert store.oldest_waiting().id == d.id
-    assert store.waiting_count() == 1
+    await claim(store, a)
+    assert await positions(store, b, c, d) == [0, 1, 2]
+    assert await store.cancel(c.id)
+    assert await positions(store, b, d) == [0, 1]
+    await claim(store, b)
+    assert await positions(store, d) == [0]
+    assert await oldest(store) == d.id
+    assert await store.waiting_count() == 1
 
 
-def test_start_transitions_once_and_counts_attempts(store: RequestStore) -> None:
-    a = add(store)
-    assert store.start(a.id)
-    started = store.get(a.id)
-    assert started.state == State.IN_PROGRESS
-    assert started.attempts == 1 and started.started_at is not None
-    assert not store.start(a.id), "an IN_PROGRESS request cannot start again"
-    assert store.get(a.id).attempts == 1
-    assert not store.start("no-such-id")
+async def test_claim_takes_a_lease_once_and_counts_attempts(store: RequestStore) -> None:
+    a = await add(store)
+    started = await claim(store, a)
+    assert started.state == State.IN_PROGRESS and started.owner == store.owner
+    assert started.attempts == 1 and started.started_at is not None and started.lease_token
+    assert await store.claim(a.id) is None, "an IN_PROGRESS request cannot be claimed again"
+    assert (await get(store, a.id)).attempts == 1
+    assert await store.claim("no-such-id") is None
 
 
-def test_start_is_false_for_a_cancelled_request(store: RequestStore) -> None:
-    a = add(store)
-    assert store.cancel(a.id)
-    assert not store.start(a.id)
-    record = store.get(a.id)
+async def test_a_cancelled_request_cannot_be_claimed(store: RequestStore) -> None:
+    a = await add(store)
+    assert await store.cancel(a.id)
+    assert await store.claim(a.id) is None
+    record = await get(store, a.id)
     assert record.state == State.CANCELLED and record.attempts == 0
-    assert store.oldest_waiting() is None
+    assert await oldest(store) is None
 
 
-def test_client_request_id_dedupes(store: RequestStore) -> None:
-    first, created = store.add(inp("first"), seed=1, model_key="k", client_request_id="retry-1")
+async def test_client_request_id_dedupes(store: RequestStore) -> None:
+    first, created = await store.add(inp("first"), seed=1, model_key="k", client_request_id="retry-1")
     assert created
-    again, created_again = store.add(inp("second"), seed=2, model_key="other", client_request_id="retry-1")
+    again, created_again = await store.add(inp("second"), seed=2, model_key="other", client_request_id="retry-1")
     assert not created_again
     assert again == first
-    assert again.input.prompt == "first" and again.seed == 1
-    assert store.waiting_count() == 1
-    # A different id, or none, queues a new request each time.
-    other, created_other = store.add(inp(), seed=1, model_key="k", client_request_id="retry-2")
-    none_1, c1 = store.add(inp(), seed=1, model_key="k")
-    none_2, c2 = store.add(inp(), seed=1, model_key="k", client_request_id="")
+    assert await store.waiting_count() == 1
+    other, created_other = await store.add(inp(), seed=1, model_key="k", client_request_id="retry-2")
+    none_1, c1 = await store.add(inp(), seed=1, model_key="k")
+    none_2, c2 = await store.add(inp(), seed=1, model_key="k", client_request_id="")
     assert created_other and c1 and c2
     assert len({first.id, other.id, none_1.id, none_2.id}) == 4
-    assert store.waiting_count() == 4
+    assert await store.waiting_count() == 4
 
 
-def test_client_request_id_dedupes_after_the_request_finished(store: RequestStore) -> None:
-    first = add(store, client_request_id="once")
-    store.cancel(first.id)
-    again, created = store.add(inp(), seed=1, model_key="k", client_request_id="once")
+async def test_client_request_id_dedupes_after_the_request_finished(store: RequestStore) -> None:
+    first = await add(store, client_request_id="once")
+    await store.cancel(first.id)
+    again, created = await store.add(inp(), seed=1, model_key="k", client_request_id="once")
     assert not created and again.id == first.id and again.state == State.CANCELLED
 
 
-def test_requeue_keeps_the_original_fifo_place(store: RequestStore) -> None:
-    a, b, c = add(store, "a"), add(store, "b"), add(store, "c")
-    assert store.start(a.id)
-    store.set_progress(a.id, 4, 10)
-    assert store.oldest_waiting().id == b.id
-    store.requeue(a.id)
-    again = store.get(a.id)
-    assert again.state == State.IN_QUEUE
+async def test_requeue_keeps_the_original_fifo_place(store: RequestStore) -> None:
+    a, b, c = await add(store, "a"), await add(store, "b"), await add(store, "c")
+    run = await claim(store, a)
+    await store.set_progress(a.id, run.lease_token, 4, 10)
+    assert await oldest(store) == b.id
+    assert await store.requeue(a.id, run.lease_token)
+    again = await get(store, a.id)
+    assert again.state == State.IN_QUEUE and again.lease_token == ""
     assert (again.step, again.total_steps, again.attempts) == (0, 0, 1)
-    assert store.oldest_waiting().id == a.id
-    assert positions(store, a, b, c) == [0, 1, 2]
-    # The next start counts a second attempt but keeps the first start time.
-    assert store.start(a.id)
-    restarted = store.get(a.id)
+    assert await positions(store, a, b, c) == [0, 1, 2]
+    restarted = await claim(store, a)
     assert restarted.attempts == 2 and restarted.started_at == again.started_at
+    assert restarted.lease_token != run.lease_token
 
 
-def test_requeue_ignores_requests_that_are_not_running(store: RequestStore) -> None:
-    waiting, done = add(store), add(store)
-    store.cancel(done.id)
-    store.requeue(waiting.id)
-    store.requeue(done.id)
-    assert store.get(waiting.id).state == State.IN_QUEUE
-    assert store.get(done.id).state == State.CANCELLED
+async def test_requeue_can_give_the_attempt_back(store: RequestStore) -> None:
+    """A call that never reached a worker is not an attempt."""
+    a = await add(store)
+    run = await claim(store, a)
+    assert await store.requeue(a.id, run.lease_token, refund_attempt=True)
+    assert (await get(store, a.id)).attempts == 0
 
 
-def test_progress_only_while_running(store: RequestStore) -> None:
-    a = add(store)
-    store.set_progress(a.id, 1, 5)
-    assert (store.get(a.id).step, store.get(a.id).total_steps) == (0, 0)
-    store.start(a.id)
-    store.set_progress(a.id, 2, 5)
-    assert (store.get(a.id).step, store.get(a.id).total_steps) == (2, 5)
+async def test_writes_of_a_stale_run_change_nothing(store: RequestStore) -> None:
+    """A late result from a run that lost its lease never overwrites the new run's."""
+    a = await add(store)
+    old = await claim(store, a)
+    assert await store.requeue(a.id, old.lease_token)
+    new = await claim(store, a)
+    await store.set_progress(a.id, old.lease_token, 9, 9)
+    assert not await store.complete(a.id, old.lease_token, types_pb2.GenerateOutput(seed=666), 1.0)
+    assert not await store.fail(a.id, types_pb2.RequestError(type="INTERNAL", message="late"), old.lease_token)
+    assert not await store.requeue(a.id, old.lease_token)
+    assert await store.renew({a.id: old.lease_token}) == set()
+    current = await get(store, a.id)
+    assert current.state == State.IN_PROGRESS and (current.step, current.total_steps) == (0, 0)
+    assert await store.renew({a.id: new.lease_token}) == {a.id}
+    assert await store.complete(a.id, new.lease_token, output(), 2.0)
+    assert (await get(store, a.id)).output == output()
 
 
-def test_recover_after_reopening_requeues_running_requests(path: Path) -> None:
-    first = RequestStore(path)
-    a, b, c = add(first, "a"), add(first, "b"), add(first, "c")
-    first.start(a.id)
-    first.set_progress(a.id, 3, 10)
-    first.start(c.id)
-    first.complete(c.id, output(), 1.5)
-    first.close()
+async def test_requeue_ignores_requests_that_are_not_running(store: RequestStore) -> None:
+    waiting, done = await add(store), await add(store)
+    await store.cancel(done.id)
+    assert not await store.requeue(waiting.id, "any")
+    assert not await store.requeue(done.id, "any")
+    assert (await get(store, waiting.id)).state == State.IN_QUEUE
+    assert (await get(store, done.id)).state == State.CANCELLED
 
-    second = RequestStore(path)
+
+async def test_progress_only_while_running(store: RequestStore) -> None:
+    a = await add(store)
+    await store.set_progress(a.id, "", 1, 5)
+    assert ((await get(store, a.id)).step, (await get(store, a.id)).total_steps) == (0, 0)
+    run = await claim(store, a)
+    await store.set_progress(a.id, run.lease_token, 2, 5)
+    assert ((await get(store, a.id)).step, (await get(store, a.id)).total_steps) == (2, 5)
+
+
+async def test_reopened_store_takes_back_requests_of_a_dead_owner(open_store: Opener) -> None:
+    first = await open_store()
+    first.lease_seconds = 0.0  # its leases run out at once, as if its gateway had been SIGKILLed
+    a, b, c = await add(first, "a"), await add(first, "b"), await add(first, "c")
+    run = await claim(first, a)
+    await first.set_progress(a.id, run.lease_token, 3, 10)
+    done = await claim(first, c)
+    await first.complete(c.id, done.lease_token, output(), 1.5)
+    await first.close()
+
+    second = await open_store()
     try:
-        assert second.recover() == 1
-        assert second.recover() == 0
-        recovered = second.get(a.id)
+        taken = await second.recover(max_attempts=10)
+        assert taken.requeued == [a.id] and taken.failed == []
+        assert not await second.recover(max_attempts=10)
+        recovered = await get(second, a.id)
         assert recovered.state == State.IN_QUEUE
         assert (recovered.step, recovered.total_steps, recovered.attempts) == (0, 0, 1)
         assert recovered.input == inp("a")
-        assert second.get(b.id).state == State.IN_QUEUE
-        assert second.get(c.id).state == State.COMPLETED
-        assert second.get(c.id).output == output()
-        assert second.oldest_waiting().id == a.id
-        assert positions(second, a, b) == [0, 1]
-        # New requests go after everything already stored.
-        d = add(second, "d")
-        assert second.queue_position(d) == 2 and d.seq > c.seq
+        assert (await get(second, b.id)).state == State.IN_QUEUE
+        assert (await get(second, c.id)).output == output()
+        assert await positions(second, a, b) == [0, 1]
+        d = await add(second, "d")
+        assert await second.queue_position(d) == 2 and d.seq > c.seq
     finally:
-        second.close()
+        await second.close()
 
 
-def test_complete_only_a_running_request(store: RequestStore) -> None:
-    a = add(store)
-    assert not store.complete(a.id, output(), 1.0), "a waiting request has not run"
-    store.start(a.id)
-    assert store.complete(a.id, output(), 2.5)
-    done = store.get(a.id)
+async def test_restart_recovery_respects_max_attempts(open_store: Opener) -> None:
+    """A request that kills its gateway every time fails with WORKER_FAILED instead of running forever."""
+    store = await open_store()
+    store.lease_seconds = 0.0
+    a = await add(store)
+    for _ in range(3):
+        await claim(store, a)
+        taken = await store.take_back(max_attempts=3)
+        if taken.failed:
+            break
+        assert taken.requeued == [a.id]
+    assert taken.failed == [a.id]
+    failed = await get(store, a.id)
+    assert failed.state == State.COMPLETED and failed.error is not None
+    assert failed.error.type == "WORKER_FAILED" and "3 time(s)" in failed.error.message
+    await store.close()
+
+
+async def test_take_back_leaves_live_leases_alone(store: RequestStore) -> None:
+    a = await add(store)
+    run = await claim(store, a)
+    assert not await store.take_back(max_attempts=10)
+    assert await store.renew({a.id: run.lease_token}) == {a.id}
+    assert (await get(store, a.id)).state == State.IN_PROGRESS
+
+
+async def test_start_timeout_fails_a_request_that_waited_too_long(store: RequestStore) -> None:
+    late, _ = await store.add(inp(), seed=1, model_key="k", start_timeout_seconds=1e-6)
+    patient, _ = await store.add(inp(), seed=1, model_key="k", start_timeout_seconds=3600)
+    none = await add(store)
+    assert late.start_deadline is not None and late.start_deadline > late.created_at
+    assert await store.expire_start_deadlines() == [late.id]
+    expired = await get(store, late.id)
+    assert expired.state == State.COMPLETED and expired.error is not None and expired.error.type == "START_TIMEOUT"
+    assert await positions(store, patient, none) == [0, 1]
+    assert await store.expire_start_deadlines() == []
+
+
+async def test_complete_only_a_running_request(store: RequestStore) -> None:
+    a = await add(store)
+    assert not await store.complete(a.id, "", output(), 1.0), "a waiting request has not run"
+    run = await claim(store, a)
+    assert await store.complete(a.id, run.lease_token, output(), 2.5)
+    done = await get(store, a.id)
     assert done.state == State.COMPLETED and done.finished
     assert done.output == output() and done.inference_seconds == 2.5
     assert done.error is None and done.finished_at is not None
-    # Finished: nothing changes it any more.
-    assert not store.cancel(a.id)
-    assert not store.fail(a.id, types_pb2.RequestError(type="INTERNAL", message="late"))
-    assert not store.complete(a.id, types_pb2.GenerateOutput(seed=1), 9.0)
-    assert not store.start(a.id)
-    assert store.get(a.id) == done
+    assert not await store.cancel(a.id)
+    assert not await store.fail(a.id, types_pb2.RequestError(type="INTERNAL", message="late"))
+    assert not await store.complete(a.id, run.lease_token, types_pb2.GenerateOutput(seed=1), 9.0)
+    assert await store.claim(a.id) is None
+    assert await get(store, a.id) == done
 
 
 @pytest.mark.parametrize("started", [False, True], ids=["waiting", "running"])
-def test_fail_ends_an_unfinished_request(store: RequestStore, started: bool) -> None:
-    a = add(store)
+async def test_fail_ends_an_unfinished_request(store: RequestStore, started: bool) -> None:
+    a = await add(store)
     if started:
-        store.start(a.id)
+        await claim(store, a)
     error = types_pb2.RequestError(type="OUT_OF_MEMORY", message="CUDA out of memory")
-    assert store.fail(a.id, error)
-    failed = store.get(a.id)
+    assert await store.fail(a.id, error)
+    failed = await get(store, a.id)
     assert failed.state == State.COMPLETED and failed.finished
     assert failed.error == error and failed.output is None
-    assert not store.cancel(a.id)
-    assert not store.fail(a.id, types_pb2.RequestError(type="INTERNAL", message="again"))
-    assert store.get(a.id).error == error
+    assert not await store.cancel(a.id)
+    assert not await store.fail(a.id, types_pb2.RequestError(type="INTERNAL", message="again"))
+    assert (await get(store, a.id)).error == error
+    assert await store.waiting_count() == 0
 
 
 @pytest.mark.parametrize("started", [False, True], ids=["waiting", "running"])
-def test_cancel_ends_an_unfinished_request(store: RequestStore, started: bool) -> None:
-    a = add(store)
-    if started:
-        store.start(a.id)
-    assert store.cancel(a.id)
-    cancelled = store.get(a.id)
+async def test_cancel_ends_an_unfinished_request(store: RequestStore, started: bool) -> None:
+    a = await add(store)
+    token = (await claim(store, a)).lease_token if started else ""
+    assert await store.cancel(a.id)
+    cancelled = await get(store, a.id)
     assert cancelled.state == State.CANCELLED and cancelled.finished
     assert cancelled.error == types_pb2.RequestError(type="CANCELLED", message="cancelled by the caller")
-    assert not store.cancel(a.id)
-    assert not store.complete(a.id, output(), 1.0)
-    assert not store.fail(a.id, types_pb2.RequestError(type="INTERNAL", message="x"))
-    assert store.get(a.id).state == State.CANCELLED
+    assert not await store.cancel(a.id)
+    assert not await store.complete(a.id, token, output(), 1.0)
+    assert await store.renew({a.id: token}) == set(), "the run learns from its lease that it was cancelled"
+    assert (await get(store, a.id)).state == State.CANCELLED
 
 
-def test_unknown_ids_are_no_ops(store: RequestStore) -> None:
-    assert not store.cancel("nope")
-    assert not store.complete("nope", output(), 1.0)
-    assert not store.fail("nope", types_pb2.RequestError(type="INTERNAL"))
+async def test_unknown_ids_are_no_ops(store: RequestStore) -> None:
+    assert not await store.cancel("nope")
+    assert not await store.complete("nope", "t", output(), 1.0)
+    assert not await store.fail("nope", types_pb2.RequestError(type="INTERNAL"))
 
 
-def test_logs_ordered_per_request_and_after_seq(store: RequestStore) -> None:
-    a, b = add(store, "a"), add(store, "b")
+async def test_logs_ordered_per_request_and_after_seq(store: RequestStore) -> None:
+    a, b = await add(store, "a"), await add(store, "b")
     for i in range(3):
-        store.add_log(a.id, types_pb2.LogEntry(message=f"a{i}", level=20, source="worker", timestamp=100.0 + i))
-        store.add_log(b.id, types_pb2.LogEntry(message=f"b{i}", level=30, source="gateway", timestamp=200.0 + i))
-    logs = store.logs(a.id)
+        await store.add_log(a.id, types_pb2.LogEntry(message=f"a{i}", level=20, source="worker", timestamp=100.0 + i))
+        await store.add_log(b.id, types_pb2.LogEntry(message=f"b{i}", level=30, source="gateway", timestamp=200.0 + i))
+    logs = await store.logs(a.id)
     assert [row.entry.message for row in logs] == ["a0", "a1", "a2"]
     assert [row.entry.timestamp for row in logs] == [100.0, 101.0, 102.0]
     assert {(row.entry.level, row.entry.source) for row in logs} == {(20, "worker")}
     seqs = [row.seq for row in logs]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
-    assert [row.entry.message for row in store.logs(a.id, after_seq=seqs[0])] == ["a1", "a2"]
-    assert store.logs(a.id, after_seq=seqs[-1]) == []
-    assert [row.entry.message for row in store.logs(b.id)] == ["b0", "b1", "b2"]
-    assert store.logs("nope") == []
+    assert [row.entry.message for row in await store.logs(a.id, after_seq=seqs[0])] == ["a1", "a2"]
+    assert await store.logs(a.id, after_seq=seqs[-1]) == []
+    assert [row.entry.message for row in await store.logs(b.id)] == ["b0", "b1", "b2"]
+    assert await store.logs("nope") == []
 
 
-def test_wal_mode_is_on(store: RequestStore, path: Path) -> None:
-    add(store)
-    with sqlite3.connect(path) as other:
-        (mode,) = other.execute("PRAGMA journal_mode").fetchone()
-    other.close()
-    assert mode.lower() == "wal"
-
-
-def test_a_second_connection_sees_committed_writes(store: RequestStore, path: Path) -> None:
-    a = add(store)
-    store.start(a.id)
-    reader = RequestStore(path)
-    try:
-        assert reader.get(a.id).state == State.IN_PROGRESS
-    finally:
-        reader.close()
-
-
-def wal_bytes(path: Path) -> int:
-    return Path(f"{path}-wal").stat().st_size
-
-
-def test_commits_never_checkpoint_on_the_callers_thread(store: RequestStore, path: Path) -> None:
-    """With SQLite's automatic checkpoint the log is copied back (and reused) at 1,000 pages; here only the checkpointer copies."""
-    store.checkpointer.stop()
-    for index in range(1500):
-        record = add(store, f"p{index}")
-        store.cancel(record.id)
-    page = 4096
-    assert wal_bytes(path) > 2000 * page
-    done = store.checkpointer.checkpoint()
-    assert not done.busy and done.log_frames > 2000 and done.checkpointed_frames == done.log_frames
-    with sqlite3.connect(path) as other:
-        assert other.execute("SELECT COUNT(*) FROM requests WHERE state = 'CANCELLED'").fetchone() == (1500,)
-    other.close()
-
-
-def test_the_checkpointer_thread_copies_the_log_every_few_hundred_commits(store: RequestStore, path: Path) -> None:
-    from gateway.wal_checkpoints import EVERY_COMMITS
-
-    for index in range(EVERY_COMMITS):
-        add(store, f"p{index}")
-    assert store.checkpointer.wait_for(1, timeout=30)
-    # Everything was copied back, so the next commit starts the log over from its beginning.
-    add(store, "after")
-    assert store.checkpointer.checkpoint().log_frames < 20
-
-
-def test_positions_agree_with_the_table_through_random_transitions(path: Path) -> None:
-    """Positions come from an in-memory index of waiting seqs; the table is the truth they must match."""
-    import random
-
+async def test_positions_agree_with_the_table_through_random_transitions(open_store: Opener) -> None:
+    """Positions must match FIFO order over the requests still waiting, whatever happened to the others."""
     rng = random.Random(5)
-    store = RequestStore(path)
+    store = await open_store()
     records: list[RequestRecord] = []
-    output = types_pb2.GenerateOutput()
+    tokens: dict[str, str] = {}
+    waiting: dict[str, int] = {}
     error = types_pb2.RequestError(type="WORKER_FAILED", message="x")
-    actions = {
-        "add": lambda r: records.append(add(store)),
-        "start": store.start,
-        "requeue": store.requeue,
-        "cancel": store.cancel,
-        "fail": lambda r: store.fail(r, error),
-        "complete": lambda r: store.complete(r, output, 1.0),
-    }
 
-    def check(current: RequestStore) -> None:
-        truth = sqlite3.connect(path)
-        waiting = [seq for (seq,) in truth.execute("SELECT seq FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq")]
-        truth.close()
-        assert current.waiting_count() == len(waiting)
+    async def step(name: str, record: RequestRecord | None) -> None:
+        if name == "add" or record is None:
+            new = await add(store)
+            records.append(new)
+            waiting[new.id] = new.seq
+        elif name == "claim":
+            run = await store.claim(record.id)
+            if run is not None:
+                tokens[record.id] = run.lease_token
+                waiting.pop(record.id)
+        elif name == "requeue":
+            if await store.requeue(record.id, tokens.get(record.id, "")):
+                waiting[record.id] = record.seq
+        elif name == "cancel":
+            if await store.cancel(record.id):
+                waiting.pop(record.id, None)
+        elif name == "fail":
+            if await store.fail(record.id, error):
+                waiting.pop(record.id, None)
+        elif name == "complete":
+            await store.complete(record.id, tokens.get(record.id, ""), types_pb2.GenerateOutput(), 1.0)
+
+    async def check(current: RequestStore) -> None:
+        seqs = sorted(waiting.values())
+        assert await current.waiting_count() == len(seqs)
         for record in records:
-            expected = sum(1 for seq in waiting if seq < record.seq)
-            assert current.queue_position(record) == expected
+            if record.id in waiting:
+                assert await current.queue_position(record) == sum(1 for seq in seqs if seq < record.seq)
 
-    for step in range(400):
-        name = rng.choice(list(actions))
-        if name == "add" or not records:
-            actions["add"](None)
-        else:
-            actions[name](rng.choice(records).id)
-        if step % 50 == 49:
-            check(store)
-    store.close()
-    reopened = RequestStore(path)
-    assert reopened.recover() >= 0
-    check(reopened)
-    reopened.close()
+    names = ["add", "claim", "requeue", "cancel", "fail", "complete"]
+    for index in range(300):
+        name = rng.choice(names)
+        await step(name, rng.choice(records) if records else None)
+        if index % 50 == 49:
+            await check(store)
+    await store.close()
+    reopened = await open_store()
+    await check(reopened)
+    await reopened.close()

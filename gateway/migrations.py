@@ -1,0 +1,128 @@
+"""Numbered schema migrations for both store engines, applied at start and recorded in the database.
+
+A migration is appended, never edited: a database remembers which numbers it has run
+(`schema_migrations`), so a gateway started on an older database brings it up to date,
+and two gateways starting at once on PostgreSQL take an advisory lock and run each step
+once. Version 1 is the schema SQLite stores had before migrations existed (`IF NOT EXISTS`
+makes it a no-op on them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+SQLITE: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "requests and logs",
+        """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    client_request_id TEXT UNIQUE,
+    state TEXT NOT NULL,
+    input BLOB NOT NULL,
+    seed INTEGER NOT NULL,
+    model_key TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    output BLOB,
+    error_type TEXT,
+    error_message TEXT,
+    inference_seconds REAL
+);
+CREATE INDEX IF NOT EXISTS requests_waiting ON requests (seq) WHERE state = 'IN_QUEUE';
+CREATE TABLE IF NOT EXISTS logs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    message TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    timestamp REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_request ON logs (request_id, seq);
+""",
+    ),
+    Migration(
+        2,
+        "leases and start deadlines",
+        """
+ALTER TABLE requests ADD COLUMN owner TEXT;
+ALTER TABLE requests ADD COLUMN lease_token TEXT;
+ALTER TABLE requests ADD COLUMN lease_expires_at REAL;
+ALTER TABLE requests ADD COLUMN start_deadline REAL;
+CREATE INDEX requests_running ON requests (lease_expires_at) WHERE state = 'IN_PROGRESS';
+CREATE INDEX requests_start_deadlines ON requests (start_deadline)
+    WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+""",
+    ),
+)
+
+POSTGRES: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "requests and logs",
+        """
+CREATE TABLE requests (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    client_request_id TEXT UNIQUE,
+    state TEXT NOT NULL,
+    input BYTEA NOT NULL,
+    seed BIGINT NOT NULL,
+    model_key TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    output BYTEA,
+    error_type TEXT,
+    error_message TEXT,
+    inference_seconds DOUBLE PRECISION
+);
+CREATE INDEX requests_waiting ON requests (seq) WHERE state = 'IN_QUEUE';
+CREATE TABLE logs (
+    seq BIGSERIAL PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    message TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    timestamp DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX logs_by_request ON logs (request_id, seq);
+""",
+    ),
+    Migration(
+        2,
+        "leases and start deadlines",
+        """
+ALTER TABLE requests ADD COLUMN owner TEXT;
+ALTER TABLE requests ADD COLUMN lease_token TEXT;
+ALTER TABLE requests ADD COLUMN lease_expires_at DOUBLE PRECISION;
+ALTER TABLE requests ADD COLUMN start_deadline DOUBLE PRECISION;
+CREATE INDEX requests_running ON requests (lease_expires_at) WHERE state = 'IN_PROGRESS';
+CREATE INDEX requests_start_deadlines ON requests (start_deadline)
+    WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+""",
+    ),
+)
+
+MIGRATIONS_TABLE = "schema_migrations"
+
+
+def pending(applied: set[int], migrations: tuple[Migration, ...]) -> list[Migration]:
+    return [m for m in migrations if m.version not in applied]

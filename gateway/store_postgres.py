@@ -1,0 +1,353 @@
+"""The PostgreSQL engine of the RequestStore: one queue for any number of gateways.
+
+Dispatch claims a request with `FOR UPDATE SKIP LOCKED`, so two gateways never start the
+same one; lease times come from the database's clock, so gateways with skewed clocks agree
+on when a lease has run out. Every write announces the request's id on a NOTIFY channel in
+its own transaction: each gateway LISTENs once and wakes its status streams and its
+dispatcher, so a stream on gateway B follows a request that gateway A runs, and a Cancel
+made on B reaches the worker call on A. The commit that acknowledges a Submit is
+synchronous (PostgreSQL's default); progress and log lines commit asynchronously, since
+losing the last few of them in a power cut costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, cast
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway import migrations
+from gateway.store import (
+    CANCELLED_BY_CALLER,
+    LogRecord,
+    RequestRecord,
+    State,
+    StoreUnavailable,
+    TakenBack,
+    lost_owner_error,
+    new_owner_name,
+    record_from_row,
+    start_timeout_error,
+)
+from loraserve.v1 import types_pb2
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "loraserve_requests"
+# Serialises migrations of gateways that start at the same moment (any constant of our own).
+MIGRATION_LOCK_KEY = 0x6C6F7261
+_NOW = "extract(epoch from clock_timestamp())"
+_REQUEUE_SET = (
+    "state = 'IN_QUEUE', step = 0, total_steps = 0, owner = NULL, lease_token = NULL, lease_expires_at = NULL"
+)
+_FINISH_SET = (
+    "state = %s, error_type = %s, error_message = %s, finished_at = %s, lease_token = NULL, lease_expires_at = NULL"
+)
+
+
+class PostgresStore:
+    def __init__(self, pool: AsyncConnectionPool, dsn: str, *, lease_seconds: float, owner: str) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self._queue_depth = 0
+        self._listener: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, lease_seconds: float = 30.0, owner: str = "", connect_timeout_seconds: float = 30.0
+    ) -> PostgresStore:
+        pool: AsyncConnectionPool = AsyncConnectionPool(
+            dsn,
+            min_size=2,
+            max_size=10,
+            open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            # A connection broken by a database restart is found and replaced before it is handed out.
+            check=AsyncConnectionPool.check_connection,
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout_seconds)
+        except PoolTimeout as exc:
+            await pool.close()
+            raise StoreUnavailable(f"cannot reach PostgreSQL at {_safe_dsn(dsn)}: {exc}") from exc
+        store = cls(pool, dsn, lease_seconds=lease_seconds, owner=owner or new_owner_name())
+        await store._migrate()
+        await store.waiting_count()
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {migrations.MIGRATIONS_TABLE}"
+                " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            cur = await conn.execute(f"SELECT version FROM {migrations.MIGRATIONS_TABLE}")
+            applied = {int(row["version"]) for row in await cur.fetchall()}
+            for step in migrations.pending(applied, migrations.POSTGRES):
+                await conn.execute(step.sql.encode())
+                await conn.execute(
+                    f"INSERT INTO {migrations.MIGRATIONS_TABLE} (version, name, applied_at) VALUES (%s, %s, %s)",
+                    (step.version, step.name, time.time()),
+                )
+
+    async def applied_migrations(self) -> list[int]:
+        rows = await self._fetch(f"SELECT version FROM {migrations.MIGRATIONS_TABLE} ORDER BY 1")
+        return [int(row["version"]) for row in rows]
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+        """A pooled connection; a database that cannot be reached is StoreUnavailable (gRPC UNAVAILABLE)."""
+        try:
+            async with self._pool.connection() as conn:
+                yield cast("psycopg.AsyncConnection[dict[str, Any]]", conn)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailable(f"the request store (PostgreSQL) is unreachable: {exc}") from exc
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with self._conn() as conn:
+            cur = await conn.execute(sql.encode(), params)
+            return await cur.fetchall()
+
+    async def _write(
+        self, sql: str, params: tuple[Any, ...], *, durable: bool = True
+    ) -> list[dict[str, Any]]:
+        """One statement that RETURNs the ids it changed, and a NOTIFY for each, in one transaction."""
+        async with self._conn() as conn, conn.transaction():
+            if not durable:
+                await conn.execute("SET LOCAL synchronous_commit = off")
+            cur = await conn.execute(sql.encode(), params)
+            rows = await cur.fetchall()
+            await _notify(conn, [row["id"] for row in rows])
+        return rows
+
+    async def add(
+        self,
+        inp: types_pb2.GenerateInput,
+        *,
+        seed: int,
+        model_key: str,
+        client_request_id: str = "",
+        start_timeout_seconds: float = 0.0,
+    ) -> tuple[RequestRecord, bool]:
+        now = time.time()
+        rows = await self._write(
+            "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline)"
+            " VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s) ON CONFLICT (client_request_id) DO NOTHING RETURNING *",
+            (
+                str(uuid.uuid4()),
+                client_request_id or None,
+                inp.SerializeToString(),
+                seed,
+                model_key,
+                now,
+                now + start_timeout_seconds if start_timeout_seconds > 0 else None,
+            ),
+        )
+        if rows:
+            self._queue_depth += 1
+            return record_from_row(rows[0]), True
+        existing = await self._fetch("SELECT * FROM requests WHERE client_request_id = %s", (client_request_id,))
+        return record_from_row(existing[0]), False
+
+    async def get(self, request_id: str) -> RequestRecord | None:
+        rows = await self._fetch("SELECT * FROM requests WHERE id = %s", (request_id,))
+        return record_from_row(rows[0]) if rows else None
+
+    async def queue_position(self, record: RequestRecord) -> int:
+        rows = await self._fetch(
+            "SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE' AND seq < %s", (record.seq,)
+        )
+        return int(rows[0]["n"])
+
+    async def waiting_count(self) -> int:
+        rows = await self._fetch("SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE'")
+        self._queue_depth = int(rows[0]["n"])
+        return self._queue_depth
+
+    def known_queue_depth(self) -> int:
+        return self._queue_depth
+
+    async def waiting(self, limit: int) -> list[RequestRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq LIMIT %s", (limit,)
+        )
+        return [record_from_row(row) for row in rows]
+
+    async def claim(self, request_id: str) -> RequestRecord | None:
+        rows = await self._write(
+            "UPDATE requests SET state = 'IN_PROGRESS', started_at = COALESCE(started_at, %s),"
+            " attempts = attempts + 1, step = 0, total_steps = 0, owner = %s, lease_token = %s,"
+            f" lease_expires_at = {_NOW} + %s"
+            " WHERE id = (SELECT id FROM requests WHERE id = %s AND state = 'IN_QUEUE' FOR UPDATE SKIP LOCKED)"
+            " RETURNING *",
+            (time.time(), self.owner, uuid.uuid4().hex, self.lease_seconds, request_id),
+        )
+        return record_from_row(rows[0]) if rows else None
+
+    async def renew(self, leases: Mapping[str, str]) -> set[str]:
+        if not leases:
+            return set()
+        ids, tokens = list(leases), list(leases.values())
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"UPDATE requests AS r SET lease_expires_at = {_NOW} + %s"
+                " FROM unnest(%s::text[], %s::text[]) AS held(id, token)"
+                " WHERE r.id = held.id AND r.lease_token = held.token AND r.state = 'IN_PROGRESS' RETURNING r.id",
+                (self.lease_seconds, ids, tokens),
+            )
+            return {row["id"] for row in await cur.fetchall()}
+
+    async def requeue(self, request_id: str, token: str, *, refund_attempt: bool = False) -> bool:
+        rows = await self._write(
+            f"UPDATE requests SET {_REQUEUE_SET}, attempts = attempts - %s"
+            " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
+            (int(refund_attempt), request_id, token),
+        )
+        return bool(rows)
+
+    async def recover(self, max_attempts: int) -> TakenBack:
+        # Other gateways may be alive: only a run whose lease ran out has lost its owner.
+        return await self.take_back(max_attempts)
+
+    async def take_back(self, max_attempts: int) -> TakenBack:
+        error = lost_owner_error(max_attempts)
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT id, attempts FROM requests WHERE state = 'IN_PROGRESS'"
+                f" AND lease_expires_at < {_NOW} FOR UPDATE SKIP LOCKED"
+            )
+            lost = await cur.fetchall()
+            failed = [row["id"] for row in lost if int(row["attempts"]) >= max_attempts]
+            requeued = [row["id"] for row in lost if int(row["attempts"]) < max_attempts]
+            if failed:
+                await conn.execute(
+                    f"UPDATE requests SET {_FINISH_SET} WHERE id = ANY(%s)",
+                    (State.COMPLETED, error.type, error.message, time.time(), failed),
+                )
+            if requeued:
+                await conn.execute(f"UPDATE requests SET {_REQUEUE_SET} WHERE id = ANY(%s)", (requeued,))
+            await _notify(conn, failed + requeued)
+        return TakenBack(requeued, failed)
+
+    async def expire_start_deadlines(self) -> list[str]:
+        error = start_timeout_error()
+        rows = await self._write(
+            f"UPDATE requests SET {_FINISH_SET}"
+            " WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL AND start_deadline < %s RETURNING id",
+            (State.COMPLETED, error.type, error.message, time.time(), time.time()),
+        )
+        return [row["id"] for row in rows]
+
+    async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None:
+        await self._write(
+            "UPDATE requests SET step = %s, total_steps = %s"
+            " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
+            (step, total, request_id, token),
+            durable=False,
+        )
+
+    async def complete(
+        self, request_id: str, token: str, output: types_pb2.GenerateOutput, inference_seconds: float
+    ) -> bool:
+        rows = await self._write(
+            "UPDATE requests SET state = 'COMPLETED', output = %s, inference_seconds = %s, finished_at = %s,"
+            " lease_token = NULL, lease_expires_at = NULL"
+            " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
+            (output.SerializeToString(), inference_seconds, time.time(), request_id, token),
+        )
+        return bool(rows)
+
+    async def fail(self, request_id: str, error: types_pb2.RequestError, token: str | None = None) -> bool:
+        return await self._finish(request_id, State.COMPLETED, error, token)
+
+    async def cancel(self, request_id: str) -> bool:
+        return await self._finish(request_id, State.CANCELLED, CANCELLED_BY_CALLER, None)
+
+    async def _finish(
+        self, request_id: str, state: State, error: types_pb2.RequestError, token: str | None
+    ) -> bool:
+        params: tuple[Any, ...] = (state, error.type, error.message, time.time(), request_id)
+        if token is None:
+            where = "id = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')"
+        else:
+            where = "id = %s AND lease_token = %s AND state = 'IN_PROGRESS'"
+            params += (token,)
+        rows = await self._write(f"UPDATE requests SET {_FINISH_SET} WHERE {where} RETURNING id", params)
+        return bool(rows)
+
+    async def add_log(self, request_id: str, entry: types_pb2.LogEntry) -> None:
+        await self._write(
+            "INSERT INTO logs (request_id, message, level, source, timestamp) VALUES (%s, %s, %s, %s, %s)"
+            " RETURNING request_id AS id",
+            (request_id, entry.message, entry.level, entry.source, entry.timestamp),
+            durable=False,
+        )
+
+    async def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM logs WHERE request_id = %s AND seq > %s ORDER BY seq", (request_id, after_seq)
+        )
+        return [
+            LogRecord(
+                int(row["seq"]),
+                types_pb2.LogEntry(
+                    message=row["message"], level=row["level"], source=row["source"], timestamp=row["timestamp"]
+                ),
+            )
+            for row in rows
+        ]
+
+    async def listen(self, on_change: Callable[[str], None]) -> None:
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen(on_change), name="store-listen")
+
+    async def _listen(self, on_change: Callable[[str], None]) -> None:
+        """LISTENs on its own connection for as long as the store is open, reconnecting with backoff."""
+        delay = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    delay = 0.1
+                    # Whatever changed while nobody listened: everyone re-reads.
+                    on_change("")
+                    async for note in conn.notifies():
+                        on_change(note.payload)
+            except psycopg.OperationalError as exc:
+                log.warning("store notifications lost; reconnecting", extra={"error": str(exc), "retry_in": delay})
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+async def _notify(conn: psycopg.AsyncConnection[Any], request_ids: list[str]) -> None:
+    """Delivered to every listener at commit, and only if it commits."""
+    for request_id in dict.fromkeys(request_ids):
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+
+
+def _safe_dsn(dsn: str) -> str:
+    """The DSN without its password, for error messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable DSN)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"

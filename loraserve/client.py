@@ -102,8 +102,11 @@ class Client:
             urls[id(value)] = self.upload(data, file_name=name).url
         return to_input(replace_local_files(input, urls))
 
-    def submit(self, input: InputLike, *, client_request_id: str = "") -> str:
-        request = generation_pb2.SubmitRequest(input=self._prepare(input), client_request_id=client_request_id)
+    def submit(self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0) -> str:
+        """`start_timeout`: seconds the request may wait for a worker before it fails unstarted (0: no limit)."""
+        request = generation_pb2.SubmitRequest(
+            input=self._prepare(input), client_request_id=client_request_id, start_timeout=start_timeout
+        )
         return _call(self._generation.Submit, request).request_id
 
     def status(self, request_id: str, *, logs: bool = False) -> RequestStatus:
@@ -127,10 +130,10 @@ class Client:
 
     def subscribe(
         self, input: InputLike, *, on_queue_update: QueueUpdate | None = None, logs: bool = False,
-        client_request_id: str = "",
+        client_request_id: str = "", start_timeout: float = 0.0,
     ) -> Result:
         request = generation_pb2.SubscribeRequest(
-            input=self._prepare(input), logs=logs, client_request_id=client_request_id
+            input=self._prepare(input), logs=logs, client_request_id=client_request_id, start_timeout=start_timeout
         )
         try:
             for message in self._generation.Subscribe(request):
@@ -182,8 +185,10 @@ class AsyncClient:
             urls[id(value)] = (await self.upload(data, file_name=name)).url
         return to_input(replace_local_files(input, urls))
 
-    async def submit(self, input: InputLike, *, client_request_id: str = "") -> str:
-        request = generation_pb2.SubmitRequest(input=await self._prepare(input), client_request_id=client_request_id)
+    async def submit(self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0) -> str:
+        request = generation_pb2.SubmitRequest(
+            input=await self._prepare(input), client_request_id=client_request_id, start_timeout=start_timeout
+        )
         return (await _acall(self._generation.Submit(request))).request_id
 
     async def status(self, request_id: str, *, logs: bool = False) -> RequestStatus:
@@ -212,10 +217,14 @@ class AsyncClient:
         on_queue_update: Callable[[RequestStatus], Any] | None = None,
         logs: bool = False,
         client_request_id: str = "",
+        start_timeout: float = 0.0,
     ) -> Result:
         """`on_queue_update` may be a plain function or a coroutine function."""
         request = generation_pb2.SubscribeRequest(
-            input=await self._prepare(input), logs=logs, client_request_id=client_request_id
+            input=await self._prepare(input),
+            logs=logs,
+            client_request_id=client_request_id,
+            start_timeout=start_timeout,
         )
         try:
             async for message in self._generation.Subscribe(request):

@@ -420,8 +420,9 @@ class Bench:
         )
 
     # P4 ------------------------------------------------------------------------------------
-    async def p4(self, model_dir: Path) -> None:
-        """Submit and GetStatus at 10 and at 10,000 waiting, in interleaved rounds.
+    async def p4(self, model_dir: Path, client: Any, engine: str) -> dict[str, Arm]:
+        """Submit and GetStatus at 10 and at 10,000 waiting, in interleaved rounds, on a gateway whose
+        store is `engine` (SQLite or PostgreSQL); returns the arms for comparisons across engines.
 
         The queue is filled to the large depth and cancelled back down between rounds (order
         small, large | large, small | ...), so a noisy minute on this shared machine lands on
@@ -431,10 +432,9 @@ class Bench:
         from loraserve.v1 import generation_pb2
 
         plan = self.plan
-        client = self.client
         hold_input = request_input(model_dir, plan.p4_hold_size, plan.p4_hold_steps)
         small_input = request_input(model_dir, plan.small_size, 1)
-        say(f"P4 queue scale: occupying the replica with a {plan.p4_hold_steps}-step {plan.p4_hold_size}px job")
+        say(f"P4 queue scale ({engine}): occupying the replica with a {plan.p4_hold_steps}-step {plan.p4_hold_size}px job")
         hold_id = await client.submit(hold_input)
         deadline = time.monotonic() + 120
         while (await client.status(hold_id)).state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
@@ -463,7 +463,7 @@ class Bench:
             """Cancel the newest waiting requests until `depth` are left."""
             newest = waiting[depth:]
             del waiting[depth:]
-            await self._cancel_all(newest)
+            await self._cancel_all(client, newest)
 
         async def measure(submit: Arm, status: Arm, samples: int, warmup: int) -> None:
             for index in range(samples + warmup):
@@ -483,8 +483,8 @@ class Bench:
 
         small_depth, large_depth = plan.p4_small_waiting, plan.p4_large_waiting
         arms = {
-            small_depth: (Arm(f"Submit @{small_depth}", _never), Arm(f"GetStatus @{small_depth}", _never)),
-            large_depth: (Arm(f"Submit @{large_depth}", _never), Arm(f"GetStatus @{large_depth}", _never)),
+            depth: (Arm(f"{engine} Submit @{depth}", _never), Arm(f"{engine} GetStatus @{depth}", _never))
+            for depth in (small_depth, large_depth)
         }
         per_round = math.ceil(plan.p4_samples / plan.p4_rounds)
         await fill(small_depth)
@@ -500,7 +500,7 @@ class Bench:
             say(f"P4: round {index + 1}/{plan.p4_rounds}, {per_round} Submit + GetStatus calls per depth")
         hold = await client.status(hold_id)
         say(f"P4: cancelling {len(waiting)} waiting requests and the hold job (at step {hold.progress.step})")
-        await self._cancel_all(waiting)
+        await self._cancel_all(client, waiting)
         await client.cancel(hold_id)
         if hold.state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
             raise RuntimeError("P4: the hold job ended while measuring; the queue was not held")
@@ -509,7 +509,7 @@ class Bench:
         for name, (at_small, at_large) in {"Submit": (small[0], large[0]), "GetStatus": (small[1], large[1])}.items():
             self.rows.append(
                 row(
-                    f"P4 {name} p99",
+                    f"P4 {name} p99 ({engine})",
                     (f"p99 @{large_depth} waiting", at_large.p(99)),
                     (f"p99 @{small_depth} waiting", at_small.p(99)),
                     "<=",
@@ -519,19 +519,61 @@ class Bench:
                     {"large": len(at_large.seconds), "small": len(at_small.seconds)},
                 )
             )
+        return {"submit": small[0], "status": small[1]}
 
-    async def _cancel_all(self, request_ids: Sequence[str]) -> None:
+    def p4_engines(self, sqlite: dict[str, Arm], postgres: dict[str, Arm]) -> None:
+        """What a Submit costs on the shared store, next to the embedded one (PostgreSQL's synchronous commit
+        against SQLite's fsync'd WAL commit, plus a round trip over loopback)."""
+        for name, key in (("Submit", "submit"), ("GetStatus", "status")):
+            self.rows.append(
+                row(
+                    f"P4 {name} p50 PostgreSQL ÷ SQLite",
+                    (f"PostgreSQL p50 @{self.plan.p4_small_waiting}", postgres[key].p(50)),
+                    (f"SQLite p50 @{self.plan.p4_small_waiting}", sqlite[key].p(50)),
+                    detail="no target: what several gateways cost per call",
+                    samples={"postgres": len(postgres[key].seconds), "sqlite": len(sqlite[key].seconds)},
+                )
+            )
+
+    async def _cancel_all(self, client: Any, request_ids: Sequence[str]) -> None:
         pending = iter(request_ids)
         done = [0]
 
         async def worker() -> None:
             for request_id in pending:
-                await self.client.cancel(request_id)
+                await client.cancel(request_id)
                 done[0] += 1
                 if done[0] % 2500 == 0:
                     say(f"P4: cancelled {done[0]}/{len(request_ids)}")
 
         await asyncio.gather(*(worker() for _ in range(self.plan.p4_concurrency)))
+
+
+async def _p4_on_postgres(bench: Bench, model_dir: Path, settings: Any, workdir: Path) -> dict[str, Arm] | None:
+    """P4 again on a second gateway whose store is a throwaway PostgreSQL server, in front of the same workers."""
+    from gateway.server import Gateway
+    from loraserve.client import AsyncClient
+    from tests.postgres_server import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        say("P4 on PostgreSQL skipped: no PostgreSQL server installed (Debian's `postgresql` package)")
+        return None
+    with PostgresServer(bin_dir) as server:
+        gateway = Gateway(
+            settings.replace(
+                data_dir=workdir / "data-pg",
+                grpc_port=free_port(),
+                http_port=free_port(),
+                store_url=server.fresh_database(),
+            )
+        )
+        await gateway.start()
+        try:
+            async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+                return await bench.p4(model_dir, client, "PostgreSQL")
+        finally:
+            await gateway.stop(grace_seconds=0)
 
 
 async def _never() -> float:
@@ -648,7 +690,10 @@ async def _run(
             if "P3" in phases:
                 await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
             if "P4" in phases:
-                await bench.p4(model_b.pipeline_dir)
+                sqlite = await bench.p4(model_b.pipeline_dir, client, "SQLite")
+                postgres = await _p4_on_postgres(bench, model_b.pipeline_dir, settings, workdir)
+                if postgres is not None:
+                    bench.p4_engines(sqlite, postgres)
         say("stopping the service")
     meta = {
         "command": " ".join(sys.argv),

@@ -44,6 +44,21 @@ class GatewayMetrics:
             "Rounds of lease renewal / take-back / start-timeout upkeep that failed (the next one retries).",
             registry=self.registry,
         )
+        self.unreached = Counter(
+            "loraserve_worker_calls_unreached",
+            "Worker calls that never reached a worker (Serve's ingress down or without the app); not attempts.",
+            registry=self.registry,
+        )
+        self.dispatcher_errors = Counter(
+            "loraserve_dispatcher_errors",
+            "Errors inside the dispatcher (e.g. the store failing); it restarts or gives the request back.",
+            registry=self.registry,
+        )
+        self.dispatch_paused = Gauge(
+            "loraserve_dispatch_paused",
+            "1 while dispatching is paused: workers unreachable (circuit breaker open) or the dispatcher failing.",
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "loraserve_queue_wait_seconds",
             "Time from submit to the start on a worker.",

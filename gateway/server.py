@@ -10,6 +10,8 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.backoff import Backoff
+from gateway.circuit_breaker import CircuitBreaker
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
 from gateway.generation_service import GenerationService
@@ -52,7 +54,14 @@ class Gateway:
         self.metrics = GatewayMetrics(
             queue_depth=lambda: self.store.known_queue_depth(), in_flight=lambda: self.dispatcher.in_flight
         )
-        self.worker = WorkerClient(f"{settings.serve_grpc_host}:{settings.serve_grpc_port}", settings.serve_app_name)
+        self.worker = WorkerClient(
+            f"{settings.serve_grpc_host}:{settings.serve_grpc_port}",
+            settings.serve_app_name,
+            call_timeout_seconds=settings.worker_call_timeout_seconds,
+            keepalive_seconds=settings.worker_keepalive_seconds,
+            keepalive_timeout_seconds=settings.worker_keepalive_timeout_seconds,
+        )
+        retry_backoff = Backoff(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds)
         self.dispatcher = Dispatcher(
             self.store,
             self.feed,
@@ -64,6 +73,9 @@ class Gateway:
                 max_skips=settings.max_queue_skips,
                 hot_slots=settings.max_replicas * settings.max_pipelines_per_replica,
             ),
+            retry_backoff=retry_backoff,
+            breaker=CircuitBreaker(threshold=settings.worker_unreachable_threshold, backoff=retry_backoff),
+            on_serving=self._dispatching_health,
         )
         self.generation = GenerationService(
             settings, self.store, self.feed, self.dispatcher, self.metrics, self.files
@@ -127,6 +139,12 @@ class Gateway:
     @property
     def worker_target(self) -> str:
         return f"{self.settings.serve_grpc_host}:{self.settings.serve_grpc_port}"
+
+    async def _dispatching_health(self, serving: bool) -> None:
+        """While the dispatcher is paused (workers unreachable) the GenerationService reports NOT_SERVING:
+        submits are still accepted and wait in the queue; the overall health and the files stay SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._set_health(SERVICE_NAMES[0], status)
 
     async def _set_health(self, name: str, status: int) -> None:
         await self.health.set(name, status)

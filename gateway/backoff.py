@@ -1,0 +1,33 @@
+"""Exponential backoff with jitter, for everything the gateway retries.
+
+Jitter spreads retries out: after an outage, requests that broke together would otherwise
+come back together and break the recovering workers again. Half of each delay is fixed
+and half random ("equal jitter"), so a retry never comes back at once.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_seconds: float
+    max_seconds: float
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.initial_seconds < 0 or self.max_seconds < self.initial_seconds or self.multiplier < 1:
+            raise ValueError(f"bad backoff: {self}")
+
+    def ceiling(self, failures: int) -> float:
+        """The longest wait after `failures` failures in a row (the first failure waits `initial_seconds`)."""
+        try:
+            return min(self.max_seconds, self.initial_seconds * self.multiplier ** max(0, failures - 1))
+        except OverflowError:  # `failures` grows without bound during a long outage
+            return self.max_seconds
+
+    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+        ceiling = self.ceiling(failures)
+        return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)

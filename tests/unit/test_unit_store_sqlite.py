@@ -142,3 +142,34 @@ async def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(store: Sqlit
     assert await store.waiting_count() == 1
     after = await add(store, "after")
     assert [r.id for r in await store.waiting(10)] == [kept, after]
+
+
+async def test_submits_committed_during_an_fsync_wait_for_the_next_one_and_share_it(tmp_path: Path) -> None:
+    """Group commit: nobody is answered on an fsync that began before their commit; many share one."""
+    import asyncio
+    import threading
+
+    from gateway.wal_sync import WalSync
+
+    db_path = tmp_path / "r.sqlite3"
+    Path(f"{db_path}-wal").write_bytes(b"log")
+    sync = WalSync(db_path)
+    started, release = threading.Event(), threading.Event()
+    fsyncs: list[int] = []
+
+    def fsync() -> None:
+        fsyncs.append(len(fsyncs))
+        if len(fsyncs) == 1:
+            started.set()
+            release.wait(30)
+
+    sync._fsync = fsync  # type: ignore[method-assign]
+    first = asyncio.ensure_future(sync.sync())
+    assert await asyncio.to_thread(started.wait, 30)
+    later = [asyncio.ensure_future(sync.sync()) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert not first.done() and not any(f.done() for f in later)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), 30)
+    assert fsyncs == [0, 1], "the first fsync began before the later commits: they waited for a second, shared one"
+    sync.close()

@@ -1,14 +1,19 @@
-"""The `loraserve` command: serve, generate, make-tiny-model, demo.
+"""The `loraserve` command: serve, gateway, generate, make-tiny-model, demo.
 
 Settings come from `LORASERVE_*` env vars with flags over them (loraserve.config).
 Heavy imports (torch, Ray, diffusers) happen inside the subcommands that need them, so
 `loraserve generate` stays a light gRPC client.
+
+`serve` and `gateway` stop the same way on SIGTERM (Kubernetes, systemd) and SIGINT (Ctrl-C):
+new requests are refused, running ones get `shutdown_grace_seconds` to finish and go back to
+the queue after that, then Serve and Ray go down; the exit status is 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import tempfile
@@ -18,6 +23,8 @@ from pathlib import Path
 
 from loraserve.config import Settings
 from loraserve.schema import IMAGE_SIZE_PRESETS
+
+log = logging.getLogger("loraserve")
 
 
 def parse_lora(value: str) -> dict[str, object]:
@@ -45,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="gateway + local Ray + Serve workers + local storage on one machine")
+    _add_verbose(serve)
     Settings.add_arguments(serve)
+
+    gateway = sub.add_parser(
+        "gateway", help="only the gateway, in front of a running Serve gRPC ingress (SERVE_GRPC_HOST:SERVE_GRPC_PORT)"
+    )
+    _add_verbose(gateway)
+    Settings.add_arguments(gateway)
 
     gen = sub.add_parser("generate", help="generate images through the gRPC API")
     gen.add_argument("prompt")
@@ -81,10 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, the workers' and the libraries' output here (default: only in DATA_DIR/logs/)",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        asyncio.run(_serve(Settings.from_args(args)))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("serve", "gateway"):
+        try:
+            settings = Settings.from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return _run_server(args.command, settings, verbose=args.verbose)
     elif args.command == "generate":
         return _generate(args)
     elif args.command == "make-tiny-model":
@@ -128,16 +155,87 @@ def _tiny_fixtures(args: argparse.Namespace, pipeline_dir: Path) -> list[Path]:
     return paths
 
 
-async def _serve(settings: Settings) -> None:
+def _run_server(command: str, settings: Settings, *, verbose: bool) -> int:
+    from loraserve.logs import setup_logging
+
+    logs = setup_logging(settings.data_dir, settings.log_level, verbose=verbose)
+    more = f"; Ray and library output: {logs.output_file}" if logs.output_file else ""
+    log.info(f"logs: {logs.log_file}{more}")
+    try:
+        return asyncio.run(_serve(settings, verbose) if command == "serve" else _gateway(settings))
+    except Exception as exc:
+        # The console shows the error in a line (a traceback when verbose), the log file the traceback.
+        log.error(f"loraserve {command} failed", exc_info=exc)
+        return 1
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask for one graceful stop; a repeated signal does not cut the grace short."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.install()
+
+    def install(self) -> None:
+        """Again after ray.init: Ray's core worker installs a failure-signal handler for SIGTERM that
+        prints a stack trace and lets the process die undrained."""
+        for sig in self.SIGNALS:
+            self._loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.received.is_set():
+            log.warning(f"{sig.name} again: already stopping")
+            return
+        log.info(f"{sig.name}: stopping")
+        self.received.set()
+
+
+def _stopping(settings: Settings) -> None:
+    log.info(
+        f"stopping: new requests are refused; running requests have {settings.shutdown_grace_seconds:g} s "
+        "to finish, then go back to the queue"
+    )
+
+
+def _ready(settings: Settings, grpc_port: int) -> None:
+    log.info(
+        f"loraserve ready: gRPC API on {settings.grpc_host}:{grpc_port}, HTTP (files, health, metrics) on "
+        f"{settings.http_host}:{settings.http_port}, files served as {settings.files_base_url}"
+    )
+
+
+async def _serve(settings: Settings, verbose: bool) -> int:
     from loraserve.embedded import EmbeddedService
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with EmbeddedService(settings) as service:
-        print(f"loraserve ready: gRPC {settings.grpc_host}:{service.gateway.grpc_port}, files {settings.files_base_url}")
-        await stop.wait()
+    signals = StopSignals()
+    service = EmbeddedService(settings, log_workers_here=verbose)
+    log.info("starting Ray and the Serve workers")
+    await service.start()
+    signals.install()
+    _ready(settings, service.gateway.grpc_port)
+    await signals.received.wait()
+    _stopping(settings)
+    await service.stop()
+    log.info("stopped")
+    return 0
+
+
+async def _gateway(settings: Settings) -> int:
+    from gateway.server import Gateway
+
+    signals = StopSignals()
+    gateway = Gateway(settings)
+    await gateway.start()
+    log.info(f"workers: Serve gRPC ingress at {settings.serve_grpc_host}:{settings.serve_grpc_port}")
+    _ready(settings, gateway.grpc_port)
+    await signals.received.wait()
+    _stopping(settings)
+    await gateway.stop()
+    log.info("stopped")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -3,29 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import TracebackType
 
 from loraserve.config import Settings
 
+log = logging.getLogger(__name__)
+
 
 class EmbeddedService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, log_workers_here: bool = True) -> None:
+        """`log_workers_here=False` leaves the workers' output in Ray's session logs (see serving.runtime)."""
         from gateway.server import Gateway
 
         self.settings = settings
         self.gateway = Gateway(settings)
+        self._log_workers_here = log_workers_here
+
+    async def start(self) -> None:
+        """Workers first, so the gateway's first dispatch finds them; a failed start leaves nothing running."""
+        from serving.runtime import start_workers, stop_workers
+
+        try:
+            await asyncio.to_thread(start_workers, self.settings, log_to_driver=self._log_workers_here)
+        except BaseException:
+            await asyncio.to_thread(stop_workers)
+            raise
+        try:
+            await self.gateway.start()
+        except BaseException:
+            await asyncio.to_thread(stop_workers)
+            raise
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """The gateway drains first (running requests finish on the workers, or go back to the queue),
+        then Serve and Ray go down."""
+        from serving.runtime import stop_workers
+
+        try:
+            await self.gateway.stop(grace_seconds)
+        finally:
+            await asyncio.to_thread(stop_workers)
+            log.info("workers stopped")
 
     async def __aenter__(self) -> EmbeddedService:
-        from serving.runtime import start_workers
-
-        await asyncio.to_thread(start_workers, self.settings)
-        await self.gateway.start()
+        await self.start()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        from serving.runtime import stop_workers
-
-        await self.gateway.stop()
-        await asyncio.to_thread(stop_workers)
+        await self.stop()

@@ -1,13 +1,38 @@
-"""Structured (one JSON object per line) logs for the server processes."""
+"""Logs of the server commands: a short console for people, everything in files under data_dir/logs.
+
+Ray, gRPC's C core, torch and friends write INFO chatter straight to file descriptors 1 and 2,
+not through `logging`; only moving those keeps it off the console. So, unless `verbose`, both
+point at `output.log` and the console writes to a copy of the original stderr.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Ray's log record factory adds `_ray_timestamp_ns` to every record.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "_ray_timestamp_ns",
+}
+
+# Loggers whose INFO lines a person running the service wants to see; the libraries' show ERROR and up.
+OWN_LOGGERS = frozenset({"loraserve", "gateway", "serving", "storage", "__main__"})
+
+LOG_FILE = "loraserve.log"
+OUTPUT_FILE = "output.log"
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,15 +43,73 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
+class ConsoleFormatter(logging.Formatter):
+    """`HH:MM:SS [LEVEL] message key=value`; a traceback only when asked (it is in the log file anyway)."""
+
+    def __init__(self, *, tracebacks: bool) -> None:
+        super().__init__()
+        self._tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [time.strftime("%H:%M:%S", time.localtime(record.created))]
+        if record.levelno >= logging.WARNING:
+            parts.append(record.levelname)
+        parts.append(record.getMessage())
+        parts.extend(f"{k}={v}" for k, v in _extras(record).items())
+        line = " ".join(parts)
+        if record.exc_info and record.exc_info[1] is not None:
+            if self._tracebacks:
+                line += "\n" + self.formatException(record.exc_info)
+            else:
+                line += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+        return line
+
+
+class _OwnOrError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.split(".", 1)[0] in OWN_LOGGERS
+
+
+@dataclass(frozen=True)
+class LogSetup:
+    log_file: Path
+    # Where fd 2 now goes; None when verbose (it stays on the console).
+    output_file: Path | None
+    console: TextIO
+
+
+def setup_logging(data_dir: Path, level: str = "INFO", *, verbose: bool = False) -> LogSetup:
+    """Console: this service's INFO lines and everyone's errors (everything when `verbose`);
+    data_dir/logs/loraserve.log: every log record as JSON; data_dir/logs/output.log: whatever else was
+    written to stderr."""
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    output_file: Path | None = None
+    if verbose:
+        console: TextIO = sys.stderr
+    else:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        console = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+        output_file = log_dir / OUTPUT_FILE
+        fd = os.open(output_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    to_file = logging.FileHandler(log_dir / LOG_FILE, encoding="utf-8")
+    to_file.setFormatter(JsonFormatter())
+    to_console = logging.StreamHandler(console)
+    to_console.setFormatter(ConsoleFormatter(tracebacks=verbose))
+    if not verbose:
+        to_console.addFilter(_OwnOrError())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [to_file, to_console]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    return LogSetup(log_file=log_dir / LOG_FILE, output_file=output_file, console=console)

@@ -1,0 +1,235 @@
+"""The real signal to the real process: `loraserve serve` and `loraserve gateway` stop cleanly.
+
+Each server runs as a subprocess in a session of its own (as under systemd or as a container's
+command). After SIGTERM or SIGINT it must exit 0, the request that was running must have finished
+or be back in the queue, and none of its processes (Ray's GCS, raylet, agents, workers) may be
+left running.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraserve.client import Client
+from serving.tiny import TinyModel
+from tests.integration.test_generation_api import request
+
+pytestmark = pytest.mark.integration
+
+START_SECONDS = 240.0
+# Ray and Serve going down after the gateway has drained.
+STOP_SECONDS = 60.0
+
+
+def loopback_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), where Ray's GCS, raylet and agents pick
+    theirs: a port chosen there could be taken by Ray between choosing it and the gateway binding it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32000")
+
+
+@dataclass
+class Server:
+    command: str
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    grpc_port: int
+    serve_grpc_port: int
+    console: Path
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def console_text(self) -> str:
+        return self.console.read_text(errors="replace")
+
+    def note_processes(self) -> None:
+        """Remembers every process below the server (psutil keys them by pid and start time)."""
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            self.seen.setdefault(child.pid, child)
+
+    def survivors(self) -> list[str]:
+        """Processes of this server still running: any process it had, or any in its process group."""
+        alive = [p for p in self.seen.values() if _running(p)]
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == self.process.pid and _running(p):
+                    alive.append(p)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return sorted({f"{p.pid} {_describe(p)}" for p in alive})
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())[:120] or process.name()
+    except psutil.Error:
+        return "?"
+
+
+def start_server(command: str, data_dir: Path, *flags: str, serve_grpc_port: int = 0) -> Server:
+    grpc_port = loopback_port()
+    serve_grpc_port = serve_grpc_port or loopback_port()
+    console = data_dir.parent / f"{data_dir.name}-{command}-console.txt"
+    args = [
+        sys.executable, "-m", "loraserve.cli", command,
+        "--data-dir", str(data_dir),
+        "--grpc-port", str(grpc_port),
+        "--http-port", str(loopback_port()),
+        "--serve-grpc-port", str(serve_grpc_port),
+        "--serve-http-port", str(loopback_port()),
+        "--ray-num-cpus", "2",
+        "--device", "cpu",
+        *flags,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with console.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return Server(command, process, data_dir, grpc_port, serve_grpc_port, console)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    """Started servers; any still running when the test ends (it failed) get SIGKILL with their processes."""
+    started: list[Server] = []
+    yield started
+    for server in started:
+        if server.process.poll() is None:
+            server.note_processes()
+            for p in [psutil.Process(server.process.pid), *server.seen.values()]:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    continue
+            server.process.wait()
+
+
+def wait_serving(server: Server) -> None:
+    """Polls the gRPC health check until SERVING; the process ending first fails with its console."""
+    deadline = time.monotonic() + START_SECONDS
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if server.process.poll() is not None:
+                pytest.fail(f"{server.command} exited {server.process.returncode}:\n{server.console_text()}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{server.command} not serving after {START_SECONDS} s:\n{server.console_text()}")
+            time.sleep(0.2)  # poll interval, not synchronisation
+
+
+def submit_and_wait_running(server: Server, body: dict[str, Any]) -> str:
+    with Client(server.target) as client:
+        request_id = client.submit(body)
+        for status in client.stream_status(request_id):
+            if status.HasField("progress"):
+                return request_id
+    pytest.fail(f"request {request_id} ended without running:\n{server.console_text()}")
+
+
+def stop_with(server: Server, sig: signal.Signals, grace_seconds: float) -> None:
+    """Sends `sig` and waits for the exit, as a service manager would before its SIGKILL."""
+    server.note_processes()
+    server.process.send_signal(sig)
+    try:
+        server.process.wait(timeout=grace_seconds + STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{server.command} still running after {sig.name}:\n{server.console_text()}")
+
+
+def stored_state(data_dir: Path, request_id: str) -> tuple[str, str | None]:
+    """(state, error_type) as the stopped gateway left them in its SQLite store."""
+    with sqlite3.connect(f"file:{data_dir / 'requests.sqlite3'}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT state, error_type FROM requests WHERE id = ?", (request_id,)).fetchone()
+    assert row is not None, request_id
+    return row[0], row[1]
+
+
+def assert_clean_exit(server: Server, sig: signal.Signals) -> None:
+    console = server.console_text()
+    assert server.process.returncode == 0, console
+    assert f"{sig.name}: stopping" in console and "stopped" in console.splitlines()[-1], console
+    assert "Traceback" not in console and "SIGTERM received at time" not in console, console
+    assert server.survivors() == [], console
+
+
+def test_sigterm_drains_the_gateway_alone_then_serve(
+    servers: list[Server], tiny_sdxl: TinyModel, tmp_path: Path
+) -> None:
+    grace = 120.0
+    serve = start_server("serve", tmp_path / "serve", "--shutdown-grace-seconds", str(grace))
+    servers.append(serve)
+    wait_serving(serve)
+    console = serve.console_text()
+    assert f"gRPC API on 127.0.0.1:{serve.grpc_port}" in console
+    # Ray's own INFO lines go to the log files, not to the console.
+    assert "Started a local Ray instance" not in console
+    assert "Started a local Ray instance" in (serve.data_dir / "logs" / "output.log").read_text(errors="replace")
+
+    gateway = start_server(
+        "gateway", tmp_path / "gateway", "--shutdown-grace-seconds", str(grace), serve_grpc_port=serve.serve_grpc_port
+    )
+    servers.append(gateway)
+    wait_serving(gateway)
+    through_gateway = submit_and_wait_running(gateway, request(tiny_sdxl, num_inference_steps=40))
+    stop_with(gateway, signal.SIGTERM, grace)
+    assert_clean_exit(gateway, signal.SIGTERM)
+    assert stored_state(gateway.data_dir, through_gateway) == ("COMPLETED", None)
+
+    through_serve = submit_and_wait_running(serve, request(tiny_sdxl, num_inference_steps=40))
+    stop_with(serve, signal.SIGTERM, grace)
+    assert_clean_exit(serve, signal.SIGTERM)
+    assert len(serve.seen) >= 4, serve.seen  # GCS, raylet, agents, workers: there was something to end
+    assert stored_state(serve.data_dir, through_serve) == ("COMPLETED", None)
+
+
+def test_sigint_requeues_what_does_not_finish_within_the_grace(
+    servers: list[Server], tiny_sdxl: TinyModel, tmp_path: Path
+) -> None:
+    grace = 1.0
+    serve = start_server("serve", tmp_path / "serve", "--shutdown-grace-seconds", str(grace))
+    servers.append(serve)
+    wait_serving(serve)
+    long = request(tiny_sdxl, num_inference_steps=150, image_size={"width": 512, "height": 512}, num_images=2)
+    running = submit_and_wait_running(serve, long)
+    stop_with(serve, signal.SIGINT, grace)
+    assert_clean_exit(serve, signal.SIGINT)
+    assert stored_state(serve.data_dir, running) == ("IN_QUEUE", None)

@@ -62,6 +62,8 @@ class RequestRecord:
     lease_token: str = ""
     # A waiting request not started by then fails (fal's `start_timeout`); None: no limit.
     start_deadline: float | None = None
+    # Requests waiting ahead of it, read with the record by `get` (one round trip for GetStatus).
+    queue_position: int | None = field(default=None, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -128,7 +130,7 @@ class RequestStore(Protocol):
     async def get(self, request_id: str) -> RequestRecord | None: ...
 
     async def queue_position(self, record: RequestRecord) -> int:
-        """Requests waiting ahead of this one."""
+        """Requests waiting ahead of this one (as read with the record, when `get` read it)."""
         ...
 
     async def waiting_count(self) -> int: ...
@@ -233,4 +235,9 @@ def record_from_row(row: Any) -> RequestRecord:
         owner=row["owner"] or "",
         lease_token=row["lease_token"] or "",
         start_deadline=row["start_deadline"],
+        queue_position=_optional_int(row, "queue_position"),
     )
+
+
+def _optional_int(row: Any, column: str) -> int | None:
+    return int(row[column]) if column in row.keys() and row[column] is not None else None

@@ -169,10 +169,16 @@ class PostgresStore:
         return record_from_row(existing[0]), False
 
     async def get(self, request_id: str) -> RequestRecord | None:
-        rows = await self._fetch("SELECT * FROM requests WHERE id = %s", (request_id,))
+        rows = await self._fetch(
+            "SELECT r.*, CASE WHEN r.state = 'IN_QUEUE' THEN (SELECT count(*) FROM requests AS w"
+            " WHERE w.state = 'IN_QUEUE' AND w.seq < r.seq) END AS queue_position FROM requests AS r WHERE r.id = %s",
+            (request_id,),
+        )
         return record_from_row(rows[0]) if rows else None
 
     async def queue_position(self, record: RequestRecord) -> int:
+        if record.queue_position is not None:
+            return record.queue_position
         rows = await self._fetch(
             "SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE' AND seq < %s", (record.seq,)
         )

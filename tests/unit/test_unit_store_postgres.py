@@ -68,6 +68,10 @@ async def test_queue_positions_are_the_same_from_every_gateway(two: tuple[Postgr
         assert await a.queue_position(record) == await b.queue_position(record)
     assert [await a.queue_position(r) for r in (records[0], records[2], records[4], records[5])] == [0, 1, 2, 3]
     assert await a.waiting_count() == await b.waiting_count() == 4
+    # GetStatus reads the position with the record, in one round trip.
+    read = [await b.get(r.id) for r in (records[0], records[2], records[4], records[5])]
+    assert [r.queue_position for r in read if r is not None] == [0, 1, 2, 3]
+    assert (await b.get(records[1].id)).queue_position is None  # type: ignore[union-attr]
 
 
 async def test_a_dead_gateways_running_request_is_taken_back_by_another(

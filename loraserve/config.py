@@ -137,6 +137,8 @@ class Settings:
     max_data_uri_bytes: int = 20 * 1024 * 1024
     fetch_timeout_seconds: float = 30.0
     fetch_total_timeout_seconds: float = 300.0
+    # All downloads of one request's inputs (LoRAs, embeddings, images, adapter weights) end by then (0: none).
+    input_resolution_timeout_seconds: float = 600.0
     # Private, loopback and link-local targets (never cloud metadata addresses) allowed.
     allow_private_networks: bool = False
     # Comma-separated host names / IP literals (as written in URLs) exempt from the address check.

@@ -48,7 +48,7 @@ from serving.pipelines import (
 )
 from serving.safety import SafetyChecker, load_safety_checker
 from storage import from_settings
-from storage.fetch import InputFetchError
+from storage.fetch import InputFetchError, input_deadline
 from storage.object_store import random_name
 from storage.retry import StorageUnavailable, put_retrying
 
@@ -218,8 +218,9 @@ class Worker:
             result = generated[0]
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)
-            self._metrics.requests.labels(outcome="completed").inc()
             output = await asyncio.to_thread(self._store_outputs, request.request_id, result, schema.image_format(inp))
+            # Counted once the outputs are stored: a failed write is counted as a failure only.
+            self._metrics.requests.labels(outcome="completed").inc()
             output.seed = request.seed
             yield _log(f"done: {len(result.images)} image(s) in {inference_seconds:.2f}s")
             yield worker_pb2.GenerateResponse(
@@ -271,11 +272,13 @@ class Worker:
             self._load_listeners.pop(key, None)
 
     def _resolve_inputs(self, inp: types_pb2.GenerateInput, params: GenerationParams, emit: Emit) -> None:
-        """Every file the request names becomes a checked local file or image before the pipeline is touched."""
-        params.loras = self._resolve_loras(inp, emit)
-        params.embeddings = self._resolve_embeddings(inp, emit)
-        if params.conditioning is not None:
-            self._resolve_conditioning(params.conditioning, emit)
+        """Every file the request names becomes a checked local file or image before the pipeline is touched,
+        all within one deadline."""
+        with input_deadline(self._settings.input_resolution_timeout_seconds):
+            params.loras = self._resolve_loras(inp, emit)
+            params.embeddings = self._resolve_embeddings(inp, emit)
+            if params.conditioning is not None:
+                self._resolve_conditioning(params.conditioning, emit)
 
     def _resolve_conditioning(self, cond: conditioning.Conditioning, emit: Emit) -> None:
         """ControlNet / IP-Adapter / IC-Light weights through the weights cache, their images through the fetcher."""

@@ -22,6 +22,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
@@ -238,8 +239,34 @@ class _PinnedConnection(http.client.HTTPConnection):
         self.sock = self.pinned = sock
 
 
+@dataclass(frozen=True)
+class _Deadline:
+    at: float
+    # What ran out, for the error: this transfer's limit, or the request's input resolution.
+    why: str
+
+
+_input_deadline: ContextVar[_Deadline | None] = ContextVar("input_deadline", default=None)
+
+
+@contextmanager
+def input_deadline(seconds: float) -> Iterator[None]:
+    """Every transfer inside (and in threads started with this context) ends by one shared deadline:
+    a request's whole input resolution, so a URL that trickles a byte per read timeout cannot hold a
+    worker for the per-transfer limit once per file. `seconds <= 0`: no shared deadline."""
+    shared = _Deadline(time.monotonic() + seconds, f"resolving the request's inputs took longer than {seconds:g} s")
+    token = _input_deadline.set(shared if seconds > 0 else None)
+    try:
+        yield
+    finally:
+        _input_deadline.reset(token)
+
+
 def _download(url: str, field: str, policy: FetchPolicy, out: Sink, on_progress: ProgressCallback | None) -> int:
-    deadline = time.monotonic() + policy.total_timeout_seconds
+    deadline = _Deadline(time.monotonic() + policy.total_timeout_seconds, _too_long(policy))
+    shared = _input_deadline.get()
+    if shared is not None and shared.at < deadline.at:
+        deadline = shared
     current = url
     for _hop in range(policy.max_redirects + 1):
         target = _check_target(current, url, field, policy)
@@ -268,13 +295,13 @@ def _download(url: str, field: str, policy: FetchPolicy, out: Sink, on_progress:
 
 
 @contextmanager
-def _network_errors(url: str, field: str, policy: FetchPolicy, deadline: float) -> Iterator[None]:
+def _network_errors(url: str, field: str, policy: FetchPolicy, deadline: _Deadline) -> Iterator[None]:
     """Only network steps are wrapped: a full local disk is the service's fault, not the caller's."""
     try:
         yield
     except TimeoutError:
-        if time.monotonic() >= deadline:
-            raise InputFetchError(field, url, _too_long(policy)) from None
+        if time.monotonic() >= deadline.at:
+            raise InputFetchError(field, url, deadline.why) from None
         raise InputFetchError(field, url, f"no answer within {policy.timeout_seconds:g} s") from None
     except ssl.SSLError as exc:
         raise InputFetchError(field, url, f"TLS failed: {exc.reason or exc}") from None
@@ -290,7 +317,7 @@ def _read_body(
     policy: FetchPolicy,
     out: Sink,
     on_progress: ProgressCallback | None,
-    deadline: float,
+    deadline: _Deadline,
 ) -> int:
     encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
     if encoding != "identity":
@@ -325,11 +352,11 @@ def _content_length(response: http.client.HTTPResponse) -> int | None:
     return int(raw)
 
 
-def _remaining(deadline: float, policy: FetchPolicy, url: str, field: str) -> float:
+def _remaining(deadline: _Deadline, policy: FetchPolicy, url: str, field: str) -> float:
     """The socket timeout for the next step: the per-step limit, or less when the deadline is near."""
-    left = deadline - time.monotonic()
+    left = deadline.at - time.monotonic()
     if left <= 0:
-        raise InputFetchError(field, url, _too_long(policy))
+        raise InputFetchError(field, url, deadline.why)
     return min(policy.timeout_seconds, left)
 
 

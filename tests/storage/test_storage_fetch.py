@@ -258,3 +258,19 @@ def test_https_checks_the_certificate_against_the_host_name_not_the_address(
             fetch_bytes(f"https://other.test:{server.port}/in.png", "image_url", policy)
     finally:
         server.stop()
+
+
+def test_files_of_one_request_share_its_input_deadline(file_server: FileServer, loopback_policy: FetchPolicy) -> None:
+    """Each dribbling file stays inside its own transfer limit; together they pass the request's deadline."""
+    from storage.fetch import input_deadline
+
+    # Eight 4 KiB pieces 0.3 s apart: 2.4 s a file, well inside its own 30 s.
+    file_server.routes["/drip"] = Route(b"x" * 32_768, chunked=True, piece_delay_seconds=0.3)
+    policy = replace(loopback_policy, total_timeout_seconds=30)
+    with input_deadline(3.6):
+        fetch_bytes(file_server.url("/drip"), "loras[0].path", policy)
+        with pytest.raises(InputFetchError, match=r"resolving the request's inputs took longer than 3\.6 s") as late:
+            fetch_bytes(file_server.url("/drip"), "loras[1].path", policy)
+    assert late.value.field == "loras[1].path"
+    # Outside the block the per-transfer limit alone applies again.
+    assert len(fetch_bytes(file_server.url("/drip"), "loras[2].path", policy)) == 32_768

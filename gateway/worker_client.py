@@ -48,6 +48,9 @@ class WorkerClient:
             options += [
                 ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
                 ("grpc.keepalive_timeout_ms", int(keepalive_timeout_seconds * 1000)),
+                # gRPC 1.85 waits for the ack of a keepalive ping this long, not keepalive_timeout_ms
+                # (default 1 minute).
+                ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_seconds * 1000)),
                 # Keep pinging through a long silent stretch of a call (a model loading);
                 # gRPC's default stops after two pings without data.
                 ("grpc.http2.max_pings_without_data", 0),

@@ -10,6 +10,7 @@ the same constructor parameters the gateway fills from its settings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.backoff import Backoff
+from loraserve.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
@@ -104,9 +105,10 @@ class WorkerServer:
         self.worker = worker
         self.port = free_port()
         self._server: grpc.aio.Server | None = None
+        self.options: list[tuple[str, int]] = []
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=self.options)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.worker, server)
         assert server.add_insecure_port(f"127.0.0.1:{self.port}") == self.port
         await server.start()
@@ -116,6 +118,57 @@ class WorkerServer:
         if self._server is not None:
             await self._server.stop(grace=None)
             self._server = None
+
+
+class Relay:
+    """A TCP relay in front of the worker whose open connections can go silent: bytes stop flowing
+    both ways while the sockets stay open, as on a network path that started dropping packets.
+    Connections made later flow again."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._open: list[asyncio.Event] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def go_silent(self) -> None:
+        for flowing in self._open:
+            flowing.clear()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        self._writers += [writer, up_writer]
+        flowing = asyncio.Event()
+        flowing.set()
+        self._open.append(flowing)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink, flowing))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                if flowing.is_set():
+                    sink.write(data)
+                    await sink.drain()
+        sink.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class FlakyStore(SqliteStore):
@@ -209,14 +262,17 @@ async def make(tmp_path: Path, server: WorkerServer) -> AsyncIterator[Callable[.
         max_attempts: int = 3,
         call_timeout_seconds: float = 30.0,
         threshold: int = 2,
+        port: int = 0,
+        keepalive_seconds: float = 0.0,
     ) -> Harness:
         store = FlakyStore(tmp_path / "data" / "requests.sqlite3")
         metrics = GatewayMetrics(queue_depth=lambda: 0, in_flight=lambda: 0)
         worker = WorkerClient(
-            f"127.0.0.1:{server.port}",
+            f"127.0.0.1:{port or server.port}",
             "app",
             call_timeout_seconds=call_timeout_seconds,
-            keepalive_seconds=0,
+            keepalive_seconds=keepalive_seconds,
+            keepalive_timeout_seconds=0.5,
             reconnect_backoff_max_seconds=0.05,
         )
         health: list[bool] = []
@@ -465,3 +521,25 @@ async def test_shutdown_during_an_outage_returns(make: Make) -> None:
     await h.submit()
     await wait_until(lambda: h.health == [False], "the breaker opened")
     await asyncio.wait_for(h.dispatcher.shutdown(0), SAFETY_S)
+
+
+async def test_a_silent_network_path_is_noticed_by_keepalive(
+    make: Make, server: WorkerServer, fake: FakeWorker
+) -> None:
+    """The connection to a running call stops carrying packets: keepalive pings go unanswered, the call
+    fails long before its deadline, and the request (which had reached a worker) runs again."""
+    server.options = [("grpc.http2.min_ping_interval_without_data_ms", 50)]
+    await server.start()
+    relay = Relay(server.port)
+    await relay.start()
+    try:
+        h = await make(port=relay.port, keepalive_seconds=0.2, call_timeout_seconds=600)
+        (request_id,) = await h.submit()
+        fake.plans[request_id] = ["hold"]
+        await wait_until(lambda: request_id in fake.holding, "the call is running")
+        relay.go_silent()
+        (record,) = await h.wait_finished(request_id)
+    finally:
+        await relay.close()
+    assert record.error is None and record.output is not None and record.attempts == 2
+    assert "attempt 1 of 3 failed (UNAVAILABLE" in await h.log_text(request_id)

@@ -1,13 +1,21 @@
-"""loraserve.cli argument parsers: `--lora PATH[:SCALE]` and `--size PRESET|WxH`."""
+"""loraserve.cli: argument parsers (`--lora PATH[:SCALE]`, `--size PRESET|WxH`, subcommands) and the server logs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loraserve.cli import build_parser, parse_lora, parse_size
+from loraserve.cli import build_parser, main, parse_lora, parse_size
+from loraserve.config import Settings
+from loraserve.logs import ConsoleFormatter
 
 LORAS: list[tuple[str, dict[str, Any]]] = [
     ("style.safetensors", {"path": "style.safetensors"}),
@@ -71,3 +79,169 @@ def test_generate_command_rejects_bad_size(capsys: pytest.CaptureFixture[str]) -
         build_parser().parse_args(["generate", "p", "--model", "m", "--size", "big"])
     assert caught.value.code == 2
     assert "--size must be one of" in capsys.readouterr().err
+
+
+def test_gateway_and_serve_commands_take_settings_and_verbose() -> None:
+    args = build_parser().parse_args(["gateway", "--serve-grpc-host", "workers.svc", "--serve-grpc-port", "9001"])
+    settings = Settings.from_args(args, env={})
+    assert (args.command, args.verbose) == ("gateway", False)
+    assert (settings.serve_grpc_host, settings.serve_grpc_port) == ("workers.svc", 9001)
+    assert build_parser().parse_args(["serve", "--verbose"]).verbose is True
+
+
+def test_a_bad_setting_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["gateway", "--shutdown-grace-seconds", "soon"])
+    assert caught.value.code == 2
+    assert "shutdown_grace_seconds" in capsys.readouterr().err
+
+
+def _record(name: str, level: int, msg: str, exc_info: Any = None, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord(name, level, __file__, 1, msg, (), exc_info)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_console_lines_carry_extras_and_levels_from_warning_up() -> None:
+    formatter = ConsoleFormatter(tracebacks=False)
+    info = formatter.format(_record("gateway.server", logging.INFO, "gateway started", grpc_port=50051))
+    assert info.endswith(" gateway started grpc_port=50051") and "INFO" not in info
+    assert " WARNING worker call failed" in formatter.format(_record("gateway.dispatcher", logging.WARNING, "worker call failed"))
+
+
+def test_console_shows_an_error_in_one_line_unless_tracebacks_are_asked_for() -> None:
+    try:
+        raise RuntimeError("the current node timed out")
+    except RuntimeError:
+        record = _record("loraserve", logging.ERROR, "loraserve serve failed", exc_info=sys.exc_info())
+    short = ConsoleFormatter(tracebacks=False).format(record)
+    assert short.endswith("loraserve serve failed (RuntimeError: the current node timed out)")
+    assert "Traceback" not in short
+    assert "Traceback" in ConsoleFormatter(tracebacks=True).format(record)
+
+
+LOGGING_SCRIPT = """
+import logging, os, sys
+from pathlib import Path
+from loraserve.logs import setup_logging
+setup = setup_logging(Path(sys.argv[1]), verbose=sys.argv[2] == "verbose")
+logging.getLogger("gateway.server").info("gateway started")
+logging.getLogger("ray.serve").info("library chatter")
+logging.getLogger("ray.serve").warning("library warning")
+logging.getLogger("ray").error("library error")
+os.write(2, b"raw stderr from C\\n")
+print("raw stdout")
+"""
+
+
+def _run_logging_script(data_dir: Path, mode: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", LOGGING_SCRIPT, str(data_dir), mode], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_console_keeps_own_lines_and_errors_the_rest_goes_to_data_dir_logs(tmp_path: Path) -> None:
+    console = _run_logging_script(tmp_path, "quiet")
+    assert "gateway started" in console and "library error" in console
+    for chatter in ("library chatter", "library warning", "raw stderr from C", "raw stdout"):
+        assert chatter not in console
+    records = [json.loads(line) for line in (tmp_path / "logs" / "loraserve.log").read_text().splitlines()]
+    assert [r["msg"] for r in records] == ["gateway started", "library chatter", "library warning", "library error"]
+    output = (tmp_path / "logs" / "output.log").read_text()
+    assert "raw stderr from C" in output and "raw stdout" in output
+
+
+def test_verbose_console_shows_everything(tmp_path: Path) -> None:
+    console = _run_logging_script(tmp_path, "verbose")
+    for line in ("gateway started", "library chatter", "library warning", "library error", "raw stderr from C"):
+        assert line in console
+    assert not (tmp_path / "logs" / "output.log").exists()
+
+
+LEFTOVER = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]
+
+
+def test_end_processes_kills_what_ignores_sigterm() -> None:
+    import psutil
+
+    from serving import runtime
+
+    stubborn = subprocess.Popen(LEFTOVER)
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        processes = [psutil.Process(stubborn.pid), psutil.Process(polite.pid)]
+        assert runtime.end_processes(processes) == 2
+        # end_processes reaped them (Popen.wait would only see 0); one ignored SIGTERM, so SIGKILL ended it.
+        assert not any(p.is_running() for p in processes)
+        assert runtime.end_processes(processes) == 0
+    finally:
+        for process in (stubborn, polite):
+            process.kill()
+            process.wait()
+
+
+class FailingRayInit:
+    """ray.init that leaves a process behind and times out `failures` times, then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[dict[str, Any]] = []
+        self.leftovers: list[subprocess.Popen[bytes]] = []
+
+    def __call__(self, **kwargs: Any) -> None:
+        self.calls.append(kwargs)
+        if len(self.calls) <= self.failures:
+            self.leftovers.append(subprocess.Popen(LEFTOVER))
+            raise Exception("The current node timed out during startup.")
+
+
+@pytest.fixture
+def ray_init(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], FailingRayInit]]:
+    from serving import runtime
+
+    made: list[FailingRayInit] = []
+
+    def make(failures: int) -> FailingRayInit:
+        fake = FailingRayInit(failures)
+        monkeypatch.setattr(runtime.ray, "init", fake)
+        monkeypatch.setattr(runtime, "TERMINATE_SECONDS", 0.5)
+        made.append(fake)
+        return fake
+
+    yield make
+    for fake in made:
+        for process in fake.leftovers:
+            process.kill()
+            process.wait()
+
+
+def test_a_timed_out_ray_start_is_cleaned_up_and_tried_again(
+    ray_init: Callable[[int], FailingRayInit], caplog: pytest.LogCaptureFixture
+) -> None:
+    import psutil
+
+    from serving import runtime
+
+    fake = ray_init(2)
+    runtime._start_ray(Settings(ray_start_attempts=3, ray_num_cpus=2), log_to_driver=False)
+    assert len(fake.calls) == 3
+    assert fake.calls[0] == {"address": None, "include_dashboard": False, "log_to_driver": False, "num_cpus": 2}
+    # What each failed attempt left running (ignoring SIGTERM) was ended before the next one.
+    assert not any(psutil.pid_exists(process.pid) for process in fake.leftovers)
+    assert [r.getMessage() for r in caplog.records if r.name == "serving.runtime"] == ["Ray did not start"] * 2
+
+
+def test_ray_that_never_starts_says_what_failed(ray_init: Callable[[int], FailingRayInit]) -> None:
+    from serving import runtime
+
+    fake = ray_init(5)
+    with pytest.raises(runtime.WorkersStartError) as failed:
+        runtime._start_ray(Settings(ray_start_attempts=2), log_to_driver=True)
+    assert len(fake.calls) == 2
+    assert str(failed.value) == (
+        "starting a local Ray node failed 2 time(s):\n"
+        "  attempt 1/2: Exception: The current node timed out during startup.\n"
+        "  attempt 2/2: Exception: The current node timed out during startup."
+    )

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from gateway.backoff import Backoff
+from loraserve.backoff import Backoff
 
 log = logging.getLogger(__name__)
 

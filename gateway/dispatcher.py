@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from gateway.backoff import Backoff
+from loraserve.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics

@@ -10,7 +10,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.backoff import Backoff
+from loraserve.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed

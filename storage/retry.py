@@ -3,7 +3,7 @@
 A generation's outputs exist only in the worker's memory until they are stored: one S3
 hiccup (a 503, a dropped connection, SlowDown) at that moment would otherwise fail a
 request whose GPU time is already spent. Writes are retried a bounded number of times
-with capped exponential backoff and full jitter, so replicas hitting the same outage do
+with capped exponential backoff and jitter (loraserve/backoff.py), so replicas hitting the same outage do
 not retry in step; after the last attempt the caller gets `StorageUnavailable`, which
 the worker reports as a failed worker attempt (the gateway may run it again elsewhere).
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import urllib3
 from minio.error import InvalidResponseError, S3Error, ServerError
 
+from loraserve.backoff import Backoff
 from storage.object_store import ObjectStore, StoredObject
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ class RetryPolicy:
             raise ValueError("storage retry delays must not be negative")
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
-        """Before retry number `retry` (0-based): uniform in [0, min(cap, base * 2**retry)]."""
-        # The exponent is capped so that a huge attempts setting cannot overflow the float.
-        return rand() * min(self.max_delay_seconds, self.base_delay_seconds * 2 ** min(retry, 60))
+        """Before retry number `retry` (0-based): between half and all of min(cap, base * 2**retry)."""
+        return Backoff(self.base_delay_seconds, max(self.base_delay_seconds, self.max_delay_seconds)).delay(
+            retry + 1, rand
+        )
 
 
 def put_retrying(

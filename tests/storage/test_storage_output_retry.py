@@ -128,9 +128,9 @@ def test_backoff_doubles_up_to_the_cap_with_jitter(tmp_path: Path) -> None:
     stored = put_retrying(flaky, "a/b.png", b"x", "image/png", policy, sleep=slept.append, rand=lambda: 0.5)
 
     assert stored.key == "a/b.png" and (tmp_path / "a" / "b.png").read_bytes() == b"x"
-    assert slept == [0.5, 1.0, 1.5, 1.5]
+    assert slept == [0.75, 1.5, 2.25, 2.25]
     assert [policy.delay(retry, rand=lambda: 1.0) for retry in range(4)] == [1.0, 2.0, 3.0, 3.0]
-    assert policy.delay(2, rand=lambda: 0.0) == 0.0
+    assert policy.delay(2, rand=lambda: 0.0) == 1.5, "never less than half the ceiling"
     assert policy.delay(5000, rand=lambda: 1.0) == 3.0
 
 

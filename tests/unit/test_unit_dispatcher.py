@@ -21,7 +21,6 @@ from typing import Any
 import grpc
 import pytest
 
-from loraserve.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
@@ -30,6 +29,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestRecord, State
 from gateway.store_sqlite import SqliteStore
 from gateway.worker_client import WorkerClient
+from loraserve.backoff import Backoff
 from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2, worker_pb2, worker_pb2_grpc
 from tests.conftest import free_port

@@ -1,4 +1,5 @@
-"""Exponential backoff with jitter, for everything the gateway retries.
+"""Exponential backoff with jitter, for everything the service retries (worker calls, probes of
+unreachable workers, the dispatcher's restarts, object-store writes).
 
 Jitter spreads retries out: after an outage, requests that broke together would otherwise
 come back together and break the recovering workers again. Half of each delay is fixed
@@ -8,6 +9,7 @@ and half random ("equal jitter"), so a retry never comes back at once.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -28,6 +30,7 @@ class Backoff:
         except OverflowError:  # `failures` grows without bound during a long outage
             return self.max_seconds
 
-    def delay(self, failures: int, rng: random.Random | None = None) -> float:
+    def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
+        """Uniform in [ceiling / 2, ceiling]; `rand` draws from [0, 1)."""
         ceiling = self.ceiling(failures)
-        return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+        return ceiling / 2 + rand() * ceiling / 2

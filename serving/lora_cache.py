@@ -36,6 +36,8 @@ from serving.metrics import TierObserver
 # The adapter-cache tier of parsed LoRAs and embeddings in a replica's RAM, as metrics name it.
 HOST_TIER = "host"
 SAFETENSORS_SUFFIX = ".safetensors"
+# Alignment of each tensor in a pinned buffer: enough for any dtype's views.
+PINNED_ALIGNMENT = 16
 # The down-projection ("A") of one adapted layer: PEFT, kohya / A1111, older diffusers formats.
 LORA_DOWN_SUFFIXES = (
     ".lora_A.weight",
@@ -62,6 +64,9 @@ class ParsedLora:
     nbytes: int
     # Layers the file adapts (one down/A matrix each, in any of the formats).
     layer_count: int
+    # On a machine with CUDA: one pinned buffer that every tensor of `state_dict` is a view of, so
+    # that making the LoRA resident on the GPU is one transfer (serving/lora_tensors.py).
+    flat: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,9 @@ def parse_lora_file(path: Path) -> ParsedLora:
         metadata = _load_sft_state_dict_metadata(str(path))
     except Exception as exc:
         raise LoraFileError(f"not a readable safetensors LoRA file: {type(exc).__name__}: {exc}") from exc
+    flat = None
+    if torch.cuda.is_available():
+        flat, state_dict = _in_one_pinned_buffer(state_dict)
     return ParsedLora(
         name=adapter_name(path),
         path=path,
@@ -114,7 +122,25 @@ def parse_lora_file(path: Path) -> ParsedLora:
         metadata=metadata,
         nbytes=_nbytes(state_dict),
         layer_count=sum(1 for key in state_dict if key.endswith(LORA_DOWN_SUFFIXES)),
+        flat=flat,
     )
+
+
+def _in_one_pinned_buffer(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The tensors copied into one page-locked buffer (each at a 16-byte boundary), and views of them."""
+    offsets: list[int] = []
+    total = 0
+    for tensor in tensors.values():
+        offsets.append(total)
+        total += -(-tensor.numel() * tensor.element_size() // PINNED_ALIGNMENT) * PINNED_ALIGNMENT
+    flat = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    views: dict[str, torch.Tensor] = {}
+    for (key, tensor), offset in zip(tensors.items(), offsets):
+        size = tensor.numel() * tensor.element_size()
+        view = flat[offset : offset + size].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        views[key] = view
+    return flat, views
 
 
 def parse_embedding_file(path: Path) -> ParsedEmbedding:

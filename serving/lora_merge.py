@@ -20,6 +20,8 @@ import torch
 
 from serving.lora_tensors import LoraTensors, Mergeable, ShapeGroup
 
+# Layers merged at once where half-precision weights are upcast on a CPU.
+CPU_UPCAST_CHUNK = 8
 # The request's LoRAs as (name, combined scale), in order; equal keys give equal merged weights.
 MergeKey = tuple[tuple[str, float], ...]
 
@@ -55,17 +57,22 @@ def merge(
 
 def _merge_group(group: ShapeGroup, scale: float, current: dict[Mergeable, torch.Tensor]) -> None:
     weights = [current.get(module, module.weight) for module in group.modules]
-    stacked = torch.stack([w.detach().reshape(w.shape[0], -1) for w in weights])
-    dtype = stacked.dtype
-    # CPUs have no fast (or no) half-precision matmul; PEFT computes those deltas in float32 too.
-    compute = torch.float32 if stacked.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
-    if compute != dtype:
-        stacked = stacked.to(compute)
-    stacked.baddbmm_(group.up.to(compute), group.down.to(compute), alpha=scale)
-    if compute != dtype:
-        stacked = stacked.to(dtype)
-    for module, weight, merged in zip(group.modules, weights, stacked.unbind(0)):
-        current[module] = merged.view(weight.shape)
+    dtype, device = weights[0].dtype, weights[0].device
+    # CPUs have no fast (or no) half-precision matmul; PEFT computes those deltas in float32 too,
+    # here a few layers at a time so that the float32 copies stay small.
+    upcast = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+    step = CPU_UPCAST_CHUNK if upcast else len(weights)
+    compute = torch.float32 if upcast else dtype
+    for start in range(0, len(weights), step):
+        chunk = slice(start, start + step)
+        stacked = torch.stack([w.detach().reshape(w.shape[0], -1) for w in weights[chunk]]).to(compute)
+        up = torch.stack(group.ups[chunk]).to(compute)
+        up *= group.scalings[chunk].to(compute)
+        down = torch.stack(group.downs[chunk]).to(compute)
+        stacked.baddbmm_(up, down, alpha=scale)
+        merged = stacked.to(dtype)
+        for module, weight, one in zip(group.modules[chunk], weights[chunk], merged.unbind(0)):
+            current[module] = one.view(weight.shape)
 
 
 def install(parameters: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -57,29 +57,29 @@ class LayerDelta:
 
 @dataclass(frozen=True)
 class ShapeGroup:
-    """Layers of one component with one weight shape and rank: stacked, merged by one batched matmul."""
+    """Layers of one component with one weight shape and rank: merged by one batched matmul.
+
+    The matrices stay one tensor per layer, in the file's dtype, so that making a LoRA resident
+    copies nothing on a CPU and is one transfer to a GPU; the merge stacks them on the device.
+    """
 
     component: str
     modules: tuple[Mergeable, ...]
-    # (n, out, r), PEFT's scaling folded in, and (n, r, in·k·k)
-    up: torch.Tensor
-    down: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.up, self.down))
+    # (out, r) and (r, in·k·k) per layer
+    ups: tuple[torch.Tensor, ...]
+    downs: tuple[torch.Tensor, ...]
+    # Each layer's scaling, (n, 1, 1) float32 on the device, to multiply the stacked `ups` by.
+    scalings: torch.Tensor
 
 
 @dataclass(frozen=True)
 class LoraTensors:
-    """One LoRA ready to merge into one pipeline's weights, on the device and in the dtype of the layers it adapts."""
+    """One LoRA ready to merge into one pipeline's weights, on the device of the layers it adapts."""
 
     name: str
     groups: tuple[ShapeGroup, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(group.nbytes for group in self.groups)
+    # What it holds on that device (on a CPU: the host tier's tensors, shared with it).
+    nbytes: int
 
     @property
     def layer_count(self) -> int:
@@ -101,7 +101,8 @@ def lora_tensors(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> 
         raise LoraFitError(
             f"only {len(deltas)} of its {parsed.layer_count} layers match a layer of the model"
         )
-    return LoraTensors(parsed.name, tuple(_grouped(deltas)))
+    deltas, nbytes = _on_device(deltas, parsed)
+    return LoraTensors(parsed.name, tuple(_grouped(deltas)), nbytes)
 
 
 def layer_deltas(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> list[LayerDelta]:
@@ -206,29 +207,53 @@ def _deltas(
         yield LayerDelta(component, name, module, up2d, down2d, scaling)
 
 
-def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
-    """Stacked on the host, then one transfer per group to its layers' device and dtype.
+def _on_device(deltas: list[LayerDelta], parsed: ParsedLora) -> tuple[list[LayerDelta], int]:
+    """The matrices on their layers' device: as they are on a CPU, one transfer of the pinned buffer to a GPU."""
+    tensors = [t for delta in deltas for t in (delta.up, delta.down)]
+    device = deltas[0].module.weight.device
+    if device.type == "cpu" or any(delta.module.weight.device != device for delta in deltas):
+        moved = [replace(d, up=d.up.to(d.module.weight.device), down=d.down.to(d.module.weight.device)) for d in deltas]
+        return moved, _bytes(t for d in moved for t in (d.up, d.down))
+    flat = parsed.flat
+    if flat is None or not all(_inside(t, flat) for t in tensors):
+        moved = [replace(d, up=d.up.to(device, non_blocking=True), down=d.down.to(device, non_blocking=True)) for d in deltas]
+        return moved, _bytes(t for d in moved for t in (d.up, d.down))
+    on_device = flat.to(device, non_blocking=True)
 
-    Text encoders' groups come first, as they run first.
-    """
+    def there(tensor: torch.Tensor) -> torch.Tensor:
+        offset = tensor.data_ptr() - flat.data_ptr()
+        size = tensor.numel() * tensor.element_size()
+        return on_device[offset : offset + size].view(tensor.dtype).view(tensor.shape)
+
+    return [replace(d, up=there(d.up), down=there(d.down)) for d in deltas], on_device.numel()
+
+
+def _inside(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
+    start = tensor.data_ptr() - flat.data_ptr()
+    return tensor.is_contiguous() and 0 <= start and start + tensor.numel() * tensor.element_size() <= flat.numel()
+
+
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Each storage once: a file's matrices may share one."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
+    """Text encoders' groups come first, as they run first."""
     groups: dict[tuple[str, int, int, int], list[LayerDelta]] = {}
     for delta in deltas:
         key = (delta.component, delta.up.shape[0], delta.down.shape[1], delta.down.shape[0])
         groups.setdefault(key, []).append(delta)
-    order = sorted(groups, key=lambda key: (key[0] == UNET, LORA_COMPONENTS.index(key[0])))
+    order = sorted(groups, key=lambda key: LORA_COMPONENTS.index(key[0]) if key[0] != UNET else len(LORA_COMPONENTS))
     for key in order:
         members = groups[key]
-        device, dtype = members[0].module.weight.device, members[0].module.weight.dtype
-        non_blocking = device.type == "cuda"
-        up = torch.stack([d.up for d in members]).to(dtype)
-        # The scaling folded into `up` in the pipeline's dtype, as PEFT scales B·A.
-        up *= torch.tensor([d.scaling for d in members], dtype=dtype).view(-1, 1, 1)
-        down = torch.stack([d.down for d in members]).to(dtype)
-        if non_blocking:
-            up, down = up.pin_memory(), down.pin_memory()
         yield ShapeGroup(
             key[0],
             tuple(d.module for d in members),
-            up.to(device, non_blocking=non_blocking),
-            down.to(device, non_blocking=non_blocking),
+            tuple(d.up for d in members),
+            tuple(d.down for d in members),
+            torch.tensor([d.scaling for d in members], dtype=torch.float32)
+            .view(-1, 1, 1)
+            .to(members[0].up.device, non_blocking=True),
         )

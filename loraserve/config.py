@@ -59,7 +59,8 @@ class Settings:
     # Base pipelines one replica keeps loaded (least recently used one evicted).
     max_pipelines_per_replica: int = 2
     # LoRA tensors kept on one pipeline's device between requests, by bytes (0: a quarter of the device
-    # memory free once the pipeline is loaded on a GPU, 2 GiB on a CPU) and optionally by count (0: none).
+    # memory free once the pipeline is loaded, split among max_pipelines_per_replica, on a GPU; 2 GiB on
+    # a CPU) and optionally by count (0: none).
     max_loras_per_pipeline: int = 0
     max_lora_bytes_per_pipeline: int = 0
     # Parsed LoRA and embedding files kept in one replica's host RAM (shared by its pipelines and fed by

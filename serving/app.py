@@ -161,6 +161,7 @@ class Worker:
                 max_lora_bytes=self._settings.max_lora_bytes_per_pipeline,
                 metrics=self._metrics,
                 host_loras=self._host_loras,
+                pipelines_per_replica=self._settings.max_pipelines_per_replica,
                 label=ref.model_name,
                 unet=str(unet) if unet is not None else None,
                 unet_label=ref.unet_name or None,

@@ -123,6 +123,7 @@ class LoadedPipeline:
         max_lora_bytes: int = 0,
         metrics: WorkerMetrics | None = None,
         host_loras: HostLoraCache | None = None,
+        pipelines_per_replica: int = 1,
     ) -> None:
         if max_loras < 0 or max_lora_bytes < 0:
             raise ValueError(f"max_loras and max_lora_bytes must not be negative, got {max_loras}, {max_lora_bytes}")
@@ -134,12 +135,13 @@ class LoadedPipeline:
         # are parsed on every load.
         self._host_loras = host_loras
         # Bytes of LoRA tensors kept on this pipeline's device; 0: a share of the free device memory
-        # on a GPU, a fixed amount on a CPU (lora_tier.default_budget). max_loras 0: no count bound.
+        # split among the replica's pipelines on a GPU, a fixed amount on a CPU
+        # (lora_tier.default_budget). max_loras 0: no count bound.
         self._loras = lora_tier.DeviceLoraTier(
             pipe,
             sdxl=family == "sdxl",
             describe=f"model {model_name!r} ({family})",
-            max_bytes=max_lora_bytes or lora_tier.default_budget(pipe.unet.device),
+            max_bytes=max_lora_bytes or lora_tier.default_budget(pipe.unet.device, pipelines_per_replica),
             max_count=max_loras,
             metrics=metrics,
             parse=self._parsed,
@@ -167,6 +169,11 @@ class LoadedPipeline:
     @property
     def resident_lora_bytes(self) -> int:
         return self._loras.nbytes
+
+    @property
+    def lora_tier(self) -> lora_tier.DeviceLoraTier:
+        """The pipeline's device tier of LoRAs, for benchmarks and reports."""
+        return self._loras
 
     @property
     def lora_merges(self) -> int:
@@ -264,6 +271,7 @@ def load_pipeline(
     max_lora_bytes: int = 0,
     metrics: WorkerMetrics | None = None,
     host_loras: HostLoraCache | None = None,
+    pipelines_per_replica: int = 1,
     label: str | None = None,
     unet: str | None = None,
     unet_label: str | None = None,
@@ -307,6 +315,7 @@ def load_pipeline(
         max_lora_bytes=max_lora_bytes,
         metrics=metrics,
         host_loras=host_loras,
+        pipelines_per_replica=pipelines_per_replica,
     )
 
 

@@ -99,7 +99,7 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verbose",
         action="store_true",
-        help="also show Ray's, the workers' and the libraries' output here (default: only in DATA_DIR/logs/)",
+        help="show Ray's, the workers' and the libraries' output here too (default: only in DATA_DIR/logs/)",
     )
 
 
@@ -162,7 +162,7 @@ def _run_server(command: str, settings: Settings, *, verbose: bool) -> int:
     more = f"; Ray and library output: {logs.output_file}" if logs.output_file else ""
     log.info(f"logs: {logs.log_file}{more}")
     try:
-        return asyncio.run(_serve(settings, verbose) if command == "serve" else _gateway(settings))
+        return asyncio.run(_serve(settings) if command == "serve" else _gateway(settings))
     except Exception as exc:
         # The console shows the error in a line (a traceback when verbose), the log file the traceback.
         log.error(f"loraserve {command} failed", exc_info=exc)
@@ -207,11 +207,11 @@ def _ready(settings: Settings, grpc_port: int) -> None:
     )
 
 
-async def _serve(settings: Settings, verbose: bool) -> int:
+async def _serve(settings: Settings) -> int:
     from loraserve.embedded import EmbeddedService
 
     signals = StopSignals()
-    service = EmbeddedService(settings, log_workers_here=verbose)
+    service = EmbeddedService(settings)
     log.info("starting Ray and the Serve workers")
     await service.start()
     signals.install()

@@ -12,20 +12,18 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedService:
-    def __init__(self, settings: Settings, *, log_workers_here: bool = True) -> None:
-        """`log_workers_here=False` leaves the workers' output in Ray's session logs (see serving.runtime)."""
+    def __init__(self, settings: Settings) -> None:
         from gateway.server import Gateway
 
         self.settings = settings
         self.gateway = Gateway(settings)
-        self._log_workers_here = log_workers_here
 
     async def start(self) -> None:
         """Workers first, so the gateway's first dispatch finds them; a failed start leaves nothing running."""
         from serving.runtime import start_workers, stop_workers
 
         try:
-            await asyncio.to_thread(start_workers, self.settings, log_to_driver=self._log_workers_here)
+            await asyncio.to_thread(start_workers, self.settings)
         except BaseException:
             await asyncio.to_thread(stop_workers)
             raise

@@ -29,10 +29,9 @@ class WorkersStartError(RuntimeError):
     """Ray or Serve did not come up; the message says what failed, one line per attempt."""
 
 
-def start_workers(settings: Settings, *, log_to_driver: bool = True) -> None:
-    """`log_to_driver=False` keeps the workers' output in Ray's session logs instead of this process's stderr."""
+def start_workers(settings: Settings) -> None:
     if not ray.is_initialized():
-        _start_ray(settings, log_to_driver)
+        _start_ray(settings)
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=settings.serve_http_port),
         grpc_options=gRPCOptions(port=settings.serve_grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
@@ -41,15 +40,11 @@ def start_workers(settings: Settings, *, log_to_driver: bool = True) -> None:
     log.info("workers ready", extra={"app": settings.serve_app_name, "grpc_port": settings.serve_grpc_port})
 
 
-def _start_ray(settings: Settings, log_to_driver: bool) -> None:
+def _start_ray(settings: Settings) -> None:
     """ray.init, again after a failed attempt: on a busy machine a local node's raylet sometimes does not
     register with the GCS within Ray's 30 s ("The current node timed out during startup"); a new
     node (new session dir, new ports) usually does."""
-    init_args: dict[str, object] = {
-        "address": settings.ray_address or None,
-        "include_dashboard": False,
-        "log_to_driver": log_to_driver,
-    }
+    init_args: dict[str, object] = {"address": settings.ray_address or None, "include_dashboard": False}
     if not settings.ray_address and settings.ray_num_cpus:
         init_args["num_cpus"] = settings.ray_num_cpus
     failures: list[str] = []

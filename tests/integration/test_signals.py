@@ -219,6 +219,8 @@ def test_sigterm_drains_the_gateway_alone_then_serve(
     assert_clean_exit(serve, signal.SIGTERM)
     assert len(serve.seen) >= 4, serve.seen  # GCS, raylet, agents, workers: there was something to end
     assert stored_state(serve.data_dir, through_serve) == ("COMPLETED", None)
+    # The workers' output lands in the data dir too.
+    assert "ServeReplica:loraserve:Worker" in (serve.data_dir / "logs" / "output.log").read_text(errors="replace")
 
 
 def test_sigint_requeues_what_does_not_finish_within_the_grace(

@@ -225,9 +225,9 @@ def test_a_timed_out_ray_start_is_cleaned_up_and_tried_again(
     from serving import runtime
 
     fake = ray_init(2)
-    runtime._start_ray(Settings(ray_start_attempts=3, ray_num_cpus=2), log_to_driver=False)
+    runtime._start_ray(Settings(ray_start_attempts=3, ray_num_cpus=2))
     assert len(fake.calls) == 3
-    assert fake.calls[0] == {"address": None, "include_dashboard": False, "log_to_driver": False, "num_cpus": 2}
+    assert fake.calls[0] == {"address": None, "include_dashboard": False, "num_cpus": 2}
     # What each failed attempt left running (ignoring SIGTERM) was ended before the next one.
     assert not any(psutil.pid_exists(process.pid) for process in fake.leftovers)
     assert [r.getMessage() for r in caplog.records if r.name == "serving.runtime"] == ["Ray did not start"] * 2
@@ -238,7 +238,7 @@ def test_ray_that_never_starts_says_what_failed(ray_init: Callable[[int], Failin
 
     fake = ray_init(5)
     with pytest.raises(runtime.WorkersStartError) as failed:
-        runtime._start_ray(Settings(ray_start_attempts=2), log_to_driver=True)
+        runtime._start_ray(Settings(ray_start_attempts=2))
     assert len(fake.calls) == 2
     assert str(failed.value) == (
         "starting a local Ray node failed 2 time(s):\n"

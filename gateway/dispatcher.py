@@ -34,6 +34,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.worker_client import GenerateCall, WorkerClient
 from loraserve.errors import ErrorType
+from loraserve.logs import RequestLines
 from loraserve.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Dispatcher:
         self._prefetch_slots = asyncio.Semaphore(MAX_PREFETCHES)
         self._prefetches: set[asyncio.Task[None]] = set()
         self._accepting = True
+        # Console/log lines per request (start, each quarter of the steps, end).
+        self._lines = RequestLines(log)
 
     @property
     def in_flight(self) -> int:
@@ -160,6 +163,7 @@ class Dispatcher:
                 continue
             self._retry_at.pop(record.id, None)
             self._order.dispatched(record)
+            self._lines.started(record.id, record.attempts)
             if chosen.started_at is None:
                 self._metrics.queue_wait.observe(max(0.0, time.time() - record.created_at))
             self._feed.notify()
@@ -178,6 +182,7 @@ class Dispatcher:
         return self._order.choose(ready) if ready else None
 
     def _finished(self, request_id: str, _task: asyncio.Task[None] | None = None) -> None:
+        self._lines.forget(request_id)
         self._running.pop(request_id, None)
         self._leases.pop(request_id, None)
         self._calls.pop(request_id, None)
@@ -310,17 +315,20 @@ class Dispatcher:
             await self._store.add_log(record.id, event.log)
         elif which == "progress":
             await self._store.set_progress(record.id, record.lease_token, event.progress.step, event.progress.total)
+            self._lines.progress(record.id, event.progress.step, event.progress.total)
         elif which == "result":
             if await self._store.complete(
                 record.id, record.lease_token, event.result.output, event.result.inference_seconds
             ):
                 self._metrics.inference.observe(event.result.inference_seconds)
                 self._metrics.outcome("completed")
+                self._lines.completed(record.id, event.result.inference_seconds)
         elif which == "failure":
             if event.failure.type in RETRIED_FAILURES:
                 return event.failure
             if await self._store.fail(record.id, event.failure, record.lease_token):
                 self._metrics.outcome("failed", event.failure.type)
+                self._lines.failed(record.id, f"{event.failure.type}: {event.failure.message}")
         self._feed.notify()
         return None
 
@@ -403,6 +411,7 @@ class Dispatcher:
         error = types_pb2.RequestError(type=error_type, message=message)
         if await self._store.fail(record.id, error, record.lease_token):
             self._metrics.outcome("failed", error_type)
+            self._lines.failed(record.id, f"{error_type}: {message}")
 
     async def _log(self, request_id: str, message: str, level: types_pb2.LogLevel) -> None:
         await self._store.add_log(

@@ -113,3 +113,34 @@ def setup_logging(data_dir: Path, level: str = "INFO", *, verbose: bool = False)
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     return LogSetup(log_file=log_dir / LOG_FILE, output_file=output_file, console=console)
+
+
+class RequestLines:
+    """Log lines that follow each request through a gateway: started, each quarter of its steps, the end.
+
+    A line per step would bury everything else; the worker's progress events may skip steps, so the
+    quarter reached is kept per running request (`forget` when its run ends).
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._quarters: dict[str, int] = {}
+
+    def started(self, request_id: str, attempt: int) -> None:
+        self._quarters[request_id] = 0
+        self._log.info("request started", extra={"request_id": request_id, "attempt": attempt})
+
+    def progress(self, request_id: str, step: int, total: int) -> None:
+        quarter = step * 4 // total if total > 0 else 0
+        if quarter > self._quarters.get(request_id, 0):
+            self._quarters[request_id] = quarter
+            self._log.info("request progress", extra={"request_id": request_id, "step": f"{step}/{total}"})
+
+    def completed(self, request_id: str, inference_seconds: float) -> None:
+        self._log.info("request completed", extra={"request_id": request_id, "seconds": round(inference_seconds, 2)})
+
+    def failed(self, request_id: str, error: str) -> None:
+        self._log.warning("request failed", extra={"request_id": request_id, "error": error})
+
+    def forget(self, request_id: str) -> None:
+        self._quarters.pop(request_id, None)

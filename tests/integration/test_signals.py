@@ -166,13 +166,19 @@ def submit_and_wait_running(server: Server, body: dict[str, Any]) -> str:
 
 
 def stop_with(server: Server, sig: signal.Signals, grace_seconds: float) -> None:
-    """Sends `sig` and waits for the exit, as a service manager would before its SIGKILL."""
+    """Sends `sig` and waits for the exit, as a service manager would before its SIGKILL; processes
+    started meanwhile are noted too."""
     server.note_processes()
     server.process.send_signal(sig)
-    try:
-        server.process.wait(timeout=grace_seconds + STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{server.command} still running after {sig.name}:\n{server.console_text()}")
+    deadline = time.monotonic() + grace_seconds + STOP_SECONDS
+    while server.process.poll() is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{server.command} still running after {sig.name}:\n{server.console_text()}")
+        try:
+            server.note_processes()
+        except psutil.NoSuchProcess:
+            continue
+        time.sleep(0.2)  # poll interval, not synchronisation
 
 
 def stored_state(data_dir: Path, request_id: str) -> tuple[str, str | None]:
@@ -217,6 +223,9 @@ def test_sigterm_drains_the_gateway_alone_then_serve(
     through_serve = submit_and_wait_running(serve, request(tiny_sdxl, num_inference_steps=40))
     stop_with(serve, signal.SIGTERM, grace)
     assert_clean_exit(serve, signal.SIGTERM)
+    # The console followed the request to its end.
+    for line in (f"request started request_id={through_serve}", f"request completed request_id={through_serve}"):
+        assert line in serve.console_text()
     assert len(serve.seen) >= 4, serve.seen  # GCS, raylet, agents, workers: there was something to end
     assert stored_state(serve.data_dir, through_serve) == ("COMPLETED", None)
     # The workers' output lands in the data dir too.
@@ -235,3 +244,17 @@ def test_sigint_requeues_what_does_not_finish_within_the_grace(
     stop_with(serve, signal.SIGINT, grace)
     assert_clean_exit(serve, signal.SIGINT)
     assert stored_state(serve.data_dir, running) == ("IN_QUEUE", None)
+
+
+def test_sigterm_while_starting_stops_cleanly(servers: list[Server], tmp_path: Path) -> None:
+    """A pod deleted while it starts: Ray is already running but the service is not ready yet."""
+    serve = start_server("serve", tmp_path / "serve")
+    servers.append(serve)
+    deadline = time.monotonic() + START_SECONDS
+    while not any("raylet" in _describe(p) for p in psutil.Process(serve.process.pid).children(recursive=True)):
+        assert serve.process.poll() is None, serve.console_text()
+        assert time.monotonic() < deadline, serve.console_text()
+        time.sleep(0.1)  # poll interval, not synchronisation
+    assert "loraserve ready" not in serve.console_text()
+    stop_with(serve, signal.SIGTERM, START_SECONDS)
+    assert_clean_exit(serve, signal.SIGTERM)

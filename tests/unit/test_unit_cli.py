@@ -15,7 +15,7 @@ import pytest
 
 from loraserve.cli import build_parser, main, parse_lora, parse_size
 from loraserve.config import Settings
-from loraserve.logs import ConsoleFormatter
+from loraserve.logs import ConsoleFormatter, RequestLines
 
 LORAS: list[tuple[str, dict[str, Any]]] = [
     ("style.safetensors", {"path": "style.safetensors"}),
@@ -245,3 +245,24 @@ def test_ray_that_never_starts_says_what_failed(ray_init: Callable[[int], Failin
         "  attempt 1/2: Exception: The current node timed out during startup.\n"
         "  attempt 2/2: Exception: The current node timed out during startup."
     )
+
+
+def test_request_lines_follow_a_request_by_quarters(caplog: pytest.LogCaptureFixture) -> None:
+    lines = RequestLines(logging.getLogger("gateway.dispatcher"))
+    with caplog.at_level(logging.INFO):
+        lines.started("r1", 1)
+        for step in (1, 3, 9, 10, 11, 24, 40):  # the worker's progress events skip steps
+            lines.progress("r1", step, 40)
+        lines.completed("r1", 2.345)
+        lines.forget("r1")
+        lines.progress("r2", 5, 0)
+        lines.failed("r2", "WORKER_FAILED: replica died")
+    assert [(r.getMessage(), getattr(r, "step", None)) for r in caplog.records] == [
+        ("request started", None),
+        ("request progress", "10/40"),
+        ("request progress", "24/40"),
+        ("request progress", "40/40"),
+        ("request completed", None),
+        ("request failed", None),
+    ]
+    assert caplog.records[-2].__dict__["seconds"] == 2.35 and caplog.records[-1].levelno == logging.WARNING

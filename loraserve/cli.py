@@ -1,4 +1,4 @@
-"""The `loraserve` command: serve, gateway, generate, make-tiny-model, demo.
+"""The `loraserve` command: serve, gateway, generate, make-tiny-model, demo, serve-config.
 
 Settings come from `LORASERVE_*` env vars with flags over them (loraserve.config).
 Heavy imports (torch, Ray, diffusers) happen inside the subcommands that need them, so
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole path once: serve, make a tiny model, generate with a LoRA")
     Settings.add_arguments(demo)
+
+    serve_config = sub.add_parser(
+        "serve-config", help="print the workers' Serve config (JSON) that these settings make: a RayService's serveConfigV2"
+    )
+    serve_config.add_argument("--proxy-host", default="0.0.0.0", help="address Serve's HTTP proxy listens on")
+    Settings.add_arguments(serve_config)
     return parser
 
 
@@ -129,6 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(make_tiny_adapters(args.dir / "adapters", model.pipeline_dir, args.family, args.seed)))
     elif args.command == "demo":
         return asyncio.run(_demo(Settings.from_args(args)))
+    elif args.command == "serve-config":
+        import json
+
+        from serving.serve_config import serve_config
+
+        try:
+            settings = Settings.from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(json.dumps(serve_config(settings, http_host=args.proxy_host), indent=2))
     return 0
 
 

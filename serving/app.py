@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import torch
 from ray import serve
-from ray.serve.config import AutoscalingConfig
 
 from loraserve import schema
 from loraserve.config import Settings
@@ -47,6 +46,7 @@ from serving.pipelines import (
     lora_file,
 )
 from serving.safety import SafetyChecker, load_safety_checker
+from serving.serve_config import DEPLOYMENT_NAME, deployment_options
 from storage import from_settings
 from storage.fetch import InputFetchError, input_deadline
 from storage.object_store import random_name
@@ -54,7 +54,6 @@ from storage.retry import StorageUnavailable, put_retrying
 
 log = logging.getLogger(__name__)
 
-SERVICER_FUNCTIONS = ["loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to_server"]
 # A request streams its first and last denoising step and, between them, at most one step per
 # this many seconds: every progress event wakes the replica's event loop, Serve's streaming, the
 # proxy and the gateway (~3.5 ms of CPU among them), and on a CPU replica the generation thread
@@ -469,23 +468,6 @@ def _failure(exc: Exception, request_id: str) -> worker_pb2.GenerateResponse:
 
 
 def build_app(settings: Settings) -> Any:
-    """The Serve application with replica resources and autoscaling from settings."""
-    options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
-        # One slot more than generations: a Prefetch never waits behind a running generation
-        # (generations are serialised by the replica's lock anyway).
-        "max_ongoing_requests": settings.max_ongoing_requests_per_replica + 1,
-    }
-    if settings.min_replicas == settings.max_replicas:
-        options["num_replicas"] = settings.max_replicas
-    else:
-        options["autoscaling_config"] = AutoscalingConfig(
-            min_replicas=settings.min_replicas,
-            max_replicas=settings.max_replicas,
-            initial_replicas=settings.initial_replicas,
-            target_ongoing_requests=settings.target_ongoing_requests,
-            upscale_delay_s=settings.upscale_delay_seconds,
-            downscale_delay_s=settings.downscale_delay_seconds,
-        )
-    deployment: Callable[..., Any] = serve.deployment(name="Worker", **options)(Worker)
+    """The Serve application; its options come from serving.serve_config, which the chart's config shares."""
+    deployment: Callable[..., Any] = serve.deployment(name=DEPLOYMENT_NAME, **deployment_options(settings))(Worker)
     return deployment.bind(settings)  # type: ignore[attr-defined]

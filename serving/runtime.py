@@ -17,7 +17,8 @@ from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
 from loraserve.config import Settings
-from serving.app import SERVICER_FUNCTIONS, build_app
+from serving.app import build_app
+from serving.serve_config import application_config, serve_start_options
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,13 @@ class WorkersStartError(RuntimeError):
 def start_workers(settings: Settings) -> None:
     if not ray.is_initialized():
         _start_ray(settings)
+    # The same proxies, app name and route prefix as the chart's serveConfigV2 (serving.serve_config).
+    options = serve_start_options(settings, http_host="127.0.0.1")
     serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=settings.serve_http_port),
-        grpc_options=gRPCOptions(port=settings.serve_grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+        http_options=HTTPOptions(**options["http_options"]), grpc_options=gRPCOptions(**options["grpc_options"])
     )
-    serve.run(build_app(settings), name=settings.serve_app_name, route_prefix=f"/{settings.serve_app_name}")
+    app = application_config(settings)
+    serve.run(build_app(settings), name=app["name"], route_prefix=app["route_prefix"])
     log.info("workers ready", extra={"app": settings.serve_app_name, "grpc_port": settings.serve_grpc_port})
 
 

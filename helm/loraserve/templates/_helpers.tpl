@@ -1,0 +1,236 @@
+{{/* Names. */}}
+{{- define "loraserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "loraserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "loraserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Labels. Call with (dict "root" $ "component" "gateway").
+selectorLabels never change over the release's life; podLabels add nothing that a chart or
+image bump changes, so a new chart version does not rebuild the Ray cluster.
+*/}}
+{{- define "loraserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "loraserve.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "loraserve.podLabels" -}}
+{{ include "loraserve.selectorLabels" . }}
+app.kubernetes.io/part-of: loraserve
+{{- end -}}
+
+{{- define "loraserve.labels" -}}
+{{ include "loraserve.podLabels" . }}
+helm.sh/chart: {{ include "loraserve.chart" .root }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- end -}}
+
+{{- define "loraserve.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.variant) -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{- define "loraserve.serveServiceName" -}}
+{{- printf "%s-serve" (include "loraserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "loraserve.s3SecretName" -}}
+{{- if .Values.secrets.s3.existingSecret -}}
+{{- .Values.secrets.s3.existingSecret -}}
+{{- else if .Values.devMinio.enabled -}}
+{{- printf "%s-minio" (include "loraserve.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "loraserve.postgresqlSecretName" -}}
+{{- if .Values.secrets.postgresql.existingSecret -}}
+{{- .Values.secrets.postgresql.existingSecret -}}
+{{- else if .Values.devPostgresql.enabled -}}
+{{- printf "%s-postgresql" (include "loraserve.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Every setting this release runs with, as YAML: the operator's `settings` with the ones the chart
+owns (listening addresses, ports, paths, the object store, the Serve address) on top.
+*/}}
+{{- define "loraserve.settings" -}}
+{{- $managed := dict
+  "data_dir" "/data"
+  "grpc_host" "0.0.0.0"
+  "grpc_port" .Values.gateway.grpcPort
+  "http_host" "0.0.0.0"
+  "http_port" .Values.gateway.httpPort
+  "serve_grpc_host" (include "loraserve.serveServiceName" .)
+  "serve_grpc_port" .Values.workers.serveGrpcPort
+  "serve_http_port" .Values.workers.serveHttpPort
+  "worker_metrics_port" .Values.workers.metricsPort
+  "object_store" "s3"
+-}}
+{{- if .Values.devMinio.enabled -}}
+{{- $_ := set $managed "s3_endpoint" (printf "%s-minio:9000" (include "loraserve.fullname" .)) -}}
+{{- $_ := set $managed "s3_secure" false -}}
+{{- end -}}
+{{- if .Values.secrets.gatewayTls.existingSecret -}}
+{{- $_ := set $managed "tls_cert_file" "/etc/loraserve/tls/tls.crt" -}}
+{{- $_ := set $managed "tls_key_file" "/etc/loraserve/tls/tls.key" -}}
+{{- if .Values.secrets.gatewayTls.clientCaKey -}}
+{{- $_ := set $managed "tls_client_ca_file" (printf "/etc/loraserve/tls/%s" .Values.secrets.gatewayTls.clientCaKey) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (merge $managed (deepCopy .Values.settings)) -}}
+{{- end -}}
+
+{{/* A setting's value as an env var's text, as loraserve.config parses it (no 1e+09 floats). */}}
+{{- define "loraserve.envValue" -}}
+{{- if kindIs "bool" . -}}
+{{- ternary "true" "false" . -}}
+{{- else if or (kindIs "float64" .) (kindIs "float32" .) -}}
+{{- if eq (float64 .) (float64 (int64 .)) -}}{{- int64 . -}}{{- else -}}{{- . -}}{{- end -}}
+{{- else -}}
+{{- . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The workers' Serve config (Ray's ServeDeploySchema), as serving/serve_config.py's serve_config
+renders it for the same settings (tests/chart compares the two): app name and route prefix, the
+gRPC proxy with the worker servicer, the deployment's resources and autoscaling, and in `args`
+the settings a replica reads. Secrets stay out: the Ray pods get them as env vars.
+*/}}
+{{- define "loraserve.serveConfig" -}}
+{{- $s := include "loraserve.settings" . | fromYaml -}}
+{{- /* Defaults of loraserve.config.Settings for the deployment options. */ -}}
+{{- $d := merge (deepCopy $s) (dict
+  "serve_app_name" "loraserve"
+  "replica_num_gpus" 0.0
+  "replica_num_cpus" 1.0
+  "min_replicas" 1
+  "max_replicas" 1
+  "initial_replicas" 1
+  "target_ongoing_requests" 1.0
+  "max_ongoing_requests_per_replica" 1
+  "upscale_delay_seconds" 30.0
+  "downscale_delay_seconds" 600.0) -}}
+{{- /* serving.serve_config: SECRET_SETTINGS, DEPLOYMENT_SETTINGS and NOT_FOR_REPLICAS. */ -}}
+{{- $notArgs := list
+  "store_url" "s3_access_key" "s3_secret_key" "s3_presign_access_key" "s3_presign_secret_key"
+  "replica_num_gpus" "replica_num_cpus" "min_replicas" "max_replicas" "initial_replicas"
+  "target_ongoing_requests" "max_ongoing_requests_per_replica" "upscale_delay_seconds" "downscale_delay_seconds"
+  "lease_seconds" "insecure_no_auth" "grpc_host" "grpc_port" "tls_cert_file" "tls_key_file" "tls_client_ca_file"
+  "http_host" "http_port" "ray_address" "ray_num_cpus" "ray_start_attempts" "serve_grpc_host" "serve_grpc_port"
+  "serve_http_port" "serve_app_name" "max_in_flight" "max_queue_skips" "max_attempts"
+  "worker_call_timeout_seconds" "worker_keepalive_seconds" "worker_keepalive_timeout_seconds"
+  "retry_backoff_seconds" "retry_backoff_max_seconds" "worker_unreachable_threshold" "shutdown_grace_seconds"
+  "max_prompt_chars" "max_loras_per_request" "max_upload_bytes" "upload_allowed_content_types"
+-}}
+{{- $args := dict -}}
+{{- range $name, $value := $s -}}
+{{- if not (has $name $notArgs) -}}
+{{- $_ := set $args $name $value -}}
+{{- end -}}
+{{- end -}}
+{{- $deployment := dict
+  "name" "Worker"
+  "ray_actor_options" (dict "num_cpus" $d.replica_num_cpus "num_gpus" $d.replica_num_gpus)
+  "max_ongoing_requests" (add1 (int64 $d.max_ongoing_requests_per_replica))
+-}}
+{{- if eq (int64 $d.min_replicas) (int64 $d.max_replicas) -}}
+{{- $_ := set $deployment "num_replicas" (int64 $d.max_replicas) -}}
+{{- else -}}
+{{- $_ := set $deployment "autoscaling_config" (dict
+  "min_replicas" (int64 $d.min_replicas)
+  "max_replicas" (int64 $d.max_replicas)
+  "initial_replicas" (int64 $d.initial_replicas)
+  "target_ongoing_requests" $d.target_ongoing_requests
+  "upscale_delay_s" $d.upscale_delay_seconds
+  "downscale_delay_s" $d.downscale_delay_seconds) -}}
+{{- end -}}
+{{- $app := dict
+  "name" $d.serve_app_name
+  "route_prefix" (printf "/%s" $d.serve_app_name)
+  "import_path" "serving.serve_config:build_application"
+  "args" $args
+  "deployments" (list $deployment)
+-}}
+{{- toYaml (dict
+  "proxy_location" "EveryNode"
+  "http_options" (dict "host" "0.0.0.0" "port" .Values.workers.serveHttpPort)
+  "grpc_options" (dict "port" .Values.workers.serveGrpcPort "grpc_servicer_functions" (list "loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to_server"))
+  "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* Secret env vars. Call with (dict "root" $ "component" "gateway"|"ray"). */}}
+{{- define "loraserve.secretEnv" -}}
+{{- $v := .root.Values -}}
+{{- $s3 := include "loraserve.s3SecretName" .root -}}
+- name: LORASERVE_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3 }}
+      key: {{ ternary $v.secrets.s3.accessKeyKey "root-user" (ne $v.secrets.s3.existingSecret "") }}
+- name: LORASERVE_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3 }}
+      key: {{ ternary $v.secrets.s3.secretKeyKey "root-password" (ne $v.secrets.s3.existingSecret "") }}
+{{- with $v.secrets.s3Presign.existingSecret }}
+- name: LORASERVE_S3_PRESIGN_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $v.secrets.s3Presign.accessKeyKey }}
+- name: LORASERVE_S3_PRESIGN_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $v.secrets.s3Presign.secretKeyKey }}
+{{- end }}
+{{- if and (eq .component "gateway") (eq $v.store.type "postgresql") }}
+- name: LORASERVE_STORE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "loraserve.postgresqlSecretName" .root }}
+      key: {{ ternary $v.secrets.postgresql.dsnKey "dsn" (ne $v.secrets.postgresql.existingSecret "") }}
+{{- end }}
+{{- if and (eq .component "ray") $v.secrets.huggingface.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.secrets.huggingface.existingSecret }}
+      key: {{ $v.secrets.huggingface.tokenKey }}
+{{- end }}
+{{- end -}}
+
+{{- define "loraserve.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "loraserve.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+{{- end -}}

@@ -1,0 +1,36 @@
+{{/* The Ray pods' container and volumes, shared by the head and the worker group. */}}
+{{- define "loraserve.rayContainer" -}}
+{{- $w := .root.Values.workers -}}
+image: {{ include "loraserve.image" .root }}
+imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+securityContext:
+  {{- include "loraserve.containerSecurityContext" .root | nindent 2 }}
+env:
+  # The Serve config's args carry every other setting; secrets only reach pods as env vars. The
+  # head gets them too: Serve builds the application (serving.serve_config) wherever it likes.
+  {{- include "loraserve.secretEnv" (dict "root" .root "component" "ray") | nindent 2 }}
+  - name: HF_HOME
+    value: /data/huggingface
+  {{- with $w.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+volumeMounts:
+  - name: weights-cache
+    mountPath: /data
+  - name: ray-tmp
+    mountPath: /tmp/ray
+{{- end -}}
+{{- define "loraserve.rayVolumes" -}}
+{{- $c := .Values.workers.weightsCache -}}
+- name: weights-cache
+  {{- if eq $c.type "hostPath" }}
+  hostPath:
+    path: {{ $c.hostPath }}
+    type: DirectoryOrCreate
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ $c.sizeLimit }}
+  {{- end }}
+- name: ray-tmp
+  emptyDir: {}
+{{- end -}}

@@ -18,6 +18,9 @@ class BuildWithProtos(build_py):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.generate()
+        # In a clean tree loraserve/v1 did not exist when setuptools looked for packages.
+        if self.packages is not None and "loraserve.v1" not in self.packages:
+            self.packages.append("loraserve.v1")
         super().run()
 
 

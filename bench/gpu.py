@@ -496,7 +496,7 @@ class Bench:
 
         def miss(path: Path) -> float:
             file = lora_file(str(path))
-            return device.timed(lambda: tier.ensure_resident(file, adapter_name(file), set()))
+            return device.timed(lambda: tier.ensure_resident(file, adapter_name(file)))
 
         def activate(path: Path) -> float:
             return device.timed(lambda: loaded.activate_loras([(str(path), 1.0)]))

@@ -107,7 +107,7 @@ def run(device: torch.device, dtype: torch.dtype, rounds: int, workdir: Path, sa
     def miss(path: Path) -> None:
         file = lora_file(str(path))
         host.get(file)  # parsed beforehand, as Prefetch does for a waiting request
-        raw["miss_from_host"].append(timed(device, lambda: tier.ensure_resident(file, adapter_name(file), set())))
+        raw["miss_from_host"].append(timed(device, lambda: tier.ensure_resident(file, adapter_name(file))))
 
     # Warm-up: one of each (first PEFT import paths, allocator arenas, first merge).
     diffusers_load(paths[0])

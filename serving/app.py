@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,6 +129,9 @@ class Worker:
         self._checker: SafetyChecker | None = None
         # Base-model key → where the request waiting for that load wants its progress lines.
         self._load_listeners: dict[str, Callable[[str], None]] = {}
+        # Base-model key → its pipeline while Serve's multiplexer holds it, so that Prefetch can
+        # make a waiting request's LoRAs resident on it.
+        self._hot: weakref.WeakValueDictionary[str, LoadedPipeline] = weakref.WeakValueDictionary()
 
         async def load(key: str) -> EvictablePipeline:
             return EvictablePipeline(await asyncio.to_thread(self._load, key))
@@ -151,7 +155,7 @@ class Worker:
                 )
             except InputFetchError as exc:
                 raise ModelLoadError(str(exc)) from exc
-            return load_pipeline(
+            loaded = load_pipeline(
                 str(source),
                 device=self._device,
                 torch_dtype=self._dtype,
@@ -166,6 +170,8 @@ class Worker:
                 unet_label=ref.unet_name or None,
                 variant=variant,
             )
+            self._hot[key] = loaded
+            return loaded
 
     async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         started = time.perf_counter()
@@ -293,19 +299,20 @@ class Worker:
     async def Prefetch(self, request: worker_pb2.PrefetchRequest) -> worker_pb2.PrefetchResponse:
         """While a request waits in the gateway's queue, its LoRAs and embeddings are downloaded and parsed.
 
-        Into host RAM, not onto the GPU: a LoRA becomes resident in a pipeline when its request
-        runs, so a request that is cancelled while waiting costs no GPU memory. Failures are left
-        for the request itself to report.
+        Into host RAM, and, when its base model is hot on this replica, its LoRAs onto the device as
+        well (while the running request denoises; within the device tier's byte budget). Failures
+        are left for the request itself to report.
         """
+        key = serve.get_multiplexed_model_id()
         try:
-            resolved = await asyncio.to_thread(self._prefetch_adapters, request.input)
+            resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
         except (InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
             return worker_pb2.PrefetchResponse()
         return worker_pb2.PrefetchResponse(adapters_ready=resolved)
 
-    def _prefetch_adapters(self, inp: types_pb2.GenerateInput) -> int:
-        """Into the node's weights cache on disk, then parsed into this replica's host-RAM tier.
+    def _prefetch_adapters(self, inp: types_pb2.GenerateInput, key: str) -> int:
+        """Into the node's weights cache on disk, parsed into this replica's host-RAM tier, then resident.
 
         Paths are resolved and spelled as Generate spells them, so the request finds the entries.
         """
@@ -315,6 +322,9 @@ class Worker:
             self._host_loras.get(lora_file(path))
         for path, _tokens in embeddings:
             self._host_loras.get_embedding(Path(path))
+        hot = self._hot.get(key)
+        if hot is not None and loras:
+            hot.prefetch_loras([path for path, _scale in loras])
         return len(loras) + len(embeddings)
 
     def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:

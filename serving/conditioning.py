@@ -26,15 +26,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
-import torch
 from diffusers import DiffusionPipeline
 
 from loraserve import schema
@@ -43,198 +39,44 @@ from serving import controlnet as controlnets_
 from serving import ic_light as ic_light_
 from serving import ip_adapter as ip_adapters_
 from serving import tiling
-from serving.pipelines import OptionUnavailableError
+from serving.errors import OptionUnavailableError
+from serving.model_cache import (
+    CONDITIONING_TIER,
+    MODELS,
+    ModelCache,
+    configure_cache,
+    file_key,
+)
+from serving.request import (
+    Conditioning,
+    ControlNetSpec,
+    ICLightSpec,
+    ImageEncoderSpec,
+    IPAdapterSpec,
+)
 from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, fetch_bytes, fetch_image
 
 if TYPE_CHECKING:
-    from serving.metrics import TierObserver
-    from serving.pipelines import GenerationParams, LoadedPipeline
+    from serving.request import GenerationParams, LoadedModel
     from storage.weights import WeightsCache
 
-T = TypeVar("T")
-DEFAULT_CACHE_CAPACITY = 4
-# The adapter-cache tier of loaded conditioning models, as metrics name it.
-CONDITIONING_TIER = "conditioning"
+# Re-exported: the worker and the tests reach the request's conditioning types and the model
+# cache through this module.
+__all__ = [
+    "CONDITIONING_TIER",
+    "Conditioning",
+    "ControlNetSpec",
+    "ICLightSpec",
+    "IPAdapterSpec",
+    "ImageEncoderSpec",
+    "ModelCache",
+    "applied",
+    "conditioning_from_input",
+    "configure_cache",
+    "file_key",
+    "resolve_conditioning",
+]
 MAX_CONFIG_BYTES = 1024 * 1024
-
-
-@dataclass(kw_only=True)
-class ControlNetSpec:
-    """One `controlnets[i]`; `weights`/`config`/`image`/`mask` are filled by resolve_conditioning."""
-
-    path: str
-    image_url: str
-    mask_url: str = ""
-    config_url: str = ""
-    variant: str = ""
-    conditioning_scale: float = schema.DEFAULT_CONTROLNET_SCALE
-    start_percentage: float = 0.0
-    end_percentage: float = schema.DEFAULT_CONTROLNET_END
-    mask_threshold: float = schema.DEFAULT_CONTROLNET_MASK_THRESHOLD
-    # Which spelling the caller used, so errors name the field they sent.
-    image_field: str = "image_url"
-    mask_field: str = "mask_url"
-    weights: Path | None = None
-    config: dict[str, Any] | None = None
-    image: PIL.Image.Image | None = None
-    mask: PIL.Image.Image | None = None
-
-
-@dataclass(kw_only=True)
-class IPAdapterSpec:
-    """One `ip_adapter[i]`; `weights`/`images`/`mask` are filled by resolve_conditioning."""
-
-    path: str
-    image_urls: list[str]
-    mask_url: str = ""
-    model_subfolder: str = ""
-    weight_name: str = ""
-    scale: float = schema.DEFAULT_IP_ADAPTER_SCALE
-    # JSON text: a number, or per-block scales as diffusers' set_ip_adapter_scale takes them.
-    scale_json: str = ""
-    unconditional_noising_factor: float = 0.0
-    image_projection_shortcut: bool = True
-    insight_face_model_path: str = ""
-    weights: Path | None = None
-    images: list[PIL.Image.Image] = field(default_factory=list)
-    mask: PIL.Image.Image | None = None
-
-
-@dataclass(kw_only=True)
-class ImageEncoderSpec:
-    """The request-wide IP-Adapter image encoder; `folder` is filled by resolve_conditioning.
-
-    `weight_name` None means the fal default (`pytorch_model.bin`); see ip_adapter.encoder_weights_file.
-    """
-
-    path: str = ""
-    subfolder: str = ""
-    weight_name: str | None = None
-    folder: Path | None = None
-
-
-@dataclass(kw_only=True)
-class ICLightSpec:
-    model_url: str
-    image_url: str
-    background_image_url: str = ""
-    weights: Path | None = None
-    image: PIL.Image.Image | None = None
-    background: PIL.Image.Image | None = None
-
-
-@dataclass(kw_only=True)
-class Conditioning:
-    controlnets: list[ControlNetSpec] = field(default_factory=list)
-    guess_mode: bool = False
-    ip_adapters: list[IPAdapterSpec] = field(default_factory=list)
-    image_encoder: ImageEncoderSpec = field(default_factory=ImageEncoderSpec)
-    ic_light: ICLightSpec | None = None
-    # The operator's allow_pickle_weights, copied from the weights cache that resolved the files.
-    allow_pickle: bool = False
-
-
-class ModelCache:
-    """An LRU of loaded models (ControlNets, IP-Adapter weights, image encoders, IC-Light offsets).
-
-    One per replica process: models load once and serve every base pipeline of their family.
-    Bounded by count and by the bytes of their tensors (0: count only); a model evicted while a
-    request still uses it stays alive in that request until it ends. Entries are immutable for
-    requests (IP-Adapter and IC-Light weights are copied into the U-Net per request), so sharing
-    them never leaks state between requests.
-    """
-
-    def __init__(
-        self, capacity: int = DEFAULT_CACHE_CAPACITY, max_bytes: int = 0, observer: TierObserver | None = None
-    ) -> None:
-        self.capacity = max(1, capacity)
-        self.max_bytes = max_bytes
-        self.observer = observer
-        self._entries: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
-        self._sizes: dict[tuple[Any, ...], int] = {}
-        self._lock = threading.Lock()
-        self.loads = 0
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(self._sizes.values())
-
-    def get(self, key: tuple[Any, ...], load: Callable[[], T]) -> T:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                if self.observer is not None:
-                    self.observer.on_hit()
-                return self._entries[key]
-        if self.observer is not None:
-            self.observer.on_miss()
-        value = load()
-        with self._lock:
-            self.loads += 1
-            if key in self._entries:
-                self._drop(key)
-            self._entries[key] = value
-            self._sizes[key] = tensor_bytes(value)
-            while len(self._entries) > 1 and (
-                len(self._entries) > self.capacity or (self.max_bytes and sum(self._sizes.values()) > self.max_bytes)
-            ):
-                size = self._drop(next(iter(self._entries)))
-                if self.observer is not None:
-                    self.observer.on_evict(size)
-            self._report_bytes()
-        return value
-
-    def _drop(self, key: tuple[Any, ...]) -> int:
-        del self._entries[key]
-        return self._sizes.pop(key)
-
-    def _report_bytes(self) -> None:
-        if self.observer is not None:
-            self.observer.on_bytes(sum(self._sizes.values()))
-
-    def keys(self) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return list(self._entries)
-
-    def clear(self) -> None:
-        with self._lock:
-            for key in list(self._entries):
-                self._drop(key)
-            self._report_bytes()
-
-
-def tensor_bytes(value: Any) -> int:
-    """Bytes of the tensors in a cached value: a module, a tensor, or containers of them."""
-    if isinstance(value, torch.nn.Module):
-        return sum(t.numel() * t.element_size() for t in value.state_dict().values())
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
-
-
-# Per process is per replica: each Ray Serve replica is its own process.
-MODELS = ModelCache()
-
-
-def configure_cache(capacity: int, max_bytes: int, observer: TierObserver | None) -> None:
-    """The replica's budgets and metrics, from its settings."""
-    MODELS.capacity = max(1, capacity)
-    MODELS.max_bytes = max_bytes
-    MODELS.observer = observer
-
-
-def file_key(path: Path) -> tuple[str, int, int]:
-    """Stable while the file is unchanged; blobs in the weights cache are content-addressed anyway."""
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-# ----------------------------------------------------------------------------- from the request
 
 
 def conditioning_from_input(inp: types_pb2.GenerateInput) -> Conditioning | None:
@@ -412,7 +254,7 @@ def _fetch_json(url: str, field_name: str, policy: FetchPolicy, store: StoredFil
 
 @contextlib.contextmanager
 def applied(
-    loaded: LoadedPipeline,
+    loaded: LoadedModel,
     view: DiffusionPipeline,
     params: GenerationParams,
     call_kwargs: dict[str, Any],
@@ -479,7 +321,7 @@ def applied(
         yield view, kwargs
 
 
-def _check_request(loaded: LoadedPipeline, params: GenerationParams, cond: Conditioning) -> None:
+def _check_request(loaded: LoadedModel, params: GenerationParams, cond: Conditioning) -> None:
     """Combinations this build would otherwise get wrong silently, refused before any work."""
     tiled = tiling.needs_tiling(params.width, params.height, params.tile_width, params.tile_height)
     if cond.controlnets and tiled:

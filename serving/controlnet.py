@@ -39,12 +39,13 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from serving.pipelines import AdapterLoadError, OptionUnavailableError
+from serving.errors import AdapterLoadError, OptionUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from serving.conditioning import ControlNetSpec, ModelCache
+    from serving.model_cache import ModelCache
+    from serving.request import ControlNetSpec
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 # Conditioning-embedding widths of every published SD ControlNet; one entry per 2× downsampling + 1.

@@ -24,10 +24,12 @@ import PIL.Image
 import safetensors.torch
 import torch
 
-from serving.pipelines import AdapterLoadError, OptionUnavailableError
+from serving.errors import AdapterLoadError, OptionUnavailableError
+from serving.model_cache import file_key
 
 if TYPE_CHECKING:
-    from serving.conditioning import ICLightSpec, ModelCache
+    from serving.model_cache import ModelCache
+    from serving.request import ICLightSpec
 
 LATENT_CHANNELS = 4
 FOREGROUND_CHANNELS = 2 * LATENT_CHANNELS
@@ -71,8 +73,6 @@ def apply(
     model_name: str,
 ) -> ICLightUNet:
     """Swaps the offset into `unet` until `stack` closes; returns the view's new U-Net."""
-    from serving.conditioning import file_key
-
     if spec.weights is None or spec.image is None:
         raise OptionUnavailableError("ic_light_model_url", "ic_light_model_url: the model was not resolved")
     path = spec.weights

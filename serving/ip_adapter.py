@@ -46,11 +46,13 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 
 from loraserve import schema
 from serving.controlnet import quiet_dtype_warnings
-from serving.pipelines import AdapterLoadError, OptionUnavailableError
+from serving.errors import AdapterLoadError, OptionUnavailableError
+from serving.model_cache import file_key
 from storage.fetch import InputFetchError
 
 if TYPE_CHECKING:
-    from serving.conditioning import ImageEncoderSpec, IPAdapterSpec, ModelCache
+    from serving.model_cache import ModelCache
+    from serving.request import ImageEncoderSpec, IPAdapterSpec
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 SAFE_ENCODER_WEIGHTS = "model.safetensors"
@@ -98,8 +100,6 @@ def apply(
     model_name: str,
 ) -> dict[str, Any]:
     """Attaches the adapters to `unet` until `stack` closes; returns the pipeline call options."""
-    from serving.conditioning import file_key
-
     state_dicts: list[StateDict] = []
     for i, spec in enumerate(specs):
         if spec.weights is None:

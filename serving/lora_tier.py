@@ -9,11 +9,14 @@ copies of the last set stay (not installed) so that a request repeating it merge
 
 On a GPU the U-Net's share of the merge runs on a side stream while the prompt is encoded (the
 text encoders' share runs first, on the main stream, as they need it); a pre-forward hook makes
-the U-Net's first call wait for it. On a CPU everything runs in order.
+the U-Net's first call wait for it. A waiting request's LoRAs are made resident by `prefetch`
+(the worker's Prefetch, in another thread) while the current request denoises; on a GPU their
+transfer runs on a copy stream of its own. On a CPU everything runs in order.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -78,15 +81,25 @@ class DeviceLoraTier:
         self._originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
         self._wait_hook: torch.utils.hooks.RemovableHandle | None = None
         self._stream: torch.cuda.Stream | None = None
+        self._copy_stream: torch.cuda.Stream | None = None
+        # Guards the resident set: Prefetch calls add to it from other threads.
+        self._lock = threading.Lock()
+        # The running request's LoRAs, which a prefetch never evicts.
+        self._active: set[str] = set()
         # Merges computed so far; a repeated set adds none (for tests and bench/lora.py).
         self.merges = 0
 
     @property
     def paths(self) -> list[Path]:
-        return [path for path, _ in self._resident.values()]
+        with self._lock:
+            return [path for path, _ in self._resident.values()]
 
     @property
     def nbytes(self) -> int:
+        with self._lock:
+            return self._nbytes()
+
+    def _nbytes(self) -> int:
         return sum(tensors.nbytes for _, tensors in self._resident.values())
 
     @property
@@ -103,8 +116,8 @@ class DeviceLoraTier:
         """Exactly these LoRAs at these scales until `deactivate`; an empty list leaves the plain weights."""
         self.deactivate()
         names = [adapter_name(path) for path, _ in loras]
-        for (path, _), name in zip(loras, names):
-            self.ensure_resident(path, name, protected=set(names))
+        self._active = set(names)
+        resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
         scales: dict[str, float] = {}
         for name, (_, scale) in zip(names, loras):
             # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
@@ -116,7 +129,7 @@ class DeviceLoraTier:
             self._originals = lora_merge.install(self._merged.parameters)
             return
         self._merged = None  # its memory goes before the next set's is taken
-        active = [(self._resident[name][1], scale) for name, scale in key]
+        active = [(resident[name], scale) for name, scale in key]
         self.merges += 1
         first = lora_merge.merge(active, which=lambda group: not _is_unet(group))
         self._originals = lora_merge.install(first)
@@ -155,29 +168,69 @@ class DeviceLoraTier:
             self._wait_hook = None
         lora_merge.restore(self._originals)
         self._originals = []
+        self._active = set()
 
     def clear(self) -> None:
         """Drops every adapter and merged copy (the pipeline is being freed)."""
         self.deactivate()
-        self._track_bytes(-self.nbytes)
-        self._resident.clear()
+        with self._lock:
+            self._track_bytes(-self._nbytes())
+            self._resident.clear()
         self._merged = None
 
-    def ensure_resident(self, path: Path, name: str, protected: set[str]) -> None:
-        if name in self._resident:
-            self._resident.move_to_end(name)
-            self._count("cache_hits")
-            return
-        self._count("cache_misses")
-        started = time.perf_counter()
-        tensors = self._tensors(path)
+    def ensure_resident(self, path: Path, name: str) -> LoraTensors:
+        """The LoRA's tensors, made resident on a miss; the running request's LoRAs are never evicted for it."""
+        with self._lock:
+            entry = self._resident.get(name)
+            if entry is not None:
+                self._resident.move_to_end(name)
+                self._count("cache_hits")
+                return entry[1]
+            self._count("cache_misses")
+            started = time.perf_counter()
+            tensors = self._tensors(path, side_stream=False)
+            self._keep(name, path, tensors, started)
+            return tensors
+
+    def prefetch(self, paths: Sequence[Path]) -> None:
+        """Makes a waiting request's LoRAs resident, converting outside the lock so a running request never waits."""
+        for path in paths:
+            name = adapter_name(path)
+            with self._lock:
+                if name in self._resident:
+                    continue
+            started = time.perf_counter()
+            tensors = self._tensors(path, side_stream=True)
+            with self._lock:
+                if name not in self._resident:
+                    self._count("cache_misses")
+                    self._keep(name, path, tensors, started)
+
+    def _keep(self, name: str, path: Path, tensors: LoraTensors, started: float) -> None:
         self._resident[name] = (path, tensors)
         self._track_bytes(tensors.nbytes)
         if self._metrics is not None:
             self._metrics.adapter_load_seconds.observe(time.perf_counter() - started)
-        self._evict_over_budget(protected)
+        self._evict_over_budget()
 
-    def _tensors(self, path: Path) -> LoraTensors:
+    def _tensors(self, path: Path, *, side_stream: bool) -> LoraTensors:
+        unet = getattr(self._pipe, UNET, None)
+        device = unet.device if isinstance(unet, torch.nn.Module) else torch.device("cpu")
+        if not side_stream or device.type != "cuda":
+            return self._converted(path)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._copy_stream):
+            tensors = self._converted(path)
+        self._copy_stream.synchronize()
+        main = torch.cuda.default_stream(device)
+        for group in tensors.groups:
+            # Allocated on the copy stream, read by merges on the main one: the allocator must know.
+            for tensor in (*group.ups, *group.downs, group.scalings):
+                tensor.record_stream(main)
+        return tensors
+
+    def _converted(self, path: Path) -> LoraTensors:
         parsed = self._parse(path)
         try:
             return lora_tensors(self._pipe, parsed, sdxl=self._sdxl)
@@ -189,10 +242,10 @@ class DeviceLoraTier:
             f"LoRA {str(path)!r} does not fit {self._describe}: {reason}; is it a LoRA for another model family?"
         )
 
-    def _evict_over_budget(self, protected: set[str]) -> None:
-        """Bytes (and a count, if set) bound the tier; a request's own LoRAs are never evicted for it."""
-        for victim in [name for name in self._resident if name not in protected]:
-            over_bytes = self.max_bytes and self.nbytes > self.max_bytes
+    def _evict_over_budget(self) -> None:
+        """Bytes (and a count, if set) bound the tier; the running request's LoRAs are never evicted."""
+        for victim in [name for name in self._resident if name not in self._active]:
+            over_bytes = self.max_bytes and self._nbytes() > self.max_bytes
             over_count = self.max_count and len(self._resident) > self.max_count
             if not (over_bytes or over_count):
                 return

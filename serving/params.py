@@ -5,7 +5,7 @@ from __future__ import annotations
 from loraserve import schema
 from loraserve.v1 import types_pb2
 from serving.conditioning import conditioning_from_input
-from serving.pipelines import GenerationParams
+from serving.request import GenerationParams
 
 
 def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationParams:

@@ -20,7 +20,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessor
 
-from serving.pipelines import ModelLoadError
+from serving.errors import ModelLoadError
 
 
 class SafetyCheckerLoadError(ModelLoadError):

@@ -152,6 +152,50 @@ def test_pipelines_of_one_replica_share_the_host_tier(tiny_models: dict[str, Tin
     assert samples(metrics, "host")["hits_total"] == 1
 
 
+def test_prefetch_makes_a_waiting_requests_lora_resident_so_the_request_hits(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
+) -> None:
+    metrics = WorkerMetrics()
+    model = tiny_models["sd15"]
+    loaded = load_pipeline(str(model.pipeline_dir), metrics=metrics)
+    lora = str(model.lora_paths[0])
+    loaded.prefetch_loras([lora])
+    assert loaded.resident_loras == [Path(lora).resolve()]
+    assert samples(metrics, "gpu")["misses_total"] == 1
+    image = pixels(loaded, loras=[(lora, 1.0)])
+    assert samples(metrics, "gpu")["hits_total"] == 1 and samples(metrics, "gpu")["misses_total"] == 1
+    assert np.array_equal(image, pixels(pipelines["sd15"], loras=[(lora, 1.0)]))
+
+
+def test_prefetch_during_a_request_never_evicts_its_loras(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
+) -> None:
+    model = tiny_models["sd15"]
+    running, waiting = (str(path) for path in model.lora_paths[:2])
+    one = pipelines["sd15"].lora_tier.ensure_resident(Path(running).resolve(), parse_lora_file(Path(running)).name).nbytes
+    loaded = load_pipeline(str(model.pipeline_dir), max_lora_bytes=one)
+    seen: list[list[Path]] = []
+
+    def prefetch_mid_request(_step: int, _total: int) -> None:
+        if not seen:
+            loaded.prefetch_loras([waiting])
+            seen.append(loaded.resident_loras)
+
+    image = generate(loaded, params(loras=[(running, 1.0)]), on_step=prefetch_mid_request)[0]
+    assert seen == [[Path(running).resolve()]], "the waiting LoRA did not fit beside the running one"
+    assert np.array_equal(np.asarray(image)[None], pixels(pipelines["sd15"], loras=[(running, 1.0)]))
+    loaded.prefetch_loras([waiting])  # between requests the budget goes to the waiting one
+    assert loaded.resident_loras == [Path(waiting).resolve()]
+
+
+def test_prefetch_on_a_released_pipeline_does_nothing(tiny_models: dict[str, TinyModel]) -> None:
+    model = tiny_models["sd15"]
+    loaded = load_pipeline(str(model.pipeline_dir))
+    loaded.release()
+    loaded.prefetch_loras([str(model.lora_paths[0])])
+    assert loaded.resident_loras == []
+
+
 # --- embeddings in the same tier -------------------------------------------------------------
 
 EMBEDDING_TOKENS = ["<s0>", "<s1>"]

@@ -1,0 +1,187 @@
+"""Loading a base model: a diffusers folder, a single .safetensors checkpoint or a Hugging Face repo id.
+
+Weights are untrusted input: only safetensors are ever deserialised (pickle files are refused by
+name, and diffusers is told `use_safetensors=True`), and every failure is a `ModelLoadError` whose
+message names the model and the reason, never a stack trace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import safetensors
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from serving import unets
+from serving.errors import ModelLoadError
+from serving.lora_cache import HostLoraCache
+from serving.loaded import LoadedPipeline
+from serving.metrics import WorkerMetrics
+
+PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
+# Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
+SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
+MAX_REASON_CHARS = 400
+
+
+def load_pipeline(
+    model_name: str,
+    *,
+    device: str = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+    max_loras: int = 0,
+    max_lora_bytes: int = 0,
+    metrics: WorkerMetrics | None = None,
+    host_loras: HostLoraCache | None = None,
+    pipelines_per_replica: int = 1,
+    label: str | None = None,
+    unet: str | None = None,
+    unet_label: str | None = None,
+    variant: str | None = None,
+) -> LoadedPipeline:
+    """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
+
+    URLs and uploads are turned into local files by `storage.weights.WeightsCache` first;
+    `label` is what the caller asked for (e.g. that URL), named in errors instead of the file.
+    `unet` (a local U-Net folder or .safetensors file, `unet_label` in errors) replaces the
+    model's U-Net (serving/unets.py); `variant` (e.g. "fp16") picks `*.{variant}.safetensors`
+    files in diffusers folders.
+    """
+    label = label or model_name
+    variant = variant or None
+    pipe = _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant)
+    family = _detect_family(pipe, label)
+    if unet:
+        try:
+            custom = unets.load_unet(
+                Path(unet),
+                unet_label or unet,
+                base=pipe.unet,
+                model_label=label,
+                variant=variant,
+                torch_dtype=torch_dtype,
+            )
+        except unets.UNetLoadError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        pipe.register_modules(unet=custom)
+    try:
+        pipe.to(device)
+    except Exception as exc:
+        raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedPipeline(
+        pipe,
+        family=family,
+        model_name=label,
+        max_loras=max_loras,
+        max_lora_bytes=max_lora_bytes,
+        metrics=metrics,
+        host_loras=host_loras,
+        pipelines_per_replica=pipelines_per_replica,
+    )
+
+
+def _load_diffusers_pipeline(
+    source: str, label: str, torch_dtype: torch.dtype, cache_dir: Path | None, variant: str | None = None
+) -> DiffusionPipeline:
+    if "://" in source:
+        # Fetching is storage.weights' job: it guards URLs (SSRF, sizes) and caches by content.
+        raise ModelLoadError(f"model {label!r}: resolve URLs through the weights cache before loading")
+    local = Path(source).expanduser()
+    if local.exists() or _looks_like_path(source):
+        return _load_local(local, label, torch_dtype, variant)
+    return _from_pretrained(source, label, torch_dtype, cache_dir, variant)
+
+
+def _looks_like_path(model_name: str) -> bool:
+    """Repo ids are `name` or `org/name`; anything else is meant as a local path that is missing."""
+    return (
+        model_name.startswith(("/", "./", "../", "~"))
+        or model_name.count("/") > 1
+        or Path(model_name).suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}
+    )
+
+
+def _load_local(path: Path, model_name: str, torch_dtype: torch.dtype, variant: str | None = None) -> DiffusionPipeline:
+    if not path.exists():
+        raise ModelLoadError(f"model {model_name!r}: local path does not exist")
+    if path.is_file():
+        if variant:
+            raise ModelLoadError(
+                f"model {model_name!r} is a single .safetensors file; variant {variant!r} only applies to "
+                "diffusers folders and Hugging Face repos — leave variant unset"
+            )
+        return _load_single_file(path, model_name, torch_dtype)
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model {model_name!r}: folder is not a diffusers pipeline (no model_index.json)")
+    if variant and not any(path.glob(f"*/*.{variant}.safetensors")):
+        raise ModelLoadError(f"model {model_name!r} has no {variant!r} variant: no *.{variant}.safetensors weights")
+    return _from_pretrained(str(path), model_name, torch_dtype, cache_dir=None, variant=variant)
+
+
+def _from_pretrained(
+    source: str, model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None, variant: str | None = None
+) -> DiffusionPipeline:
+    """use_safetensors=True makes diffusers fail rather than unpickle a .bin component.
+
+    With a variant, components that lack that variant's files fall back to their plain
+    weights (diffusers' behaviour; _load_local refuses a variant that no component has).
+    """
+    try:
+        return DiffusionPipeline.from_pretrained(
+            source,
+            use_safetensors=True,
+            dtype=torch_dtype,
+            cache_dir=cache_dir,
+            trust_remote_code=False,
+            variant=variant,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load model {model_name!r}: {_reason(exc)}") from exc
+
+
+def _load_single_file(path: Path, model_name: str, torch_dtype: torch.dtype) -> DiffusionPipeline:
+    _refuse_pickle(path.name, model_name)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"model {model_name!r}: a single-file model must be a .safetensors file")
+    try:
+        pipeline_class = _single_file_pipeline_class(path)
+        return pipeline_class.from_single_file(str(path), dtype=torch_dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load single-file model {model_name!r}: {_reason(exc)}") from exc
+
+
+def _single_file_pipeline_class(path: Path) -> type[DiffusionPipeline]:
+    with safetensors.safe_open(str(path), framework="pt") as checkpoint:
+        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint.keys())
+    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+
+
+def _refuse_pickle(file_name: str, what: str) -> None:
+    if Path(file_name).suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelLoadError(
+            f"model {what!r}: {Path(file_name).suffix} files are pickle and can run code when loaded; "
+            "refused — use a .safetensors file"
+        )
+
+
+def _detect_family(pipe: DiffusionPipeline, model_name: str) -> str:
+    """Trust the loaded components, not the name: checkpoints are often named arbitrarily."""
+    if isinstance(pipe, StableDiffusionXLPipeline) or getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd15"
+    raise ModelLoadError(
+        f"model {model_name!r} is a {type(pipe).__name__}; only Stable Diffusion 1.x/2.x and SDXL are supported"
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """One short line a caller can act on; torch's shape errors put the useful part on line two."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join([f"{type(exc).__name__}:", *lines[:2]])
+    if len(text) > MAX_REASON_CHARS:
+        text = text[: MAX_REASON_CHARS - 1] + "…"
+    return text + (f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else "")

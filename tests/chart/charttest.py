@@ -34,11 +34,19 @@ def helm_run(*args: str | Path, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
-def set_args(values: dict[str, Any] | None) -> list[str]:
-    """`--set-json` per top-level key: exact types, no Helm string parsing."""
+def set_args(values: dict[str, Any] | None, prefix: str = "") -> list[str]:
+    """`--set-json` per leaf, so that the values merge into the files' as a values file would (a map
+    given whole to --set-json replaces the files' map); JSON keeps the exact types."""
     import json
 
-    return [a for key, value in (values or {}).items() for a in ("--set-json", f"{key}={json.dumps(value)}")]
+    args: list[str] = []
+    for key, value in (values or {}).items():
+        path = prefix + key.replace(".", "\\.")
+        if isinstance(value, dict) and value:
+            args += set_args(value, path + ".")
+        else:
+            args += ["--set-json", f"{path}={json.dumps(value)}"]
+    return args
 
 
 @dataclass

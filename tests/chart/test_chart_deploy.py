@@ -1,0 +1,168 @@
+"""The chart's config is the one that runs: the rendered serveConfigV2 deployed on the test session's
+Ray (as KubeRay deploys it: Serve's declarative config API, the pod's env for secrets), and a
+generation through `loraserve gateway` started with the rendered Deployment's command and env.
+
+What a cluster provides is put in by hand, and only that: the values of the Secrets the chart
+refers to, the volume mounted at /data (a temporary folder here), and addresses: the Serve
+Service's DNS name is loopback here and the pod's 0.0.0.0 listens on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from loraserve.client import AsyncClient
+from loraserve.config import ENV_PREFIX, Settings
+from serving.serve_config import serve_start_options
+from serving.tiny import TinyModel
+from tests.chart.charttest import CI_VALUES, Rendered, env_of, render
+from tests.conftest import free_port
+from tests.integration.test_generation_api import fetch, request
+
+pytestmark = pytest.mark.integration
+
+APP = "loraserve-chart"
+BUCKET = "chart-outputs"
+# The Secrets a cluster would hold, by name and key.
+SECRETS = {"chart-s3": {"access-key": "testing", "secret-key": "testing"}}
+MOUNT = "/data"
+
+
+def resolve_env(container: dict[str, Any], data_dir: Path) -> dict[str, str]:
+    """The container's env as the pod would see it: secretKeyRefs read, /data where the volume is."""
+    env: dict[str, str] = {}
+    for name, value in env_of(container).items():
+        if isinstance(value, dict):
+            ref = value["secretKeyRef"]
+            value = SECRETS[ref["name"]][ref["key"]]
+        if value == MOUNT or value.startswith(MOUNT + "/"):
+            value = str(data_dir) + value[len(MOUNT) :]
+        env[name] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def rendered(stack_settings: Settings, s3_endpoint: str) -> Rendered:
+    return render(
+        CI_VALUES[0],  # CPU dev, with external S3 (moto) instead of the in-chart MinIO
+        values={
+            "devMinio": {"enabled": False},
+            "secrets": {"s3": {"existingSecret": "chart-s3"}},
+            "settings": {
+                "serve_app_name": APP,
+                "replica_num_gpus": 0,
+                "replica_num_cpus": 0.5,
+                "device": "cpu",
+                "s3_endpoint": s3_endpoint,
+                "s3_secure": False,
+                "s3_bucket": BUCKET,
+                "retry_backoff_max_seconds": 2.0,
+                "shutdown_grace_seconds": 5.0,
+            },
+            "gateway": {"grpcPort": free_port(), "httpPort": free_port()},
+            # The Serve instance of the session is already up on these ports.
+            "workers": {
+                "serveGrpcPort": stack_settings.serve_grpc_port,
+                "serveHttpPort": stack_settings.serve_http_port,
+                "metricsPort": 0,
+            },
+        },
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def chart_workers(
+    stack: object, stack_settings: Settings, rendered: Rendered, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, Any]]:
+    """The rendered serveConfigV2, deployed the way KubeRay does it (the Serve REST API's apply_config)."""
+    from ray.serve.context import _get_global_client
+
+    config = rendered.serve_config
+    # The proxies the chart configures are those `loraserve serve` started this session's Serve with.
+    running = serve_start_options(stack_settings, http_host="0.0.0.0")
+    assert config["grpc_options"] == running["grpc_options"]
+    assert config["http_options"] == running["http_options"]
+    (app,) = config["applications"]
+    worker_data = tmp_path_factory.mktemp("chart-worker-data")
+    assert app["args"]["data_dir"] == MOUNT
+    app["args"]["data_dir"] = str(worker_data)
+    worker_container = rendered.ray_pod_templates()["cpu"]["spec"]["containers"][0]
+    app["runtime_env"] = {"env_vars": resolve_env(worker_container, worker_data)}
+    client = _get_global_client()
+    await asyncio.to_thread(client.deploy_apps, ServeDeploySchema.model_validate({"applications": [app]}))
+    # Until then Serve's gRPC proxy knows one app only, and sends every call to it, whatever its name.
+    await asyncio.to_thread(client._wait_for_application_running, APP, 240)
+    yield config
+    await asyncio.to_thread(serve.delete, APP)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def chart_gateway(
+    chart_workers: dict[str, Any], rendered: Rendered, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Settings]:
+    """`loraserve gateway` as the rendered Deployment runs it: its command, its env."""
+    container = rendered.gateway_container
+    data_dir = tmp_path_factory.mktemp("chart-gateway-data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(resolve_env(container, data_dir))
+    serve_service = rendered.rayservice["spec"]["serveService"]["metadata"]["name"]
+    assert env[ENV_PREFIX + "SERVE_GRPC_HOST"] == serve_service
+    assert env[ENV_PREFIX + "GRPC_HOST"] == env[ENV_PREFIX + "HTTP_HOST"] == "0.0.0.0"
+    env.update({ENV_PREFIX + "SERVE_GRPC_HOST": "127.0.0.1", ENV_PREFIX + "GRPC_HOST": "127.0.0.1"})
+    env[ENV_PREFIX + "HTTP_HOST"] = "127.0.0.1"
+    command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    settings = Settings.from_env(env)
+    try:
+        await wait_serving(settings.grpc_port, process)
+        yield settings
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.to_thread(process.communicate, timeout=60)
+        print(output)
+
+
+async def wait_serving(port: int, process: subprocess.Popen[str]) -> None:
+    """What the readiness probe asks: the standard health service, overall status."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(120):
+            if process.poll() is not None:
+                raise AssertionError(f"loraserve gateway exited {process.returncode}: {process.stdout and process.stdout.read()}")
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1, wait_for_ready=True)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                continue
+    raise AssertionError("the gateway never reported SERVING")
+
+
+async def test_a_generation_runs_through_the_rendered_gateway_and_serve_config(
+    chart_gateway: Settings, tiny_sdxl: TinyModel, s3_endpoint: str
+) -> None:
+    async with AsyncClient(f"127.0.0.1:{chart_gateway.grpc_port}") as client:
+        result = await asyncio.wait_for(
+            client.subscribe(request(tiny_sdxl, loras=[{"path": str(tiny_sdxl.lora_paths[0]), "scale": 0.7}])),
+            timeout=280,
+        )
+    (image,) = result.data.images
+    assert image.url.startswith(f"http://{s3_endpoint}/{BUCKET}/")
+    assert len(await fetch(image.url)) == image.file_size > 0
+    status = serve.status().applications[APP]
+    assert status.status == "RUNNING"
+    assert status.deployments["Worker"].status == "HEALTHY"

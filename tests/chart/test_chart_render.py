@@ -240,7 +240,10 @@ def test_gpu_production(rendered: dict[str, Rendered]) -> None:
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
     assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert {v["name"] for v in worker["volumes"]} >= {"weights-cache"}
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    assert volumes["weights-cache"] == {"name": "weights-cache", "emptyDir": {"sizeLimit": "200Gi"}}
+    mounts = {m["name"]: m["mountPath"] for m in worker["containers"][0]["volumeMounts"]}
+    assert mounts["weights-cache"] == "/data" == r.serve_config["applications"][0]["args"]["data_dir"]
     assert env_of(worker["containers"][0])["HF_TOKEN"] == {"secretKeyRef": {"name": "loraserve-hf", "key": "token"}}
     (deployment,) = r.serve_config["applications"][0]["deployments"]
     assert deployment["ray_actor_options"] == {"num_cpus": 8, "num_gpus": 1}
@@ -311,9 +314,11 @@ def test_network_policies(rendered: dict[str, Rendered]) -> None:
     assert {p["port"] for p in from_monitoring["ports"]} == {8080, 9500}
     gateway = r.one("NetworkPolicy", "-gateway")["spec"]
     assert _selects(gateway["podSelector"], gateway_labels)
-    (rule,) = gateway["ingress"]
+    rule, prometheus = gateway["ingress"]
     assert {p["port"] for p in rule["ports"]} == {50051, 8080}
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"loraserve.dev/client": "true"}}}]
+    assert [p["port"] for p in prometheus["ports"]] == [8080]
+    assert prometheus["from"] == from_monitoring["from"]
     # Ray pods from an open port list on no other rule: only the operator, the gateway, Prometheus.
     assert len(rules) == 4
 

@@ -26,7 +26,7 @@ volumeMounts:
   {{- if eq $c.type "hostPath" }}
   hostPath:
     path: {{ $c.hostPath }}
-    type: DirectoryOrCreate
+    type: Directory
   {{- else }}
   emptyDir:
     sizeLimit: {{ $c.sizeLimit }}

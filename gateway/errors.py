@@ -61,6 +61,16 @@ class NotFound(ServiceError):
     reason = "REQUEST_NOT_FOUND"
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "API_KEY_INVALID"
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "CLIENT_REQUEST_ID_REUSED"
+
+
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "REQUEST_NOT_FINISHED"

@@ -8,7 +8,16 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.dispatcher import Dispatcher
-from gateway.errors import FailedPrecondition, InvalidArgument, NotFound, RequestFailed, Unavailable, grpc_errors
+from gateway.auth import Authenticator
+from gateway.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RequestFailed,
+    Unavailable,
+    grpc_errors,
+)
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.status import build_status
@@ -32,8 +41,10 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         dispatcher: Dispatcher,
         metrics: GatewayMetrics,
         files: ObjectStore,
+        auth: Authenticator,
     ) -> None:
         self._settings = settings
+        self._auth = auth
         self._files = files
         self._metrics = metrics
         self._store = store
@@ -41,8 +52,12 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self._dispatcher = dispatcher
         self.accepting = True
 
+    async def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """The tenant of the caller's API key (UNAUTHENTICATED when it has none it may use)."""
+        return await self._auth.tenant(context.invocation_metadata())
+
     async def _submit(
-        self, inp: types_pb2.GenerateInput, client_request_id: str, start_timeout: float
+        self, inp: types_pb2.GenerateInput, client_request_id: str, start_timeout: float, tenant: str
     ) -> RequestRecord:
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
@@ -55,8 +70,18 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         record, created = await self._store.add(
-            inp, seed=seed, model_key=key, client_request_id=client_request_id, start_timeout_seconds=start_timeout
+            inp,
+            seed=seed,
+            model_key=key,
+            client_request_id=client_request_id,
+            start_timeout_seconds=start_timeout,
+            tenant=tenant,
         )
+        if not created and record.input != inp:
+            raise AlreadyExists(
+                f"client_request_id {client_request_id!r} was used for request {record.id} with another input;"
+                " a retry must send the same input, a new request a new client_request_id"
+            )
         if created:
             self._metrics.submitted.inc()
             self._feed.notify()
@@ -64,9 +89,10 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             self._dispatcher.wake()
         return record
 
-    async def _get(self, request_id: str) -> RequestRecord:
+    async def _get(self, request_id: str, tenant: str) -> RequestRecord:
         record = await self._store.get(request_id)
-        if record is None:
+        # Another tenant's request is answered exactly like one that does not exist.
+        if record is None or record.tenant != tenant:
             raise NotFound(f"no request with id {request_id!r}")
         return record
 
@@ -78,14 +104,15 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     async def Submit(
         self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.SubmitResponse:
-        record = await self._submit(request.input, request.client_request_id, request.start_timeout)
+        tenant = await self._caller(context)
+        record = await self._submit(request.input, request.client_request_id, request.start_timeout, tenant)
         return generation_pb2.SubmitResponse(request_id=record.id, status=await build_status(self._store, record))
 
     @grpc_errors
     async def GetStatus(
         self, request: generation_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GetStatusResponse:
-        record = await self._get(request.request_id)
+        record = await self._get(request.request_id, await self._caller(context))
         logs = (await self._logs(record))[0] if request.logs else None
         return generation_pb2.GetStatusResponse(status=await build_status(self._store, record, logs))
 
@@ -93,20 +120,22 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     async def StreamStatus(
         self, request: generation_pb2.StreamStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
-        async for status in self._updates(await self._get(request.request_id), request.logs):
+        tenant = await self._caller(context)
+        async for status in self._updates(await self._get(request.request_id, tenant), request.logs):
             yield generation_pb2.StreamStatusResponse(status=status)
 
     @grpc_errors
     async def GetResult(
         self, request: generation_pb2.GetResultRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GetResultResponse:
-        return self._result(await self._get(request.request_id))
+        return self._result(await self._get(request.request_id, await self._caller(context)))
 
     @grpc_errors
     async def Cancel(
         self, request: generation_pb2.CancelRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.CancelResponse:
-        record = await self._get(request.request_id)
+        tenant = await self._caller(context)
+        record = await self._get(request.request_id, tenant)
         if not record.finished and await self._store.cancel(record.id):
             self._metrics.outcome("cancelled")
             if record.state == State.IN_PROGRESS:
@@ -115,24 +144,27 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 self._dispatcher.left_queue(record.id)
             self._feed.notify()
             self._dispatcher.wake()
-        return generation_pb2.CancelResponse(status=await build_status(self._store, await self._get(record.id)))
+        return generation_pb2.CancelResponse(status=await build_status(self._store, await self._get(record.id, tenant)))
 
     @grpc_errors
     async def Subscribe(
         self, request: generation_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.SubscribeResponse]:
-        record = await self._submit(request.input, request.client_request_id, request.start_timeout)
+        tenant = await self._caller(context)
+        record = await self._submit(request.input, request.client_request_id, request.start_timeout, tenant)
         async for status in self._updates(record, request.logs):
             yield generation_pb2.SubscribeResponse(status=status)
-        yield generation_pb2.SubscribeResponse(result=self._result(await self._get(record.id)))
+        yield generation_pb2.SubscribeResponse(result=self._result(await self._get(record.id, tenant)))
 
     async def _updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
-        """The current status, then every change, until the request ends; logs sent once each."""
+        """`record` as just read (or just submitted: a Subscribe starts with IN_QUEUE even when a worker
+        takes the request at once), then every change, until the request ends; logs sent once each."""
         last: generation_pb2.RequestStatus | None = None
         log_seq = 0
         version = self._feed.version
         while True:
-            record = await self._get(record.id)
+            if last is not None:
+                record = await self._get(record.id, record.tenant)
             new_logs: list[types_pb2.LogEntry] = []
             if logs:
                 new_logs, log_seq = await self._logs(record, log_seq)

@@ -68,6 +68,54 @@ CREATE INDEX requests_start_deadlines ON requests (start_deadline)
     WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
 """,
     ),
+    Migration(
+        3,
+        "tenants and API keys",
+        # SQLite cannot drop a column's UNIQUE: the table is rebuilt with the key scoped per tenant.
+        """
+CREATE TABLE requests_v3 (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    client_request_id TEXT,
+    state TEXT NOT NULL,
+    input BLOB NOT NULL,
+    seed INTEGER NOT NULL,
+    model_key TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    output BLOB,
+    error_type TEXT,
+    error_message TEXT,
+    inference_seconds REAL,
+    owner TEXT,
+    lease_token TEXT,
+    lease_expires_at REAL,
+    start_deadline REAL,
+    tenant TEXT NOT NULL DEFAULT '',
+    UNIQUE (tenant, client_request_id)
+);
+INSERT INTO requests_v3 (seq, id, client_request_id, state, input, seed, model_key, created_at, started_at, finished_at, attempts, step, total_steps, output, error_type, error_message, inference_seconds, owner, lease_token, lease_expires_at, start_deadline, tenant)
+    SELECT seq, id, client_request_id, state, input, seed, model_key, created_at, started_at, finished_at, attempts, step, total_steps, output, error_type, error_message, inference_seconds, owner, lease_token, lease_expires_at, start_deadline, '' FROM requests;
+DROP TABLE requests;
+ALTER TABLE requests_v3 RENAME TO requests;
+CREATE INDEX requests_waiting ON requests (seq) WHERE state = 'IN_QUEUE';
+CREATE INDEX requests_running ON requests (lease_expires_at) WHERE state = 'IN_PROGRESS';
+CREATE INDEX requests_start_deadlines ON requests (start_deadline)
+    WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    secret_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+""",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -117,6 +165,23 @@ ALTER TABLE requests ADD COLUMN start_deadline DOUBLE PRECISION;
 CREATE INDEX requests_running ON requests (lease_expires_at) WHERE state = 'IN_PROGRESS';
 CREATE INDEX requests_start_deadlines ON requests (start_deadline)
     WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+""",
+    ),
+    Migration(
+        3,
+        "tenants and API keys",
+        """
+ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+ALTER TABLE requests DROP CONSTRAINT requests_client_request_id_key;
+ALTER TABLE requests ADD CONSTRAINT requests_tenant_client_request_id_key UNIQUE (tenant, client_request_id);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    secret_sha256 TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION
+);
 """,
     ),
 )

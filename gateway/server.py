@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -12,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraserve.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
+from gateway.auth import Authenticator, auth_required
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
 from gateway.generation_service import GenerationService
@@ -33,6 +35,20 @@ SERVICE_NAMES = (
     generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
     storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name,
 )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is set; with a client CA, callers must present a certificate it signed."""
+    if not settings.tls_cert_file:
+        return None
+    if not settings.tls_key_file:
+        raise ValueError("tls_cert_file is set but tls_key_file is not: both are needed for TLS")
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class Gateway:
@@ -77,8 +93,9 @@ class Gateway:
             breaker=CircuitBreaker(threshold=settings.worker_unreachable_threshold, backoff=retry_backoff),
             on_serving=self._dispatching_health,
         )
+        self.auth = Authenticator(store, required=auth_required(settings.grpc_host, settings.insecure_no_auth))
         self.generation = GenerationService(
-            settings, self.store, self.feed, self.dispatcher, self.metrics, self.files
+            settings, self.store, self.feed, self.dispatcher, self.metrics, self.files, self.auth
         )
         self._keeper = LeaseKeeper(
             self.store,
@@ -114,12 +131,19 @@ class Gateway:
                 max_upload_bytes=self.settings.max_upload_bytes,
                 allowed_content_types=from_settings.upload_content_types(self.settings),
                 spool_dir=self.settings.data_dir / "spool",
+                auth=self.auth,
             ),
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.grpc_port}")
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        credentials = server_credentials(self.settings)
+        self.grpc_port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(address)
+        )
         await self.server.start()
         local_files = self.files if isinstance(self.files, LocalObjectStore) else None
         self._http = web.AppRunner(make_http_app(local_files, self.metrics), access_log=None)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from gateway.auth import Authenticator
 from gateway.errors import FieldViolation, InvalidArgument, grpc_errors
 from loraserve.v1 import storage_pb2, storage_pb2_grpc, types_pb2
 from storage.object_store import ObjectStore, random_name
@@ -20,9 +21,16 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 class StorageService(storage_pb2_grpc.StorageServiceServicer):
     def __init__(
-        self, store: ObjectStore, *, max_upload_bytes: int, allowed_content_types: Collection[str], spool_dir: Path
+        self,
+        store: ObjectStore,
+        *,
+        max_upload_bytes: int,
+        allowed_content_types: Collection[str],
+        spool_dir: Path,
+        auth: Authenticator,
     ) -> None:
         self._store = store
+        self._auth = auth
         self._max_bytes = max_upload_bytes
         self._allowed = allowed_content_types
         self._spool_dir = spool_dir
@@ -32,6 +40,7 @@ class StorageService(storage_pb2_grpc.StorageServiceServicer):
     async def Upload(
         self, request_iterator: AsyncIterator[storage_pb2.UploadRequest], context: grpc.aio.ServicerContext
     ) -> storage_pb2.UploadResponse:
+        await self._auth.tenant(context.invocation_metadata())
         writer: UploadWriter | None = None
         name = ""
         try:

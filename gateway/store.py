@@ -64,6 +64,8 @@ class RequestRecord:
     start_deadline: float | None = None
     # Requests waiting ahead of it, read with the record by `get` (one round trip for GetStatus).
     queue_position: int | None = field(default=None, compare=False)
+    # Whose it is (the tenant of the API key that submitted it; "" without auth): nobody else sees it.
+    tenant: str = ""
 
     @property
     def finished(self) -> bool:
@@ -74,6 +76,18 @@ class RequestRecord:
 class LogRecord:
     seq: int
     entry: types_pb2.LogEntry
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as stored: only a digest of its secret, never the secret."""
+
+    id: str
+    tenant: str
+    name: str
+    secret_sha256: str
+    created_at: float
+    revoked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,8 +137,10 @@ class RequestStore(Protocol):
         model_key: str,
         client_request_id: str = "",
         start_timeout_seconds: float = 0.0,
+        tenant: str = "",
     ) -> tuple[RequestRecord, bool]:
-        """Queues a request durably; returns (record, created). A repeated client_request_id is not queued twice."""
+        """Queues a request durably; returns (record, created). A client_request_id the tenant used before
+        returns that request instead of queueing another."""
         ...
 
     async def get(self, request_id: str) -> RequestRecord | None: ...
@@ -185,6 +201,14 @@ class RequestStore(Protocol):
 
     async def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]: ...
 
+    async def add_key(self, key: ApiKey) -> None: ...
+
+    async def key(self, key_id: str) -> ApiKey | None: ...
+
+    async def keys(self) -> list[ApiKey]: ...
+
+    async def revoke_key(self, key_id: str) -> bool: ...
+
     async def listen(self, on_change: Callable[[str], None]) -> None:
         """Calls `on_change(request_id)` for changes other gateways make (nothing to do for one gateway)."""
         ...
@@ -197,15 +221,18 @@ def new_owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-async def open_store(settings: Settings) -> RequestStore:
-    """SQLite in the data dir (locked to this gateway) unless `store_url` names a PostgreSQL database."""
+async def open_store(settings: Settings, *, admin: bool = False) -> RequestStore:
+    """SQLite in the data dir (locked to this gateway) unless `store_url` names a PostgreSQL database.
+
+    `admin` opens it beside a running gateway (for `loraserve keys`): no data-dir lock, no dispatching.
+    """
     if settings.store_url:
         from gateway.store_postgres import PostgresStore
 
         return await PostgresStore.open(settings.store_url, lease_seconds=settings.lease_seconds)
     from gateway.store_sqlite import SqliteStore
 
-    return SqliteStore(settings.store_path, lease_seconds=settings.lease_seconds)
+    return SqliteStore(settings.store_path, lease_seconds=settings.lease_seconds, admin=admin)
 
 
 def record_from_row(row: Any) -> RequestRecord:
@@ -236,6 +263,18 @@ def record_from_row(row: Any) -> RequestRecord:
         lease_token=row["lease_token"] or "",
         start_deadline=row["start_deadline"],
         queue_position=_optional_int(row, "queue_position"),
+        tenant=row["tenant"] if "tenant" in row.keys() else "",
+    )
+
+
+def key_from_row(row: Any) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        secret_sha256=row["secret_sha256"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
     )
 
 

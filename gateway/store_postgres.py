@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from gateway import migrations
 from gateway.store import (
     CANCELLED_BY_CALLER,
+    ApiKey,
     LogRecord,
     RequestRecord,
     State,
@@ -35,6 +36,7 @@ from gateway.store import (
     TakenBack,
     lost_owner_error,
     new_owner_name,
+    key_from_row,
     record_from_row,
     start_timeout_error,
 )
@@ -147,11 +149,13 @@ class PostgresStore:
         model_key: str,
         client_request_id: str = "",
         start_timeout_seconds: float = 0.0,
+        tenant: str = "",
     ) -> tuple[RequestRecord, bool]:
         now = time.time()
         rows = await self._write(
-            "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline)"
-            " VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s) ON CONFLICT (client_request_id) DO NOTHING RETURNING *",
+            "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
+            " tenant) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (tenant, client_request_id) DO NOTHING RETURNING *",
             (
                 str(uuid.uuid4()),
                 client_request_id or None,
@@ -160,12 +164,15 @@ class PostgresStore:
                 model_key,
                 now,
                 now + start_timeout_seconds if start_timeout_seconds > 0 else None,
+                tenant,
             ),
         )
         if rows:
             self._queue_depth += 1
             return record_from_row(rows[0]), True
-        existing = await self._fetch("SELECT * FROM requests WHERE client_request_id = %s", (client_request_id,))
+        existing = await self._fetch(
+            "SELECT * FROM requests WHERE tenant = %s AND client_request_id = %s", (tenant, client_request_id)
+        )
         return record_from_row(existing[0]), False
 
     async def get(self, request_id: str) -> RequestRecord | None:
@@ -321,6 +328,27 @@ class PostgresStore:
             )
             for row in rows
         ]
+
+    async def add_key(self, key: ApiKey) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO api_keys (id, tenant, name, secret_sha256, created_at) VALUES (%s, %s, %s, %s, %s)",
+                (key.id, key.tenant, key.name, key.secret_sha256, key.created_at),
+            )
+
+    async def key(self, key_id: str) -> ApiKey | None:
+        rows = await self._fetch("SELECT * FROM api_keys WHERE id = %s", (key_id,))
+        return key_from_row(rows[0]) if rows else None
+
+    async def keys(self) -> list[ApiKey]:
+        return [key_from_row(row) for row in await self._fetch("SELECT * FROM api_keys ORDER BY created_at")]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "UPDATE api_keys SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL", (time.time(), key_id)
+            )
+            return cur.rowcount == 1
 
     async def listen(self, on_change: Callable[[str], None]) -> None:
         if self._listener is None:

@@ -21,12 +21,14 @@ from gateway import migrations
 from gateway.data_dir_lock import DataDirLock
 from gateway.store import (
     CANCELLED_BY_CALLER,
+    ApiKey,
     LogRecord,
     RequestRecord,
     State,
     TakenBack,
     lost_owner_error,
     new_owner_name,
+    key_from_row,
     record_from_row,
     start_timeout_error,
 )
@@ -36,12 +38,14 @@ from loraserve.v1 import types_pb2
 
 
 class SqliteStore:
-    def __init__(self, path: Path, *, lease_seconds: float = 30.0, owner: str = "") -> None:
+    def __init__(self, path: Path, *, lease_seconds: float = 30.0, owner: str = "", admin: bool = False) -> None:
+        """`admin`: for `loraserve keys` beside a running gateway — no data-dir lock; it must not dispatch."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.owner = owner or new_owner_name()
         self.lease_seconds = lease_seconds
         self._dir_lock = DataDirLock(path.parent)
-        self._dir_lock.acquire()
+        if not admin:
+            self._dir_lock.acquire()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
@@ -133,17 +137,20 @@ class SqliteStore:
         model_key: str,
         client_request_id: str = "",
         start_timeout_seconds: float = 0.0,
+        tenant: str = "",
     ) -> tuple[RequestRecord, bool]:
         with self._tx() as db:
             if client_request_id:
-                row = db.execute("SELECT * FROM requests WHERE client_request_id = ?", (client_request_id,)).fetchone()
+                row = db.execute(
+                    "SELECT * FROM requests WHERE tenant = ? AND client_request_id = ?", (tenant, client_request_id)
+                ).fetchone()
                 if row is not None:
                     return record_from_row(row), False
             request_id = str(uuid.uuid4())
             now = time.time()
             row = db.execute(
-                "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
+                " tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     request_id,
                     client_request_id or None,
@@ -153,6 +160,7 @@ class SqliteStore:
                     model_key,
                     now,
                     now + start_timeout_seconds if start_timeout_seconds > 0 else None,
+                    tenant,
                 ),
             ).fetchone()
             self._join_queue([int(row["seq"])])
@@ -350,6 +358,30 @@ class SqliteStore:
             )
             for row in rows
         ]
+
+    async def add_key(self, key: ApiKey) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO api_keys (id, tenant, name, secret_sha256, created_at) VALUES (?, ?, ?, ?, ?)",
+                (key.id, key.tenant, key.name, key.secret_sha256, key.created_at),
+            )
+
+    async def key(self, key_id: str) -> ApiKey | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else key_from_row(row)
+
+    async def keys(self) -> list[ApiKey]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
+        return [key_from_row(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
+            )
+        return cur.rowcount == 1
 
     async def listen(self, on_change: Callable[[str], None]) -> None:
         """One gateway: every change is made here and notified where it is made."""

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from loraserve import keys_cli
 from loraserve.config import Settings
 from loraserve.schema import IMAGE_SIZE_PRESETS
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_config.add_argument("--proxy-host", default="0.0.0.0", help="address Serve's HTTP proxy listens on")
     Settings.add_arguments(serve_config)
+    keys_cli.add_parser(sub)
     return parser
 
 
@@ -120,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_server(args.command, settings, verbose=args.verbose)
     elif args.command == "generate":
         return _generate(args)
+    elif args.command == "keys":
+        return keys_cli.run(args)
     elif args.command == "make-tiny-model":
         from serving.tiny import make_tiny_model
 

@@ -7,7 +7,9 @@ raised as LoraServeError carrying the gRPC code, the reason and the bad fields.
 
 from __future__ import annotations
 
+import functools
 import mimetypes
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,13 +77,52 @@ def _upload_messages(source: str | Path | bytes, file_name: str | None, content_
         yield storage_pb2.UploadRequest(chunk=data[start : start + UPLOAD_CHUNK_BYTES])
 
 
-class Client:
-    """Blocking client; one channel per instance."""
+class _Authorized:
+    """A stub whose every call carries the API key, so no call site can forget it."""
 
-    def __init__(self, target: str = DEFAULT_TARGET) -> None:
-        self._channel = grpc.insecure_channel(target)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._storage = storage_pb2_grpc.StorageServiceStub(self._channel)
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, name: str) -> Any:
+        return functools.partial(getattr(self._stub, name), metadata=self._metadata)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach a gateway: its API key (default: `LORASERVE_KEY`), and for TLS the CA
+    certificates to trust (PEM; empty: the system's) and optionally a client certificate and key."""
+
+    target: str = DEFAULT_TARGET
+    key: str | None = None
+    tls: bool = False
+    root_certificates: bytes | None = None
+    client_cert_chain: bytes | None = None
+    client_private_key: bytes | None = None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        key = self.key if self.key is not None else os.environ.get("LORASERVE_KEY", "")
+        if not key:
+            return ()
+        return (("authorization", key if key.lower().startswith("key ") else f"Key {key}"),)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.tls or self.root_certificates or self.client_cert_chain):
+            return None
+        return grpc.ssl_channel_credentials(self.root_certificates, self.client_private_key, self.client_cert_chain)
+
+
+class Client:
+    """Blocking client; one channel per instance. `key` is `<id>:<secret>` (or set `LORASERVE_KEY`)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, key: str | None = None, **tls: Any) -> None:
+        how = Connection(target, key, **tls)
+        credentials = how.credentials()
+        self._channel = (
+            grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+        )
+        self._generation = _Authorized(generation_pb2_grpc.GenerationServiceStub(self._channel), how.metadata())
+        self._storage = _Authorized(storage_pb2_grpc.StorageServiceStub(self._channel), how.metadata())
 
     def __enter__(self) -> Client:
         return self
@@ -161,10 +202,17 @@ def _call(method: Callable[[Any], Any], request: Any) -> Any:
 class AsyncClient:
     """asyncio client; create it inside the event loop that uses it."""
 
-    def __init__(self, target: str = DEFAULT_TARGET) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
-        self._storage = storage_pb2_grpc.StorageServiceStub(self._channel)
+    def __init__(self, target: str = DEFAULT_TARGET, *, key: str | None = None, **tls: Any) -> None:
+        """As Client: `key`, and TLS with `tls=True`, `root_certificates`, `client_cert_chain`, `client_private_key`."""
+        how = Connection(target, key, **tls)
+        credentials = how.credentials()
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target)
+        )
+        self._generation = _Authorized(generation_pb2_grpc.GenerationServiceStub(self._channel), how.metadata())
+        self._storage = _Authorized(storage_pb2_grpc.StorageServiceStub(self._channel), how.metadata())
 
     async def __aenter__(self) -> AsyncClient:
         return self

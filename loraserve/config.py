@@ -28,9 +28,15 @@ class Settings:
     # A running request's lease: its gateway renews it every third of this; when the gateway dies,
     # another (or the same one restarted) takes the request back once it has run out.
     lease_seconds: float = 30.0
+    # API keys are required on any address but loopback; this turns that off (a network you trust entirely).
+    insecure_no_auth: bool = False
     # Public gRPC API of the gateway.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    # TLS on the gRPC port (PEM files); with a client CA, callers must present a certificate it signed.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     # Gateway HTTP: stored files (local store), health.
     http_host: str = "127.0.0.1"
     http_port: int = 8080

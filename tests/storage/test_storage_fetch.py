@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime
 import ssl
 import struct
 import time
@@ -13,14 +12,11 @@ from pathlib import Path
 from urllib.parse import quote_from_bytes
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from storage_testkit import FileServer, Route, png_bytes
 
 from storage.fetch import FetchPolicy, InputFetchError, fetch_bytes, fetch_image, open_image, redact_url
 from storage.object_store import LocalObjectStore
+from tests.conftest import self_signed_cert
 
 
 def test_data_uri_gives_the_same_image_as_the_same_bytes_by_url(
@@ -212,34 +208,10 @@ def test_own_stored_files_are_read_from_the_store_without_http(tmp_path: Path, l
         fetch_bytes(stored.url, "image_url", loopback_policy)
 
 
-def _self_signed(host: str, directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 def test_https_checks_the_certificate_against_the_host_name_not_the_address(
     tmp_path: Path, loopback_policy: FetchPolicy
 ) -> None:
-    cert_file, key_file = _self_signed("files.test", tmp_path)
+    cert_file, key_file = self_signed_cert("files.test", tmp_path)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert_file, key_file)
     server = FileServer(tls=server_tls)

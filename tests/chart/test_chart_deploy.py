@@ -71,6 +71,9 @@ def rendered(stack_settings: Settings, s3_endpoint: str) -> Rendered:
                 "s3_secure": False,
                 "s3_bucket": BUCKET,
                 "retry_backoff_max_seconds": 2.0,
+                # Serve autoscaling: the deployments entry overrides what build_app set from defaults.
+                "min_replicas": 1,
+                "max_replicas": 2,
                 "shutdown_grace_seconds": 5.0,
             },
             "gateway": {"grpcPort": free_port(), "httpPort": free_port()},
@@ -106,6 +109,12 @@ async def chart_workers(
     await asyncio.to_thread(client.deploy_apps, ServeDeploySchema.model_validate({"applications": [app]}))
     # Until then Serve's gRPC proxy knows one app only, and sends every call to it, whatever its name.
     await asyncio.to_thread(client._wait_for_application_running, APP, 240)
+    details = await asyncio.to_thread(client.get_serve_details)
+    deployed = details["applications"][APP]["deployments"]["Worker"]["deployment_config"]
+    (rendered_deployment,) = app["deployments"]
+    assert deployed["autoscaling_config"]["max_replicas"] == rendered_deployment["autoscaling_config"]["max_replicas"] == 2
+    assert deployed["ray_actor_options"]["num_cpus"] == rendered_deployment["ray_actor_options"]["num_cpus"] == 0.5
+    assert deployed["max_ongoing_requests"] == rendered_deployment["max_ongoing_requests"]
     yield config
     await asyncio.to_thread(serve.delete, APP)
 

@@ -239,7 +239,8 @@ def test_sigint_requeues_what_does_not_finish_within_the_grace(
     serve = start_server("serve", tmp_path / "serve", "--shutdown-grace-seconds", str(grace))
     servers.append(serve)
     wait_serving(serve)
-    long = request(tiny_sdxl, num_inference_steps=150, image_size={"width": 512, "height": 512}, num_images=2)
+    # Tens of seconds on a CPU; its first step comes within seconds (512x512 takes minutes for one step).
+    long = request(tiny_sdxl, num_inference_steps=150, image_size={"width": 256, "height": 256})
     running = submit_and_wait_running(serve, long)
     stop_with(serve, signal.SIGINT, grace)
     assert_clean_exit(serve, signal.SIGINT)

@@ -278,6 +278,15 @@ def test_external_services_with_tls(rendered: dict[str, Rendered]) -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     volumes = {v["name"]: v for v in r.gateway["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "loraserve-grpc-tls"
+    # Secret settings by name reach the gateway and every Ray pod, never the Serve config.
+    shared = {"secretKeyRef": {"name": "loraserve-workers", "key": "secret"}}
+    assert env["LORASERVE_WORKER_SHARED_SECRET"] == shared
+    assert env["LORASERVE_WEBHOOK_SIGNING_KEY"] == {
+        "secretKeyRef": {"name": "loraserve-webhooks", "key": "ed25519-private-key"}
+    }
+    for template in r.ray_pod_templates().values():
+        assert env_of(template["spec"]["containers"][0])["LORASERVE_WORKER_SHARED_SECRET"] == shared
+    assert "shared_secret" not in r.rayservice["spec"]["serveConfigV2"]
     ingress = r.one("Ingress")
     assert ingress["spec"]["tls"] == [{"hosts": ["files.example.com"], "secretName": "files-example-com-tls"}]
     monitor = r.one("ServiceMonitor")

@@ -78,3 +78,9 @@ def test_the_dev_postgresql_needs_no_secret() -> None:
 )
 def test_enums_are_refused(values: dict[str, Any]) -> None:
     assert "value must be one of" in render_error(GPU_PROD, values=values)
+
+
+def test_secret_settings_need_a_secret_and_a_key_and_a_setting_name() -> None:
+    error = render_error(GPU_PROD, values={"secrets": {"settings": {"Signing-Key": {"existingSecret": "hooks"}}}})
+    assert "'Signing-Key' does not match pattern" in error
+    assert "at '/secrets/settings/Signing-Key': missing property 'key'" in error

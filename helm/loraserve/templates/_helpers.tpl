@@ -211,6 +211,13 @@ the settings a replica reads. Secrets stay out: the Ray pods get them as env var
       name: {{ include "loraserve.postgresqlSecretName" .root }}
       key: {{ ternary $v.secrets.postgresql.dsnKey "dsn" (ne $v.secrets.postgresql.existingSecret "") }}
 {{- end }}
+{{- range $name, $ref := $v.secrets.settings }}
+- name: LORASERVE_{{ upper $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.existingSecret }}
+      key: {{ $ref.key }}
+{{- end }}
 {{- if and (eq .component "ray") $v.secrets.huggingface.existingSecret }}
 - name: HF_TOKEN
   valueFrom:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import urllib.request
@@ -227,9 +229,39 @@ def _ready(settings: Settings, grpc_port: int) -> None:
     )
 
 
+# The ports each server command binds, by setting, with the host it binds them on.
+SERVE_PORTS = {"grpc_port": "grpc_host", "http_port": "http_host", "serve_grpc_port": "", "serve_http_port": ""}
+GATEWAY_PORTS = {"grpc_port": "grpc_host", "http_port": "http_host"}
+
+
+class PortsInUse(RuntimeError):
+    pass
+
+
+def check_ports(settings: Settings, ports: dict[str, str]) -> None:
+    """Fails before anything starts when a port is taken (most often by an instance still running):
+    gRPC binds with SO_REUSEPORT and would share it silently, and Serve's proxy fails inside Ray."""
+    taken = []
+    for port_name, host_name in ports.items():
+        port = getattr(settings, port_name)
+        host = getattr(settings, host_name) if host_name else "127.0.0.1"
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    taken.append(f"{host}:{port} ({port_name})")
+    if taken:
+        raise PortsInUse(f"already in use: {', '.join(taken)}; is another loraserve running?")
+
+
 async def _serve(settings: Settings) -> int:
     from loraserve.embedded import EmbeddedService
 
+    check_ports(settings, SERVE_PORTS)
     signals = StopSignals()
     service = EmbeddedService(settings)
     log.info("starting Ray and the Serve workers")
@@ -246,6 +278,7 @@ async def _serve(settings: Settings) -> int:
 async def _gateway(settings: Settings) -> int:
     from gateway.server import Gateway
 
+    check_ports(settings, GATEWAY_PORTS)
     signals = StopSignals()
     gateway = Gateway(settings)
     await gateway.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -266,3 +267,18 @@ def test_request_lines_follow_a_request_by_quarters(caplog: pytest.LogCaptureFix
         ("request failed", None),
     ]
     assert caplog.records[-2].__dict__["seconds"] == 2.35 and caplog.records[-1].levelno == logging.WARNING
+
+
+def test_a_taken_port_fails_the_start_before_anything_runs(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "loraserve.cli", "gateway", "--data-dir", str(tmp_path), "--http-port", "0",
+             "--grpc-port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"already in use: 127.0.0.1:{port} (grpc_port); is another loraserve running?" in result.stderr
+    assert "gateway started" not in result.stderr

@@ -38,8 +38,9 @@ STOP_SECONDS = 60.0
 
 
 def loopback_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), where Ray's GCS, raylet and agents pick
-    theirs: a port chosen there could be taken by Ray between choosing it and the gateway binding it."""
+    """A free port between Ray's worker ports (10002-19999) and Linux's ephemeral range (32768+), where
+    Ray's GCS, raylet and agents pick theirs: a port chosen in either could be taken by Ray between
+    choosing it and the gateway binding it."""
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20_000, 32_000)

@@ -181,3 +181,23 @@ def _env_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def chart_settings() -> dict[str, Any]:
+    """What the Helm chart needs to render `serve_config` itself (helm/loraserve/files/serve-settings.json):
+    the settings that stay out of `args`, the defaults of those that make the deployment options, and
+    the names the config refers to. tests/chart checks the file against this and the two renders."""
+    defaults = Settings()
+    return {
+        "not_args": sorted(SECRET_SETTINGS | DEPLOYMENT_SETTINGS | NOT_FOR_REPLICAS),
+        "defaults": {name: getattr(defaults, name) for name in sorted(DEPLOYMENT_SETTINGS | {"serve_app_name"})},
+        "import_path": IMPORT_PATH,
+        "deployment_name": DEPLOYMENT_NAME,
+        "servicer_functions": list(SERVICER_FUNCTIONS),
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(chart_settings(), indent=2))

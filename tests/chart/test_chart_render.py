@@ -172,6 +172,13 @@ def _schema_settings() -> dict[str, Any]:
     return properties
 
 
+def test_the_charts_copy_of_the_serve_settings_is_current() -> None:
+    written = json.loads((CHART / "files" / "serve-settings.json").read_text())
+    assert written == json.loads(json.dumps(serve_config.chart_settings())), (
+        "regenerate it: python -m serving.serve_config > helm/loraserve/files/serve-settings.json"
+    )
+
+
 def test_the_values_schema_lists_every_setting_the_chart_does_not_set() -> None:
     kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
     expected = {

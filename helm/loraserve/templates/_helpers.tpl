@@ -117,39 +117,18 @@ gRPC proxy with the worker servicer, the deployment's resources and autoscaling,
 the settings a replica reads. Secrets stay out: the Ray pods get them as env vars.
 */}}
 {{- define "loraserve.serveConfig" -}}
+{{- /* files/serve-settings.json is serving.serve_config.chart_settings(): python -m serving.serve_config */ -}}
+{{- $meta := .Files.Get "files/serve-settings.json" | fromJson -}}
 {{- $s := include "loraserve.settings" . | fromYaml -}}
-{{- /* Defaults of loraserve.config.Settings for the deployment options. */ -}}
-{{- $d := merge (deepCopy $s) (dict
-  "serve_app_name" "loraserve"
-  "replica_num_gpus" 0.0
-  "replica_num_cpus" 1.0
-  "min_replicas" 1
-  "max_replicas" 1
-  "initial_replicas" 1
-  "target_ongoing_requests" 1.0
-  "max_ongoing_requests_per_replica" 1
-  "upscale_delay_seconds" 30.0
-  "downscale_delay_seconds" 600.0) -}}
-{{- /* serving.serve_config: SECRET_SETTINGS, DEPLOYMENT_SETTINGS and NOT_FOR_REPLICAS. */ -}}
-{{- $notArgs := list
-  "store_url" "s3_access_key" "s3_secret_key" "s3_presign_access_key" "s3_presign_secret_key"
-  "replica_num_gpus" "replica_num_cpus" "min_replicas" "max_replicas" "initial_replicas"
-  "target_ongoing_requests" "max_ongoing_requests_per_replica" "upscale_delay_seconds" "downscale_delay_seconds"
-  "lease_seconds" "insecure_no_auth" "grpc_host" "grpc_port" "tls_cert_file" "tls_key_file" "tls_client_ca_file"
-  "http_host" "http_port" "ray_address" "ray_num_cpus" "ray_start_attempts" "serve_grpc_host" "serve_grpc_port"
-  "serve_http_port" "serve_app_name" "max_in_flight" "max_queue_skips" "max_attempts"
-  "worker_call_timeout_seconds" "worker_keepalive_seconds" "worker_keepalive_timeout_seconds"
-  "retry_backoff_seconds" "retry_backoff_max_seconds" "worker_unreachable_threshold" "shutdown_grace_seconds"
-  "max_prompt_chars" "max_loras_per_request" "max_upload_bytes" "upload_allowed_content_types"
--}}
+{{- $d := merge (deepCopy $s) $meta.defaults -}}
 {{- $args := dict -}}
 {{- range $name, $value := $s -}}
-{{- if not (has $name $notArgs) -}}
+{{- if not (has $name $meta.not_args) -}}
 {{- $_ := set $args $name $value -}}
 {{- end -}}
 {{- end -}}
 {{- $deployment := dict
-  "name" "Worker"
+  "name" $meta.deployment_name
   "ray_actor_options" (dict "num_cpus" $d.replica_num_cpus "num_gpus" $d.replica_num_gpus)
   "max_ongoing_requests" (add1 (int64 $d.max_ongoing_requests_per_replica))
 -}}
@@ -167,14 +146,14 @@ the settings a replica reads. Secrets stay out: the Ray pods get them as env var
 {{- $app := dict
   "name" $d.serve_app_name
   "route_prefix" (printf "/%s" $d.serve_app_name)
-  "import_path" "serving.serve_config:build_application"
+  "import_path" $meta.import_path
   "args" $args
   "deployments" (list $deployment)
 -}}
 {{- toYaml (dict
   "proxy_location" "EveryNode"
   "http_options" (dict "host" "0.0.0.0" "port" .Values.workers.serveHttpPort)
-  "grpc_options" (dict "port" .Values.workers.serveGrpcPort "grpc_servicer_functions" (list "loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to_server"))
+  "grpc_options" (dict "port" .Values.workers.serveGrpcPort "grpc_servicer_functions" $meta.servicer_functions)
   "applications" (list $app)) -}}
 {{- end -}}
 

@@ -31,28 +31,9 @@ from tests.chart.charttest import (
     render,
     validate_rayservice,
 )
+from tests.chart.sync_chart import CHART_SET, COMMAND, SERVE_SETTINGS, serve_settings_text, settings_schema
 
 CPU_DEV, EXTERNAL_TLS, GPU_PROD = CI_VALUES
-# Settings the chart sets from its own values (refused in `settings`), and those that mean nothing
-# in a cluster (`loraserve gateway` starts no Ray; KubeRay starts the Ray nodes).
-CHART_SET = frozenset(
-    {
-        "data_dir",
-        "grpc_host",
-        "grpc_port",
-        "http_host",
-        "http_port",
-        "serve_grpc_host",
-        "serve_grpc_port",
-        "serve_http_port",
-        "worker_metrics_port",
-        "object_store",
-        "tls_cert_file",
-        "tls_key_file",
-        "tls_client_ca_file",
-    }
-)
-UNUSED_IN_CLUSTER = frozenset({"ray_address", "ray_num_cpus", "ray_start_attempts"})
 CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget", "NetworkPolicy", "Ingress", "Secret"}
 
 
@@ -173,26 +154,12 @@ def _schema_settings() -> dict[str, Any]:
 
 
 def test_the_charts_copy_of_the_serve_settings_is_current() -> None:
-    written = json.loads((CHART / "files" / "serve-settings.json").read_text())
-    assert written == json.loads(json.dumps(serve_config.chart_settings())), (
-        "regenerate it: python -m serving.serve_config > helm/loraserve/files/serve-settings.json"
-    )
+    assert SERVE_SETTINGS.read_text() == serve_settings_text(), f"stale: {COMMAND}"
 
 
 def test_the_values_schema_lists_every_setting_the_chart_does_not_set() -> None:
-    kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
-    expected = {
-        f.name: kinds[type(f.default)]
-        for f in dataclasses.fields(Settings)
-        if f.name not in CHART_SET | UNUSED_IN_CLUSTER | serve_config.SECRET_SETTINGS
-    }
-    listed = {name: spec["type"] for name, spec in _schema_settings().items()}
-    missing = {k: v for k, v in expected.items() if k not in listed}
-    assert not missing, (
-        f"settings missing from helm/loraserve/values.schema.json properties.settings: "
-        f"{json.dumps({k: {'type': v} for k, v in missing.items()})}"
-    )
-    assert listed == expected
+    listed = _schema_settings()
+    assert listed == settings_schema(listed), f"values.schema.json's settings are stale: {COMMAND}"
 
 
 def test_the_chart_sets_what_it_owns(rendered: dict[str, Rendered]) -> None:

@@ -76,6 +76,7 @@ class Gateway:
             call_timeout_seconds=settings.worker_call_timeout_seconds,
             keepalive_seconds=settings.worker_keepalive_seconds,
             keepalive_timeout_seconds=settings.worker_keepalive_timeout_seconds,
+            shared_secret=settings.worker_shared_secret,
         )
         retry_backoff = Backoff(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds)
         self.dispatcher = Dispatcher(

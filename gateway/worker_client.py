@@ -20,6 +20,7 @@ from typing import TypeAlias
 import grpc
 
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
+from loraserve.worker_auth import METADATA_KEY
 
 GenerateCall: TypeAlias = grpc.aio.UnaryStreamCall
 
@@ -37,6 +38,7 @@ class WorkerClient:
         keepalive_seconds: float = SERVE_MIN_PING_INTERVAL_SECONDS,
         keepalive_timeout_seconds: float = 20.0,
         reconnect_backoff_max_seconds: float = 10.0,
+        shared_secret: str = "",
     ) -> None:
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -60,10 +62,11 @@ class WorkerClient:
         self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         self._app_name = app_name
+        self._secret = ((METADATA_KEY, shared_secret),) if shared_secret else ()
         self.call_timeout_seconds = call_timeout_seconds
 
     def _metadata(self, model_key: str) -> tuple[tuple[str, str], ...]:
-        return (("application", self._app_name), ("multiplexed_model_id", model_key))
+        return (("application", self._app_name), ("multiplexed_model_id", model_key), *self._secret)
 
     def generate(self, request: worker_pb2.GenerateRequest, model_key: str) -> GenerateCall:
         return self._stub.Generate(request, metadata=self._metadata(model_key), timeout=self.call_timeout_seconds)

@@ -52,6 +52,9 @@ class Settings:
     serve_grpc_port: int = 9000
     serve_http_port: int = 8000
     serve_app_name: str = "loraserve"
+    # Sent by the gateway on every call to the workers, which refuse calls without it (Serve's gRPC ingress
+    # listens on every interface). Empty: the workers check nothing; `loraserve serve` then makes one per run.
+    worker_shared_secret: str = ""
     # One replica's resources and the autoscaling bounds of the worker deployment.
     replica_num_gpus: float = 0.0
     replica_num_cpus: float = 1.0
@@ -107,6 +110,9 @@ class Settings:
     # Worker calls in a row that cannot reach a worker before dispatching pauses (health reports the
     # GenerationService NOT_SERVING) until the workers can be reached again; waiting requests keep their places.
     worker_unreachable_threshold: int = 3
+    # Finished requests, their logs and their output files are deleted this long after they finished
+    # (like fal's media expiry); the request then answers that its result expired. 0 keeps them forever.
+    retention_seconds: float = 7 * 24 * 3600.0
     # On shutdown, how long running requests may take to finish.
     shutdown_grace_seconds: float = 30.0
     # Largest accepted prompt, in characters.

@@ -20,14 +20,19 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import torch
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 
+from gateway.errors import InvalidArgument
+from gateway.validation import validate_input
 from loraserve import schema
 from loraserve.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import types_pb2, worker_pb2
+from loraserve.worker_auth import caller_secret, secret_matches
 from serving import conditioning
 from serving.embeddings import EmbeddingLoadError
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
@@ -68,6 +73,8 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
     InputFetchError: ErrorType.INVALID_INPUT,
     OptionUnavailableError: ErrorType.INVALID_INPUT,
+    # The gateway's validation, again: a call that did not come through the gateway's checks.
+    InvalidArgument: ErrorType.INVALID_INPUT,
     # The outputs could not be stored: a failed worker attempt, which the gateway may run again.
     StorageUnavailable: ErrorType.WORKER_FAILED,
 }
@@ -108,6 +115,8 @@ class EvictablePipeline:
 class Worker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        if not settings.worker_shared_secret:
+            log.warning("worker_shared_secret is not set: any caller that reaches Serve's gRPC ingress is served")
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
         self._store = from_settings.object_store(settings)
@@ -173,11 +182,15 @@ class Worker:
             self._hot[key] = loaded
             return loaded
 
-    async def Generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, grpc_context: RayServegRPCContext | None = None
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        self._admit(grpc_context)
         started = time.perf_counter()
         inp = request.input
         holding = contextlib.ExitStack()
         try:
+            validate_input(inp, self._settings)
             loads_before = self._pipeline_loads
             pipelines: list[EvictablePipeline] = []
             for _ in range(PIPELINE_ATTEMPTS):
@@ -245,6 +258,20 @@ class Worker:
         finally:
             holding.close()
 
+    def _admit(self, grpc_context: RayServegRPCContext | None) -> None:
+        """Refuses a call through Serve's gRPC ingress without the gateway's secret (PERMISSION_DENIED).
+
+        Serve passes `grpc_context` to calls that came through its gRPC proxy only; a call
+        without one came from inside the Ray cluster, which is trusted.
+        """
+        if grpc_context is None:
+            return
+        if not secret_matches(self._settings.worker_shared_secret, caller_secret(grpc_context.invocation_metadata())):
+            message = "calls to the workers must come from the loraserve gateway (worker secret missing or wrong)"
+            grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            grpc_context.set_details(message)
+            raise PermissionError(message)
+
     async def _safety_checker(self) -> SafetyChecker | None:
         """Loaded once per replica on first use; None when the operator configured none."""
         if self._settings.safety_checker_path and self._checker is None:
@@ -296,17 +323,21 @@ class Worker:
             on_progress=lambda m: emit(_log(m)),
         )
 
-    async def Prefetch(self, request: worker_pb2.PrefetchRequest) -> worker_pb2.PrefetchResponse:
+    async def Prefetch(
+        self, request: worker_pb2.PrefetchRequest, grpc_context: RayServegRPCContext | None = None
+    ) -> worker_pb2.PrefetchResponse:
         """While a request waits in the gateway's queue, its LoRAs and embeddings are downloaded and parsed.
 
         Into host RAM, and, when its base model is hot on this replica, its LoRAs onto the device as
         well (while the running request denoises; within the device tier's byte budget). Failures
         are left for the request itself to report.
         """
+        self._admit(grpc_context)
         key = serve.get_multiplexed_model_id()
         try:
+            validate_input(request.input, self._settings)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
-        except (InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
+        except (InvalidArgument, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
             return worker_pb2.PrefetchResponse()
         return worker_pb2.PrefetchResponse(adapters_ready=resolved)

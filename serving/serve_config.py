@@ -32,7 +32,14 @@ SERVICER_FUNCTIONS = ["loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to
 
 # Never written into a Serve config: the chart gives them to pods from Secrets as env vars.
 SECRET_SETTINGS = frozenset(
-    {"store_url", "s3_access_key", "s3_secret_key", "s3_presign_access_key", "s3_presign_secret_key"}
+    {
+        "store_url",
+        "s3_access_key",
+        "s3_secret_key",
+        "s3_presign_access_key",
+        "s3_presign_secret_key",
+        "worker_shared_secret",
+    }
 )
 # What `deployment_options` is made of.
 DEPLOYMENT_SETTINGS = frozenset(
@@ -78,8 +85,7 @@ NOT_FOR_REPLICAS = frozenset(
         "retry_backoff_max_seconds",
         "worker_unreachable_threshold",
         "shutdown_grace_seconds",
-        "max_prompt_chars",
-        "max_loras_per_request",
+        "retention_seconds",
         "max_upload_bytes",
         "upload_allowed_content_types",
     }

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from serving.tiny import TinyModel
     from tests.postgres_server import PostgresServer
 
+# The session's workers and every gateway a test points at them share this (worker_shared_secret).
+WORKER_SECRET = "test-worker-secret"
+
 
 def require_tool(name: str) -> str:
     """The tool's path; scripts/test.sh installs it, so under it a missing tool fails."""
@@ -114,6 +117,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, flag_everything_che
         fetch_allowed_hosts="127.0.0.1",
         device="cpu",
         shutdown_grace_seconds=5,
+        worker_shared_secret=WORKER_SECRET,
     )
 
 

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraserve.client import Client
 from serving.tiny import TinyModel
+from tests.conftest import WORKER_SECRET
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -114,6 +115,7 @@ def start_server(command: str, data_dir: Path, *flags: str, serve_grpc_port: int
         "--serve-http-port", str(loopback_port()),
         "--ray-num-cpus", "2",
         "--device", "cpu",
+        "--worker-shared-secret", WORKER_SECRET,
         *flags,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -368,7 +369,7 @@ async def _demo(settings: Settings) -> int:
                 on_queue_update=lambda s: print(f"  status {generation_state_name(s.state)}", _progress(s)),
             )
     for image in result.data.images:
-        key = image.url.split("/files/", 1)[1]
+        key = urllib.parse.urlsplit(image.url).path.split("/files/", 1)[1]
         print(f"image: {image.url}\n  stored at {settings.files_dir.resolve() / key}")
     return 0
 

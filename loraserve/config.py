@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -175,6 +177,14 @@ class Settings:
         return self.public_url.rstrip("/") or f"http://{self.http_host}:{self.http_port}"
 
     @property
+    # Comma-separated folders whose files callers may name as local paths (model_name, LoRAs, adapters),
+    # checked after symlinks and `..` are resolved. Empty: none, except that `loraserve serve` listening
+    # on loopback only allows the system temp folder (where the demo, bench and tests build tiny models).
+    allowed_local_roots: str = ""
+    # Lifetime of the local store's signed file URLs, and the HMAC secret that signs them (empty: one is
+    # generated into data_dir on first use and shared by the gateway and the workers on this machine).
+    files_url_expiry_seconds: int = 3600
+    files_url_secret: str = ""
     def dispatch_capacity(self) -> int:
         return self.max_in_flight or self.max_replicas * self.max_ongoing_requests_per_replica
 
@@ -200,6 +210,17 @@ class Settings:
                 values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+    @property
+    def local_roots(self) -> tuple[Path, ...]:
+        return tuple(Path(part.strip()) for part in self.allowed_local_roots.split(",") if part.strip())
+
+    def with_embedded_local_roots(self) -> Settings:
+        """The loopback default: callers are on this machine, and the demo, bench and tests name tiny models
+        they built in temp folders. Anything reachable from elsewhere gets no local paths unless listed."""
+        if self.allowed_local_roots or not (_is_loopback(self.grpc_host) and _is_loopback(self.http_host)):
+            return self
+        return self.replace(allowed_local_roots=tempfile.gettempdir())
+
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -240,3 +261,12 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
             f"setting `{f.name}` ({ENV_PREFIX}{f.name.upper()} / --{f.name.replace('_', '-')}) "
             f"must be a {kind.__name__}, got {raw!r}"
         ) from exc
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,5 +1,8 @@
 """Logs of the server commands: a short console for people, everything in files under data_dir/logs.
 
+Every line is redacted (loraserve.redaction) as it is formatted: URL query strings and user info,
+API-key secrets and `password=`-style values never reach a log file or the console.
+
 Ray, gRPC's C core, torch and friends write INFO chatter straight to file descriptors 1 and 2,
 not through `logging`; only moving those keeps it off the console. So, unless `verbose`, both
 point at `output.log` and the console writes to a copy of the original stderr.
@@ -15,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from loraserve.redaction import redact_text
 
 # Ray's log record factory adds `_ray_timestamp_ns` to every record.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -46,7 +51,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact_text(json.dumps(entry, default=str))
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -68,7 +73,7 @@ class ConsoleFormatter(logging.Formatter):
                 line += "\n" + self.formatException(record.exc_info)
             else:
                 line += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
-        return line
+        return redact_text(line)
 
 
 class _OwnOrError(logging.Filter):

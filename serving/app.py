@@ -31,6 +31,7 @@ from loraserve import schema
 from loraserve.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.model_key import BaseModelRef
+from loraserve.redaction import redact_text, redact_url
 from loraserve.v1 import types_pb2, worker_pb2
 from loraserve.worker_auth import caller_secret, secret_matches
 from serving import conditioning
@@ -141,6 +142,8 @@ class Worker:
         # Base-model key → its pipeline while Serve's multiplexer holds it, so that Prefetch can
         # make a waiting request's LoRAs resident on it.
         self._hot: weakref.WeakValueDictionary[str, LoadedPipeline] = weakref.WeakValueDictionary()
+        # Base-model key → the reference a request is about to load it from (the key is only a digest).
+        self._refs: dict[str, BaseModelRef] = {}
 
         async def load(key: str) -> EvictablePipeline:
             return EvictablePipeline(await asyncio.to_thread(self._load, key))
@@ -148,7 +151,7 @@ class Worker:
         self._pipelines = serve.multiplexed(max_num_models_per_replica=settings.max_pipelines_per_replica)(load)
 
     def _load(self, key: str) -> LoadedPipeline:
-        ref = BaseModelRef.from_key(key)
+        ref = self._refs.pop(key)
         self._pipeline_loads += 1
         with self._metrics.pipeline_load_seconds.time():
             def report(line: str) -> None:
@@ -174,9 +177,9 @@ class Worker:
                 metrics=self._metrics,
                 host_loras=self._host_loras,
                 pipelines_per_replica=self._settings.max_pipelines_per_replica,
-                label=ref.model_name,
+                label=redact_url(ref.model_name),
                 unet=str(unet) if unet is not None else None,
-                unet_label=ref.unet_name or None,
+                unet_label=redact_url(ref.unet_name) or None,
                 variant=variant,
             )
             self._hot[key] = loaded
@@ -193,8 +196,11 @@ class Worker:
             validate_input(inp, self._settings)
             loads_before = self._pipeline_loads
             pipelines: list[EvictablePipeline] = []
+            # The pipeline is the one the request's own input names: the routing key is not trusted for that.
+            ref = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant)
             for _ in range(PIPELINE_ATTEMPTS):
-                async for event in self._loading(serve.get_multiplexed_model_id(), pipelines):
+                self._refs[ref.key] = ref
+                async for event in self._loading(ref.key, pipelines):
                     yield event
                 try:
                     # Taken on the event loop right after the lookup: an eviction from now on
@@ -204,15 +210,17 @@ class Worker:
                 except PipelineReleased:
                     yield _log("base model was unloaded from this replica just now; loading it again")
             else:
-                raise ModelLoadError(f"model {inp.model_name!r} kept being unloaded from this replica; retry later")
+                raise ModelLoadError(
+                    f"model {redact_url(inp.model_name)!r} kept being unloaded from this replica; retry later"
+                )
             loaded = pipelines[-1].loaded
             load_seconds = time.perf_counter() - started
             hot = self._pipeline_loads == loads_before
             (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
             if not hot:
-                yield _log(f"loaded base model {inp.model_name} ({loaded.family}) in {load_seconds:.2f}s")
+                yield _log(f"loaded base model {redact_url(inp.model_name)} ({loaded.family}) in {load_seconds:.2f}s")
             else:
-                yield _log(f"base model {inp.model_name} already loaded on this replica")
+                yield _log(f"base model {redact_url(inp.model_name)} already loaded on this replica")
             params = params_from_input(inp, request.seed)
             resolved: list[None] = []
             async for event in self._in_thread(lambda emit, _stop: self._resolve_inputs(inp, params, emit), resolved):
@@ -333,7 +341,8 @@ class Worker:
         are left for the request itself to report.
         """
         self._admit(grpc_context)
-        key = serve.get_multiplexed_model_id()
+        inp = request.input
+        key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         try:
             validate_input(request.input, self._settings)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
@@ -503,6 +512,7 @@ def _failure(exc: Exception, request_id: str) -> worker_pb2.GenerateResponse:
         message = f"internal error in the worker: {type(exc).__name__}: {exc}"
     else:
         message = str(exc)
+    message = redact_text(message)
     if error_type == ErrorType.OUT_OF_MEMORY and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return worker_pb2.GenerateResponse(failure=types_pb2.RequestError(type=error_type, message=message))

@@ -165,6 +165,7 @@ def resolve_conditioning(
             cn.mask = image(cn.mask_url, f"{prefix}.{cn.mask_field}")
     for i, ipa in enumerate(cond.ip_adapters):
         prefix = f"input.ip_adapter[{i}]"
+        weights.check_local_path(ipa.path, f"{prefix}.path")
         if not ipa.weight_name and not _names_one_file(ipa.path):
             raise InputFetchError(
                 f"{prefix}.weight_name",

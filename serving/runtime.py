@@ -31,6 +31,7 @@ class WorkersStartError(RuntimeError):
 
 
 def start_workers(settings: Settings) -> None:
+    settings = settings.with_embedded_local_roots()
     if not ray.is_initialized():
         _start_ray(settings)
     # The same proxies, app name and route prefix as the chart's serveConfigV2 (serving.serve_config).

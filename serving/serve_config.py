@@ -39,6 +39,7 @@ SECRET_SETTINGS = frozenset(
         "s3_presign_access_key",
         "s3_presign_secret_key",
         "worker_shared_secret",
+        "files_url_secret",
     }
 )
 # What `deployment_options` is made of.

@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import PIL.Image
 
+from loraserve.redaction import redact_url
 from storage.object_store import InvalidKey, ObjectNotFound
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -45,7 +46,6 @@ READ_CHUNK_BYTES = 64 * 1024
 # Formats decoded by Pillow's own code; others (EPS runs Ghostscript) are never opened.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 USER_AGENT = "loraserve-fetch/1"
-MAX_SHOWN_URL_CHARS = 200
 # Characters left as they are when re-quoting a path callers wrote with spaces etc.
 _SAFE_URL_CHARS = "/%:@!$&'()*+,;=-._~"
 
@@ -100,15 +100,6 @@ class StoredFiles(Protocol):
 
 class Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
-
-
-def redact_url(url: str) -> str:
-    """Errors and logs must not repeat signatures, tokens or passwords that came in a URL."""
-    if url[:5].lower() == "data:":
-        return f"{url.split(',', 1)[0][:60]},… ({len(url)} characters)"
-    parts = urlsplit(url)
-    shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-    return shown if len(shown) <= MAX_SHOWN_URL_CHARS else shown[: MAX_SHOWN_URL_CHARS - 1] + "…"
 
 
 def fetch_bytes(url: str, field: str, policy: FetchPolicy, *, store: StoredFiles | None = None) -> bytes:

@@ -7,10 +7,14 @@ import dataclasses
 from loraserve.config import Settings
 from storage.factory import make_object_store
 from storage.fetch import FetchPolicy
-from storage.object_store import ObjectStore
+from storage.object_store import ObjectStore, load_or_create_secret
 from storage.retry import RetryPolicy
 from storage.s3 import S3Settings
 from storage.weights import CacheObserver, WeightsCache
+
+
+# Where the local store's URL-signing secret is generated when the operator sets none.
+FILES_URL_KEY = "files-url.key"
 
 
 def _csv(value: str) -> frozenset[str]:
@@ -35,8 +39,16 @@ def object_store(settings: Settings) -> ObjectStore:
             presign_secret_key=settings.s3_presign_secret_key,
             timeout_seconds=settings.s3_timeout_seconds,
         )
+    signing_key = None
+    if settings.object_store == "local":
+        signing_key = settings.files_url_secret.encode() or load_or_create_secret(settings.data_dir / FILES_URL_KEY)
     return make_object_store(
-        settings.object_store, local_root=settings.files_dir, local_base_url=settings.files_base_url, s3=s3
+        settings.object_store,
+        local_root=settings.files_dir,
+        local_base_url=settings.files_base_url,
+        s3=s3,
+        local_signing_key=signing_key,
+        local_url_expiry_seconds=settings.files_url_expiry_seconds,
     )
 
 
@@ -74,6 +86,7 @@ def weights_cache(settings: Settings, store: ObjectStore, observer: CacheObserve
         store=store,
         max_blob_bytes=settings.max_weights_cache_bytes,
         observer=observer,
+        local_roots=settings.local_roots,
     )
 
 

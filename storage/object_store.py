@@ -2,15 +2,26 @@
 
 Keys are relative, slash-separated and checked so that none can escape the store's
 root; two requests never collide because keys carry the request id or a random part.
+
+The local store's URLs are signed and expire like S3's presigned ones (HMAC-SHA256 of key and
+expiry), so a URL that leaked into a log or a chat stops working, and knowing a key is not
+enough to read a file. Each object's content type is kept beside it (a dot file, which no key
+can name), so the file server sends the type the bytes proved at upload, never one guessed from
+a caller's file name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import os
 import re
 import secrets
+import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -18,6 +29,8 @@ from urllib.parse import urlsplit
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 COPY_CHUNK_BYTES = 1 << 20
+DEFAULT_URL_EXPIRY_SECONDS = 3600
+SIGNING_KEY_BYTES = 32
 
 
 class InvalidKey(ValueError):
@@ -47,6 +60,8 @@ class ObjectStore(Protocol):
 
     def key_for_url(self, url: str) -> str | None: ...
 
+    def delete_prefix(self, prefix: str) -> int: ...
+
 
 def check_key(key: str) -> str:
     parts = key.split("/")
@@ -74,13 +89,53 @@ def key_under(url: str, base: str) -> str | None:
         return None
 
 
-class LocalObjectStore:
-    """Files under a folder, served by the gateway's HTTP port at `{base_url}/files/{key}`."""
+def load_or_create_secret(path: Path) -> bytes:
+    """A random secret kept in `path`, made by whichever process comes first; the others read that one.
 
-    def __init__(self, root: Path, base_url: str) -> None:
+    Written to a temp file and linked into place, so no reader ever sees a partial secret.
+    """
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(SIGNING_KEY_BYTES))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return path.read_bytes()
+
+
+class LocalObjectStore:
+    """Files under a folder, served by the gateway's HTTP port at `{base_url}/files/{key}?expires=…&signature=…`.
+
+    Processes that hand out or check URLs for the same folder (gateway, workers) must share
+    `signing_key`; without one, URLs verify only in this process.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        base_url: str,
+        *,
+        signing_key: bytes | None = None,
+        url_expiry_seconds: int = DEFAULT_URL_EXPIRY_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if url_expiry_seconds < 1:
+            raise ValueError(f"file URL expiry must be at least 1 second, got {url_expiry_seconds}")
         self.root = root.resolve()
         self.base_url = base_url.rstrip("/")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._signing_key = signing_key or secrets.token_bytes(SIGNING_KEY_BYTES)
+        self.url_expiry_seconds = url_expiry_seconds
+        self.clock = clock
 
     def path(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
@@ -116,6 +171,8 @@ class LocalObjectStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        # After the data: a failed write leaves no type behind, and until this lands a reader sniffs.
+        _write_atomically(_type_file(path), content_type.encode())
         return StoredObject(key=key, url=self.url(key), size=size, content_type=content_type)
 
     def get(self, key: str) -> bytes:
@@ -124,8 +181,63 @@ class LocalObjectStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no stored object {key!r}") from None
 
+    def content_type(self, key: str) -> str | None:
+        """The type stored with the object; None for objects written before types were kept."""
+        try:
+            return _type_file(self.path(key)).read_text().strip() or None
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+            return None
+
     def url(self, key: str) -> str:
-        return f"{self.base_url}/files/{check_key(key)}"
+        expires = int(self.clock()) + self.url_expiry_seconds
+        return f"{self.base_url}/files/{check_key(key)}?expires={expires}&signature={self._sign(key, expires)}"
+
+    def signature_valid(self, key: str, expires: str, signature: str) -> bool:
+        """True for a URL this store (or one sharing its key) signed for `key` that has not expired yet."""
+        if not expires.isdigit() or int(expires) < self.clock():
+            return False
+        return hmac.compare_digest(self._sign(key, int(expires)), signature)
 
     def key_for_url(self, url: str) -> str | None:
+        """The key whatever the signature or expiry: results are re-signed from it when read."""
         return key_under(url, f"{self.base_url}/files")
+
+    def _sign(self, key: str, expires: int) -> str:
+        return hmac.new(self._signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes the folder `prefix` names (`outputs/<id>/`) with every object in it; returns how many.
+
+        Deleting what is already gone is no error: two gateways may sweep the same request.
+        """
+        folder = self.path(folder_key(prefix))
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
+        return count
+
+
+def _type_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.type")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def folder_key(prefix: str) -> str:
+    """A prefix that names a whole folder, without its final slash: `outputs/a` must not take `outputs/ab`."""
+    if not prefix.endswith("/"):
+        raise InvalidKey(f"prefix {prefix!r} must name a folder (end with '/')")
+    return check_key(prefix[:-1])

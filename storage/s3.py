@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
-from storage.object_store import ObjectNotFound, StoredObject, check_key, key_under
+from storage.object_store import ObjectNotFound, StoredObject, check_key, folder_key, key_under
 
 # Longest lifetime S3 SigV4 allows for a presigned URL.
 MAX_PRESIGN_EXPIRY_SECONDS = 7 * 24 * 3600
@@ -175,6 +176,23 @@ class S3ObjectStore:
             # Another replica created it between our check and our call.
             if exc.code != "BucketAlreadyOwnedByYou":
                 raise
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every object under the folder `prefix` names (`outputs/<id>/`); returns how many were listed.
+
+        Deleting what is already gone is no error (S3's DeleteObjects says so too).
+        """
+        folder = self.object_name(folder_key(prefix)) + "/"
+        names = [
+            obj.object_name
+            for obj in self._client.list_objects(self.bucket, prefix=folder, recursive=True)
+            if obj.object_name
+        ]
+        failures = list(self._client.remove_objects(self.bucket, [DeleteObject(name) for name in names]))
+        if failures:
+            first = failures[0]
+            raise OSError(f"could not delete {len(failures)} object(s) under {folder!r}: {first.code} {first.message}")
+        return len(names)
 
 
 def _pool(timeout_seconds: float) -> urllib3.PoolManager:

@@ -16,6 +16,7 @@ serving side can export them without storage knowing about metrics.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import math
@@ -25,10 +26,11 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
 import huggingface_hub
@@ -45,14 +47,20 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, decode_data_uri, fetch_to, redact_url
+from loraserve.redaction import redact_url
+from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, decode_data_uri, fetch_to
 from storage.sniff import looks_like_safetensors
 
 ProgressLines = Callable[[str], None]
 
+LOCAL_PATH_REFUSED = (
+    "local paths are refused: only files under the folders the operator lists in allowed_local_roots may be named"
+)
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 SAFETENSORS_SUFFIX = ".safetensors"
 HUB_CONFIG_PATTERNS = ("*.json", "*.txt")
+HUB_CONFIG_SUFFIXES = (".json", ".txt")
+MODEL_INDEX = "model_index.json"
 PROGRESS_STEP_FRACTION = 0.1
 PROGRESS_STEP_BYTES_UNKNOWN_TOTAL = 10_000_000
 _TRUE = {"1", "on", "yes", "true"}
@@ -102,8 +110,13 @@ class WeightsCache:
         max_blob_bytes: int = 0,
         min_blob_age_seconds: float = 300.0,
         observer: CacheObserver | None = None,
+        local_roots: Sequence[Path] = (),
+        hub_listing: Callable[[str], list[HubFile]] | None = None,
     ) -> None:
         self.root = root.resolve()
+        # Folders whose files callers may name by path; none: local paths are refused.
+        self.local_roots = tuple(Path(folder).expanduser().resolve() for folder in local_roots)
+        self.hub_listing = hub_listing or list_hub_files
         self.policy = policy
         self.allow_pickle = allow_pickle
         self.store = store
@@ -135,11 +148,9 @@ class WeightsCache:
             return self._from_url(ref, field, report)
         if "://" in ref:
             raise InputFetchError(field, ref, "only http and https URLs are accepted")
-        local = Path(ref).expanduser()
-        if local.exists():
-            return self._checked_local(local, ref, field, subfolder, weight_name)
+        # Decided by spelling alone: what exists on this node must not change how a reference is read.
         if _looks_like_path(ref):
-            raise InputFetchError(field, ref, "no such local file or folder")
+            return self._checked_local(self._allowed_local(ref, field), ref, field, subfolder, weight_name)
         return self._from_hub(ref, field, subfolder, _with_variant(weight_name, variant), variant, report)
 
     def _from_url(self, url: str, field: str, report: ProgressLines) -> Path:
@@ -274,11 +285,32 @@ class WeightsCache:
                 field, ref, f"{suffix} files are pickle and can run code when loaded; refused (use .safetensors)"
             )
 
+    def check_local_path(self, ref: str, field: str) -> None:
+        """The refusal `resolve` would raise for a local path outside the allowed roots, before anything
+        looks at that path on disk; nothing for URLs, data URIs and repo ids."""
+        if ref[:5].lower() != "data:" and "://" not in ref and _looks_like_path(ref):
+            self._allowed_local(ref, field)
+
+    def _allowed_local(self, ref: str, field: str, *inside: str) -> Path:
+        """The path with symlinks and `..` resolved, if it lies under an allowed root.
+
+        Every refusal is the same error, whatever is on the disk: a caller learns nothing about
+        files outside the roots, not even whether they exist.
+        """
+        try:
+            path = Path(ref).expanduser().joinpath(*inside).resolve()
+        except (OSError, RuntimeError):  # a symlink loop, an unreadable folder on the way
+            raise InputFetchError(field, ref, LOCAL_PATH_REFUSED) from None
+        if not any(path.is_relative_to(root) for root in self.local_roots):
+            raise InputFetchError(field, ref, LOCAL_PATH_REFUSED)
+        return path
+
     def _checked_local(self, path: Path, ref: str, field: str, subfolder: str | None, weight_name: str | None) -> Path:
-        if path.is_dir():
-            path = path / (subfolder or "") / (weight_name or "")
-            if not path.exists():
-                raise InputFetchError(field, ref, f"no {path.relative_to(Path(ref).expanduser())} in the folder")
+        if path.is_dir() and (subfolder or weight_name):
+            # Both come from the caller too, so the joined path is checked against the roots again.
+            path = self._allowed_local(ref, field, subfolder or "", weight_name or "")
+        if not path.exists():
+            raise InputFetchError(field, ref, "no such local file or folder")
         if path.is_file():
             self._refuse_pickle_name(path.name, field, ref)
             self._content_suffix(path, path.name, field, ref)
@@ -304,6 +336,9 @@ class WeightsCache:
             os.utime(repo)  # last use, before the hub call: a cached repo must not be evicted under it
         _, bytes_before = _folder_usage(repo)
         try:
+            patterns = _hub_patterns(subfolder, variant)
+            if not offline:
+                patterns = self._hub_plan(repo_id, field, subfolder, file_name, variant)
             if file_name is not None:
                 path = huggingface_hub.hf_hub_download(
                     repo_id, file_name, subfolder=subfolder, cache_dir=self.root / "hf", local_files_only=offline
@@ -311,7 +346,7 @@ class WeightsCache:
             else:
                 path = huggingface_hub.snapshot_download(
                     repo_id,
-                    allow_patterns=_hub_patterns(subfolder, variant),
+                    allow_patterns=patterns,
                     cache_dir=self.root / "hf",
                     local_files_only=offline,
                 )
@@ -335,6 +370,118 @@ class WeightsCache:
         for weight in weights:
             self._content_suffix(weight, weight.name, field, repo_id)
         return folder
+
+    def _hub_plan(
+        self, repo_id: str, field: str, subfolder: str | None, file_name: str | None, variant: str | None
+    ) -> list[str]:
+        """The repo's files are listed first, so only what the pipeline loads is fetched, and a repo past
+        the size cap is refused before a byte of weights is downloaded. Returns exact allow-patterns."""
+        listing = self.hub_listing(repo_id)
+        model_index = None
+        if file_name is None and not subfolder and any(f.path == MODEL_INDEX for f in listing):
+            index_file = huggingface_hub.hf_hub_download(repo_id, MODEL_INDEX, cache_dir=self.root / "hf")
+            try:
+                model_index = json.loads(Path(index_file).read_bytes())
+            except ValueError:
+                raise InputFetchError(field, repo_id, f"{MODEL_INDEX} is not valid JSON") from None
+        chosen = select_hub_files(listing, subfolder=subfolder, file_name=file_name, variant=variant, model_index=model_index)
+        what = "/".join(part.strip("/") for part in (repo_id, subfolder or "", file_name or "") if part)
+        if file_name is None and not any(f.path.endswith(SAFETENSORS_SUFFIX) for f in chosen):
+            raise InputFetchError(field, repo_id, f"{what} has no .safetensors weights (pickle-only repos are refused)")
+        total = sum(f.size for f in chosen)
+        if total > self.policy.max_bytes:
+            raise InputFetchError(
+                field,
+                repo_id,
+                f"the files to download from {what} are {total} bytes, more than the limit of {self.policy.max_bytes}",
+            )
+        return [glob.escape(f.path) for f in chosen]
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of a Hugging Face repo as its listing gives it."""
+
+    path: str
+    size: int
+
+
+def list_hub_files(repo_id: str) -> list[HubFile]:
+    """The repo's files with their sizes (LFS files by their real size), from the Hub's model API."""
+    info = huggingface_hub.HfApi().model_info(repo_id, files_metadata=True)
+    return [
+        HubFile(s.rfilename, s.size if s.size is not None else (s.lfs.size if s.lfs is not None else 0))
+        for s in info.siblings or []
+    ]
+
+
+def select_hub_files(
+    listing: Sequence[HubFile],
+    *,
+    subfolder: str | None = None,
+    file_name: str | None = None,
+    variant: str | None = None,
+    model_index: dict[str, Any] | None = None,
+) -> list[HubFile]:
+    """What the pipeline loads from a repo, as diffusers would pick it.
+
+    One named file is just that file. A diffusers pipeline (a `model_index.json`, no subfolder)
+    is its index plus, in each component folder it names, the configs, tokenizer files and the
+    safetensors weights: the requested variant's where the folder has them (diffusers falls back
+    to the plain ones), else the plain ones; root-level single-file checkpoints, other precisions,
+    ONNX/Flax/OpenVINO exports and pickles stay on the Hub. Anything else (a subfolder, a LoRA or
+    ControlNet repo) is every config and safetensors file under it, by the same variant rule.
+    """
+    if file_name is not None:
+        path = f"{subfolder.strip('/')}/{file_name}" if subfolder else file_name
+        return [f for f in listing if f.path == path]
+    if subfolder is None and model_index is not None:
+        components = {
+            name
+            for name, spec in model_index.items()
+            if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and None not in spec
+        }
+        chosen = [f for f in listing if f.path == MODEL_INDEX]
+        in_components = [f for f in listing if f.path.count("/") == 1 and f.path.split("/", 1)[0] in components]
+        return chosen + _configs_and_weights(in_components, variant)
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return _configs_and_weights([f for f in listing if f.path.startswith(prefix)], variant)
+
+
+def _configs_and_weights(files: Sequence[HubFile], variant: str | None) -> list[HubFile]:
+    configs = [f for f in files if f.path.endswith(HUB_CONFIG_SUFFIXES) and not f.path.endswith(SAFETENSORS_SUFFIX)]
+    by_folder: dict[str, list[HubFile]] = {}
+    for f in files:
+        if f.path.endswith(SAFETENSORS_SUFFIX):
+            by_folder.setdefault(f.path.rpartition("/")[0], []).append(f)
+    weights: list[HubFile] = []
+    for group in by_folder.values():
+        stems = {f.path.rpartition("/")[2][: -len(SAFETENSORS_SUFFIX)] for f in group}
+        plain = [f for f in group if not _is_variant_of_another(_stem(f), stems)]
+        wanted = [f for f in group if variant and _has_variant(_stem(f), variant)]
+        weights.extend(wanted or plain)
+    return configs + weights
+
+
+def _stem(f: HubFile) -> str:
+    return f.path.rpartition("/")[2][: -len(SAFETENSORS_SUFFIX)]
+
+
+def _has_variant(stem: str, variant: str) -> bool:
+    """`model.fp16` and the shards `model.fp16-00001-of-00002`."""
+    return stem.endswith(f".{variant}") or f".{variant}-" in stem
+
+
+def _is_variant_of_another(stem: str, stems: set[str]) -> bool:
+    """`model.fp16` beside `model` (or its shards beside `model-0000N-of-0000M`): a variant, not the plain weights.
+
+    A dot alone proves nothing (`sd_xl_base_1.0`); the plain file it would vary must be there too.
+    """
+    base, dot, tail = stem.rpartition(".")
+    if not dot:
+        return False
+    shard = re.fullmatch(r"[^-]+(-\d+-of-\d+)", tail)
+    return (base + shard.group(1) if shard else base) in stems
 
 
 class _HashingSink:
@@ -444,7 +591,7 @@ def _file_name(url: str) -> str:
 
 
 def _looks_like_path(ref: str) -> bool:
-    """Repo ids are `name` or `org/name`; anything else is meant as a local path that is missing."""
+    """Repo ids are `name` or `org/name`; anything else is meant as a local path."""
     suffix = Path(ref).suffix.lower()
     has_weights_suffix = suffix in PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX}
     return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or has_weights_suffix

@@ -11,6 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -115,6 +116,8 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, flag_everything_che
         worker_metrics_port=free_port(),
         # Test file servers listen on loopback; private networks stay refused.
         fetch_allowed_hosts="127.0.0.1",
+        # The tiny models and LoRAs the tests name by path live in pytest's temp folders.
+        allowed_local_roots=str(tmp_path_factory.getbasetemp()),
         device="cpu",
         shutdown_grace_seconds=5,
         worker_shared_secret=WORKER_SECRET,
@@ -173,7 +176,7 @@ def self_signed_cert(host: str, directory: Path, ip: str | None = None) -> tuple
 
 
 def read_image_bytes(settings: Settings, url: str) -> bytes:
-    key = url.split("/files/", 1)[1]
+    key = urlsplit(url).path.split("/files/", 1)[1]
     return (settings.files_dir / key).read_bytes()
 
 

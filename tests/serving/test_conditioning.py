@@ -478,7 +478,7 @@ def test_request_fields_resolve_through_the_weights_cache_and_fetcher(
     request = params_from_input(inp, seed=1)
     assert request.conditioning is not None
     assert request.conditioning.controlnets[0].image_field == "control_image_url"
-    weights = WeightsCache(tmp_path / "weights", FetchPolicy())
+    weights = WeightsCache(tmp_path / "weights", FetchPolicy(), local_roots=[tmp_path.parent])
     resolve_conditioning(request.conditioning, weights=weights, image_policy=FetchPolicy())
     cond = request.conditioning
     # No image_encoder_path: the image_encoder folder beside the adapter, as diffusers lays them out.
@@ -498,7 +498,7 @@ def test_request_fields_resolve_through_the_weights_cache_and_fetcher(
 
 
 def test_resolution_failures_name_the_field(kit: TinyAdapters, tmp_path: Path) -> None:
-    weights = WeightsCache(tmp_path / "weights", FetchPolicy())
+    weights = WeightsCache(tmp_path / "weights", FetchPolicy(), local_roots=[tmp_path.parent])
     bad_image = Conditioning(
         controlnets=[
             ControlNetSpec(

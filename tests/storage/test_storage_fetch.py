@@ -14,7 +14,8 @@ from urllib.parse import quote_from_bytes
 import pytest
 from storage_testkit import FileServer, Route, png_bytes
 
-from storage.fetch import FetchPolicy, InputFetchError, fetch_bytes, fetch_image, open_image, redact_url
+from loraserve.redaction import redact_url
+from storage.fetch import FetchPolicy, InputFetchError, fetch_bytes, fetch_image, open_image
 from storage.object_store import LocalObjectStore
 from tests.conftest import self_signed_cert
 

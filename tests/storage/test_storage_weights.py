@@ -148,10 +148,10 @@ def test_a_fake_safetensors_file_is_refused_and_not_cached(
         WeightsCache(tmp_path, loopback_policy).resolve(file_server.url("/no-suffix"), "loras[0].path")
 
 
-def test_local_paths_are_returned_as_they_are_after_the_same_checks(
+def test_local_paths_under_an_allowed_root_are_returned_after_the_same_checks(
     tmp_path: Path, loopback_policy: FetchPolicy
 ) -> None:
-    cache = WeightsCache(tmp_path / "weights", loopback_policy)
+    cache = WeightsCache(tmp_path / "weights", loopback_policy, local_roots=[tmp_path])
     good = tmp_path / "lora.safetensors"
     good.write_bytes(safetensors_bytes())
     assert cache.resolve(str(good), "loras[0].path") == good
@@ -301,7 +301,7 @@ def test_observer_counts_downloads_as_misses_and_cached_references_as_hits(
     url_data, uri_data = safetensors_bytes(seed=1), safetensors_bytes(values=500, seed=2)
     file_server.routes["/a.safetensors"] = Route(url_data)
     seen = RecordingObserver()
-    cache = WeightsCache(tmp_path / "weights", loopback_policy, observer=seen)
+    cache = WeightsCache(tmp_path / "weights", loopback_policy, observer=seen, local_roots=[tmp_path])
     assert seen.total_bytes == 0
     cache.resolve(file_server.url("/a.safetensors"), "f")
     cache.resolve(file_server.url("/a.safetensors"), "f")

@@ -24,8 +24,10 @@ def store(root: Path) -> LocalObjectStore:
 
 
 def all_files(directory: Path) -> list[str]:
-    """Every file under `directory`, hidden ones included, relative and sorted."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    """Every file under `directory`, hidden ones included (but the stored content types), relative and sorted."""
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and not p.name.endswith(".type")
+    )
 
 
 @pytest.mark.parametrize(
@@ -40,9 +42,11 @@ def test_put_writes_file_and_returns_url(
     store: LocalObjectStore, root: Path, key: str, data: bytes, content_type: str
 ) -> None:
     stored = store.put(key, data, content_type)
-    assert stored == StoredObject(key=key, url=f"{BASE}/files/{key}", size=len(data), content_type=content_type)
+    assert stored == StoredObject(key=key, url=stored.url, size=len(data), content_type=content_type)
+    assert stored.url.startswith(f"{BASE}/files/{key}?expires=")
     assert (root / key).read_bytes() == data
-    assert store.url(key) == f"{BASE}/files/{key}"
+    assert store.key_for_url(store.url(key)) == key
+    assert store.content_type(key) == content_type
     assert store.path(key) == (root / key).resolve()
     assert all_files(root) == [key]
 
@@ -139,7 +143,7 @@ def test_symlink_out_of_the_store_is_refused(store: LocalObjectStore, root: Path
 def test_root_is_created_and_base_url_trimmed(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "a" / "b", "https://cdn.example.com/base///")
     assert (tmp_path / "a" / "b").is_dir()
-    assert store.url("k.png") == "https://cdn.example.com/base/files/k.png"
+    assert store.url("k.png").startswith("https://cdn.example.com/base/files/k.png?expires=")
 
 
 def test_random_name() -> None:

@@ -61,6 +61,14 @@ class NotFound(ServiceError):
     reason = "REQUEST_NOT_FOUND"
 
 
+class ResultExpired(ServiceError):
+    """The request finished longer ago than retention_seconds: its result, logs and files were deleted.
+    NOT_FOUND rather than FAILED_PRECONDITION, which callers read as "not ready yet, ask again"."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "RESULT_EXPIRED"
+
+
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "API_KEY_INVALID"

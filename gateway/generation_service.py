@@ -15,6 +15,7 @@ from gateway.errors import (
     InvalidArgument,
     NotFound,
     RequestFailed,
+    ResultExpired,
     Unavailable,
     grpc_errors,
 )
@@ -185,6 +186,11 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             raise FailedPrecondition(f"request {record.id} is {record.state}; its result is not ready")
         if record.error is not None:
             raise RequestFailed(record.error.type, record.error.message)
+        if record.expired_at is not None:
+            raise ResultExpired(
+                f"the result of request {record.id} expired: it finished more than the retention period ago,"
+                " and its output files and logs were deleted"
+            )
         # Signed now from the stored keys: URLs signed when the request finished expire long before it is deleted.
         output = None if record.output is None else with_fresh_urls(record.output, self._files)
         return generation_pb2.GetResultResponse(request_id=record.id, output=output)

@@ -116,6 +116,14 @@ CREATE TABLE api_keys (
 );
 """,
     ),
+    Migration(
+        4,
+        "retention",
+        """
+ALTER TABLE requests ADD COLUMN expired_at REAL;
+CREATE INDEX requests_to_expire ON requests (finished_at) WHERE finished_at IS NOT NULL AND expired_at IS NULL;
+""",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -182,6 +190,14 @@ CREATE TABLE api_keys (
     created_at DOUBLE PRECISION NOT NULL,
     revoked_at DOUBLE PRECISION
 );
+""",
+    ),
+    Migration(
+        4,
+        "retention",
+        """
+ALTER TABLE requests ADD COLUMN expired_at DOUBLE PRECISION;
+CREATE INDEX requests_to_expire ON requests (finished_at) WHERE finished_at IS NOT NULL AND expired_at IS NULL;
 """,
     ),
 )

@@ -22,6 +22,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.scheduling import HotFirstOrder
 from gateway.storage_service import StorageService
 from gateway.lease_keeper import LeaseKeeper
+from gateway.retention import RetentionSweeper
 from gateway.store import RequestStore, open_store
 from gateway.worker_client import WorkerClient
 from loraserve.config import Settings
@@ -61,6 +62,7 @@ class Gateway:
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
         self._http: web.AppRunner | None = None
         self._keeper: LeaseKeeper | None = None
+        self.retention: RetentionSweeper | None = None
         self.grpc_port = 0
 
     def _build(self, store: RequestStore) -> None:
@@ -105,6 +107,13 @@ class Gateway:
             on_change=self._changed,
             on_error=lambda exc: self.metrics.upkeep_errors.inc(),
         )
+        if settings.retention_seconds > 0:
+            self.retention = RetentionSweeper(
+                self.store,
+                self.files,
+                settings.retention_seconds,
+                on_error=lambda exc: self.metrics.upkeep_errors.inc(),
+            )
 
     def _changed(self, request_ids: list[str]) -> None:
         self.feed.notify()
@@ -154,6 +163,8 @@ class Gateway:
         self.dispatcher.wake()
         assert self._keeper is not None
         self._keeper.start()
+        if self.retention is not None:
+            self.retention.start()
         for name in ("", *SERVICE_NAMES):
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -184,6 +195,8 @@ class Gateway:
         await self.dispatcher.shutdown(grace)
         if self._keeper is not None:
             await self._keeper.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         self.feed.close()
         await self.server.stop(grace=1.0)
         if self._http is not None:

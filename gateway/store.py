@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,6 +66,8 @@ class RequestRecord:
     queue_position: int | None = field(default=None, compare=False)
     # Whose it is (the tenant of the API key that submitted it; "" without auth): nobody else sees it.
     tenant: str = ""
+    # When its result, logs and files were deleted (retention_seconds after it finished); None: still kept.
+    expired_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -215,6 +217,15 @@ class RequestStore(Protocol):
 
     async def close(self) -> None: ...
 
+    async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
+        """Finished requests not expired yet that finished before `before` (epoch seconds), oldest first."""
+        ...
+
+    async def expire(self, request_ids: Sequence[str]) -> list[str]:
+        """Marks finished requests expired, dropping their input, output, logs and client_request_id (which
+        the tenant may then use again); returns the ids it changed. Their files are the caller's to delete."""
+        ...
+
 
 def new_owner_name() -> str:
     """Unique per gateway process, readable in the table: host, pid and a random part."""
@@ -264,6 +275,7 @@ def record_from_row(row: Any) -> RequestRecord:
         start_deadline=row["start_deadline"],
         queue_position=_optional_int(row, "queue_position"),
         tenant=row["tenant"] if "tenant" in row.keys() else "",
+        expired_at=row["expired_at"] if "expired_at" in row.keys() else None,
     )
 
 

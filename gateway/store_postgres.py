@@ -18,7 +18,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import psycopg
@@ -370,6 +370,29 @@ class PostgresStore:
                 log.warning("store notifications lost; reconnecting", extra={"error": str(exc), "retry_in": delay})
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+
+    async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM requests WHERE finished_at IS NOT NULL AND expired_at IS NULL AND finished_at < %s"
+            " ORDER BY finished_at LIMIT %s",
+            (before, limit),
+        )
+        return [record_from_row(row) for row in rows]
+
+    async def expire(self, request_ids: Sequence[str]) -> list[str]:
+        if not request_ids:
+            return []
+        async with self._conn() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE requests SET expired_at = %s, input = ''::bytea, output = NULL, client_request_id = NULL"
+                " WHERE id = ANY(%s) AND finished_at IS NOT NULL AND expired_at IS NULL RETURNING id",
+                (time.time(), list(request_ids)),
+            )
+            expired = [row["id"] for row in await cur.fetchall()]
+            if expired:
+                await conn.execute("DELETE FROM logs WHERE request_id = ANY(%s)", (expired,))
+            await _notify(conn, expired)
+        return expired
 
 
 async def _notify(conn: psycopg.AsyncConnection[Any], request_ids: list[str]) -> None:

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -385,6 +385,34 @@ class SqliteStore:
 
     async def listen(self, on_change: Callable[[str], None]) -> None:
         """One gateway: every change is made here and notified where it is made."""
+
+    async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM requests WHERE finished_at IS NOT NULL AND expired_at IS NULL AND finished_at < ?"
+                " ORDER BY finished_at LIMIT ?",
+                (before, limit),
+            ).fetchall()
+        return [record_from_row(row) for row in rows]
+
+    async def expire(self, request_ids: Sequence[str]) -> list[str]:
+        if not request_ids:
+            return []
+        marks = ", ".join("?" for _ in request_ids)
+        with self._tx() as db:
+            expired = [
+                row["id"]
+                for row in db.execute(
+                    "UPDATE requests SET expired_at = ?, input = X'', output = NULL, client_request_id = NULL"
+                    f" WHERE id IN ({marks}) AND finished_at IS NOT NULL AND expired_at IS NULL RETURNING id",
+                    (time.time(), *request_ids),
+                ).fetchall()
+            ]
+            if expired:
+                db.execute(
+                    f"DELETE FROM logs WHERE request_id IN ({', '.join('?' for _ in expired)})", tuple(expired)
+                )
+        return expired
 
 
 # Back in the queue at its original seq (FIFO place); the lease is dropped.

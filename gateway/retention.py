@@ -1,0 +1,93 @@
+"""Retention: finished requests, their logs and their output files expire (like fal's media expiry).
+
+A request that finished more than `retention_seconds` ago loses its output files (the whole
+`outputs/<id>/` folder, so files of earlier attempts and of a run cancelled while it stored its
+images go too), then its result, input, logs and client_request_id; what stays is a small
+tombstone (state, times, error), so GetResult answers NOT_FOUND with reason RESULT_EXPIRED
+instead of handing out URLs to deleted files, and GetStatus still tells how the request ended.
+
+Files are deleted before the request is marked: if the object store fails, the request stays
+as it was and the next round tries again, so no file outlives its request unnoticed. Every
+gateway sweeps (on PostgreSQL two may pick the same request; deleting twice is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from gateway.store import RequestStore
+from storage.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+# A round looks this often, at most (never less than once a second, or than a tenth of the retention).
+MAX_PERIOD_SECONDS = 60.0
+# Requests per store query; a round takes at most BATCH × MAX_BATCHES_PER_ROUND, then lets the next round go on.
+BATCH = 100
+MAX_BATCHES_PER_ROUND = 50
+
+
+def output_prefix(request_id: str) -> str:
+    """Where a worker stores a request's outputs (serving/app.py: `outputs/<id>/<name>`)."""
+    return f"outputs/{request_id}/"
+
+
+class RetentionSweeper:
+    def __init__(
+        self,
+        store: RequestStore,
+        files: ObjectStore,
+        retention_seconds: float,
+        *,
+        on_error: Callable[[BaseException], None],
+        period_seconds: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if retention_seconds <= 0:
+            raise ValueError(f"retention_seconds must be positive to sweep, got {retention_seconds}")
+        self._store = store
+        self._files = files
+        self.retention_seconds = retention_seconds
+        self._on_error = on_error
+        self._period = period_seconds or min(MAX_PERIOD_SECONDS, max(1.0, retention_seconds / 10))
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="retention-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the next round retries; the sweeper must outlive errors
+                log.warning("retention sweep failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._on_error(exc)
+            await asyncio.sleep(self._period)
+
+    async def run_once(self, now: float | None = None) -> list[str]:
+        """Expires what finished more than retention_seconds before `now` (the clock's now); returns the ids."""
+        before = (self._clock() if now is None else now) - self.retention_seconds
+        expired: list[str] = []
+        for _ in range(MAX_BATCHES_PER_ROUND):
+            records = await self._store.expirable(before, BATCH)
+            for record in records:
+                await asyncio.to_thread(self._files.delete_prefix, output_prefix(record.id))
+            expired += await self._store.expire([record.id for record in records])
+            if len(records) < BATCH:
+                break
+        if expired:
+            log.info(
+                "expired finished requests", extra={"count": len(expired), "retention_seconds": self.retention_seconds}
+            )
+        return expired

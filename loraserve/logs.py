@@ -51,7 +51,9 @@ class JsonFormatter(logging.Formatter):
         entry.update(_extras(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return redact_text(json.dumps(entry, default=str))
+        # Each value before encoding: cutting inside the JSON text could cut an escape in half.
+        entry = {k: redact_text(v) if isinstance(v, str) else v for k, v in entry.items()}
+        return json.dumps(entry, default=lambda value: redact_text(str(value)))
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 MAX_SHOWN_URL_CHARS = 200
 REDACTED = "***"
 
-# A URL in free text ends at whitespace, a quote or an angle bracket (JSON strings, reprs, HTML).
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
+# A URL in free text ends at whitespace, a quote, an angle bracket or a backslash (JSON strings, reprs, HTML).
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`\\]+")
 # fal's `Authorization: Key <id>:<secret>` and bearer tokens: the id may stay, the secret may not.
 _KEY_HEADER = re.compile(r"\b(Key\s+[A-Za-z0-9_.-]+:)[^\s'\",;]+")
 _BEARER = re.compile(r"\b(Bearer\s+)[^\s'\",;]+", re.IGNORECASE)

@@ -465,3 +465,4 @@ class Dispatcher:
         for request_id, token in stopped.items():
             # Stopped by this shutdown, not by the request: the attempt is given back.
             await self._store.requeue(request_id, token, refund_attempt=True)
+            self._lines.back_in_queue(request_id, "not finished within the shutdown grace")

@@ -149,5 +149,8 @@ class RequestLines:
     def failed(self, request_id: str, error: str) -> None:
         self._log.warning("request failed", extra={"request_id": request_id, "error": error})
 
+    def back_in_queue(self, request_id: str, why: str) -> None:
+        self._log.info("request back in the queue", extra={"request_id": request_id, "why": why})
+
     def forget(self, request_id: str) -> None:
         self._quarters.pop(request_id, None)

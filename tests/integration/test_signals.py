@@ -248,6 +248,7 @@ def test_sigint_requeues_what_does_not_finish_within_the_grace(
     stop_with(serve, signal.SIGINT, grace)
     assert_clean_exit(serve, signal.SIGINT)
     assert stored_state(serve.data_dir, running) == ("IN_QUEUE", None)
+    assert f"request back in the queue request_id={running}" in serve.console_text()
 
 
 def test_sigterm_while_starting_stops_cleanly(servers: list[Server], tmp_path: Path) -> None:

@@ -258,6 +258,7 @@ def test_request_lines_follow_a_request_by_quarters(caplog: pytest.LogCaptureFix
         lines.forget("r1")
         lines.progress("r2", 5, 0)
         lines.failed("r2", "WORKER_FAILED: replica died")
+        lines.back_in_queue("r3", "not finished within the shutdown grace")
     assert [(r.getMessage(), getattr(r, "step", None)) for r in caplog.records] == [
         ("request started", None),
         ("request progress", "10/40"),
@@ -265,8 +266,9 @@ def test_request_lines_follow_a_request_by_quarters(caplog: pytest.LogCaptureFix
         ("request progress", "40/40"),
         ("request completed", None),
         ("request failed", None),
+        ("request back in the queue", None),
     ]
-    assert caplog.records[-2].__dict__["seconds"] == 2.35 and caplog.records[-1].levelno == logging.WARNING
+    assert caplog.records[-3].__dict__["seconds"] == 2.35 and caplog.records[-2].levelno == logging.WARNING
 
 
 def test_a_taken_port_fails_the_start_before_anything_runs(tmp_path: Path) -> None:

@@ -78,6 +78,28 @@ class ConsoleFormatter(logging.Formatter):
         return redact_text(line)
 
 
+def redact_log_records() -> None:
+    """Redacts each record's message as it is made, in this process, whatever handler later writes it.
+
+    For processes whose handlers are not ours (Ray Serve replicas log through Serve's own);
+    wraps the current record factory (Ray's adds a timestamp), once.
+    """
+    current = logging.getLogRecordFactory()
+    if getattr(current, "redacts", False):
+        return
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = current(*args, **kwargs)
+        message = record.getMessage()
+        shown = redact_text(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return record
+
+    make.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make)
+
+
 class _OwnOrError(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR or record.name.split(".", 1)[0] in OWN_LOGGERS
@@ -115,6 +137,7 @@ def setup_logging(data_dir: Path, level: str = "INFO", *, verbose: bool = False)
     to_console.setFormatter(ConsoleFormatter(tracebacks=verbose))
     if not verbose:
         to_console.addFilter(_OwnOrError())
+    redact_log_records()
     root = logging.getLogger()
     root.handlers[:] = [to_file, to_console]
     root.setLevel(level.upper())

@@ -30,6 +30,7 @@ from gateway.validation import validate_input
 from loraserve import schema
 from loraserve.config import Settings
 from loraserve.errors import ErrorType
+from loraserve.logs import redact_log_records
 from loraserve.model_key import BaseModelRef
 from loraserve.redaction import redact_text, redact_url
 from loraserve.v1 import types_pb2, worker_pb2
@@ -115,6 +116,7 @@ class EvictablePipeline:
 
 class Worker:
     def __init__(self, settings: Settings) -> None:
+        redact_log_records()
         self._settings = settings
         if not settings.worker_shared_secret:
             log.warning("worker_shared_secret is not set: any caller that reaches Serve's gRPC ingress is served")

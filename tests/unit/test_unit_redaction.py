@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from loraserve.logs import ConsoleFormatter, JsonFormatter
+from loraserve.logs import ConsoleFormatter, JsonFormatter, redact_log_records
 from loraserve.redaction import redact_text, redact_url
 
 SECRETS = ("s3cr3tSig", "hunter2", "tok_ABC", "k3ysecret", "dbpass", "bearerTOKEN")
@@ -54,3 +54,25 @@ def test_log_lines_are_redacted_in_the_file_and_on_the_console() -> None:
     for shown in (line, console):
         assert not any(secret in shown for secret in SECRETS), shown
         assert "https://h.example/x.safetensors" in shown
+
+
+def test_records_are_redacted_when_made_whatever_handler_writes_them() -> None:
+    """Ray Serve replicas log through Serve's handlers, not ours: the record itself must be clean."""
+    before = logging.getLogRecordFactory()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(logging.Formatter("%(message)s").format(record))
+
+    logger = logging.getLogger("serving.redaction-test")
+    logger.addHandler(Keep())
+    try:
+        redact_log_records()
+        redact_log_records()  # once only
+        logger.warning("fetching %s", "https://h.example/m.safetensors?token=tok_ABC")
+        logger.warning("plain %d", 3)
+    finally:
+        logging.setLogRecordFactory(before)
+        logger.handlers.clear()
+    assert seen == ["fetching https://h.example/m.safetensors", "plain 3"]

@@ -4,9 +4,14 @@ Replicas on a node share the folder. Downloads land in `tmp/`, are hashed while 
 stream, checked, and renamed to `blobs/<sha256><suffix>`; an index file maps each URL to
 its blob. A per-URL `flock` makes concurrent requests (threads or processes) for the same
 uncached URL wait for one download instead of starting their own. Hugging Face repos go
-through `huggingface_hub` (its own cache under `hf/`, its offline mode), fetching only
-safetensors and small config files. Pickle files can run code when loaded, so they are
-refused unless the operator opts in, and a file that claims to be safetensors must be one.
+through `huggingface_hub` (its own cache under `hf/`, its offline mode): the repo is listed
+first and only the files the pipeline loads are fetched, once their total fits the size cap.
+Pickle files can run code when loaded, so they are refused unless the operator opts in, and
+a file that claims to be safetensors must be one.
+
+Local paths name files on the worker's node, so they are refused unless they lie under a
+folder the operator allows; the refusal is the same whatever exists there, and whether a
+reference is a path or a repo id is decided by its spelling, never by the disk.
 
 Blobs and Hugging Face repo folders share one disk budget, least recently used first. The
 cache reports hits, misses, evictions and its size to an optional `CacheObserver`, so the

@@ -43,6 +43,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -342,18 +343,22 @@ class WeightsCache:
         _, bytes_before = _folder_usage(repo)
         try:
             patterns = _hub_patterns(subfolder, variant)
+            cache_only = offline
             if not offline:
-                patterns = self._hub_plan(repo_id, field, subfolder, file_name, variant)
+                plan = self._hub_plan(repo_id, field, subfolder, file_name, variant)
+                # Unreachable: nothing unlisted may be downloaded, but what is cached may still serve.
+                cache_only = plan is None
+                patterns = plan or patterns
             if file_name is not None:
                 path = huggingface_hub.hf_hub_download(
-                    repo_id, file_name, subfolder=subfolder, cache_dir=self.root / "hf", local_files_only=offline
+                    repo_id, file_name, subfolder=subfolder, cache_dir=self.root / "hf", local_files_only=cache_only
                 )
             else:
                 path = huggingface_hub.snapshot_download(
                     repo_id,
                     allow_patterns=patterns,
                     cache_dir=self.root / "hf",
-                    local_files_only=offline,
+                    local_files_only=cache_only,
                 )
         except HFValidationError as exc:  # not a repo id at all, so no cache lookup
             raise InputFetchError(field, repo_id, _hub_reason(exc, offline)) from None
@@ -378,10 +383,16 @@ class WeightsCache:
 
     def _hub_plan(
         self, repo_id: str, field: str, subfolder: str | None, file_name: str | None, variant: str | None
-    ) -> list[str]:
+    ) -> list[str] | None:
         """The repo's files are listed first, so only what the pipeline loads is fetched, and a repo past
-        the size cap is refused before a byte of weights is downloaded. Returns exact allow-patterns."""
-        listing = self.hub_listing(repo_id)
+        the size cap is refused before a byte of weights is downloaded. Returns exact allow-patterns, or
+        None when the Hub cannot be reached."""
+        try:
+            listing = self.hub_listing(repo_id)
+        except (HfHubHTTPError, HFValidationError):  # the Hub answered: no such repo, gated, ...
+            raise
+        except Exception:  # noqa: BLE001 - connection and timeout errors of whichever HTTP client the hub uses
+            return None
         model_index = None
         if file_name is None and not subfolder and any(f.path == MODEL_INDEX for f in listing):
             index_file = huggingface_hub.hf_hub_download(repo_id, MODEL_INDEX, cache_dir=self.root / "hf")

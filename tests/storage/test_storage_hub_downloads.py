@@ -205,3 +205,24 @@ def test_a_pickle_only_repo_is_refused_from_its_listing(tmp_path: Path, monkeypa
     with pytest.raises(InputFetchError, match="no .safetensors weights"):
         cache.resolve("org/old-style", "input.controlnets[0].path")
     assert hub.downloaded == []
+
+
+@pytest.mark.usefixtures("online")
+def test_an_unreachable_hub_means_reading_only_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = _hub(tmp_path, monkeypatch)
+    asked: list[bool] = []
+
+    def unreachable(repo_id: str) -> list[HubFile]:
+        raise ConnectionError("no route to huggingface.co")
+
+    def cache_only(repo_id: str, *, local_files_only: bool, **kwargs: Any) -> str:
+        asked.append(local_files_only)
+        return hub.snapshot_download(repo_id, **kwargs)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", cache_only)
+    cache = WeightsCache(tmp_path / "weights", FetchPolicy(), hub_listing=unreachable)
+    folder = cache.resolve("org/lora", "input.loras[0].path", subfolder="unet")
+    assert asked == [True]
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()

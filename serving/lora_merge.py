@@ -1,7 +1,8 @@
 """A request's LoRA set merged into copies of the weights it touches, swapped into the modules for the request.
 
 For each adapted layer the request runs with `W' = W + Σ scale · up @ down` (`up` carries PEFT's
-alpha / r): what diffusers' `fuse_lora` computes, but into new tensors, so the resident weights are
+alpha / r; DoRA layers are rescaled per output feature as PEFT merges them): what diffusers'
+`fuse_lora` computes, but into new tensors, so the resident weights are
 never modified, no rounding drift accumulates and nothing has to be unfused. Layers of one shape
 group (serving/lora_tensors.py) are merged by one `baddbmm` over their stacked weights, so a
 switch costs one launch per group and LoRA, not one per layer: an SDXL attention LoRA adapts 560
@@ -69,10 +70,26 @@ def _merge_group(group: ShapeGroup, scale: float, current: dict[Mergeable, torch
         up = torch.stack(group.ups[chunk]).to(compute)
         up *= group.scalings[chunk].to(compute)
         down = torch.stack(group.downs[chunk]).to(compute)
-        stacked.baddbmm_(up, down, alpha=scale)
+        if group.magnitudes is None:
+            stacked.baddbmm_(up, down, alpha=scale)
+        else:
+            _merge_dora(group, chunk, stacked, torch.bmm(up, down).mul_(scale))
         merged = stacked.to(dtype)
         for module, weight, one in zip(group.modules[chunk], weights[chunk], merged.unbind(0)):
             current[module] = one.view(weight.shape)
+
+
+def _merge_dora(group: ShapeGroup, chunk: slice, stacked: torch.Tensor, delta: torch.Tensor) -> None:
+    """PEFT's DoRA merge: `m / ‖W₀ + ΔW‖ · (W + ΔW)` per output feature.
+
+    The norm is of the resident weight plus this LoRA's delta (PEFT's `_unmerged_base_weight`),
+    the factor multiplies the weight with every LoRA merged so far, as `fuse_lora` does in turn.
+    """
+    assert group.magnitudes is not None
+    base = torch.stack([m.weight.detach().reshape(m.weight.shape[0], -1) for m in group.modules[chunk]])
+    norm = torch.linalg.norm(base.to(stacked.dtype) + delta, dim=2)
+    magnitude = torch.stack(group.magnitudes[chunk]).to(stacked.dtype)
+    stacked.add_(delta).mul_((magnitude / norm).unsqueeze(-1))
 
 
 def install(parameters: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:

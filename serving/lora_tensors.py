@@ -16,7 +16,8 @@ a request's merge costs one batched matmul per group, not one per layer (serving
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from functools import partial
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +37,8 @@ TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".f
 MERGEABLE = (torch.nn.Linear, torch.nn.Conv2d)
 Mergeable = torch.nn.Linear | torch.nn.Conv2d
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+# DoRA's per-output-feature magnitude, as PEFT saves it (with or without `.weight`).
+MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 
 
 class LoraFitError(Exception):
@@ -53,6 +56,8 @@ class LayerDelta:
     down: torch.Tensor
     # PEFT's alpha / r (or alpha / √r with rsLoRA), times diffusers' text-encoder lora_scale.
     scaling: float
+    # DoRA: the magnitude per output feature (out,); None for a plain LoRA layer.
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class ShapeGroup:
     downs: tuple[torch.Tensor, ...]
     # Each layer's scaling, (n, 1, 1) float32 on the device, to multiply the stacked `ups` by.
     scalings: torch.Tensor
+    # DoRA layers' magnitudes (out,) each; None in a group of plain LoRA layers.
+    magnitudes: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,8 @@ def layer_deltas(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> 
         else:
             peft_dict, rank = _text_encoder_peft(part, model)
         config = _create_lora_config(peft_dict, alphas, metadata, rank, is_unet=attr == UNET)
-        if config.use_dora or config.lora_bias or any(not key.endswith((LORA_A, LORA_B)) for key in peft_dict):
-            raise LoraFitError("DoRA, LoRA bias and other LoRA variants are not supported; use a plain LoRA")
+        if config.lora_bias or any(not key.endswith((LORA_A, LORA_B, *MAGNITUDE)) for key in peft_dict):
+            raise LoraFitError("LoRA bias and LoRA variants other than DoRA are not supported; use a plain LoRA")
         extra = pipe.lora_scale if attr != UNET else 1.0
         deltas.extend(_deltas(attr, model, peft_dict, config, extra))
     return deltas
@@ -204,20 +211,25 @@ def _deltas(
                 f"layer {component}.{name}: LoRA matrices {tuple(up.shape)} · {tuple(down.shape)} do not fit "
                 f"its weight {tuple(weight.shape)}"
             )
-        yield LayerDelta(component, name, module, up2d, down2d, scaling)
+        magnitude = next((peft_dict[name + suffix] for suffix in MAGNITUDE if name + suffix in peft_dict), None)
+        if magnitude is not None:
+            if magnitude.numel() != weight.shape[0]:
+                raise LoraFitError(f"layer {component}.{name}: DoRA magnitude {tuple(magnitude.shape)} does not fit")
+            magnitude = magnitude.reshape(-1)
+        yield LayerDelta(component, name, module, up2d, down2d, scaling, magnitude)
 
 
 def _on_device(deltas: list[LayerDelta], parsed: ParsedLora) -> tuple[list[LayerDelta], int]:
     """The matrices on their layers' device: as they are on a CPU, one transfer of the pinned buffer to a GPU."""
-    tensors = [t for delta in deltas for t in (delta.up, delta.down)]
+    tensors = [t for delta in deltas for t in _matrices(delta)]
     device = deltas[0].module.weight.device
     if device.type == "cpu" or any(delta.module.weight.device != device for delta in deltas):
-        moved = [replace(d, up=d.up.to(d.module.weight.device), down=d.down.to(d.module.weight.device)) for d in deltas]
-        return moved, _bytes(t for d in moved for t in (d.up, d.down))
+        moved = [_moved(d, partial(torch.Tensor.to, device=d.module.weight.device)) for d in deltas]
+        return moved, _bytes(t for d in moved for t in _matrices(d))
     flat = parsed.flat
     if flat is None or not all(_inside(t, flat) for t in tensors):
-        moved = [replace(d, up=d.up.to(device, non_blocking=True), down=d.down.to(device, non_blocking=True)) for d in deltas]
-        return moved, _bytes(t for d in moved for t in (d.up, d.down))
+        moved = [_moved(d, lambda t: t.to(device, non_blocking=True)) for d in deltas]
+        return moved, _bytes(t for d in moved for t in _matrices(d))
     on_device = flat.to(device, non_blocking=True)
 
     def there(tensor: torch.Tensor) -> torch.Tensor:
@@ -225,7 +237,16 @@ def _on_device(deltas: list[LayerDelta], parsed: ParsedLora) -> tuple[list[Layer
         size = tensor.numel() * tensor.element_size()
         return on_device[offset : offset + size].view(tensor.dtype).view(tensor.shape)
 
-    return [replace(d, up=there(d.up), down=there(d.down)) for d in deltas], on_device.numel()
+    return [_moved(d, there) for d in deltas], on_device.numel()
+
+
+def _matrices(delta: LayerDelta) -> tuple[torch.Tensor, ...]:
+    return (delta.up, delta.down) if delta.magnitude is None else (delta.up, delta.down, delta.magnitude)
+
+
+def _moved(delta: LayerDelta, move: Callable[[torch.Tensor], torch.Tensor]) -> LayerDelta:
+    magnitude = None if delta.magnitude is None else move(delta.magnitude)
+    return replace(delta, up=move(delta.up), down=move(delta.down), magnitude=magnitude)
 
 
 def _inside(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
@@ -241,9 +262,9 @@ def _bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
     """Text encoders' groups come first, as they run first."""
-    groups: dict[tuple[str, int, int, int], list[LayerDelta]] = {}
+    groups: dict[tuple[str, int, int, int, bool], list[LayerDelta]] = {}
     for delta in deltas:
-        key = (delta.component, delta.up.shape[0], delta.down.shape[1], delta.down.shape[0])
+        key = (delta.component, delta.up.shape[0], delta.down.shape[1], delta.down.shape[0], delta.magnitude is not None)
         groups.setdefault(key, []).append(delta)
     order = sorted(groups, key=lambda key: LORA_COMPONENTS.index(key[0]) if key[0] != UNET else len(LORA_COMPONENTS))
     for key in order:
@@ -256,4 +277,5 @@ def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
             torch.tensor([d.scaling for d in members], dtype=torch.float32)
             .view(-1, 1, 1)
             .to(members[0].up.device, non_blocking=True),
+            tuple(d.magnitude for d in members if d.magnitude is not None) if key[4] else None,
         )

@@ -4,7 +4,7 @@ The service keeps LoRAs as low-rank tensors and merges a request's set into copi
 (serving/lora_tensors.py, serving/lora_merge.py), without PEFT. Every format it accepts is checked
 against diffusers on the tiny models, weight by weight and pixel by pixel: diffusers/PEFT files with
 alpha in the metadata, kohya / A1111 files with `.alpha` keys, text-encoder-only LoRAs, LoRAs on
-convolutions with per-layer ranks, and several LoRAs at different scales.
+convolutions with per-layer ranks, DoRA, and several LoRAs at different scales.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
 from serving.pipelines import LoadedPipeline, generate, load_pipeline
 from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
@@ -64,6 +66,23 @@ def conv_lora(path: Path, pipe: DiffusionPipeline) -> Path:
     return path
 
 
+def dora_lora(path: Path, pipe: DiffusionPipeline) -> Path:
+    """A DoRA on attention and 3×3 convolutions, made by PEFT, with random up matrices and magnitudes."""
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "conv1"], use_dora=True), adapter_name="d"
+    )
+    generator = torch.Generator().manual_seed(9)
+    layers = {}
+    for key, tensor in get_peft_model_state_dict(pipe.unet, adapter_name="d").items():
+        if ".lora_B." in key:
+            tensor = torch.randn(tensor.shape, generator=generator) * 0.3
+        elif "magnitude" in key:
+            tensor = tensor * (1 + 0.2 * torch.randn(tensor.shape, generator=generator))
+        layers[key] = tensor.detach().clone()
+    type(pipe).save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name)
+    return path
+
+
 def lora_sets(family: str, model: TinyModel, folder: Path) -> dict[str, list[tuple[str, float]]]:
     text = ["text_encoder"] if family == "sd15" else ["text_encoder", "text_encoder_2"]
     peft = make_tiny_lora(folder / "peft.safetensors", family, alpha=2, seed=3)  # type: ignore[arg-type]
@@ -74,6 +93,7 @@ def lora_sets(family: str, model: TinyModel, folder: Path) -> dict[str, list[tup
     te_peft = make_tiny_lora(folder / "te-peft.safetensors", family, alpha=8, components=text[-1:], seed=6)  # type: ignore[arg-type]
     with torch.random.fork_rng(devices=[]):
         conv = conv_lora(folder / "conv.safetensors", DiffusionPipeline.from_pretrained(model.pipeline_dir))
+        dora = dora_lora(folder / "dora.safetensors", DiffusionPipeline.from_pretrained(model.pipeline_dir))
     first, second = (str(path) for path in model.lora_paths)
     return {
         "peft-alpha": [(str(peft), 1.0)],
@@ -82,6 +102,8 @@ def lora_sets(family: str, model: TinyModel, folder: Path) -> dict[str, list[tup
         "text-encoder-peft": [(str(te_peft), 0.7)],
         "conv-rank-pattern": [(str(conv), 1.0)],
         "several-with-scales": [(first, 0.8), (str(kohya), -0.4), (str(te_kohya), 1.3), (second, 0.5)],
+        "dora": [(str(dora), 0.8)],
+        "dora-after-a-lora": [(first, 0.5), (str(dora), 1.0)],
     }
 
 

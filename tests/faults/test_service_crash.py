@@ -13,6 +13,7 @@ from loraserve.client import AsyncClient
 from loraserve.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
+from tests.conftest import WORKER_SECRET
 from tests.faults.faultkit import (
     COMPLETED,
     all_finished,
@@ -102,6 +103,7 @@ async def test_ray_cluster_killed_and_started_again_under_a_gateway(
         retry_backoff_seconds=0.5,
         retry_backoff_max_seconds=5.0,
         shutdown_grace_seconds=5,
+        worker_shared_secret=WORKER_SECRET,  # what start_server gives the clusters' workers
     )
     gateway = Gateway(settings)
     await gateway.start()

@@ -46,8 +46,8 @@ async def test_gateway_sigkilled_mid_request_the_other_finishes_it_once(
     try:
         await wait_serving(doomed)
         async with AsyncClient(f"127.0.0.1:{survivor.grpc_port}") as client:
-            # ~2 s each: long enough to be caught mid-run; both gateways take requests from the queue.
-            ids = [await client.submit(body(tiny_sdxl, seed=6000 + i, steps=20)) for i in range(8)]
+            # ~3 s each here: long enough to be caught mid-run; both gateways take requests from the queue.
+            ids = [await client.submit(body(tiny_sdxl, seed=6000 + i, steps=30)) for i in range(8)]
 
             async def run_by_doomed() -> str | None:
                 """A request the doomed gateway is running, with a step reported (the worker is on it)."""

@@ -10,6 +10,7 @@ Service's DNS name is loopback here and the pod's 0.0.0.0 listens on loopback.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -42,13 +43,20 @@ SECRETS = {"chart-s3": {"access-key": "testing", "secret-key": "testing"}}
 MOUNT = "/data"
 
 
-def resolve_env(container: dict[str, Any], data_dir: Path) -> dict[str, str]:
-    """The container's env as the pod would see it: secretKeyRefs read, /data where the volume is."""
+def resolve_env(container: dict[str, Any], data_dir: Path, rendered: Rendered) -> dict[str, str]:
+    """The container's env as the pod would see it: secretKeyRefs read (from the cluster's Secrets and
+    those the chart made), /data where the volume is."""
+    secrets = {
+        d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
+        for d in rendered.documents
+        if d["kind"] == "Secret"
+    }
+    secrets.update(SECRETS)
     env: dict[str, str] = {}
     for name, value in env_of(container).items():
         if isinstance(value, dict):
             ref = value["secretKeyRef"]
-            value = SECRETS[ref["name"]][ref["key"]]
+            value = secrets[ref["name"]][ref["key"]]
         if value == MOUNT or value.startswith(MOUNT + "/"):
             value = str(data_dir) + value[len(MOUNT) :]
         env[name] = value
@@ -56,7 +64,7 @@ def resolve_env(container: dict[str, Any], data_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def rendered(stack_settings: Settings, s3_endpoint: str) -> Rendered:
+def rendered(stack_settings: Settings, s3_endpoint: str, tiny_sdxl: TinyModel) -> Rendered:
     return render(
         CI_VALUES[0],  # CPU dev, with external S3 (moto) instead of the in-chart MinIO
         values={
@@ -71,6 +79,8 @@ def rendered(stack_settings: Settings, s3_endpoint: str) -> Rendered:
                 "s3_secure": False,
                 "s3_bucket": BUCKET,
                 "retry_backoff_max_seconds": 2.0,
+                # Callers name the tiny model by its local path: only under listed folders.
+                "allowed_local_roots": str(tiny_sdxl.pipeline_dir.parent),
                 # Serve autoscaling: the deployments entry overrides what build_app set from defaults.
                 "min_replicas": 1,
                 "max_replicas": 2,
@@ -104,7 +114,7 @@ async def chart_workers(
     assert app["args"]["data_dir"] == MOUNT
     app["args"]["data_dir"] = str(worker_data)
     worker_container = rendered.ray_pod_templates()["cpu"]["spec"]["containers"][0]
-    app["runtime_env"] = {"env_vars": resolve_env(worker_container, worker_data)}
+    app["runtime_env"] = {"env_vars": resolve_env(worker_container, worker_data, rendered)}
     client = _get_global_client()
     await asyncio.to_thread(client.deploy_apps, ServeDeploySchema.model_validate({"applications": [app]}))
     # Until then Serve's gRPC proxy knows one app only, and sends every call to it, whatever its name.
@@ -127,7 +137,7 @@ async def chart_gateway(
     container = rendered.gateway_container
     data_dir = tmp_path_factory.mktemp("chart-gateway-data")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(resolve_env(container, data_dir))
+    env.update(resolve_env(container, data_dir, rendered))
     serve_service = rendered.rayservice["spec"]["serveService"]["metadata"]["name"]
     assert env[ENV_PREFIX + "SERVE_GRPC_HOST"] == serve_service
     assert env[ENV_PREFIX + "GRPC_HOST"] == env[ENV_PREFIX + "HTTP_HOST"] == "0.0.0.0"

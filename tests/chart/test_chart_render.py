@@ -7,6 +7,7 @@ and against serving.serve_config for the same settings.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import shutil
@@ -237,6 +238,18 @@ def test_cpu_dev_runs_one_gateway_on_a_pvc_with_the_dev_minio(rendered: dict[str
     (group,) = r.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert r.serve_config["applications"][0]["deployments"][0]["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_the_worker_shared_secret_is_made_once_unless_given(rendered: dict[str, Rendered]) -> None:
+    """The gateway and every Ray pod read the same Secret; the chart makes it when none is named."""
+    for name, secret_name in ((CPU_DEV.name, "t-loraserve-worker-secret"), (EXTERNAL_TLS.name, "loraserve-workers")):
+        r = rendered[name]
+        containers = [r.gateway_container] + [t["spec"]["containers"][0] for t in r.ray_pod_templates().values()]
+        refs = {env_of(c)["LORASERVE_WORKER_SHARED_SECRET"]["secretKeyRef"]["name"] for c in containers}
+        assert refs == {secret_name}, name
+    made = rendered[CPU_DEV.name].one("Secret", "-worker-secret")
+    assert len(base64.b64decode(made["data"]["worker-shared-secret"])) == 48
+    assert not [d for d in rendered[EXTERNAL_TLS.name].documents if d["metadata"]["name"].endswith("-worker-secret")]
 
 
 def test_external_services_with_tls(rendered: dict[str, Rendered]) -> None:

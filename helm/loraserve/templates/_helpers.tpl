@@ -60,6 +60,10 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{- define "loraserve.workerSecretName" -}}
+{{- printf "%s-worker-secret" (include "loraserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "loraserve.postgresqlSecretName" -}}
 {{- if .Values.secrets.postgresql.existingSecret -}}
 {{- .Values.secrets.postgresql.existingSecret -}}
@@ -189,6 +193,13 @@ the settings a replica reads. Secrets stay out: the Ray pods get them as env var
     secretKeyRef:
       name: {{ include "loraserve.postgresqlSecretName" .root }}
       key: {{ ternary $v.secrets.postgresql.dsnKey "dsn" (ne $v.secrets.postgresql.existingSecret "") }}
+{{- end }}
+{{- if not (hasKey $v.secrets.settings "worker_shared_secret") }}
+- name: LORASERVE_WORKER_SHARED_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "loraserve.workerSecretName" .root }}
+      key: worker-shared-secret
 {{- end }}
 {{- range $name, $ref := $v.secrets.settings }}
 - name: LORASERVE_{{ upper $name }}

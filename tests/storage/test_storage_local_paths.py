@@ -88,3 +88,21 @@ def test_check_local_path_refuses_before_anything_looks_at_the_disk(tmp_path: Pa
     cache.check_local_path(str(layout["allowed"] / "lora.safetensors"), "f")
     cache.check_local_path("https://example.com/x.safetensors", "f")
     cache.check_local_path("org/repo", "f")
+
+
+def test_an_ip_adapter_path_outside_the_roots_is_refused_before_its_kind_is_looked_at(
+    tmp_path: Path, layout: dict[str, Path]
+) -> None:
+    """Without weight_name, a folder and a file used to get different errors: the existence oracle again."""
+    from serving.conditioning import Conditioning, IPAdapterSpec, resolve_conditioning
+
+    cache = WeightsCache(tmp_path / "weights", FetchPolicy(), local_roots=[layout["allowed"]])
+    outside = layout["outside"]
+    reasons = set()
+    for path in (outside / "secret.safetensors", outside / "empty-folder", outside / "missing"):
+        spec = Conditioning(ip_adapters=[IPAdapterSpec(path=str(path), image_urls=["data:,x"])])
+        with pytest.raises(InputFetchError) as info:
+            resolve_conditioning(spec, weights=cache, image_policy=FetchPolicy())
+        assert info.value.field == "input.ip_adapter[0].path"
+        reasons.add(info.value.reason)
+    assert reasons == {LOCAL_PATH_REFUSED}

@@ -268,7 +268,8 @@ async def _serve(settings: Settings) -> int:
     log.info("starting Ray and the Serve workers")
     await service.start()
     signals.install()
-    _ready(settings, service.gateway.grpc_port)
+    if not signals.received.is_set():  # a stop asked for while starting waited for the start to end
+        _ready(settings, service.gateway.grpc_port)
     await signals.received.wait()
     _stopping(settings)
     await service.stop()

@@ -263,3 +263,4 @@ def test_sigterm_while_starting_stops_cleanly(servers: list[Server], tmp_path: P
     assert "loraserve ready" not in serve.console_text()
     stop_with(serve, signal.SIGTERM, START_SECONDS)
     assert_clean_exit(serve, signal.SIGTERM)
+    assert "loraserve ready" not in serve.console_text()

@@ -422,9 +422,10 @@ class HubFile:
     size: int
 
 
-def list_hub_files(repo_id: str) -> list[HubFile]:
-    """The repo's files with their sizes (LFS files by their real size), from the Hub's model API."""
-    info = huggingface_hub.HfApi().model_info(repo_id, files_metadata=True)
+def list_hub_files(repo_id: str, endpoint: str | None = None) -> list[HubFile]:
+    """The repo's files with their sizes (LFS files by their real size), from the Hub's model API
+    (`endpoint`: a mirror; by default huggingface_hub's, which HF_ENDPOINT sets)."""
+    info = huggingface_hub.HfApi(endpoint=endpoint).model_info(repo_id, files_metadata=True)
     return [
         HubFile(s.rfilename, s.size if s.size is not None else (s.lfs.size if s.lfs is not None else 0))
         for s in info.siblings or []

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from huggingface_hub import constants as hf_constants
-from storage_testkit import safetensors_bytes
+from storage_testkit import FileServer, Route, safetensors_bytes
 
 from storage.fetch import FetchPolicy, InputFetchError
-from storage.weights import HubFile, WeightsCache, select_hub_files
+from storage.weights import HubFile, WeightsCache, list_hub_files, select_hub_files
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline",
@@ -226,3 +226,27 @@ def test_an_unreachable_hub_means_reading_only_the_local_cache(
     folder = cache.resolve("org/lora", "input.loras[0].path", subfolder="unet")
     assert asked == [True]
     assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.usefixtures("online")
+def test_the_listing_reads_sizes_from_the_hubs_model_api(file_server: FileServer) -> None:
+    """huggingface_hub's real HfApi against a local server answering as the Hub's model API does."""
+    listing = {
+        "id": "org/sdxl",
+        "sha": "a" * 40,
+        "siblings": [
+            {"rfilename": "model_index.json", "size": 609, "blobId": "b" * 40},
+            {
+                "rfilename": "unet/diffusion_pytorch_model.safetensors",
+                "size": 10_270_077_736,
+                "blobId": "c" * 40,
+                "lfs": {"sha256": "d" * 64, "size": 10_270_077_736, "pointerSize": 135},
+            },
+        ],
+    }
+    file_server.routes["/api/models/org/sdxl"] = Route(
+        json.dumps(listing).encode(), headers={"Content-Type": "application/json"}
+    )
+    files = list_hub_files("org/sdxl", endpoint=file_server.url("").rstrip("/"))
+    assert files == [HubFile("model_index.json", 609), HubFile("unet/diffusion_pytorch_model.safetensors", 10_270_077_736)]
+    assert file_server.hits["/api/models/org/sdxl"] == 1

@@ -74,6 +74,34 @@ async def running(client: AsyncClient, request_ids: Iterable[str], *, min_step: 
     return None
 
 
+class StepWatch:
+    """Follows requests' status streams, so a denoising step is seen the moment the gateway records it
+    (polling can miss a short denoising altogether on a fast machine)."""
+
+    def __init__(self, client: AsyncClient, request_ids: Iterable[str]) -> None:
+        self._client = client
+        self._stepped = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._follow(request_id)) for request_id in request_ids]
+
+    async def _follow(self, request_id: str) -> None:
+        async for status in self._client.stream_status(request_id):
+            if status.state == IN_PROGRESS and status.progress.step >= 1:
+                self._stepped.set()
+
+    async def next_step(self, what: str, timeout: float = FINISH_SECONDS) -> None:
+        """Returns once any of the requests reports a step after this call."""
+        self._stepped.clear()
+        try:
+            await asyncio.wait_for(self._stepped.wait(), timeout)
+        except TimeoutError:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 async def all_finished(client: AsyncClient, request_ids: list[str]) -> dict[str, gen.RequestStatus]:
     """Waits until every request has ended; polls, so a gateway that restarts meanwhile does not matter."""
 

@@ -1,12 +1,12 @@
 """A request's LoRA set merged into copies of the weights it touches, swapped into the modules for the request.
 
-For each adapted layer the request runs with `W' = W + Σ scale · up @ down` (`up` carries PEFT's
+For each adapted layer the request runs with `W' = W + Σ scale · scaling · up @ down` (PEFT's
 alpha / r; DoRA layers are rescaled per output feature as PEFT merges them): what diffusers'
-`fuse_lora` computes, but into new tensors, so the resident weights are
-never modified, no rounding drift accumulates and nothing has to be unfused. Layers of one shape
-group (serving/lora_tensors.py) are merged by one `baddbmm` over their stacked weights, so a
-switch costs one launch per group and LoRA, not one per layer: an SDXL attention LoRA adapts 560
-layers in a few dozen groups. Several LoRAs are applied one after the other, as `fuse_lora` does.
+`fuse_lora` computes, but into new tensors, so the resident weights are never modified, no
+rounding drift accumulates and nothing has to be unfused. Layers of one shape group
+(serving/lora_tensors.py) are merged by one `baddbmm` over their stacked weights, so a switch
+costs a few launches per group and LoRA, not per layer: an SDXL attention LoRA's 560 layers are
+4 groups. Several LoRAs are applied one after the other, as `fuse_lora` does.
 
 The merged copies are installed by swapping each module's `weight` parameter and restored by
 swapping the original back: no module is wrapped, so the forward pass is the plain model's.

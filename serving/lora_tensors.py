@@ -5,20 +5,23 @@ PEFT's `lora_A` / `lora_B`), works out each layer's rank and alpha (the file's m
 `.alpha` keys, rank and alpha patterns) and then has PEFT wrap every adapted layer: on an SDXL
 U-Net that injection took about a second per LoRA. Here the same normalisation runs (diffusers'
 own converters and `_create_lora_config`, PEFT's own pattern matching and scaling rule), and the
-result is kept as plain tensors: for each adapted Linear / Conv2d, `up · scaling` (out × r) and
-`down` (r × in·k·k), so that `W + scale · up @ down` is the weight diffusers' `fuse_lora` gives.
-No module is created or modified.
+result is kept as plain tensors: for each adapted Linear / Conv2d, `up` (out × r), `down`
+(r × in·k·k) and PEFT's scaling, so that `W + scale · scaling · up @ down` is the weight diffusers'
+`fuse_lora` gives (DoRA layers also keep their magnitudes). The matrices stay views of the host
+tier's tensors in the file's dtype: on a CPU nothing is copied, and a GPU gets the file's pinned
+buffer in one transfer. No module is created or modified.
 
-Layers are grouped by component and shape (out, in·k·k, r): one group's matrices are stacked, so
-a request's merge costs one batched matmul per group, not one per layer (serving/lora_merge.py).
+Layers are grouped by component, shape (out, in·k·k, r) and kind: the merge stacks one group's
+matrices on the device, so a request costs one batched matmul per group, not one per layer
+(serving/lora_merge.py).
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch

@@ -30,6 +30,16 @@ class Settings:
     # A running request's lease: its gateway renews it every third of this; when the gateway dies,
     # another (or the same one restarted) takes the request back once it has run out.
     lease_seconds: float = 30.0
+    # Quotas per tenant (0: none): requests waiting, requests running (at dispatch), submits per second
+    # (per gateway); `tenant_limits` overrides them per tenant and sets weights, as JSON:
+    # {"team-a": {"weight": 2, "max_waiting": 500, "max_running": 4, "submits_per_second": 20}}.
+    tenant_max_waiting: int = 0
+    tenant_max_running: int = 0
+    tenant_submits_per_second: float = 0.0
+    tenant_limits: str = ""
+    # The gateway's own bounds (0: none): requests waiting in the queue, open status streams.
+    max_queue_size: int = 100_000
+    max_open_streams: int = 10_000
     # API keys are required on any address but loopback; this turns that off (a network you trust entirely).
     insecure_no_auth: bool = False
     # Public gRPC API of the gateway.
@@ -167,6 +177,14 @@ class Settings:
     max_weights_cache_bytes: int = 100 * 1024**3
     # Pickle weights (.ckpt, .bin, .pt) run code when loaded: refused unless the operator opts in.
     allow_pickle_weights: bool = False
+    # Comma-separated folders whose files callers may name as local paths (model_name, LoRAs, adapters),
+    # checked after symlinks and `..` are resolved. Empty: none, except that `loraserve serve` listening
+    # on loopback only allows the system temp folder (where the demo, bench and tests build tiny models).
+    allowed_local_roots: str = ""
+    # Lifetime of the local store's signed file URLs, and the HMAC secret that signs them (empty: one is
+    # generated into data_dir on first use and shared by the gateway and the workers on this machine).
+    files_url_expiry_seconds: int = 3600
+    files_url_secret: str = ""
     # Comma-separated content types an upload may have (detected from its bytes).
     upload_allowed_content_types: str = (
         "image/png,image/jpeg,image/webp,image/gif,application/x-safetensors,application/json"
@@ -177,14 +195,6 @@ class Settings:
         return self.public_url.rstrip("/") or f"http://{self.http_host}:{self.http_port}"
 
     @property
-    # Comma-separated folders whose files callers may name as local paths (model_name, LoRAs, adapters),
-    # checked after symlinks and `..` are resolved. Empty: none, except that `loraserve serve` listening
-    # on loopback only allows the system temp folder (where the demo, bench and tests build tiny models).
-    allowed_local_roots: str = ""
-    # Lifetime of the local store's signed file URLs, and the HMAC secret that signs them (empty: one is
-    # generated into data_dir on first use and shared by the gateway and the workers on this machine).
-    files_url_expiry_seconds: int = 3600
-    files_url_secret: str = ""
     def dispatch_capacity(self) -> int:
         return self.max_in_flight or self.max_replicas * self.max_ongoing_requests_per_replica
 
@@ -200,16 +210,6 @@ class Settings:
     def weights_dir(self) -> Path:
         return self.data_dir / "weights"
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None and raw != "":
-                values[f.name] = _parse(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
     @property
     def local_roots(self) -> tuple[Path, ...]:
         return tuple(Path(part.strip()) for part in self.allowed_local_roots.split(",") if part.strip())
@@ -221,6 +221,16 @@ class Settings:
             return self
         return self.replace(allowed_local_roots=tempfile.gettempdir())
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -87,6 +87,12 @@ NOT_FOR_REPLICAS = frozenset(
         "worker_unreachable_threshold",
         "shutdown_grace_seconds",
         "retention_seconds",
+        "max_queue_size",
+        "max_open_streams",
+        "tenant_limits",
+        "tenant_max_running",
+        "tenant_max_waiting",
+        "tenant_submits_per_second",
         "max_upload_bytes",
         "upload_allowed_content_types",
     }

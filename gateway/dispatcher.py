@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # Prefetch calls in flight at once: they only warm caches, so they must never crowd out work.
 MAX_PREFETCHES = 2
+# Waiting requests looked at past the head when some tenants may be at their running quota.
+QUOTA_LOOKAHEAD = 50
 PREFETCH_TIMEOUT_SECONDS = 600.0
 
 # How a call ends when no worker got it: nothing connected, or Serve's proxy had no live
@@ -68,8 +70,11 @@ class Dispatcher:
         retry_backoff: Backoff,
         breaker: CircuitBreaker,
         on_serving: Callable[[bool], Awaitable[None]] | None = None,
+        may_run: Callable[[RequestRecord], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
+        # A tenant at its running quota waits while others' requests start (gateway/quotas.py).
+        self._may_run = may_run
         self._feed = feed
         self._worker = worker
         self._metrics = metrics
@@ -177,8 +182,13 @@ class Dispatcher:
         now = asyncio.get_running_loop().time()
         for request_id in [r for r, at in self._retry_at.items() if at <= now]:
             del self._retry_at[request_id]
-        waiting = await self._store.waiting(self._order.lookahead + len(self._retry_at))
-        ready = [record for record in waiting if record.id not in self._retry_at][: self._order.lookahead]
+        # With running quotas, look further: the head may belong to tenants that must wait.
+        window = self._order.lookahead + len(self._retry_at) + (QUOTA_LOOKAHEAD if self._may_run else 0)
+        waiting = await self._store.waiting(window)
+        ready = [record for record in waiting if record.id not in self._retry_at]
+        if self._may_run is not None:
+            ready = [record for record in ready if await self._may_run(record)]
+        ready = ready[: self._order.lookahead]
         return self._order.choose(ready) if ready else None
 
     def _finished(self, request_id: str, _task: asyncio.Task[None] | None = None) -> None:

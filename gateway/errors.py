@@ -7,6 +7,7 @@ a caller: an unexpected exception is logged here and answered INTERNAL without i
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import logging
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -94,6 +95,19 @@ class StoreDown(ServiceError):
     reason = "STORE_UNAVAILABLE"
 
 
+class ResourceExhausted(ServiceError):
+    """Over a quota: nothing was accepted; come back after `retry_after_seconds`."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, limit: str, subject: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.subject = subject
+        self.retry_after_seconds = retry_after_seconds
+
+
 # How a failed request's RequestError.type is answered by GetResult / Subscribe.
 REQUEST_ERROR_CODES: dict[str, grpc.StatusCode] = {
     ErrorType.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -132,6 +146,15 @@ def to_status(exc: BaseException) -> status_pb2.Status:
                     )
                     for v in exc.violations
                 ]
+            )
+        )
+    if isinstance(exc, ResourceExhausted):
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(datetime.timedelta(seconds=exc.retry_after_seconds))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=exc.limit)]
             )
         )
     packed = []

@@ -23,7 +23,8 @@ from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State
-from gateway.validation import validate_input, validate_start_timeout
+from gateway.quotas import Quotas
+from gateway.validation import priority_rank, validate_input, validate_start_timeout
 from loraserve.config import Settings
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
@@ -43,9 +44,11 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         metrics: GatewayMetrics,
         files: ObjectStore,
         auth: Authenticator,
+        quotas: Quotas,
     ) -> None:
         self._settings = settings
         self._auth = auth
+        self._quotas = quotas
         self._files = files
         self._metrics = metrics
         self._store = store
@@ -58,16 +61,23 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         return await self._auth.tenant(context.invocation_metadata())
 
     async def _submit(
-        self, inp: types_pb2.GenerateInput, client_request_id: str, start_timeout: float, tenant: str
+        self,
+        inp: types_pb2.GenerateInput,
+        client_request_id: str,
+        start_timeout: float,
+        priority: str,
+        tenant: str,
     ) -> RequestRecord:
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
         try:
             validate_input(inp, self._settings)
             validate_start_timeout(start_timeout)
+            rank = priority_rank(priority)
         except InvalidArgument:
             self._metrics.rejected.inc()
             raise
+        await self._quotas.admit(tenant)
         seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         record, created = await self._store.add(
@@ -77,6 +87,8 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             client_request_id=client_request_id,
             start_timeout_seconds=start_timeout,
             tenant=tenant,
+            priority=rank,
+            weight=self._quotas.limits(tenant).weight,
         )
         if not created and record.input != inp:
             raise AlreadyExists(
@@ -106,7 +118,9 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.SubmitResponse:
         tenant = await self._caller(context)
-        record = await self._submit(request.input, request.client_request_id, request.start_timeout, tenant)
+        record = await self._submit(
+            request.input, request.client_request_id, request.start_timeout, request.priority, tenant
+        )
         return generation_pb2.SubmitResponse(request_id=record.id, status=await build_status(self._store, record))
 
     @grpc_errors
@@ -122,8 +136,10 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.StreamStatusRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
         tenant = await self._caller(context)
-        async for status in self._updates(await self._get(request.request_id, tenant), request.logs):
-            yield generation_pb2.StreamStatusResponse(status=status)
+        record = await self._get(request.request_id, tenant)
+        with self._quotas.stream():
+            async for status in self._updates(record, request.logs):
+                yield generation_pb2.StreamStatusResponse(status=status)
 
     @grpc_errors
     async def GetResult(
@@ -152,9 +168,12 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.SubscribeResponse]:
         tenant = await self._caller(context)
-        record = await self._submit(request.input, request.client_request_id, request.start_timeout, tenant)
-        async for status in self._updates(record, request.logs):
-            yield generation_pb2.SubscribeResponse(status=status)
+        with self._quotas.stream():
+            record = await self._submit(
+                request.input, request.client_request_id, request.start_timeout, request.priority, tenant
+            )
+            async for status in self._updates(record, request.logs):
+                yield generation_pb2.SubscribeResponse(status=status)
         yield generation_pb2.SubscribeResponse(result=self._result(await self._get(record.id, tenant)))
 
     async def _updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:

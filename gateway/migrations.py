@@ -70,7 +70,7 @@ CREATE INDEX requests_start_deadlines ON requests (start_deadline)
     ),
     Migration(
         3,
-        "tenants and API keys",
+        "tenants, API keys and fair order",
         # SQLite cannot drop a column's UNIQUE: the table is rebuilt with the key scoped per tenant.
         """
 CREATE TABLE requests_v3 (
@@ -96,6 +96,8 @@ CREATE TABLE requests_v3 (
     lease_expires_at REAL,
     start_deadline REAL,
     tenant TEXT NOT NULL DEFAULT '',
+    priority INTEGER NOT NULL DEFAULT 0,
+    fair_tag REAL NOT NULL DEFAULT 0,
     UNIQUE (tenant, client_request_id)
 );
 INSERT INTO requests_v3 (seq, id, client_request_id, state, input, seed, model_key, created_at, started_at, finished_at, attempts, step, total_steps, output, error_type, error_message, inference_seconds, owner, lease_token, lease_expires_at, start_deadline, tenant)
@@ -106,6 +108,10 @@ CREATE INDEX requests_waiting ON requests (seq) WHERE state = 'IN_QUEUE';
 CREATE INDEX requests_running ON requests (lease_expires_at) WHERE state = 'IN_PROGRESS';
 CREATE INDEX requests_start_deadlines ON requests (start_deadline)
     WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL;
+CREATE INDEX requests_fair_order ON requests (priority, fair_tag, seq) WHERE state = 'IN_QUEUE';
+CREATE INDEX requests_by_tenant ON requests (tenant, state);
+CREATE TABLE queue_clock (id INTEGER PRIMARY KEY CHECK (id = 1), v REAL NOT NULL);
+INSERT INTO queue_clock (id, v) VALUES (1, 0);
 CREATE TABLE api_keys (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -177,11 +183,17 @@ CREATE INDEX requests_start_deadlines ON requests (start_deadline)
     ),
     Migration(
         3,
-        "tenants and API keys",
+        "tenants, API keys and fair order",
         """
 ALTER TABLE requests ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
 ALTER TABLE requests DROP CONSTRAINT requests_client_request_id_key;
 ALTER TABLE requests ADD CONSTRAINT requests_tenant_client_request_id_key UNIQUE (tenant, client_request_id);
+ALTER TABLE requests ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN fair_tag DOUBLE PRECISION NOT NULL DEFAULT 0;
+CREATE INDEX requests_fair_order ON requests (priority, fair_tag, seq) WHERE state = 'IN_QUEUE';
+CREATE INDEX requests_by_tenant ON requests (tenant, state);
+CREATE TABLE queue_clock (id INTEGER PRIMARY KEY CHECK (id = 1), v DOUBLE PRECISION NOT NULL);
+INSERT INTO queue_clock (id, v) VALUES (1, 0);
 CREATE TABLE api_keys (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,

@@ -23,6 +23,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.storage_service import StorageService
 from gateway.lease_keeper import LeaseKeeper
 from gateway.retention import RetentionSweeper
+from gateway.quotas import Quotas
 from gateway.store import RequestStore, open_store
 from gateway.worker_client import WorkerClient
 from loraserve.config import Settings
@@ -68,6 +69,7 @@ class Gateway:
     def _build(self, store: RequestStore) -> None:
         settings = self.settings
         self.store = store
+        self.quotas = Quotas(settings, store)
         self.feed = ChangeFeed()
         self.metrics = GatewayMetrics(
             queue_depth=lambda: self.store.known_queue_depth(), in_flight=lambda: self.dispatcher.in_flight
@@ -95,10 +97,11 @@ class Gateway:
             retry_backoff=retry_backoff,
             breaker=CircuitBreaker(threshold=settings.worker_unreachable_threshold, backoff=retry_backoff),
             on_serving=self._dispatching_health,
+            may_run=self.quotas.may_run if self.quotas.limits_running else None,
         )
         self.auth = Authenticator(store, required=auth_required(settings.grpc_host, settings.insecure_no_auth))
         self.generation = GenerationService(
-            settings, self.store, self.feed, self.dispatcher, self.metrics, self.files, self.auth
+            settings, self.store, self.feed, self.dispatcher, self.metrics, self.files, self.auth, self.quotas
         )
         self._keeper = LeaseKeeper(
             self.store,

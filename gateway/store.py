@@ -68,6 +68,16 @@ class RequestRecord:
     tenant: str = ""
     # When its result, logs and files were deleted (retention_seconds after it finished); None: still kept.
     expired_at: float | None = None
+    # 0 normal, 1 low (fal's `X-Fal-Queue-Priority: low` runs only when no normal request waits).
+    priority: int = 0
+    # Its place in the fair order between tenants (self-clocked fair queueing: the queue's clock or
+    # the tenant's last tag, whichever is later, plus 1 / the tenant's weight). Waiting requests
+    # start in (priority, fair_tag, seq) order, and queue positions count in that order.
+    fair_tag: float = 0.0
+
+    @property
+    def order(self) -> tuple[int, float, int]:
+        return (self.priority, self.fair_tag, self.seq)
 
     @property
     def finished(self) -> bool:
@@ -140,9 +150,15 @@ class RequestStore(Protocol):
         client_request_id: str = "",
         start_timeout_seconds: float = 0.0,
         tenant: str = "",
+        priority: int = 0,
+        weight: float = 1.0,
     ) -> tuple[RequestRecord, bool]:
-        """Queues a request durably; returns (record, created). A client_request_id the tenant used before
-        returns that request instead of queueing another."""
+        """Queues a request durably, in fair order among tenants (`weight`: the tenant's share); returns
+        (record, created). A client_request_id the tenant used before returns that request instead."""
+        ...
+
+    async def tenant_activity(self, tenant: str) -> tuple[int, int]:
+        """The tenant's (waiting, running) requests, for its quotas."""
         ...
 
     async def get(self, request_id: str) -> RequestRecord | None: ...
@@ -276,6 +292,8 @@ def record_from_row(row: Any) -> RequestRecord:
         queue_position=_optional_int(row, "queue_position"),
         tenant=row["tenant"] if "tenant" in row.keys() else "",
         expired_at=row["expired_at"] if "expired_at" in row.keys() else None,
+        priority=int(row["priority"]) if "priority" in row.keys() else 0,
+        fair_tag=float(row["fair_tag"]) if "fair_tag" in row.keys() else 0.0,
     )
 
 

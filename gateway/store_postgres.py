@@ -150,11 +150,15 @@ class PostgresStore:
         client_request_id: str = "",
         start_timeout_seconds: float = 0.0,
         tenant: str = "",
+        priority: int = 0,
+        weight: float = 1.0,
     ) -> tuple[RequestRecord, bool]:
         now = time.time()
         rows = await self._write(
             "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
-            " tenant) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s)"
+            " tenant, priority, fair_tag) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s,"
+            " GREATEST((SELECT v FROM queue_clock WHERE id = 1), COALESCE((SELECT max(fair_tag) FROM requests"
+            " WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')), 0)) + %s)"
             " ON CONFLICT (tenant, client_request_id) DO NOTHING RETURNING *",
             (
                 str(uuid.uuid4()),
@@ -165,6 +169,9 @@ class PostgresStore:
                 now,
                 now + start_timeout_seconds if start_timeout_seconds > 0 else None,
                 tenant,
+                priority,
+                tenant,
+                1.0 / weight,
             ),
         )
         if rows:
@@ -178,7 +185,8 @@ class PostgresStore:
     async def get(self, request_id: str) -> RequestRecord | None:
         rows = await self._fetch(
             "SELECT r.*, CASE WHEN r.state = 'IN_QUEUE' THEN (SELECT count(*) FROM requests AS w"
-            " WHERE w.state = 'IN_QUEUE' AND w.seq < r.seq) END AS queue_position FROM requests AS r WHERE r.id = %s",
+            " WHERE w.state = 'IN_QUEUE' AND (w.priority, w.fair_tag, w.seq) < (r.priority, r.fair_tag, r.seq))"
+            " END AS queue_position FROM requests AS r WHERE r.id = %s",
             (request_id,),
         )
         return record_from_row(rows[0]) if rows else None
@@ -187,9 +195,19 @@ class PostgresStore:
         if record.queue_position is not None:
             return record.queue_position
         rows = await self._fetch(
-            "SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE' AND seq < %s", (record.seq,)
+            "SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE' AND (priority, fair_tag, seq) < (%s, %s, %s)",
+            record.order,
         )
         return int(rows[0]["n"])
+
+    async def tenant_activity(self, tenant: str) -> tuple[int, int]:
+        rows = await self._fetch(
+            "SELECT state, count(*) AS n FROM requests WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')"
+            " GROUP BY state",
+            (tenant,),
+        )
+        counts = {row["state"]: int(row["n"]) for row in rows}
+        return counts.get(State.IN_QUEUE, 0), counts.get(State.IN_PROGRESS, 0)
 
     async def waiting_count(self) -> int:
         rows = await self._fetch("SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE'")
@@ -201,17 +219,18 @@ class PostgresStore:
 
     async def waiting(self, limit: int) -> list[RequestRecord]:
         rows = await self._fetch(
-            "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq LIMIT %s", (limit,)
+            "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY priority, fair_tag, seq LIMIT %s", (limit,)
         )
         return [record_from_row(row) for row in rows]
 
     async def claim(self, request_id: str) -> RequestRecord | None:
         rows = await self._write(
-            "UPDATE requests SET state = 'IN_PROGRESS', started_at = COALESCE(started_at, %s),"
+            "WITH run AS (UPDATE requests SET state = 'IN_PROGRESS', started_at = COALESCE(started_at, %s),"
             " attempts = attempts + 1, step = 0, total_steps = 0, owner = %s, lease_token = %s,"
             f" lease_expires_at = {_NOW} + %s"
             " WHERE id = (SELECT id FROM requests WHERE id = %s AND state = 'IN_QUEUE' FOR UPDATE SKIP LOCKED)"
-            " RETURNING *",
+            " RETURNING *), clock AS (UPDATE queue_clock SET v = GREATEST(v, (SELECT fair_tag FROM run))"
+            " WHERE id = 1 AND EXISTS (SELECT 1 FROM run)) SELECT * FROM run",
             (time.time(), self.owner, uuid.uuid4().hex, self.lease_seconds, request_id),
         )
         return record_from_row(rows[0]) if rows else None

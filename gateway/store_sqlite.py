@@ -63,15 +63,15 @@ class SqliteStore:
         self._checkpointer = WalCheckpointer(path)
         self._checkpointer.start()
         self._wal_sync = WalSync(path)
-        # The seqs of waiting requests, sorted: a queue position is a binary search instead of a
-        # COUNT over the waiting index, which grew with the queue (1.9× slower Submit / 1.7×
-        # GetStatus at 10,000 waiting). Kept in step with the table by every method that moves a
-        # request in or out of IN_QUEUE, under the same lock; the data-dir lock makes this process
-        # the store's only writer.
-        self._waiting = [
-            int(seq)
-            for (seq,) in self._db.execute("SELECT seq FROM requests WHERE state = ? ORDER BY seq", (State.IN_QUEUE,))
+        # The start order (priority, fair_tag, seq) of waiting requests, sorted: a queue position is a
+        # binary search instead of a COUNT over the waiting index, which grew with the queue (1.9× slower
+        # Submit / 1.7× GetStatus at 10,000 waiting). Kept in step with the table by every method that
+        # moves a request in or out of IN_QUEUE, under the same lock; the data-dir lock makes this
+        # process the store's only writer.
+        self._waiting: list[Order] = [
+            _order(row) for row in self._db.execute(f"SELECT {_ORDER} FROM requests WHERE state = 'IN_QUEUE'")
         ]
+        self._waiting.sort()
 
     def _migrate(self) -> None:
         self._db.execute(
@@ -138,6 +138,8 @@ class SqliteStore:
         client_request_id: str = "",
         start_timeout_seconds: float = 0.0,
         tenant: str = "",
+        priority: int = 0,
+        weight: float = 1.0,
     ) -> tuple[RequestRecord, bool]:
         with self._tx() as db:
             if client_request_id:
@@ -148,9 +150,14 @@ class SqliteStore:
                     return record_from_row(row), False
             request_id = str(uuid.uuid4())
             now = time.time()
+            ((clock,),) = db.execute("SELECT v FROM queue_clock WHERE id = 1").fetchall()
+            ((last,),) = db.execute(
+                "SELECT max(fair_tag) FROM requests WHERE tenant = ? AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
+                (tenant,),
+            ).fetchall()
             row = db.execute(
                 "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
-                " tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                " tenant, priority, fair_tag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     request_id,
                     client_request_id or None,
@@ -161,9 +168,11 @@ class SqliteStore:
                     now,
                     now + start_timeout_seconds if start_timeout_seconds > 0 else None,
                     tenant,
+                    priority,
+                    max(clock, last or 0.0) + 1.0 / weight,
                 ),
             ).fetchone()
-            self._join_queue([int(row["seq"])])
+            self._join_queue([_order(row)])
         # Acknowledged only once on disk.
         await self._wal_sync.sync()
         return record_from_row(row), True
@@ -175,7 +184,18 @@ class SqliteStore:
 
     async def queue_position(self, record: RequestRecord) -> int:
         with self._lock:
-            return bisect.bisect_left(self._waiting, record.seq)
+            return bisect.bisect_left(self._waiting, record.order)
+
+    async def tenant_activity(self, tenant: str) -> tuple[int, int]:
+        with self._lock:
+            counts = dict(
+                self._db.execute(
+                    "SELECT state, count(*) FROM requests WHERE tenant = ? AND state IN ('IN_QUEUE', 'IN_PROGRESS')"
+                    " GROUP BY state",
+                    (tenant,),
+                ).fetchall()
+            )
+        return counts.get(State.IN_QUEUE, 0), counts.get(State.IN_PROGRESS, 0)
 
     async def waiting_count(self) -> int:
         return self.known_queue_depth()
@@ -187,7 +207,7 @@ class SqliteStore:
     async def waiting(self, limit: int) -> list[RequestRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY seq LIMIT ?", (limit,)
+                "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY priority, fair_tag, seq LIMIT ?", (limit,)
             ).fetchall()
         return [record_from_row(row) for row in rows]
 
@@ -209,7 +229,8 @@ class SqliteStore:
                 ),
             ).fetchone()
             if row is not None:
-                self._leave_queue([int(row["seq"])])
+                self._leave_queue([_order(row)])
+                db.execute("UPDATE queue_clock SET v = max(v, ?) WHERE id = 1", (row["fair_tag"],))
         return None if row is None else record_from_row(row)
 
     async def renew(self, leases: Mapping[str, str]) -> set[str]:
@@ -231,11 +252,11 @@ class SqliteStore:
         with self._tx() as db:
             row = db.execute(
                 f"UPDATE requests SET {_REQUEUE_SET}, attempts = attempts - ? WHERE id = ? AND lease_token = ?"
-                " AND state = ? RETURNING seq",
+                f" AND state = ? RETURNING {_ORDER}",
                 (State.IN_QUEUE, int(refund_attempt), request_id, token, State.IN_PROGRESS),
             ).fetchone()
             if row is not None:
-                self._join_queue([int(row[0])])
+                self._join_queue([_order(row)])
         return row is not None
 
     async def recover(self, max_attempts: int) -> TakenBack:
@@ -249,7 +270,7 @@ class SqliteStore:
         requeued: list[str] = []
         failed: list[str] = []
         with self._tx() as db:
-            for row in db.execute(f"SELECT id, seq, attempts FROM requests WHERE {where}", params).fetchall():
+            for row in db.execute(f"SELECT id, attempts, {_ORDER} FROM requests WHERE {where}", params).fetchall():
                 if int(row["attempts"]) >= max_attempts:
                     error = lost_owner_error(int(row["attempts"]))
                     db.execute(
@@ -259,7 +280,7 @@ class SqliteStore:
                     failed.append(row["id"])
                 else:
                     db.execute(f"UPDATE requests SET {_REQUEUE_SET} WHERE id = ?", (State.IN_QUEUE, row["id"]))
-                    self._join_queue([int(row["seq"])])
+                    self._join_queue([_order(row)])
                     requeued.append(row["id"])
         return TakenBack(requeued, failed)
 
@@ -267,10 +288,11 @@ class SqliteStore:
         error = start_timeout_error()
         with self._tx() as db:
             rows = db.execute(
-                f"UPDATE requests SET {_FINISH_SET} WHERE state = 'IN_QUEUE' AND start_deadline < ? RETURNING id, seq",
+                f"UPDATE requests SET {_FINISH_SET} WHERE state = 'IN_QUEUE' AND start_deadline < ?"
+                f" RETURNING id, {_ORDER}",
                 (State.COMPLETED, error.type, error.message, time.time(), time.time()),
             ).fetchall()
-            self._leave_queue([int(row["seq"]) for row in rows])
+            self._leave_queue([_order(row) for row in rows])
         return [row["id"] for row in rows]
 
     async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None:
@@ -307,7 +329,7 @@ class SqliteStore:
 
     def _finish(self, request_id: str, state: State, error: types_pb2.RequestError, token: str | None) -> bool:
         with self._tx() as db:
-            row = db.execute("SELECT seq, state, lease_token FROM requests WHERE id = ?", (request_id,)).fetchone()
+            row = db.execute(f"SELECT state, lease_token, {_ORDER} FROM requests WHERE id = ?", (request_id,)).fetchone()
             if row is None or row["state"] not in (State.IN_QUEUE, State.IN_PROGRESS):
                 return False
             if token is not None and (row["state"] != State.IN_PROGRESS or row["lease_token"] != token):
@@ -316,23 +338,23 @@ class SqliteStore:
                 f"UPDATE requests SET {_FINISH_SET} WHERE id = ?", (state, error.type, error.message, time.time(), request_id)
             )
             if row["state"] == State.IN_QUEUE:
-                self._leave_queue([int(row["seq"])])
+                self._leave_queue([_order(row)])
         return True
 
-    def _join_queue(self, seqs: list[int]) -> None:
-        """Inside a transaction: these seqs join the queue index when it commits."""
+    def _join_queue(self, orders: list[Order]) -> None:
+        """Inside a transaction: these requests join the queue index when it commits."""
 
         def join() -> None:
-            for seq in seqs:
-                bisect.insort(self._waiting, seq)
+            for order in orders:
+                bisect.insort(self._waiting, order)
 
         self._index_changes.append(join)
 
-    def _leave_queue(self, seqs: list[int]) -> None:
+    def _leave_queue(self, orders: list[Order]) -> None:
         def leave() -> None:
-            for seq in seqs:
-                at = bisect.bisect_left(self._waiting, seq)
-                if at < len(self._waiting) and self._waiting[at] == seq:
+            for order in orders:
+                at = bisect.bisect_left(self._waiting, order)
+                if at < len(self._waiting) and self._waiting[at] == order:
                     del self._waiting[at]
 
         self._index_changes.append(leave)
@@ -420,6 +442,15 @@ _REQUEUE_SET = "state = ?, step = 0, total_steps = 0, owner = NULL, lease_token 
 _FINISH_SET = (
     "state = ?, error_type = ?, error_message = ?, finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
 )
+
+
+Order = tuple[int, float, int]
+# The columns of a request's start order, in order.
+_ORDER = "priority, fair_tag, seq"
+
+
+def _order(row: sqlite3.Row) -> Order:
+    return (int(row["priority"]), float(row["fair_tag"]), int(row["seq"]))
 
 
 def _statements(script: str) -> list[str]:

@@ -35,6 +35,16 @@ def validate_input(inp: types_pb2.GenerateInput, settings: Settings, prefix: str
         raise InvalidArgument(violations)
 
 
+PRIORITIES = {"": 0, "normal": 0, "low": 1}
+
+
+def priority_rank(priority: str) -> int:
+    """fal's queue priorities as the store's rank (0 first); anything else is refused by name."""
+    if priority not in PRIORITIES:
+        raise InvalidArgument([FieldViolation("priority", f"must be 'normal' or 'low', got {priority!r}")])
+    return PRIORITIES[priority]
+
+
 def validate_start_timeout(seconds: float) -> None:
     """fal's clients refuse a start timeout of 1 s or less; 0 means none."""
     if not math.isfinite(seconds) or seconds < 0 or 0 < seconds <= 1:

@@ -35,6 +35,9 @@ class LoraServeError(Exception):
     message: str
     reason: str = ""
     field_violations: dict[str, str] = field(default_factory=dict)
+    # Over a quota (RESOURCE_EXHAUSTED): when to try again, and which limits (subject → limit).
+    retry_after_seconds: float | None = None
+    quota_violations: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -50,10 +53,16 @@ class LoraServeError(Exception):
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 bad = error_details_pb2.BadRequest()
+                retry = error_details_pb2.RetryInfo()
+                quota = error_details_pb2.QuotaFailure()
                 if detail.Unpack(info):
                     error.reason = info.reason
                 elif detail.Unpack(bad):
                     error.field_violations.update({v.field: v.description for v in bad.field_violations})
+                elif detail.Unpack(retry):
+                    error.retry_after_seconds = retry.retry_delay.ToTimedelta().total_seconds()
+                elif detail.Unpack(quota):
+                    error.quota_violations.update({v.subject: v.description for v in quota.violations})
         return error
 
 
@@ -143,10 +152,16 @@ class Client:
             urls[id(value)] = self.upload(data, file_name=name).url
         return to_input(replace_local_files(input, urls))
 
-    def submit(self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0) -> str:
-        """`start_timeout`: seconds the request may wait for a worker before it fails unstarted (0: no limit)."""
+    def submit(
+        self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0, priority: str = ""
+    ) -> str:
+        """`start_timeout`: seconds the request may wait for a worker before it fails unstarted (0: no limit);
+        `priority`: "normal" or "low" (starts only when no normal request waits)."""
         request = generation_pb2.SubmitRequest(
-            input=self._prepare(input), client_request_id=client_request_id, start_timeout=start_timeout
+            input=self._prepare(input),
+            client_request_id=client_request_id,
+            start_timeout=start_timeout,
+            priority=priority,
         )
         return _call(self._generation.Submit, request).request_id
 
@@ -171,10 +186,14 @@ class Client:
 
     def subscribe(
         self, input: InputLike, *, on_queue_update: QueueUpdate | None = None, logs: bool = False,
-        client_request_id: str = "", start_timeout: float = 0.0,
+        client_request_id: str = "", start_timeout: float = 0.0, priority: str = "",
     ) -> Result:
         request = generation_pb2.SubscribeRequest(
-            input=self._prepare(input), logs=logs, client_request_id=client_request_id, start_timeout=start_timeout
+            input=self._prepare(input),
+            logs=logs,
+            client_request_id=client_request_id,
+            start_timeout=start_timeout,
+            priority=priority,
         )
         try:
             for message in self._generation.Subscribe(request):
@@ -233,9 +252,14 @@ class AsyncClient:
             urls[id(value)] = (await self.upload(data, file_name=name)).url
         return to_input(replace_local_files(input, urls))
 
-    async def submit(self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0) -> str:
+    async def submit(
+        self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0, priority: str = ""
+    ) -> str:
         request = generation_pb2.SubmitRequest(
-            input=await self._prepare(input), client_request_id=client_request_id, start_timeout=start_timeout
+            input=await self._prepare(input),
+            client_request_id=client_request_id,
+            start_timeout=start_timeout,
+            priority=priority,
         )
         return (await _acall(self._generation.Submit(request))).request_id
 
@@ -266,6 +290,7 @@ class AsyncClient:
         logs: bool = False,
         client_request_id: str = "",
         start_timeout: float = 0.0,
+        priority: str = "",
     ) -> Result:
         """`on_queue_update` may be a plain function or a coroutine function."""
         request = generation_pb2.SubscribeRequest(
@@ -273,6 +298,7 @@ class AsyncClient:
             logs=logs,
             client_request_id=client_request_id,
             start_timeout=start_timeout,
+            priority=priority,
         )
         try:
             async for message in self._generation.Subscribe(request):

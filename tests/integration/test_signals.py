@@ -1,9 +1,9 @@
-"""The real signal to the real process: `loraserve serve` and `loraserve gateway` stop cleanly.
+"""The real signal to the real process: `loraserve serve` and `loraserve gateway` start and stop cleanly.
 
 Each server runs as a subprocess in a session of its own (as under systemd or as a container's
 command). After SIGTERM or SIGINT it must exit 0, the request that was running must have finished
 or be back in the queue, and none of its processes (Ray's GCS, raylet, agents, workers) may be
-left running.
+left running. A Ray node that does not come up is cleaned up and started again.
 """
 
 from __future__ import annotations
@@ -95,6 +95,13 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+def _named(process: psutil.Process, name: str) -> bool:
+    try:
+        return process.name() == name
+    except psutil.Error:
+        return False
+
+
 def _describe(process: psutil.Process) -> str:
     try:
         return " ".join(process.cmdline())[:120] or process.name()
@@ -143,7 +150,10 @@ def servers() -> Iterator[list[Server]]:
 def wait_serving(server: Server) -> None:
     """Polls the gRPC health check until SERVING; the process ending first fails with its console."""
     deadline = time.monotonic() + START_SECONDS
-    with grpc.insecure_channel(server.target) as channel:
+    # Short reconnect backoff: gRPC's default grows to minutes while nothing listens yet.
+    backoff = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+    with grpc.insecure_channel(server.target, options=backoff) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             if server.process.poll() is not None:
@@ -264,3 +274,28 @@ def test_sigterm_while_starting_stops_cleanly(servers: list[Server], tmp_path: P
     stop_with(serve, signal.SIGTERM, START_SECONDS)
     assert_clean_exit(serve, signal.SIGTERM)
     assert "loraserve ready" not in serve.console_text()
+
+
+def test_a_ray_node_that_does_not_come_up_is_cleaned_up_and_started_again(
+    servers: list[Server], tmp_path: Path
+) -> None:
+    """The first raylet is frozen (SIGSTOP), so ray.init times out as on an overloaded machine
+    ("The current node timed out during startup"); the next attempt must start and nothing of the
+    first may be left."""
+    serve = start_server("serve", tmp_path / "serve")
+    servers.append(serve)
+    deadline = time.monotonic() + START_SECONDS
+    frozen: psutil.Process | None = None
+    while frozen is None:
+        assert serve.process.poll() is None, serve.console_text()
+        assert time.monotonic() < deadline, serve.console_text()
+        frozen = next((p for p in psutil.Process(serve.process.pid).children() if _named(p, "raylet")), None)
+        time.sleep(0.02)  # poll interval, not synchronisation
+    frozen.suspend()
+    serve.note_processes()
+    wait_serving(serve)
+    console = serve.console_text()
+    assert "WARNING Ray did not start attempt=1 of=3" in console and "timed out during startup" in console, console
+    assert not _running(frozen)
+    stop_with(serve, signal.SIGTERM, 30)
+    assert_clean_exit(serve, signal.SIGTERM)

@@ -117,12 +117,13 @@ class WeightsCache:
         min_blob_age_seconds: float = 300.0,
         observer: CacheObserver | None = None,
         local_roots: Sequence[Path] = (),
-        hub_listing: Callable[[str], list[HubFile]] | None = None,
+        hub_endpoint: str | None = None,
     ) -> None:
         self.root = root.resolve()
         # Folders whose files callers may name by path; none: local paths are refused.
         self.local_roots = tuple(Path(folder).expanduser().resolve() for folder in local_roots)
-        self.hub_listing = hub_listing or list_hub_files
+        # A Hub mirror; None: huggingface_hub's own endpoint (which HF_ENDPOINT sets).
+        self.hub_endpoint = hub_endpoint
         self.policy = policy
         self.allow_pickle = allow_pickle
         self.store = store
@@ -351,7 +352,12 @@ class WeightsCache:
                 patterns = plan or patterns
             if file_name is not None:
                 path = huggingface_hub.hf_hub_download(
-                    repo_id, file_name, subfolder=subfolder, cache_dir=self.root / "hf", local_files_only=cache_only
+                    repo_id,
+                    file_name,
+                    subfolder=subfolder,
+                    cache_dir=self.root / "hf",
+                    local_files_only=cache_only,
+                    endpoint=self.hub_endpoint,
                 )
             else:
                 path = huggingface_hub.snapshot_download(
@@ -359,6 +365,7 @@ class WeightsCache:
                     allow_patterns=patterns,
                     cache_dir=self.root / "hf",
                     local_files_only=cache_only,
+                    endpoint=self.hub_endpoint,
                 )
         except HFValidationError as exc:  # not a repo id at all, so no cache lookup
             raise InputFetchError(field, repo_id, _hub_reason(exc, offline)) from None
@@ -388,14 +395,16 @@ class WeightsCache:
         the size cap is refused before a byte of weights is downloaded. Returns exact allow-patterns, or
         None when the Hub cannot be reached."""
         try:
-            listing = self.hub_listing(repo_id)
+            listing = list_hub_files(repo_id, self.hub_endpoint)
         except (HfHubHTTPError, HFValidationError):  # the Hub answered: no such repo, gated, ...
             raise
         except Exception:  # noqa: BLE001 - connection and timeout errors of whichever HTTP client the hub uses
             return None
         model_index = None
         if file_name is None and not subfolder and any(f.path == MODEL_INDEX for f in listing):
-            index_file = huggingface_hub.hf_hub_download(repo_id, MODEL_INDEX, cache_dir=self.root / "hf")
+            index_file = huggingface_hub.hf_hub_download(
+                repo_id, MODEL_INDEX, cache_dir=self.root / "hf", endpoint=self.hub_endpoint
+            )
             try:
                 model_index = json.loads(Path(index_file).read_bytes())
             except ValueError:

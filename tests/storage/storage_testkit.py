@@ -5,7 +5,9 @@ A plain module rather than conftest, so test modules and spawned processes can i
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import ssl
 import threading
 import time
@@ -67,6 +69,15 @@ class FileServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def do_HEAD(self) -> None:
+                route = server.routes.get(self.path.split("?", 1)[0], Route(b"not found", status=404))
+                self.send_response(route.status)
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(route.body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+
             def do_GET(self) -> None:
                 route = server._record(self.path.split("?", 1)[0], self.headers.get("Host", ""))
                 time.sleep(route.delay_seconds)
@@ -109,3 +120,47 @@ def png_bytes(size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (2
 def safetensors_bytes(values: int = 1000, seed: int = 0) -> bytes:
     weights = np.random.default_rng(seed).standard_normal(values).astype(np.float32)
     return save({"lora_down.weight": weights})
+
+
+class HubMirror:
+    """A local server answering as the Hugging Face Hub does for one model repo, for huggingface_hub's own client.
+
+    The model API (`/api/models/<repo>`, with the listed sizes, which may be larger than the
+    bytes: an SDXL-sized listing without SDXL-sized files), the tree API snapshot_download
+    lists through, and `/<repo>/resolve/<revision>/<path>` with the headers the client checks.
+    `downloads` is every file fetched through `resolve`, in order.
+    """
+
+    SHA = "a" * 40
+
+    def __init__(self, server: FileServer, repo_id: str, files: dict[str, bytes], sizes: dict[str, int]) -> None:
+        self.server, self.repo_id, self.files = server, repo_id, files
+        listed = [{"rfilename": path, "size": sizes.get(path, len(data))} for path, data in files.items()]
+        info = json.dumps({"id": repo_id, "sha": self.SHA, "siblings": listed}).encode()
+        tree = [
+            {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            for path, data in files.items()
+        ]
+        json_headers = {"Content-Type": "application/json"}
+        for route in (f"/api/models/{repo_id}", f"/api/models/{repo_id}/revision/main"):
+            server.routes[route] = Route(info, headers=json_headers)
+        server.routes[f"/api/models/{repo_id}/tree/{self.SHA}"] = Route(json.dumps(tree).encode(), headers=json_headers)
+        for path, data in files.items():
+            headers = {"X-Repo-Commit": self.SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+            for revision in ("main", self.SHA):
+                server.routes[f"/{repo_id}/resolve/{revision}/{path}"] = Route(data, headers=headers)
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.url("").rstrip("/")
+
+    @property
+    def downloads(self) -> list[str]:
+        prefixes = [f"/{self.repo_id}/resolve/{revision}/" for revision in ("main", self.SHA)]
+        return sorted(
+            path.removeprefix(prefix)
+            for path, hits in self.server.hits.items()
+            for prefix in prefixes
+            if path.startswith(prefix)
+            for _ in range(hits)
+        )

@@ -1,21 +1,19 @@
 """Hugging Face downloads (issue 12, item 8): list first, fetch only what the pipeline loads, cap before downloading.
 
-There is no network here. The repo listing comes from a stand-in for the Hub's model API (the
-`hub_listing` hook takes what `HfApi.model_info(files_metadata=True)` would give), and
-huggingface_hub's two download calls are replaced by stand-ins that lay files out the way its
-cache does and record what they were asked for. Everything between them is the real code.
+There is no network here: huggingface_hub's own client (model API, tree API, resolve, its cache)
+talks to a local server answering as the Hub does (storage_testkit.HubMirror).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
+import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 from huggingface_hub import constants as hf_constants
-from storage_testkit import FileServer, Route, safetensors_bytes
+from storage_testkit import FileServer, HubMirror, safetensors_bytes
+from test_storage_weights import _seed_hub_cache
 
 from storage.fetch import FetchPolicy, InputFetchError
 from storage.weights import HubFile, WeightsCache, list_hub_files, select_hub_files
@@ -118,38 +116,6 @@ def test_variants_fall_back_per_folder_and_shards_and_dotted_names_are_read_righ
     }
 
 
-class FakeHub:
-    """Stands in for the network only: the Hub's listing, and huggingface_hub's downloads into its cache layout."""
-
-    def __init__(self, cache: Path, listing: list[HubFile], files: dict[str, bytes]) -> None:
-        self.cache, self.listing, self.files = cache, listing, files
-        self.listed: list[str] = []
-        self.downloaded: list[str] = []
-
-    def list_files(self, repo_id: str) -> list[HubFile]:
-        self.listed.append(repo_id)
-        return self.listing
-
-    def hf_hub_download(self, repo_id: str, filename: str, *, subfolder: str | None = None, **_: Any) -> str:
-        path = f"{subfolder}/{filename}" if subfolder else filename
-        return str(self._fetch(repo_id, [path]) / path)
-
-    def snapshot_download(self, repo_id: str, *, allow_patterns: list[str], **_: Any) -> str:
-        wanted = [p for p in self.files if any(fnmatch.fnmatch(p, pattern) for pattern in allow_patterns)]
-        return str(self._fetch(repo_id, wanted))
-
-    def _fetch(self, repo_id: str, paths: list[str]) -> Path:
-        self.downloaded.extend(paths)
-        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
-        snapshot = repo / "snapshots" / ("0" * 40)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text("0" * 40)
-        for path in paths:
-            (snapshot / path).parent.mkdir(parents=True, exist_ok=True)
-            (snapshot / path).write_bytes(self.files[path])
-        return snapshot
-
-
 @pytest.fixture
 def online(monkeypatch: pytest.MonkeyPatch) -> None:
     """The test environment sets HF_HUB_OFFLINE; these tests are about what happens online."""
@@ -157,96 +123,80 @@ def online(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
 
 
-def _hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-    weights = safetensors_bytes(seed=4)
-    files = {f.path: weights for f in SDXL_LISTING if f.path.endswith(".safetensors")}
-    files.update({f.path: b"{}" for f in SDXL_LISTING if not f.path.endswith(".safetensors")})
+@pytest.fixture
+def sdxl_mirror(file_server: FileServer) -> HubMirror:
+    """SDXL's listing with its real sizes; the bytes behind it are tiny (real safetensors for the weights)."""
+    # Distinct bytes per file: huggingface_hub stores equal content once.
+    files = {
+        f.path: safetensors_bytes(seed=i) if f.path.endswith(".safetensors") else json.dumps({"file": f.path}).encode()
+        for i, f in enumerate(SDXL_LISTING)
+    }
     files["model_index.json"] = json.dumps(MODEL_INDEX).encode()
-    hub = FakeHub(tmp_path / "weights" / "hf", SDXL_LISTING, files)
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", hub.hf_hub_download)
-    monkeypatch.setattr("huggingface_hub.snapshot_download", hub.snapshot_download)
-    return hub
+    return HubMirror(file_server, "stabilityai/sdxl", files, {f.path: f.size for f in SDXL_LISTING})
 
 
 @pytest.mark.usefixtures("online")
 def test_a_repo_past_the_cap_is_refused_before_any_weights_are_downloaded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sdxl_mirror: HubMirror
 ) -> None:
-    hub = _hub(tmp_path, monkeypatch)
-    cache = WeightsCache(tmp_path / "weights", FetchPolicy(max_bytes=5 * GB), hub_listing=hub.list_files)
+    cache = WeightsCache(tmp_path / "weights", FetchPolicy(max_bytes=5 * GB), hub_endpoint=sdxl_mirror.endpoint)
     with pytest.raises(InputFetchError, match=r"more than the limit of 5368709120") as info:
         cache.resolve("stabilityai/sdxl", "input.model_name")
     assert info.value.field == "input.model_name"
-    assert hub.listed == ["stabilityai/sdxl"]
-    assert hub.downloaded == ["model_index.json"]  # the index says which folders count; no weights came
+    assert sdxl_mirror.downloads == ["model_index.json"]  # the index says which folders count; no weights came
     with pytest.raises(InputFetchError, match="more than the limit"):
         cache.resolve("stabilityai/sdxl", "input.loras[0].path", weight_name="sd_xl_base_1.0.safetensors")
-    assert hub.downloaded == ["model_index.json"]
+    assert sdxl_mirror.downloads == ["model_index.json"]
 
 
 @pytest.mark.usefixtures("online")
-def test_only_the_files_the_pipeline_loads_are_downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = _hub(tmp_path, monkeypatch)
-    cache = WeightsCache(tmp_path / "weights", FetchPolicy(max_bytes=6 * GB), hub_listing=hub.list_files)
+def test_only_the_files_the_pipeline_loads_are_downloaded(tmp_path: Path, sdxl_mirror: HubMirror) -> None:
+    cache = WeightsCache(tmp_path / "weights", FetchPolicy(max_bytes=6 * GB), hub_endpoint=sdxl_mirror.endpoint)
     folder = cache.resolve("stabilityai/sdxl", "input.model_name", variant="fp16")
-    assert set(hub.downloaded) == {"model_index.json"} | CONFIGS | {
+    fp16_weights = {
         "unet/diffusion_pytorch_model.fp16.safetensors",
         "vae/diffusion_pytorch_model.fp16.safetensors",
         "text_encoder/model.fp16.safetensors",
     }
-    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert set(sdxl_mirror.downloads) == {"model_index.json"} | CONFIGS | fp16_weights
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == sorted(
+        {"model_index.json"} | CONFIGS | fp16_weights
+    )
 
 
 @pytest.mark.usefixtures("online")
-def test_a_pickle_only_repo_is_refused_from_its_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = _hub(tmp_path, monkeypatch)
-    hub.listing = [HubFile("config.json", 10), HubFile("pytorch_model.bin", 1000)]
-    cache = WeightsCache(tmp_path / "weights", FetchPolicy(), hub_listing=hub.list_files)
+def test_a_pickle_only_repo_is_refused_from_its_listing(tmp_path: Path, file_server: FileServer) -> None:
+    mirror = HubMirror(file_server, "org/old-style", {"config.json": b"{}", "pytorch_model.bin": b"PK"}, {})
+    cache = WeightsCache(tmp_path / "weights", FetchPolicy(), hub_endpoint=mirror.endpoint)
     with pytest.raises(InputFetchError, match="no .safetensors weights"):
         cache.resolve("org/old-style", "input.controlnets[0].path")
-    assert hub.downloaded == []
+    assert mirror.downloads == []
 
 
 @pytest.mark.usefixtures("online")
-def test_an_unreachable_hub_means_reading_only_the_local_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    hub = _hub(tmp_path, monkeypatch)
-    asked: list[bool] = []
-
-    def unreachable(repo_id: str) -> list[HubFile]:
-        raise ConnectionError("no route to huggingface.co")
-
-    def cache_only(repo_id: str, *, local_files_only: bool, **kwargs: Any) -> str:
-        asked.append(local_files_only)
-        return hub.snapshot_download(repo_id, **kwargs)
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", cache_only)
-    cache = WeightsCache(tmp_path / "weights", FetchPolicy(), hub_listing=unreachable)
-    folder = cache.resolve("org/lora", "input.loras[0].path", subfolder="unet")
-    assert asked == [True]
-    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+def test_an_unreachable_hub_means_reading_only_the_local_cache(tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{unused.getsockname()[1]}"  # nothing listens there
+    lora = safetensors_bytes(seed=5)
+    _seed_hub_cache(tmp_path / "weights" / "hf", "org/cached", {"unet/diffusion_pytorch_model.safetensors": lora})
+    cache = WeightsCache(tmp_path / "weights", FetchPolicy(), hub_endpoint=endpoint)
+    folder = cache.resolve("org/cached", "input.unet_name", subfolder="unet")
+    assert (folder / "diffusion_pytorch_model.safetensors").read_bytes() == lora
+    with pytest.raises(InputFetchError, match="could not reach Hugging Face and it is not in the local cache"):
+        cache.resolve("org/elsewhere", "input.unet_name")
 
 
 @pytest.mark.usefixtures("online")
 def test_the_listing_reads_sizes_from_the_hubs_model_api(file_server: FileServer) -> None:
-    """huggingface_hub's real HfApi against a local server answering as the Hub's model API does."""
-    listing = {
-        "id": "org/sdxl",
-        "sha": "a" * 40,
-        "siblings": [
-            {"rfilename": "model_index.json", "size": 609, "blobId": "b" * 40},
-            {
-                "rfilename": "unet/diffusion_pytorch_model.safetensors",
-                "size": 10_270_077_736,
-                "blobId": "c" * 40,
-                "lfs": {"sha256": "d" * 64, "size": 10_270_077_736, "pointerSize": 135},
-            },
-        ],
-    }
-    file_server.routes["/api/models/org/sdxl"] = Route(
-        json.dumps(listing).encode(), headers={"Content-Type": "application/json"}
+    data = safetensors_bytes(seed=6)
+    mirror = HubMirror(
+        file_server,
+        "org/sdxl",
+        {"model_index.json": b"{}", "unet/diffusion_pytorch_model.safetensors": data},
+        {"unet/diffusion_pytorch_model.safetensors": 10_270_077_736},
     )
-    files = list_hub_files("org/sdxl", endpoint=file_server.url("").rstrip("/"))
-    assert files == [HubFile("model_index.json", 609), HubFile("unet/diffusion_pytorch_model.safetensors", 10_270_077_736)]
-    assert file_server.hits["/api/models/org/sdxl"] == 1
+    assert list_hub_files("org/sdxl", endpoint=mirror.endpoint) == [
+        HubFile("model_index.json", 2),
+        HubFile("unet/diffusion_pytorch_model.safetensors", 10_270_077_736),
+    ]

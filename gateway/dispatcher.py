@@ -171,7 +171,8 @@ class Dispatcher:
             self._lines.started(record.id, record.attempts)
             if chosen.started_at is None:
                 self._metrics.queue_wait.observe(max(0.0, time.time() - record.created_at))
-            self._feed.notify()
+            self._feed.changed(record.id)
+            self._feed.queue_moved()
             task = asyncio.get_running_loop().create_task(self._run(record), name=f"request-{record.id}")
             self._running[record.id] = task
             self._leases[record.id] = record.lease_token
@@ -228,7 +229,7 @@ class Dispatcher:
                 log.exception("prefetch failed", extra={"request_id": record.id})
                 self._metrics.dispatcher_errors.inc()
                 return
-            self._feed.notify()
+            self._feed.changed(record.id)
 
     async def renew_leases(self) -> None:
         """Extends the leases of running requests; a run whose lease is gone (cancelled on another
@@ -281,7 +282,9 @@ class Dispatcher:
             self._metrics.dispatcher_errors.inc()
             await self._give_back(record)
         finally:
-            self._feed.notify()
+            # It ended, or went back to the queue (which moves the positions behind it).
+            self._feed.changed(record.id)
+            self._feed.queue_moved()
 
     async def _call_worker(self, record: RequestRecord) -> None:
         if record.id in self._cancelled:
@@ -339,7 +342,7 @@ class Dispatcher:
             if await self._store.fail(record.id, event.failure, record.lease_token):
                 self._metrics.outcome("failed", event.failure.type)
                 self._lines.failed(record.id, f"{event.failure.type}: {event.failure.message}")
-        self._feed.notify()
+        self._feed.changed(record.id)
         return None
 
     async def _worker_broke(self, record: RequestRecord, exc: grpc.aio.AioRpcError, *, reached: bool) -> None:

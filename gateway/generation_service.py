@@ -97,7 +97,8 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             )
         if created:
             self._metrics.submitted.inc()
-            self._feed.notify()
+            # In fair order a new request may go ahead of others: their positions change.
+            self._feed.queue_moved()
             self._dispatcher.prefetch(record)
             self._dispatcher.wake()
         return record
@@ -159,7 +160,9 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 self._dispatcher.cancel_running(record.id)
             else:
                 self._dispatcher.left_queue(record.id)
-            self._feed.notify()
+            self._feed.changed(record.id)
+            if record.state == State.IN_QUEUE:
+                self._feed.queue_moved()
             self._dispatcher.wake()
         return generation_pb2.CancelResponse(status=await build_status(self._store, await self._get(record.id, tenant)))
 
@@ -178,27 +181,34 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
 
     async def _updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
         """`record` as just read (or just submitted: a Subscribe starts with IN_QUEUE even when a worker
-        takes the request at once), then every change, until the request ends; logs sent once each."""
+        takes the request at once), then every change, until the request ends; logs sent once each.
+        Woken only by this request's changes, and while it waits by the queue moving (gateway/feed.py)."""
         last: generation_pb2.RequestStatus | None = None
         log_seq = 0
-        version = self._feed.version
-        while True:
-            if last is not None:
-                record = await self._get(record.id, record.tenant)
-            new_logs: list[types_pb2.LogEntry] = []
-            if logs:
-                new_logs, log_seq = await self._logs(record, log_seq)
-            status = await build_status(self._store, record, new_logs)
-            if status != last:
-                yield status
-                last = generation_pb2.RequestStatus()
-                last.CopyFrom(status)
-                last.ClearField("logs")
-            if record.finished:
-                return
-            if self._feed.closed:
-                raise Unavailable("the gateway is shutting down; the request goes on, ask again later")
-            version = await self._feed.wait_past(version)
+        with self._feed.watch(record.id) as watch:
+            cursor = watch.cursor()
+            first = True
+            while True:
+                if not first:
+                    record = await self._get(record.id, record.tenant)
+                new_logs: list[types_pb2.LogEntry] = []
+                if logs:
+                    new_logs, log_seq = await self._logs(record, log_seq)
+                status = await build_status(self._store, record, new_logs)
+                if status != last:
+                    yield status
+                    last = generation_pb2.RequestStatus()
+                    last.CopyFrom(status)
+                    last.ClearField("logs")
+                if record.finished:
+                    return
+                if self._feed.closed:
+                    raise Unavailable("the gateway is shutting down; the request goes on, ask again later")
+                if first:
+                    # The given record may predate the cursor: read once more before waiting.
+                    first = False
+                    continue
+                cursor = await watch.wait(cursor, in_queue=record.state == State.IN_QUEUE)
 
     def _result(self, record: RequestRecord) -> generation_pb2.GetResultResponse:
         if not record.finished:

@@ -119,14 +119,24 @@ class Gateway:
             )
 
     def _changed(self, request_ids: list[str]) -> None:
-        self.feed.notify()
+        """Leases taken back, start timeouts: requests moved in or out of the queue."""
+        for request_id in request_ids:
+            self.feed.changed(request_id)
+        self.feed.queue_moved()
         self.dispatcher.wake()
 
-    def _changed_elsewhere(self, request_id: str) -> None:
-        """A NOTIFY from the shared store: wake streams and the dispatcher; stop a run cancelled elsewhere."""
-        self._changed([request_id])
-        if request_id:
-            asyncio.get_running_loop().create_task(self.dispatcher.changed_elsewhere(request_id))
+    def _changed_elsewhere(self, request_id: str, moved_queue: bool) -> None:
+        """A NOTIFY from the shared store: wake that request's streams (and the waiting ones when the queue
+        moved) and the dispatcher; stop a run cancelled elsewhere. No id: anything may have changed."""
+        if not request_id:
+            self.feed.everything()
+            self.dispatcher.wake()
+            return
+        self.feed.changed(request_id)
+        if moved_queue:
+            self.feed.queue_moved()
+            self.dispatcher.wake()
+        asyncio.get_running_loop().create_task(self.dispatcher.changed_elsewhere(request_id))
 
     async def start(self) -> None:
         self._build(await open_store(self.settings))

@@ -15,6 +15,7 @@ attempts), so a late result from a lost owner never overwrites the new run's.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -45,7 +46,8 @@ class RequestRecord:
     seq: int
     id: str
     state: State
-    input: types_pb2.GenerateInput
+    # Kept serialized: a status stream reads a record on every change and never needs these parsed.
+    raw_input: bytes
     seed: int
     model_key: str
     created_at: float
@@ -54,7 +56,7 @@ class RequestRecord:
     attempts: int
     step: int
     total_steps: int
-    output: types_pb2.GenerateOutput | None
+    raw_output: bytes | None
     error: types_pb2.RequestError | None
     inference_seconds: float | None
     # The gateway running it and the token of that run (both empty unless IN_PROGRESS).
@@ -74,6 +76,14 @@ class RequestRecord:
     # the tenant's last tag, whichever is later, plus 1 / the tenant's weight). Waiting requests
     # start in (priority, fair_tag, seq) order, and queue positions count in that order.
     fair_tag: float = 0.0
+
+    @functools.cached_property
+    def input(self) -> types_pb2.GenerateInput:
+        return types_pb2.GenerateInput.FromString(self.raw_input)
+
+    @functools.cached_property
+    def output(self) -> types_pb2.GenerateOutput | None:
+        return None if self.raw_output is None else types_pb2.GenerateOutput.FromString(self.raw_output)
 
     @property
     def order(self) -> tuple[int, float, int]:
@@ -227,8 +237,8 @@ class RequestStore(Protocol):
 
     async def revoke_key(self, key_id: str) -> bool: ...
 
-    async def listen(self, on_change: Callable[[str], None]) -> None:
-        """Calls `on_change(request_id)` for changes other gateways make (nothing to do for one gateway)."""
+    async def listen(self, on_change: Callable[[str, bool], None]) -> None:
+        """Calls `on_change(request_id, moved_queue)` for changes other gateways make (nothing to do for one gateway)."""
         ...
 
     async def close(self) -> None: ...
@@ -264,9 +274,6 @@ async def open_store(settings: Settings, *, admin: bool = False) -> RequestStore
 
 def record_from_row(row: Any) -> RequestRecord:
     """A row of `requests` from either engine (sqlite3.Row or a psycopg dict row)."""
-    output = None
-    if row["output"] is not None:
-        output = types_pb2.GenerateOutput.FromString(bytes(row["output"]))
     error = None
     if row["error_type"] is not None:
         error = types_pb2.RequestError(type=row["error_type"], message=row["error_message"] or "")
@@ -274,7 +281,7 @@ def record_from_row(row: Any) -> RequestRecord:
         seq=int(row["seq"]),
         id=row["id"],
         state=State(row["state"]),
-        input=types_pb2.GenerateInput.FromString(bytes(row["input"])),
+        raw_input=bytes(row["input"]),
         seed=int(row["seed"]),
         model_key=row["model_key"],
         created_at=row["created_at"],
@@ -283,7 +290,7 @@ def record_from_row(row: Any) -> RequestRecord:
         attempts=int(row["attempts"]),
         step=int(row["step"]),
         total_steps=int(row["total_steps"]),
-        output=output,
+        raw_output=None if row["output"] is None else bytes(row["output"]),
         error=error,
         inference_seconds=row["inference_seconds"],
         owner=row["owner"] or "",

@@ -45,6 +45,7 @@ from loraserve.v1 import types_pb2
 log = logging.getLogger(__name__)
 
 CHANNEL = "loraserve_requests"
+_QUEUE_MOVED = "queue"
 # Serialises migrations of gateways that start at the same moment (any constant of our own).
 MIGRATION_LOCK_KEY = 0x6C6F7261
 _NOW = "extract(epoch from clock_timestamp())"
@@ -130,15 +131,19 @@ class PostgresStore:
             return await cur.fetchall()
 
     async def _write(
-        self, sql: str, params: tuple[Any, ...], *, durable: bool = True
+        self, sql: str, params: tuple[Any, ...], *, durable: bool = True, moves_queue: bool = True
     ) -> list[dict[str, Any]]:
-        """One statement that RETURNs the ids it changed, and a NOTIFY for each, in one transaction."""
+        """One statement that RETURNs the ids it changed, and a NOTIFY for each, in one transaction.
+
+        `durable=False` for progress and logs (asynchronous commit); `moves_queue=False` for changes
+        that leave every queue position as it was (progress, logs, a result).
+        """
         async with self._conn() as conn, conn.transaction():
             if not durable:
                 await conn.execute("SET LOCAL synchronous_commit = off")
             cur = await conn.execute(sql.encode(), params)
             rows = await cur.fetchall()
-            await _notify(conn, [row["id"] for row in rows])
+            await _notify(conn, [row["id"] for row in rows], moves_queue=moves_queue)
         return rows
 
     async def add(
@@ -295,6 +300,7 @@ class PostgresStore:
             " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
             (step, total, request_id, token),
             durable=False,
+            moves_queue=False,
         )
 
     async def complete(
@@ -305,6 +311,7 @@ class PostgresStore:
             " lease_token = NULL, lease_expires_at = NULL"
             " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
             (output.SerializeToString(), inference_seconds, time.time(), request_id, token),
+            moves_queue=False,
         )
         return bool(rows)
 
@@ -332,6 +339,7 @@ class PostgresStore:
             " RETURNING request_id AS id",
             (request_id, entry.message, entry.level, entry.source, entry.timestamp),
             durable=False,
+            moves_queue=False,
         )
 
     async def logs(self, request_id: str, after_seq: int = 0) -> list[LogRecord]:
@@ -369,11 +377,11 @@ class PostgresStore:
             )
             return cur.rowcount == 1
 
-    async def listen(self, on_change: Callable[[str], None]) -> None:
+    async def listen(self, on_change: Callable[[str, bool], None]) -> None:
         if self._listener is None:
             self._listener = asyncio.get_running_loop().create_task(self._listen(on_change), name="store-listen")
 
-    async def _listen(self, on_change: Callable[[str], None]) -> None:
+    async def _listen(self, on_change: Callable[[str, bool], None]) -> None:
         """LISTENs on its own connection for as long as the store is open, reconnecting with backoff."""
         delay = 0.1
         while True:
@@ -382,9 +390,10 @@ class PostgresStore:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     delay = 0.1
                     # Whatever changed while nobody listened: everyone re-reads.
-                    on_change("")
+                    on_change("", True)
                     async for note in conn.notifies():
-                        on_change(note.payload)
+                        request_id, _, moved = note.payload.partition(" ")
+                        on_change(request_id, moved == _QUEUE_MOVED)
             except psycopg.OperationalError as exc:
                 log.warning("store notifications lost; reconnecting", extra={"error": str(exc), "retry_in": delay})
             await asyncio.sleep(delay * (0.5 + random.random()))
@@ -410,14 +419,16 @@ class PostgresStore:
             expired = [row["id"] for row in await cur.fetchall()]
             if expired:
                 await conn.execute("DELETE FROM logs WHERE request_id = ANY(%s)", (expired,))
-            await _notify(conn, expired)
+            await _notify(conn, expired, moves_queue=False)
         return expired
 
 
-async def _notify(conn: psycopg.AsyncConnection[Any], request_ids: list[str]) -> None:
-    """Delivered to every listener at commit, and only if it commits."""
+async def _notify(conn: psycopg.AsyncConnection[Any], request_ids: list[str], *, moves_queue: bool = True) -> None:
+    """Delivered to every listener at commit, and only if it commits: `<id>`, or `<id> queue` when the
+    change may have moved queue positions (other gateways then wake the streams of waiting requests)."""
     for request_id in dict.fromkeys(request_ids):
-        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, request_id))
+        payload = f"{request_id} {_QUEUE_MOVED}" if moves_queue else request_id
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
 
 def _safe_dsn(dsn: str) -> str:

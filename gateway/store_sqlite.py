@@ -405,7 +405,7 @@ class SqliteStore:
             )
         return cur.rowcount == 1
 
-    async def listen(self, on_change: Callable[[str], None]) -> None:
+    async def listen(self, on_change: Callable[[str, bool], None]) -> None:
         """One gateway: every change is made here and notified where it is made."""
 
     async def expirable(self, before: float, limit: int) -> list[RequestRecord]:

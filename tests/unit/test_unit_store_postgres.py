@@ -102,7 +102,8 @@ async def test_changes_on_one_gateway_are_announced_to_the_others(
 ) -> None:
     a, b = two
     seen: asyncio.Queue[str] = asyncio.Queue()
-    await b.listen(seen.put_nowait)
+    moved: list[bool] = []
+    await b.listen(lambda request_id, queue: (seen.put_nowait(request_id), moved.append(queue)))
     assert await asyncio.wait_for(seen.get(), 30) == "", "a (re)connected listener first asks for a full re-read"
     record, _ = await a.add(inp(), seed=1, model_key="k")
     assert await asyncio.wait_for(seen.get(), 30) == record.id
@@ -111,6 +112,9 @@ async def test_changes_on_one_gateway_are_announced_to_the_others(
     assert await asyncio.wait_for(seen.get(), 30) == record.id
     assert await b.cancel(record.id)
     assert await asyncio.wait_for(seen.get(), 30) == record.id
+    await b.add_log(record.id, types_pb2.LogEntry(message="step"))
+    assert await asyncio.wait_for(seen.get(), 30) == record.id
+    assert moved == [True, True, True, True, False], "a log line moves no queue position"
     # The run on A learns it was cancelled from its lease.
     assert await a.renew({record.id: run.lease_token}) == set()
 

@@ -34,6 +34,7 @@ START_SECONDS = 300.0
 # Everything submitted in one test finishing, faults and restarts included.
 FINISH_SECONDS = 300.0
 POLL_SECONDS = 0.2
+IMAGE_SUFFIXES = (".png", ".jpg")
 
 
 def body(model: TinyModel, seed: int, steps: int = 3) -> dict[str, Any]:
@@ -113,9 +114,10 @@ async def all_finished(client: AsyncClient, request_ids: list[str]) -> dict[str,
 
 
 def output_files(files_dir: Path, request_id: str) -> list[str]:
-    """The files the workers wrote for one request: each completed run writes its own set."""
+    """The images the workers stored for one request: each completed run stores its own set, under new
+    names (the local store's metadata files beside them are not counted)."""
     folder = files_dir / "outputs" / request_id
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return sorted(p.name for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
 def processes_of(server: Server) -> list[psutil.Process]:

@@ -82,6 +82,9 @@ class DeviceLoraTier:
         self._wait_hook: torch.utils.hooks.RemovableHandle | None = None
         self._stream: torch.cuda.Stream | None = None
         self._copy_stream: torch.cuda.Stream | None = None
+        # The LoRAs a side-stream merge reads, kept alive until the request ends: an eviction
+        # meanwhile must not hand their memory to another allocation while the merge may still run.
+        self._merging: list[LoraTensors] = []
         # Guards the resident set: Prefetch calls add to it from other threads.
         self._lock = threading.Lock()
         # The running request's LoRAs, which a prefetch never evicts.
@@ -154,6 +157,7 @@ class DeviceLoraTier:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(main)
+        self._merging = [tensors for tensors, _ in active]
         with torch.cuda.stream(self._stream):
             merged = lora_merge.merge(active, which=_is_unet)
         for _, parameter in merged:
@@ -175,6 +179,7 @@ class DeviceLoraTier:
         lora_merge.restore(self._originals)
         self._originals = []
         self._active = set()
+        self._merging = []
 
     def clear(self) -> None:
         """Drops every adapter and merged copy (the pipeline is being freed)."""

@@ -119,6 +119,7 @@ async def chart_workers(
     await asyncio.to_thread(client.deploy_apps, ServeDeploySchema.model_validate({"applications": [app]}))
     # Until then Serve's gRPC proxy knows one app only, and sends every call to it, whatever its name.
     await asyncio.to_thread(client._wait_for_application_running, APP, 240)
+    await asyncio.to_thread(client.wait_for_proxies_serving, True)
     details = await asyncio.to_thread(client.get_serve_details)
     deployed = details["applications"][APP]["deployments"]["Worker"]["deployment_config"]
     (rendered_deployment,) = app["deployments"]

@@ -18,8 +18,18 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class GatewayMetrics:
-    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        in_flight: Callable[[], float],
+        open_streams: Callable[[], float] = lambda: 0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        Gauge(
+            "loraserve_status_streams_open",
+            "StreamStatus and Subscribe streams open on this gateway.",
+            registry=self.registry,
+        ).set_function(open_streams)
         Gauge(
             "loraserve_queue_depth", "Requests waiting in the gateway's queue.", registry=self.registry
         ).set_function(queue_depth)

@@ -72,7 +72,9 @@ class Gateway:
         self.quotas = Quotas(settings, store)
         self.feed = ChangeFeed()
         self.metrics = GatewayMetrics(
-            queue_depth=lambda: self.store.known_queue_depth(), in_flight=lambda: self.dispatcher.in_flight
+            queue_depth=lambda: self.store.known_queue_depth(),
+            in_flight=lambda: self.dispatcher.in_flight,
+            open_streams=lambda: self.feed.streams,
         )
         self.worker = WorkerClient(
             f"{settings.serve_grpc_host}:{settings.serve_grpc_port}",

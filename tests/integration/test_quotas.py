@@ -106,6 +106,7 @@ async def test_submits_per_second_and_open_streams(limited: Gateway, tiny_sdxl: 
             await streams[2].__anext__()
         assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert full.value.quota_violations == {"gateway": "max_open_streams"}
+        assert limited.metrics.registry.get_sample_value("loraserve_status_streams_open") == 2
         await streams[0].aclose()  # type: ignore[attr-defined]
         async with asyncio.timeout(30):
             while limited.generation._quotas.open_streams > 1:

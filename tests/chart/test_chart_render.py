@@ -334,3 +334,16 @@ def test_ray_pod_templates_carry_no_chart_or_version_label(rendered: dict[str, R
     after = render(GPU_PROD, chart=bumped).rayservice["spec"]
     assert after["rayClusterConfig"] == before["rayClusterConfig"]
     assert after["serveConfigV2"] == before["serveConfigV2"]
+
+
+def test_the_readme_values_example_installs(tmp_path: Path) -> None:
+    """The minimal GPU values file in README's "Deploy on Kubernetes" renders and lints."""
+    readme = (CHART.parents[1] / "README.md").read_text()
+    section = readme.split("## Deploy on Kubernetes", 1)[1]
+    example = section.split("# values-gpu.yaml\n", 1)[1].split("```", 1)[0]
+    values = tmp_path / "values-gpu.yaml"
+    values.write_text(example)
+    helm_run("lint", "--strict", CHART, "-f", values)
+    r = render(values)
+    assert r.gateway["spec"]["replicas"] == 2
+    assert r.serve_config["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4

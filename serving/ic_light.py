@@ -35,8 +35,8 @@ LATENT_CHANNELS = 4
 FOREGROUND_CHANNELS = 2 * LATENT_CHANNELS
 BACKGROUND_CHANNELS = 3 * LATENT_CHANNELS
 MAX_REASON_CHARS = 300
-# Parameters that adapters add to a U-Net (PEFT LoRA layers, IP-Adapter processors and projection).
-_ADAPTER_MARKERS = ("lora_", ".processor.", "encoder_hid_proj.")
+# Parameters that a request's IP-Adapters add to the U-Net (processors and projection); LoRAs add none.
+_ADAPTER_MARKERS = (".processor.", "encoder_hid_proj.")
 
 
 class ICLightUNet:
@@ -107,17 +107,16 @@ def read_offset(path: Path, label: str, device: torch.device) -> dict[str, torch
         raise AdapterLoadError(f"IC-Light model {label!r} is not a readable safetensors file: {_reason(exc)}") from exc
 
 
-def _base_parameters(unet: Any) -> dict[str, str]:
-    """The U-Net's own parameter names (as in an IC-Light file) → their current names (PEFT adds `.base_layer`)."""
-    names: dict[str, str] = {}
-    for name, _ in unet.named_parameters():
-        if any(marker in name for marker in _ADAPTER_MARKERS) or name.startswith("encoder_hid_proj"):
-            continue
-        names[name.replace(".base_layer.", ".")] = name
-    return names
+def _base_parameters(unet: Any) -> list[str]:
+    """The U-Net's own parameter names, as an IC-Light file names them."""
+    return [
+        name
+        for name, _ in unet.named_parameters()
+        if not any(marker in name for marker in _ADAPTER_MARKERS) and not name.startswith("encoder_hid_proj")
+    ]
 
 
-def check_fits(offset: dict[str, torch.Tensor], parameters: dict[str, str], label: str, model_name: str) -> int:
+def check_fits(offset: dict[str, torch.Tensor], parameters: list[str], label: str, model_name: str) -> int:
     """The offset must cover exactly this U-Net's parameters; returns conv_in's input channels (8 or 12)."""
     missing = sorted(set(parameters) - set(offset))
     unexpected = sorted(set(offset) - set(parameters))
@@ -138,25 +137,25 @@ def check_fits(offset: dict[str, torch.Tensor], parameters: dict[str, str], labe
 
 @contextlib.contextmanager
 def _offset_parameters(
-    unet: Any, parameters: dict[str, str], offset: dict[str, torch.Tensor], dtype: torch.dtype
+    unet: Any, parameters: list[str], offset: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> Any:
     """Each parameter replaced by base + offset (conv_in zero-widened first); the originals put back after."""
     originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
         with torch.no_grad():
-            for clean, actual in parameters.items():
-                module_name, _, attr = actual.rpartition(".")
+            for name in parameters:
+                module_name, _, attr = name.rpartition(".")
                 module = unet.get_submodule(module_name) if module_name else unet
                 base = module._parameters[attr]
-                delta = offset[clean].to(device=base.device, dtype=torch.float32)
+                delta = offset[name].to(device=base.device, dtype=torch.float32)
                 merged = torch.zeros(delta.shape, device=base.device, dtype=torch.float32)
                 if tuple(delta.shape) == tuple(base.shape):
                     merged += base.float()
-                elif clean == "conv_in.weight":
+                elif name == "conv_in.weight":
                     merged[:, : base.shape[1]] = base.float()
                 else:
                     raise AdapterLoadError(
-                        f"IC-Light offset for {clean} has shape {tuple(delta.shape)}, the model's is {tuple(base.shape)}"
+                        f"IC-Light offset for {name} has shape {tuple(delta.shape)}, the model's is {tuple(base.shape)}"
                     )
                 merged += delta
                 originals.append((module, attr, base))

@@ -1,7 +1,7 @@
 """The host-RAM tier of the adapter cache: LoRA and embedding files read and parsed once per replica.
 
-Between the node's weights cache on disk (storage/weights.py) and the adapters in use on the GPU
-(serving/pipelines.py) sits this tier: a LoRA's tensors and its diffusers metadata (`lora_alpha`,
+Between the node's weights cache on disk (storage/weights.py) and the adapters resident on the GPU
+(serving/lora_tier.py) sits this tier: a LoRA's tensors and its diffusers metadata (`lora_alpha`,
 rank patterns), and a textual-inversion embedding's vectors, in host memory, least recently used
 out first within one byte budget that both kinds share. A LoRA that was evicted from a pipeline,
 or that another base model on the same replica uses, or whose request is still waiting in the

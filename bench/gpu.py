@@ -605,6 +605,11 @@ class Bench:
             "served + LoRA (merged)": lambda: served(self.live, config, [lora]),
             f"served, {len(self.loras)}-LoRA round-robin": lambda: served(self.live, config, [next(rotation)]),
         }
+        # Every LoRA resident first, as on a replica that has served them: the round-robin arm then
+        # times switches (a merge per request), not misses.
+        for path in self.loras:
+            self.live.activate_loras([(str(path), 1.0)])
+            self.live.deactivate_loras()
         for work in arms.values():
             work()
         samples: dict[str, list[float]] = {name: [] for name in arms}

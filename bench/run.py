@@ -691,7 +691,7 @@ async def _run(
                 await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
             if "P4" in phases:
                 sqlite = await bench.p4(model_b.pipeline_dir, client, "SQLite")
-                postgres = await _p4_on_postgres(bench, model_b.pipeline_dir, settings, workdir)
+                postgres = await _p4_on_postgres(bench, model_b.pipeline_dir, service.settings, workdir)
                 if postgres is not None:
                     bench.p4_engines(sqlite, postgres)
         say("stopping the service")

@@ -11,12 +11,11 @@ keeper never dies with the store.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gateway.periodic import Periodic
 from gateway.store import RequestStore
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,9 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 1.0
 
 
-class LeaseKeeper:
+class LeaseKeeper(Periodic):
+    name = "lease upkeep"
+
     def __init__(
         self,
         store: RequestStore,
@@ -36,32 +37,12 @@ class LeaseKeeper:
         on_error: Callable[[BaseException], None],
         tick_seconds: float = TICK_SECONDS,
     ) -> None:
+        super().__init__(min(tick_seconds, store.lease_seconds / 3), on_error)
         self._store = store
         self._renew = renew
         self._max_attempts = max_attempts
         self._on_change = on_change
-        self._on_error = on_error
-        self._tick = min(tick_seconds, store.lease_seconds / 3)
-        self._task: asyncio.Task[None] | None = None
         self._last_renewal = 0.0
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="lease-keeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the next round retries; the keeper must outlive errors
-                log.warning("lease upkeep failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
-                self._on_error(exc)
-            await asyncio.sleep(self._tick)
 
     async def run_once(self) -> None:
         now = time.monotonic()

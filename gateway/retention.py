@@ -14,11 +14,11 @@ gateway sweeps (on PostgreSQL two may pick the same request; deleting twice is h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+from gateway.periodic import Periodic
 from gateway.store import RequestStore
 from storage.object_store import ObjectStore
 
@@ -36,7 +36,9 @@ def output_prefix(request_id: str) -> str:
     return f"outputs/{request_id}/"
 
 
-class RetentionSweeper:
+class RetentionSweeper(Periodic):
+    name = "retention sweep"
+
     def __init__(
         self,
         store: RequestStore,
@@ -49,31 +51,11 @@ class RetentionSweeper:
     ) -> None:
         if retention_seconds <= 0:
             raise ValueError(f"retention_seconds must be positive to sweep, got {retention_seconds}")
+        super().__init__(period_seconds or min(MAX_PERIOD_SECONDS, max(1.0, retention_seconds / 10)), on_error)
         self._store = store
         self._files = files
         self.retention_seconds = retention_seconds
-        self._on_error = on_error
-        self._period = period_seconds or min(MAX_PERIOD_SECONDS, max(1.0, retention_seconds / 10))
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="retention-sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the next round retries; the sweeper must outlive errors
-                log.warning("retention sweep failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
-                self._on_error(exc)
-            await asyncio.sleep(self._period)
 
     async def run_once(self, now: float | None = None) -> list[str]:
         """Expires what finished more than retention_seconds before `now` (the clock's now); returns the ids."""

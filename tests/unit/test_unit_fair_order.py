@@ -4,23 +4,13 @@ not hold back another tenant's single request, and queue positions are the order
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
 from gateway.store import RequestRecord, RequestStore
 from loraserve.v1 import types_pb2
-from tests.unit.test_unit_store import Opener, open_store  # noqa: F401 - the both-engines fixture
 
 INPUT = types_pb2.GenerateInput(model_name="org/model", prompt="p")
-
-
-@pytest_asyncio.fixture
-async def store(open_store: Opener) -> AsyncIterator[RequestStore]:  # noqa: F811
-    opened = await open_store()
-    yield opened
-    await opened.close()
 
 
 async def submit(

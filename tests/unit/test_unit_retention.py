@@ -10,47 +10,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import cast
 
 import pytest
-import pytest_asyncio
 
 from gateway.retention import BATCH, RetentionSweeper, output_prefix
 from gateway.store import RequestRecord, RequestStore, State
-from gateway.store_postgres import PostgresStore
-from gateway.store_sqlite import SqliteStore
 from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2
 from storage.object_store import InvalidKey, LocalObjectStore, ObjectNotFound, ObjectStore
 from storage.s3 import S3ObjectStore, S3Settings
-
-Opener = Callable[[], Awaitable[RequestStore]]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    if request.param == "sqlite":
-        path = tmp_path / "data" / "requests.sqlite3"
-
-        async def sqlite() -> RequestStore:
-            return SqliteStore(path)
-
-        return sqlite
-    dsn: str = request.getfixturevalue("postgres_dsn")
-
-    async def postgres() -> RequestStore:
-        return await PostgresStore.open(dsn)
-
-    return postgres
-
-
-@pytest_asyncio.fixture
-async def store(open_store: Opener) -> AsyncIterator[RequestStore]:
-    opened = await open_store()
-    yield opened
-    await opened.close()
+from tests.unit.conftest import Opener
 
 
 @pytest.fixture(params=["local", "s3"])

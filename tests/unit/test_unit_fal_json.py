@@ -1,0 +1,207 @@
+"""gateway.fal_json: fal's request JSON → GenerateInput, GenerateOutput / status → fal's JSON, and the
+HTTP answers of gateway.errors.to_http (422 `detail` naming the same fields as the gRPC BadRequest)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from gateway.errors import FieldViolation, InvalidArgument, RequestFailed, ResourceExhausted, field_loc, to_http
+from gateway.fal_json import endpoint_for, output_json, parse_input, status_json
+from loraserve.errors import ErrorType
+from loraserve.v1 import generation_pb2, types_pb2
+
+# The input example of the hosted endpoint's API page, as fal's clients send it.
+FAL_EXAMPLE: dict[str, Any] = {
+    "model_name": "stabilityai/stable-diffusion-xl-base-1.0",
+    "prompt": "Photo of a european medieval 40 year old queen",
+    "negative_prompt": "cartoon, painting",
+    "prompt_weighting": True,
+    "loras": [],
+    "embeddings": [],
+    "controlnets": [],
+    "ip_adapter": [],
+    "image_encoder_weight_name": "pytorch_model.bin",
+    "image_size": "square_hd",
+    "num_inference_steps": 30,
+    "guidance_scale": 7.5,
+    "timesteps": {"method": "default", "array": []},
+    "sigmas": {"method": "default", "array": []},
+    "image_format": "jpeg",
+    "num_images": 1,
+    "tile_width": 4096,
+    "tile_height": 4096,
+    "tile_stride_width": 2048,
+    "tile_stride_height": 2048,
+}
+
+
+def violations(body: Any, endpoint: int | None = None) -> list[FieldViolation]:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_input(body, endpoint)
+    return caught.value.violations
+
+
+def test_the_api_page_example_parses_field_for_field() -> None:
+    inp = parse_input(FAL_EXAMPLE, endpoint_for(""))
+    assert inp.model_name == FAL_EXAMPLE["model_name"] and inp.prompt_weighting
+    assert inp.image_size.preset == "square_hd"
+    assert (inp.num_inference_steps, inp.guidance_scale, inp.num_images) == (30, 7.5, 1)
+    assert inp.timesteps.method == "default" and not inp.timesteps.array
+    assert inp.image_encoder_weight_name == "pytorch_model.bin"
+    assert inp.endpoint == types_pb2.ENDPOINT_UNSPECIFIED
+
+
+@pytest.mark.parametrize(
+    ("sub_path", "endpoint"),
+    [
+        ("", types_pb2.ENDPOINT_UNSPECIFIED),
+        ("image-to-image", types_pb2.ENDPOINT_IMAGE_TO_IMAGE),
+        ("/inpaint/", types_pb2.ENDPOINT_INPAINT),
+        ("upscale", None),
+    ],
+)
+def test_the_path_names_the_endpoint(sub_path: str, endpoint: int | None) -> None:
+    assert endpoint_for(sub_path) == endpoint
+    if endpoint is not None:
+        assert parse_input({"prompt": "p"}, endpoint).endpoint == endpoint
+
+
+def test_image_size_preset_or_object_and_ip_adapter_shapes() -> None:
+    inp = parse_input(
+        {
+            "image_size": {"width": 768, "height": 512},
+            "seed": 2**40,
+            "ip_adapter": [
+                {"path": "a", "ip_adapter_image_url": "https://x/1.png", "scale_json": {"down": {"block_2": [0.0, 1.0]}}},
+                {"path": "b", "ip_adapter_image_url": ["https://x/2.png", "https://x/3.png"], "scale_json": 0.5},
+            ],
+        }
+    )
+    assert (inp.image_size.custom.width, inp.image_size.custom.height) == (768, 512)
+    assert inp.seed == 2**40
+    assert list(inp.ip_adapter[0].ip_adapter_image_url) == ["https://x/1.png"]
+    assert list(inp.ip_adapter[1].ip_adapter_image_url) == ["https://x/2.png", "https://x/3.png"]
+    assert json.loads(inp.ip_adapter[0].scale_json) == {"down": {"block_2": [0.0, 1.0]}}
+    assert json.loads(inp.ip_adapter[1].scale_json) == 0.5
+
+
+def test_null_means_unset_and_non_finite_floats_are_kept_for_validation_to_name() -> None:
+    inp = parse_input({"prompt": "p", "seed": None, "guidance_scale": math.nan, "loras": [{"path": "l", "scale": None}]})
+    assert not inp.HasField("seed") and not inp.loras[0].HasField("scale")
+    assert math.isnan(inp.guidance_scale)
+
+
+def test_unknown_and_mistyped_keys_are_all_named_with_their_paths() -> None:
+    found = violations(
+        {
+            "prompt": 3,
+            "promt": "typo",
+            "loras": [{"path": "ok"}, {"path": "l", "scale": "big", "weight": 1}],
+            "image_size": {"width": 64},
+            "num_images": 1.5,
+            "seed": True,
+            "ip_adapter": [{"path": "p", "ip_adapter_image_url": [1]}],
+            "endpoint": "ENDPOINT_INPAINT",
+        },
+        endpoint=types_pb2.ENDPOINT_UNSPECIFIED,
+    )
+    named = {(v.field, v.kind) for v in found}
+    assert named == {
+        ("input.prompt", "type_error.str"),
+        ("input.promt", "value_error.extra"),
+        ("input.loras[1].scale", "type_error.float"),
+        ("input.loras[1].weight", "value_error.extra"),
+        ("input.image_size.height", "value_error.missing"),
+        ("input.num_images", "type_error.integer"),
+        ("input.seed", "type_error.integer"),
+        ("input.ip_adapter[0].ip_adapter_image_url[0]", "type_error.str"),
+        # The path names the endpoint; the body may not.
+        ("input.endpoint", "value_error.extra"),
+    }
+
+
+@pytest.mark.parametrize("body", [[], "text", 3])
+def test_a_body_that_is_not_an_object_is_refused(body: Any) -> None:
+    assert [v.field for v in violations(body)] == ["input"]
+
+
+def test_field_paths_become_fal_locs() -> None:
+    assert field_loc("input.loras[0].path") == ["body", "loras", 0, "path"]
+    assert field_loc("input.ip_adapter[1].ip_adapter_image_url[2]") == ["body", "ip_adapter", 1, "ip_adapter_image_url", 2]
+    assert field_loc("input.image_size.width") == ["body", "image_size", "width"]
+    assert field_loc("priority") == ["header", "x-fal-queue-priority"]
+
+
+def test_invalid_argument_is_a_422_detail_list() -> None:
+    exc = InvalidArgument([FieldViolation("input.loras[0].path", "is required"), FieldViolation("input.x", "extra fields not permitted", "value_error.extra")])
+    answer = to_http(exc)
+    assert answer.status == 422
+    assert answer.body == {
+        "detail": [
+            {"loc": ["body", "loras", 0, "path"], "msg": "is required", "type": "value_error"},
+            {"loc": ["body", "x"], "msg": "extra fields not permitted", "type": "value_error.extra"},
+        ]
+    }
+
+
+def test_failures_and_quotas_as_http() -> None:
+    timeout = to_http(RequestFailed(ErrorType.START_TIMEOUT, "not started in time"))
+    assert timeout.status == 504 and timeout.headers["X-Fal-Request-Timeout-Type"] == "user"
+    assert timeout.body == {"detail": "not started in time", "error_type": "request_timeout"}
+    bad_model = to_http(RequestFailed(ErrorType.MODEL_LOAD_FAILED, "not a model"))
+    assert bad_model.status == 422 and bad_model.body["detail"][0]["msg"] == "not a model"
+    quota = to_http(ResourceExhausted("slow down", limit="submits_per_second", subject="tenant:a", retry_after_seconds=0.2))
+    assert quota.status == 429 and quota.headers["Retry-After"] == "1"
+    # A failure after a request was accepted is never answered with a status fal's clients retry.
+    for error_type in ErrorType:
+        assert to_http(RequestFailed(error_type, "x")).status not in (408, 409, 429, 502, 503)
+    crash = to_http(RuntimeError("secret detail"))
+    assert crash.status == 500 and "secret" not in json.dumps(crash.body)
+
+
+def test_output_is_fal_json_with_integers_as_numbers() -> None:
+    output = types_pb2.GenerateOutput(
+        seed=2**40,
+        images=[types_pb2.Image(url="https://h/f.png", content_type="image/png", file_name="f.png", file_size=4404019, width=64, height=64)],
+        has_nsfw_concepts=[False],
+    )
+    body = output_json(output)
+    assert body == {
+        "images": [
+            {"url": "https://h/f.png", "content_type": "image/png", "file_name": "f.png", "file_size": 4404019, "width": 64, "height": 64}
+        ],
+        "seed": 2**40,
+        "has_nsfw_concepts": [False],
+    }
+    assert '"seed": 1099511627776' in json.dumps(body)
+    output.debug_latents.CopyFrom(types_pb2.File(url="https://h/l.tar", file_size=10))
+    assert output_json(output)["debug_latents"] == {"url": "https://h/l.tar", "content_type": "", "file_name": "", "file_size": 10}
+
+
+URLS = {"response_url": "R", "status_url": "R/status", "cancel_url": "R/cancel"}
+
+
+def test_status_bodies_never_say_anything_but_the_three_states() -> None:
+    queued = generation_pb2.RequestStatus(request_id="r", state=generation_pb2.REQUEST_STATE_IN_QUEUE, queue_position=0)
+    assert status_json(queued, URLS, None) == {"request_id": "r", **URLS, "logs": None, "status": "IN_QUEUE", "queue_position": 0}
+    log = types_pb2.LogEntry(message="m", level=types_pb2.LOG_LEVEL_INFO, source="worker", timestamp=0.0)
+    running = generation_pb2.RequestStatus(request_id="r", state=generation_pb2.REQUEST_STATE_IN_PROGRESS)
+    body = status_json(running, URLS, [log])
+    assert body["status"] == "IN_PROGRESS" and body["metrics"] == {}
+    assert body["logs"] == [{"message": "m", "level": "INFO", "source": "worker", "timestamp": "1970-01-01T00:00:00+00:00"}]
+    cancelled = generation_pb2.RequestStatus(request_id="r", state=generation_pb2.REQUEST_STATE_CANCELLED)
+    body = status_json(cancelled, URLS, None)
+    assert (body["status"], body["error"], body["error_type"]) == ("COMPLETED", "Request cancelled", "client_cancelled")
+    failed = generation_pb2.RequestStatus(
+        request_id="r",
+        state=generation_pb2.REQUEST_STATE_COMPLETED,
+        error=types_pb2.RequestError(type=ErrorType.ADAPTER_LOAD_FAILED, message="not a LoRA"),
+        metrics=generation_pb2.RequestMetrics(inference_seconds=1.5),
+    )
+    body = status_json(failed, URLS, [])
+    assert (body["status"], body["error"], body["error_type"]) == ("COMPLETED", "not a LoRA", "bad_request")
+    assert body["logs"] == [] and body["metrics"] == {"inference_time": 1.5}

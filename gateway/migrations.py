@@ -132,6 +132,33 @@ ALTER TABLE requests ADD COLUMN expired_at REAL;
 CREATE INDEX requests_to_expire ON requests (finished_at) WHERE finished_at IS NOT NULL AND expired_at IS NULL;
 """,
     ),
+    Migration(
+        5,
+        "webhooks",
+        # One delivery per request, created in the transaction that ends it. `body` is built once, at the
+        # first attempt, and every attempt sends those bytes; a claim (token and expiry) lets one sender
+        # at a time attempt it, and one that dies loses its claim when it runs out.
+        """
+ALTER TABLE requests ADD COLUMN webhook_url TEXT NOT NULL DEFAULT '';
+CREATE TABLE webhook_deliveries (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    claim_token TEXT,
+    claim_expires_at REAL,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    delivered_at REAL,
+    given_up_at REAL
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE delivered_at IS NULL AND given_up_at IS NULL;
+""",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -214,6 +241,30 @@ CREATE TABLE api_keys (
         """
 ALTER TABLE requests ADD COLUMN expired_at DOUBLE PRECISION;
 CREATE INDEX requests_to_expire ON requests (finished_at) WHERE finished_at IS NOT NULL AND expired_at IS NULL;
+""",
+    ),
+    Migration(
+        5,
+        "webhooks",
+        """
+ALTER TABLE requests ADD COLUMN webhook_url TEXT NOT NULL DEFAULT '';
+CREATE TABLE webhook_deliveries (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BYTEA,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    claim_token TEXT,
+    claim_expires_at DOUBLE PRECISION,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    delivered_at DOUBLE PRECISION,
+    given_up_at DOUBLE PRECISION
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE delivered_at IS NULL AND given_up_at IS NULL;
 """,
     ),
 )

@@ -76,6 +76,8 @@ class RequestRecord:
     # the tenant's last tag, whichever is later, plus 1 / the tenant's weight). Waiting requests
     # start in (priority, fair_tag, seq) order, and queue positions count in that order.
     fair_tag: float = 0.0
+    # Where its result is POSTed once it ends (fal's `fal_webhook`); "" for none.
+    webhook_url: str = ""
 
     @functools.cached_property
     def input(self) -> types_pb2.GenerateInput:
@@ -110,6 +112,25 @@ class ApiKey:
     secret_sha256: str
     created_at: float
     revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """A request's webhook: made when the request ends (in the same transaction), attempted until delivered
+    or given up. `claim_token` names the sender attempting it now; `body` is fixed at the first attempt."""
+
+    request_id: str
+    tenant: str
+    url: str
+    body: bytes | None
+    attempts: int
+    next_attempt_at: float
+    created_at: float
+    claim_token: str = ""
+    last_status: int | None = None
+    last_error: str = ""
+    delivered_at: float | None = None
+    given_up_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,9 +183,11 @@ class RequestStore(Protocol):
         tenant: str = "",
         priority: int = 0,
         weight: float = 1.0,
+        webhook_url: str = "",
     ) -> tuple[RequestRecord, bool]:
         """Queues a request durably, in fair order among tenants (`weight`: the tenant's share); returns
-        (record, created). A client_request_id the tenant used before returns that request instead."""
+        (record, created). A client_request_id the tenant used before returns that request instead.
+        With a `webhook_url`, whatever ends the request also creates its WebhookDelivery, in one transaction."""
         ...
 
     async def tenant_activity(self, tenant: str) -> tuple[int, int]:
@@ -243,6 +266,36 @@ class RequestStore(Protocol):
 
     async def close(self) -> None: ...
 
+    def on_webhook_due(self, callback: Callable[[], None]) -> None:
+        """`callback` runs after a commit of this store that created a webhook delivery (to wake the sender)."""
+        ...
+
+    async def claim_webhooks(self, limit: int, claim_seconds: float) -> list[WebhookDelivery]:
+        """Due deliveries (not delivered, not given up, next attempt passed, no live claim), claimed for
+        `claim_seconds` under a new token each: one sender at a time attempts a delivery."""
+        ...
+
+    async def set_webhook_body(self, request_id: str, token: str, body: bytes) -> bytes | None:
+        """Fixes the body every attempt sends (the first one set wins); returns the stored body, None when
+        the claim was lost."""
+        ...
+
+    async def webhook_attempted(
+        self,
+        request_id: str,
+        token: str,
+        *,
+        status: int | None,
+        error: str,
+        delivered: bool,
+        retry_in_seconds: float | None,
+    ) -> bool:
+        """Records an attempt and releases the claim: delivered, due again in `retry_in_seconds`, or (None)
+        given up. False when the claim was lost (nothing recorded)."""
+        ...
+
+    async def webhook(self, request_id: str) -> WebhookDelivery | None: ...
+
     async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
         """Finished requests not expired yet that finished before `before` (epoch seconds), oldest first."""
         ...
@@ -301,6 +354,24 @@ def record_from_row(row: Any) -> RequestRecord:
         expired_at=row["expired_at"] if "expired_at" in row.keys() else None,
         priority=int(row["priority"]) if "priority" in row.keys() else 0,
         fair_tag=float(row["fair_tag"]) if "fair_tag" in row.keys() else 0.0,
+        webhook_url=row["webhook_url"] if "webhook_url" in row.keys() else "",
+    )
+
+
+def webhook_from_row(row: Any) -> WebhookDelivery:
+    return WebhookDelivery(
+        request_id=row["request_id"],
+        tenant=row["tenant"],
+        url=row["url"],
+        body=None if row["body"] is None else bytes(row["body"]),
+        attempts=int(row["attempts"]),
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        claim_token=row["claim_token"] or "",
+        last_status=row["last_status"],
+        last_error=row["last_error"] or "",
+        delivered_at=row["delivered_at"],
+        given_up_at=row["given_up_at"],
     )
 
 

@@ -34,11 +34,13 @@ from gateway.store import (
     State,
     StoreUnavailable,
     TakenBack,
+    WebhookDelivery,
     lost_owner_error,
     new_owner_name,
     key_from_row,
     record_from_row,
     start_timeout_error,
+    webhook_from_row,
 )
 from loraserve.v1 import types_pb2
 
@@ -55,6 +57,27 @@ _REQUEUE_SET = (
 _FINISH_SET = (
     "state = %s, error_type = %s, error_message = %s, finished_at = %s, lease_token = NULL, lease_expires_at = NULL"
 )
+# What an UPDATE that ends requests returns for `_with_webhooks`.
+_ENDED = "id, tenant, webhook_url"
+_WEBHOOK_ENDED = "(delivered_at IS NOT NULL OR given_up_at IS NOT NULL)"
+
+
+def _new_webhooks(ended: str, where: str = "TRUE") -> str:
+    """The webhook deliveries of the ended requests in `ended` (a table or CTE with the `_ENDED` columns)."""
+    return (
+        "INSERT INTO webhook_deliveries (request_id, tenant, url, next_attempt_at, created_at)"
+        f" SELECT id, tenant, webhook_url, {_NOW}, {_NOW} FROM {ended} WHERE {where} AND webhook_url <> ''"
+        " ON CONFLICT (request_id) DO NOTHING"
+    )
+
+
+def _with_webhooks(update: str) -> str:
+    """`update` (an UPDATE ending requests, RETURNING `_ENDED`) and the webhook deliveries of the requests it
+    ended, in one statement; its rows are `id` and `hooks` (how many deliveries it made)."""
+    return (
+        f"WITH done AS ({update}), hooks AS ({_new_webhooks('done')} RETURNING request_id)"
+        " SELECT id, (SELECT count(*) FROM hooks) AS hooks FROM done"
+    )
 
 
 class PostgresStore:
@@ -65,6 +88,7 @@ class PostgresStore:
         self.lease_seconds = lease_seconds
         self._queue_depth = 0
         self._listener: asyncio.Task[None] | None = None
+        self._webhook_due: Callable[[], None] = lambda: None
 
     @classmethod
     async def open(
@@ -157,13 +181,14 @@ class PostgresStore:
         tenant: str = "",
         priority: int = 0,
         weight: float = 1.0,
+        webhook_url: str = "",
     ) -> tuple[RequestRecord, bool]:
         now = time.time()
         rows = await self._write(
             "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
-            " tenant, priority, fair_tag) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s,"
+            " tenant, priority, fair_tag, webhook_url) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s,"
             " GREATEST((SELECT v FROM queue_clock WHERE id = 1), COALESCE((SELECT max(fair_tag) FROM requests"
-            " WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')), 0)) + %s)"
+            " WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')), 0)) + %s, %s)"
             " ON CONFLICT (tenant, client_request_id) DO NOTHING RETURNING *",
             (
                 str(uuid.uuid4()),
@@ -177,6 +202,7 @@ class PostgresStore:
                 priority,
                 tenant,
                 1.0 / weight,
+                webhook_url,
             ),
         )
         if rows:
@@ -275,21 +301,25 @@ class PostgresStore:
             lost = await cur.fetchall()
             failed = [row["id"] for row in lost if int(row["attempts"]) >= max_attempts]
             requeued = [row["id"] for row in lost if int(row["attempts"]) < max_attempts]
+            hooks = 0
             if failed:
                 await conn.execute(
                     f"UPDATE requests SET {_FINISH_SET} WHERE id = ANY(%s)",
                     (State.COMPLETED, error.type, error.message, time.time(), failed),
                 )
+                hooks = (await conn.execute(_new_webhooks("requests", "id = ANY(%s)"), (failed,))).rowcount
             if requeued:
                 await conn.execute(f"UPDATE requests SET {_REQUEUE_SET} WHERE id = ANY(%s)", (requeued,))
             await _notify(conn, failed + requeued)
+        if hooks > 0:
+            self._webhook_due()
         return TakenBack(requeued, failed)
 
     async def expire_start_deadlines(self) -> list[str]:
         error = start_timeout_error()
-        rows = await self._write(
+        rows = await self._ended(
             f"UPDATE requests SET {_FINISH_SET}"
-            " WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL AND start_deadline < %s RETURNING id",
+            f" WHERE state = 'IN_QUEUE' AND start_deadline IS NOT NULL AND start_deadline < %s RETURNING {_ENDED}",
             (State.COMPLETED, error.type, error.message, time.time(), time.time()),
         )
         return [row["id"] for row in rows]
@@ -306,10 +336,10 @@ class PostgresStore:
     async def complete(
         self, request_id: str, token: str, output: types_pb2.GenerateOutput, inference_seconds: float
     ) -> bool:
-        rows = await self._write(
+        rows = await self._ended(
             "UPDATE requests SET state = 'COMPLETED', output = %s, inference_seconds = %s, finished_at = %s,"
             " lease_token = NULL, lease_expires_at = NULL"
-            " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
+            f" WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING {_ENDED}",
             (output.SerializeToString(), inference_seconds, time.time(), request_id, token),
             moves_queue=False,
         )
@@ -330,8 +360,68 @@ class PostgresStore:
         else:
             where = "id = %s AND lease_token = %s AND state = 'IN_PROGRESS'"
             params += (token,)
-        rows = await self._write(f"UPDATE requests SET {_FINISH_SET} WHERE {where} RETURNING id", params)
+        rows = await self._ended(f"UPDATE requests SET {_FINISH_SET} WHERE {where} RETURNING {_ENDED}", params)
         return bool(rows)
+
+    async def _ended(self, update: str, params: tuple[Any, ...], *, moves_queue: bool = True) -> list[dict[str, Any]]:
+        """`_write` of an UPDATE that ends requests, creating their webhook deliveries in the same transaction."""
+        rows = await self._write(_with_webhooks(update), params, moves_queue=moves_queue)
+        if any(row["hooks"] for row in rows):
+            self._webhook_due()
+        return rows
+
+    def on_webhook_due(self, callback: Callable[[], None]) -> None:
+        self._webhook_due = callback
+
+    async def claim_webhooks(self, limit: int, claim_seconds: float) -> list[WebhookDelivery]:
+        rows = await self._fetch(
+            f"UPDATE webhook_deliveries SET claim_token = gen_random_uuid()::text, claim_expires_at = {_NOW} + %s"
+            " WHERE request_id IN (SELECT request_id FROM webhook_deliveries WHERE delivered_at IS NULL"
+            f" AND given_up_at IS NULL AND next_attempt_at <= {_NOW}"
+            f" AND (claim_expires_at IS NULL OR claim_expires_at < {_NOW})"
+            " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING *",
+            (claim_seconds, limit),
+        )
+        return [webhook_from_row(row) for row in rows]
+
+    async def set_webhook_body(self, request_id: str, token: str, body: bytes) -> bytes | None:
+        rows = await self._fetch(
+            "UPDATE webhook_deliveries SET body = COALESCE(body, %s) WHERE request_id = %s AND claim_token = %s"
+            " RETURNING body",
+            (body, request_id, token),
+        )
+        return bytes(rows[0]["body"]) if rows else None
+
+    async def webhook_attempted(
+        self,
+        request_id: str,
+        token: str,
+        *,
+        status: int | None,
+        error: str,
+        delivered: bool,
+        retry_in_seconds: float | None,
+    ) -> bool:
+        rows = await self._fetch(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, last_status = %s, last_error = %s,"
+            f" delivered_at = CASE WHEN %s THEN {_NOW} END, given_up_at = CASE WHEN %s THEN {_NOW} END,"
+            f" next_attempt_at = {_NOW} + %s, claim_token = NULL, claim_expires_at = NULL"
+            " WHERE request_id = %s AND claim_token = %s RETURNING request_id",
+            (
+                status,
+                error or None,
+                delivered,
+                not delivered and retry_in_seconds is None,
+                retry_in_seconds or 0.0,
+                request_id,
+                token,
+            ),
+        )
+        return bool(rows)
+
+    async def webhook(self, request_id: str) -> WebhookDelivery | None:
+        rows = await self._fetch("SELECT * FROM webhook_deliveries WHERE request_id = %s", (request_id,))
+        return webhook_from_row(rows[0]) if rows else None
 
     async def add_log(self, request_id: str, entry: types_pb2.LogEntry) -> None:
         await self._write(
@@ -402,6 +492,9 @@ class PostgresStore:
     async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
         rows = await self._fetch(
             "SELECT * FROM requests WHERE finished_at IS NOT NULL AND expired_at IS NULL AND finished_at < %s"
+            # A request keeps its output until its webhook's body is built from it.
+            " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS w WHERE w.request_id = requests.id"
+            " AND w.body IS NULL AND w.delivered_at IS NULL AND w.given_up_at IS NULL)"
             " ORDER BY finished_at LIMIT %s",
             (before, limit),
         )
@@ -419,6 +512,9 @@ class PostgresStore:
             expired = [row["id"] for row in await cur.fetchall()]
             if expired:
                 await conn.execute("DELETE FROM logs WHERE request_id = ANY(%s)", (expired,))
+                await conn.execute(
+                    f"DELETE FROM webhook_deliveries WHERE request_id = ANY(%s) AND {_WEBHOOK_ENDED}", (expired,)
+                )
             await _notify(conn, expired, moves_queue=False)
         return expired
 

@@ -26,11 +26,13 @@ from gateway.store import (
     RequestRecord,
     State,
     TakenBack,
+    WebhookDelivery,
     lost_owner_error,
     new_owner_name,
     key_from_row,
     record_from_row,
     start_timeout_error,
+    webhook_from_row,
 )
 from gateway.wal_checkpoints import WalCheckpointer
 from gateway.wal_sync import WalSync
@@ -60,6 +62,7 @@ class SqliteStore:
             self._dir_lock.release()
             raise
         self._index_changes: list[Callable[[], None]] = []
+        self._webhook_due: Callable[[], None] = lambda: None
         self._checkpointer = WalCheckpointer(path)
         self._checkpointer.start()
         self._wal_sync = WalSync(path)
@@ -140,6 +143,7 @@ class SqliteStore:
         tenant: str = "",
         priority: int = 0,
         weight: float = 1.0,
+        webhook_url: str = "",
     ) -> tuple[RequestRecord, bool]:
         with self._tx() as db:
             if client_request_id:
@@ -157,7 +161,7 @@ class SqliteStore:
             ).fetchall()
             row = db.execute(
                 "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
-                " tenant, priority, fair_tag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                " tenant, priority, fair_tag, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     request_id,
                     client_request_id or None,
@@ -170,6 +174,7 @@ class SqliteStore:
                     tenant,
                     priority,
                     max(clock, last or 0.0) + 1.0 / weight,
+                    webhook_url,
                 ),
             ).fetchone()
             self._join_queue([_order(row)])
@@ -282,6 +287,7 @@ class SqliteStore:
                     db.execute(f"UPDATE requests SET {_REQUEUE_SET} WHERE id = ?", (State.IN_QUEUE, row["id"]))
                     self._join_queue([_order(row)])
                     requeued.append(row["id"])
+            self._hook(db, failed)
         return TakenBack(requeued, failed)
 
     async def expire_start_deadlines(self) -> list[str]:
@@ -293,6 +299,7 @@ class SqliteStore:
                 (State.COMPLETED, error.type, error.message, time.time(), time.time()),
             ).fetchall()
             self._leave_queue([_order(row) for row in rows])
+            self._hook(db, [row["id"] for row in rows])
         return [row["id"] for row in rows]
 
     async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None:
@@ -319,6 +326,8 @@ class SqliteStore:
                     State.IN_PROGRESS,
                 ),
             )
+            if cur.rowcount == 1:
+                self._hook(db, [request_id])
         return cur.rowcount == 1
 
     async def fail(self, request_id: str, error: types_pb2.RequestError, token: str | None = None) -> bool:
@@ -339,7 +348,83 @@ class SqliteStore:
             )
             if row["state"] == State.IN_QUEUE:
                 self._leave_queue([_order(row)])
+            self._hook(db, [request_id])
         return True
+
+    def _hook(self, db: sqlite3.Connection, request_ids: list[str]) -> None:
+        """Inside the transaction that ends these requests: the webhook deliveries of those that have one."""
+        if not request_ids:
+            return
+        now = time.time()
+        cur = db.execute(
+            "INSERT INTO webhook_deliveries (request_id, tenant, url, next_attempt_at, created_at)"
+            f" SELECT id, tenant, webhook_url, ?, ? FROM requests WHERE id IN ({', '.join('?' for _ in request_ids)})"
+            " AND webhook_url != '' ON CONFLICT (request_id) DO NOTHING",
+            (now, now, *request_ids),
+        )
+        if cur.rowcount > 0:
+            self._index_changes.append(lambda: self._webhook_due())
+
+    def on_webhook_due(self, callback: Callable[[], None]) -> None:
+        self._webhook_due = callback
+
+    async def claim_webhooks(self, limit: int, claim_seconds: float) -> list[WebhookDelivery]:
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT request_id FROM webhook_deliveries WHERE delivered_at IS NULL AND given_up_at IS NULL"
+                " AND next_attempt_at <= ? AND (claim_expires_at IS NULL OR claim_expires_at < ?)"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            claimed = [
+                db.execute(
+                    "UPDATE webhook_deliveries SET claim_token = ?, claim_expires_at = ? WHERE request_id = ? RETURNING *",
+                    (uuid.uuid4().hex, now + claim_seconds, row["request_id"]),
+                ).fetchone()
+                for row in rows
+            ]
+        return [webhook_from_row(row) for row in claimed]
+
+    async def set_webhook_body(self, request_id: str, token: str, body: bytes) -> bytes | None:
+        with self._tx() as db:
+            row = db.execute(
+                "UPDATE webhook_deliveries SET body = COALESCE(body, ?) WHERE request_id = ? AND claim_token = ?"
+                " RETURNING body",
+                (body, request_id, token),
+            ).fetchone()
+        return None if row is None else bytes(row["body"])
+
+    async def webhook_attempted(
+        self,
+        request_id: str,
+        token: str,
+        *,
+        status: int | None,
+        error: str,
+        delivered: bool,
+        retry_in_seconds: float | None,
+    ) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE webhook_deliveries SET {_ATTEMPTED_SET} WHERE request_id = ? AND claim_token = ?",
+                (
+                    status,
+                    error or None,
+                    now if delivered else None,
+                    now if not delivered and retry_in_seconds is None else None,
+                    now + (retry_in_seconds or 0.0),
+                    request_id,
+                    token,
+                ),
+            )
+        return cur.rowcount == 1
+
+    async def webhook(self, request_id: str) -> WebhookDelivery | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM webhook_deliveries WHERE request_id = ?", (request_id,)).fetchone()
+        return None if row is None else webhook_from_row(row)
 
     def _join_queue(self, orders: list[Order]) -> None:
         """Inside a transaction: these requests join the queue index when it commits."""
@@ -412,7 +497,7 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM requests WHERE finished_at IS NOT NULL AND expired_at IS NULL AND finished_at < ?"
-                " ORDER BY finished_at LIMIT ?",
+                f" AND {_NO_WEBHOOK_TO_BUILD} ORDER BY finished_at LIMIT ?",
                 (before, limit),
             ).fetchall()
         return [record_from_row(row) for row in rows]
@@ -431,8 +516,10 @@ class SqliteStore:
                 ).fetchall()
             ]
             if expired:
+                marks = ", ".join("?" for _ in expired)
+                db.execute(f"DELETE FROM logs WHERE request_id IN ({marks})", tuple(expired))
                 db.execute(
-                    f"DELETE FROM logs WHERE request_id IN ({', '.join('?' for _ in expired)})", tuple(expired)
+                    f"DELETE FROM webhook_deliveries WHERE request_id IN ({marks}) AND {_WEBHOOK_ENDED}", tuple(expired)
                 )
         return expired
 
@@ -442,7 +529,17 @@ _REQUEUE_SET = "state = ?, step = 0, total_steps = 0, owner = NULL, lease_token 
 _FINISH_SET = (
     "state = ?, error_type = ?, error_message = ?, finished_at = ?, lease_token = NULL, lease_expires_at = NULL"
 )
-
+# An attempt recorded and the claim released: (status, error, delivered_at, given_up_at, next_attempt_at).
+_ATTEMPTED_SET = (
+    "attempts = attempts + 1, last_status = ?, last_error = ?, delivered_at = ?, given_up_at = ?,"
+    " next_attempt_at = ?, claim_token = NULL, claim_expires_at = NULL"
+)
+_WEBHOOK_ENDED = "(delivered_at IS NOT NULL OR given_up_at IS NOT NULL)"
+# A request keeps its output until its webhook's body is built from it.
+_NO_WEBHOOK_TO_BUILD = (
+    "NOT EXISTS (SELECT 1 FROM webhook_deliveries AS w WHERE w.request_id = requests.id AND w.body IS NULL"
+    " AND w.delivered_at IS NULL AND w.given_up_at IS NULL)"
+)
 
 Order = tuple[int, float, int]
 # The columns of a request's start order, in order.

@@ -16,7 +16,10 @@ from gateway.errors import FieldViolation, InvalidArgument
 from loraserve import schema
 from loraserve.config import Settings
 from loraserve.v1 import types_pb2
+from serving.inline_results import sync_mode_violations
 from serving.schedulers import SCHEDULER_SPECS, names_accepting
+from storage.fetch import InputFetchError, check_url
+from storage.from_settings import image_fetch_policy
 
 MAX_NAME_CHARS = 4096
 # Largest custom schedule: num_inference_steps' upper bound (sigmas carry one more, the final sigma).
@@ -53,8 +56,27 @@ def validate_start_timeout(seconds: float) -> None:
         )
 
 
+MAX_WEBHOOK_URL_CHARS = 2048
+
+
+def validate_webhook_url(url: str, settings: Settings) -> None:
+    """fal's `fal_webhook`, POSTed to when the request ends: refused now if it can never be used (scheme,
+    credentials, a forbidden address written as an IP); each attempt checks the resolved addresses again."""
+    if not url:
+        return
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        raise InvalidArgument(
+            [FieldViolation("webhook_url", f"is longer than {MAX_WEBHOOK_URL_CHARS} characters ({len(url)})")]
+        )
+    try:
+        check_url(url, "webhook_url", image_fetch_policy(settings), resolve=False)
+    except InputFetchError as exc:
+        raise InvalidArgument([FieldViolation("webhook_url", exc.reason)]) from None
+
+
 def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:
     yield from _text(inp, settings)
+    yield from _endpoint(inp)
     yield from _size(inp)
     yield from _ranges(inp)
     yield from _enums(inp)
@@ -64,6 +86,7 @@ def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tu
     yield from _loras(inp, settings)
     yield from _base_model_parts(inp)
     yield from _embeddings(inp)
+    yield from sync_mode_violations(inp, settings.max_sync_mode_pixels)
     # ControlNets, IP-Adapters and IC-Light.
     yield from conditioning_violations(inp)
 
@@ -78,6 +101,54 @@ def _text(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[st
     for field in ("prompt", "negative_prompt"):
         if len(getattr(inp, field)) > settings.max_prompt_chars:
             yield field, f"is longer than {settings.max_prompt_chars} characters"
+
+
+def _endpoint(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
+    """fal's image-to-image and inpaint fields, each only where its endpoint reads it.
+
+    The output of image-to-image and inpaint takes the start image's size, as on fal, so an
+    `image_size` there would be accepted and ignored: it is refused instead. Whether the mask is
+    the image's size is known only once both are fetched (serving/image_to_image.py).
+    """
+    name = schema.ENDPOINT_NAMES.get(inp.endpoint)
+    if name is None:
+        yield "endpoint", f"unknown endpoint {inp.endpoint}; one of {', '.join(schema.ENDPOINT_NAMES.values())}"
+        return
+    if not schema.starts_from_image(inp):
+        for field in ("image_url", "mask_url"):
+            if getattr(inp, field):
+                yield field, f"only applies to the image-to-image and inpaint endpoints, not to {name}"
+        if inp.HasField("noise_strength"):
+            yield "noise_strength", f"only applies to the image-to-image and inpaint endpoints, not to {name}"
+        return
+    if not inp.image_url.strip():
+        yield "image_url", f"is required for {name}: a URL, data URI or uploaded file of the start image"
+    if inp.endpoint == types_pb2.ENDPOINT_INPAINT and not inp.mask_url.strip():
+        yield "mask_url", "is required for inpaint: a black-and-white mask the size of image_url (white is repainted)"
+    if inp.endpoint != types_pb2.ENDPOINT_INPAINT and inp.mask_url:
+        yield "mask_url", f"only applies to the inpaint endpoint, not to {name}"
+    if inp.HasField("image_size"):
+        yield "image_size", (
+            f"is not used by {name}: the output takes the size of image_url (rounded down to a multiple of 8)"
+        )
+    strength = schema.noise_strength(inp)
+    if not (math.isfinite(strength) and 0 <= strength <= 1):
+        yield "noise_strength", f"must be a number between 0 and 1, got {strength}"
+    elif (steps := _denoising_steps(inp)) is not None and int(steps * strength) < 1:
+        yield "noise_strength", (
+            f"runs int({steps} steps x {strength:g}) = 0 denoising steps; raise it to at least {1 / steps:.3g} "
+            "or add steps"
+        )
+
+
+def _denoising_steps(inp: types_pb2.GenerateInput) -> int | None:
+    """The schedule's length, of which image-to-image runs the last `noise_strength` share; None if invalid."""
+    if inp.timesteps.method == "array":
+        return len(inp.timesteps.array) or None
+    if inp.sigmas.method == "array":
+        return len(inp.sigmas.array) - 1 if len(inp.sigmas.array) > 1 else None
+    steps = schema.num_inference_steps(inp)
+    return steps if steps >= 1 else None
 
 
 def _size(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:

@@ -52,6 +52,14 @@ DEFAULT_CONTROLNET_SCALE = 1.0
 DEFAULT_CONTROLNET_END = 1.0
 DEFAULT_CONTROLNET_MASK_THRESHOLD = 0.5
 DEFAULT_IP_ADAPTER_SCALE = 1.0
+# fal-ai/lora/image-to-image and /inpaint: how much of the start image is noised away.
+DEFAULT_NOISE_STRENGTH = 0.5
+# GenerateInput.endpoint as the names fal's paths use (fal-ai/lora, /image-to-image, /inpaint).
+ENDPOINT_NAMES = {
+    types_pb2.ENDPOINT_UNSPECIFIED: "text-to-image",
+    types_pb2.ENDPOINT_IMAGE_TO_IMAGE: "image-to-image",
+    types_pb2.ENDPOINT_INPAINT: "inpaint",
+}
 
 
 def image_size(inp: types_pb2.GenerateInput) -> tuple[int, int]:
@@ -107,6 +115,15 @@ def tile_stride_height(inp: types_pb2.GenerateInput) -> int:
     if inp.HasField("tile_stride_height"):
         return inp.tile_stride_height
     return min(DEFAULT_TILE_STRIDE, tile_height(inp) // 2)
+
+
+def noise_strength(inp: types_pb2.GenerateInput) -> float:
+    return inp.noise_strength if inp.HasField("noise_strength") else DEFAULT_NOISE_STRENGTH
+
+
+def starts_from_image(inp: types_pb2.GenerateInput) -> bool:
+    """image-to-image and inpaint: the output starts from `image_url` and takes its size."""
+    return inp.endpoint in (types_pb2.ENDPOINT_IMAGE_TO_IMAGE, types_pb2.ENDPOINT_INPAINT)
 
 
 def custom_timesteps(inp: types_pb2.GenerateInput) -> list[int] | None:

@@ -35,7 +35,7 @@ from loraserve.model_key import BaseModelRef
 from loraserve.redaction import redact_text, redact_url
 from loraserve.v1 import types_pb2, worker_pb2
 from loraserve.worker_auth import caller_secret, secret_matches
-from serving import conditioning
+from serving import conditioning, image_to_image
 from serving.embeddings import EmbeddingLoadError
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
@@ -322,6 +322,8 @@ class Worker:
             params.embeddings = self._resolve_embeddings(inp, emit)
             if params.conditioning is not None:
                 self._resolve_conditioning(params.conditioning, emit)
+            # image-to-image / inpaint: the start image (and mask) sets the request's width and height.
+            image_to_image.resolve_start_image(params, image_policy=self._image_policy, store=self._store)
 
     def _resolve_conditioning(self, cond: conditioning.Conditioning, emit: Emit) -> None:
         """ControlNet / IP-Adapter / IC-Light weights through the weights cache, their images through the fetcher."""

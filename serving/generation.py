@@ -22,7 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from serving import latents as debug_files
-from serving import prompts, schedulers, tiling
+from serving import image_to_image, prompts, schedulers, tiling
 from serving.conditioning import applied
 from serving.errors import GenerationCancelled, OptionUnavailableError
 from serving.loaded import LoadedPipeline
@@ -72,6 +72,7 @@ def generate_result(
             loaded.activate_loras(params.loras)
             loaded.load_embeddings(params.embeddings)
             with applied(loaded, view, params, call_kwargs) as (view, call_kwargs):
+                view, call_kwargs = image_to_image.adapt(loaded.pipe, view, params, call_kwargs)
                 result = _denoise(view, params, call_kwargs, on_step, should_stop, on_latents)
         finally:
             loaded.unload_embeddings()
@@ -117,6 +118,9 @@ def _prepare(pipe: DiffusionPipeline, params: GenerationParams) -> tuple[Diffusi
             )
         )
     kwargs: dict[str, Any] = {
+        # Image-to-image pipelines take the size from the start image instead (serving/image_to_image.py).
+        "width": params.width,
+        "height": params.height,
         "eta": params.eta,
         "guidance_rescale": schedulers.ZERO_SNR_GUIDANCE_RESCALE if params.rescale_betas_snr_zero else 0.0,
     }
@@ -174,8 +178,6 @@ def _denoise(
     output = pipe(
         **prompt_kwargs,
         **call_kwargs,
-        width=params.width,
-        height=params.height,
         guidance_scale=params.guidance_scale,
         num_images_per_prompt=params.num_images,
         generator=torch.Generator("cpu").manual_seed(params.seed),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from loraserve import schema
 from loraserve.v1 import types_pb2
 from serving.conditioning import conditioning_from_input
+from serving.image_to_image import start_image_from_input
 from serving.request import GenerationParams
 
 
@@ -44,4 +45,5 @@ def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationPara
         debug_latents=inp.debug_latents,
         debug_per_pass_latents=inp.debug_per_pass_latents,
         conditioning=conditioning_from_input(inp),
+        start_image=start_image_from_input(inp),
     )

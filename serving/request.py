@@ -102,8 +102,22 @@ class Conditioning:
 
 
 @dataclass(kw_only=True)
+class StartImage:
+    """image-to-image and inpaint (serving/image_to_image.py); `image`/`mask` are filled by resolve_start_image.
+
+    `mask_url` set means inpaint: white is repainted, black kept.
+    """
+
+    image_url: str
+    strength: float = schema.DEFAULT_NOISE_STRENGTH
+    mask_url: str = ""
+    image: PIL.Image.Image | None = None
+    mask: PIL.Image.Image | None = None
+
+
+@dataclass(kw_only=True)
 class GenerationParams:
-    """One text-to-image request, already validated by the caller; keyword-only so fields can't swap.
+    """One request, already validated by the caller; keyword-only so fields can't swap.
 
     Every option after `loras` defaults to "off" / the fal default, so older callers keep working.
     """
@@ -142,6 +156,8 @@ class GenerationParams:
     debug_per_pass_latents: bool = False
     # ControlNets, IP-Adapters, IC-Light (serving/conditioning.py); None: none of them.
     conditioning: Conditioning | None = None
+    # image-to-image / inpaint; None: text-to-image. width/height become the start image's size.
+    start_image: StartImage | None = None
 
 
 @dataclass

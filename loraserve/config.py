@@ -100,6 +100,13 @@ class Settings:
     device: str = "auto"
     # "auto": float16 on cuda, float32 on cpu.
     torch_dtype: str = "auto"
+    # Live previews (serving/previews.py): a small JPEG of the latents at a request's last step and at
+    # most once per this many seconds before it (0: none); its longer side at most preview_max_side px.
+    preview_interval_seconds: float = 1.0
+    preview_max_side: int = 256
+    # sync_mode puts the images in the result itself (data URIs), which the request store keeps: at
+    # most this many pixels over all of a request's images (a 1024² PNG is 1.5-3 MB, twice in a result).
+    max_sync_mode_pixels: int = 2 * 1024 * 1024
     # Requests handed to workers at once; 0 means max_replicas × max_ongoing_requests_per_replica.
     max_in_flight: int = 0
     # A request whose base model is hot may overtake older ones whose model is cold, but no

@@ -37,9 +37,11 @@ from loraserve.v1 import types_pb2, worker_pb2
 from loraserve.worker_auth import caller_secret, secret_matches
 from serving import conditioning, image_to_image
 from serving.embeddings import EmbeddingLoadError
+from serving.inline_results import check_inline_size, data_uri
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
+from serving.previews import Previews
 from serving.pipelines import (
     AdapterLoadError,
     GenerationCancelled,
@@ -234,20 +236,29 @@ class Worker:
             )
             gen_started = time.perf_counter()
             generated: list[GenerationResult] = []
+            previews = Previews(
+                loaded.pipe.vae,
+                loaded.family,
+                interval_seconds=self._settings.preview_interval_seconds,
+                max_side=self._settings.preview_max_side,
+            )
             async with self._generation_lock:
                 run = lambda emit, stop: generate_result(  # noqa: E731
                     loaded,
                     params,
-                    on_step=throttled(lambda i, n: emit(_progress(i, n))),
+                    on_step=throttled(lambda i, n: emit(_progress(i, n, previews.take(i, n)))),
                     should_stop=stop.is_set,
                     safety_checker=safety_checker,
+                    on_latents=previews.offer,
                 )
                 async for event in self._in_thread(run, generated):
                     yield event
             result = generated[0]
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)
-            output = await asyncio.to_thread(self._store_outputs, request.request_id, result, schema.image_format(inp))
+            output = await asyncio.to_thread(
+                self._store_outputs, request.request_id, result, schema.image_format(inp), inline=inp.sync_mode
+            )
             # Counted once the outputs are stored: a failed write is counted as a failure only.
             self._metrics.requests.labels(outcome="completed").inc()
             output.seed = request.seed
@@ -425,18 +436,40 @@ class Worker:
             raise
 
     def _store_outputs(
-        self, request_id: str, result: GenerationResult, image_format: str
+        self, request_id: str, result: GenerationResult, image_format: str, *, inline: bool = False
     ) -> types_pb2.GenerateOutput:
-        """Each write is retried on store failures: the images exist nowhere else yet."""
+        """Each write is retried on store failures: the images exist nowhere else yet.
+
+        `inline` (sync_mode) writes nothing: every file comes back as a data URI with its bytes
+        (serving/inline_results.py).
+        """
         content_type = schema.IMAGE_FORMATS[image_format]
         suffix = ".png" if image_format == "png" else ".jpg"
         policy = from_settings.output_write_policy(self._settings)
         output = types_pb2.GenerateOutput()
+        if inline:
+            check_inline_size(
+                [(image.width, image.height) for image in result.images],
+                self._settings.max_sync_mode_pixels,
+                per_pass_latents=result.debug_per_pass_latents is not None,
+            )
         for image in result.images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
             name = random_name(suffix)
-            stored = put_retrying(self._store, f"outputs/{request_id}/{name}", buffer.getvalue(), content_type, policy)
+            data = buffer.getvalue()
+            if inline:
+                output.images.add(
+                    url=data_uri(data, content_type),
+                    content_type=content_type,
+                    file_name=name,
+                    file_size=len(data),
+                    width=image.width,
+                    height=image.height,
+                    file_data=data,
+                )
+                continue
+            stored = put_retrying(self._store, f"outputs/{request_id}/{name}", data, content_type, policy)
             output.images.add(
                 url=stored.url,
                 content_type=content_type,
@@ -451,7 +484,17 @@ class Worker:
             ("debug_latents", result.debug_latents),
             ("debug_per_pass_latents", result.debug_per_pass_latents),
         ):
-            if debug is not None:
+            if debug is not None and inline:
+                getattr(output, field).CopyFrom(
+                    types_pb2.File(
+                        url=data_uri(debug.data, debug.content_type),
+                        content_type=debug.content_type,
+                        file_name=debug.file_name,
+                        file_size=len(debug.data),
+                        file_data=debug.data,
+                    )
+                )
+            elif debug is not None:
                 stored = put_retrying(
                     self._store,
                     f"outputs/{request_id}/{random_name('.safetensors')}",
@@ -499,8 +542,10 @@ def throttled(
     return on_step
 
 
-def _progress(step: int, total: int) -> worker_pb2.GenerateResponse:
-    return worker_pb2.GenerateResponse(progress=types_pb2.StepProgress(step=step, total=total))
+def _progress(step: int, total: int, preview_jpeg: bytes = b"") -> worker_pb2.GenerateResponse:
+    return worker_pb2.GenerateResponse(
+        progress=types_pb2.StepProgress(step=step, total=total, preview_jpeg=preview_jpeg)
+    )
 
 
 def _log(message: str, level: types_pb2.LogLevel = types_pb2.LOG_LEVEL_INFO) -> worker_pb2.GenerateResponse:

@@ -11,11 +11,16 @@ from __future__ import annotations
 from loraserve.v1 import types_pb2
 from storage.object_store import ObjectStore
 
+DATA_URI_PREFIX = "data:"
+
 _FILE_FIELDS = ("debug_latents", "debug_per_pass_latents")
 
 
 def fresh_url(url: str, files: ObjectStore) -> str:
     """The store's current URL for the object `url` names; other URLs (another store's, data URIs) as they are."""
+    if url.startswith(DATA_URI_PREFIX):
+        # sync_mode's inline outputs: megabytes that name no object.
+        return url
     key = files.key_for_url(url)
     return url if key is None else files.url(key)
 

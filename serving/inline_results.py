@@ -1,0 +1,65 @@
+"""`sync_mode`: a request's outputs come back inside its result instead of in the object store.
+
+fal returns them as data URIs: `url` is `data:<type>;base64,...` and `file_data` holds the same
+bytes. Nothing is written to the object store, so nothing is signed when the result is read
+(storage/result_urls.py leaves data URIs alone) and the retention sweep has no files to delete.
+
+The request store keeps the result, so the size is capped: `max_sync_mode_pixels` over all of a
+request's images. The gateway refuses a text-to-image request over it when it is submitted; the
+size of an image-to-image result is known only once its input image is read, so the worker checks
+the images it made as well before returning them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Iterator
+
+from gateway.errors import FieldViolation, InvalidArgument
+from loraserve import schema
+from loraserve.v1 import types_pb2
+from storage.result_urls import DATA_URI_PREFIX
+
+# Every step's latents (up to 150 steps × 8 images) are too large for a result row; debug_latents,
+# the final latents only, come back inline like the images.
+PER_PASS_REFUSED = "cannot be returned inline (sync_mode): every step's latents are too large; leave sync_mode off"
+
+
+def data_uri(data: bytes, content_type: str) -> str:
+    return f"{DATA_URI_PREFIX}{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def sync_mode_violations(inp: types_pb2.GenerateInput, max_pixels: int) -> Iterator[tuple[str, str]]:
+    """For the gateway's validation: a text-to-image request whose images would exceed the cap."""
+    if not inp.sync_mode:
+        return
+    if inp.debug_per_pass_latents:
+        yield "debug_per_pass_latents", PER_PASS_REFUSED
+    if schema.starts_from_image(inp):
+        return
+    try:
+        width, height = schema.image_size(inp)
+    except KeyError:
+        return  # an unknown preset, reported by the size check
+    pixels = schema.num_images(inp) * width * height
+    if pixels > max_pixels:
+        yield "sync_mode", _too_large(pixels, max_pixels)
+
+
+def check_inline_size(sizes: Iterable[tuple[int, int]], max_pixels: int, *, per_pass_latents: bool) -> None:
+    """For the worker: the images made (width, height) must fit the cap before they go into the result."""
+    violations = []
+    if per_pass_latents:
+        violations.append(FieldViolation("input.debug_per_pass_latents", PER_PASS_REFUSED))
+    pixels = sum(width * height for width, height in sizes)
+    if pixels > max_pixels:
+        violations.append(FieldViolation("input.sync_mode", _too_large(pixels, max_pixels)))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _too_large(pixels: int, max_pixels: int) -> str:
+    return (
+        f"the images would be {pixels} pixels in all, over this server's limit for inline results"
+        f" ({max_pixels}, max_sync_mode_pixels); leave sync_mode off to get URLs instead"
+    )

@@ -222,7 +222,7 @@ class Dispatcher:
                 current = await self._store.get(record.id)
                 if current is None or current.state != State.IN_QUEUE:
                     return
-                request = worker_pb2.PrefetchRequest(request_id=record.id, input=record.input)
+                request = worker_pb2.PrefetchRequest(request_id=record.id, input=record.input, tenant=record.tenant)
                 response = await self._worker.prefetch(request, record.model_key, PREFETCH_TIMEOUT_SECONDS)
                 await self._log(
                     record.id,
@@ -297,7 +297,9 @@ class Dispatcher:
     async def _call_worker(self, record: RequestRecord) -> None:
         if record.id in self._cancelled:
             return
-        request = worker_pb2.GenerateRequest(request_id=record.id, input=record.input, seed=record.seed)
+        request = worker_pb2.GenerateRequest(
+            request_id=record.id, input=record.input, seed=record.seed, tenant=record.tenant
+        )
         call = self._worker.generate(request, record.model_key)
         self._calls[record.id] = call
         reached = False

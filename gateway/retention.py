@@ -1,7 +1,7 @@
 """Retention: finished requests, their logs and their output files expire (like fal's media expiry).
 
 A request that finished more than `retention_seconds` ago loses its output files (the whole
-`outputs/<id>/` folder, so files of earlier attempts and of a run cancelled while it stored its
+`tenants/<tenant digest>/outputs/<id>/` folder, so files of earlier attempts and of a run cancelled while it stored its
 images go too), then its result, input, logs and client_request_id; what stays is a small
 tombstone (state, times, error), so GetResult answers NOT_FOUND with reason RESULT_EXPIRED
 instead of handing out URLs to deleted files, and GetStatus still tells how the request ended.
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from gateway.periodic import Periodic
 from gateway.store import RequestStore
 from storage.object_store import ObjectStore
+from storage.object_store import output_prefix as files_folder
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ BATCH = 100
 MAX_BATCHES_PER_ROUND = 50
 
 
-def output_prefix(request_id: str) -> str:
-    """Where a worker stores a request's outputs (serving/app.py: `outputs/<id>/<name>`)."""
-    return f"outputs/{request_id}/"
+def output_prefix(request_id: str, tenant: str = "") -> str:
+    """Where a worker stores a request's outputs (serving/app.py: `tenants/<tenant digest>/outputs/<id>/<name>`)."""
+    return files_folder(tenant, request_id)
 
 
 class RetentionSweeper(Periodic):
@@ -64,7 +65,7 @@ class RetentionSweeper(Periodic):
         for _ in range(MAX_BATCHES_PER_ROUND):
             records = await self._store.expirable(before, BATCH)
             for record in records:
-                await asyncio.to_thread(self._files.delete_prefix, output_prefix(record.id))
+                await asyncio.to_thread(self._files.delete_prefix, output_prefix(record.id, record.tenant))
             expired += await self._store.expire([record.id for record in records])
             if len(records) < BATCH:
                 break

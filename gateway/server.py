@@ -16,6 +16,7 @@ from gateway.circuit_breaker import CircuitBreaker
 from gateway.auth import Authenticator, auth_required
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
+from gateway.fal_storage import FalStorage, add_storage_routes, signing_secret
 from gateway.generation_service import GenerationService
 from gateway.http_files import make_http_app
 from gateway.metrics import GatewayMetrics
@@ -30,6 +31,7 @@ from loraserve.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
 from storage import from_settings
 from storage.object_store import LocalObjectStore
+from storage.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +152,13 @@ class Gateway:
             )
         await self.store.listen(self._changed_elsewhere)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.server)
-        storage_pb2_grpc.add_StorageServiceServicer_to_server(
-            StorageService(
-                self.files,
-                max_upload_bytes=self.settings.max_upload_bytes,
-                allowed_content_types=from_settings.upload_content_types(self.settings),
-                spool_dir=self.settings.data_dir / "spool",
-                auth=self.auth,
-            ),
-            self.server,
+        uploads = Uploads(
+            self.files,
+            max_bytes=self.settings.max_upload_bytes,
+            allowed_content_types=from_settings.upload_content_types(self.settings),
+            spool_dir=self.settings.data_dir / "spool",
         )
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageService(uploads, auth=self.auth), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
@@ -171,7 +170,9 @@ class Gateway:
         )
         await self.server.start()
         local_files = self.files if isinstance(self.files, LocalObjectStore) else None
-        self._http = web.AppRunner(make_http_app(local_files, self.metrics), access_log=None)
+        http_app = make_http_app(local_files, self.metrics)
+        add_storage_routes(http_app, FalStorage(uploads, self.auth, secret=signing_secret(self.settings)))
+        self._http = web.AppRunner(http_app, access_log=None)
         await self._http.setup()
         await web.TCPSite(self._http, self.settings.http_host, self.settings.http_port).start()
         self.dispatcher.start()

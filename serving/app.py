@@ -59,8 +59,9 @@ from serving.safety import SafetyChecker, load_safety_checker
 from serving.serve_config import DEPLOYMENT_NAME, deployment_options
 from storage import from_settings
 from storage.fetch import InputFetchError, input_deadline
-from storage.object_store import random_name
+from storage.object_store import output_prefix, random_name
 from storage.retry import StorageUnavailable, put_retrying
+from storage.tenant_files import check_stored_inputs
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class Worker:
         holding = contextlib.ExitStack()
         try:
             validate_input(inp, self._settings)
+            # Before anything loads: another tenant's file fails here as a missing one does.
+            await asyncio.to_thread(check_stored_inputs, inp, request.tenant, self._store)
             loads_before = self._pipeline_loads
             pipelines: list[EvictablePipeline] = []
             # The pipeline is the one the request's own input names: the routing key is not trusted for that.
@@ -257,7 +260,12 @@ class Worker:
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)
             output = await asyncio.to_thread(
-                self._store_outputs, request.request_id, result, schema.image_format(inp), inline=inp.sync_mode
+                self._store_outputs,
+                request.request_id,
+                result,
+                schema.image_format(inp),
+                inline=inp.sync_mode,
+                tenant=request.tenant,
             )
             # Counted once the outputs are stored: a failed write is counted as a failure only.
             self._metrics.requests.labels(outcome="completed").inc()
@@ -360,6 +368,7 @@ class Worker:
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         try:
             validate_input(request.input, self._settings)
+            await asyncio.to_thread(check_stored_inputs, request.input, request.tenant, self._store)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
         except (InvalidArgument, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
@@ -436,9 +445,16 @@ class Worker:
             raise
 
     def _store_outputs(
-        self, request_id: str, result: GenerationResult, image_format: str, *, inline: bool = False
+        self,
+        request_id: str,
+        result: GenerationResult,
+        image_format: str,
+        *,
+        inline: bool = False,
+        tenant: str = "",
     ) -> types_pb2.GenerateOutput:
-        """Each write is retried on store failures: the images exist nowhere else yet.
+        """Into the request's folder under its tenant's; each write is retried on store failures: the
+        images exist nowhere else yet.
 
         `inline` (sync_mode) writes nothing: every file comes back as a data URI with its bytes
         (serving/inline_results.py).
@@ -469,7 +485,8 @@ class Worker:
                     file_data=data,
                 )
                 continue
-            stored = put_retrying(self._store, f"outputs/{request_id}/{name}", data, content_type, policy)
+            key = f"{output_prefix(tenant, request_id)}{name}"
+            stored = put_retrying(self._store, key, data, content_type, policy)
             output.images.add(
                 url=stored.url,
                 content_type=content_type,
@@ -497,7 +514,7 @@ class Worker:
             elif debug is not None:
                 stored = put_retrying(
                     self._store,
-                    f"outputs/{request_id}/{random_name('.safetensors')}",
+                    f"{output_prefix(tenant, request_id)}{random_name('.safetensors')}",
                     debug.data,
                     debug.content_type,
                     policy,

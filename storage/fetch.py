@@ -48,6 +48,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 USER_AGENT = "loraserve-fetch/1"
 # Characters left as they are when re-quoting a path callers wrote with spaces etc.
 _SAFE_URL_CHARS = "/%:@!$&'()*+,;=-._~"
+# The one answer for a stored file a request may not use, whether it is missing or another tenant's.
+NO_SUCH_STORED_FILE = "no such stored file (never uploaded, or deleted)"
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -190,7 +192,7 @@ def _read_stored(store: StoredFiles, key: str, url: str, field: str, max_bytes: 
     try:
         data = store.get(key)
     except (ObjectNotFound, InvalidKey):
-        raise InputFetchError(field, url, "no such stored file (never uploaded, or deleted)") from None
+        raise InputFetchError(field, url, NO_SUCH_STORED_FILE) from None
     if len(data) > max_bytes:
         raise InputFetchError(field, url, f"the file is {len(data)} bytes, more than the limit of {max_bytes}")
     return data

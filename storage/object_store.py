@@ -3,6 +3,11 @@
 Keys are relative, slash-separated and checked so that none can escape the store's
 root; two requests never collide because keys carry the request id or a random part.
 
+Every caller's file lives under its tenant's folder (`tenants/<digest of the tenant>/uploads/…`
+and `…/outputs/<request id>/…`), so whose a file is can be read from its key alone: a worker
+uses another tenant's file as an input only as it would a file that does not exist
+(storage/tenant_files.py).
+
 The local store's URLs are signed and expire like S3's presigned ones (HMAC-SHA256 of key and
 expiry), so a URL that leaked into a log or a chat stops working, and knowing a key is not
 enough to read a file. Each object's content type is kept beside it (a dot file, which no key
@@ -52,6 +57,8 @@ class StoredObject:
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
 
+    def exists(self, key: str) -> bool: ...
+
     def put_stream(self, key: str, readable: BinaryIO, length: int, content_type: str) -> StoredObject: ...
 
     def get(self, key: str) -> bytes: ...
@@ -68,6 +75,25 @@ def check_key(key: str) -> str:
     if not parts or any(not _KEY_PART.match(part) for part in parts):
         raise InvalidKey(f"object key {key!r} is not a relative path of plain names")
     return key
+
+
+def tenant_folder(tenant: str) -> str:
+    """The folder of a tenant's files: a digest, so keys and URLs neither show nor are shaped by tenant names."""
+    return f"tenants/{hashlib.sha256(tenant.encode()).hexdigest()[:32]}"
+
+
+def owned_by(key: str, tenant: str) -> bool:
+    return key.startswith(tenant_folder(tenant) + "/")
+
+
+def upload_key(tenant: str, file_name: str) -> str:
+    """A fresh key for an upload: a random folder per upload, so equal names never collide."""
+    return f"{tenant_folder(tenant)}/uploads/{secrets.token_hex(16)}/{check_key(file_name)}"
+
+
+def output_prefix(tenant: str, request_id: str) -> str:
+    """The folder of a request's outputs (the worker writes them, retention deletes the folder)."""
+    return f"{tenant_folder(tenant)}/outputs/{request_id}/"
 
 
 def random_name(suffix: str = "", length: int = 12) -> str:
@@ -174,6 +200,9 @@ class LocalObjectStore:
         # After the data: a failed write leaves no type behind, and until this lands a reader sniffs.
         _write_atomically(_type_file(path), content_type.encode())
         return StoredObject(key=key, url=self.url(key), size=size, content_type=content_type)
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
 
     def get(self, key: str) -> bytes:
         try:

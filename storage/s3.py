@@ -107,6 +107,15 @@ class S3ObjectStore:
         size = length if length >= 0 else self._client.stat_object(self.bucket, self.object_name(key)).size or 0
         return StoredObject(key=key, url=self.url(key), size=size, content_type=content_type)
 
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.stat_object(self.bucket, self.object_name(key))
+        except S3Error as exc:
+            if exc.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
+                return False
+            raise
+        return True
+
     def get(self, key: str) -> bytes:
         try:
             response = self._client.get_object(self.bucket, self.object_name(key))

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraserve.client import AsyncClient
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
+from storage.object_store import output_prefix
 from tests.integration.test_signals import Server
 
 T = TypeVar("T")
@@ -116,7 +117,7 @@ async def all_finished(client: AsyncClient, request_ids: list[str]) -> dict[str,
 def output_files(files_dir: Path, request_id: str) -> list[str]:
     """The images the workers stored for one request: each completed run stores its own set, under new
     names (the local store's metadata files beside them are not counted)."""
-    folder = files_dir / "outputs" / request_id
+    folder = files_dir / output_prefix("", request_id)
     return sorted(p.name for p in folder.iterdir() if p.suffix in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 

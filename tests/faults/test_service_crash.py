@@ -13,6 +13,7 @@ from loraserve.client import AsyncClient
 from loraserve.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
+from storage.object_store import output_prefix
 from tests.conftest import WORKER_SECRET
 from tests.faults.faultkit import (
     COMPLETED,
@@ -120,7 +121,8 @@ async def test_ray_cluster_killed_and_started_again_under_a_gateway(
             assert_all_completed(await all_finished(client, ids))
             for rid in ids:
                 image = (await client.result(rid)).data.images[0]
-                stored = [d / "files" / "outputs" / rid / image.file_name for d in (first.data_dir, second.data_dir)]
+                folder = output_prefix("", rid)
+                stored = [d / "files" / folder / image.file_name for d in (first.data_dir, second.data_dir)]
                 assert any(path.is_file() for path in stored), rid
     finally:
         await gateway.stop(grace_seconds=5)

@@ -1,0 +1,432 @@
+"""fal's storage upload routes on the gateway's HTTP port (spec/fal-queue-protocol.md §2.7, §3.6, §6.4).
+
+fal's clients upload a file before naming it in a request; a caller that points fal's REST and
+CDN URLs at the gateway (or uses the JS `proxyUrl`) gets these routes:
+
+* Python `fal-client`, v3 CDN: `POST /storage/auth/token` (a `Key`) gives a short-lived token
+  bound to the tenant; `POST /files/upload` (raw body, `Authorization: Bearer <token>`) stores
+  a file; `POST /files/upload/multipart`, `PUT {access_url}/multipart/{id}/{n}` (answered with an
+  `ETag`) and `POST …/complete` store a large one.
+* Python's "fal" fallback and JS: `POST /storage/upload/initiate` (a `Key`) gives an `upload_url`
+  the caller then `PUT`s the bytes to, with or without credentials (JS sends none): the URL
+  itself is the capability, signed over the object's key (under the tenant's folder) and an
+  expiry, like an S3 presigned PUT. `POST /storage/upload/initiate-multipart` gives a part URL
+  (`PUT …/{n}` answered with JSON `{partNumber, etag}`, then `POST …/complete`).
+
+Every way in ends in the same `storage.uploads.Uploads` as the gRPC StorageService.Upload: the
+same size cap (413 past it) and type check from the bytes (415 for a refused type), the key under
+the uploader's tenant's folder, so only that tenant's requests can use the file as an input.
+
+A multipart upload's parts wait in unnamed temp files of this gateway until `complete` (or until
+it expires): at most MAX_PARTS parts, `max_upload_bytes` in all, MAX_OPEN_MULTIPART uploads at
+once (MAX_OPEN_MULTIPART_PER_TENANT per tenant), each for MULTIPART_SECONDS. Several gateways
+behind one address need session affinity for multipart uploads; single-part uploads work on any
+gateway that shares the signing secret (derived from `worker_shared_secret`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import json
+import secrets
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+from aiohttp import web
+
+from gateway.auth import Authenticator
+from gateway.errors import ServiceError, Unauthenticated
+from loraserve.config import Settings
+from storage.object_store import InvalidKey, LocalObjectStore, check_key, load_or_create_secret
+from storage.uploads import UploadRefused, Uploads, UploadTooLarge, UploadTypeRefused, UploadWriter
+
+TOKEN_SECONDS = 3600
+UPLOAD_URL_SECONDS = 3600
+MULTIPART_SECONDS = 3600
+MAX_PARTS = 10_000
+MAX_OPEN_MULTIPART = 64
+MAX_OPEN_MULTIPART_PER_TENANT = 8
+READ_CHUNK_BYTES = 1 << 20
+TOKEN_TYPE = "Bearer"
+# Where the signing secret is made when the operator sets no worker secret (the embedded default).
+SECRET_FILE = "fal-storage.key"
+DEFAULT_FILE_NAME = "upload.bin"
+
+PublicBase = Callable[[web.Request], str]
+
+
+def signing_secret(settings: Settings) -> bytes:
+    """Shared by every gateway that shares the worker secret, so any of them accepts the others' upload URLs."""
+    root = settings.worker_shared_secret.encode() or load_or_create_secret(settings.data_dir / SECRET_FILE)
+    return hmac.new(root, b"loraserve fal storage v1", hashlib.sha256).digest()
+
+
+def request_base(request: web.Request) -> str:
+    """The scheme and host the caller used (aiohttp's, which a forwarded-headers middleware may have set)."""
+    return f"{request.scheme}://{request.host}"
+
+
+class StorageHttpError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+@dataclasses.dataclass
+class _Part:
+    spool: BinaryIO
+    size: int
+    etag: str
+
+
+@dataclasses.dataclass
+class _Multipart:
+    tenant: str
+    key: str
+    declared_content_type: str
+    expires_at: float
+    parts: dict[int, _Part] = dataclasses.field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(part.size for part in self.parts.values())
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.spool.close()
+        self.parts.clear()
+
+
+class FalStorage:
+    def __init__(
+        self,
+        uploads: Uploads,
+        auth: Authenticator,
+        *,
+        secret: bytes,
+        public_base: PublicBase = request_base,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._uploads = uploads
+        self._auth = auth
+        self._secret = secret
+        self._public_base = public_base
+        self._clock = clock
+        self._multipart: dict[str, _Multipart] = {}
+
+    # --- fal's v3 CDN (Python fal-client) ---------------------------------------------------------
+
+    async def auth_token(self, request: web.Request) -> web.Response:
+        tenant = await self._key_tenant(request)
+        expires = int(self._clock()) + TOKEN_SECONDS
+        body = base64.urlsafe_b64encode(json.dumps({"t": tenant, "e": expires}).encode()).decode().rstrip("=")
+        return _json(
+            {
+                "token": f"{body}.{self._sign('token', body)}",
+                "token_type": TOKEN_TYPE,
+                "base_url": self._public_base(request),
+                "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+            }
+        )
+
+    async def cdn_upload(self, request: web.Request) -> web.Response:
+        tenant = await self._cdn_tenant(request)
+        key = self._uploads.new_key(tenant, request.headers.get("X-Fal-File-Name", DEFAULT_FILE_NAME))
+        stored = await self._receive(request, key, request.headers.get("Content-Type", ""))
+        return _json({"access_url": stored})
+
+    async def cdn_multipart_create(self, request: web.Request) -> web.Response:
+        tenant = await self._cdn_tenant(request)
+        key = self._uploads.new_key(tenant, request.headers.get("X-Fal-File-Name", DEFAULT_FILE_NAME))
+        upload_id = self._open_multipart(tenant, key, request.headers.get("Content-Type", ""))
+        return _json({"access_url": self._unsigned_url(request, key), "uploadId": upload_id})
+
+    def _unsigned_url(self, request: web.Request, key: str) -> str:
+        """fal's client sends the parts to `{access_url}/multipart/…` and returns `access_url` itself, so
+        it can carry no query (no signature): the local store's URL without one, which names the key
+        as an input; with another store, the gateway's, which takes the parts but is no input."""
+        if isinstance(self._uploads.store, LocalObjectStore):
+            return self._uploads.store.url(key).split("?", 1)[0]
+        return f"{self._public_base(request)}/files/{key}"
+
+    async def cdn_multipart_part(self, request: web.Request) -> web.Response:
+        upload = self._multipart_for(request.match_info["upload_id"], request.match_info["key"])
+        return await self._receive_part(request, upload)
+
+    async def cdn_multipart_complete(self, request: web.Request) -> web.Response:
+        self._multipart_for(request.match_info["upload_id"], request.match_info["key"])
+        return await self._complete(request)
+
+    # --- initiate + PUT (JS, and Python's "fal" fallback) -------------------------------------------
+
+    async def initiate(self, request: web.Request) -> web.Response:
+        tenant = await self._key_tenant(request)
+        file_name, content_type = await _initiate_body(request)
+        key = self._uploads.new_key(tenant, file_name)
+        expires = int(self._clock()) + UPLOAD_URL_SECONDS
+        upload_url = (
+            f"{self._public_base(request)}/storage/upload/put/{key}"
+            f"?expires={expires}&signature={self._sign('put', key, str(expires))}"
+            f"&content_type={quote(content_type, safe='')}"
+        )
+        return _json({"upload_url": upload_url, "file_url": self._uploads.store.url(key)})
+
+    async def put(self, request: web.Request) -> web.Response:
+        key, expires = request.match_info["key"], request.query.get("expires", "")
+        signature = request.query.get("signature", "")
+        if (
+            not expires.isdigit()
+            or int(expires) < self._clock()
+            or not hmac.compare_digest(self._sign("put", key, expires), signature)
+        ):
+            raise StorageHttpError(403, "the upload URL is not signed by this service or has expired")
+        declared = request.headers.get("Content-Type") or request.query.get("content_type", "")
+        return _json({"file_url": await self._receive(request, key, declared)})
+
+    async def initiate_multipart(self, request: web.Request) -> web.Response:
+        tenant = await self._key_tenant(request)
+        file_name, content_type = await _initiate_body(request)
+        key = self._uploads.new_key(tenant, file_name)
+        upload_id = self._open_multipart(tenant, key, content_type)
+        return _json(
+            {
+                "upload_url": f"{self._public_base(request)}/storage/upload/multipart/{upload_id}",
+                "file_url": self._uploads.store.url(key),
+            }
+        )
+
+    async def multipart_part(self, request: web.Request) -> web.Response:
+        return await self._receive_part(request, self._multipart_for(request.match_info["upload_id"]))
+
+    async def multipart_complete(self, request: web.Request) -> web.Response:
+        self._multipart_for(request.match_info["upload_id"])
+        return await self._complete(request)
+
+    # --- the parts ------------------------------------------------------------------------------
+
+    async def _key_tenant(self, request: web.Request) -> str:
+        header = request.headers.get("Authorization")
+        try:
+            return await self._auth.tenant([] if header is None else [("authorization", header)])
+        except Unauthenticated as exc:
+            raise StorageHttpError(401, exc.message) from None
+
+    async def _cdn_tenant(self, request: web.Request) -> str:
+        """A token from `auth_token` (what fal's CDN takes), or a `Key` like every other route."""
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != TOKEN_TYPE.lower():
+            return await self._key_tenant(request)
+        body, _, signature = credentials.strip().partition(".")
+        if not hmac.compare_digest(self._sign("token", body), signature):
+            raise StorageHttpError(401, "the upload token is not one this service issued")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        except (ValueError, binascii.Error):
+            raise StorageHttpError(401, "the upload token is not one this service issued") from None
+        if int(claims["e"]) < self._clock():
+            raise StorageHttpError(401, "the upload token has expired; ask /storage/auth/token for a new one")
+        return str(claims["t"])
+
+    def _sign(self, purpose: str, *parts: str) -> str:
+        return hmac.new(self._secret, "\n".join((purpose, *parts)).encode(), hashlib.sha256).hexdigest()
+
+    async def _receive(self, request: web.Request, key: str, declared_content_type: str) -> str:
+        """The body into the store under `key`, through the same writer (caps, type check) as gRPC uploads."""
+        try:
+            check_key(key)
+        except InvalidKey:
+            raise StorageHttpError(404, "no such upload") from None
+        with self._uploads.writer(key, declared_content_type) as writer:
+            await self._stream_into(request, writer.write)
+            stored = await asyncio.to_thread(writer.commit)
+        return stored.url
+
+    async def _stream_into(self, request: web.Request, write: Callable[[bytes], object]) -> int:
+        if request.content_length is not None and request.content_length > self._uploads.max_bytes:
+            raise UploadTooLarge(f"the upload is larger than {self._uploads.max_bytes} bytes")
+        size = 0
+        async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+            size += len(chunk)
+            write(chunk)
+        return size
+
+    def _open_multipart(self, tenant: str, key: str, declared_content_type: str) -> str:
+        self._drop_expired()
+        if len(self._multipart) >= MAX_OPEN_MULTIPART or (
+            sum(1 for upload in self._multipart.values() if upload.tenant == tenant) >= MAX_OPEN_MULTIPART_PER_TENANT
+        ):
+            raise StorageHttpError(
+                429, "too many multipart uploads in progress; finish one first", {"Retry-After": "10"}
+            )
+        upload_id = secrets.token_urlsafe(24)
+        self._multipart[upload_id] = _Multipart(
+            tenant=tenant,
+            key=key,
+            declared_content_type=declared_content_type,
+            expires_at=self._clock() + MULTIPART_SECONDS,
+        )
+        return upload_id
+
+    def _drop_expired(self) -> None:
+        now = self._clock()
+        for upload_id, upload in list(self._multipart.items()):
+            if upload.expires_at < now:
+                del self._multipart[upload_id]
+                upload.close()
+
+    def _multipart_for(self, upload_id: str, key: str | None = None) -> _Multipart:
+        self._drop_expired()
+        upload = self._multipart.get(upload_id)
+        if upload is None or (key is not None and upload.key != key):
+            raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
+        return upload
+
+    async def _receive_part(self, request: web.Request, upload: _Multipart) -> web.Response:
+        raw = request.match_info["part"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PARTS:
+            raise StorageHttpError(400, f"a part number is an integer from 1 to {MAX_PARTS}")
+        number = int(raw)
+        others = upload.size - (upload.parts[number].size if number in upload.parts else 0)
+        spool: BinaryIO = tempfile.TemporaryFile(dir=self._uploads.spool_dir)  # noqa: SIM115 - kept in the upload
+        digest = hashlib.sha256()
+
+        def write(chunk: bytes) -> None:
+            if others + spool.tell() + len(chunk) > self._uploads.max_bytes:
+                raise UploadTooLarge(f"the upload is larger than {self._uploads.max_bytes} bytes")
+            digest.update(chunk)
+            spool.write(chunk)
+
+        try:
+            size = await self._stream_into(request, write)
+        except BaseException:
+            spool.close()
+            raise
+        if self._multipart.get(request.match_info["upload_id"]) is not upload:
+            spool.close()
+            raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
+        previous = upload.parts.pop(number, None)
+        if previous is not None:
+            previous.spool.close()
+        etag = digest.hexdigest()[:32]
+        upload.parts[number] = _Part(spool=spool, size=size, etag=etag)
+        return _json({"partNumber": number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+
+    async def _complete(self, request: web.Request) -> web.Response:
+        """The listed parts, in order, through one writer; the upload is gone afterwards, whatever happens."""
+        upload_id = request.match_info["upload_id"]
+        listed = _listed_parts(await _json_body(request))
+        upload = self._multipart.pop(upload_id, None)
+        if upload is None:
+            raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
+        try:
+            for number, etag in listed:
+                part = upload.parts.get(number)
+                if part is None or (etag and etag.strip('"') != part.etag):
+                    raise StorageHttpError(400, f"part {number} was not uploaded (or its etag differs)")
+            if not listed:
+                raise UploadRefused("the upload is empty")
+            stored = await asyncio.to_thread(self._assemble, upload, [number for number, _ in listed])
+        finally:
+            upload.close()
+        return _json({"access_url": stored, "file_url": stored})
+
+    def _assemble(self, upload: _Multipart, numbers: list[int]) -> str:
+        with self._uploads.writer(upload.key, upload.declared_content_type) as writer:
+            for number in numbers:
+                spool = upload.parts[number].spool
+                spool.seek(0)
+                while chunk := spool.read(READ_CHUNK_BYTES):
+                    writer.write(chunk)
+            return writer.commit().url
+
+
+def add_storage_routes(app: web.Application, storage: FalStorage) -> None:
+    """The routes at the root of the HTTP port; add them before any catch-all route."""
+    routes: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+        ("POST", "/storage/auth/token", storage.auth_token),
+        ("POST", "/files/upload", storage.cdn_upload),
+        ("POST", "/files/upload/multipart", storage.cdn_multipart_create),
+        ("PUT", "/files/{key:.+}/multipart/{upload_id}/{part}", storage.cdn_multipart_part),
+        ("POST", "/files/{key:.+}/multipart/{upload_id}/complete", storage.cdn_multipart_complete),
+        ("POST", "/storage/upload/initiate", storage.initiate),
+        ("PUT", "/storage/upload/put/{key:.+}", storage.put),
+        ("POST", "/storage/upload/initiate-multipart", storage.initiate_multipart),
+        ("PUT", "/storage/upload/multipart/{upload_id}/{part}", storage.multipart_part),
+        ("POST", "/storage/upload/multipart/{upload_id}/complete", storage.multipart_complete),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, _answering_json(handler))
+        app.router.add_route(method, path + "/", _answering_json(handler))
+
+
+def _answering_json(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Every refusal as fal's JSON `{"detail": …}` with its status; nothing else escapes as text."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except StorageHttpError as exc:
+            return _json({"detail": exc.detail}, status=exc.status, headers=exc.headers)
+        except UploadTooLarge as exc:
+            return _json({"detail": str(exc)}, status=413)
+        except UploadTypeRefused as exc:
+            return _json({"detail": str(exc)}, status=415)
+        except UploadRefused as exc:
+            return _json({"detail": str(exc)}, status=400)
+        except ServiceError as exc:
+            return _json({"detail": exc.message}, status=503)
+
+    return handle
+
+
+def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise StorageHttpError(422, "the body is not JSON") from None
+
+
+async def _initiate_body(request: web.Request) -> tuple[str, str]:
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise StorageHttpError(422, "the body must be a JSON object with file_name and content_type")
+    file_name, content_type = body.get("file_name") or DEFAULT_FILE_NAME, body.get("content_type") or ""
+    if not isinstance(file_name, str) or not isinstance(content_type, str):
+        raise StorageHttpError(422, "file_name and content_type must be strings")
+    return file_name, content_type
+
+
+def _listed_parts(body: Any) -> list[tuple[int, str]]:
+    parts = body.get("parts") if isinstance(body, dict) else None
+    if not isinstance(parts, list) or len(parts) > MAX_PARTS:
+        raise StorageHttpError(422, f'the body must be {{"parts": [{{"partNumber", "etag"}}, …]}}, at most {MAX_PARTS}')
+    listed: list[tuple[int, str]] = []
+    for part in parts:
+        number = part.get("partNumber") if isinstance(part, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise StorageHttpError(422, "every part needs an integer partNumber")
+        listed.append((number, str(part.get("etag") or "")))
+    numbers = [number for number, _ in listed]
+    if numbers != sorted(set(numbers)):
+        raise StorageHttpError(422, "parts must be listed once each, in ascending partNumber order")
+    return listed

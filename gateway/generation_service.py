@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractContextManager
 
 import grpc
 
@@ -56,18 +57,27 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self._dispatcher = dispatcher
         self.accepting = True
 
-    async def _caller(self, context: grpc.aio.ServicerContext) -> str:
-        """The tenant of the caller's API key (UNAUTHENTICATED when it has none it may use)."""
-        return await self._auth.tenant(context.invocation_metadata())
+    async def tenant(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+        """The tenant of the caller's API key (UNAUTHENTICATED when it has none it may use); gRPC metadata
+        or the HTTP side's `authorization` header."""
+        return await self._auth.tenant(metadata)
 
-    async def _submit(
+    async def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        return await self.tenant(context.invocation_metadata())
+
+    # --- the core both front doors call (gRPC below, fal's HTTP in gateway/fal_http.py) -----------
+
+    async def submit(
         self,
         inp: types_pb2.GenerateInput,
-        client_request_id: str,
-        start_timeout: float,
-        priority: str,
+        *,
         tenant: str,
+        client_request_id: str = "",
+        start_timeout: float = 0.0,
+        priority: str = "",
+        webhook_url: str = "",
     ) -> RequestRecord:
+        """Validates, admits (quotas) and queues durably; once this returns the request is accepted."""
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
         try:
@@ -89,6 +99,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             tenant=tenant,
             priority=rank,
             weight=self._quotas.limits(tenant).weight,
+            webhook_url=webhook_url,
         )
         if not created and record.input != inp:
             raise AlreadyExists(
@@ -103,57 +114,20 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             self._dispatcher.wake()
         return record
 
-    async def _get(self, request_id: str, tenant: str) -> RequestRecord:
+    async def get(self, request_id: str, tenant: str) -> RequestRecord:
         record = await self._store.get(request_id)
         # Another tenant's request is answered exactly like one that does not exist.
         if record is None or record.tenant != tenant:
             raise NotFound(f"no request with id {request_id!r}")
         return record
 
-    async def _logs(self, record: RequestRecord, after: int = 0) -> tuple[list[types_pb2.LogEntry], int]:
-        rows = await self._store.logs(record.id, after)
-        return [row.entry for row in rows], (rows[-1].seq if rows else after)
+    async def status(self, record: RequestRecord, logs: bool = False) -> generation_pb2.RequestStatus:
+        """Its status as of `record`; with `logs`, every log line so far."""
+        entries = (await self._logs(record))[0] if logs else None
+        return await build_status(self._store, record, entries)
 
-    @grpc_errors
-    async def Submit(
-        self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
-    ) -> generation_pb2.SubmitResponse:
-        tenant = await self._caller(context)
-        record = await self._submit(
-            request.input, request.client_request_id, request.start_timeout, request.priority, tenant
-        )
-        return generation_pb2.SubmitResponse(request_id=record.id, status=await build_status(self._store, record))
-
-    @grpc_errors
-    async def GetStatus(
-        self, request: generation_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
-    ) -> generation_pb2.GetStatusResponse:
-        record = await self._get(request.request_id, await self._caller(context))
-        logs = (await self._logs(record))[0] if request.logs else None
-        return generation_pb2.GetStatusResponse(status=await build_status(self._store, record, logs))
-
-    @grpc_errors
-    async def StreamStatus(
-        self, request: generation_pb2.StreamStatusRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
-        tenant = await self._caller(context)
-        record = await self._get(request.request_id, tenant)
-        with self._quotas.stream():
-            async for status in self._updates(record, request.logs):
-                yield generation_pb2.StreamStatusResponse(status=status)
-
-    @grpc_errors
-    async def GetResult(
-        self, request: generation_pb2.GetResultRequest, context: grpc.aio.ServicerContext
-    ) -> generation_pb2.GetResultResponse:
-        return self._result(await self._get(request.request_id, await self._caller(context)))
-
-    @grpc_errors
-    async def Cancel(
-        self, request: generation_pb2.CancelRequest, context: grpc.aio.ServicerContext
-    ) -> generation_pb2.CancelResponse:
-        tenant = await self._caller(context)
-        record = await self._get(request.request_id, tenant)
+    async def cancel(self, record: RequestRecord) -> RequestRecord:
+        """Cancels a request that has not finished (a no-op for one that has); returns it as it is now."""
         if not record.finished and await self._store.cancel(record.id):
             self._metrics.outcome("cancelled")
             if record.state == State.IN_PROGRESS:
@@ -164,22 +138,80 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             if record.state == State.IN_QUEUE:
                 self._feed.queue_moved()
             self._dispatcher.wake()
-        return generation_pb2.CancelResponse(status=await build_status(self._store, await self._get(record.id, tenant)))
+        return await self.get(record.id, record.tenant)
+
+    def open_stream(self) -> AbstractContextManager[None]:
+        """One open status stream, within the gateway's limit (RESOURCE_EXHAUSTED beyond it)."""
+        return self._quotas.stream()
+
+    async def _logs(self, record: RequestRecord, after: int = 0) -> tuple[list[types_pb2.LogEntry], int]:
+        rows = await self._store.logs(record.id, after)
+        return [row.entry for row in rows], (rows[-1].seq if rows else after)
+
+    # --- gRPC ---------------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Submit(
+        self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.SubmitResponse:
+        record = await self.submit(
+            request.input,
+            tenant=await self._caller(context),
+            client_request_id=request.client_request_id,
+            start_timeout=request.start_timeout,
+            priority=request.priority,
+            webhook_url=request.webhook_url,
+        )
+        return generation_pb2.SubmitResponse(request_id=record.id, status=await self.status(record))
+
+    @grpc_errors
+    async def GetStatus(
+        self, request: generation_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GetStatusResponse:
+        record = await self.get(request.request_id, await self._caller(context))
+        return generation_pb2.GetStatusResponse(status=await self.status(record, request.logs))
+
+    @grpc_errors
+    async def StreamStatus(
+        self, request: generation_pb2.StreamStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
+        tenant = await self._caller(context)
+        record = await self.get(request.request_id, tenant)
+        with self.open_stream():
+            async for status in self.updates(record, request.logs):
+                yield generation_pb2.StreamStatusResponse(status=status)
+
+    @grpc_errors
+    async def GetResult(
+        self, request: generation_pb2.GetResultRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GetResultResponse:
+        return self.result(await self.get(request.request_id, await self._caller(context)))
+
+    @grpc_errors
+    async def Cancel(
+        self, request: generation_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.CancelResponse:
+        record = await self.get(request.request_id, await self._caller(context))
+        return generation_pb2.CancelResponse(status=await self.status(await self.cancel(record)))
 
     @grpc_errors
     async def Subscribe(
         self, request: generation_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.SubscribeResponse]:
         tenant = await self._caller(context)
-        with self._quotas.stream():
-            record = await self._submit(
-                request.input, request.client_request_id, request.start_timeout, request.priority, tenant
+        with self.open_stream():
+            record = await self.submit(
+                request.input,
+                tenant=tenant,
+                client_request_id=request.client_request_id,
+                start_timeout=request.start_timeout,
+                priority=request.priority,
             )
-            async for status in self._updates(record, request.logs):
+            async for status in self.updates(record, request.logs):
                 yield generation_pb2.SubscribeResponse(status=status)
-        yield generation_pb2.SubscribeResponse(result=self._result(await self._get(record.id, tenant)))
+        yield generation_pb2.SubscribeResponse(result=self.result(await self.get(record.id, tenant)))
 
-    async def _updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
+    async def updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
         """`record` as just read (or just submitted: a Subscribe starts with IN_QUEUE even when a worker
         takes the request at once), then every change, until the request ends; logs sent once each.
         Woken only by this request's changes, and while it waits by the queue moving (gateway/feed.py)."""
@@ -190,7 +222,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             first = True
             while True:
                 if not first:
-                    record = await self._get(record.id, record.tenant)
+                    record = await self.get(record.id, record.tenant)
                 new_logs: list[types_pb2.LogEntry] = []
                 if logs:
                     new_logs, log_seq = await self._logs(record, log_seq)
@@ -210,7 +242,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                     continue
                 cursor = await watch.wait(cursor, in_queue=record.state == State.IN_QUEUE)
 
-    def _result(self, record: RequestRecord) -> generation_pb2.GetResultResponse:
+    def result(self, record: RequestRecord) -> generation_pb2.GetResultResponse:
         if not record.finished:
             raise FailedPrecondition(f"request {record.id} is {record.state}; its result is not ready")
         if record.error is not None:

@@ -1,4 +1,5 @@
-"""The gateway's HTTP side: stored files (so result URLs open in a browser), health, metrics.
+"""The gateway's HTTP side: stored files (so result URLs open in a browser), health, metrics, and
+whatever else is mounted on the port (fal's queue protocol, storage uploads, the webhook JWKS).
 
 Stored files come from callers, so they are served so a browser never runs them: only a URL
 the store signed and that has not expired opens a file (a missing or bad signature is 403
@@ -9,6 +10,7 @@ attachment, and a sandboxing CSP covers the rest.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -22,8 +24,16 @@ INLINE_CONTENT_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "imag
 OCTET_STREAM = "application/octet-stream"
 
 
-def make_http_app(files: LocalObjectStore | None, metrics: GatewayMetrics) -> web.Application:
-    app = web.Application()
+# Adds routes (and middlewares) to the HTTP app.
+Mount = Callable[[web.Application], None]
+
+
+def make_http_app(
+    files: LocalObjectStore | None, metrics: GatewayMetrics, mounts: Sequence[Mount] = ()
+) -> web.Application:
+    """`mounts` are applied in order after the fixed routes; aiohttp matches routes in the order they
+    were added, so catch-alls (fal's queue routes at the root) go last."""
+    app = web.Application(client_max_size=32 * 1024 * 1024)
 
     async def serve_metrics(_: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
@@ -58,6 +68,8 @@ def make_http_app(files: LocalObjectStore | None, metrics: GatewayMetrics) -> we
     app.router.add_get("/metrics", serve_metrics)
     if files is not None:
         app.router.add_get("/files/{key:.+}", get_file)
+    for mount in mounts:
+        mount(app)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from gateway.auth import Authenticator, auth_required
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
 from gateway.fal_storage import FalStorage, add_storage_routes, signing_secret
+from gateway.fal_http import FalHttp
 from gateway.generation_service import GenerationService
 from gateway.http_files import make_http_app
 from gateway.metrics import GatewayMetrics
@@ -53,6 +55,15 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS on the HTTP port with the gRPC port's certificate: fal's Python client hard-codes https://."""
+    if not settings.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
+    return context
 
 
 class Gateway:
@@ -103,7 +114,9 @@ class Gateway:
             on_serving=self._dispatching_health,
             may_run=self.quotas.may_run if self.quotas.limits_running else None,
         )
-        self.auth = Authenticator(store, required=auth_required(settings.grpc_host, settings.insecure_no_auth))
+        # One set of keys for both front doors: required when either port listens beyond loopback.
+        required = any(auth_required(host, settings.insecure_no_auth) for host in (settings.grpc_host, settings.http_host))
+        self.auth = Authenticator(store, required=required)
         self.generation = GenerationService(
             settings, self.store, self.feed, self.dispatcher, self.metrics, self.files, self.auth, self.quotas
         )
@@ -173,8 +186,12 @@ class Gateway:
         http_app = make_http_app(local_files, self.metrics)
         add_storage_routes(http_app, FalStorage(uploads, self.auth, secret=signing_secret(self.settings)))
         self._http = web.AppRunner(http_app, access_log=None)
+        # fal's queue routes are catch-alls at the root: mounted after every other route.
+        FalHttp(self.generation, self.settings.trusted_proxies).mount(self._http.app)
         await self._http.setup()
-        await web.TCPSite(self._http, self.settings.http_host, self.settings.http_port).start()
+        await web.TCPSite(
+            self._http, self.settings.http_host, self.settings.http_port, ssl_context=http_ssl_context(self.settings)
+        ).start()
         self.dispatcher.start()
         self.dispatcher.wake()
         assert self._keeper is not None

@@ -45,15 +45,20 @@ class Settings:
     # Public gRPC API of the gateway.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
-    # TLS on the gRPC port (PEM files); with a client CA, callers must present a certificate it signed.
+    # TLS on the gRPC port and the HTTP port (PEM files; fal's Python client speaks https only); with a
+    # client CA, gRPC callers must present a certificate it signed (the HTTP port asks for none).
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
-    # Gateway HTTP: stored files (local store), health.
+    # Gateway HTTP: fal's queue protocol (gateway/fal_http.py), stored files (local store), health, metrics.
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # Base of the URLs handed out for stored files; derived from http_host/port when empty.
     public_url: str = ""
+    # Peers (IP addresses or networks, comma-separated) whose X-Forwarded-Proto / X-Forwarded-Host /
+    # Forwarded headers are believed when the HTTP side builds the URLs it returns: a TLS-terminating
+    # ingress or sidecar in front of the gateway.
+    trusted_proxies: str = "127.0.0.0/8,::1"
     # Ray cluster to join; empty starts a local one (the embedded default).
     ray_address: str = ""
     ray_num_cpus: int = 0
@@ -199,7 +204,8 @@ class Settings:
 
     @property
     def files_base_url(self) -> str:
-        return self.public_url.rstrip("/") or f"http://{self.http_host}:{self.http_port}"
+        scheme = "https" if self.tls_cert_file else "http"
+        return self.public_url.rstrip("/") or f"{scheme}://{self.http_host}:{self.http_port}"
 
     @property
     def dispatch_capacity(self) -> int:

@@ -69,6 +69,7 @@ NOT_FOR_REPLICAS = frozenset(
         "tls_client_ca_file",
         "http_host",
         "http_port",
+        "trusted_proxies",
         "ray_address",
         "ray_num_cpus",
         "ray_start_attempts",

@@ -18,7 +18,6 @@ from loraserve.inputs import to_input
 from loraserve.v1 import generation_pb2 as gen
 from loraserve.v1 import generation_pb2_grpc, types_pb2
 from serving.tiny import TinyModel
-from storage.object_store import output_prefix
 from tests.faults.faultkit import (
     COMPLETED,
     IN_PROGRESS,
@@ -44,7 +43,7 @@ async def assert_completed_with_images(
         result = await client.result(request_id)
         assert len(result.data.images) == 1, request_id
         image = result.data.images[0]
-        assert (settings.files_dir / output_prefix("", request_id) / image.file_name).stat().st_size == image.file_size
+        assert (settings.files_dir / "outputs" / request_id / image.file_name).stat().st_size == image.file_size
 
 
 async def cut_off(client: AsyncClient, request_ids: list[str]) -> set[str]:
@@ -103,10 +102,10 @@ async def test_serve_proxy_sigkilled_under_load(
 
 
 def open_status_streams() -> int:
-    """Status streams alive in this process: each StreamStatus / Subscribe runs one `_updates` generator,
+    """Status streams alive in this process: each StreamStatus / Subscribe runs one `updates` generator,
     which holds its feed waiter. Nothing in the gateway counts open streams, so the generators are counted."""
     gc.collect()
-    code = GenerationService._updates.__code__
+    code = GenerationService.updates.__code__
     return sum(1 for o in gc.get_objects() if inspect.isasyncgen(o) and o.ag_code is code)
 
 

@@ -1,0 +1,423 @@
+"""fal's queue protocol over HTTP, so fal's own clients (Python `fal-client`, JS `@fal-ai/client`)
+work unchanged against this service: ../shared/spec/fal-queue-protocol.md §6.
+
+A thin layer over GenerationService's core (the same validation, store, keys, quotas and
+errors as gRPC), on the gateway's HTTP port:
+
+* the queue at the root (`FAL_QUEUE_RUN_HOST=host:port`): `POST /{ns?}/{owner}/{alias}[/sub]`
+  submits, `…/requests/{id}/status[/stream]`, `…/requests/{id}` and `PUT …/requests/{id}/cancel`;
+* the synchronous run under `/run/` (`FAL_RUN_HOST=host:port/run`);
+* a request carrying `x-fal-target-url` (the JS client's `proxyUrl`) is routed by that URL's
+  host and path whatever path it came to: queue.fal.run → the queue, fal.run → the run,
+  rest.fal.ai / v3.fal.media → the storage routes mounted beside these;
+* CORS for browsers.
+
+What fal's clients need of the wire, and why it is so here: status 202 while waiting and 200
+once COMPLETED (fal.apps reads 200 as finished); only IN_QUEUE / IN_PROGRESS / COMPLETED, a
+failed or cancelled request being COMPLETED with `error` / `error_type` (other values make the
+clients raise or poll forever); trailing slashes accepted and never a redirect (httpx does not
+follow them); URLs returned without the submit's sub-path (the clients rebuild them so);
+`X-Fal-Request-Id` on every reply about a request (JS reads the id from it, and its presence
+stops Python retrying our 5xx); never a status the clients retry (408, 409, 429, 5xx) once a
+request is accepted, 429 with Retry-After before; `application/json` on every JSON reply.
+
+`X-Fal-Runner-Hint` is accepted and not used: fal uses it to pick a runner that has the
+request's weights loaded, which the dispatcher already does by itself (hot base model first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from gateway.errors import FieldViolation, InvalidArgument, ServiceError, to_http
+from gateway.fal_json import APP_ID, endpoint_for, output_json, parse_input, status_json
+from gateway.generation_service import GenerationService
+from gateway.store import RequestRecord, State
+from loraserve.v1 import generation_pb2
+
+log = logging.getLogger(__name__)
+
+# SSE keep-alive: fal's clients and the proxies between want a sign of life at least this often.
+PING_SECONDS = 10.0
+NAMESPACES = ("workflows", "comfy")
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+# x-fal-target-url hosts → where this gateway serves that role ("" the root, "/run" the run).
+TARGET_HOSTS = {
+    "queue.fal.run": "",
+    "queue.falrun.com": "",
+    "fal.run": "/run",
+    "falrun.com": "/run",
+    "rest.fal.ai": "",
+    "rest.alpha.fal.ai": "",
+    "v3.fal.media": "",
+}
+CORS_ALLOW_HEADERS = (
+    "authorization, content-type, accept, x-fal-target-url, x-fal-queue-priority, x-fal-runner-hint,"
+    " x-fal-request-timeout, x-fal-object-lifecycle-preference, x-fal-object-lifecycle, x-fal-file-name,"
+    " x-fal-store-io, x-fal-disable-fallbacks"
+)
+CORS_EXPOSE_HEADERS = "x-fal-request-id, x-fal-error-type, x-fal-request-timeout-type, retry-after"
+CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class AppPath:
+    """A path below an app: `[ns/]owner/alias` and what follows it."""
+
+    app: str
+    rest: tuple[str, ...]
+
+
+def split_app_path(path: str) -> AppPath | None:
+    """`/fal-ai/lora/requests/x/status/` → ("fal-ai/lora", ("requests", "x", "status")); None when it
+    names no app. Empty segments (trailing or doubled slashes) are dropped, never redirected."""
+    parts = [part for part in path.split("/") if part]
+    size = 3 if parts and parts[0] in NAMESPACES else 2
+    if len(parts) < size:
+        return None
+    return AppPath("/".join(parts[:size]), tuple(parts[size:]))
+
+
+def json_response(status: int, body: Any, request_id: str = "", headers: dict[str, str] | None = None) -> web.Response:
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if request_id:
+        all_headers["X-Fal-Request-Id"] = request_id
+    return web.Response(status=status, body=json.dumps(body, allow_nan=False).encode(), headers=all_headers)
+
+
+def error_response(exc: BaseException, request_id: str = "") -> web.Response:
+    answer = to_http(exc)
+    return json_response(answer.status, answer.body, request_id, answer.headers)
+
+
+def flag(value: str | None) -> bool:
+    """fal's `logs` query: Python sends true/false, JS 1/0, Java nothing when off."""
+    return (value or "").strip().lower() in TRUE_VALUES
+
+
+def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """`trusted_proxies` ("127.0.0.0/8, ::1, 10.0.0.0/8") as networks; a bad entry is refused by name at start."""
+    networks = []
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"setting `trusted_proxies`: {entry!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+class FalHttp:
+    """The queue and run routes; mount last on the HTTP app (their paths are catch-alls)."""
+
+    def __init__(self, generation: GenerationService, trusted_proxies: str = "127.0.0.0/8,::1") -> None:
+        self._generation = generation
+        self._trusted = trusted_networks(trusted_proxies)
+
+    def mount(self, app: web.Application) -> None:
+        app.middlewares.append(self._cors)
+        app.middlewares.append(self._proxy_target)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+
+    # --- middlewares -----------------------------------------------------------------------
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Browsers calling across origins: preflights answered here, fal's headers exposed on every reply.
+        The API authenticates by key, never by cookie, so any origin may call it."""
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+            asked = request.headers.get("Access-Control-Request-Headers", "")
+            response: web.StreamResponse = web.Response(status=204)
+            response.headers.update(
+                {
+                    "Access-Control-Allow-Methods": CORS_METHODS,
+                    "Access-Control-Allow-Headers": ", ".join(h for h in (CORS_ALLOW_HEADERS, asked) if h),
+                    "Access-Control-Max-Age": "600",
+                }
+            )
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                if origin:
+                    _allow_origin(exc.headers, origin)
+                raise
+        if origin:
+            _allow_origin(response.headers, origin)
+        return response
+
+    @web.middleware
+    async def _proxy_target(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """JS `proxyUrl` mode: the request names its real destination in `x-fal-target-url`; it is routed
+        as if it had been sent there (host → role, then the target's path and query)."""
+        target = request.headers.get("x-fal-target-url")
+        if not target:
+            return await handler(request)
+        parts = urlsplit(target)
+        prefix = TARGET_HOSTS.get((parts.hostname or "").lower())
+        if prefix is None:
+            return json_response(
+                400, {"detail": f"x-fal-target-url {target!r} is not a fal queue, run or REST URL", "error_type": "bad_request"}
+            )
+        path = prefix + (parts.path or "/")
+        rerouted = request.clone(rel_url=path + (f"?{parts.query}" if parts.query else ""))
+        match = await request.app.router.resolve(rerouted)
+        match.add_app(request.app)
+        match.freeze()
+        # aiohttp resolves a request's route once, before the middlewares; the clone is resolved here.
+        rerouted._match_info = match
+        return await match.handler(rerouted)
+
+    # --- routing ---------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["tail"]
+        run = path == "run" or path.startswith("run/")
+        where = split_app_path(path[3:] if run else path)
+        if where is None or where.app != APP_ID:
+            return json_response(404, {"detail": f"no application at /{path}; this service runs {APP_ID}"})
+        if run or not where.rest or where.rest[0] != "requests":
+            if request.method != "POST":
+                return json_response(405, {"detail": f"{request.method} is not allowed here; submit with POST"})
+            return await (self._run if run else self._submit)(request, where)
+        if len(where.rest) < 2:
+            return json_response(404, {"detail": "Request not found"})
+        request_id, tail = where.rest[1], where.rest[2:]
+        routes: dict[tuple[str, tuple[str, ...]], Callable[[web.Request, AppPath, str], Awaitable[web.StreamResponse]]] = {
+            ("GET", ()): self._result,
+            ("GET", ("status",)): self._status,
+            ("GET", ("status", "stream")): self._stream,
+            ("PUT", ("cancel",)): self._cancel,
+        }
+        route = routes.get((request.method, tail))
+        if route is None:
+            known = {t for _, t in routes}
+            if tail in known:
+                return json_response(405, {"detail": f"{request.method} is not allowed here"}, request_id)
+            return json_response(404, {"detail": f"no route /{path}"}, request_id)
+        try:
+            return await route(request, where, request_id)
+        except Exception as exc:  # noqa: BLE001 - every error leaves as fal's JSON (gateway/errors.py)
+            return error_response(exc, request_id)
+
+    async def _tenant(self, request: web.Request) -> str:
+        header = request.headers.get("Authorization")
+        return await self._generation.tenant([("authorization", header)] if header is not None else [])
+
+    def _urls(self, request: web.Request, app: str, request_id: str) -> dict[str, str]:
+        base = f"{self.public_base(request)}/{app}/requests/{request_id}"
+        return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+    def public_base(self, request: web.Request) -> str:
+        """scheme://host the caller used: from X-Forwarded-Proto / X-Forwarded-Host or Forwarded when the
+        peer is a trusted proxy (a TLS-terminating ingress or sidecar), else this connection's own."""
+        scheme, host = request.scheme, request.host
+        peer = request.remote or ""
+        try:
+            trusted = any(ipaddress.ip_address(peer) in network for network in self._trusted)
+        except ValueError:
+            trusted = False
+        if trusted:
+            forwarded = request.forwarded[0] if request.headers.get("Forwarded") and request.forwarded else {}
+            scheme = _first(request.headers.get("X-Forwarded-Proto")) or forwarded.get("proto") or scheme
+            host = _first(request.headers.get("X-Forwarded-Host")) or forwarded.get("host") or host
+        return f"{scheme}://{host}"
+
+    # --- submit and run --------------------------------------------------------------------
+
+    async def _accept(self, request: web.Request, where: AppPath) -> RequestRecord:
+        """Everything before the request is accepted: auth, the body, fal's headers, validation, quotas."""
+        tenant = await self._tenant(request)
+        endpoint = endpoint_for("/".join(where.rest))
+        if endpoint is None:
+            raise _NoEndpoint("/".join(where.rest))
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise InvalidArgument([FieldViolation("input", f"the body is not valid JSON: {exc}", "value_error.jsondecode")]) from None
+        return await self._generation.submit(
+            parse_input(body, endpoint),
+            tenant=tenant,
+            start_timeout=_start_timeout(request.headers.get("X-Fal-Request-Timeout")),
+            priority=request.headers.get("X-Fal-Queue-Priority", "").strip().lower(),
+            webhook_url=request.query.get("fal_webhook", ""),
+        )
+
+    async def _submit(self, request: web.Request, where: AppPath) -> web.StreamResponse:
+        try:
+            record = await self._accept(request, where)
+        except Exception as exc:  # noqa: BLE001
+            return _refused(exc)
+        # Accepted: from here on the answer is 200 whatever happens (a client would retry anything else
+        # and queue the request twice); the queue position is the only thing still read.
+        try:
+            position = (await self._generation.status(record)).queue_position
+        except Exception:  # noqa: BLE001
+            log.warning("queue position unavailable for a submit reply", exc_info=True, extra={"request_id": record.id})
+            position = 0
+        body = {
+            "status": "IN_QUEUE",
+            "request_id": record.id,
+            **self._urls(request, where.app, record.id),
+            "queue_position": position,
+            "gateway_request_id": record.id,
+        }
+        return json_response(200, body, record.id)
+
+    async def _run(self, request: web.Request, where: AppPath) -> web.StreamResponse:
+        """fal.run: submit, wait, answer the output (or the failure) in one call."""
+        try:
+            with self._generation.open_stream():
+                record = await self._accept(request, where)
+                try:
+                    async for _ in self._generation.updates(record, logs=False):
+                        pass
+                    record = await self._generation.get(record.id, record.tenant)
+                except Exception as exc:  # noqa: BLE001
+                    # Accepted and still going: no retryable status, or a retry would run it twice.
+                    log.warning("a run lost track of its request", extra={"request_id": record.id, "error": str(exc)})
+                    detail = f"the gateway stopped waiting for request {record.id}; it goes on: fetch its result from the queue"
+                    return json_response(500, {"detail": detail, "error_type": "internal_error"}, record.id)
+        except Exception as exc:  # noqa: BLE001
+            return _refused(exc)
+        return self._result_response(record)
+
+    # --- by id -----------------------------------------------------------------------------
+
+    async def _status(self, request: web.Request, where: AppPath, request_id: str) -> web.StreamResponse:
+        logs = flag(request.query.get("logs"))
+        record = await self._generation.get(request_id, await self._tenant(request))
+        status = await self._generation.status(record, logs)
+        body = status_json(status, self._urls(request, where.app, record.id), list(status.logs) if logs else None)
+        return json_response(200 if body["status"] == "COMPLETED" else 202, body, record.id)
+
+    async def _stream(self, request: web.Request, where: AppPath, request_id: str) -> web.StreamResponse:
+        """SSE: one status per event, each with only the log lines new since the last, COMPLETED last,
+        then the stream ends; `: ping` comments while nothing changes."""
+        logs = flag(request.query.get("logs"))
+        record = await self._generation.get(request_id, await self._tenant(request))
+        urls = self._urls(request, where.app, record.id)
+        with self._generation.open_stream():
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",
+                    "X-Fal-Request-Id": record.id,
+                }
+            )
+            await response.prepare(request)
+            try:
+                async for status in _with_pings(self._generation.updates(record, logs)):
+                    if status is None:
+                        await response.write(b": ping\n\n")
+                        continue
+                    body = status_json(status, urls, list(status.logs) if logs else None)
+                    await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+            except (ConnectionResetError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                # Headers are sent: all that is left is ending the stream (the gateway is stopping).
+                log.warning("status stream ended early", extra={"request_id": record.id, "error": str(exc)})
+            await response.write_eof()
+        return response
+
+    async def _result(self, request: web.Request, where: AppPath, request_id: str) -> web.StreamResponse:
+        record = await self._generation.get(request_id, await self._tenant(request))
+        return self._result_response(record)
+
+    def _result_response(self, record: RequestRecord) -> web.Response:
+        try:
+            result = self._generation.result(record)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc, record.id)
+        return json_response(200, output_json(result.output), record.id)
+
+    async def _cancel(self, request: web.Request, where: AppPath, request_id: str) -> web.StreamResponse:
+        record = await self._generation.get(request_id, await self._tenant(request))
+        if not record.finished:
+            record = await self._generation.cancel(record)
+            if record.state == State.CANCELLED:
+                return json_response(202, {"status": "CANCELLATION_REQUESTED"}, record.id)
+        return json_response(400, {"status": "ALREADY_COMPLETED"}, record.id)
+
+
+class _NoEndpoint(ServiceError):
+    """A path below fal-ai/lora that is not one of the family."""
+
+    def __init__(self, sub_path: str) -> None:
+        super().__init__(f"{APP_ID}/{sub_path} is not an endpoint here; use {APP_ID}, {APP_ID}/image-to-image or {APP_ID}/inpaint")
+
+
+def _refused(exc: BaseException) -> web.Response:
+    if isinstance(exc, _NoEndpoint):
+        return json_response(404, {"detail": exc.message})
+    return error_response(exc)
+
+
+def _allow_origin(headers: Any, origin: str) -> None:
+    headers["Access-Control-Allow-Origin"] = origin
+    headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+    headers.add("Vary", "Origin")
+
+
+def _start_timeout(value: str | None) -> float:
+    """fal's X-Fal-Request-Timeout: seconds as a float ("30.0" from Python, "30" from JS); absent → none."""
+    if value is None or not value.strip():
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise InvalidArgument([FieldViolation("start_timeout", f"must be a number of seconds, got {value!r}")])
+    return seconds
+
+
+def _first(value: str | None) -> str:
+    """The first hop of a comma-separated forwarded header (the one the client reached)."""
+    return (value or "").split(",")[0].strip()
+
+
+async def _with_pings(
+    updates: AsyncIterator[generation_pb2.RequestStatus],
+) -> AsyncIterator[generation_pb2.RequestStatus | None]:
+    """The updates, with a None whenever PING_SECONDS pass without one. The pending read is kept across
+    pings (cancelling it would end the generator)."""
+    pending: asyncio.Future[generation_pb2.RequestStatus] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(updates))
+            done, _ = await asyncio.wait({pending}, timeout=PING_SECONDS)
+            if not done:
+                yield None
+                continue
+            try:
+                status = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield status
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        await updates.aclose()  # type: ignore[attr-defined]

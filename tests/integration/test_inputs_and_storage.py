@@ -20,6 +20,7 @@ from loraserve.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.app import build_app
 from serving.tiny import TinyModel, make_tiny_embedding
+from storage.object_store import tenant_folder
 from tests.conftest import free_port
 from tests.integration.test_generation_api import fetch, generate_pixels, request
 from tests.integration.test_metrics import samples, scrape
@@ -182,7 +183,7 @@ async def test_outputs_and_uploads_live_in_s3(s3_gateway: Settings, tiny_sdxl: T
         Image.new("RGB", (32, 16), (10, 200, 30)).save(png, format="PNG")
         uploaded = await client.upload(png.getvalue(), file_name="control.png")
     image = result.data.images[0]
-    assert image.url.startswith(f"http://{s3_endpoint}/loraserve-outputs/outputs/")
+    assert image.url.startswith(f"http://{s3_endpoint}/loraserve-outputs/{tenant_folder('')}/outputs/")
     assert "X-Amz-Signature=" in image.url and "X-Amz-Expires=600" in image.url
     served = await fetch(image.url)
     assert len(served) == image.file_size and Image.open(io.BytesIO(served)).size == (64, 64)

@@ -22,6 +22,7 @@ from gateway.errors import (
 )
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
+from gateway.previews import PreviewStream, without_preview
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.quotas import Quotas
@@ -178,7 +179,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         tenant = await self._caller(context)
         record = await self.get(request.request_id, tenant)
         with self.open_stream():
-            async for status in self.updates(record, request.logs):
+            async for status in self.updates(record, request.logs, previews=request.previews):
                 yield generation_pb2.StreamStatusResponse(status=status)
 
     @grpc_errors
@@ -207,16 +208,20 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 start_timeout=request.start_timeout,
                 priority=request.priority,
             )
-            async for status in self.updates(record, request.logs):
+            async for status in self.updates(record, request.logs, previews=request.previews):
                 yield generation_pb2.SubscribeResponse(status=status)
         yield generation_pb2.SubscribeResponse(result=self.result(await self.get(record.id, tenant)))
 
-    async def updates(self, record: RequestRecord, logs: bool) -> AsyncIterator[generation_pb2.RequestStatus]:
+    async def updates(
+        self, record: RequestRecord, logs: bool, *, previews: bool = False
+    ) -> AsyncIterator[generation_pb2.RequestStatus]:
         """`record` as just read (or just submitted: a Subscribe starts with IN_QUEUE even when a worker
         takes the request at once), then every change, until the request ends; logs sent once each.
         Woken only by this request's changes, and while it waits by the queue moving (gateway/feed.py)."""
         last: generation_pb2.RequestStatus | None = None
         log_seq = 0
+        # Live previews, only to streams that asked (gateway/previews.py).
+        preview_stream = PreviewStream(self._dispatcher.previews) if previews else None
         with self._feed.watch(record.id) as watch:
             cursor = watch.cursor()
             first = True
@@ -227,11 +232,14 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 if logs:
                     new_logs, log_seq = await self._logs(record, log_seq)
                 status = await build_status(self._store, record, new_logs)
+                if preview_stream is not None:
+                    preview_stream.attach(status)
                 if status != last:
                     yield status
                     last = generation_pb2.RequestStatus()
                     last.CopyFrom(status)
                     last.ClearField("logs")
+                    without_preview(last)
                 if record.finished:
                     return
                 if self._feed.closed:

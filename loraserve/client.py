@@ -169,8 +169,11 @@ class Client:
         request = generation_pb2.GetStatusRequest(request_id=request_id, logs=logs)
         return _call(self._generation.GetStatus, request).status
 
-    def stream_status(self, request_id: str, *, logs: bool = False) -> Iterator[RequestStatus]:
-        request = generation_pb2.StreamStatusRequest(request_id=request_id, logs=logs)
+    def stream_status(
+        self, request_id: str, *, logs: bool = False, previews: bool = False
+    ) -> Iterator[RequestStatus]:
+        """`previews`: live previews of the image as it forms, in `status.progress.preview_jpeg`."""
+        request = generation_pb2.StreamStatusRequest(request_id=request_id, logs=logs, previews=previews)
         try:
             for message in self._generation.StreamStatus(request):
                 yield message.status
@@ -186,11 +189,12 @@ class Client:
 
     def subscribe(
         self, input: InputLike, *, on_queue_update: QueueUpdate | None = None, logs: bool = False,
-        client_request_id: str = "", start_timeout: float = 0.0, priority: str = "",
+        client_request_id: str = "", start_timeout: float = 0.0, priority: str = "", previews: bool = False,
     ) -> Result:
         request = generation_pb2.SubscribeRequest(
             input=self._prepare(input),
             logs=logs,
+            previews=previews,
             client_request_id=client_request_id,
             start_timeout=start_timeout,
             priority=priority,
@@ -267,8 +271,11 @@ class AsyncClient:
         request = generation_pb2.GetStatusRequest(request_id=request_id, logs=logs)
         return (await _acall(self._generation.GetStatus(request))).status
 
-    async def stream_status(self, request_id: str, *, logs: bool = False) -> AsyncIterator[RequestStatus]:
-        request = generation_pb2.StreamStatusRequest(request_id=request_id, logs=logs)
+    async def stream_status(
+        self, request_id: str, *, logs: bool = False, previews: bool = False
+    ) -> AsyncIterator[RequestStatus]:
+        """`previews`: live previews of the image as it forms, in `status.progress.preview_jpeg`."""
+        request = generation_pb2.StreamStatusRequest(request_id=request_id, logs=logs, previews=previews)
         try:
             async for message in self._generation.StreamStatus(request):
                 yield message.status
@@ -291,11 +298,14 @@ class AsyncClient:
         client_request_id: str = "",
         start_timeout: float = 0.0,
         priority: str = "",
+        previews: bool = False,
     ) -> Result:
-        """`on_queue_update` may be a plain function or a coroutine function."""
+        """`on_queue_update` may be a plain function or a coroutine function; with `previews` its statuses
+        carry live previews in `progress.preview_jpeg`."""
         request = generation_pb2.SubscribeRequest(
             input=await self._prepare(input),
             logs=logs,
+            previews=previews,
             client_request_id=client_request_id,
             start_timeout=start_timeout,
             priority=priority,

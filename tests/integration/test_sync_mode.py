@@ -1,0 +1,101 @@
+"""sync_mode through the running service: outputs inline as data URIs, the same pixels as stored ones,
+and nothing written to the object store."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+from PIL import Image
+
+from gateway.validation import validate_input
+from loraserve.client import AsyncClient, LoraServeError
+from loraserve.config import Settings
+from loraserve.inputs import to_input
+from serving.tiny import TinyModel
+from tests.conftest import read_image_bytes
+
+pytestmark = pytest.mark.integration
+
+
+def request(model: TinyModel, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model_name": str(model.pipeline_dir),
+        "prompt": "a photo of a red house",
+        "image_size": {"width": 64, "height": 64},
+        "num_inference_steps": 3,
+        "seed": 21,
+    }
+    body.update(overrides)
+    return body
+
+
+def files_of(files_dir: Path, request_id: str) -> list[Path]:
+    return [path for path in files_dir.rglob("*") if request_id in str(path.relative_to(files_dir))]
+
+
+def decoded_data_uri(url: str, content_type: str) -> bytes:
+    prefix = f"data:{content_type};base64,"
+    assert url.startswith(prefix), url[:60]
+    return base64.b64decode(url[len(prefix) :], validate=True)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+async def test_sync_mode_returns_the_stored_pixels_inline_and_writes_nothing(
+    target: str, tiny_sd15: TinyModel, stack_settings: Settings, files_dir: Path
+) -> None:
+    async with AsyncClient(target) as client:
+        stored = await client.subscribe(request(tiny_sd15, num_images=2))
+        inline = await client.subscribe(request(tiny_sd15, num_images=2, sync_mode=True, debug_latents=True))
+        # Read again later: the stored result is returned as it was, not re-signed.
+        again = await client.result(inline.request_id)
+
+    assert files_of(files_dir, stored.request_id), "the stored result's files should be in the store"
+    assert files_of(files_dir, inline.request_id) == []
+    assert again.data == inline.data
+    assert len(inline.data.images) == 2
+    for stored_image, image in zip(stored.data.images, inline.data.images, strict=True):
+        assert image.content_type == "image/png" and image.file_name.endswith(".png")
+        data = decoded_data_uri(image.url, "image/png")
+        assert data == image.file_data and image.file_size == len(data)
+        assert (image.width, image.height) == (64, 64)
+        assert np.array_equal(pixels(data), pixels(read_image_bytes(stack_settings, stored_image.url)))
+    latents = inline.data.debug_latents
+    assert latents.file_data == decoded_data_uri(latents.url, "application/octet-stream")
+    assert safetensors.torch.load(latents.file_data)["latents"].shape == (2, 4, 32, 32)
+
+
+async def test_sync_mode_jpeg(target: str, tiny_sdxl: TinyModel, files_dir: Path) -> None:
+    async with AsyncClient(target) as client:
+        result = await client.subscribe(request(tiny_sdxl, sync_mode=True, image_format="jpeg"))
+    image = result.data.images[0]
+    assert Image.open(io.BytesIO(decoded_data_uri(image.url, "image/jpeg"))).format == "JPEG"
+    assert files_of(files_dir, result.request_id) == []
+
+
+async def test_sync_mode_over_the_cap_or_with_every_steps_latents_is_refused(
+    target: str, tiny_sd15: TinyModel, stack_settings: Settings
+) -> None:
+    side = 1024
+    assert 8 * side * side > stack_settings.max_sync_mode_pixels
+    async with AsyncClient(target) as client:
+        with pytest.raises(LoraServeError) as too_large:
+            await client.submit(
+                request(tiny_sd15, sync_mode=True, num_images=8, image_size={"width": side, "height": side})
+            )
+        with pytest.raises(LoraServeError) as per_pass:
+            await client.submit(request(tiny_sd15, sync_mode=True, debug_per_pass_latents=True))
+    # The same sizes without sync_mode are fine.
+    validate_input(
+        to_input(request(tiny_sd15, num_images=8, image_size={"width": side, "height": side})), stack_settings
+    )
+    assert "max_sync_mode_pixels" in too_large.value.field_violations["input.sync_mode"]
+    assert "input.debug_per_pass_latents" in per_pass.value.field_violations

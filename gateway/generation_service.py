@@ -26,7 +26,7 @@ from gateway.previews import PreviewStream, without_preview
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.quotas import Quotas
-from gateway.validation import priority_rank, validate_input, validate_start_timeout
+from gateway.validation import priority_rank, validate_input, validate_start_timeout, validate_webhook_url
 from loraserve.config import Settings
 from loraserve.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
@@ -84,6 +84,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         try:
             validate_input(inp, self._settings)
             validate_start_timeout(start_timeout)
+            validate_webhook_url(webhook_url, self._settings)
             rank = priority_rank(priority)
         except InvalidArgument:
             self._metrics.rejected.inc()

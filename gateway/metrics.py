@@ -69,6 +69,18 @@ class GatewayMetrics:
             "1 while dispatching is paused: workers unreachable (circuit breaker open) or the dispatcher failing.",
             registry=self.registry,
         )
+        self.webhook_attempts = Counter(
+            "loraserve_webhook_attempts",
+            "Webhook POSTs, by outcome (delivered: a 2xx answer; failed: any other answer, none in time, refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhooks_finished = Counter(
+            "loraserve_webhooks_finished",
+            "Webhook deliveries that ended, by outcome (delivered, given_up after their last retry).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
             "loraserve_queue_wait_seconds",
             "Time from submit to the start on a worker.",

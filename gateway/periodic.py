@@ -23,9 +23,14 @@ class Periodic:
         self._period = period_seconds
         self._on_error = on_error
         self._task: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
 
     async def run_once(self) -> object:
         raise NotImplementedError
+
+    def wake(self) -> None:
+        """The next round runs now rather than at the end of the period (e.g. when there is work for it)."""
+        self._woken.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
@@ -43,4 +48,6 @@ class Periodic:
             except Exception as exc:  # noqa: BLE001 - the next round retries; upkeep must outlive errors
                 log.warning(f"{self.name} failed; retrying", extra={"error": f"{type(exc).__name__}: {exc}"})
                 self._on_error(exc)
-            await asyncio.sleep(self._period)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self._period)
+            self._woken.clear()

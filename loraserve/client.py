@@ -153,15 +153,23 @@ class Client:
         return to_input(replace_local_files(input, urls))
 
     def submit(
-        self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0, priority: str = ""
+        self,
+        input: InputLike,
+        *,
+        client_request_id: str = "",
+        start_timeout: float = 0.0,
+        priority: str = "",
+        webhook_url: str = "",
     ) -> str:
         """`start_timeout`: seconds the request may wait for a worker before it fails unstarted (0: no limit);
-        `priority`: "normal" or "low" (starts only when no normal request waits)."""
+        `priority`: "normal" or "low" (starts only when no normal request waits); `webhook_url`: where the
+        result is POSTed, signed, when the request ends (fal's webhooks)."""
         request = generation_pb2.SubmitRequest(
             input=self._prepare(input),
             client_request_id=client_request_id,
             start_timeout=start_timeout,
             priority=priority,
+            webhook_url=webhook_url,
         )
         return _call(self._generation.Submit, request).request_id
 
@@ -257,13 +265,20 @@ class AsyncClient:
         return to_input(replace_local_files(input, urls))
 
     async def submit(
-        self, input: InputLike, *, client_request_id: str = "", start_timeout: float = 0.0, priority: str = ""
+        self,
+        input: InputLike,
+        *,
+        client_request_id: str = "",
+        start_timeout: float = 0.0,
+        priority: str = "",
+        webhook_url: str = "",
     ) -> str:
         request = generation_pb2.SubmitRequest(
             input=await self._prepare(input),
             client_request_id=client_request_id,
             start_timeout=start_timeout,
             priority=priority,
+            webhook_url=webhook_url,
         )
         return (await _acall(self._generation.Submit(request))).request_id
 

@@ -96,6 +96,11 @@ NOT_FOR_REPLICAS = frozenset(
         "tenant_submits_per_second",
         "max_upload_bytes",
         "upload_allowed_content_types",
+        "webhook_signing_key_file",
+        "webhook_timeout_seconds",
+        "webhook_retries",
+        "webhook_backoff_seconds",
+        "webhook_backoff_max_seconds",
     }
 )
 

@@ -20,7 +20,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -134,6 +134,34 @@ def fetch_to(
     if on_progress is not None:
         on_progress(len(data), len(data))
     return len(data)
+
+
+def check_url(url: str, field: str, policy: FetchPolicy, *, resolve: bool = True) -> None:
+    """Refuses `url` as a fetch or `post` would, without connecting. `resolve=False` looks nothing up (a
+    host name is checked when the URL is used): for a URL kept to be used later, e.g. a webhook's."""
+    _check_target(url, url, field, policy, resolve=resolve)
+
+
+def post(url: str, body: bytes, headers: Mapping[str, str], field: str, policy: FetchPolicy) -> int:
+    """POSTs `body` to a caller's URL behind the fetch guard (every address checked, the connection pinned
+    to a checked one); returns the HTTP status. Redirects are not followed: a POST goes where it was
+    registered. Each step waits at most `policy.timeout_seconds`, the whole exchange `total_timeout_seconds`."""
+    deadline = _Deadline(time.monotonic() + policy.total_timeout_seconds, _too_long(policy))
+    target = _check_target(url, url, field, policy)
+    tls = (policy.ssl_context or ssl.create_default_context()) if target.scheme == "https" else None
+    connection = _PinnedConnection(target, _remaining(deadline, policy, url, field), tls)
+    try:
+        with _network_errors(url, field, policy, deadline):
+            sent = {"Host": target.host_header, "User-Agent": USER_AGENT, **headers}
+            connection.request("POST", target.request_path, body=body, headers=sent)
+            response = connection.getresponse()
+            if connection.pinned is not None:
+                connection.pinned.settimeout(_remaining(deadline, policy, url, field))
+            # Only the status counts; a little of the reply is read so the receiver is not cut off mid-write.
+            response.read(READ_CHUNK_BYTES)
+        return response.status
+    finally:
+        connection.close()
 
 
 def decode_data_uri(uri: str, field: str, max_bytes: int) -> bytes:
@@ -357,8 +385,9 @@ def _too_long(policy: FetchPolicy) -> str:
     return f"the transfer took longer than {policy.total_timeout_seconds:g} s"
 
 
-def _check_target(current: str, url: str, field: str, policy: FetchPolicy) -> _Target:
-    """Everything is decided on the parsed host that is then connected to, so parser tricks gain nothing."""
+def _check_target(current: str, url: str, field: str, policy: FetchPolicy, *, resolve: bool = True) -> _Target:
+    """Everything is decided on the parsed host that is then connected to, so parser tricks gain nothing.
+    `resolve=False` (only for `check_url`) leaves a host name unchecked and the target without an address."""
     hop = "" if current == url else f"redirected to {redact_url(current)}: "
     parts = urlsplit(current)
     scheme = parts.scheme.lower()
@@ -374,7 +403,10 @@ def _check_target(current: str, url: str, field: str, policy: FetchPolicy) -> _T
     except ValueError:
         raise InputFetchError(field, url, f"{hop}the URL has an invalid port") from None
     literal = _ip_literal(host)
-    addresses = [literal] if literal is not None else _resolve(host, port, url, field, hop, policy)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        addresses = _resolve(host, port, url, field, hop, policy) if resolve else []
     if host not in {allowed.lower() for allowed in policy.allowed_hosts}:
         for address in addresses:
             reason = _refusal(address, policy.allow_private_networks)
@@ -382,7 +414,9 @@ def _check_target(current: str, url: str, field: str, policy: FetchPolicy) -> _T
                 what = host if literal is not None else f"{host} resolves to {address}, which"
                 raise InputFetchError(field, url, f"{hop}{what} is {reason}; refused")
     path = quote(parts.path or "/", safe=_SAFE_URL_CHARS) + (f"?{parts.query}" if parts.query else "")
-    return _Target(scheme=scheme, host=host, port=port, address=str(addresses[0]), request_path=path)
+    return _Target(
+        scheme=scheme, host=host, port=port, address=str(addresses[0]) if addresses else "", request_path=path
+    )
 
 
 def _ip_literal(host: str) -> IPAddress | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import json
 import logging
 import signal
 import socket
@@ -27,8 +28,15 @@ from pathlib import Path
 from loraserve import keys_cli
 from loraserve.config import Settings
 from loraserve.schema import IMAGE_SIZE_PRESETS
+from loraserve.v1 import types_pb2
 
 log = logging.getLogger("loraserve")
+# `generate --endpoint`: the members of fal's fal-ai/lora family (fal-ai/lora/image-to-image, …).
+FAL_ENDPOINTS = {
+    "text-to-image": types_pb2.ENDPOINT_UNSPECIFIED,
+    "image-to-image": types_pb2.ENDPOINT_IMAGE_TO_IMAGE,
+    "inpaint": types_pb2.ENDPOINT_INPAINT,
+}
 
 
 def parse_lora(value: str) -> dict[str, object]:
@@ -66,16 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     Settings.add_arguments(gateway)
 
     gen = sub.add_parser("generate", help="generate images through the gRPC API")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", required=True, help="Hugging Face ID, URL or path of the base model")
+    gen.add_argument("prompt", nargs="?", help="required unless --input gives one")
+    gen.add_argument(
+        "--input",
+        type=Path,
+        metavar="REQUEST.json",
+        help="a request body as fal's API takes it (fal-ai/lora JSON); the other options override its fields",
+    )
+    gen.add_argument("--endpoint", choices=list(FAL_ENDPOINTS), default="text-to-image", help="which of fal-ai/lora's family")
+    gen.add_argument("--model", help="Hugging Face ID, URL or path of the base model (required unless --input gives one)")
     gen.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="PATH[:SCALE]")
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--size", type=parse_size, default="square_hd", help="preset or WxH")
+    gen.add_argument("--size", type=parse_size, help="preset or WxH (default square_hd)")
     gen.add_argument("--steps", type=int)
     gen.add_argument("--guidance-scale", type=float)
-    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--negative-prompt")
     gen.add_argument("--num-images", type=int)
-    gen.add_argument("--format", choices=["png", "jpeg"], default="png")
+    gen.add_argument("--format", choices=["png", "jpeg"])
     gen.add_argument("--out", type=Path, default=Path("."), help="folder for the images")
     gen.add_argument("--target", default="127.0.0.1:50051", help="gateway gRPC address")
 
@@ -143,7 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "demo":
         return asyncio.run(_demo(Settings.from_args(args)))
     elif args.command == "serve-config":
-        import json
 
         from serving.serve_config import serve_config
 
@@ -296,24 +310,36 @@ async def _gateway(settings: Settings) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from gateway.errors import InvalidArgument
+    from gateway.fal_json import parse_input
     from loraserve.client import Client, LoraServeError
     from loraserve.v1 import generation_pb2
 
-    request: dict[str, object] = {
+    request: dict[str, object] = json.loads(args.input.read_text()) if args.input else {}
+    if not isinstance(request, dict):
+        print(f"error: {args.input} must hold a JSON object", file=sys.stderr)
+        return 2
+    given = {
         "model_name": args.model,
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
-        "loras": args.lora,
+        "loras": args.lora or None,
         "image_size": args.size,
         "image_format": args.format,
-    }
-    optional = {
         "seed": args.seed,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "num_images": args.num_images,
     }
-    request.update({k: v for k, v in optional.items() if v is not None})
+    request.update({k: v for k, v in given.items() if v is not None})
+    try:
+        # The same reading of fal's JSON as the gateway's HTTP side: unknown or mistyped fields named.
+        inp = parse_input(request, FAL_ENDPOINTS[args.endpoint])
+    except InvalidArgument as exc:
+        print("error: invalid request", file=sys.stderr)
+        for violation in exc.violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        return 1
     bar = tqdm(total=0, unit="step", desc="queued")
 
     def on_update(status: generation_pb2.RequestStatus) -> None:
@@ -329,7 +355,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         with Client(args.target) as client:
-            result = client.subscribe(request, on_queue_update=on_update, logs=True)
+            result = client.subscribe(inp, on_queue_update=on_update, logs=True)
     except LoraServeError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)

@@ -72,7 +72,18 @@ def test_generate_command_uses_both_parsers() -> None:
     )
     assert args.lora == [{"path": "a.safetensors", "scale": 0.5}, {"path": "http://h:1/b"}]
     assert args.size == {"width": 640, "height": 480}
-    assert build_parser().parse_args(["generate", "p", "--model", "m"]).size == "square_hd"
+    # Unset: fal's default (square_hd) or what --input's request says.
+    assert build_parser().parse_args(["generate", "p", "--model", "m"]).size is None
+
+
+def test_generate_input_takes_fal_json_and_names_its_bad_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model_name": "m", "prompt": "p", "image_size": {"width": 64}, "colour": "red"}))
+    assert main(["generate", "--input", str(request), "--target", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "input.image_size.height: field required" in err and "input.colour: extra fields not permitted" in err
 
 
 def test_generate_command_rejects_bad_size(capsys: pytest.CaptureFixture[str]) -> None:

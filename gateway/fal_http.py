@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from gateway.errors import FieldViolation, InvalidArgument, ServiceError, to_http
-from gateway.fal_json import APP_ID, endpoint_for, output_json, parse_input, status_json
+from gateway.fal_json import APP_ID, ENDPOINTS, endpoint_for, output_json, parse_input, status_json
 from gateway.generation_service import GenerationService
 from gateway.store import RequestRecord, State
 from loraserve.v1 import generation_pb2
@@ -71,6 +71,7 @@ CORS_EXPOSE_HEADERS = "x-fal-request-id, x-fal-error-type, x-fal-request-timeout
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ByIdHandler = Callable[[web.Request, "AppPath", str], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ class FalHttp:
         prefix = TARGET_HOSTS.get((parts.hostname or "").lower())
         if prefix is None:
             return json_response(
-                400, {"detail": f"x-fal-target-url {target!r} is not a fal queue, run or REST URL", "error_type": "bad_request"}
+                400,
+                {"detail": f"x-fal-target-url {target!r} is not a fal queue, run or REST URL", "error_type": "bad_request"},
             )
         path = prefix + (parts.path or "/")
         rerouted = request.clone(rel_url=path + (f"?{parts.query}" if parts.query else ""))
@@ -198,7 +200,7 @@ class FalHttp:
         if len(where.rest) < 2:
             return json_response(404, {"detail": "Request not found"})
         request_id, tail = where.rest[1], where.rest[2:]
-        routes: dict[tuple[str, tuple[str, ...]], Callable[[web.Request, AppPath, str], Awaitable[web.StreamResponse]]] = {
+        routes: dict[tuple[str, tuple[str, ...]], ByIdHandler] = {
             ("GET", ()): self._result,
             ("GET", ("status",)): self._status,
             ("GET", ("status", "stream")): self._stream,
@@ -250,7 +252,8 @@ class FalHttp:
         try:
             body = json.loads(raw) if raw.strip() else {}
         except ValueError as exc:
-            raise InvalidArgument([FieldViolation("input", f"the body is not valid JSON: {exc}", "value_error.jsondecode")]) from None
+            why = f"the body is not valid JSON: {exc}"
+            raise InvalidArgument([FieldViolation("input", why, "value_error.jsondecode")]) from None
         return await self._generation.submit(
             parse_input(body, endpoint),
             tenant=tenant,
@@ -292,7 +295,9 @@ class FalHttp:
                 except Exception as exc:  # noqa: BLE001
                     # Accepted and still going: no retryable status, or a retry would run it twice.
                     log.warning("a run lost track of its request", extra={"request_id": record.id, "error": str(exc)})
-                    detail = f"the gateway stopped waiting for request {record.id}; it goes on: fetch its result from the queue"
+                    detail = (
+                        f"the gateway stopped waiting for request {record.id}; it goes on: fetch its result from the queue"
+                    )
                     return json_response(500, {"detail": detail, "error_type": "internal_error"}, record.id)
         except Exception as exc:  # noqa: BLE001
             return _refused(exc)
@@ -323,12 +328,17 @@ class FalHttp:
                 }
             )
             await response.prepare(request)
+            last: dict[str, Any] | None = None
             try:
                 async for status in _with_pings(self._generation.updates(record, logs)):
                     if status is None:
                         await response.write(b": ping\n\n")
                         continue
                     body = status_json(status, urls, list(status.logs) if logs else None)
+                    # A change fal's body does not show (a denoising step) with no new log lines: nothing to send.
+                    if body == last and not status.logs:
+                        continue
+                    last = body
                     await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
@@ -362,7 +372,8 @@ class _NoEndpoint(ServiceError):
     """A path below fal-ai/lora that is not one of the family."""
 
     def __init__(self, sub_path: str) -> None:
-        super().__init__(f"{APP_ID}/{sub_path} is not an endpoint here; use {APP_ID}, {APP_ID}/image-to-image or {APP_ID}/inpaint")
+        family = ", ".join(f"{APP_ID}/{name}".rstrip("/") for name in ENDPOINTS)
+        super().__init__(f"{APP_ID}/{sub_path} is not an endpoint here; use {family}")
 
 
 def _refused(exc: BaseException) -> web.Response:

@@ -227,8 +227,12 @@ REQUEST_ERROR_HTTP: dict[str, tuple[int, str]] = {
 }
 # fal's words for a cancelled request's COMPLETED status.
 CANCELLED_MESSAGE = "Request cancelled"
-# Where fields that do not come from the JSON body come from on the HTTP side (fal's headers).
-HEADER_FIELDS = {"priority": "x-fal-queue-priority", "start_timeout": "x-fal-request-timeout"}
+# Where the fields that are not in the JSON body come from on the HTTP side: fal's headers and query.
+HTTP_FIELD_LOCS: dict[str, list[str | int]] = {
+    "priority": ["header", "x-fal-queue-priority"],
+    "start_timeout": ["header", "x-fal-request-timeout"],
+    "webhook_url": ["query", "fal_webhook"],
+}
 
 
 @dataclass(frozen=True)
@@ -240,9 +244,9 @@ class HttpError:
 
 def field_loc(field: str) -> list[str | int]:
     """A field path as the gRPC BadRequest names it (`input.loras[0].path`) as fal's 422 `loc`
-    (`["body", "loras", 0, "path"]`); the request's own settings point at their headers."""
-    if field in HEADER_FIELDS:
-        return ["header", HEADER_FIELDS[field]]
+    (`["body", "loras", 0, "path"]`); the request's own settings point at their header or query."""
+    if field in HTTP_FIELD_LOCS:
+        return list(HTTP_FIELD_LOCS[field])
     loc: list[str | int] = ["body"]
     parts = field.split(".")
     if parts[0] == "input":

@@ -134,6 +134,7 @@ def test_field_paths_become_fal_locs() -> None:
     assert field_loc("input.ip_adapter[1].ip_adapter_image_url[2]") == ["body", "ip_adapter", 1, "ip_adapter_image_url", 2]
     assert field_loc("input.image_size.width") == ["body", "image_size", "width"]
     assert field_loc("priority") == ["header", "x-fal-queue-priority"]
+    assert field_loc("webhook_url") == ["query", "fal_webhook"]
 
 
 def test_invalid_argument_is_a_422_detail_list() -> None:

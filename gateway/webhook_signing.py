@@ -10,9 +10,11 @@ The JWKS `x` keeps its `=` padding: fal's documented Python verifier decodes it 
 `base64.urlsafe_b64decode(x)` without re-padding and fails on the 43-character RFC 7517 form,
 while every other verifier found accepts the padded one.
 
-The key is the PEM file `webhook_signing_key_file` names (in a cluster, mounted from a
-Kubernetes Secret, so every gateway signs with the same key); without it the embedded gateway
-makes one in its data dir on first start (mode 0600) and keeps it.
+The key is `webhook_signing_key` (PEM text; the Helm chart gives every gateway the same one from a
+Kubernetes Secret, made once unless the operator names one) or the PEM file
+`webhook_signing_key_file`; without either the embedded gateway makes one in its data dir on first
+start (mode 0600) and keeps it. Gateways sharing a PostgreSQL store must share the key: a receiver
+may fetch the JWKS from any of them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class WebhookSigner:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebhookSigner:
+        if settings.webhook_signing_key:
+            return cls.from_pem(settings.webhook_signing_key.encode(), "webhook_signing_key")
         path = Path(settings.webhook_signing_key_file) if settings.webhook_signing_key_file else None
         pem = path.read_bytes() if path is not None else _load_or_create_key(settings.data_dir / KEY_FILE)
         return cls.from_pem(pem, str(path or settings.data_dir / KEY_FILE))

@@ -137,10 +137,12 @@ class Settings:
     # Finished requests, their logs and their output files are deleted this long after they finished
     # (like fal's media expiry); the request then answers that its result expired. 0 keeps them forever.
     retention_seconds: float = 7 * 24 * 3600.0
-    # Webhooks (fal's `fal_webhook`): the Ed25519 key they are signed with (a PEM file, in a cluster from a
-    # Secret; empty: one is made in data_dir on first start), the timeout of one attempt, the retries after
-    # a failed first attempt and the backoff between them (jittered, doubling: by default ~2 hours in all).
-    # The target URL passes the same guard as inputs (allow_private_networks, fetch_allowed_hosts).
+    # Webhooks (fal's `fal_webhook`): the Ed25519 key they are signed with, as PEM text (in a cluster from a
+    # Secret, the same for every gateway) or a PEM file (neither: one is made in data_dir on first start),
+    # the timeout of one attempt, the retries after a failed first attempt and the backoff between them
+    # (jittered, doubling: by default ~2 hours in all). The target URL passes the same guard as inputs
+    # (allow_private_networks, fetch_allowed_hosts).
+    webhook_signing_key: str = ""
     webhook_signing_key_file: str = ""
     webhook_timeout_seconds: float = 15.0
     webhook_retries: int = 10

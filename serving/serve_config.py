@@ -40,6 +40,7 @@ SECRET_SETTINGS = frozenset(
         "s3_presign_secret_key",
         "worker_shared_secret",
         "files_url_secret",
+        "webhook_signing_key",
     }
 )
 # What `deployment_options` is made of.

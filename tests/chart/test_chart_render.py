@@ -347,3 +347,21 @@ def test_the_readme_values_example_installs(tmp_path: Path) -> None:
     r = render(values)
     assert r.gateway["spec"]["replicas"] == 2
     assert r.serve_config["applications"][0]["deployments"][0]["autoscaling_config"]["max_replicas"] == 4
+
+
+def test_the_webhook_signing_key_is_made_once_for_the_gateways_unless_given(rendered: dict[str, Rendered]) -> None:
+    """Every gateway signs with the same Ed25519 key (any gateway's JWKS verifies any delivery)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    r = rendered[CPU_DEV.name]
+    made = r.one("Secret", "-webhook-signing")
+    key = load_pem_private_key(base64.b64decode(made["data"]["webhook-signing-key"]), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    assert env_of(r.gateway_container)["LORASERVE_WEBHOOK_SIGNING_KEY"] == {
+        "secretKeyRef": {"name": made["metadata"]["name"], "key": "webhook-signing-key"}
+    }
+    for template in r.ray_pod_templates().values():
+        assert "LORASERVE_WEBHOOK_SIGNING_KEY" not in env_of(template["spec"]["containers"][0])
+    given = rendered[EXTERNAL_TLS.name]
+    assert not [d for d in given.documents if d["metadata"]["name"].endswith("-webhook-signing")]

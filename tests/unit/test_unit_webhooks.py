@@ -64,6 +64,11 @@ def test_a_key_file_from_the_operator_is_used_and_must_be_ed25519(tmp_path: Path
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert base64.urlsafe_b64decode(signer.jwks()["keys"][0]["x"]) == raw
     assert not (tmp_path / "data" / KEY_FILE).exists()
+    # The same key as PEM text (the chart's Secret, as LORASERVE_WEBHOOK_SIGNING_KEY) takes precedence.
+    from_text = WebhookSigner.from_settings(
+        Settings(data_dir=tmp_path / "data", webhook_signing_key=pem.read_text(), webhook_signing_key_file="/nowhere")
+    )
+    assert from_text.jwks() == signer.jwks()
 
     other = tmp_path / "ec.pem"
     other.write_bytes(

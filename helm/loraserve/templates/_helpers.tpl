@@ -64,6 +64,10 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "%s-worker-secret" (include "loraserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "loraserve.webhookSecretName" -}}
+{{- printf "%s-webhook-signing" (include "loraserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "loraserve.postgresqlSecretName" -}}
 {{- if .Values.secrets.postgresql.existingSecret -}}
 {{- .Values.secrets.postgresql.existingSecret -}}
@@ -200,6 +204,13 @@ the settings a replica reads. Secrets stay out: the Ray pods get them as env var
     secretKeyRef:
       name: {{ include "loraserve.workerSecretName" .root }}
       key: worker-shared-secret
+{{- end }}
+{{- if and (eq .component "gateway") (not (hasKey $v.secrets.settings "webhook_signing_key")) }}
+- name: LORASERVE_WEBHOOK_SIGNING_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "loraserve.webhookSecretName" .root }}
+      key: webhook-signing-key
 {{- end }}
 {{- range $name, $ref := $v.secrets.settings }}
 - name: LORASERVE_{{ upper $name }}

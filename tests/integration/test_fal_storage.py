@@ -105,21 +105,26 @@ async def upload_every_way(
     assert status == 200, body
     urls["cdn-multipart"] = created["access_url"]
 
-    # initiate + PUT, with no credentials on the PUT (JS) and with them (Python's fallback).
-    for storage_type, put_headers in (("fal-cdn-v3", {}), ("gcs", auth(key))):
+    # initiate + PUT: JS through its proxyUrl (x-fal-target-url) with no credentials on the PUT,
+    # Python's fallback with them.
+    initiate = "/storage/upload/initiate?storage_type="
+    for url, extra, put_headers in (
+        (f"{base}/api/fal/proxy", {"x-fal-target-url": f"https://rest.fal.ai{initiate}fal-cdn-v3"}, {}),
+        (f"{base}{initiate}gcs", {}, auth(key)),
+    ):
         status, initiated, _ = await call(
             http,
             "POST",
-            f"{base}/storage/upload/initiate?storage_type={storage_type}",
+            url,
             json={"file_name": name, "content_type": "application/octet-stream"},
-            headers=auth(key),
+            headers={**auth(key), **extra},
         )
         assert status == 200, initiated
         status, body, _ = await call(
             http, "PUT", initiated["upload_url"], data=data, headers={**put_headers, "Content-Type": "application/octet-stream"}
         )
         assert status == 200, body
-        urls[f"initiate-{storage_type}"] = initiated["file_url"]
+        urls["initiate-proxied" if extra else "initiate"] = initiated["file_url"]
 
     # JS multipart: PUT {upload_url}/{n} answers JSON {partNumber, etag}, then POST …/complete.
     status, initiated, _ = await call(
@@ -225,7 +230,10 @@ async def test_caps_types_and_keys_answer_json(capped: Gateway, http: aiohttp.Cl
     status, body, _ = await call(http, "POST", f"{base}/files/upload", data=b"x", headers={"Authorization": "Bearer forged.00"})
     assert status == 401, body
 
-    status, token, _ = await call(http, "POST", f"{base}/storage/auth/token", json={}, headers=auth(key))
+    # Behind a TLS-terminating proxy (loopback is trusted by default) the URLs carry the caller's scheme and host.
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example"}
+    status, token, _ = await call(http, "POST", f"{base}/storage/auth/token", json={}, headers={**auth(key), **forwarded})
+    assert token["base_url"] == "https://images.example", token
     bearer = {"Authorization": f"Bearer {token['token']}"}
 
     async def chunked(data: bytes) -> AsyncIterator[bytes]:

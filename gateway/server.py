@@ -27,6 +27,8 @@ from gateway.storage_service import StorageService
 from gateway.lease_keeper import LeaseKeeper
 from gateway.retention import RetentionSweeper
 from gateway.quotas import Quotas
+from gateway.webhook_signing import JWKS_PATH
+from gateway.webhooks import WebhookSender, sender_from_settings
 from gateway.store import RequestStore, open_store
 from gateway.worker_client import WorkerClient
 from loraserve.config import Settings
@@ -77,6 +79,7 @@ class Gateway:
         self._http: web.AppRunner | None = None
         self._keeper: LeaseKeeper | None = None
         self.retention: RetentionSweeper | None = None
+        self.webhooks: WebhookSender | None = None
         self.grpc_port = 0
 
     def _build(self, store: RequestStore) -> None:
@@ -119,6 +122,9 @@ class Gateway:
         self.auth = Authenticator(store, required=required)
         self.generation = GenerationService(
             settings, self.store, self.feed, self.dispatcher, self.metrics, self.files, self.auth, self.quotas
+        )
+        self.webhooks = sender_from_settings(
+            settings, self.store, self.files, self.metrics, on_error=lambda exc: self.metrics.upkeep_errors.inc()
         )
         self._keeper = LeaseKeeper(
             self.store,
@@ -188,6 +194,8 @@ class Gateway:
         storage = FalStorage(uploads, self.auth, secret=signing_secret(self.settings), public_base=fal_http.public_base)
         add_storage_routes(http_app, storage)
         self._http = web.AppRunner(http_app, access_log=None)
+        assert self.webhooks is not None
+        self._http.app.router.add_get(JWKS_PATH, self.webhooks.signer.serve_jwks)
         # fal's queue routes are catch-alls at the root: mounted after every other route.
         fal_http.mount(self._http.app)
         await self._http.setup()
@@ -200,6 +208,8 @@ class Gateway:
         self._keeper.start()
         if self.retention is not None:
             self.retention.start()
+        # Deliveries left by a gateway that stopped (this one before a restart, or another) go out now.
+        self.webhooks.start()
         for name in ("", *SERVICE_NAMES):
             await self._set_health(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -232,6 +242,8 @@ class Gateway:
             await self._keeper.stop()
         if self.retention is not None:
             await self.retention.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         self.feed.close()
         await self.server.stop(grace=1.0)
         if self._http is not None:

@@ -1,0 +1,111 @@
+"""fal's storage routes on their own (a real aiohttp server on loopback, a clock the test moves):
+what expires, what is bounded, and that a tenant's token and upload URLs stay its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway import fal_storage
+from gateway.auth import Authenticator
+from gateway.fal_storage import FalStorage, add_storage_routes
+from storage.object_store import LocalObjectStore, tenant_folder
+from storage.uploads import Uploads
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class KeyPerTenant(Authenticator):
+    """`Key <tenant>:x` is that tenant; no header is the anonymous tenant (a keyless loopback gateway)."""
+
+    def __init__(self) -> None:
+        self.required = False
+
+    async def tenant(self, metadata: Any) -> str:
+        header = dict(metadata or ()).get("authorization")
+        return "" if header is None else header.split(" ", 1)[1].split(":", 1)[0]
+
+
+@pytest_asyncio.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[TestClient[Any, Any], Clock, LocalObjectStore]]:
+    clock = Clock()
+    store = LocalObjectStore(tmp_path / "files", "http://files.test", clock=clock)
+    uploads = Uploads(store, max_bytes=1000, spool_dir=tmp_path / "spool")
+    app = web.Application()
+    add_storage_routes(app, FalStorage(uploads, KeyPerTenant(), secret=b"s" * 32, clock=clock))
+    async with TestClient(TestServer(app)) as client:
+        yield client, clock, store
+
+
+async def test_tokens_and_upload_urls_expire_and_name_their_tenant(
+    served: tuple[TestClient[Any, Any], Clock, LocalObjectStore],
+) -> None:
+    client, clock, store = served
+    token = await (await client.post("/storage/auth/token", json={}, headers={"Authorization": "Key team-a:x"})).json()
+    bearer = {"Authorization": f"Bearer {token['token']}"}
+    uploaded = await client.post("/files/upload", data=PNG, headers=bearer)
+    assert uploaded.status == 200
+    key = store.key_for_url((await uploaded.json())["access_url"])
+    assert key is not None and key.startswith(tenant_folder("team-a") + "/uploads/") and store.get(key) == PNG
+    # A token edited to name another tenant is not this service's.
+    body, signature = token["token"].split(".")
+    forged = await client.post("/files/upload", data=PNG, headers={"Authorization": f"Bearer {body}x.{signature}"})
+    assert forged.status == 401
+
+    initiated = await (
+        await client.post("/storage/upload/initiate", json={"file_name": "a.png"}, headers={"Authorization": "Key team-b:x"})
+    ).json()
+    put_path = initiated["upload_url"].split("://", 1)[1].split("/", 1)[1]
+    assert tenant_folder("team-b") in put_path
+    clock.now += fal_storage.TOKEN_SECONDS + 1
+    assert (await client.post("/files/upload", data=PNG, headers=bearer)).status == 401
+    expired = await client.put("/" + put_path, data=PNG)
+    assert expired.status == 403 and "expired" in (await expired.json())["detail"]
+
+
+async def test_multipart_uploads_are_bounded_and_expire(
+    served: tuple[TestClient[Any, Any], Clock, LocalObjectStore],
+) -> None:
+    client, clock, store = served
+    key = {"Authorization": "Key team-a:x"}
+    opened = []
+    for _ in range(fal_storage.MAX_OPEN_MULTIPART_PER_TENANT):
+        response = await client.post("/storage/upload/initiate-multipart", json={}, headers=key)
+        assert response.status == 200
+        opened.append((await response.json())["upload_url"].split("/storage/", 1)[1])
+    refused = await client.post("/storage/upload/initiate-multipart", json={}, headers=key)
+    assert refused.status == 429 and refused.headers["Retry-After"]
+    # Another tenant still may.
+    assert (await client.post("/storage/upload/initiate-multipart", json={}, headers={"Authorization": "Key b:x"})).status == 200
+
+    first = f"/storage/{opened[0]}"
+    assert (await client.put(f"{first}/{fal_storage.MAX_PARTS + 1}", data=b"x")).status == 400
+    part = await client.put(f"{first}/1", data=PNG)
+    answer = await part.json()
+    assert part.headers["ETag"] == f'"{answer["etag"]}"' and answer["partNumber"] == 1
+    # Sending part 1 again replaces it: its bytes count once against the cap.
+    for _ in range(20):
+        assert (await client.put(f"{first}/1", data=PNG)).status == 200
+    done = await client.post(f"{first}/complete", json={"parts": [answer]})
+    assert done.status == 200
+    stored = store.key_for_url((await done.json())["file_url"])
+    assert stored is not None and store.get(stored) == PNG and store.content_type(stored) == "image/png"
+    assert (await client.post(f"{first}/complete", json={"parts": [answer]})).status == 404
+
+    # An hour later the others are gone, and their places free again.
+    clock.now += fal_storage.MULTIPART_SECONDS + 1
+    assert (await client.put(f"/storage/{opened[1]}/1", data=PNG)).status == 404
+    assert (await client.post("/storage/upload/initiate-multipart", json={}, headers=key)).status == 200

@@ -361,9 +361,6 @@ async def test_start_timeout_is_504_user_and_over_quota_is_429(tmp_path: Path) -
             status, body, _ = await call(session, "POST", "/fal-ai/lora", json=BODY, headers={"X-Fal-Request-Timeout": "1.5"})
             assert status == 200
             request_id = body["request_id"]
-            status, waiting, _ = await call(session, "GET", f"/fal-ai/lora/requests/{request_id}/status")
-            # Tried (the workers are unreachable: back in the queue) or waiting: 202 either way.
-            assert status == 202 and waiting["status"] in ("IN_QUEUE", "IN_PROGRESS") and waiting["logs"] is None
             status, body, headers = await call(session, "POST", "/fal-ai/lora", json=BODY)
             assert status == 429 and int(headers["Retry-After"]) >= 1
             final = await completed(session, f"/fal-ai/lora/requests/{request_id}/status")

@@ -301,7 +301,7 @@ class FalHttp:
                     return json_response(500, {"detail": detail, "error_type": "internal_error"}, record.id)
         except Exception as exc:  # noqa: BLE001
             return _refused(exc)
-        return self._result_response(record)
+        return self._result_response(record, request)
 
     # --- by id -----------------------------------------------------------------------------
 
@@ -350,14 +350,20 @@ class FalHttp:
 
     async def _result(self, request: web.Request, where: AppPath, request_id: str) -> web.StreamResponse:
         record = await self._generation.get(request_id, await self._tenant(request))
-        return self._result_response(record)
+        return self._result_response(record, request)
 
-    def _result_response(self, record: RequestRecord) -> web.Response:
+    def _result_response(self, record: RequestRecord, request: web.Request) -> web.Response:
         try:
             result = self._generation.result(record)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, record.id)
-        return json_response(200, output_json(result.output), record.id)
+        body = output_json(result.output)
+        settings = self._generation.settings
+        if not settings.public_url:
+            # The local store's file URLs were made for http_host:http_port; behind a proxy the caller
+            # reaches them where it reached this reply. A set public_url is the operator's word.
+            body = _rebased(body, settings.files_base_url + "/files/", self.public_base(request) + "/files/")
+        return json_response(200, body, record.id)
 
     async def _cancel(self, request: web.Request, where: AppPath, request_id: str) -> web.StreamResponse:
         record = await self._generation.get(request_id, await self._tenant(request))
@@ -399,6 +405,19 @@ def _start_timeout(value: str | None) -> float:
     if not math.isfinite(seconds):
         raise InvalidArgument([FieldViolation("start_timeout", f"must be a number of seconds, got {value!r}")])
     return seconds
+
+
+def _rebased(value: Any, old: str, new: str) -> Any:
+    """`value` with every `url` that starts with `old` starting with `new` instead."""
+    if isinstance(value, dict):
+        return {
+            key: new + item[len(old) :] if key == "url" and isinstance(item, str) and item.startswith(old)
+            else _rebased(item, old, new)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_rebased(item, old, new) for item in value]
+    return value
 
 
 def _first(value: str | None) -> str:

@@ -49,6 +49,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         quotas: Quotas,
     ) -> None:
         self._settings = settings
+        self.settings = settings
         self._auth = auth
         self._quotas = quotas
         self._files = files

@@ -34,6 +34,8 @@ JSON = "application/json"
 class ImageWorker(FakeWorker):
     """Completes with one image record (its `file_size` and `seed` are int64 in the proto)."""
 
+    image_url = "https://files.example/a.png"
+
     async def Generate(  # noqa: N802 - the gRPC method's name
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
@@ -44,7 +46,7 @@ class ImageWorker(FakeWorker):
         yield worker_pb2.GenerateResponse(log=types_pb2.LogEntry(message="working", source="worker", timestamp=1.0))
         yield worker_pb2.GenerateResponse(log=types_pb2.LogEntry(message="done", source="worker", timestamp=2.0))
         image = types_pb2.Image(
-            url="https://files.example/a.png", content_type="image/png", file_name="a.png", file_size=5_000_000_000,
+            url=self.image_url, content_type="image/png", file_name="a.png", file_size=5_000_000_000,
             width=64, height=64,
         )
         output = types_pb2.GenerateOutput(seed=request.seed, images=[image], has_nsfw_concepts=[False])
@@ -310,13 +312,22 @@ async def test_cors_preflight_and_exposed_headers(http: aiohttp.ClientSession) -
 
 
 async def test_forwarded_headers_only_from_trusted_proxies(
-    http: aiohttp.ClientSession, tmp_path: Path, worker: WorkerServer
+    http: aiohttp.ClientSession, gateway: Gateway, tmp_path: Path, worker: WorkerServer
 ) -> None:
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "lora.example.com"}
     _, body, _ = await call(http, "POST", "/fal-ai/lora", json=BODY, headers=forwarded)
     assert body["status_url"].startswith("https://lora.example.com/fal-ai/lora/requests/")
     _, body, _ = await call(http, "POST", "/fal-ai/lora", json=BODY, headers={"Forwarded": 'proto=https;host="gw.example:8443"'})
     assert body["response_url"].startswith("https://gw.example:8443/fal-ai/lora/requests/")
+    # The local store's file URLs in a result follow too (no public_url set).
+    port = gateway.settings.http_port
+    worker.worker.image_url = f"http://127.0.0.1:{port}/files/outputs/r/a.png?expires=1&signature=x"
+    _, body, _ = await call(http, "POST", "/fal-ai/lora", json=BODY)
+    await completed(http, f"/fal-ai/lora/requests/{body['request_id']}/status")
+    _, result, _ = await call(http, "GET", f"/fal-ai/lora/requests/{body['request_id']}", headers=forwarded)
+    assert result["images"][0]["url"].startswith("https://lora.example.com/files/outputs/r/a.png?expires=")
+    _, result, _ = await call(http, "GET", f"/fal-ai/lora/requests/{body['request_id']}")
+    assert result["images"][0]["url"].startswith(f"http://127.0.0.1:{port}/files/outputs/r/a.png?expires=")
     untrusting = await start_gateway(tmp_path, worker.port, trusted_proxies="10.0.0.0/8")
     try:
         port = untrusting.settings.http_port

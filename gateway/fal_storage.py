@@ -47,7 +47,7 @@ from gateway.auth import Authenticator
 from gateway.errors import ServiceError, Unauthenticated
 from loraserve.config import Settings
 from storage.object_store import InvalidKey, LocalObjectStore, check_key, load_or_create_secret
-from storage.uploads import UploadRefused, Uploads, UploadTooLarge, UploadTypeRefused, UploadWriter
+from storage.uploads import UploadRefused, Uploads, UploadTooLarge, UploadTypeRefused
 
 TOKEN_SECONDS = 3600
 UPLOAD_URL_SECONDS = 3600

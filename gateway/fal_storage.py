@@ -46,7 +46,7 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.errors import ServiceError, Unauthenticated
 from loraserve.config import Settings
-from storage.object_store import InvalidKey, LocalObjectStore, check_key, load_or_create_secret
+from storage.object_store import InvalidKey, check_key, load_or_create_secret
 from storage.uploads import UploadRefused, Uploads, UploadTooLarge, UploadTypeRefused
 
 TOKEN_SECONDS = 3600
@@ -150,15 +150,9 @@ class FalStorage:
         tenant = await self._cdn_tenant(request)
         key = self._uploads.new_key(tenant, request.headers.get("X-Fal-File-Name", DEFAULT_FILE_NAME))
         upload_id = self._open_multipart(tenant, key, request.headers.get("Content-Type", ""))
-        return _json({"access_url": self._unsigned_url(request, key), "uploadId": upload_id})
-
-    def _unsigned_url(self, request: web.Request, key: str) -> str:
-        """fal's client sends the parts to `{access_url}/multipart/…` and returns `access_url` itself, so
-        it can carry no query (no signature): the local store's URL without one, which names the key
-        as an input; with another store, the gateway's, which takes the parts but is no input."""
-        if isinstance(self._uploads.store, LocalObjectStore):
-            return self._uploads.store.url(key).split("?", 1)[0]
-        return f"{self._public_base(request)}/files/{key}"
+        # fal's client sends the parts to `{access_url}/multipart/…` and returns `access_url` itself, so it
+        # can carry no query (no signature): a URL that names the key as its tenant's input, nothing more.
+        return _json({"access_url": self._uploads.store.unsigned_url(key), "uploadId": upload_id})
 
     async def cdn_multipart_part(self, request: web.Request) -> web.Response:
         upload = self._multipart_for(request.match_info["upload_id"], request.match_info["key"])

@@ -27,5 +27,5 @@ def make_object_store(
     if backend == "s3":
         if s3 is None:
             raise ValueError("object store backend 's3' needs S3 settings (endpoint, credentials, bucket)")
-        return S3ObjectStore(s3)
+        return S3ObjectStore(s3, gateway_files_url=f"{local_base_url.rstrip('/')}/files" if local_base_url else "")
     raise ValueError(f"object store backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

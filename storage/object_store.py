@@ -65,6 +65,8 @@ class ObjectStore(Protocol):
 
     def url(self, key: str) -> str: ...
 
+    def unsigned_url(self, key: str) -> str: ...
+
     def key_for_url(self, url: str) -> str | None: ...
 
     def delete_prefix(self, prefix: str) -> int: ...
@@ -220,6 +222,10 @@ class LocalObjectStore:
     def url(self, key: str) -> str:
         expires = int(self.clock()) + self.url_expiry_seconds
         return f"{self.base_url}/files/{check_key(key)}?expires={expires}&signature={self._sign(key, expires)}"
+
+    def unsigned_url(self, key: str) -> str:
+        """Names the key as an input (of its tenant) but downloads nothing: for URLs that cannot carry a query."""
+        return f"{self.base_url}/files/{check_key(key)}"
 
     def signature_valid(self, key: str, expires: str, signature: str) -> bool:
         """True for a URL this store (or one sharing its key) signed for `key` that has not expired yet."""

@@ -73,10 +73,16 @@ class S3Settings:
 
 
 class S3ObjectStore:
-    """Objects in one bucket under an optional prefix; the bucket is created when missing."""
+    """Objects in one bucket under an optional prefix; the bucket is created when missing.
 
-    def __init__(self, settings: S3Settings) -> None:
+    `gateway_files_url` (`{public_url}/files`) is where the gateway names keys without a presigned
+    URL (`unsigned_url`: fal's v3 multipart `access_url`, which cannot carry a query); such URLs
+    are recognised as this store's, so they work as inputs, and are re-signed in results.
+    """
+
+    def __init__(self, settings: S3Settings, *, gateway_files_url: str = "") -> None:
         self.settings = settings
+        self.gateway_files_url = gateway_files_url.rstrip("/")
         self.bucket = settings.bucket
         self._prefix = settings.key_prefix.strip("/") + "/" if settings.key_prefix.strip("/") else ""
         self._http = _pool(settings.timeout_seconds)
@@ -140,12 +146,20 @@ class S3ObjectStore:
             )
         )
 
+    def unsigned_url(self, key: str) -> str:
+        """The gateway's name for the key when it has one (see the class), else the object's URL without a signature."""
+        if self.gateway_files_url:
+            return f"{self.gateway_files_url}/{check_key(key)}"
+        return f"{self._url_bases[0]}/{self.object_name(key)}"
+
     def key_for_url(self, url: str) -> str | None:
-        """Recognises both URL forms this store hands out, whatever their signature or expiry."""
+        """Recognises every URL form this store hands out, whatever their signature or expiry."""
         for base in self._url_bases:
             key = key_under(url, f"{base}/{self._prefix}".rstrip("/"))
             if key is not None:
                 return key
+        if self.gateway_files_url:
+            return key_under(url, self.gateway_files_url)
         return None
 
     @cached_property

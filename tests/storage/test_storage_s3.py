@@ -141,3 +141,18 @@ def test_factory_and_settings_validation(s3_endpoint: str, tmp_path: Path) -> No
         _settings(s3_endpoint, presign_expiry_seconds=8 * 24 * 3600)
     with pytest.raises(InvalidKey):
         _settings(s3_endpoint, key_prefix="../up")
+
+
+def test_the_gateway_url_of_a_key_is_recognised_and_re_signed(s3_endpoint: str, tmp_path: Path) -> None:
+    """fal's v3 multipart `access_url` is the gateway's unsigned name of the key: an input, re-signed in results."""
+    store = make_object_store(
+        "s3", local_root=tmp_path, local_base_url="http://gateway.test:8080/", s3=_settings(s3_endpoint)
+    )
+    key = "tenants/abc/uploads/x/in.png"
+    store.put(key, png_bytes(), "image/png")
+    unsigned = store.unsigned_url(key)
+    assert unsigned == f"http://gateway.test:8080/files/{key}"
+    assert store.key_for_url(unsigned) == key
+    assert store.key_for_url(store.url(key)) == key and "X-Amz-Signature" in store.url(key)
+    assert fetch_bytes(unsigned, "input.image_url", FetchPolicy(), store=store) == png_bytes()
+    assert store.key_for_url("http://gateway.test:8080/elsewhere/in.png") is None

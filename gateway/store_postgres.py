@@ -379,7 +379,11 @@ class PostgresStore:
             " WHERE request_id IN (SELECT request_id FROM webhook_deliveries WHERE delivered_at IS NULL"
             f" AND given_up_at IS NULL AND next_attempt_at <= {_NOW}"
             f" AND (claim_expires_at IS NULL OR claim_expires_at < {_NOW})"
-            " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING *",
+            " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+            # Checked again on the row as it is now, should another sender have claimed it meanwhile.
+            " AND delivered_at IS NULL AND given_up_at IS NULL"
+            f" AND (claim_expires_at IS NULL OR claim_expires_at < {_NOW})"
+            " RETURNING *",
             (claim_seconds, limit),
         )
         return [webhook_from_row(row) for row in rows]

@@ -379,7 +379,8 @@ class SqliteStore:
             ).fetchall()
             claimed = [
                 db.execute(
-                    "UPDATE webhook_deliveries SET claim_token = ?, claim_expires_at = ? WHERE request_id = ? RETURNING *",
+                    "UPDATE webhook_deliveries SET claim_token = ?, claim_expires_at = ? WHERE request_id = ?"
+                    " RETURNING *",
                     (uuid.uuid4().hex, now + claim_seconds, row["request_id"]),
                 ).fetchone()
                 for row in rows

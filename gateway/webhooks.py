@@ -75,7 +75,7 @@ def webhook_body(record: RequestRecord, files: ObjectStore) -> bytes:
     try:
         body["payload"] = output_json(with_fresh_urls(record.output, files))
         return json.dumps(body, sort_keys=True).encode()
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - any output that cannot become JSON is fal's payload_error, not a lost delivery
         log.exception("a webhook payload could not be serialised", extra={"request_id": record.id})
         body.update(payload=None, payload_error=PAYLOAD_ERROR)
         return json.dumps(body, sort_keys=True).encode()
@@ -177,7 +177,13 @@ class WebhookSender(Periodic):
         return status, "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"
 
     async def _record(
-        self, delivery: WebhookDelivery, *, status: int | None, error: str, delivered: bool = False, give_up: bool = False
+        self,
+        delivery: WebhookDelivery,
+        *,
+        status: int | None,
+        error: str,
+        delivered: bool = False,
+        give_up: bool = False,
     ) -> None:
         attempts = delivery.attempts + 1
         retry_in = None if delivered or give_up else self._backoff.delay(attempts)

@@ -4,6 +4,7 @@ restart, and keeping the request's output from retention until the body is built
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from gateway.store import RequestRecord, RequestStore, State, WebhookDelivery
@@ -16,7 +17,9 @@ from tests.unit.test_unit_store import claim, get, inp, output
 HOOK = "https://receiver.example/hook?a=1&b=2"
 
 
-async def add(store: RequestStore, *, webhook_url: str = HOOK, tenant: str = "team-a", **kwargs: float) -> RequestRecord:
+async def add(
+    store: RequestStore, *, webhook_url: str = HOOK, tenant: str = "team-a", **kwargs: float
+) -> RequestRecord:
     record, created = await store.add(inp(), seed=7, model_key="key", tenant=tenant, webhook_url=webhook_url, **kwargs)
     assert created
     return record
@@ -192,3 +195,19 @@ async def test_retention_waits_for_the_body_then_takes_the_finished_delivery(sto
     assert await store.expire([record.id]) == [record.id]
     assert await store.webhook(record.id) is None
     assert (await get(store, record.id)).state == State.COMPLETED
+
+
+async def test_gateways_sharing_postgresql_claim_each_delivery_once(postgres_dsn: str) -> None:
+    stores = [await PostgresStore.open(postgres_dsn) for _ in range(3)]
+    try:
+        ended = []
+        for _ in range(30):
+            record = await add(stores[0])
+            assert await stores[0].cancel(record.id)
+            ended.append(record.id)
+        rounds = await asyncio.gather(*(store.claim_webhooks(12, 30) for store in stores for _ in range(2)))
+        claimed = [d.request_id for batch in rounds for d in batch]
+        assert sorted(claimed) == sorted(ended), "every delivery claimed by exactly one of them"
+    finally:
+        for store in stores:
+            await store.close()

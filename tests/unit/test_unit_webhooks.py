@@ -44,7 +44,8 @@ def test_headers_sign_fals_message_and_the_jwks_key_verifies_them_as_the_docs_de
         headers["X-Fal-Webhook-Signature"]
     ), "a new timestamp, a new signature"
     assert key["x"].endswith("=") and len(key["x"]) == 44
-    assert {k: key[k] for k in ("kty", "crv", "alg", "use")} == {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig"}
+    expected = {"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig"}
+    assert {k: key[k] for k in expected} == expected
 
 
 def test_the_embedded_default_makes_a_private_key_once_in_the_data_dir(tmp_path: Path) -> None:
@@ -59,7 +60,9 @@ def test_the_embedded_default_makes_a_private_key_once_in_the_data_dir(tmp_path:
 def test_a_key_file_from_the_operator_is_used_and_must_be_ed25519(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     pem = tmp_path / "signing.pem"
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     signer = WebhookSigner.from_settings(Settings(data_dir=tmp_path / "data", webhook_signing_key_file=str(pem)))
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert base64.urlsafe_b64decode(signer.jwks()["keys"][0]["x"]) == raw
@@ -126,7 +129,13 @@ def test_a_result_is_fals_ok_body_keys_sorted_with_default_separators(files: Loc
 
 @pytest.mark.parametrize(
     ("error_type", "status"),
-    [("INVALID_INPUT", 422), ("ADAPTER_LOAD_FAILED", 422), ("CANCELLED", 499), ("START_TIMEOUT", 504), ("WORKER_FAILED", 500)],
+    [
+        ("INVALID_INPUT", 422),
+        ("ADAPTER_LOAD_FAILED", 422),
+        ("CANCELLED", 499),
+        ("START_TIMEOUT", 504),
+        ("WORKER_FAILED", 500),
+    ],
 )
 def test_a_failure_is_fals_error_body_with_the_result_routes_status(
     files: LocalObjectStore, error_type: str, status: int
@@ -160,3 +169,24 @@ def test_submit_refuses_webhook_urls_that_can_never_be_used() -> None:
         assert violation.field == "webhook_url" and why in violation.description, (url, violation)
     validate_webhook_url("http://127.0.0.1:8080/hook", Settings(fetch_allowed_hosts="127.0.0.1"))
     validate_webhook_url("http://192.168.1.2/hook", Settings(allow_private_networks=True))
+
+
+def test_an_output_that_cannot_become_json_is_delivered_with_fals_payload_error(
+    files: LocalObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.webhooks
+
+    def unserialisable(_: types_pb2.GenerateOutput) -> dict[str, object]:
+        return {"images": [object()]}
+
+    monkeypatch.setattr(gateway.webhooks, "output_json", unserialisable)
+    done = record(raw_output=types_pb2.GenerateOutput(seed=1).SerializeToString())
+    parsed = json.loads(webhook_body(done, files))
+    assert parsed == {
+        "error": None,
+        "gateway_request_id": "req-1",
+        "payload": None,
+        "payload_error": gateway.webhooks.PAYLOAD_ERROR,
+        "request_id": "req-1",
+        "status": "OK",
+    }

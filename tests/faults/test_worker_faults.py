@@ -18,6 +18,7 @@ from loraserve.inputs import to_input
 from loraserve.v1 import generation_pb2 as gen
 from loraserve.v1 import generation_pb2_grpc, types_pb2
 from serving.tiny import TinyModel
+from storage.object_store import output_prefix
 from tests.faults.faultkit import (
     COMPLETED,
     IN_PROGRESS,
@@ -43,7 +44,7 @@ async def assert_completed_with_images(
         result = await client.result(request_id)
         assert len(result.data.images) == 1, request_id
         image = result.data.images[0]
-        assert (settings.files_dir / "outputs" / request_id / image.file_name).stat().st_size == image.file_size
+        assert (settings.files_dir / output_prefix("", request_id) / image.file_name).stat().st_size == image.file_size
 
 
 async def cut_off(client: AsyncClient, request_ids: list[str]) -> set[str]:

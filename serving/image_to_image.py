@@ -100,13 +100,20 @@ def resolve_start_image(
 ) -> None:
     """Fetches the start image (and mask) and sets the request's size to the output's; in place.
 
-    A fetch failure is an InputFetchError naming `input.image_url` / `input.mask_url`; a mask of
-    another size than the image is refused naming `mask_url`.
+    A fetch failure is an InputFetchError naming `input.image_url` / `input.mask_url` (the fetch
+    policy caps bytes and pixels); a side longer than text-to-image allows is refused naming
+    `image_url`, a mask of another size than the image naming `mask_url`.
     """
     start = params.start_image
     if start is None:
         return
     image = fetch_image(start.image_url, "input.image_url", image_policy, store=store)
+    if max(image.size) > schema.MAX_IMAGE_SIDE:
+        raise OptionUnavailableError(
+            "image_url",
+            f"image_url: the image is {image.width}x{image.height}; the output takes its size, and a side may be at "
+            f"most {schema.MAX_IMAGE_SIDE} pixels, as for image_size",
+        )
     mask = fetch_image(start.mask_url, "input.mask_url", image_policy, store=store) if start.mask_url else None
     if mask is not None and mask.size != image.size:
         raise OptionUnavailableError(

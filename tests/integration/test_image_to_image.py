@@ -125,8 +125,8 @@ async def test_full_noise_ignores_the_start_image_but_takes_its_size(
     )
     assert np.array_equal(first, other)
     low = [
-        await generate_pixels(target, stack_settings, body(model, noise_strength=0.3, image_url=data_uri(picture(seed))))
-        for seed in (1, 2)
+        await generate_pixels(target, stack_settings, body(model, noise_strength=0.3, image_url=data_uri(picture(s))))
+        for s in (1, 2)
     ]
     assert np.abs(low[0] - low[1]).mean() > 1.0, "at 0.3 the start image made no difference"
     # The output takes the start image's size, rounded down to a multiple of 8.

@@ -27,12 +27,13 @@ from diffusers import (
 )
 from PIL import Image
 
+from loraserve import schema
 from serving import image_to_image
-from serving.conditioning import Conditioning, ControlNetSpec, ImageEncoderSpec, IPAdapterSpec
+from serving.conditioning import Conditioning, ControlNetSpec, ICLightSpec, ImageEncoderSpec, IPAdapterSpec
 from serving.generation import _prepare
 from serving.pipelines import GenerationParams, LoadedPipeline, OptionUnavailableError, generate_result, load_pipeline
 from serving.request import StartImage
-from serving.tiny import Family, TinyModel, make_tiny_model
+from serving.tiny import Family, TinyModel, make_tiny_embedding, make_tiny_model
 from serving.tiny_adapters import TinyAdapters, make_tiny_adapters
 from storage.fetch import FetchPolicy, InputFetchError
 from tests.integration.test_conditioning import data_uri
@@ -208,8 +209,8 @@ def test_every_option_composes_and_nothing_leaks(
         per_pass = safetensors.torch.load(result.debug_per_pass_latents.data)["latents"]
         # 4 steps at strength 0.6: the last int(4 x 0.6) = 2 of the schedule run.
         assert per_pass.shape[0] == 2
-        tiled = pixels(loaded, start(0.6, inpaint=inpaint), tile_width=32, tile_height=32, tile_stride_width=16,
-                       tile_stride_height=16)
+        tiles = {"tile_width": 32, "tile_height": 32, "tile_stride_width": 16, "tile_stride_height": 16}
+        tiled = pixels(loaded, start(0.6, inpaint=inpaint), **tiles)
         assert np.abs(tiled - bare).mean() > 0.5, "tiling had no effect"
         custom = pixels(loaded, start(0.6, inpaint=inpaint), scheduler="Euler", timesteps=[900, 600, 300, 100])
         bare_euler = pixels(loaded, start(0.6, inpaint=inpaint), scheduler="Euler")
@@ -241,6 +242,10 @@ def test_start_image_sets_the_size_and_the_mask_must_match() -> None:
     assert request.start_image is not None and request.start_image.image is not None
     assert request.start_image.image.size == request.start_image.mask.size == (64, 56)  # type: ignore[union-attr]
     assert image_to_image.output_size(5, 800) == (8, 800)
+    too_long = params(StartImage(image_url=data_uri(Image.new("RGB", (schema.MAX_IMAGE_SIDE + 1, 1)))))
+    with pytest.raises(OptionUnavailableError) as long_side:
+        image_to_image.resolve_start_image(too_long, image_policy=FetchPolicy())
+    assert long_side.value.field_name == "image_url"
 
     mismatched = params(StartImage(image_url=data_uri(picture(1)), mask_url=data_uri(half_mask((32, 32)))))
     with pytest.raises(OptionUnavailableError) as refused:
@@ -248,7 +253,8 @@ def test_start_image_sets_the_size_and_the_mask_must_match() -> None:
     assert refused.value.field_name == "mask_url" and "32x32" in str(refused.value)
 
     with pytest.raises(InputFetchError) as bad:
-        image_to_image.resolve_start_image(params(StartImage(image_url="data:,not-an-image")), image_policy=FetchPolicy())
+        not_an_image = params(StartImage(image_url="data:,not-an-image"))
+        image_to_image.resolve_start_image(not_an_image, image_policy=FetchPolicy())
     assert bad.value.field == "input.image_url"
     with pytest.raises(InputFetchError) as blocked:
         image_to_image.resolve_start_image(
@@ -256,3 +262,27 @@ def test_start_image_sets_the_size_and_the_mask_must_match() -> None:
             image_policy=FetchPolicy(),
         )
     assert blocked.value.field == "input.mask_url"
+
+
+def test_embeddings_and_ic_light_work_with_a_start_image(
+    pipelines: dict[str, LoadedPipeline],
+    adapters: dict[str, TinyAdapters],
+    family: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    loaded = pipelines[family]
+    folder = tmp_path_factory.mktemp("i2i-embedding")
+    embedding = [(str(make_tiny_embedding(folder, "sdxl" if family == "sdxl" else "sd15")), ["<s0>", "<s1>"])]
+    prompt = "a photo of <s0> <s1> cat"
+    for inpaint in (False, True):
+        without = pixels(loaded, start(0.7, inpaint=inpaint), prompt=prompt)
+        with_embedding = pixels(loaded, start(0.7, inpaint=inpaint), prompt=prompt, embeddings=embedding)
+        assert np.abs(with_embedding - without).mean() > 1.0, "the embedding had no effect"
+    if family != "sd15":
+        return
+    kit = adapters[family]
+    assert kit.ic_light is not None
+    relit = Conditioning(ic_light=ICLightSpec(model_url="ic", image_url="fg", weights=kit.ic_light, image=picture(4)))
+    for inpaint in (False, True):
+        bare = pixels(loaded, start(0.7, inpaint=inpaint))
+        assert np.abs(pixels(loaded, start(0.7, inpaint=inpaint), conditioning=relit) - bare).mean() > 1.0

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -255,6 +256,11 @@ def arguments(model: TinyModel, **overrides: Any) -> dict[str, Any]:
     return request(model, **overrides)
 
 
+def blocker_arguments(model: TinyModel) -> dict[str, Any]:
+    """A request that keeps the one worker busy while the client polls the next one, seen waiting first."""
+    return arguments(model, num_inference_steps=30, seed=3)
+
+
 def long_arguments(model: TinyModel) -> dict[str, Any]:
     """A request that is still waiting or running when the client cancels it right after submitting."""
     return arguments(model, num_inference_steps=150, image_size={"width": 128, "height": 128})
@@ -276,6 +282,18 @@ def check_output(service: FalService, output: dict[str, Any], image: dict[str, A
     assert image["bytes"] == described["file_size"]
 
 
+def check_same_output(service: FalService, delivered: dict[str, Any], result: dict[str, Any]) -> None:
+    """A webhook's payload is the result; its file URLs are signed afresh, so they name the same files."""
+
+    def without_urls(output: dict[str, Any]) -> dict[str, Any]:
+        return {**output, "images": [{k: v for k, v in image.items() if k != "url"} for image in output["images"]]}
+
+    assert without_urls(delivered) == without_urls(result)
+    delivered_paths = [urlsplit(image["url"]).path for image in delivered["images"]]
+    assert delivered_paths == [urlsplit(image["url"]).path for image in result["images"]]
+    assert all(image["url"].startswith(f"{service.base_url}/") for image in delivered["images"])
+
+
 def check_refused_field(detail: Any, field_path: list[Any]) -> None:
     """fal's 422 body: a `detail` list whose entries name the field the way fal does (loc under "body")."""
     assert isinstance(detail, list) and detail, detail
@@ -287,12 +305,18 @@ def check_refused_field(detail: Any, field_path: list[Any]) -> None:
 
 
 async def test_python_subscribe_with_logs_and_queue_updates(fal_service: FalService, tiny_sdxl: TinyModel) -> None:
-    out = await python_client(fal_service, "subscribe", {"arguments": arguments(tiny_sdxl, num_inference_steps=4)})
+    out = await python_client(
+        fal_service,
+        "subscribe",
+        {"arguments": arguments(tiny_sdxl, num_inference_steps=4), "blocker_arguments": blocker_arguments(tiny_sdxl)},
+    )
     updates = out["updates"]
     kinds = [u["kind"] for u in updates]
-    assert kinds[-1] == "Completed" and "Completed" not in kinds[:-1]
-    assert set(kinds) <= {"Queued", "InProgress", "Completed"}
-    assert all(u["position"] >= 0 for u in updates if u["kind"] == "Queued")
+    assert kinds == sorted(kinds, key=["Queued", "InProgress", "Completed"].index), kinds
+    assert kinds[0] == "Queued" and "InProgress" in kinds and kinds[-1] == "Completed" and kinds.count("Completed") == 1
+    positions = [u["position"] for u in updates if u["kind"] == "Queued"]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions, reverse=True), positions
+    assert out["blocker"]["kind"] == "Completed", "the request that waited finished before the one ahead of it"
     logs = [m for u in updates if u["kind"] == "InProgress" for m in u["logs"]] + updates[-1]["logs"]
     assert any("generating 1 image(s) 64x64" in m for m in logs), logs
     assert updates[-1]["error"] is None
@@ -330,10 +354,12 @@ async def test_python_submit_with_webhook_then_status_result_cancel(
     delivery = await asyncio.to_thread(webhook_receiver.wait_for, out["request_id"])
     body = json.loads(delivery.body)
     assert delivery.verified, delivery.headers
-    assert not webhook_receiver.verify_delivery(delivery, delivery.body + b" "), "a changed body still verified"
+    # The check fetches the JWKS from the gateway: off the event loop it serves from.
+    changed = await asyncio.to_thread(webhook_receiver.verify_delivery, delivery, delivery.body + b" ")
+    assert not changed, "a changed body still verified"
     assert delivery.headers["x-fal-webhook-user-id"] == TENANT
     assert body["status"] == "OK" and body["request_id"] == out["request_id"]
-    assert body["payload"] == out["result"]
+    check_same_output(fal_service, body["payload"], out["result"])
     cancelled = await asyncio.to_thread(webhook_receiver.wait_for, out["long_request_id"])
     assert cancelled.verified and json.loads(cancelled.body)["status"] == "ERROR"
 
@@ -389,12 +415,21 @@ async def test_js_subscribe_with_logs_and_queue_updates(
     fal_service: FalService, tiny_sdxl: TinyModel, mode: str
 ) -> None:
     out = await js_client(
-        fal_service, "subscribe", {"arguments": arguments(tiny_sdxl, num_inference_steps=4), "mode": mode}
+        fal_service,
+        "subscribe",
+        {
+            "arguments": arguments(tiny_sdxl, num_inference_steps=4),
+            "blocker_arguments": blocker_arguments(tiny_sdxl),
+            "mode": mode,
+        },
     )
     updates = out["updates"]
     statuses = [u["status"] for u in updates]
-    assert statuses and set(statuses) <= {"IN_QUEUE", "IN_PROGRESS", "COMPLETED"}
     assert statuses == sorted(statuses, key=["IN_QUEUE", "IN_PROGRESS", "COMPLETED"].index), statuses
+    assert statuses[0] == "IN_QUEUE" and "IN_PROGRESS" in statuses
+    positions = [u["position"] for u in updates if u["status"] == "IN_QUEUE"]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions, reverse=True), positions
+    assert out["blocker"]["status"] == "COMPLETED", "the request that waited finished before the one ahead of it"
     logs = [m for u in updates for m in (u["logs"] or [])]
     assert any("generating 1 image(s) 64x64" in m for m in logs), logs
     if mode == "streaming":
@@ -434,7 +469,7 @@ async def test_js_queue_submit_with_webhook_then_status_stream_result_cancel(
 
     delivery = await asyncio.to_thread(webhook_receiver.wait_for, request_id)
     assert delivery.verified
-    assert json.loads(delivery.body)["payload"] == out["result"]["data"]
+    check_same_output(fal_service, json.loads(delivery.body)["payload"], out["result"]["data"])
 
 
 async def test_js_failing_requests_are_validation_errors_naming_what_failed(

@@ -1,6 +1,8 @@
 // fal.subscribe with logs and onQueueUpdate, polling or over the SSE status stream (args.mode).
 import { APP, args, emit, fal, opened, update } from "./common.mjs";
 
+// A request ahead of ours keeps the one worker busy, so ours is seen waiting first.
+const blocker = await fal.queue.submit(APP, { input: args.blocker_arguments });
 const updates = [];
 let enqueued = null;
 const result = await fal.subscribe(APP, {
@@ -14,6 +16,7 @@ const result = await fal.subscribe(APP, {
   onQueueUpdate: (status) => updates.push(update(status)),
 });
 emit({
+  blocker: update(await fal.queue.status(APP, { requestId: blocker.request_id })),
   enqueued,
   request_id: result.requestId,
   data: result.data,

@@ -63,6 +63,8 @@ def opened(url: str) -> dict[str, Any]:
 
 
 def subscribe(args: dict[str, Any]) -> dict[str, Any]:
+    # A request ahead of ours keeps the one worker busy, so ours is seen waiting first.
+    blocker = fal_client.submit(APP, arguments=args["blocker_arguments"])
     updates: list[fal_client.Status] = []
     enqueued: list[str] = []
     result = fal_client.subscribe(
@@ -73,6 +75,7 @@ def subscribe(args: dict[str, Any]) -> dict[str, Any]:
         on_queue_update=updates.append,
     )
     return {
+        "blocker": update(blocker.status()),
         "enqueued": enqueued,
         "updates": [update(u) for u in updates],
         "result": result,

@@ -27,6 +27,7 @@ from safetensors.numpy import load
 from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
 from serving.tiny import TinyModel
+from serving.tiny_adapters import make_tiny_adapters
 from tests.conftest import read_image_bytes
 from tests.integration.test_conditioning import data_uri, failure, picture, png
 from tests.integration.test_generation_api import generate_pixels, pixels, request
@@ -220,3 +221,35 @@ async def test_an_uploaded_start_image_works_like_a_data_uri(
         result = await client.subscribe(body(model, image_url=uploaded.url))
     via_upload = pixels(stack_settings, result.data.images[0].url)
     assert np.array_equal(via_upload, await generate_pixels(target, stack_settings, body(model)))
+
+
+async def test_controlnet_and_ip_adapter_with_inpaint_and_image_to_image(
+    target: str, stack_settings: Settings, crisp: dict[str, Path], tiny_sdxl: TinyModel, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """ControlNets run through diffusers' ControlNet inpaint / image-to-image pipelines, IP-Adapters beside them."""
+    kit = make_tiny_adapters(tmp_path_factory.mktemp("i2i-adapters"), tiny_sdxl.pipeline_dir, "sdxl")
+    model = crisp["sdxl"]
+    ipa = kit.ip_adapter
+    conditioning: dict[str, Any] = {
+        "controlnets": [{"path": str(kit.controlnet.folder), "image_url": data_uri(picture(5)), "end_percentage": 0.8}],
+        "ip_adapter": [
+            {
+                "path": str(ipa.repo),
+                "model_subfolder": ipa.model_subfolder,
+                "weight_name": ipa.weight_name,
+                "ip_adapter_image_url": [data_uri(picture(6))],
+            }
+        ],
+        "image_encoder_path": str(ipa.repo),
+        "image_encoder_subfolder": ipa.image_encoder_subfolder,
+    }
+    inpaint = body(model, endpoint=INPAINT, mask_url=data_uri(half_mask()), noise_strength=0.8)
+    start = start_latents(model, picture(1))
+    bare = await final_latents(target, stack_settings, inpaint)
+    conditioned = await final_latents(target, stack_settings, {**inpaint, **conditioning})
+    assert np.abs(conditioned[..., :16] - bare[..., :16]).mean() > 0.01, "the conditioning had no effect"
+    assert np.abs(conditioned[..., 16:] - start[..., 16:]).max() < 1e-4, "the unmasked region was not kept"
+    image_to_image = body(model, noise_strength=0.8)
+    plain = await generate_pixels(target, stack_settings, image_to_image)
+    controlled = await generate_pixels(target, stack_settings, {**image_to_image, **conditioning})
+    assert np.abs(controlled - plain).mean() > 1.0

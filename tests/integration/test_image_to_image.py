@@ -224,7 +224,11 @@ async def test_an_uploaded_start_image_works_like_a_data_uri(
 
 
 async def test_controlnet_and_ip_adapter_with_inpaint_and_image_to_image(
-    target: str, stack_settings: Settings, crisp: dict[str, Path], tiny_sdxl: TinyModel, tmp_path_factory: pytest.TempPathFactory
+    target: str,
+    stack_settings: Settings,
+    crisp: dict[str, Path],
+    tiny_sdxl: TinyModel,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """ControlNets run through diffusers' ControlNet inpaint / image-to-image pipelines, IP-Adapters beside them."""
     kit = make_tiny_adapters(tmp_path_factory.mktemp("i2i-adapters"), tiny_sdxl.pipeline_dir, "sdxl")

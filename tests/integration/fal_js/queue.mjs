@@ -1,7 +1,15 @@
 // fal.queue: submit with a webhook, status, streamStatus, result, cancel (late, then in time).
 import { APP, args, emit, fal, thrown, update } from "./common.mjs";
 
-const submitted = await fal.queue.submit(APP, { input: args.arguments, webhookUrl: args.webhook_url });
+// fal's own headers as this client writes them: x-fal-runner-hint, x-fal-queue-priority and
+// x-fal-request-timeout as an integer ("600").
+const submitted = await fal.queue.submit(APP, {
+  input: args.arguments,
+  webhookUrl: args.webhook_url,
+  hint: "lora:style",
+  priority: "normal",
+  startTimeout: 600,
+});
 const requestId = submitted.request_id;
 const first = await fal.queue.status(APP, { requestId, logs: true });
 const stream = await fal.queue.streamStatus(APP, { requestId, logs: true });

@@ -84,7 +84,16 @@ def subscribe(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def queue(args: dict[str, Any]) -> dict[str, Any]:
-    handle = fal_client.submit(APP, arguments=args["arguments"], webhook_url=args["webhook_url"])
+    # fal's own headers as this client writes them: X-Fal-Runner-Hint, X-Fal-Queue-Priority and
+    # X-Fal-Request-Timeout as a float ("600.0").
+    handle = fal_client.submit(
+        APP,
+        arguments=args["arguments"],
+        webhook_url=args["webhook_url"],
+        hint="lora:style",
+        priority="normal",
+        start_timeout=600,
+    )
     first = handle.status(with_logs=True)
     result = handle.get()
     final = handle.status(with_logs=True)

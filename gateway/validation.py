@@ -17,7 +17,7 @@ from loraserve import schema
 from loraserve.config import Settings
 from loraserve.v1 import types_pb2
 from serving.inline_results import sync_mode_violations
-from serving.schedulers import SCHEDULER_SPECS, names_accepting
+from serving.schedulers import SCHEDULER_SPECS, SPACING_IGNORED_BY, names_accepting
 from storage.fetch import InputFetchError, check_url
 from storage.from_settings import image_fetch_policy
 
@@ -30,6 +30,12 @@ MAX_EMBEDDINGS = 8
 MAX_TOKEN_CHARS = 64
 # A variant becomes part of weight file names (`model.fp16.safetensors`), so no paths or dots.
 VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+# Schedulers whose trailing spacing is passed as custom timesteps (schedulers.trailing_timesteps_if_ignored).
+TRAILING_AS_CUSTOM_TIMESTEPS = tuple(
+    name
+    for name, spec in SCHEDULER_SPECS.items()
+    if spec.class_name in SPACING_IGNORED_BY and spec.config.get("timestep_spacing") == "trailing"
+)
 
 def validate_input(inp: types_pb2.GenerateInput, settings: Settings, prefix: str = "input") -> None:
     """Raises InvalidArgument listing every violation; field paths start at `prefix`."""
@@ -131,6 +137,18 @@ def _endpoint(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
         yield "image_size", (
             f"is not used by {name}: the output takes the size of image_url (rounded down to a multiple of 8)"
         )
+    if inp.controlnets:
+        # diffusers' ControlNet image-to-image and inpaint pipelines take no custom schedule.
+        for field in ("timesteps", "sigmas"):
+            if getattr(inp, field).method == "array":
+                yield field, (
+                    f"cannot be combined with controlnets on {name}: its ControlNet pipeline takes no custom schedule"
+                )
+        if inp.scheduler in TRAILING_AS_CUSTOM_TIMESTEPS:
+            yield "scheduler", (
+                f"{inp.scheduler!r} runs as a custom timestep schedule, which the ControlNet pipeline of {name} cannot "
+                "take; use another scheduler or no controlnets"
+            )
     strength = schema.noise_strength(inp)
     if not (math.isfinite(strength) and 0 <= strength <= 1):
         yield "noise_strength", f"must be a number between 0 and 1, got {strength}"

@@ -22,6 +22,8 @@ I2I = "ENDPOINT_IMAGE_TO_IMAGE"
 INPAINT = "ENDPOINT_INPAINT"
 SCHEDULE3 = {"method": "array", "array": [999, 500, 1]}
 SIGMAS2 = {"method": "array", "array": [14.6, 1.0, 0.0]}
+CONTROLNET = {"path": "cn", "image_url": IMAGE}
+CONTROLLED_I2I = {"endpoint": I2I, "image_url": IMAGE, "controlnets": [CONTROLNET]}
 
 
 @pytest.mark.parametrize(
@@ -33,6 +35,8 @@ SIGMAS2 = {"method": "array", "array": [14.6, 1.0, 0.0]}
         {"endpoint": I2I, "image_url": IMAGE, "noise_strength": 0.5, "num_inference_steps": 2},
         {"endpoint": I2I, "image_url": IMAGE, "noise_strength": 0.34, "timesteps": SCHEDULE3},
         {"endpoint": INPAINT, "image_url": IMAGE, "mask_url": MASK},
+        {**CONTROLLED_I2I, "scheduler": "LCM"},
+        {"timesteps": SCHEDULE3, "scheduler": "Euler", "controlnets": [CONTROLNET]},
         {"endpoint": INPAINT, "image_url": IMAGE, "mask_url": MASK, "noise_strength": 1.0, "loras": [{"path": "x"}]},
         {},
     ],
@@ -69,6 +73,13 @@ def test_accepted(overrides: dict[str, Any]) -> None:
             {"endpoint": INPAINT, "image_url": IMAGE, "mask_url": MASK, "image_size": {"width": 64, "height": 64}},
             "image_size",
             "not used by inpaint",
+        ),
+        ({**CONTROLLED_I2I, "scheduler": "Euler", "timesteps": SCHEDULE3}, "timesteps", "no custom"),
+        ({**CONTROLLED_I2I, "endpoint": INPAINT, "mask_url": MASK, "sigmas": SIGMAS2}, "sigmas", "no custom"),
+        (
+            {**CONTROLLED_I2I, "scheduler": "LCM (trailing timesteps)"},
+            "scheduler",
+            "custom timestep schedule",
         ),
         ({"image_url": IMAGE}, "image_url", "not to text-to-image"),
         ({"mask_url": MASK}, "mask_url", "not to text-to-image"),

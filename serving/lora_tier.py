@@ -7,6 +7,11 @@ and one transfer per shape group, and the device holds exactly the LoRA's tensor
 set is merged into copies of the weights it touches (serving/lora_merge.py) and swapped in; the
 copies of the last set stay (not installed) so that a request repeating it merges nothing.
 
+One byte budget covers both: the adapters and the merged copies kept for a repeat (on SDXL fp16
+1.9 GB per set, as much as twenty rank-32 LoRAs). Over it, the least recently used adapters not
+in use go first; merged copies that still do not fit are dropped when their request ends, and a
+repeat then merges again.
+
 On a GPU the U-Net's share of the merge runs on a side stream while the prompt is encoded (the
 text encoders' share runs first, on the main stream, as they need it); a pre-forward hook makes
 the U-Net's first call wait for it. A waiting request's LoRAs are made resident by `prefetch`
@@ -33,16 +38,16 @@ from serving.metrics import WorkerMetrics
 
 # The adapter-cache tier of LoRAs resident in a pipeline (on its device), as metrics name it.
 GPU_TIER = "gpu"
-# The default byte budget: this share of the device memory free once the pipeline is loaded,
-# split among the pipelines a replica may hold (the rest is for their weights, activations and
-# merged copies), or a fixed amount on a CPU.
+# The default byte budget of adapters and kept merged copies: this share of the device memory free
+# once the pipeline is loaded, split among the pipelines a replica may hold (the rest is for their
+# weights and activations), or a fixed amount on a CPU.
 DEVICE_BUDGET_FRACTION = 0.25
 CPU_BUDGET_BYTES = 2 * 1024**3
 MAX_REASON_CHARS = 400
 
 
 def default_budget(device: torch.device, pipelines: int = 1) -> int:
-    """On an 80 GB GPU with SDXL loaded and 2 pipelines per replica: ~9 GB, a hundred rank-32 LoRAs."""
+    """On an 80 GB GPU with SDXL loaded and 2 pipelines per replica: ~9 GB, one merged set and ~80 rank-32 LoRAs."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * DEVICE_BUDGET_FRACTION / max(1, pipelines))
@@ -54,7 +59,10 @@ def _is_unet(group: ShapeGroup) -> bool:
 
 
 class DeviceLoraTier:
-    """LoRAs resident on one pipeline (least recently used out first) and the merged weights of the last set."""
+    """LoRAs resident on one pipeline (least recently used out first) and the merged weights of the last set.
+
+    `max_bytes` bounds both together (0: unbounded).
+    """
 
     def __init__(
         self,
@@ -78,6 +86,8 @@ class DeviceLoraTier:
         self._parse = parse
         self._resident: OrderedDict[str, tuple[Path, LoraTensors]] = OrderedDict()
         self._merged: lora_merge.MergedWeights | None = None
+        # What `_merged` holds, counted in the budget (its storages, read once).
+        self._merged_bytes = 0
         self._originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
         self._wait_hook: torch.utils.hooks.RemovableHandle | None = None
         self._stream: torch.cuda.Stream | None = None
@@ -99,11 +109,15 @@ class DeviceLoraTier:
 
     @property
     def nbytes(self) -> int:
+        """The resident adapters' tensors (the merged copies are `merged_bytes`)."""
         with self._lock:
             return self._nbytes()
 
     def _nbytes(self) -> int:
         return sum(tensors.nbytes for _, tensors in self._resident.values())
+
+    def _over_budget(self) -> bool:
+        return bool(self.max_bytes) and self._nbytes() + self._merged_bytes > self.max_bytes
 
     @property
     def dtypes(self) -> set[torch.dtype]:
@@ -112,33 +126,44 @@ class DeviceLoraTier:
 
     @property
     def merged_bytes(self) -> int:
-        """The merged copies kept for the last set (not part of the budget: at most one set per pipeline)."""
-        return self._merged.nbytes if self._merged is not None else 0
+        """The merged copies of the last set, kept for a repeat (part of the budget)."""
+        return self._merged_bytes
 
     def activate(self, loras: Sequence[tuple[Path, float]]) -> None:
         """Exactly these LoRAs at these scales until `deactivate`; an empty list leaves the plain weights."""
         self.deactivate()
         names = [adapter_name(path) for path, _ in loras]
         self._active = set(names)
-        resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
         scales: dict[str, float] = {}
         for name, (_, scale) in zip(names, loras):
             # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
             scales[name] = scales.get(name, 0.0) + scale
         key: lora_merge.MergeKey = tuple((name, scale) for name, scale in scales.items() if scale != 0.0)
+        if key and self._merged is not None and self._merged.key != key:
+            # Its memory goes before the next set's is taken, and before it could crowd out an adapter.
+            self._drop_merged()
+        resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
         if not key:
             return
-        if self._merged is not None and self._merged.key == key:
+        if self._merged is not None:
             self._originals = lora_merge.install(self._merged.parameters)
             return
-        self._merged = None  # its memory goes before the next set's is taken
         active = [(resident[name], scale) for name, scale in key]
         self.merges += 1
         first = lora_merge.merge(active, which=lambda group: not _is_unet(group))
         self._originals = lora_merge.install(first)
         rest = self._merge_unet(active)
         self._originals += lora_merge.install(rest)
-        self._merged = lora_merge.MergedWeights(key, first + rest)
+        merged = lora_merge.MergedWeights(key, first + rest)
+        with self._lock:
+            self._merged, self._merged_bytes = merged, merged.nbytes
+            self._track_bytes(self._merged_bytes)
+            self._evict_over_budget()
+
+    def _drop_merged(self) -> None:
+        with self._lock:
+            self._track_bytes(-self._merged_bytes)
+            self._merged, self._merged_bytes = None, 0
 
     def _unet_device(self) -> tuple[torch.nn.Module | None, torch.device]:
         """From a parameter: diffusers' `ModelMixin.device` walks every module (8 ms per call on a tiny SDXL)."""
@@ -172,7 +197,7 @@ class DeviceLoraTier:
         return merged
 
     def deactivate(self) -> None:
-        """The resident weights back in every module; the last set's merged copies are kept for a repeat."""
+        """The resident weights back in every module; the last set's merged copies are kept for a repeat if they fit."""
         if self._wait_hook is not None:
             self._wait_hook.remove()
             self._wait_hook = None
@@ -180,6 +205,12 @@ class DeviceLoraTier:
         self._originals = []
         self._active = set()
         self._merging = []
+        with self._lock:
+            # Adapters not in use went first (`_evict_over_budget`); what is still over is the copies.
+            if self._merged is not None and self._over_budget():
+                self._count("cache_evictions")
+                self._track_bytes(-self._merged_bytes)
+                self._merged, self._merged_bytes = None, 0
 
     def clear(self) -> None:
         """Drops every adapter and merged copy (the pipeline is being freed)."""
@@ -187,7 +218,7 @@ class DeviceLoraTier:
         with self._lock:
             self._track_bytes(-self._nbytes())
             self._resident.clear()
-        self._merged = None
+        self._drop_merged()
 
     def ensure_resident(self, path: Path, name: str) -> LoraTensors:
         """The LoRA's tensors, made resident on a miss; the running request's LoRAs are never evicted for it."""
@@ -253,11 +284,13 @@ class DeviceLoraTier:
         )
 
     def _evict_over_budget(self) -> None:
-        """Bytes (and a count, if set) bound the tier; the running request's LoRAs are never evicted."""
+        """Bytes (adapters and kept merged copies; and a count, if set) bound the tier.
+
+        The running request's LoRAs are never evicted; the merged copies are left to `deactivate`.
+        """
         for victim in [name for name in self._resident if name not in self._active]:
-            over_bytes = self.max_bytes and self._nbytes() > self.max_bytes
             over_count = self.max_count and len(self._resident) > self.max_count
-            if not (over_bytes or over_count):
+            if not (self._over_budget() or over_count):
                 return
             _, tensors = self._resident.pop(victim)
             self._track_bytes(-tensors.nbytes)

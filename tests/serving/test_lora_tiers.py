@@ -139,6 +139,36 @@ def test_adapter_evicted_from_the_pipeline_comes_back_from_host_ram_with_the_sam
     }
 
 
+def test_the_device_budget_counts_the_merged_copies_kept_for_a_repeat(tiny_models: dict[str, TinyModel]) -> None:
+    model = tiny_models["sd15"]
+    lora_0, lora_1, lora_2 = (str(path) for path in model.lora_paths[:3])
+    probe = load_pipeline(str(model.pipeline_dir))
+    probe.activate_loras([(lora_0, 1.0)])
+    probe.deactivate_loras()
+    adapter, merged = probe.resident_lora_bytes, probe.lora_tier.merged_bytes
+    # Copies bigger than an adapter: three adapters fit the budget below only if the copies are left out.
+    assert merged > adapter > 0
+    budget = merged + 2 * adapter
+    metrics = WorkerMetrics()
+    loaded = load_pipeline(str(model.pipeline_dir), max_lora_bytes=budget, metrics=metrics)
+    for lora in (lora_0, lora_1, lora_2):
+        pixels(loaded, loras=[(lora, 1.0)])
+        assert loaded.resident_lora_bytes + loaded.lora_tier.merged_bytes <= budget
+    assert loaded.resident_loras == [Path(lora_1).resolve(), Path(lora_2).resolve()]
+    assert loaded.lora_tier.merged_bytes == merged
+    assert samples(metrics, "gpu")["bytes"] == 2 * adapter + merged
+    assert samples(metrics, "gpu")["evictions_total"] == 1
+
+    # Copies that do not fit beside the request's own adapters are not kept: a repeat merges again.
+    tight = load_pipeline(str(model.pipeline_dir), max_lora_bytes=adapter + merged - 1, metrics=WorkerMetrics())
+    first = pixels(tight, loras=[(lora_0, 1.0)])
+    assert tight.lora_tier.merged_bytes == 0 and tight.resident_loras == [Path(lora_0).resolve()]
+    merges = tight.lora_merges
+    assert np.array_equal(pixels(tight, loras=[(lora_0, 1.0)]), first)
+    assert tight.lora_merges == merges + 1
+    assert np.array_equal(first, pixels(probe, loras=[(lora_0, 1.0)]))
+
+
 def test_pipelines_of_one_replica_share_the_host_tier(tiny_models: dict[str, TinyModel]) -> None:
     metrics = WorkerMetrics()
     host = HostLoraCache(0, observer=metrics.tier_observer("host"))

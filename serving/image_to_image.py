@@ -78,6 +78,8 @@ _CLASSES: tuple[tuple[type[DiffusionPipeline], type[DiffusionPipeline], type[Dif
     (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline),
 )
 
+_ONE_START_IMAGE_PER_OUTPUT = (StableDiffusionImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline)
+
 
 def start_image_from_input(inp: types_pb2.GenerateInput) -> StartImage | None:
     """The request's start image and mask as URLs; None for text-to-image."""
@@ -163,7 +165,10 @@ def adapt(
         if value is not None and value is not pipe.__dict__.get(name):
             composed.__dict__[name] = value
     composed.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {"disable": True}))
-    kwargs["image"] = start.image
+    # diffusers' SD 1.5 image-to-image pipelines copy one start image per output only under a
+    # deprecation (to be removed in diffusers 1.0); one start image per output is what they expect.
+    repeat = target in _ONE_START_IMAGE_PER_OUTPUT and params.num_images > 1
+    kwargs["image"] = [start.image] * params.num_images if repeat else start.image
     kwargs["strength"] = float(start.strength)
     if inpaint:
         kwargs["mask_image"] = start.mask

@@ -201,6 +201,7 @@ def test_every_option_composes_and_nothing_leaks(
     }
     for inpaint in (False, True):
         bare = pixels(loaded, start(0.6, inpaint=inpaint))
+        assert pixels(loaded, start(0.6, inpaint=inpaint), num_images=2).shape == (2, SIZE, SIZE, 3)
         result = generate_result(loaded, params(start(0.6, inpaint=inpaint), conditioning=conditioning, **common))
         assert [image.size for image in result.images] == [(SIZE, SIZE)] * 2
         everything = np.stack([np.asarray(image) for image in result.images]).astype(np.int16)

@@ -109,7 +109,7 @@ class Dispatcher:
 
     @property
     def previews(self) -> LatestPreviews:
-        """The latest live preview of each request running here, for the status streams that ask (gateway/previews.py)."""
+        """The latest live preview of each request running here, for streams that ask (gateway/previews.py)."""
         return self._previews
 
     @property

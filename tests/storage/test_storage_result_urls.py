@@ -7,6 +7,7 @@ the store made it at generation time, by signing with a request date two hours b
 
 from __future__ import annotations
 
+import base64
 import secrets
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -115,4 +116,16 @@ def test_public_and_local_urls_stay_as_they_are(s3_endpoint: str, tmp_path: Path
         output = types_pb2.GenerateOutput()
         output.images.add(url=stored.url)
         output.debug_per_pass_latents.CopyFrom(types_pb2.File(url=stored.url))
+        assert with_fresh_urls(output, store) == output
+
+
+def test_inline_results_are_left_as_they_are(s3_endpoint: str, tmp_path: Path) -> None:
+    """sync_mode: data URIs name no object and are returned as stored, bytes and all."""
+    data = png_bytes()
+    inline = "data:image/png;base64," + base64.b64encode(data).decode()
+    for store in (_store(s3_endpoint), LocalObjectStore(tmp_path, "http://127.0.0.1:8080")):
+        output = types_pb2.GenerateOutput()
+        output.images.add(url=inline, file_data=data)
+        latents = types_pb2.File(url="data:application/octet-stream;base64,AAAA", file_data=b"\0\0\0")
+        output.debug_latents.CopyFrom(latents)
         assert with_fresh_urls(output, store) == output

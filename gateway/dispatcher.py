@@ -88,6 +88,9 @@ class Dispatcher:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
+        # Running requests whose result (or final failure) is stored: their call is only closing, so
+        # a request submitted now (their caller's next, typically) will not wait for them.
+        self._settled: set[str] = set()
         # The lease token of each running request: renewed while its call runs, named by every write.
         self._leases: dict[str, str] = {}
         self._calls: dict[str, GenerateCall] = {}
@@ -203,14 +206,22 @@ class Dispatcher:
         self._lines.forget(request_id)
         self._previews.ended(request_id)
         self._running.pop(request_id, None)
+        self._settled.discard(request_id)
         self._leases.pop(request_id, None)
         self._calls.pop(request_id, None)
         self._cancelled.discard(request_id)
         self.wake()
 
     def prefetch(self, record: RequestRecord) -> None:
-        """A request that will wait: have a replica read its adapters into host RAM meanwhile."""
-        if not (record.input.loras or record.input.embeddings) or len(self._running) < self._capacity:
+        """A request that will wait: have a replica read its adapters into host RAM meanwhile.
+
+        Not for a request that will not wait: the Prefetch call would only compete with the request's
+        own run for the replica's CPU (a third of a sequential caller's LoRA requests made one while
+        the previous request's call was closing, issue 15).
+        """
+        if not (record.input.loras or record.input.embeddings):
+            return
+        if len(self._running) - len(self._settled) < self._capacity:
             return
         task = asyncio.get_running_loop().create_task(self._prefetch(record), name=f"prefetch-{record.id}")
         self._prefetches.add(task)
@@ -345,6 +356,7 @@ class Dispatcher:
             if await self._store.complete(
                 record.id, record.lease_token, event.result.output, event.result.inference_seconds
             ):
+                self._settled.add(record.id)
                 self._metrics.inference.observe(event.result.inference_seconds)
                 self._metrics.outcome("completed")
                 self._lines.completed(record.id, event.result.inference_seconds)
@@ -352,6 +364,7 @@ class Dispatcher:
             if event.failure.type in RETRIED_FAILURES:
                 return event.failure
             if await self._store.fail(record.id, event.failure, record.lease_token):
+                self._settled.add(record.id)
                 self._metrics.outcome("failed", event.failure.type)
                 self._lines.failed(record.id, f"{event.failure.type}: {event.failure.message}")
         self._feed.changed(record.id)

@@ -405,3 +405,35 @@ async def test_a_silent_network_path_is_noticed_by_keepalive(
         await relay.close()
     assert record.error is None and record.output is not None and record.attempts == 2
     assert "attempt 1 of 3 failed (UNAVAILABLE" in await h.log_text(request_id)
+
+
+async def test_prefetch_only_for_a_request_that_will_wait(make: Make, server: WorkerServer, fake: FakeWorker) -> None:
+    """Not once the running request's result is stored and only its call is closing (issue 15)."""
+    await server.start()
+    h = await make(capacity=1)
+
+    async def with_lora(prompt: str) -> RequestRecord:
+        lora = types_pb2.LoraWeight(path="a.safetensors")
+        record, _ = await h.store.add(
+            types_pb2.GenerateInput(model_name="org/model", prompt=prompt, loras=[lora]), seed=0, model_key="key"
+        )
+        return record
+
+    fake.default = "hold"
+    (running,) = await h.submit(prompt="running")
+    await wait_until(lambda: running in fake.holding, "the call is running")
+    waiting = await with_lora("waits behind it")
+    h.dispatcher.prefetch(waiting)
+    await wait_until(lambda: fake.prefetched == [waiting.id], "the waiting request was prefetched")
+    assert await h.store.cancel(waiting.id) and await h.store.cancel(running)
+    h.dispatcher.cancel_running(running)
+    await wait_until(lambda: h.dispatcher.in_flight == 0, "the slot is free")
+
+    fake.default = "complete_then_hold"
+    (closing,) = await h.submit(prompt="closing")
+    await wait_until(lambda: closing in fake.holding, "the result is out and the call still open")
+    await h.wait_finished(closing)
+    following = await with_lora("the caller's next request")
+    h.dispatcher.prefetch(following)
+    assert not [task for task in asyncio.all_tasks() if task.get_name() == f"prefetch-{following.id}"]
+    assert fake.prefetched == [waiting.id]

@@ -44,6 +44,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.plans: dict[str, list[str]] = {}
         self.default = "complete"
         self.holding: set[str] = set()
+        self.prefetched: list[str] = []
 
     async def Generate(  # noqa: N802 - the gRPC method's name
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -63,6 +64,12 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
             elif step == "hang":
                 self.holding.add(request.request_id)
                 await asyncio.Event().wait()
+            elif step == "complete_then_hold":
+                # The result is out, the call not yet closed (what the dispatcher sees for a moment).
+                output = types_pb2.GenerateOutput(seed=request.seed + 1000)
+                yield worker_pb2.GenerateResponse(result=worker_pb2.WorkerResult(output=output, inference_seconds=0.5))
+                self.holding.add(request.request_id)
+                await asyncio.Event().wait()
             elif step == "hold":
                 yield worker_pb2.GenerateResponse(progress=types_pb2.StepProgress(step=1, total=4))
                 self.holding.add(request.request_id)
@@ -78,6 +85,12 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         except asyncio.CancelledError:
             self.cancelled.append(request.request_id)
             raise
+
+    async def Prefetch(  # noqa: N802 - the gRPC method's name
+        self, request: worker_pb2.PrefetchRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefetchResponse:
+        self.prefetched.append(request.request_id)
+        return worker_pb2.PrefetchResponse(adapters_ready=len(request.input.loras))
 
 
 class WorkerServer:

@@ -25,8 +25,10 @@ class Plan:
     small_size: int = 64
     small_steps: int = 4
     num_loras: int = 50
-    p2_rounds: int = 8
-    p2_block: int = 4
+    # P2's guard: rounds of one call per arm (bench/run.py paired_rounds); its references in blocks.
+    p2_rounds: int = 40
+    p2_reference_rounds: int = 3
+    p2_block: int = 2
     p3_rounds: int = 8
     p3_block: int = 4
     # Calls per arm before measuring (model loads, first-call allocations).
@@ -52,8 +54,9 @@ class Plan:
             quick=True,
             p1_rounds=4,
             p1_block=3,
-            p2_rounds=3,
-            p2_block=2,
+            p2_rounds=12,
+            p2_reference_rounds=2,
+            p2_block=1,
             p3_rounds=3,
             p3_block=2,
             warmup=1,

@@ -120,3 +120,28 @@ def test_only_names_phases_case_insensitively_and_refuses_unknown_ones(capsys: p
         main(["--only", "P1,P5"])
     assert exited.value.code == 2
     assert "--only: no phase P5" in capsys.readouterr().err
+
+
+def test_drift_adjustment_removes_a_rounds_common_slowdown_and_keeps_the_arms_difference() -> None:
+    from bench.run import drift_adjusted_samples
+
+    # Three rounds of (no LoRA, LoRA): the LoRA arm costs 10% more; round 2 ran 50% slower as a whole.
+    none, lora = [100.0, 150.0, 100.0], [110.0, 165.0, 110.0]
+    adjusted_none, adjusted_lora = drift_adjusted_samples([none, lora])
+    assert adjusted_none == pytest.approx([100.0, 100.0, 100.0])
+    assert adjusted_lora == pytest.approx([110.0, 110.0, 110.0])
+
+
+def test_ratio_interval_is_narrow_when_every_round_agrees_and_wide_when_they_do_not() -> None:
+    from bench.run import Arm, ratio_interval
+
+    async def untimed() -> float:
+        raise AssertionError("only the samples are read")
+
+    def arms(none: list[float], lora: list[float]) -> list[Arm]:
+        return [Arm("none", untimed, seconds=none), Arm("lora", untimed, seconds=lora)]
+
+    steady = arms([0.100, 0.150, 0.100, 0.120], [0.110, 0.165, 0.110, 0.132])
+    assert ratio_interval(steady, numerator=1, denominator=0) == pytest.approx((1.1, 1.1))
+    low, high = ratio_interval(arms([0.1] * 8, [0.09, 0.12] * 4), numerator=1, denominator=0)
+    assert low < 1.0 < high

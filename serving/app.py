@@ -232,6 +232,13 @@ class Worker:
             resolved: list[None] = []
             async for event in self._in_thread(lambda emit, _stop: self._resolve_inputs(inp, params, emit), resolved):
                 yield event
+            if inp.sync_mode:
+                # Before any work: an image-to-image output's size is known only now, from its start image.
+                check_inline_size(
+                    [(params.width, params.height)] * params.num_images,
+                    self._settings.max_sync_mode_pixels,
+                    per_pass_latents=params.debug_per_pass_latents,
+                )
             safety_checker = await self._safety_checker() if params.enable_safety_checker else None
             yield _log(
                 f"generating {params.num_images} image(s) {params.width}x{params.height},"
@@ -463,12 +470,6 @@ class Worker:
         suffix = ".png" if image_format == "png" else ".jpg"
         policy = from_settings.output_write_policy(self._settings)
         output = types_pb2.GenerateOutput()
-        if inline:
-            check_inline_size(
-                [(image.width, image.height) for image in result.images],
-                self._settings.max_sync_mode_pixels,
-                per_pass_latents=result.debug_per_pass_latents is not None,
-            )
         for image in result.images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)

@@ -6,8 +6,8 @@ bytes. Nothing is written to the object store, so nothing is signed when the res
 
 The request store keeps the result, so the size is capped: `max_sync_mode_pixels` over all of a
 request's images. The gateway refuses a text-to-image request over it when it is submitted; the
-size of an image-to-image result is known only once its input image is read, so the worker checks
-the images it made as well before returning them.
+size of an image-to-image result is known only once its start image is read, so the worker checks
+the request again then, before it generates anything.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def sync_mode_violations(inp: types_pb2.GenerateInput, max_pixels: int) -> Itera
 
 
 def check_inline_size(sizes: Iterable[tuple[int, int]], max_pixels: int, *, per_pass_latents: bool) -> None:
-    """For the worker: the images made (width, height) must fit the cap before they go into the result."""
+    """For the worker: the images a request will make (width, height) must fit the cap."""
     violations = []
     if per_pass_latents:
         violations.append(FieldViolation("input.debug_per_pass_latents", PER_PASS_REFUSED))

@@ -17,6 +17,7 @@ from gateway.validation import validate_input
 from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
 from loraserve.inputs import to_input
+from loraserve.v1 import types_pb2
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes
 
@@ -99,3 +100,27 @@ async def test_sync_mode_over_the_cap_or_with_every_steps_latents_is_refused(
     )
     assert "max_sync_mode_pixels" in too_large.value.field_violations["input.sync_mode"]
     assert "input.debug_per_pass_latents" in per_pass.value.field_violations
+
+
+async def test_image_to_image_over_the_cap_fails_before_generating(target: str, tiny_sd15: TinyModel) -> None:
+    """Its output size comes from the start image: the worker refuses it once the image is read."""
+    start = io.BytesIO()
+    Image.new("RGB", (1024, 1024), (200, 40, 40)).save(start, format="PNG")
+    inp = types_pb2.GenerateInput(
+        model_name=str(tiny_sd15.pipeline_dir),
+        prompt="a red square",
+        endpoint=types_pb2.ENDPOINT_IMAGE_TO_IMAGE,
+        image_url="data:image/png;base64," + base64.b64encode(start.getvalue()).decode(),
+        num_images=3,
+        num_inference_steps=2,
+        seed=5,
+        sync_mode=True,
+    )
+    async with AsyncClient(target) as client:
+        request_id = await client.submit(inp)
+        statuses = [status async for status in client.stream_status(request_id, logs=True)]
+    final = statuses[-1]
+    assert final.error.type == "INVALID_INPUT"
+    assert "input.sync_mode" in final.error.message and "max_sync_mode_pixels" in final.error.message
+    logs = [entry.message for status in statuses for entry in status.logs]
+    assert not any(message.startswith("generating") for message in logs), logs

@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -124,3 +125,20 @@ async def test_image_to_image_over_the_cap_fails_before_generating(target: str, 
     assert "input.sync_mode" in final.error.message and "max_sync_mode_pixels" in final.error.message
     logs = [entry.message for status in statuses for entry in status.logs]
     assert not any(message.startswith("generating") for message in logs), logs
+
+
+async def test_sync_mode_over_fal_http(
+    target: str, tiny_sd15: TinyModel, stack_settings: Settings, files_dir: Path
+) -> None:
+    """fal's JSON: `url` a data URI, `file_data` the same bytes in base64, from the synchronous /run/ route."""
+    body = request(tiny_sd15, sync_mode=True)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{stack_settings.http_port}/run/fal-ai/lora", json=body) as response:
+            assert response.status == 200, await response.text()
+            request_id = response.headers["X-Fal-Request-Id"]
+            output = await response.json()
+    [image] = output["images"]
+    data = decoded_data_uri(image["url"], "image/png")
+    assert base64.b64decode(image["file_data"]) == data and image["file_size"] == len(data)
+    assert Image.open(io.BytesIO(data)).size == (64, 64)
+    assert files_of(files_dir, request_id) == []

@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 
 from gateway.store import StoreUnavailable
 from loraserve.errors import ErrorType
+from loraserve.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,15 @@ REQUEST_ERROR_CODES: dict[str, grpc.StatusCode] = {
 class RequestFailed(ServiceError):
     """The request ran (or was cancelled) and ended without an output."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: str, message: str, field: str = "") -> None:
         super().__init__(message, reason=error_type)
         self.code = REQUEST_ERROR_CODES.get(error_type, grpc.StatusCode.INTERNAL)
+        # The input a worker refused (RequestError.field), answered as a field violation like a refusal at submit.
+        self.field = field
+
+    @classmethod
+    def of(cls, error: types_pb2.RequestError) -> RequestFailed:
+        return cls(error.type, error.message, error.field)
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
@@ -152,6 +159,12 @@ def to_status(exc: BaseException) -> status_pb2.Status:
                     )
                     for v in exc.violations
                 ]
+            )
+        )
+    if isinstance(exc, RequestFailed) and exc.field:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]
             )
         )
     if isinstance(exc, ResourceExhausted):
@@ -282,7 +295,8 @@ def to_http(exc: BaseException) -> HttpError:
         if exc.reason == ErrorType.START_TIMEOUT:
             headers["X-Fal-Request-Timeout-Type"] = "user"
         if status == 422:
-            body: dict[str, Any] = {"detail": [{"loc": ["body"], "msg": exc.message, "type": "value_error"}]}
+            loc = field_loc(exc.field) if exc.field else ["body"]
+            body: dict[str, Any] = {"detail": [{"loc": loc, "msg": exc.message, "type": "value_error"}]}
             return HttpError(status, body, {**headers, "X-Fal-Retryable": "false"})
         return HttpError(status, {"detail": exc.message, "error_type": error_type}, headers)
     if isinstance(exc, ResourceExhausted):

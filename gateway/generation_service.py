@@ -256,7 +256,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if not record.finished:
             raise FailedPrecondition(f"request {record.id} is {record.state}; its result is not ready")
         if record.error is not None:
-            raise RequestFailed(record.error.type, record.error.message)
+            raise RequestFailed.of(record.error)
         if record.expired_at is not None:
             raise ResultExpired(
                 f"the result of request {record.id} expired: it finished more than the retention period ago,"

@@ -159,6 +159,11 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
     WHERE delivered_at IS NULL AND given_up_at IS NULL;
 """,
     ),
+    Migration(
+        6,
+        "the input field a failure names",
+        "ALTER TABLE requests ADD COLUMN error_field TEXT NOT NULL DEFAULT '';",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -266,6 +271,11 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
     WHERE delivered_at IS NULL AND given_up_at IS NULL;
 """,
+    ),
+    Migration(
+        6,
+        "the input field a failure names",
+        "ALTER TABLE requests ADD COLUMN error_field TEXT NOT NULL DEFAULT '';",
     ),
 )
 

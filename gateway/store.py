@@ -329,7 +329,9 @@ def record_from_row(row: Any) -> RequestRecord:
     """A row of `requests` from either engine (sqlite3.Row or a psycopg dict row)."""
     error = None
     if row["error_type"] is not None:
-        error = types_pb2.RequestError(type=row["error_type"], message=row["error_message"] or "")
+        error = types_pb2.RequestError(
+            type=row["error_type"], message=row["error_message"] or "", field=row["error_field"] or ""
+        )
     return RequestRecord(
         seq=int(row["seq"]),
         id=row["id"],

@@ -354,13 +354,15 @@ class PostgresStore:
     async def _finish(
         self, request_id: str, state: State, error: types_pb2.RequestError, token: str | None
     ) -> bool:
-        params: tuple[Any, ...] = (state, error.type, error.message, time.time(), request_id)
+        params: tuple[Any, ...] = (state, error.type, error.message, time.time(), error.field, request_id)
         if token is None:
             where = "id = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')"
         else:
             where = "id = %s AND lease_token = %s AND state = 'IN_PROGRESS'"
             params += (token,)
-        rows = await self._ended(f"UPDATE requests SET {_FINISH_SET} WHERE {where} RETURNING {_ENDED}", params)
+        rows = await self._ended(
+            f"UPDATE requests SET {_FINISH_SET}, error_field = %s WHERE {where} RETURNING {_ENDED}", params
+        )
         return bool(rows)
 
     async def _ended(self, update: str, params: tuple[Any, ...], *, moves_queue: bool = True) -> list[dict[str, Any]]:

@@ -344,7 +344,8 @@ class SqliteStore:
             if token is not None and (row["state"] != State.IN_PROGRESS or row["lease_token"] != token):
                 return False
             db.execute(
-                f"UPDATE requests SET {_FINISH_SET} WHERE id = ?", (state, error.type, error.message, time.time(), request_id)
+                f"UPDATE requests SET {_FINISH_SET}, error_field = ? WHERE id = ?",
+                (state, error.type, error.message, time.time(), error.field, request_id),
             )
             if row["state"] == State.IN_QUEUE:
                 self._leave_queue([_order(row)])

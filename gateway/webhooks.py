@@ -63,7 +63,7 @@ def webhook_body(record: RequestRecord, files: ObjectStore) -> bytes:
     body: dict[str, Any] = {"request_id": record.id, "gateway_request_id": record.id, "error": None}
     failure: RequestFailed | ResultExpired | None = None
     if record.error is not None:
-        failure = RequestFailed(record.error.type, record.error.message)
+        failure = RequestFailed.of(record.error)
     elif record.output is None:
         failure = ResultExpired(f"the result of request {record.id} expired before its webhook was sent")
     if failure is not None:

@@ -582,7 +582,23 @@ def _failure(exc: Exception, request_id: str) -> worker_pb2.GenerateResponse:
     message = redact_text(message)
     if error_type == ErrorType.OUT_OF_MEMORY and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return worker_pb2.GenerateResponse(failure=types_pb2.RequestError(type=error_type, message=message))
+    return worker_pb2.GenerateResponse(
+        failure=types_pb2.RequestError(type=error_type, message=message, field=_refused_field(exc))
+    )
+
+
+def _refused_field(exc: Exception) -> str:
+    """The input a refusal is about, named as the gateway's BadRequest names fields (`input.loras[0].path`),
+    so a caller gets the same field violation (and fal's 422 `loc`) as for a refusal at submit."""
+    if isinstance(exc, InputFetchError):
+        field = exc.field
+    elif isinstance(exc, OptionUnavailableError):
+        field = exc.field_name
+    elif isinstance(exc, InvalidArgument) and exc.violations:
+        field = exc.violations[0].field
+    else:
+        return ""
+    return field if field.startswith("input.") else f"input.{field}"
 
 
 def build_app(settings: Settings) -> Any:

@@ -187,6 +187,7 @@ async def test_worker_refusals_name_the_field(
         error = await failure(target, request(tiny_sdxl, **overrides))
         assert error.reason == "INVALID_INPUT", (field_name, error)
         assert field_name in error.message and text in error.message, error.message
+        assert set(error.field_violations) == {"input." + field_name.removeprefix("input.")}, error.field_violations
 
 
 async def test_gateway_refuses_what_cannot_run_here(

@@ -187,6 +187,7 @@ async def test_a_mask_of_another_size_is_invalid_argument_naming_mask_url(
     )
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "INVALID_INPUT"
     assert "mask_url" in error.message and "32x32" in error.message and "64x64" in error.message
+    assert set(error.field_violations) == {"input.mask_url"}
 
 
 async def test_bad_fields_are_invalid_argument_naming_each(target: str, tiny_sdxl: TinyModel) -> None:

@@ -26,7 +26,7 @@ from gateway.errors import (
 )
 from loraserve.client import AsyncClient, Client, LoraServeError
 from loraserve.errors import ErrorType
-from loraserve.v1 import generation_pb2, generation_pb2_grpc
+from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
 
 SECRET = "db-password=hunter2"
 VIOLATIONS = [
@@ -111,6 +111,18 @@ def test_request_failed_to_status(error_type: str, code: int) -> None:
     info, bad = unpack(status)
     assert (info.reason, info.domain) == (str(error_type), "loraserve")
     assert bad is None
+
+
+def test_a_refused_input_field_is_a_field_violation() -> None:
+    """A worker's refusal names its field (RequestError.field) as a refusal at submit does."""
+    error = types_pb2.RequestError(
+        type=ErrorType.INVALID_INPUT, message="input.mask_url: 32x32, the image is 64x64", field="input.mask_url"
+    )
+    info, bad = unpack(to_status(RequestFailed.of(error)))
+    assert info.reason == ErrorType.INVALID_INPUT
+    assert bad is not None and [(v.field, v.description) for v in bad.field_violations] == [
+        ("input.mask_url", error.message)
+    ]
 
 
 def test_request_failed_code_is_per_instance() -> None:

@@ -155,6 +155,9 @@ def test_failures_and_quotas_as_http() -> None:
     assert timeout.body == {"detail": "not started in time", "error_type": "request_timeout"}
     bad_model = to_http(RequestFailed(ErrorType.MODEL_LOAD_FAILED, "not a model"))
     assert bad_model.status == 422 and bad_model.body["detail"][0]["msg"] == "not a model"
+    assert bad_model.body["detail"][0]["loc"] == ["body"]
+    bad_lora = to_http(RequestFailed(ErrorType.INVALID_INPUT, "not a LoRA", field="input.loras[1].path"))
+    assert bad_lora.status == 422 and bad_lora.body["detail"][0]["loc"] == ["body", "loras", 1, "path"]
     quota = to_http(ResourceExhausted("slow down", limit="submits_per_second", subject="tenant:a", retry_after_seconds=0.2))
     assert quota.status == 429 and quota.headers["Retry-After"] == "1"
     # A failure after a request was accepted is never answered with a status fal's clients retry.

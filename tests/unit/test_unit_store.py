@@ -267,7 +267,7 @@ async def test_fail_ends_an_unfinished_request(store: RequestStore, started: boo
     a = await add(store)
     if started:
         await claim(store, a)
-    error = types_pb2.RequestError(type="OUT_OF_MEMORY", message="CUDA out of memory")
+    error = types_pb2.RequestError(type="INVALID_INPUT", message="input.mask_url: wrong size", field="input.mask_url")
     assert await store.fail(a.id, error)
     failed = await get(store, a.id)
     assert failed.state == State.COMPLETED and failed.finished

@@ -169,6 +169,20 @@ async def test_sub_path_kept_on_submit_only(http: aiohttp.ClientSession, gateway
     assert status == 404 and "upscale" in body["detail"]
 
 
+async def test_the_family_paths_validate_their_own_fields(http: aiohttp.ClientSession) -> None:
+    """Issue 16: /image-to-image and /inpaint refuse their bad fields with a 422 naming each."""
+    status, body, _ = await call(http, "POST", "/fal-ai/lora/inpaint", json={**BODY, "noise_strength": 1.5})
+    assert status == 422
+    locs = [entry["loc"] for entry in body["detail"]]
+    assert ["body", "noise_strength"] in locs and ["body", "image_url"] in locs and ["body", "mask_url"] in locs
+    status, body, _ = await call(
+        http, "POST", "/run/fal-ai/lora/image-to-image/", json={**BODY, "image_url": "https://x/a.png", "noise_strength": -0.1}
+    )
+    assert status == 422 and [entry["loc"] for entry in body["detail"]] == [["body", "noise_strength"]]
+    status, body, _ = await call(http, "POST", "/fal-ai/lora", json={**BODY, "mask_url": "https://x/m.png"})
+    assert status == 422 and [entry["loc"] for entry in body["detail"]] == [["body", "mask_url"]]
+
+
 async def test_bad_input_is_422_naming_the_fields(http: aiohttp.ClientSession) -> None:
     status, body, headers = await call(
         http, "POST", "/fal-ai/lora", json={**BODY, "loras": [{"path": ""}], "num_images": 3}, headers={"X-Fal-Queue-Priority": "urgent"}

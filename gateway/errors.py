@@ -142,13 +142,20 @@ class RequestFailed(ServiceError):
         return cls(error.type, error.message, error.field)
 
 
-def to_status(exc: BaseException) -> status_pb2.Status:
+def answerable(exc: BaseException) -> ServiceError:
+    """`exc` as a ServiceError both front doors can answer: a store outage says nothing was changed; anything
+    unexpected is logged here and answered without its message, which may hold what callers must not see."""
     if isinstance(exc, StoreUnavailable):
         log.warning("request store unavailable", extra={"error": str(exc)})
-        exc = StoreDown("the request store is unreachable; nothing was changed, retry shortly")
+        return StoreDown("the request store is unreachable; nothing was changed, retry shortly")
     if not isinstance(exc, ServiceError):
         log.exception("unexpected error", exc_info=exc)
-        exc = ServiceError("internal error; see the gateway log")
+        return ServiceError("internal error; see the gateway log")
+    return exc
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    exc = answerable(exc)
     details = [error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)]
     if isinstance(exc, InvalidArgument):
         details.append(
@@ -280,12 +287,7 @@ def request_error_http(error_type: str) -> tuple[int, str]:
 
 def to_http(exc: BaseException) -> HttpError:
     """`exc` as fal answers it over HTTP; unexpected exceptions are logged and answered 500 without detail."""
-    if isinstance(exc, StoreUnavailable):
-        log.warning("request store unavailable", extra={"error": str(exc)})
-        exc = StoreDown("the request store is unreachable; nothing was changed, retry shortly")
-    if not isinstance(exc, ServiceError):
-        log.exception("unexpected error", exc_info=exc)
-        exc = ServiceError("internal error; see the gateway log")
+    exc = answerable(exc)
     if isinstance(exc, InvalidArgument):
         detail = [{"loc": field_loc(v.field), "msg": v.description, "type": v.kind} for v in exc.violations]
         return HttpError(422, {"detail": detail}, {"X-Fal-Retryable": "false"})

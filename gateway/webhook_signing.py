@@ -22,8 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from loraserve.config import Settings
+from storage.object_store import load_or_create_secret
 
 # Where the embedded default keeps the key it makes.
 KEY_FILE = "webhook-signing-key.pem"
@@ -54,7 +53,7 @@ class WebhookSigner:
         if settings.webhook_signing_key:
             return cls.from_pem(settings.webhook_signing_key.encode(), "webhook_signing_key")
         path = Path(settings.webhook_signing_key_file) if settings.webhook_signing_key_file else None
-        pem = path.read_bytes() if path is not None else _load_or_create_key(settings.data_dir / KEY_FILE)
+        pem = path.read_bytes() if path is not None else load_or_create_secret(settings.data_dir / KEY_FILE, _new_key_pem)
         return cls.from_pem(pem, str(path or settings.data_dir / KEY_FILE))
 
     @classmethod
@@ -99,24 +98,7 @@ def _b64url(data: bytes, *, padded: bool) -> str:
     return encoded if padded else encoded.rstrip("=")
 
 
-def _load_or_create_key(path: Path) -> bytes:
-    """The PEM in `path`, made by whichever process comes first (0600, linked into place whole)."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pem = Ed25519PrivateKey.generate().private_bytes(
+def _new_key_pem() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
-    return path.read_bytes()

@@ -117,10 +117,11 @@ def key_under(url: str, base: str) -> str | None:
         return None
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """A random secret kept in `path`, made by whichever process comes first; the others read that one.
+def load_or_create_secret(path: Path, make: Callable[[], bytes] | None = None) -> bytes:
+    """A secret kept in `path` (random bytes unless `make` says how), made by whichever process comes
+    first; the others read that one.
 
-    Written to a temp file and linked into place, so no reader ever sees a partial secret.
+    Written to a temp file (0600) and linked into place, so no reader ever sees a partial secret.
     """
     try:
         return path.read_bytes()
@@ -130,7 +131,7 @@ def load_or_create_secret(path: Path) -> bytes:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(SIGNING_KEY_BYTES))
+            handle.write(make() if make is not None else secrets.token_bytes(SIGNING_KEY_BYTES))
         try:
             os.link(tmp, path)
         except FileExistsError:

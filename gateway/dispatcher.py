@@ -30,7 +30,6 @@ from loraserve.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
-from gateway.previews import LatestPreviews
 from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.worker_client import GenerateCall, WorkerClient
@@ -108,12 +107,6 @@ class Dispatcher:
         self._accepting = True
         # Console/log lines per request (start, each quarter of the steps, end).
         self._lines = RequestLines(log)
-        self._previews = LatestPreviews()
-
-    @property
-    def previews(self) -> LatestPreviews:
-        """The latest live preview of each request running here, for streams that ask (gateway/previews.py)."""
-        return self._previews
 
     @property
     def in_flight(self) -> int:
@@ -204,7 +197,6 @@ class Dispatcher:
 
     def _finished(self, request_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._lines.forget(request_id)
-        self._previews.ended(request_id)
         self._running.pop(request_id, None)
         self._settled.discard(request_id)
         self._leases.pop(request_id, None)
@@ -348,10 +340,12 @@ class Dispatcher:
         if which == "log":
             await self._store.add_log(record.id, event.log)
         elif which == "progress":
-            if event.progress.preview_jpeg:
-                self._previews.put(record.id, event.progress.step, event.progress.total, event.progress.preview_jpeg)
-            await self._store.set_progress(record.id, record.lease_token, event.progress.step, event.progress.total)
-            self._lines.progress(record.id, event.progress.step, event.progress.total)
+            # With its preview, if any: streams on every gateway read it from the store (gateway/previews.py).
+            progress = event.progress
+            await self._store.set_progress(
+                record.id, record.lease_token, progress.step, progress.total, progress.preview_jpeg
+            )
+            self._lines.progress(record.id, progress.step, progress.total)
         elif which == "result":
             if await self._store.complete(
                 record.id, record.lease_token, event.result.output, event.result.inference_seconds

@@ -223,7 +223,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         last: generation_pb2.RequestStatus | None = None
         log_seq = 0
         # Live previews, only to streams that asked (gateway/previews.py).
-        preview_stream = PreviewStream(self._dispatcher.previews) if previews else None
+        preview_stream = PreviewStream(self._store) if previews else None
         with self._feed.watch(record.id) as watch:
             cursor = watch.cursor()
             first = True
@@ -235,7 +235,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                     new_logs, log_seq = await self._logs(record, log_seq)
                 status = await build_status(self._store, record, new_logs)
                 if preview_stream is not None:
-                    preview_stream.attach(status)
+                    await preview_stream.attach(status)
                 if status != last:
                     yield status
                     last = generation_pb2.RequestStatus()

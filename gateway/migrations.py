@@ -164,6 +164,21 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
         "the input field a failure names",
         "ALTER TABLE requests ADD COLUMN error_field TEXT NOT NULL DEFAULT '';",
     ),
+    Migration(
+        7,
+        "live previews",
+        # Beside `requests`, not in it: a status read (`SELECT *`) never carries a preview's bytes, and a
+        # preview written every second rewrites this small row, not the request's.
+        """
+CREATE TABLE previews (
+    request_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    total_steps INTEGER NOT NULL,
+    jpeg BLOB NOT NULL
+);
+""",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -276,6 +291,19 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
         6,
         "the input field a failure names",
         "ALTER TABLE requests ADD COLUMN error_field TEXT NOT NULL DEFAULT '';",
+    ),
+    Migration(
+        7,
+        "live previews",
+        """
+CREATE TABLE previews (
+    request_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    total_steps INTEGER NOT NULL,
+    jpeg BYTEA NOT NULL
+);
+""",
     ),
 )
 

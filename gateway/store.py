@@ -103,6 +103,17 @@ class LogRecord:
 
 
 @dataclass(frozen=True)
+class Preview:
+    """A running request's latest live preview (gateway/previews.py)."""
+
+    # Grows with every preview of the request, whichever gateway wrote it: a stream sends what is newer.
+    version: int
+    step: int
+    total: int
+    jpeg: bytes
+
+
+@dataclass(frozen=True)
 class ApiKey:
     """An API key as stored: only a digest of its secret, never the secret."""
 
@@ -235,7 +246,16 @@ class RequestStore(Protocol):
         """Fails waiting requests whose start_timeout has passed; returns their ids."""
         ...
 
-    async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None: ...
+    async def set_progress(
+        self, request_id: str, token: str, step: int, total: int, preview_jpeg: bytes = b""
+    ) -> None:
+        """Records the run's step; a `preview_jpeg` replaces the request's latest preview in the same write."""
+        ...
+
+    async def preview(self, request_id: str, after_version: int = 0) -> Preview | None:
+        """The request's latest preview if newer than `after_version`: read only by streams that asked for
+        previews, so other status reads never carry its bytes. Kept after the request ends, until it expires."""
+        ...
 
     async def complete(
         self, request_id: str, token: str, output: types_pb2.GenerateOutput, inference_seconds: float
@@ -301,8 +321,8 @@ class RequestStore(Protocol):
         ...
 
     async def expire(self, request_ids: Sequence[str]) -> list[str]:
-        """Marks finished requests expired, dropping their input, output, logs and client_request_id (which
-        the tenant may then use again); returns the ids it changed. Their files are the caller's to delete."""
+        """Marks finished requests expired, dropping their input, output, logs, preview and client_request_id
+        (which the tenant may then use again); returns the ids it changed. Their files are the caller's to delete."""
         ...
 
 

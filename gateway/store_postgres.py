@@ -30,6 +30,7 @@ from gateway.store import (
     CANCELLED_BY_CALLER,
     ApiKey,
     LogRecord,
+    Preview,
     RequestRecord,
     State,
     StoreUnavailable,
@@ -324,14 +325,34 @@ class PostgresStore:
         )
         return [row["id"] for row in rows]
 
-    async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None:
-        await self._write(
+    async def set_progress(
+        self, request_id: str, token: str, step: int, total: int, preview_jpeg: bytes = b""
+    ) -> None:
+        progress = (
             "UPDATE requests SET step = %s, total_steps = %s"
-            " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
-            (step, total, request_id, token),
-            durable=False,
-            moves_queue=False,
+            " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id"
         )
+        params: tuple[Any, ...] = (step, total, request_id, token)
+        if preview_jpeg:
+            # One statement, one round trip: the preview is written only if the run still holds the request.
+            progress = (
+                f"WITH run AS ({progress}), shown AS (INSERT INTO previews (request_id, version, step, total_steps,"
+                " jpeg) SELECT id, 1, %s, %s, %s FROM run ON CONFLICT (request_id) DO UPDATE SET"
+                " version = previews.version + 1, step = EXCLUDED.step, total_steps = EXCLUDED.total_steps,"
+                " jpeg = EXCLUDED.jpeg) SELECT id FROM run"
+            )
+            params += (step, total, preview_jpeg)
+        await self._write(progress, params, durable=False, moves_queue=False)
+
+    async def preview(self, request_id: str, after_version: int = 0) -> Preview | None:
+        rows = await self._fetch(
+            "SELECT version, step, total_steps, jpeg FROM previews WHERE request_id = %s AND version > %s",
+            (request_id, after_version),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return Preview(int(row["version"]), int(row["step"]), int(row["total_steps"]), bytes(row["jpeg"]))
 
     async def complete(
         self, request_id: str, token: str, output: types_pb2.GenerateOutput, inference_seconds: float
@@ -518,6 +539,7 @@ class PostgresStore:
             expired = [row["id"] for row in await cur.fetchall()]
             if expired:
                 await conn.execute("DELETE FROM logs WHERE request_id = ANY(%s)", (expired,))
+                await conn.execute("DELETE FROM previews WHERE request_id = ANY(%s)", (expired,))
                 await conn.execute(
                     f"DELETE FROM webhook_deliveries WHERE request_id = ANY(%s) AND {_WEBHOOK_ENDED}", (expired,)
                 )

@@ -23,6 +23,7 @@ from gateway.store import (
     CANCELLED_BY_CALLER,
     ApiKey,
     LogRecord,
+    Preview,
     RequestRecord,
     State,
     TakenBack,
@@ -302,12 +303,24 @@ class SqliteStore:
             self._hook(db, [row["id"] for row in rows])
         return [row["id"] for row in rows]
 
-    async def set_progress(self, request_id: str, token: str, step: int, total: int) -> None:
+    async def set_progress(
+        self, request_id: str, token: str, step: int, total: int, preview_jpeg: bytes = b""
+    ) -> None:
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE requests SET step = ?, total_steps = ? WHERE id = ? AND lease_token = ? AND state = ?",
                 (step, total, request_id, token, State.IN_PROGRESS),
             )
+            if preview_jpeg and cur.rowcount == 1:
+                db.execute(_PUT_PREVIEW, (request_id, step, total, preview_jpeg))
+
+    async def preview(self, request_id: str, after_version: int = 0) -> Preview | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT version, step, total_steps, jpeg FROM previews WHERE request_id = ? AND version > ?",
+                (request_id, after_version),
+            ).fetchone()
+        return None if row is None else Preview(int(row[0]), int(row[1]), int(row[2]), bytes(row[3]))
 
     async def complete(
         self, request_id: str, token: str, output: types_pb2.GenerateOutput, inference_seconds: float
@@ -520,11 +533,19 @@ class SqliteStore:
             if expired:
                 marks = ", ".join("?" for _ in expired)
                 db.execute(f"DELETE FROM logs WHERE request_id IN ({marks})", tuple(expired))
+                db.execute(f"DELETE FROM previews WHERE request_id IN ({marks})", tuple(expired))
                 db.execute(
                     f"DELETE FROM webhook_deliveries WHERE request_id IN ({marks}) AND {_WEBHOOK_ENDED}", tuple(expired)
                 )
         return expired
 
+
+# A request's one preview row, replaced by each newer preview; its version counts on across retries.
+_PUT_PREVIEW = (
+    "INSERT INTO previews (request_id, version, step, total_steps, jpeg) VALUES (?, 1, ?, ?, ?)"
+    " ON CONFLICT (request_id) DO UPDATE SET version = previews.version + 1, step = excluded.step,"
+    " total_steps = excluded.total_steps, jpeg = excluded.jpeg"
+)
 
 # Back in the queue at its original seq (FIFO place); the lease is dropped.
 _REQUEUE_SET = "state = ?, step = 0, total_steps = 0, owner = NULL, lease_token = NULL, lease_expires_at = NULL"

@@ -119,3 +119,33 @@ async def test_a_bad_start_timeout_is_refused_by_name(
             await client.submit(request(tiny_sdxl), start_timeout=seconds)
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "start_timeout" in refused.value.field_violations
+
+
+async def test_previews_reach_a_stream_on_the_gateway_that_does_not_run_the_request(
+    gateways: tuple[Gateway, Gateway], tiny_sdxl: TinyModel
+) -> None:
+    a, b = gateways
+    async with AsyncClient(target(a)) as on_a, AsyncClient(target(b)) as on_b:
+        request_id = await on_a.submit(request(tiny_sdxl, num_inference_steps=60, seed=21))
+        async for status in on_a.stream_status(request_id):
+            if status.state == gen.REQUEST_STATE_IN_PROGRESS:
+                break
+        record = await a.store.get(request_id)
+        assert record is not None and record.owner in (a.store.owner, b.store.owner)
+        # Streams on the gateway that does not run it: previews reach them only through the store.
+        elsewhere = on_b if record.owner == a.store.owner else on_a
+
+        async def collect(previews: bool) -> list[gen.RequestStatus]:
+            return [status async for status in elsewhere.stream_status(request_id, previews=previews)]
+
+        with_previews, without = await asyncio.gather(collect(True), collect(False))
+
+    assert with_previews[-1].state == without[-1].state == gen.REQUEST_STATE_COMPLETED
+    assert not with_previews[-1].HasField("error")
+    assert not any(status.progress.preview_jpeg for status in without)
+    previews = [status.progress for status in with_previews if status.progress.preview_jpeg]
+    assert previews, "a stream on the other gateway that asked for previews got none"
+    assert len({p.preview_jpeg for p in previews}) == len(previews), "a preview was sent twice"
+    assert [p.step for p in previews] == sorted(p.step for p in previews)
+    assert (previews[-1].step, previews[-1].total) == (60, 60), "the last preview is of the final latents"
+    assert previews[-1].preview_jpeg[:2] == b"\xff\xd8", "a JPEG"

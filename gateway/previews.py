@@ -12,6 +12,10 @@ only when its version is newer than the one it sent. So a stream gets each previ
 `progress.preview_jpeg`; one that has not had the last preview when the request completes gets it
 with the COMPLETED status, so a stream that asked always ends with a preview of the final latents.
 The last preview stays with the request until it expires (retention), like its logs.
+
+A preview write costs the running gateway about 0.01 ms on SQLite and 0.1-0.35 ms on PostgreSQL
+over the progress write it rides on (3-10 KB, `python -m bench.preview_writes`); a stream that
+asked adds one small query per wake-up (0.3 ms on PostgreSQL), and the others read nothing more.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ on several gateways) wakes every stream of the request, and a stream that asked 
 only when its version is newer than the one it sent. So a stream gets each preview once, in
 `progress.preview_jpeg`; one that has not had the last preview when the request completes gets it
 with the COMPLETED status, so a stream that asked always ends with a preview of the final latents.
-The last preview stays with the request until it expires (retention), like its logs.
+The last preview of a request that ended is kept KEEP_AFTER_END_SECONDS, for the streams that
+have yet to read its final status, then dropped by the retention sweep (gateway/retention.py), so
+the table holds the running requests' and a minute's worth of ended ones, not 2-10 KB per request
+for the whole retention period.
 
 A preview write costs the running gateway about 0.01 ms on SQLite and 0.1-0.35 ms on PostgreSQL
 over the progress write it rides on (3-10 KB, `python -m bench.preview_writes`); a stream that
@@ -22,6 +25,9 @@ from __future__ import annotations
 
 from gateway.store import RequestStore
 from loraserve.v1 import generation_pb2
+
+# How long a request that ended keeps its last preview (dropped by the next retention sweep after).
+KEEP_AFTER_END_SECONDS = 60.0
 
 
 class PreviewStream:

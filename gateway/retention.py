@@ -8,7 +8,8 @@ instead of handing out URLs to deleted files, and GetStatus still tells how the 
 
 Files are deleted before the request is marked: if the object store fails, the request stays
 as it was and the next round tries again, so no file outlives its request unnoticed. Every
-gateway sweeps (on PostgreSQL two may pick the same request; deleting twice is harmless).
+gateway sweeps (on PostgreSQL two may pick the same request; deleting twice is harmless). Each
+round also drops the live previews of requests that ended a minute ago (gateway/previews.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from gateway.periodic import Periodic
+from gateway.previews import KEEP_AFTER_END_SECONDS
 from gateway.store import RequestStore
 from storage.object_store import ObjectStore
 from storage.object_store import output_prefix as files_folder
@@ -60,7 +62,9 @@ class RetentionSweeper(Periodic):
 
     async def run_once(self, now: float | None = None) -> list[str]:
         """Expires what finished more than retention_seconds before `now` (the clock's now); returns the ids."""
-        before = (self._clock() if now is None else now) - self.retention_seconds
+        now = self._clock() if now is None else now
+        await self._store.drop_previews(now - KEEP_AFTER_END_SECONDS)
+        before = now - self.retention_seconds
         expired: list[str] = []
         for _ in range(MAX_BATCHES_PER_ROUND):
             records = await self._store.expirable(before, BATCH)

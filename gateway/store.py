@@ -254,7 +254,12 @@ class RequestStore(Protocol):
 
     async def preview(self, request_id: str, after_version: int = 0) -> Preview | None:
         """The request's latest preview if newer than `after_version`: read only by streams that asked for
-        previews, so other status reads never carry its bytes. Kept after the request ends, until it expires."""
+        previews, so other status reads never carry its bytes. Kept after the request ends, until
+        `drop_previews` or expiry."""
+        ...
+
+    async def drop_previews(self, finished_before: float) -> int:
+        """Drops the previews of requests that finished before `finished_before` (epoch seconds); returns how many."""
         ...
 
     async def complete(

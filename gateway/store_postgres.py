@@ -516,6 +516,15 @@ class PostgresStore:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
+    async def drop_previews(self, finished_before: float) -> int:
+        async with self._conn() as conn:
+            # The table holds the running requests' and the recently finished ones': a short scan.
+            cur = await conn.execute(
+                "DELETE FROM previews AS p USING requests AS r WHERE r.id = p.request_id AND r.finished_at < %s",
+                (finished_before,),
+            )
+            return cur.rowcount
+
     async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
         rows = await self._fetch(
             "SELECT * FROM requests WHERE finished_at IS NOT NULL AND expired_at IS NULL AND finished_at < %s"

@@ -508,6 +508,15 @@ class SqliteStore:
     async def listen(self, on_change: Callable[[str, bool], None]) -> None:
         """One gateway: every change is made here and notified where it is made."""
 
+    async def drop_previews(self, finished_before: float) -> int:
+        with self._tx() as db:
+            # The table holds the running requests' and the recently finished ones': a short scan.
+            return db.execute(
+                "DELETE FROM previews WHERE request_id IN (SELECT p.request_id FROM previews AS p"
+                " JOIN requests AS r ON r.id = p.request_id WHERE r.finished_at < ?)",
+                (finished_before,),
+            ).rowcount
+
     async def expirable(self, before: float, limit: int) -> list[RequestRecord]:
         with self._lock:
             rows = self._db.execute(

@@ -1,16 +1,20 @@
 """Live previews in the request store, on both engines: written with the run's progress while its lease
-holds, read only by streams that asked, each sent once, the last one with COMPLETED; and on PostgreSQL,
-written by one gateway and read, after its notification, by another."""
+holds, read only by streams that asked, each sent once, the last one with COMPLETED, dropped a minute
+after the request ended; and on PostgreSQL, written by one gateway and read, after its notification,
+by another."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
-from gateway.previews import PreviewStream, without_preview
+from gateway.previews import KEEP_AFTER_END_SECONDS, PreviewStream, without_preview
+from gateway.retention import RetentionSweeper
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.store_postgres import PostgresStore
 from loraserve.v1 import generation_pb2, types_pb2
+from storage.object_store import LocalObjectStore
 
 RUNNING = generation_pb2.REQUEST_STATE_IN_PROGRESS
 
@@ -69,6 +73,32 @@ async def test_the_preview_stays_after_the_request_ends_and_goes_when_it_expires
     assert [r.id for r in await store.expirable(time.time() + 1, 10)] == [run.id]
     assert await store.expire([run.id]) == [run.id]
     assert await store.preview(run.id) is None
+
+
+async def test_the_retention_sweep_drops_previews_a_minute_after_their_request_ended(
+    store: RequestStore, tmp_path: Path
+) -> None:
+    ended, still_running = await running(store), await running(store)
+    for run in (ended, still_running):
+        await store.set_progress(run.id, run.lease_token, 10, 10, b"jpeg")
+    assert await store.complete(ended.id, ended.lease_token, types_pb2.GenerateOutput(seed=1), 1.0)
+    finished = await store.get(ended.id)
+    assert finished is not None and finished.finished_at is not None
+    assert await store.drop_previews(finished.finished_at) == 0
+    files = LocalObjectStore(tmp_path / "files", "http://127.0.0.1:1")
+    clock = finished.finished_at + KEEP_AFTER_END_SECONDS / 2
+    sweeper = RetentionSweeper(store, files, 7 * 24 * 3600.0, on_error=_raise, clock=lambda: clock)
+    await sweeper.run_once()
+    assert await store.preview(ended.id) is not None, "kept for streams yet to read the final status"
+    clock = finished.finished_at + KEEP_AFTER_END_SECONDS + 1
+    assert await sweeper.run_once() == [], "the request itself is kept: only its preview goes"
+    assert await store.preview(ended.id) is None
+    assert await store.preview(still_running.id) is not None
+    assert (await store.get(ended.id)) == finished
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 async def test_each_preview_once_per_stream_and_every_stream_gets_it(store: RequestStore) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P1,P4",
         help=f"run only these phases (of {', '.join(PHASES)}); the full table needs all of them",
     )
+    parser.add_argument(
+        "--p2-rounds",
+        type=int,
+        metavar="N",
+        help="rounds of P2's LoRA guard (default 40, --quick 12); its interval narrows as 1/sqrt(N)",
+    )
     parser.add_argument("--verbose", action="store_true", help="forward the Ray workers' logs to stderr")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the tiny models and the data dir")
     return parser
@@ -46,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.run import report, run
 
     plan = Plan.quick_run() if args.quick else Plan.full()
+    if args.p2_rounds is not None:
+        if args.p2_rounds < 1:
+            build_parser().error("--p2-rounds: at least 1")
+        plan = dataclasses.replace(plan, p2_rounds=args.p2_rounds)
     # Whatever Ray or diffusers print while it runs goes to stderr; stdout carries only the table.
     with contextlib.redirect_stdout(sys.stderr):
         rows, meta = asyncio.run(

@@ -349,9 +349,10 @@ class Bench:
         What moved the guard's ratios by ±10% between runs was the shared machine and the order of
         the calls, not the LoRAs (in-process a switch costs 2.5 ms of CPU in a 350 ms request, and the
         denoising that follows costs what it costs without one). In blocks of 4 in a fixed order,
-        "no LoRA" always followed a request of the same pipeline and "pristine" an in-process one;
-        a request timed right after one identical to it ran 5–7% faster than after another; and
-        p50s of whole arms let a burst of other work land on one arm more than another.
+        "no LoRA" always followed a request of the same pipeline and "pristine" an in-process one
+        every other round; a request timed right after one identical to it ran about 6% faster
+        than after another (README, issue 15); and p50s of whole arms let a burst of other work
+        land on one arm more than another.
         """
         from bench import inprocess
 

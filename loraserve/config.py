@@ -84,9 +84,9 @@ class Settings:
     downscale_delay_seconds: float = 600.0
     # Base pipelines one replica keeps loaded (least recently used one evicted).
     max_pipelines_per_replica: int = 2
-    # LoRA tensors kept on one pipeline's device between requests, by bytes (0: a quarter of the device
-    # memory free once the pipeline is loaded, split among max_pipelines_per_replica, on a GPU; 2 GiB on
-    # a CPU) and optionally by count (0: none).
+    # LoRA tensors, and the merged copies of the last set kept for a repeat, on one pipeline's device
+    # between requests, by bytes (0: a quarter of the device memory free once the pipeline is loaded,
+    # split among max_pipelines_per_replica, on a GPU; 2 GiB on a CPU) and optionally by count (0: none).
     max_loras_per_pipeline: int = 0
     max_lora_bytes_per_pipeline: int = 0
     # Parsed LoRA and embedding files kept in one replica's host RAM (shared by its pipelines and fed by

@@ -50,8 +50,8 @@ class LoadedPipeline:
         # The replica's host-RAM tier of LoRAs and embeddings, shared by its pipelines; None: files
         # are parsed on every load.
         self._host_loras = host_loras
-        # Bytes of LoRA tensors kept on this pipeline's device; 0: a share of the free device memory
-        # split among the replica's pipelines on a GPU, a fixed amount on a CPU
+        # Bytes of LoRA tensors and kept merged copies on this pipeline's device; 0: a share of the
+        # free device memory split among the replica's pipelines on a GPU, a fixed amount on a CPU
         # (lora_tier.default_budget). max_loras 0: no count bound.
         self._loras = lora_tier.DeviceLoraTier(
             pipe,

@@ -145,3 +145,14 @@ def test_ratio_interval_is_narrow_when_every_round_agrees_and_wide_when_they_do_
     assert ratio_interval(steady, numerator=1, denominator=0) == pytest.approx((1.1, 1.1))
     low, high = ratio_interval(arms([0.1] * 8, [0.09, 0.12] * 4), numerator=1, denominator=0)
     assert low < 1.0 < high
+
+
+def test_p2_rounds_flag_sets_the_guards_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import build_parser, main
+
+    assert build_parser().parse_args(["--p2-rounds", "120"]).p2_rounds == 120
+    assert build_parser().parse_args([]).p2_rounds is None
+    with pytest.raises(SystemExit) as exited:
+        main(["--p2-rounds", "0"])
+    assert exited.value.code == 2
+    assert "--p2-rounds: at least 1" in capsys.readouterr().err

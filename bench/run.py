@@ -346,9 +346,10 @@ class Bench:
     async def p2(self, model_dir: Path, loras: Sequence[Path], plain: Any, pristine_dir: Path) -> None:
         """The guard (tax, churn) in rounds on the replica's one pipeline (`paired_rounds`); the references after.
 
-        What moved the guard's ratios by ±10% between runs was the shared machine and the order of
-        the calls, not the LoRAs (in-process a switch costs 2.5 ms of CPU in a 350 ms request, and the
-        denoising that follows costs what it costs without one). In blocks of 4 in a fixed order,
+        What moved the guard's ratios by ±10% between runs was the shared machine, the order of the
+        calls and a Prefetch call that a third of the LoRA requests made (now only a request that
+        waits gets one), not the LoRAs (in-process a switch costs 2.5 ms of CPU in a 350 ms request,
+        and the denoising that follows costs what it costs without one). In blocks of 4 in a fixed order,
         "no LoRA" always followed a request of the same pipeline and "pristine" an in-process one
         every other round; a request timed right after one identical to it ran about 6% faster
         than after another (README, issue 15); and p50s of whole arms let a burst of other work

@@ -24,7 +24,7 @@ from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.previews import PreviewStream, without_preview
 from gateway.status import build_status
-from gateway.store import RequestRecord, RequestStore, State
+from gateway.store import RequestRecord, RequestStore, State, TenantFull
 from gateway.quotas import Quotas
 from gateway.validation import priority_rank, validate_input, validate_start_timeout, validate_webhook_url
 from loraserve.config import Settings
@@ -93,17 +93,22 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         await self._quotas.admit(tenant)
         seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
-        record, created = await self._store.add(
-            inp,
-            seed=seed,
-            model_key=key,
-            client_request_id=client_request_id,
-            start_timeout_seconds=start_timeout,
-            tenant=tenant,
-            priority=rank,
-            weight=self._quotas.limits(tenant).weight,
-            webhook_url=webhook_url,
-        )
+        limits = self._quotas.limits(tenant)
+        try:
+            record, created = await self._store.add(
+                inp,
+                seed=seed,
+                model_key=key,
+                client_request_id=client_request_id,
+                start_timeout_seconds=start_timeout,
+                tenant=tenant,
+                priority=rank,
+                weight=limits.weight,
+                webhook_url=webhook_url,
+                max_waiting=limits.max_waiting,
+            )
+        except TenantFull as full:
+            raise self._quotas.tenant_full(tenant, full.waiting) from None
         if not created and record.input != inp:
             raise AlreadyExists(
                 f"client_request_id {client_request_id!r} was used for request {record.id} with another input;"

@@ -94,14 +94,19 @@ class Quotas:
                 retry_after_seconds=COUNT_RETRY_SECONDS,
             )
         if limits.max_waiting:
+            # The answer without a write for a tenant known to be full; `store.add(max_waiting=)` holds the
+            # limit exactly, whatever Submits race past this check on this or other gateways.
             waiting, _ = await self._store.tenant_activity(tenant)
             if waiting >= limits.max_waiting:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} already has {waiting} requests waiting, its limit; retry when some have run",
-                    limit="max_waiting",
-                    subject=f"tenant:{tenant}",
-                    retry_after_seconds=COUNT_RETRY_SECONDS,
-                )
+                raise self.tenant_full(tenant, waiting)
+
+    def tenant_full(self, tenant: str, waiting: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"tenant {tenant!r} already has {waiting} requests waiting, its limit; retry when some have run",
+            limit="max_waiting",
+            subject=f"tenant:{tenant}",
+            retry_after_seconds=COUNT_RETRY_SECONDS,
+        )
 
     def _take_token(self, tenant: str, rate: float) -> None:
         now = time.monotonic()

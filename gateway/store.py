@@ -159,6 +159,14 @@ class StoreUnavailable(Exception):
     """The store's database cannot be reached; the caller may retry later."""
 
 
+class TenantFull(Exception):
+    """`add` refused a new request: its tenant already has `max_waiting` requests waiting."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"{waiting} requests waiting")
+        self.waiting = waiting
+
+
 def lost_owner_error(attempts: int) -> types_pb2.RequestError:
     return types_pb2.RequestError(
         type=ErrorType.WORKER_FAILED,
@@ -195,9 +203,12 @@ class RequestStore(Protocol):
         priority: int = 0,
         weight: float = 1.0,
         webhook_url: str = "",
+        max_waiting: int = 0,
     ) -> tuple[RequestRecord, bool]:
         """Queues a request durably, in fair order among tenants (`weight`: the tenant's share); returns
         (record, created). A client_request_id the tenant used before returns that request instead.
+        `max_waiting` > 0: TenantFull when the tenant already has that many waiting, counted in the
+        transaction that inserts, so concurrent Submits through any number of gateways cannot overshoot.
         With a `webhook_url`, whatever ends the request also creates its WebhookDelivery, in one transaction."""
         ...
 

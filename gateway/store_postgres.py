@@ -18,7 +18,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import psycopg
@@ -35,6 +35,7 @@ from gateway.store import (
     State,
     StoreUnavailable,
     TakenBack,
+    TenantFull,
     WebhookDelivery,
     lost_owner_error,
     new_owner_name,
@@ -51,6 +52,8 @@ CHANNEL = "loraserve_requests"
 _QUEUE_MOVED = "queue"
 # Serialises migrations of gateways that start at the same moment (any constant of our own).
 MIGRATION_LOCK_KEY = 0x6C6F7261
+# With hashtext(tenant): the lock a tenant's Submits take when its waiting requests are capped.
+TENANT_LOCK_CLASS = 0x74656E74
 _NOW = "extract(epoch from clock_timestamp())"
 _REQUEUE_SET = (
     "state = 'IN_QUEUE', step = 0, total_steps = 0, owner = NULL, lease_token = NULL, lease_expires_at = NULL"
@@ -156,16 +159,25 @@ class PostgresStore:
             return await cur.fetchall()
 
     async def _write(
-        self, sql: str, params: tuple[Any, ...], *, durable: bool = True, moves_queue: bool = True
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        *,
+        durable: bool = True,
+        moves_queue: bool = True,
+        first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
     ) -> list[dict[str, Any]]:
         """One statement that RETURNs the ids it changed, and a NOTIFY for each, in one transaction.
 
         `durable=False` for progress and logs (asynchronous commit); `moves_queue=False` for changes
-        that leave every queue position as it was (progress, logs, a result).
+        that leave every queue position as it was (progress, logs, a result); `first` runs in the
+        same transaction before the statement (a check that may raise, rolling it back).
         """
         async with self._conn() as conn, conn.transaction():
             if not durable:
                 await conn.execute("SET LOCAL synchronous_commit = off")
+            if first is not None:
+                await first(conn)
             cur = await conn.execute(sql.encode(), params)
             rows = await cur.fetchall()
             await _notify(conn, [row["id"] for row in rows], moves_queue=moves_queue)
@@ -183,7 +195,27 @@ class PostgresStore:
         priority: int = 0,
         weight: float = 1.0,
         webhook_url: str = "",
+        max_waiting: int = 0,
     ) -> tuple[RequestRecord, bool]:
+        if max_waiting and client_request_id:
+            # A retry of a request the tenant already has is answered with it, full or not.
+            existing = await self._fetch(
+                "SELECT * FROM requests WHERE tenant = %s AND client_request_id = %s", (tenant, client_request_id)
+            )
+            if existing:
+                return record_from_row(existing[0]), False
+
+        async def room(conn: psycopg.AsyncConnection[Any]) -> None:
+            """The tenant's Submits queue on one lock, so each counts the others' committed inserts."""
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (TENANT_LOCK_CLASS, tenant))
+            cur = await conn.execute(
+                "SELECT count(*) AS n FROM requests WHERE tenant = %s AND state = 'IN_QUEUE'", (tenant,)
+            )
+            row = await cur.fetchone()
+            waiting = int(row["n"]) if row else 0
+            if waiting >= max_waiting:
+                raise TenantFull(waiting)
+
         now = time.time()
         rows = await self._write(
             "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
@@ -205,6 +237,7 @@ class PostgresStore:
                 1.0 / weight,
                 webhook_url,
             ),
+            first=room if max_waiting else None,
         )
         if rows:
             self._queue_depth += 1

@@ -27,6 +27,7 @@ from gateway.store import (
     RequestRecord,
     State,
     TakenBack,
+    TenantFull,
     WebhookDelivery,
     lost_owner_error,
     new_owner_name,
@@ -145,6 +146,7 @@ class SqliteStore:
         priority: int = 0,
         weight: float = 1.0,
         webhook_url: str = "",
+        max_waiting: int = 0,
     ) -> tuple[RequestRecord, bool]:
         with self._tx() as db:
             if client_request_id:
@@ -153,6 +155,12 @@ class SqliteStore:
                 ).fetchone()
                 if row is not None:
                     return record_from_row(row), False
+            if max_waiting:
+                ((waiting,),) = db.execute(
+                    "SELECT count(*) FROM requests WHERE tenant = ? AND state = 'IN_QUEUE'", (tenant,)
+                ).fetchall()
+                if waiting >= max_waiting:
+                    raise TenantFull(waiting)
             request_id = str(uuid.uuid4())
             now = time.time()
             ((clock,),) = db.execute("SELECT v FROM queue_clock WHERE id = 1").fetchall()

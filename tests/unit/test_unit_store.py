@@ -5,11 +5,13 @@ restarts. Engine-specific behaviour lives in test_unit_store_sqlite.py / test_un
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
-from gateway.store import RequestRecord, RequestStore, State
+from gateway.store import RequestRecord, RequestStore, State, TenantFull
+from gateway.store_postgres import PostgresStore
 from loraserve.v1 import types_pb2
 from tests.unit.conftest import Opener
 
@@ -363,3 +365,40 @@ async def test_positions_agree_with_the_table_through_random_transitions(open_st
     reopened = await open_store()
     await check(reopened)
     await reopened.close()
+
+
+async def test_a_capped_tenant_never_has_more_waiting_than_its_cap(open_store: Opener) -> None:
+    """30 Submits at once against a cap of 5, through two stores (two gateways) on PostgreSQL: exactly 5
+    are queued; a retried client_request_id still gets its request; another tenant is not held back."""
+    first = await open_store()
+    stores = [first, await open_store()] if isinstance(first, PostgresStore) else [first]
+    try:
+
+        async def submit(index: int, tenant: str = "a", client_request_id: str = "") -> RequestRecord | None:
+            try:
+                record, _ = await stores[index % len(stores)].add(
+                    inp(f"p{index}"),
+                    seed=index,
+                    model_key="key",
+                    tenant=tenant,
+                    client_request_id=client_request_id,
+                    max_waiting=5,
+                )
+            except TenantFull as full:
+                assert full.waiting >= 5
+                return None
+            return record
+
+        kept = await submit(100, client_request_id="retry-me")
+        accepted = [r for r in await asyncio.gather(*(submit(i) for i in range(30))) if r is not None]
+        assert len(accepted) == 4
+        assert (await first.tenant_activity("a"))[0] == 5
+        again = await submit(101, client_request_id="retry-me")
+        assert kept is not None and again is not None and again.id == kept.id
+        assert await submit(0, tenant="b") is not None
+        await first.cancel(accepted[0].id)
+        assert await submit(200) is not None
+        assert await submit(201) is None
+    finally:
+        for store in stores:
+            await store.close()

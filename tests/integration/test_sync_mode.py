@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
@@ -21,20 +20,9 @@ from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes
+from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
-
-
-def request(model: TinyModel, **overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model_name": str(model.pipeline_dir),
-        "prompt": "a photo of a red house",
-        "image_size": {"width": 64, "height": 64},
-        "num_inference_steps": 3,
-        "seed": 21,
-    }
-    body.update(overrides)
-    return body
 
 
 def files_of(files_dir: Path, request_id: str) -> list[Path]:

@@ -56,10 +56,13 @@ ANONYMOUS_USER = "anonymous"
 MAX_CONCURRENT = 32
 # A round looks for due retries this often, at most (a request ending wakes it at once).
 MAX_PERIOD_SECONDS = 1.0
+# How long the file URLs of a payload stay valid after the last retry could have been sent.
+RECEIVER_URL_GRACE_SECONDS = 24 * 3600.0
 
 
-def webhook_body(record: RequestRecord, files: ObjectStore) -> bytes:
-    """fal's webhook body for a finished request, as the bytes every attempt sends."""
+def webhook_body(record: RequestRecord, files: ObjectStore, url_seconds: float | None = None) -> bytes:
+    """fal's webhook body for a finished request, as the bytes every attempt sends; its file URLs are
+    valid for `url_seconds` (None: the store's setting)."""
     body: dict[str, Any] = {"request_id": record.id, "gateway_request_id": record.id, "error": None}
     failure: RequestFailed | ResultExpired | None = None
     if record.error is not None:
@@ -73,7 +76,7 @@ def webhook_body(record: RequestRecord, files: ObjectStore) -> bytes:
     assert record.output is not None
     body["status"] = "OK"
     try:
-        body["payload"] = output_json(with_fresh_urls(record.output, files))
+        body["payload"] = output_json(with_fresh_urls(record.output, files, url_seconds))
         return json.dumps(body, sort_keys=True).encode()
     except Exception:  # noqa: BLE001 - any output that cannot become JSON is fal's payload_error, not a lost delivery
         log.exception("a webhook payload could not be serialised", extra={"request_id": record.id})
@@ -108,6 +111,13 @@ class WebhookSender(Periodic):
         self._backoff = backoff
         # Long enough for building the body and one attempt; a sender that dies holds a delivery no longer.
         self._claim_seconds = timeout_seconds + 60.0
+        # Every attempt sends the body built for the first, so its file URLs must outlast the last retry,
+        # and then leave the receiver a day to fetch them.
+        self._url_seconds = (
+            sum(backoff.ceiling(n) for n in range(1, retries + 1))
+            + (retries + 1) * (timeout_seconds + self._claim_seconds)
+            + RECEIVER_URL_GRACE_SECONDS
+        )
         self._sending: set[asyncio.Task[None]] = set()
 
     @property
@@ -150,7 +160,9 @@ class WebhookSender(Periodic):
                 await self._record(delivery, status=None, error="the request no longer exists", give_up=True)
                 return
             body = await self._store.set_webhook_body(
-                delivery.request_id, token, await asyncio.to_thread(webhook_body, record, self._files)
+                delivery.request_id,
+                token,
+                await asyncio.to_thread(webhook_body, record, self._files, self._url_seconds),
             )
             if body is None:
                 return  # the claim ran out and another sender has it

@@ -63,7 +63,9 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
-    def url(self, key: str) -> str: ...
+    def url(self, key: str, expires_in_seconds: float | None = None) -> str:
+        """A URL that reads the object, valid for `expires_in_seconds` (None: the store's setting)."""
+        ...
 
     def unsigned_url(self, key: str) -> str: ...
 
@@ -220,8 +222,9 @@ class LocalObjectStore:
         except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
             return None
 
-    def url(self, key: str) -> str:
-        expires = int(self.clock()) + self.url_expiry_seconds
+    def url(self, key: str, expires_in_seconds: float | None = None) -> str:
+        lifetime = self.url_expiry_seconds if expires_in_seconds is None else expires_in_seconds
+        expires = int(self.clock() + lifetime)
         return f"{self.base_url}/files/{check_key(key)}?expires={expires}&signature={self._sign(key, expires)}"
 
     def unsigned_url(self, key: str) -> str:

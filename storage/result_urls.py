@@ -16,24 +16,27 @@ DATA_URI_PREFIX = "data:"
 _FILE_FIELDS = ("debug_latents", "debug_per_pass_latents")
 
 
-def fresh_url(url: str, files: ObjectStore) -> str:
+def fresh_url(url: str, files: ObjectStore, expires_in_seconds: float | None = None) -> str:
     """The store's current URL for the object `url` names; other URLs (another store's, data URIs) as they are."""
     if url.startswith(DATA_URI_PREFIX):
         # sync_mode's inline outputs: megabytes that name no object.
         return url
     key = files.key_for_url(url)
-    return url if key is None else files.url(key)
+    return url if key is None else files.url(key, expires_in_seconds)
 
 
-def with_fresh_urls(output: types_pb2.GenerateOutput, files: ObjectStore) -> types_pb2.GenerateOutput:
-    """A copy of `output` whose image and debug-file URLs are signed now; `output` is left as stored."""
+def with_fresh_urls(
+    output: types_pb2.GenerateOutput, files: ObjectStore, expires_in_seconds: float | None = None
+) -> types_pb2.GenerateOutput:
+    """A copy of `output` whose image and debug-file URLs are signed now (valid for `expires_in_seconds`,
+    None: the store's setting); `output` is left as stored."""
     fresh = types_pb2.GenerateOutput()
     fresh.CopyFrom(output)
     for image in fresh.images:
-        image.url = fresh_url(image.url, files)
+        image.url = fresh_url(image.url, files, expires_in_seconds)
     for field in _FILE_FIELDS:
         if fresh.HasField(field):
             file = getattr(fresh, field)
             if file.url:
-                file.url = fresh_url(file.url, files)
+                file.url = fresh_url(file.url, files, expires_in_seconds)
     return fresh

@@ -136,13 +136,14 @@ class S3ObjectStore:
             response.close()
             response.release_conn()
 
-    def url(self, key: str) -> str:
+    def url(self, key: str, expires_in_seconds: float | None = None) -> str:
         name = self.object_name(key)
         if self.settings.public_base_url:
             return f"{self.settings.public_base_url.rstrip('/')}/{name}"
+        lifetime = self.settings.presign_expiry_seconds if expires_in_seconds is None else expires_in_seconds
         return str(
             self._presigner.presigned_get_object(
-                self.bucket, name, expires=timedelta(seconds=self.settings.presign_expiry_seconds)
+                self.bucket, name, expires=timedelta(seconds=min(lifetime, MAX_PRESIGN_EXPIRY_SECONDS))
             )
         )
 

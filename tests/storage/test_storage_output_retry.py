@@ -49,8 +49,8 @@ class FlakyStore:
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
 
-    def url(self, key: str) -> str:
-        return self.inner.url(key)
+    def url(self, key: str, expires_in_seconds: float | None = None) -> str:
+        return self.inner.url(key, expires_in_seconds)
 
     def key_for_url(self, url: str) -> str | None:
         return self.inner.key_for_url(url)

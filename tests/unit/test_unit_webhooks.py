@@ -8,6 +8,7 @@ import hashlib
 import json
 import stat
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import nacl.exceptions
 import nacl.signing
@@ -110,6 +111,19 @@ def record(**fields: object) -> RequestRecord:
 @pytest.fixture
 def files(tmp_path: Path) -> LocalObjectStore:
     return LocalObjectStore(tmp_path / "files", "http://127.0.0.1:1", signing_key=b"k" * 32)
+
+
+def test_the_payloads_file_urls_outlast_the_retries(files: LocalObjectStore) -> None:
+    """Every attempt sends the first attempt's bytes: its URLs are signed for the whole retry window, not
+    the store's hour."""
+    stored = files.put("tenants/t/outputs/req-1/a.png", b"png", "image/png")
+    output = types_pb2.GenerateOutput(images=[types_pb2.Image(url=stored.url, width=64, height=64)], seed=1)
+    three_days = 3 * 24 * 3600.0
+    body = json.loads(webhook_body(record(raw_output=output.SerializeToString()), files, three_days))
+    url = body["payload"]["images"][0]["url"]
+    expires = int(parse_qs(urlsplit(url).query)["expires"][0])
+    assert expires >= files.clock() + three_days - 5
+    assert files.key_for_url(url) == stored.key
 
 
 def test_a_result_is_fals_ok_body_keys_sorted_with_default_separators(files: LocalObjectStore) -> None:

@@ -68,7 +68,12 @@ class Authenticator:
 
     async def tenant(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         """The caller's tenant from its `authorization` metadata; UNAUTHENTICATED when it has none it may use."""
-        header = next((str(value) for name, value in metadata or () if name == "authorization"), None)
+        return await self.tenant_of_header(
+            next((str(value) for name, value in metadata or () if name == "authorization"), None)
+        )
+
+    async def tenant_of_header(self, header: str | None) -> str:
+        """As `tenant`, from the `Authorization` value itself (the HTTP side's header)."""
         if header is None:
             if self.required:
                 raise Unauthenticated(

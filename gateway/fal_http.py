@@ -218,8 +218,7 @@ class FalHttp:
             return error_response(exc, request_id)
 
     async def _tenant(self, request: web.Request) -> str:
-        header = request.headers.get("Authorization")
-        return await self._generation.tenant([("authorization", header)] if header is not None else [])
+        return await self._generation.tenant_of_header(request.headers.get("Authorization"))
 
     def _urls(self, request: web.Request, app: str, request_id: str) -> dict[str, str]:
         base = f"{self.public_base(request)}/{app}/requests/{request_id}"

@@ -210,9 +210,8 @@ class FalStorage:
     # --- the parts ------------------------------------------------------------------------------
 
     async def _key_tenant(self, request: web.Request) -> str:
-        header = request.headers.get("Authorization")
         try:
-            return await self._auth.tenant([] if header is None else [("authorization", header)])
+            return await self._auth.tenant_of_header(request.headers.get("Authorization"))
         except Unauthenticated as exc:
             raise StorageHttpError(401, exc.message) from None
 

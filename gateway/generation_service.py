@@ -60,9 +60,12 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self.accepting = True
 
     async def tenant(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-        """The tenant of the caller's API key (UNAUTHENTICATED when it has none it may use); gRPC metadata
-        or the HTTP side's `authorization` header."""
+        """The tenant of the caller's API key (UNAUTHENTICATED when it has none it may use)."""
         return await self._auth.tenant(metadata)
+
+    async def tenant_of_header(self, header: str | None) -> str:
+        """As `tenant`, from the HTTP side's `Authorization` header."""
+        return await self._auth.tenant_of_header(header)
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> str:
         return await self.tenant(context.invocation_metadata())

@@ -34,8 +34,7 @@ class KeyPerTenant(Authenticator):
     def __init__(self) -> None:
         self.required = False
 
-    async def tenant(self, metadata: Any) -> str:
-        header = dict(metadata or ()).get("authorization")
+    async def tenant_of_header(self, header: str | None) -> str:
         return "" if header is None else header.split(" ", 1)[1].split(":", 1)[0]
 
 

@@ -44,7 +44,8 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.auth import Authenticator
-from gateway.errors import ServiceError, Unauthenticated
+from gateway.errors import ServiceError, Unauthenticated, to_http
+from gateway.store import StoreUnavailable
 from loraserve.config import Settings
 from storage.object_store import InvalidKey, check_key, load_or_create_secret
 from storage.uploads import UploadRefused, Uploads, UploadTooLarge, UploadTypeRefused
@@ -379,8 +380,10 @@ def _answering_json(
             return _json({"detail": str(exc)}, status=415)
         except UploadRefused as exc:
             return _json({"detail": str(exc)}, status=400)
-        except ServiceError as exc:
-            return _json({"detail": exc.message}, status=503)
+        except (ServiceError, StoreUnavailable) as exc:
+            # As the queue routes answer them (gateway/errors.py): a store outage is 503, nothing changed.
+            answer = to_http(exc)
+            return _json(answer.body, status=answer.status, headers=answer.headers)
 
     return handle
 

@@ -469,32 +469,29 @@ class Worker:
         content_type = schema.IMAGE_FORMATS[image_format]
         suffix = ".png" if image_format == "png" else ".jpg"
         policy = from_settings.output_write_policy(self._settings)
+        prefix = output_prefix(tenant, request_id)
+
+        def place(data: bytes, file_content_type: str, name: str) -> tuple[str, bytes]:
+            """(url, file_data): inline, a data URI and the bytes; else the stored object's URL."""
+            if inline:
+                return data_uri(data, file_content_type), data
+            return put_retrying(self._store, prefix + name, data, file_content_type, policy).url, b""
+
         output = types_pb2.GenerateOutput()
         for image in result.images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
             name = random_name(suffix)
             data = buffer.getvalue()
-            if inline:
-                output.images.add(
-                    url=data_uri(data, content_type),
-                    content_type=content_type,
-                    file_name=name,
-                    file_size=len(data),
-                    width=image.width,
-                    height=image.height,
-                    file_data=data,
-                )
-                continue
-            key = f"{output_prefix(tenant, request_id)}{name}"
-            stored = put_retrying(self._store, key, data, content_type, policy)
+            url, file_data = place(data, content_type, name)
             output.images.add(
-                url=stored.url,
+                url=url,
                 content_type=content_type,
                 file_name=name,
-                file_size=stored.size,
+                file_size=len(data),
                 width=image.width,
                 height=image.height,
+                file_data=file_data,
             )
         flags = result.has_nsfw_concepts or [False] * len(result.images)
         output.has_nsfw_concepts.extend(flags)
@@ -502,30 +499,15 @@ class Worker:
             ("debug_latents", result.debug_latents),
             ("debug_per_pass_latents", result.debug_per_pass_latents),
         ):
-            if debug is not None and inline:
+            if debug is not None:
+                url, file_data = place(debug.data, debug.content_type, random_name(".safetensors"))
                 getattr(output, field).CopyFrom(
                     types_pb2.File(
-                        url=data_uri(debug.data, debug.content_type),
+                        url=url,
                         content_type=debug.content_type,
                         file_name=debug.file_name,
                         file_size=len(debug.data),
-                        file_data=debug.data,
-                    )
-                )
-            elif debug is not None:
-                stored = put_retrying(
-                    self._store,
-                    f"{output_prefix(tenant, request_id)}{random_name('.safetensors')}",
-                    debug.data,
-                    debug.content_type,
-                    policy,
-                )
-                getattr(output, field).CopyFrom(
-                    types_pb2.File(
-                        url=stored.url,
-                        content_type=debug.content_type,
-                        file_name=debug.file_name,
-                        file_size=stored.size,
+                        file_data=file_data,
                     )
                 )
         return output

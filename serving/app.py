@@ -198,9 +198,7 @@ class Worker:
         inp = request.input
         holding = contextlib.ExitStack()
         try:
-            validate_input(inp, self._settings)
-            # Before anything loads: another tenant's file fails here as a missing one does.
-            await asyncio.to_thread(check_stored_inputs, inp, request.tenant, self._store)
+            await self._check_input(inp, request.tenant)
             loads_before = self._pipeline_loads
             pipelines: list[EvictablePipeline] = []
             # The pipeline is the one the request's own input names: the routing key is not trusted for that.
@@ -294,6 +292,12 @@ class Worker:
         finally:
             holding.close()
 
+    async def _check_input(self, inp: types_pb2.GenerateInput, tenant: str) -> None:
+        """Before anything loads: the gateway's validation again (a call may not have come through it), and
+        stored files only of the request's tenant (another tenant's file fails as a missing one does)."""
+        validate_input(inp, self._settings)
+        await asyncio.to_thread(check_stored_inputs, inp, tenant, self._store)
+
     def _admit(self, grpc_context: RayServegRPCContext | None) -> None:
         """Refuses a call through Serve's gRPC ingress without the gateway's secret (PERMISSION_DENIED).
 
@@ -374,8 +378,7 @@ class Worker:
         inp = request.input
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         try:
-            validate_input(request.input, self._settings)
-            await asyncio.to_thread(check_stored_inputs, request.input, request.tenant, self._store)
+            await self._check_input(inp, request.tenant)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
         except (InvalidArgument, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})

@@ -86,7 +86,8 @@ class Settings:
     max_pipelines_per_replica: int = 2
     # LoRA tensors, and the merged copies of the last set kept for a repeat, on one pipeline's device
     # between requests, by bytes (0: a quarter of the device memory free once the pipeline is loaded,
-    # split among max_pipelines_per_replica, on a GPU; 2 GiB on a CPU) and optionally by count (0: none).
+    # the host's available RAM on a CPU, split among max_pipelines_per_replica) and optionally by count
+    # (0: none).
     max_loras_per_pipeline: int = 0
     max_lora_bytes_per_pipeline: int = 0
     # Parsed LoRA and embedding files kept in one replica's host RAM (shared by its pipelines and fed by

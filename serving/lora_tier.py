@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
 import torch
 from diffusers import DiffusionPipeline
 
@@ -38,20 +39,24 @@ from serving.metrics import WorkerMetrics
 
 # The adapter-cache tier of LoRAs resident in a pipeline (on its device), as metrics name it.
 GPU_TIER = "gpu"
-# The default byte budget of adapters and kept merged copies: this share of the device memory free
-# once the pipeline is loaded, split among the pipelines a replica may hold (the rest is for their
-# weights and activations), or a fixed amount on a CPU.
+# The default byte budget of adapters and kept merged copies: this share of the memory free once the
+# pipeline is loaded (the GPU's, or the host's available RAM on a CPU), split among the pipelines a
+# replica may hold (the rest is for their weights and activations, and on a CPU the host tier).
 DEVICE_BUDGET_FRACTION = 0.25
-CPU_BUDGET_BYTES = 2 * 1024**3
 MAX_REASON_CHARS = 400
 
 
 def default_budget(device: torch.device, pipelines: int = 1) -> int:
-    """On an 80 GB GPU with SDXL loaded and 2 pipelines per replica: ~9 GB, one merged set and ~80 rank-32 LoRAs."""
+    """On an 80 GB GPU with SDXL loaded and 2 pipelines per replica: ~9 GB, one merged set and ~80 rank-32 LoRAs.
+
+    A fraction of what is free rather than a fixed size, so that the same default neither starves a
+    large machine into merging again on every repeat nor takes more than a small one has.
+    """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free * DEVICE_BUDGET_FRACTION / max(1, pipelines))
-    return CPU_BUDGET_BYTES
+    else:
+        free = psutil.virtual_memory().available
+    return int(free * DEVICE_BUDGET_FRACTION / max(1, pipelines))
 
 
 def _is_unet(group: ShapeGroup) -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from serving import lora_tier
 from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file
 from serving.memory import memory_figures
 from serving.metrics import WorkerMetrics
@@ -167,6 +169,17 @@ def test_the_device_budget_counts_the_merged_copies_kept_for_a_repeat(tiny_model
     assert np.array_equal(pixels(tight, loras=[(lora_0, 1.0)]), first)
     assert tight.lora_merges == merges + 1
     assert np.array_equal(first, pixels(probe, loras=[(lora_0, 1.0)]))
+
+
+def test_the_default_device_budget_on_a_cpu_is_a_share_of_the_available_ram(
+    tiny_models: dict[str, TinyModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fixed size starved a large machine (SDXL fp32 copies alone are 3.6 GB) and overcommitted a small one.
+    available = 64 * 1024**3
+    monkeypatch.setattr(lora_tier.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+    assert lora_tier.default_budget(torch.device("cpu"), pipelines=2) == available // 8
+    loaded = load_pipeline(str(tiny_models["sd15"].pipeline_dir), pipelines_per_replica=4)
+    assert loaded.lora_tier.max_bytes == available // 16
 
 
 def test_pipelines_of_one_replica_share_the_host_tier(tiny_models: dict[str, TinyModel]) -> None:

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rounds of P2's LoRA guard (default 40, --quick 12); its interval narrows as 1/sqrt(N)",
     )
+    parser.add_argument(
+        "--p2-family",
+        choices=["sd15", "sdxl"],
+        help="tiny model family of P2's LoRA guard (default sd15)",
+    )
     parser.add_argument("--verbose", action="store_true", help="forward the Ray workers' logs to stderr")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the tiny models and the data dir")
     return parser
@@ -57,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.p2_rounds < 1:
             build_parser().error("--p2-rounds: at least 1")
         plan = dataclasses.replace(plan, p2_rounds=args.p2_rounds)
+    if args.p2_family is not None:
+        plan = dataclasses.replace(plan, p2_family=args.p2_family)
     # Whatever Ray or diffusers print while it runs goes to stderr; stdout carries only the table.
     with contextlib.redirect_stdout(sys.stderr):
         rows, meta = asyncio.run(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 PROMPT = "a photo of a red house"
 SEED = 7
 GUIDANCE_SCALE = 7.5
 PHASES = ("P1", "P2", "P3", "P4")
+# The tiny model families (serving/tiny.py's Family, not imported: this module stays free of torch).
+P2Family = Literal["sd15", "sdxl"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class Plan:
     p2_rounds: int = 40
     p2_reference_rounds: int = 3
     p2_block: int = 2
+    # P2's model family: the issue's guard is on tiny SD 1.5 (`--p2-family sdxl` for the SDXL-structured one).
+    p2_family: P2Family = "sd15"
     p3_rounds: int = 8
     p3_block: int = 4
     # Calls per arm before measuring (model loads, first-call allocations).

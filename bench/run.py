@@ -412,7 +412,7 @@ class Bench:
                 1.05,
                 f"*each round's drift removed, 90% of resampled rounds {spread['tax'][0]:.3f}-{spread['tax'][1]:.3f}; "
                 f"{raw}; replica inference {replica['rr']:.1f} / {replica['none']:.1f} ms "
-                f"= {replica['rr'] / replica['none']:.3f}; {size}px {steps} steps",
+                f"= {replica['rr'] / replica['none']:.3f}; tiny {plan.p2_family} {size}px {steps} steps",
                 {"rr": len(rr.seconds), "none": len(none.seconds)},
             )
         )
@@ -769,11 +769,18 @@ async def _run(
     os.environ["OMP_NUM_THREADS"] = str(threads)
     inprocess.quiet()
     load_before = os.getloadavg()
-    say(f"building tiny SDXL models in {workdir} (one with {plan.num_loras} LoRAs, two plain)")
-    model_a = await asyncio.to_thread(make_tiny_model, workdir / "model-a", "sdxl", plan.num_loras, 0)
+    say(f"building tiny SDXL models in {workdir} (three plain)")
+    model_a = await asyncio.to_thread(make_tiny_model, workdir / "model-a", "sdxl", 0, 0)
     model_b = await asyncio.to_thread(make_tiny_model, workdir / "model-b", "sdxl", 0, 1)
     model_c = await asyncio.to_thread(make_tiny_model, workdir / "model-c", "sdxl", 0, 2)
     plain = await asyncio.to_thread(inprocess.load, model_a.pipeline_dir)
+    if "P2" in phases:
+        say(f"building P2's tiny {plan.p2_family} models (one with {plan.num_loras} LoRAs, one never given one)")
+        p2_model = await asyncio.to_thread(
+            make_tiny_model, workdir / "p2-model", plan.p2_family, plan.num_loras, 3
+        )
+        p2_pristine = await asyncio.to_thread(make_tiny_model, workdir / "p2-pristine", plan.p2_family, 0, 4)
+        p2_plain = await asyncio.to_thread(inprocess.load, p2_model.pipeline_dir)
 
     ray_cpus = max(2, threads + 1)
     settings = Settings(
@@ -808,7 +815,7 @@ async def _run(
             if "P1" in phases:
                 await bench.p1(model_a.pipeline_dir, plain)
             if "P2" in phases:
-                await bench.p2(model_a.pipeline_dir, model_a.lora_paths, plain, model_b.pipeline_dir)
+                await bench.p2(p2_model.pipeline_dir, p2_model.lora_paths, p2_plain, p2_pristine.pipeline_dir)
             if "P3" in phases:
                 await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
             if "P4" in phases:

@@ -156,3 +156,12 @@ def test_p2_rounds_flag_sets_the_guards_rounds(capsys: pytest.CaptureFixture[str
         main(["--p2-rounds", "0"])
     assert exited.value.code == 2
     assert "--p2-rounds: at least 1" in capsys.readouterr().err
+
+
+def test_p2_runs_on_tiny_sd15_unless_told_otherwise() -> None:
+    from bench.__main__ import build_parser
+
+    assert Plan.full().p2_family == "sd15" and Plan.quick_run().p2_family == "sd15"
+    assert build_parser().parse_args(["--p2-family", "sdxl"]).p2_family == "sdxl"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--p2-family", "sd3"])

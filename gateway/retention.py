@@ -9,7 +9,8 @@ instead of handing out URLs to deleted files, and GetStatus still tells how the 
 Files are deleted before the request is marked: if the object store fails, the request stays
 as it was and the next round tries again, so no file outlives its request unnoticed. Every
 gateway sweeps (on PostgreSQL two may pick the same request; deleting twice is harmless). Each
-round also drops the live previews of requests that ended a minute ago (gateway/previews.py).
+round also drops the live previews of requests that ended a minute ago (gateway/previews.py); with
+`retention_seconds` 0 or less (keep requests forever) the rounds still run, for that alone.
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ class RetentionSweeper(Periodic):
         period_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if retention_seconds <= 0:
-            raise ValueError(f"retention_seconds must be positive to sweep, got {retention_seconds}")
-        super().__init__(period_seconds or min(MAX_PERIOD_SECONDS, max(1.0, retention_seconds / 10)), on_error)
+        period = MAX_PERIOD_SECONDS if retention_seconds <= 0 else min(MAX_PERIOD_SECONDS, max(1.0, retention_seconds / 10))
+        super().__init__(period_seconds or period, on_error)
         self._store = store
         self._files = files
         self.retention_seconds = retention_seconds
@@ -64,6 +64,8 @@ class RetentionSweeper(Periodic):
         """Expires what finished more than retention_seconds before `now` (the clock's now); returns the ids."""
         now = self._clock() if now is None else now
         await self._store.drop_previews(now - KEEP_AFTER_END_SECONDS)
+        if self.retention_seconds <= 0:
+            return []
         before = now - self.retention_seconds
         expired: list[str] = []
         for _ in range(MAX_BATCHES_PER_ROUND):

@@ -133,13 +133,13 @@ class Gateway:
             on_change=self._changed,
             on_error=lambda exc: self.metrics.upkeep_errors.inc(),
         )
-        if settings.retention_seconds > 0:
-            self.retention = RetentionSweeper(
-                self.store,
-                self.files,
-                settings.retention_seconds,
-                on_error=lambda exc: self.metrics.upkeep_errors.inc(),
-            )
+        # Runs with retention 0 too: the previews of ended requests still go.
+        self.retention = RetentionSweeper(
+            self.store,
+            self.files,
+            settings.retention_seconds,
+            on_error=lambda exc: self.metrics.upkeep_errors.inc(),
+        )
 
     def _changed(self, request_ids: list[str]) -> None:
         """Leases taken back, start timeouts: requests moved in or out of the queue."""

@@ -97,6 +97,22 @@ async def test_the_retention_sweep_drops_previews_a_minute_after_their_request_e
     assert (await store.get(ended.id)) == finished
 
 
+async def test_with_retention_zero_the_sweep_still_drops_previews_and_keeps_every_request(
+    store: RequestStore, tmp_path: Path
+) -> None:
+    run = await running(store)
+    await store.set_progress(run.id, run.lease_token, 10, 10, b"jpeg")
+    assert await store.complete(run.id, run.lease_token, types_pb2.GenerateOutput(seed=1), 1.0)
+    finished = await store.get(run.id)
+    assert finished is not None and finished.finished_at is not None
+    files = LocalObjectStore(tmp_path / "files", "http://127.0.0.1:1")
+    years_later = finished.finished_at + 10 * 365 * 24 * 3600.0
+    sweeper = RetentionSweeper(store, files, 0, on_error=_raise, clock=lambda: years_later)
+    assert await sweeper.run_once() == []
+    assert await store.preview(run.id) is None
+    assert (await store.get(run.id)) == finished
+
+
 def _raise(exc: BaseException) -> None:
     raise exc
 

@@ -205,11 +205,6 @@ async def test_the_sweeper_runs_in_the_background_and_outlives_errors(store: Req
     assert len(errors) == 1 and broken.deleted == [output_prefix(done.id)]
 
 
-def test_a_retention_of_zero_has_no_sweeper() -> None:
-    with pytest.raises(ValueError, match="positive"):
-        RetentionSweeper(None, None, 0, on_error=_fail)  # type: ignore[arg-type]
-
-
 def test_delete_prefix_takes_a_whole_folder_and_nothing_beside_it(tmp_path: Path) -> None:
     files = LocalObjectStore(tmp_path / "files", "http://127.0.0.1:1")
     for key in ("outputs/a/1.png", "outputs/a/2.png", "outputs/ab/1.png", "outputs/b/1.png"):

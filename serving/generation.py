@@ -66,6 +66,7 @@ def generate_result(
             "enable_safety_checker: this server has no safety checker model configured, so images cannot be "
             "checked; leave enable_safety_checker off or ask the operator to configure one",
         )
+    image_to_image.check_model(loaded.pipe, params, loaded.model_name)
     with loaded.in_use():
         view, call_kwargs = _prepare(loaded.pipe, params)
         try:

@@ -22,6 +22,15 @@ keeps nothing of the image but its size, so the text-to-image pipeline runs at t
 image-to-image pipelines would add the noise to the image's latents, and the SD noise schedule
 leaves about 7% of them in at its noisiest step. Inpaint handles 1.0 itself (pure noise in the
 masked region).
+
+Dedicated inpainting checkpoints (runwayml/stable-diffusion-inpainting, SDXL inpainting 0.1) have a
+U-Net that takes 9 channels: the latents, the mask and the masked image's latents. Their folders
+name diffusers' inpaint pipeline class, so `resident_pipeline` keeps the text-to-image class
+resident like for every other model (one code path for LoRAs, ControlNets, tiling); diffusers'
+inpaint pipelines feed such a U-Net its extra channels themselves. Nothing else can: the
+text-to-image and image-to-image pipelines would hand it 4 or 9 channels of noise and fail with
+a shape error mid-denoise, and IC-Light widens a 4-channel `conv_in`, so `check_model` refuses
+those requests by field before any work.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from diffusers import (
 from loraserve import schema
 from loraserve.v1 import types_pb2
 from serving.controlnet import quiet_dtype_warnings
-from serving.errors import OptionUnavailableError
+from serving.errors import ModelLoadError, OptionUnavailableError
 from serving.request import StartImage
 from storage.fetch import fetch_image
 
@@ -77,6 +86,9 @@ _CLASSES: tuple[tuple[type[DiffusionPipeline], type[DiffusionPipeline], type[Dif
     (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline),
     (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline),
 )
+
+# What a dedicated inpainting U-Net takes besides the latents: the mask (1) and the masked image's latents.
+_INPAINT_EXTRA_CHANNELS = 1
 
 _ONE_START_IMAGE_PER_OUTPUT = (StableDiffusionImg2ImgPipeline, StableDiffusionControlNetImg2ImgPipeline)
 
@@ -173,6 +185,66 @@ def adapt(
     if inpaint:
         kwargs["mask_image"] = start.mask
     return composed, _fit_call_options(target, kwargs, params)
+
+
+def resident_pipeline(pipe: DiffusionPipeline, model_name: str) -> DiffusionPipeline:
+    """The text-to-image pipeline on `pipe`'s modules, whatever class its model_index.json named.
+
+    Dedicated inpainting checkpoints are saved as diffusers' inpaint pipelines (others as image-to-image
+    ones); every endpoint composes its pipeline from the resident text-to-image one with `from_pipe`.
+    A U-Net that takes neither the latents alone nor the inpainting layout is refused here, by name,
+    rather than with a shape error in its first request.
+    """
+    unet = getattr(pipe, "unet", None)
+    vae = getattr(pipe, "vae", None)
+    if unet is not None and vae is not None:
+        latent = int(vae.config.latent_channels)
+        channels = int(unet.config.in_channels)
+        if channels not in (latent, inpaint_channels(latent)):
+            raise ModelLoadError(
+                f"model {model_name!r}: its U-Net takes {channels} input channels; only {latent} (the latents) or "
+                f"{inpaint_channels(latent)} (a dedicated inpainting model: latents, mask, masked image) are supported"
+            )
+    for text_to_image, image_to_image, inpainting in _CLASSES:
+        if type(pipe) in (image_to_image, inpainting):
+            with quiet_dtype_warnings():
+                resident = text_to_image.from_pipe(pipe, dtype=pipe.dtype)
+            resident.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+            return resident
+    return pipe
+
+
+def inpaint_channels(latent_channels: int) -> int:
+    """A dedicated inpainting U-Net's input: the latents, the mask and the masked image's latents."""
+    return 2 * latent_channels + _INPAINT_EXTRA_CHANNELS
+
+
+def is_inpainting_model(pipe: DiffusionPipeline) -> bool:
+    return int(pipe.unet.config.in_channels) == inpaint_channels(int(pipe.vae.config.latent_channels))
+
+
+def check_model(pipe: DiffusionPipeline, params: GenerationParams, model_name: str) -> None:
+    """Refuses, by field and before any work, what a dedicated inpainting model cannot run."""
+    if not is_inpainting_model(pipe):
+        return
+    channels = int(pipe.unet.config.in_channels)
+    start = params.start_image
+    if start is None or not start.mask_url:
+        endpoint = "text-to-image" if start is None else "image-to-image"
+        raise OptionUnavailableError(
+            "model_name",
+            f"model_name: model {model_name!r} is a dedicated inpainting model (its U-Net takes {channels} input "
+            "channels: the latents, the mask and the masked image), which only the inpaint endpoint "
+            f"(fal-ai/lora/inpaint) can run, not {endpoint}; use a model that is not an inpainting one, or the "
+            "inpaint endpoint with a mask that is white everywhere to repaint the whole image",
+        )
+    if params.conditioning is not None and params.conditioning.ic_light is not None:
+        raise OptionUnavailableError(
+            "ic_light_model_url",
+            f"ic_light_model_url: IC-Light widens a 4-channel SD 1.5 U-Net's input, but model {model_name!r} is a "
+            f"dedicated inpainting model whose U-Net takes {channels} channels; use IC-Light with a model that is "
+            "not an inpainting one",
+        )
 
 
 def pipeline_class(view: DiffusionPipeline, *, inpaint: bool) -> type[DiffusionPipeline]:

@@ -13,7 +13,7 @@ import safetensors
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from serving import unets
+from serving import image_to_image, unets
 from serving.errors import ModelLoadError
 from serving.lora_cache import HostLoraCache
 from serving.loaded import LoadedPipeline
@@ -51,7 +51,9 @@ def load_pipeline(
     """
     label = label or model_name
     variant = variant or None
-    pipe = _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant)
+    pipe = image_to_image.resident_pipeline(
+        _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant), label
+    )
     family = _detect_family(pipe, label)
     if unet:
         try:

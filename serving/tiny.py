@@ -24,7 +24,9 @@ from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -52,6 +54,11 @@ EOS_TOKEN = "<|endoftext|>"
 # Whole words get merged into single tokens, so prompts tokenise the way real CLIP prompts do.
 MERGE_WORDS = ("a", "photo", "of", "cat", "dog", "the", "red", "blue", "house", "tree")
 
+# A dedicated inpainting U-Net (runwayml/stable-diffusion-inpainting, SDXL inpainting 0.1) takes the
+# latents, the mask and the masked image's latents stacked: 4 + 1 + 4 channels.
+LATENT_CHANNELS = 4
+INPAINT_UNET_CHANNELS = 2 * LATENT_CHANNELS + 1
+
 # Standard Stable Diffusion noise-schedule values, shared by both families.
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 
@@ -66,14 +73,18 @@ class TinyModel:
 
 
 def make_tiny_model(
-    out_dir: Path, family: Family = "sdxl", num_loras: int = 3, seed: int = 0
+    out_dir: Path, family: Family = "sdxl", num_loras: int = 3, seed: int = 0, *, inpaint: bool = False
 ) -> TinyModel:
-    """Build, save and describe a tiny pipeline plus `num_loras` LoRAs; same seed, same files."""
+    """Build, save and describe a tiny pipeline plus `num_loras` LoRAs; same seed, same files.
+
+    `inpaint` builds a dedicated inpainting checkpoint instead: a 9-channel U-Net, saved as the
+    published ones are, under diffusers' inpaint pipeline class in model_index.json.
+    """
     out_dir = Path(out_dir)
     # Seeded random weights, without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = _build_pipeline(family)
+        pipe = _build_pipeline(family, inpaint=inpaint)
         pipeline_dir = out_dir / "pipeline"
         pipe.save_pretrained(pipeline_dir, safe_serialization=True)
         template = _unet_lora_template(pipe.unet)
@@ -122,40 +133,41 @@ def make_tiny_safety_checker(out_dir: Path, *, flag_everything: bool = False, se
     return out_dir
 
 
-def _build_pipeline(family: Family) -> DiffusionPipeline:
+def _build_pipeline(family: Family, *, inpaint: bool = False) -> DiffusionPipeline:
     tokenizer = _build_tokenizer()
     text_config = _text_encoder_config(tokenizer)
+    in_channels = INPAINT_UNET_CHANNELS if inpaint else LATENT_CHANNELS
     if family == "sd15":
-        return StableDiffusionPipeline(
+        return (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
             vae=_build_vae(norm_num_groups=2),
             text_encoder=CLIPTextModel(text_config),
             tokenizer=tokenizer,
-            unet=_build_sd15_unet(),
+            unet=_build_sd15_unet(in_channels),
             scheduler=DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
     if family == "sdxl":
-        return StableDiffusionXLPipeline(
+        return (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline)(
             vae=_build_vae(norm_num_groups=32),
             text_encoder=CLIPTextModel(text_config),
             text_encoder_2=CLIPTextModelWithProjection(text_config),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
-            unet=_build_sdxl_unet(text_config),
+            unet=_build_sdxl_unet(text_config, in_channels),
             scheduler=EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="leading"),
         )
     raise ValueError(f"unknown model family {family!r}; expected 'sd15' or 'sdxl'")
 
 
-def _build_sd15_unet() -> UNet2DConditionModel:
+def _build_sd15_unet(in_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        in_channels=in_channels,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
@@ -163,15 +175,15 @@ def _build_sd15_unet() -> UNet2DConditionModel:
     )
 
 
-def _build_sdxl_unet(text_config: CLIPTextConfig) -> UNet2DConditionModel:
+def _build_sdxl_unet(text_config: CLIPTextConfig, in_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     """SDXL conditions on both encoders' hidden states (concatenated) and on size/crop ids."""
     addition_time_embed_dim = 8
     return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
         sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        in_channels=in_channels,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),

@@ -220,6 +220,9 @@ def _path_key(path: Path) -> tuple[str, ...]:
 def derived_config(unet: Any, vae_scale_factor: int) -> dict[str, Any]:
     """The config `ControlNetModel.from_unet(unet)` would give, for single files without config_url."""
     config = {name: unet.config[name] for name in _FROM_UNET if name in unet.config}
+    # A ControlNet takes the latents alone, also beside a dedicated inpainting U-Net (whose input adds the
+    # mask and the masked image): as many channels as the U-Net predicts.
+    config["in_channels"] = unet.config["out_channels"]
     # A real VAE downsamples 8× (3 steps, 4 widths); the embedding must shrink the image as much.
     steps = max(0, int(vae_scale_factor).bit_length() - 1)
     config["conditioning_embedding_out_channels"] = list(CONDITIONING_CHANNELS[: steps + 1])

@@ -153,6 +153,11 @@ def test_loras_controlnets_tiling_and_debug_latents_work_on_it(
         ),
     )
     assert np.abs(controlled - bare).mean() > 1.0, "the ControlNet had no effect"
+    # A single file without config_url gets a config derived from the model's U-Net: 4 input channels, not 9.
+    single_file = controlnets[family].single_file
+    single = ControlNetSpec(path="cn.safetensors", image_url="c", weights=single_file, image=picture(5))
+    from_single_file = pixels(loaded, inpaint(), conditioning=Conditioning(controlnets=[single]))
+    assert np.array_equal(from_single_file, controlled), "the single file is the folder's weights"
     tiled = pixels(loaded, inpaint(), tile_width=32, tile_height=32, tile_stride_width=16, tile_stride_height=16)
     assert np.abs(tiled - bare).mean() > 0.5, "tiling had no effect"
     result = generate_result(loaded, params(inpaint(), debug_latents=True, num_images=2))

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from safetensors.numpy import load
 
 from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
-from serving.tiny import TinyModel
+from serving.tiny import TinyModel, make_tiny_model
 from serving.tiny_adapters import make_tiny_adapters
 from tests.conftest import read_image_bytes
 from tests.integration.test_conditioning import data_uri, failure, picture, png
@@ -258,3 +259,44 @@ async def test_controlnet_and_ip_adapter_with_inpaint_and_image_to_image(
     plain = await generate_pixels(target, stack_settings, image_to_image)
     controlled = await generate_pixels(target, stack_settings, {**image_to_image, **conditioning})
     assert np.abs(controlled - plain).mean() > 1.0
+
+
+@pytest.fixture(scope="module")
+def inpainting_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyModel]:
+    """Dedicated inpainting checkpoints (9-channel U-Net), saved under diffusers' inpaint pipeline class."""
+    root = tmp_path_factory.mktemp("inpainting-checkpoints")
+    return {f: make_tiny_model(root / f, family=f, num_loras=1, inpaint=True) for f in ("sd15", "sdxl")}
+
+
+async def test_a_dedicated_inpainting_checkpoint_runs_inpaint(
+    target: str, stack_settings: Settings, inpainting_models: dict[str, TinyModel], family: str
+) -> None:
+    model = inpainting_models[family]
+    inpaint = body(model.pipeline_dir, endpoint=INPAINT, mask_url=data_uri(half_mask()), num_inference_steps=3)
+    first = await generate_pixels(target, stack_settings, inpaint)
+    assert first.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(await generate_pixels(target, stack_settings, inpaint), first), "same seed, other bytes"
+    with_lora = await generate_pixels(
+        target, stack_settings, {**inpaint, "loras": [{"path": str(model.lora_paths[0]), "scale": 1.0}]}
+    )
+    assert np.abs(with_lora - first).mean() > 1.0, "the LoRA had no effect"
+
+
+async def test_other_endpoints_on_an_inpainting_checkpoint_are_refused_naming_model_name(
+    target: str, stack_settings: Settings, inpainting_models: dict[str, TinyModel]
+) -> None:
+    """The worker refuses them before denoising: INVALID_ARGUMENT naming input.model_name, 422 over fal's HTTP."""
+    model = inpainting_models["sdxl"].pipeline_dir
+    text_to_image = {"model_name": str(model), "prompt": "a red house", "num_inference_steps": 2}
+    for case, endpoint in ((text_to_image, "text-to-image"), (body(model), "image-to-image")):
+        error = await failure(target, case)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "INVALID_INPUT", error
+        assert set(error.field_violations) == {"input.model_name"}
+        assert "inpainting model" in error.message and f"not {endpoint}" in error.message
+    url = f"http://127.0.0.1:{stack_settings.http_port}/run/fal-ai/lora"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json=text_to_image) as response:
+            status, answer = response.status, await response.json()
+    assert status == 422, answer
+    assert [entry["loc"] for entry in answer["detail"]] == [["body", "model_name"]]
+    assert "fal-ai/lora/inpaint" in answer["detail"][0]["msg"]

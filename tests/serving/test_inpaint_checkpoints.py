@@ -11,6 +11,7 @@ changed under the mask change nothing and pixels changed outside it change the o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from serving.pipelines import (
     load_pipeline,
 )
 from serving.request import StartImage
-from serving.tiny import INPAINT_UNET_CHANNELS, Family, TinyModel, _build_sd15_unet, make_tiny_model
+from serving.tiny import INPAINT_UNET_CHANNELS, Family, TinyModel, _build_sd15_unet, make_tiny_model, make_tiny_unet
 from serving.tiny_adapters import TinyControlNet, make_tiny_controlnet
 
 FAMILIES: list[Family] = ["sd15", "sdxl"]
@@ -192,9 +193,15 @@ def test_what_an_inpainting_model_cannot_run_is_refused_by_field(
     assert np.array_equal(pixels(loaded, inpaint()), bare), "a refusal left something behind"
 
 
-def test_a_unet_taking_other_channels_is_refused_at_load(pipelines: dict[str, LoadedPipeline]) -> None:
+def test_a_unet_taking_other_channels_is_refused_at_load(
+    pipelines: dict[str, LoadedPipeline], models: dict[str, TinyModel], tmp_path: Path
+) -> None:
     components = dict(pipelines["sd15"].pipe.components)
     pipe = StableDiffusionPipeline(**{**components, "unet": _build_sd15_unet(in_channels=8)})
     with pytest.raises(ModelLoadError) as refused:
         image_to_image.resident_pipeline(pipe, "odd-model")
     assert "'odd-model'" in str(refused.value) and "8 input channels" in str(refused.value)
+    # unet_name: a 4-channel U-Net does not replace an inpainting one.
+    with pytest.raises(ModelLoadError) as swapped:
+        load_pipeline(str(models["sd15"].pipeline_dir), unet=str(make_tiny_unet(tmp_path / "unet", "sd15")))
+    assert "in_channels 4 (model has 9)" in str(swapped.value)

@@ -165,3 +165,27 @@ def test_p2_runs_on_tiny_sd15_unless_told_otherwise() -> None:
     assert build_parser().parse_args(["--p2-family", "sdxl"]).p2_family == "sdxl"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--p2-family", "sd3"])
+
+
+def test_lora_options_run_hotswap_and_merged_copies_on_one_unet_with_the_same_output(tmp_path: Path) -> None:
+    """bench.lora --options on the tiny SDXL: both arms apply each LoRA, and the outputs agree."""
+    import torch
+
+    from bench.lora import compare_options
+    from serving.lora_cache import HostLoraCache
+    from serving.pipelines import LoadedPipeline
+    from serving.tiny import _build_pipeline, make_tiny_lora
+
+    torch.manual_seed(0)
+    pipe = _build_pipeline("sdxl")
+    paths = [make_tiny_lora(tmp_path / f"lora_{seed}.safetensors", components=["unet"], seed=seed) for seed in (1, 2, 3)]
+    host = HostLoraCache(0)
+    loaded = LoadedPipeline(pipe, family="sdxl", model_name="tiny", host_loras=host)
+    lines: list[str] = []
+    figures, raw = compare_options(pipe, loaded, host, paths, latent=8, say=lines.append)
+    assert len(raw["hotswap"]) == len(raw["switch"]) == len(raw["forward_merged"]) == 2
+    # Each LoRA changes the output, and hotswap gives what the merged copies give.
+    assert min(raw["lora_effect"]) > 1e-3
+    assert figures["max |hotswap − merged| output"] < 1e-3 * figures["max |merged − plain| (LoRA effect)"] + 1e-5
+    assert loaded.lora_merges >= 3
+    assert any("PEFT layers" in line for line in lines)

@@ -171,7 +171,7 @@ def test_lora_options_run_hotswap_and_merged_copies_on_one_unet_with_the_same_ou
     """bench.lora --options on the tiny SDXL: both arms apply each LoRA, and the outputs agree."""
     import torch
 
-    from bench.lora import compare_options
+    from bench.lora import FORWARD_PAIRS, compare_options
     from serving.lora_cache import HostLoraCache
     from serving.pipelines import LoadedPipeline
     from serving.tiny import _build_pipeline, make_tiny_lora
@@ -183,7 +183,8 @@ def test_lora_options_run_hotswap_and_merged_copies_on_one_unet_with_the_same_ou
     loaded = LoadedPipeline(pipe, family="sdxl", model_name="tiny", host_loras=host)
     lines: list[str] = []
     figures, raw = compare_options(pipe, loaded, host, paths, latent=8, say=lines.append)
-    assert len(raw["hotswap"]) == len(raw["switch"]) == len(raw["forward_merged"]) == 2
+    assert len(raw["hotswap"]) == len(raw["switch"]) == 2
+    assert len(raw["forward_hotswap"]) == len(raw["forward_merged"]) == 2 * FORWARD_PAIRS
     # Each LoRA changes the output, and hotswap gives what the merged copies give.
     assert min(raw["lora_effect"]) > 1e-3
     assert figures["max |hotswap − merged| output"] < 1e-3 * figures["max |merged − plain| (LoRA effect)"] + 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from serving.pipelines import GenerationParams, LoadedPipeline, generate
 
@@ -16,6 +17,18 @@ DEFAULTS: dict[str, object] = {
     "num_images": 1,
     "seed": 1,
 }
+
+
+def picture(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """Random pixels, the same for the same seed: a start image or a conditioning image."""
+    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype(np.uint8))
+
+
+def half_mask(size: tuple[int, int] = (64, 64), value: int = 255, columns: int | None = None) -> Image.Image:
+    """`value` (white: repainted) on the first `columns` columns, the left half by default, black elsewhere."""
+    mask = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    mask[:, : size[0] // 2 if columns is None else columns] = value
+    return Image.fromarray(mask)
 
 
 def params(**overrides: object) -> GenerationParams:

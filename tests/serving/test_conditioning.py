@@ -43,6 +43,8 @@ from serving.pipelines import (
     generate_result,
     load_pipeline,
 )
+import serving_testkit as testkit
+from serving_testkit import half_mask, picture
 from serving.tiny import Family, TinyModel, make_tiny_model
 from serving.tiny_adapters import TinyAdapters, make_tiny_adapters
 from storage.fetch import FetchPolicy, InputFetchError
@@ -77,27 +79,8 @@ def kit(adapters: dict[str, TinyAdapters], family: str) -> TinyAdapters:
     return adapters[family]
 
 
-def picture(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype(np.uint8))
-
-
-def half_mask(size: tuple[int, int] = (SIZE, SIZE), value: int = 255) -> Image.Image:
-    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
-    mask[:, : size[0] // 2] = value
-    return Image.fromarray(mask, mode="L").convert("RGB")
-
-
 def params(**overrides: Any) -> GenerationParams:
-    defaults: dict[str, Any] = {
-        "prompt": "a photo of a cat",
-        "width": SIZE,
-        "height": SIZE,
-        "num_inference_steps": 3,
-        "guidance_scale": 5.0,
-        "num_images": 1,
-        "seed": 1,
-    }
-    return GenerationParams(**{**defaults, **overrides})
+    return testkit.params(**{"num_inference_steps": 3, **overrides})
 
 
 def pixels(loaded: LoadedPipeline, conditioning: Conditioning | None = None, **overrides: Any) -> np.ndarray:

@@ -33,6 +33,8 @@ from serving.conditioning import Conditioning, ControlNetSpec, ICLightSpec, Imag
 from serving.generation import _prepare
 from serving.pipelines import GenerationParams, LoadedPipeline, OptionUnavailableError, generate_result, load_pipeline
 from serving.request import StartImage
+import serving_testkit as testkit
+from serving_testkit import half_mask, picture
 from serving.tiny import Family, TinyModel, make_tiny_embedding, make_tiny_model
 from serving.tiny_adapters import TinyAdapters, make_tiny_adapters
 from storage.fetch import FetchPolicy, InputFetchError
@@ -69,28 +71,8 @@ def pipelines(models: dict[str, TinyModel]) -> dict[str, LoadedPipeline]:
     return {family: load_pipeline(str(model.pipeline_dir)) for family, model in models.items()}
 
 
-def picture(seed: int, size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype(np.uint8))
-
-
-def half_mask(size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
-    mask = np.zeros((size[1], size[0], 3), dtype=np.uint8)
-    mask[:, : size[0] // 2] = 255
-    return Image.fromarray(mask)
-
-
 def params(start: StartImage | None, **overrides: Any) -> GenerationParams:
-    defaults: dict[str, Any] = {
-        "prompt": "a photo of a cat",
-        "width": SIZE,
-        "height": SIZE,
-        "num_inference_steps": 4,
-        "guidance_scale": 5.0,
-        "num_images": 1,
-        "seed": 1,
-        "start_image": start,
-    }
-    return GenerationParams(**{**defaults, **overrides})
+    return testkit.params(**{"start_image": start, "num_inference_steps": 4, **overrides})
 
 
 def start(strength: float = 0.5, *, inpaint: bool = False, image: Image.Image | None = None) -> StartImage:

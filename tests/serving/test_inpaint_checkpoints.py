@@ -31,6 +31,8 @@ from serving.pipelines import (
     load_pipeline,
 )
 from serving.request import StartImage
+import serving_testkit as testkit
+from serving_testkit import half_mask, picture
 from serving.tiny import INPAINT_UNET_CHANNELS, Family, TinyModel, _build_sd15_unet, make_tiny_model, make_tiny_unet
 from serving.tiny_adapters import TinyControlNet, make_tiny_controlnet
 
@@ -59,15 +61,6 @@ def controlnets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyContr
     return {family: make_tiny_controlnet(root / f"cn-{family}", plain[family].pipeline_dir) for family in FAMILIES}
 
 
-def picture(seed: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(SIZE, SIZE, 3) * 255).astype(np.uint8))
-
-
-def left_half_mask(columns: int = SIZE // 2) -> Image.Image:
-    """White (repainted) on the first `columns` columns."""
-    mask = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
-    mask[:, :columns] = 255
-    return Image.fromarray(mask)
 
 
 def repainted(image: Image.Image, columns: slice, seed: int) -> Image.Image:
@@ -78,24 +71,14 @@ def repainted(image: Image.Image, columns: slice, seed: int) -> Image.Image:
 
 
 def params(start: StartImage | None, **overrides: Any) -> GenerationParams:
-    defaults: dict[str, Any] = {
-        "prompt": "a photo of a cat",
-        "width": SIZE,
-        "height": SIZE,
-        "num_inference_steps": 3,
-        "guidance_scale": 5.0,
-        "num_images": 1,
-        "seed": 1,
-        "start_image": start,
-    }
-    return GenerationParams(**{**defaults, **overrides})
+    return testkit.params(**{"start_image": start, "num_inference_steps": 3, **overrides})
 
 
 def inpaint(
     strength: float = 0.6, *, image: Image.Image | None = None, mask: Image.Image | None = None
 ) -> StartImage:
     return StartImage(
-        image_url="img", strength=strength, mask_url="mask", image=image or picture(1), mask=mask or left_half_mask()
+        image_url="img", strength=strength, mask_url="mask", image=image or picture(1), mask=mask or half_mask()
     )
 
 
@@ -129,7 +112,7 @@ def test_inpaint_feeds_the_mask_and_the_masked_image_to_the_unet(
     assert np.array_equal(under_mask, first)
     outside = pixels(loaded, inpaint(1.0, image=repainted(picture(1), kept, seed=9)))
     assert np.abs(outside - first).mean() > 0.2, "the masked image did not reach the U-Net"
-    other_mask = pixels(loaded, inpaint(1.0, mask=left_half_mask(SIZE // 4)))
+    other_mask = pixels(loaded, inpaint(1.0, mask=half_mask(columns=SIZE // 4)))
     assert np.abs(other_mask - first).mean() > 1.0, "the mask did not reach the U-Net"
     # Below 1 the latents start from the noised start image too.
     assert np.abs(pixels(loaded, inpaint(0.6)) - pixels(loaded, inpaint(0.6, image=picture(2)))).mean() > 1.0

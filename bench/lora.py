@@ -362,16 +362,17 @@ def compare_options(
                 arm()
         raw["max_abs_diff"].append((outputs["hotswap"] - outputs["merged"]).abs().max().item())
         raw["lora_effect"].append((outputs["merged"] - plain).abs().max().item())
-        pairs = slice(-FORWARD_PAIRS, None)
+        last = slice(-FORWARD_PAIRS, None)
         say(
             f"options round {index}/{len(paths) - 1}: hotswap {raw['hotswap'][-1] * 1000:.0f} ms, "
             f"switch {raw['switch'][-1] * 1000:.0f} ms; forwards with hotswapped PEFT layers "
-            f"{', '.join(f'{t * 1000:.0f}' for t in raw['forward_hotswap'][pairs])} ms, with merged copies "
-            f"{', '.join(f'{t * 1000:.0f}' for t in raw['forward_merged'][pairs])} ms; "
+            f"{', '.join(f'{t * 1000:.0f}' for t in raw['forward_hotswap'][last])} ms, with merged copies "
+            f"{', '.join(f'{t * 1000:.0f}' for t in raw['forward_merged'][last])} ms; "
             f"max |hotswap - merged| {raw['max_abs_diff'][-1]:.2e} (LoRA's effect {raw['lora_effect'][-1]:.2e})"
         )
-    per_step = [h / m for h, m in zip(raw["forward_hotswap"], raw["forward_merged"], strict=True)]
-    overhead = ms(raw["forward_hotswap"]) - ms(raw["forward_merged"])
+    pairs = list(zip(raw["forward_hotswap"], raw["forward_merged"], strict=True))
+    # Per pair, so that a slow spell of the machine during one pair moves one sample, not a median.
+    overhead = ms([h - m for h, m in pairs])
     saved = ms(raw["switch"]) - ms(raw["hotswap"])
     shape = f"{CFG_BATCH}×{latent}²"
     figures = {
@@ -380,7 +381,7 @@ def compare_options(
         "hotswap ÷ switch": ms(raw["hotswap"]) / ms(raw["switch"]),
         f"forward {shape}, hotswapped ms": ms(raw["forward_hotswap"]),
         f"forward {shape}, merged ms": ms(raw["forward_merged"]),
-        "hotswapped ÷ merged forward": statistics.median(per_step),
+        "hotswapped ÷ merged forward": statistics.median(h / m for h, m in pairs),
         "hotswap per-step overhead ms": overhead,
         "break-even steps": break_even(saved, overhead),
         "max |hotswap − merged| output": max(raw["max_abs_diff"]),

@@ -200,7 +200,9 @@ def _deltas(
         if module is None:
             continue
         if not isinstance(module, MERGEABLE):
-            raise LoraFitError(f"layer {component}.{name} is a {type(module).__name__}, not a Linear or Conv2d")
+            # Qualified: a PEFT wrapper left in the module is also called `Linear`.
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            raise LoraFitError(f"layer {component}.{name} is a {kind}, not a torch.nn.Linear or Conv2d")
         r = _per_layer(config.rank_pattern, name, config.r)
         alpha = _per_layer(config.alpha_pattern, name, config.lora_alpha)
         scaling = (alpha / math.sqrt(r) if config.use_rslora else alpha / r) * extra

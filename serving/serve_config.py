@@ -2,8 +2,8 @@
 
 `loraserve serve` starts Serve with `serve_start_options` and runs `build_app(settings)`; the Helm
 chart's RayService carries `serve_config(settings)` as its `serveConfigV2`, whose import path
-`build_application` rebuilds the same Settings from its `args` (plus the pod's `LORASERVE_*`
-env for secrets) and calls the same `build_app`. The deployment options in the config's
+(`serving.application:build_application`) rebuilds the same Settings from its `args` (plus the
+pod's `LORASERVE_*` env for secrets) and calls the same `build_app`. The deployment options in the config's
 `deployments` entry come from `deployment_options`, which `build_app` uses too, so a change in
 either mode's resources, multiplexing or autoscaling is a change in both.
 
@@ -26,7 +26,8 @@ from typing import Any
 
 from loraserve.config import ENV_PREFIX, Settings
 
-IMPORT_PATH = "serving.serve_config:build_application"
+# serving/application.py, which imports the worker (torch, Ray) that this module must not.
+IMPORT_PATH = "serving.application:build_application"
 DEPLOYMENT_NAME = "Worker"
 SERVICER_FUNCTIONS = ["loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to_server"]
 
@@ -184,13 +185,6 @@ def settings_from_args(args: Mapping[str, Any], env: Mapping[str, str] | None = 
     merged = dict(os.environ if env is None else env)
     merged.update({ENV_PREFIX + name.upper(): _env_text(value) for name, value in args.items()})
     return Settings.from_env(merged)
-
-
-def build_application(args: dict[str, Any]) -> Any:
-    """The config's import path: Serve calls it with the `args` mapping (Ray's application builder)."""
-    from serving.app import build_app
-
-    return build_app(settings_from_args(args))
 
 
 def _json_value(value: Any) -> Any:

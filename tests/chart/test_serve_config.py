@@ -118,3 +118,19 @@ def test_serve_config_command_prints_the_same_config(capsys: pytest.CaptureFixtu
     assert printed == serve_config.serve_config(
         Settings(replica_num_gpus=1.0, max_replicas=4, serve_app_name="images")
     )
+
+
+def test_the_import_path_builds_the_worker_application_from_the_configs_args() -> None:
+    # What Serve does with the config on a KubeRay cluster (ray.serve's import_attr), short of running it.
+    from ray._common.utils import import_attr
+    from ray.serve import Application
+
+    args = json.loads(json.dumps(serve_config.application_config(CHANGED)["args"]))
+    app = import_attr(serve_config.IMPORT_PATH)(args)
+    assert isinstance(app, Application)
+    worker = app._bound_deployment
+    assert worker.name == serve_config.DEPLOYMENT_NAME
+    rebuilt = worker.init_args[0]
+    assert [getattr(rebuilt, n) for n in serve_config.replica_setting_names()] == [
+        getattr(CHANGED, n) for n in serve_config.replica_setting_names()
+    ]

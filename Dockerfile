@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for the gateway (`loraserve gateway`) and the Ray head and workers (KubeRay starts
-# `ray start` in it and Serve imports serving.serve_config from it), with the gRPC stubs built in.
+# `ray start` in it and Serve imports serving.application from it), with the gRPC stubs built in.
 #
 #   docker build --build-arg VARIANT=cuda -t loraserve:0.1.0-cuda .   # GPU nodes
 #   docker build --build-arg VARIANT=cpu  -t loraserve:0.1.0-cpu .    # CPU-only clusters, dev
@@ -31,7 +31,7 @@ COPY serving ./serving
 COPY storage ./storage
 # The build generates loraserve/v1 from proto/ (setup.py); fail here if the stubs are not in.
 RUN pip install . \
-    && python -c "import loraserve.v1.worker_pb2_grpc, serving.serve_config, gateway.server" \
+    && python -c "import loraserve.v1.worker_pb2_grpc, serving.application, gateway.server" \
     && command -v loraserve ray
 
 FROM ${PYTHON_IMAGE}

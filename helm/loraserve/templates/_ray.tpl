@@ -7,7 +7,7 @@ securityContext:
   {{- include "loraserve.containerSecurityContext" .root | nindent 2 }}
 env:
   # The Serve config's args carry every other setting; secrets only reach pods as env vars. The
-  # head gets them too: Serve builds the application (serving.serve_config) wherever it likes.
+  # head gets them too: Serve builds the application (serving.application) wherever it likes.
   {{- include "loraserve.secretEnv" (dict "root" .root "component" "ray") | nindent 2 }}
   - name: HF_HOME
     value: /data/huggingface

@@ -97,9 +97,10 @@ class DeviceLoraTier:
         self._wait_hook: torch.utils.hooks.RemovableHandle | None = None
         self._stream: torch.cuda.Stream | None = None
         self._copy_stream: torch.cuda.Stream | None = None
-        # The LoRAs a side-stream merge reads, kept alive until the request ends: an eviction
-        # meanwhile must not hand their memory to another allocation while the merge may still run.
-        self._merging: list[LoraTensors] = []
+        # While a side-stream merge may run: the request's stream, the side stream, and the LoRAs the
+        # merge reads, kept alive until the request ends (an eviction meanwhile must not hand their
+        # memory to another allocation under the merge). None on a CPU and between requests.
+        self._merging: tuple[torch.cuda.Stream, torch.cuda.Stream, list[LoraTensors]] | None = None
         # Guards the resident set: Prefetch calls add to it from other threads.
         self._lock = threading.Lock()
         # The running request's LoRAs, which a prefetch never evicts.
@@ -187,7 +188,8 @@ class DeviceLoraTier:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(main)
-        self._merging = [tensors for tensors, _ in active]
+        # Before any kernel is queued: a merge that raises half-way is waited for by `deactivate` too.
+        self._merging = (main, self._stream, [tensors for tensors, _ in active])
         with torch.cuda.stream(self._stream):
             merged = lora_merge.merge(active, which=_is_unet)
         for _, parameter in merged:
@@ -201,15 +203,30 @@ class DeviceLoraTier:
         self._wait_hook = unet.register_forward_pre_hook(wait)
         return merged
 
+    def wait_for_merge(self) -> None:
+        """The request's stream waits for the U-Net merge on the side stream; nothing to wait for on a CPU.
+
+        The U-Net's pre-forward hook does this for the U-Net itself. Code that reads the U-Net's
+        weights before its first call (IC-Light's offsets) must call it first, and `deactivate` does:
+        a request that failed before its U-Net ran never waited, and the LoRAs the merge reads may be
+        freed (their memory reused by the request's stream) and its merged copies installed by a
+        repeat only once the merge is done (the allocator's rule: uses on another stream are synced
+        back to the creation stream before a tensor is freed). A device-side wait: the host goes on.
+        """
+        if self._merging is not None:
+            main, side, _ = self._merging
+            main.wait_stream(side)
+
     def deactivate(self) -> None:
         """The resident weights back in every module; the last set's merged copies are kept for a repeat if they fit."""
         if self._wait_hook is not None:
             self._wait_hook.remove()
             self._wait_hook = None
+        self.wait_for_merge()
+        self._merging = None
         lora_merge.restore(self._originals)
         self._originals = []
         self._active = set()
-        self._merging = []
         with self._lock:
             # Adapters not in use went first (`_evict_over_budget`); what is still over is the copies.
             if self._merged is not None and self._over_budget():

@@ -289,7 +289,7 @@ class DeviceLoraTier:
         main = torch.cuda.default_stream(device)
         for group in tensors.groups:
             # Allocated on the copy stream, read by merges on the main one: the allocator must know.
-            for tensor in (*group.ups, *group.downs, group.scalings):
+            for tensor in (*group.ups, *group.downs, group.scalings, *(group.magnitudes or ())):
                 tensor.record_stream(main)
         return tensors
 

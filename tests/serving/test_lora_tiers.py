@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from serving import lora_tier
+from serving.errors import AdapterLoadError
 from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file
 from serving.memory import memory_figures
 from serving.metrics import WorkerMetrics
@@ -372,3 +373,24 @@ def test_release_while_a_request_runs_frees_after_it_ends(tiny_models: dict[str,
     assert loaded.pipe.unet.device.type == "meta"
     with pytest.raises(PipelineReleased):
         generate(loaded, params())
+
+
+def test_a_request_failing_before_its_unet_runs_leaves_the_plain_model_and_its_copies_for_a_repeat(
+    tiny_models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    """On a GPU (where the device check runs this) the U-Net's share of the merge runs on a side stream that
+    the U-Net's first call waits for; a request that fails before that call must still leave no hook, and
+    the copies it merged, installed by a repeat, must be the finished ones."""
+    model = tiny_models["sd15"]
+    loaded = load_pipeline(str(model.pipeline_dir), device=DEVICE)
+    lora = [(str(model.lora_paths[0]), 1.0)]
+    expected = pixels(load_pipeline(str(model.pipeline_dir), device=DEVICE), loras=lora)
+    plain = pixels(loaded)
+    unreadable = [(str(tmp_path / "missing.safetensors"), EMBEDDING_TOKENS)]
+    with pytest.raises(AdapterLoadError, match="embedding 'missing.safetensors'"):
+        pixels(loaded, prompt=EMBEDDING_PROMPT, loras=lora, embeddings=unreadable)
+    assert not loaded.pipe.unet._forward_pre_hooks
+    merges = loaded.lora_merges
+    assert np.array_equal(pixels(loaded, loras=lora), expected)
+    assert loaded.lora_merges == merges, "the repeat merged again instead of installing the failed request's copies"
+    assert np.array_equal(pixels(loaded), plain)

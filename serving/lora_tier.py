@@ -14,7 +14,8 @@ repeat then merges again.
 
 On a GPU the U-Net's share of the merge runs on a side stream while the prompt is encoded (the
 text encoders' share runs first, on the main stream, as they need it); a pre-forward hook makes
-the U-Net's first call wait for it. A waiting request's LoRAs are made resident by `prefetch`
+the U-Net's first call wait for it, and the request's end does too (`wait_for_merge`: a request
+may fail before its U-Net runs). A waiting request's LoRAs are made resident by `prefetch`
 (the worker's Prefetch, in another thread) while the current request denoises; on a GPU their
 transfer runs on a copy stream of its own. On a CPU everything runs in order.
 """

@@ -120,10 +120,17 @@ def parse_lora_file(path: Path) -> ParsedLora:
         path=path,
         state_dict=state_dict,
         metadata=metadata,
-        nbytes=_nbytes(state_dict),
+        nbytes=_nbytes(state_dict) if flat is None else pinned_reservation(flat.numel()),
         layer_count=sum(1 for key in state_dict if key.endswith(LORA_DOWN_SUFFIXES)),
         flat=flat,
     )
+
+
+def pinned_reservation(nbytes: int) -> int:
+    """What a pinned buffer of `nbytes` holds of host RAM: PyTorch's caching host allocator rounds each
+    allocation up to a power of two (and keeps freed blocks for reuse), so an 89 MiB LoRA pins 128 MiB.
+    The host tier counts that, or its budget would let pinned memory reach twice its size."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
 
 
 def _in_one_pinned_buffer(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ import torch
 
 from serving import lora_tier
 from serving.errors import AdapterLoadError
-from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file
+from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file, pinned_reservation
 from serving.memory import memory_figures
 from serving.metrics import WorkerMetrics
 from serving.pipelines import (
@@ -64,6 +64,17 @@ def test_host_tier_parses_once_and_counts(tiny_models: dict[str, TinyModel]) -> 
         "evictions_total": 0,
         "bytes": first.nbytes,
     }
+
+
+def test_the_host_tier_counts_what_a_pinned_buffer_really_holds(tiny_models: dict[str, TinyModel]) -> None:
+    # PyTorch's caching host allocator rounds pinned allocations up to a power of two.
+    assert [pinned_reservation(n) for n in (0, 1, 4096, 4097, 93_061_120)] == [0, 1, 4096, 8192, 134_217_728]
+    parsed = parse_lora_file(tiny_models["sd15"].lora_paths[0])
+    tensor_bytes = sum(t.numel() * t.element_size() for t in parsed.state_dict.values())
+    if parsed.flat is None:
+        assert parsed.nbytes == tensor_bytes
+    else:
+        assert parsed.nbytes == pinned_reservation(parsed.flat.numel()) >= tensor_bytes
 
 
 def test_host_tier_evicts_least_recently_used_within_its_budget(tiny_models: dict[str, TinyModel]) -> None:

@@ -291,6 +291,8 @@ def applied(
                 )
             )
         if cond.ic_light is not None:
+            # IC-Light adds its offsets to the U-Net's weights (the request's merged copies among them).
+            loaded.weights_ready()
             view.__dict__["unet"] = ic_light_.apply(
                 stack,
                 pipe.unet,

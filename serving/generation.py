@@ -71,9 +71,6 @@ def generate_result(
         view, call_kwargs = _prepare(loaded.pipe, params)
         try:
             loaded.activate_loras(params.loras)
-            if params.conditioning is not None and params.conditioning.ic_light is not None:
-                # IC-Light adds its offsets to the U-Net's weights before the U-Net first runs.
-                loaded.lora_tier.wait_for_merge()
             loaded.load_embeddings(params.embeddings)
             with applied(loaded, view, params, call_kwargs) as (view, call_kwargs):
                 view, call_kwargs = image_to_image.adapt(loaded.pipe, view, params, call_kwargs)

@@ -117,6 +117,10 @@ class LoadedPipeline:
         except PipelineReleased:
             return
 
+    def weights_ready(self) -> None:
+        """The request's stream waits for the LoRA merge; the U-Net's own first call waits by itself."""
+        self._loras.wait_for_merge()
+
     def deactivate_loras(self) -> None:
         """The resident weights back in every module: output equals the plain model."""
         self._loras.deactivate()

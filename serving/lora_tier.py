@@ -208,7 +208,8 @@ class DeviceLoraTier:
         """The request's stream waits for the U-Net merge on the side stream; nothing to wait for on a CPU.
 
         The U-Net's pre-forward hook does this for the U-Net itself. Code that reads the U-Net's
-        weights before its first call (IC-Light's offsets) must call it first, and `deactivate` does:
+        weights before its first call (IC-Light's offsets, through `LoadedPipeline.weights_ready`)
+        must call it first, and `deactivate` does:
         a request that failed before its U-Net ran never waited, and the LoRAs the merge reads may be
         freed (their memory reused by the request's stream) and its merged copies installed by a
         repeat only once the merge is done (the allocator's rule: uses on another stream are synced

@@ -24,6 +24,9 @@ class LoadedModel(Protocol):
     family: str
     model_name: str
 
+    def weights_ready(self) -> None:
+        """For code that reads the U-Net's weights before its first call (the LoRAs' merge may still run)."""
+
 
 @dataclass(kw_only=True)
 class ControlNetSpec:

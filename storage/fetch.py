@@ -36,10 +36,26 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[str]]
 ProgressCallback = Callable[[int, int | None], None]
 
-METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
-    ipaddress.ip_address(address)
-    for address in ("169.254.169.254", "fd00:ec2::254", "169.254.170.2", "100.100.100.200")
+# Cloud metadata and platform services, refused even with allow_private_networks: AWS/GCP/Azure/OCI
+# 169.254.169.254 and AWS's neighbours (time sync, DNS, ECS/EKS credentials), AWS's IPv6 fd00:ec2::,
+# Alibaba 100.100.100.200, Azure's WireServer 168.63.129.16 (a public address), Oracle's 192.0.0.192.
+METADATA_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "169.254.169.0/24",
+        "169.254.170.0/24",
+        "fd00:ec2::/64",
+        "100.100.100.200/32",
+        "168.63.129.16/32",
+        "192.0.0.192/32",
+    )
 )
+# Not globally reachable by IANA's special-purpose registries, yet `is_global` in the Pythons this runs on
+# says they are: the IETF protocol assignments block (newer Pythons fix this; its two anycast addresses,
+# 192.0.0.9 and .10, serve no files either).
+_NOT_GLOBAL_NETWORKS = (ipaddress.ip_network("192.0.0.0/24"),)
+# The only IPv6 addresses routed on the internet; the rest (site-local fec0::/10, local-use NAT64, ...) is not.
+_IPV6_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 _NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK_BYTES = 64 * 1024
@@ -306,6 +322,11 @@ def _download(url: str, field: str, policy: FetchPolicy, out: Sink, on_progress:
                 if not location:
                     raise InputFetchError(field, url, f"the server answered {response.status} without a Location")
                 current = urljoin(current, location)
+                if target.scheme == "https" and urlsplit(current).scheme.lower() != "https":
+                    # What TLS protected (the path, a signed query) would cross the network in the clear.
+                    raise InputFetchError(
+                        field, url, f"redirected from https to {redact_url(current)}: a downgrade to plain http is refused"
+                    )
                 continue
             if response.status != 200:
                 raise InputFetchError(field, url, f"the server answered {response.status} {response.reason}")
@@ -440,7 +461,7 @@ def _resolve(host: str, port: int, url: str, field: str, hop: str, policy: Fetch
 def _refusal(address: IPAddress, allow_private_networks: bool) -> str | None:
     """Why this address may not be contacted, or None; IPv6 forms that embed an IPv4 are judged by it."""
     address = _embedded_ipv4(address) or address
-    if address in METADATA_ADDRESSES:
+    if any(address in network for network in METADATA_NETWORKS):
         return "a cloud metadata address"
     if address.is_unspecified:
         return "an unspecified address"
@@ -456,7 +477,11 @@ def _refusal(address: IPAddress, allow_private_networks: bool) -> str | None:
         return "a link-local address"
     if address.is_private:
         return "a private address"
-    if not address.is_global:
+    if (
+        not address.is_global
+        or any(address in network for network in _NOT_GLOBAL_NETWORKS)
+        or (isinstance(address, ipaddress.IPv6Address) and address not in _IPV6_GLOBAL_UNICAST)
+    ):
         return "not a public address"
     return None
 

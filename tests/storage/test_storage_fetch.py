@@ -15,7 +15,7 @@ import pytest
 from storage_testkit import FileServer, Route, png_bytes
 
 from loraserve.redaction import redact_url
-from storage.fetch import FetchPolicy, InputFetchError, fetch_bytes, fetch_image, open_image
+from storage.fetch import FetchPolicy, InputFetchError, check_url, fetch_bytes, fetch_image, open_image, post
 from storage.object_store import LocalObjectStore
 from tests.conftest import self_signed_cert
 
@@ -73,6 +73,65 @@ def test_loopback_is_refused_unless_listed_or_private_networks_allowed(
     assert fetch_bytes(file_server.url("/in.png"), "image_url", open_network) == png_bytes()
     with pytest.raises(InputFetchError, match="cloud metadata address"):
         fetch_bytes("http://169.254.169.254/latest/meta-data/", "image_url", open_network)
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        # Azure's WireServer: a public address that answers only from inside Azure.
+        ("168.63.129.16", "a cloud metadata address"),
+        # Oracle Cloud's metadata service.
+        ("192.0.0.192", "a cloud metadata address"),
+        # The rest of the IETF protocol assignments block, and IPv6 site-local: not reachable on the internet.
+        ("192.0.0.100", "not a public address"),
+        ("fec0::1", "not a public address"),
+    ],
+)
+def test_addresses_no_internet_file_lives_at_are_refused(
+    loopback_policy: FetchPolicy, address: str, why: str
+) -> None:
+    """By address and through a name resolving to it, for inputs and webhooks alike (`post`, `check_url`)."""
+    resolving = replace(loopback_policy, resolver=lambda host, port: [address])
+    literal = f"http://[{address}]/x" if ":" in address else f"http://{address}/x"
+    for url, policy in ((literal, loopback_policy), ("http://files.example/x", resolving)):
+        with pytest.raises(InputFetchError, match=why):
+            fetch_bytes(url, "image_url", policy)
+        with pytest.raises(InputFetchError, match=why):
+            check_url(url, "webhook_url", policy)
+        with pytest.raises(InputFetchError, match=why):
+            post(url, b"{}", {}, "webhook_url", policy)
+    if why == "a cloud metadata address":
+        with pytest.raises(InputFetchError, match=why):
+            fetch_bytes("http://files.example/x", "image_url", replace(resolving, allow_private_networks=True))
+
+
+def test_a_redirect_from_https_to_http_is_refused(tmp_path: Path, loopback_policy: FetchPolicy) -> None:
+    cert_file, key_file = self_signed_cert("files.test", tmp_path)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert_file, key_file)
+    secure, plain = FileServer(tls=server_tls), FileServer()
+    plain.routes["/in.png"] = Route(png_bytes())
+    secure.routes["/in.png"] = Route(png_bytes())
+    secure.start()
+    plain.start()
+    try:
+        secure.routes["/down"] = Route(status=302, headers={"Location": plain.url("/in.png")})
+        secure.routes["/same"] = Route(status=302, headers={"Location": "/in.png"})
+        policy = replace(
+            loopback_policy,
+            allowed_hosts=frozenset({"files.test", "127.0.0.1"}),
+            resolver=lambda host, port: ["127.0.0.1"],
+            ssl_context=ssl.create_default_context(cafile=str(cert_file)),
+        )
+        base = f"https://files.test:{secure.port}"
+        with pytest.raises(InputFetchError, match="downgrade to plain http is refused"):
+            fetch_bytes(f"{base}/down", "image_url", policy)
+        assert plain.hits["/in.png"] == 0
+        # https to https still follows; plain http may still redirect to plain http.
+        assert fetch_bytes(f"{base}/same", "image_url", policy) == png_bytes()
+    finally:
+        secure.stop()
+        plain.stop()
 
 
 def test_a_name_resolving_to_any_private_address_is_refused(loopback_policy: FetchPolicy) -> None:

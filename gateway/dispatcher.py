@@ -96,9 +96,9 @@ class Dispatcher:
         self._cancelled: set[str] = set()
         # The request being claimed right now: a Cancel may land while the claim is under way.
         self._claiming: str | None = None
-        # Requests back in the queue after a failed call, by the loop time before which they
-        # are not dispatched again (their backoff); they keep their place meanwhile.
-        self._retry_at: dict[str, float] = {}
+        # Wakes the loop when the first request backing off after a failed call (on any gateway: the
+        # store holds each backoff) may start again; they keep their places meanwhile.
+        self._retry_wake: asyncio.TimerHandle | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._loop_failing = False
         self._serving = True
@@ -169,7 +169,6 @@ class Dispatcher:
                 self._order.forget(chosen.id)
                 self._cancelled.discard(chosen.id)
                 continue
-            self._retry_at.pop(record.id, None)
             self._order.dispatched(record)
             self._lines.started(record.id, record.attempts)
             if chosen.started_at is None:
@@ -183,17 +182,16 @@ class Dispatcher:
 
     async def _next_ready(self) -> RequestRecord | None:
         """The next request to run among those waiting and not backing off after a failed call."""
-        now = asyncio.get_running_loop().time()
-        for request_id in [r for r, at in self._retry_at.items() if at <= now]:
-            del self._retry_at[request_id]
         # With running quotas, look further: the head may belong to tenants that must wait.
-        window = self._order.lookahead + len(self._retry_at) + (QUOTA_LOOKAHEAD if self._may_run else 0)
-        waiting = await self._store.waiting(window)
-        ready = [record for record in waiting if record.id not in self._retry_at]
+        window = self._order.lookahead + (QUOTA_LOOKAHEAD if self._may_run else 0)
+        ready = await self._store.waiting(window)
         if self._may_run is not None:
             ready = [record for record in ready if await self._may_run(record)]
         ready = ready[: self._order.lookahead]
-        return self._order.choose(ready) if ready else None
+        if not ready:
+            await self._wake_after_backoff()
+            return None
+        return self._order.choose(ready)
 
     def _finished(self, request_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._lines.forget(request_id)
@@ -268,7 +266,6 @@ class Dispatcher:
         run is stopped too.
         """
         self._order.forget(request_id)
-        self._retry_at.pop(request_id, None)
         self.cancel_running(request_id)
 
     def cancel_running(self, request_id: str) -> None:
@@ -413,13 +410,18 @@ class Dispatcher:
             self.wake()
 
     async def _requeue(self, record: RequestRecord, *, delay: float, refund_attempt: bool = False) -> None:
-        """Back to its old place in the queue, not dispatched again for `delay` seconds."""
-        loop = asyncio.get_running_loop()
-        self._retry_at[record.id] = loop.time() + delay
-        if await self._store.requeue(record.id, record.lease_token, refund_attempt=refund_attempt):
-            loop.call_later(delay, self.wake)
-        else:
-            self._retry_at.pop(record.id, None)
+        """Back to its old place in the queue, not claimed again by any gateway for `delay` seconds."""
+        if await self._store.requeue(record.id, record.lease_token, refund_attempt=refund_attempt, delay_seconds=delay):
+            asyncio.get_running_loop().call_later(delay, self.wake)
+
+    async def _wake_after_backoff(self) -> None:
+        """Nothing is ready: wake when the first backoff ends, whichever gateway began it."""
+        retry_in = await self._store.next_retry_in()
+        if self._retry_wake is not None:
+            self._retry_wake.cancel()
+            self._retry_wake = None
+        if retry_in is not None:
+            self._retry_wake = asyncio.get_running_loop().call_later(retry_in, self.wake)
 
     async def _give_back(self, record: RequestRecord) -> None:
         """The gateway failed mid-run (its store): requeue or fail the request, retrying until the store

@@ -179,6 +179,16 @@ CREATE TABLE previews (
 );
 """,
     ),
+    Migration(
+        8,
+        "retry backoff",
+        # A request back in the queue after a failed attempt is not claimed before `not_before`, by any
+        # gateway: the backoff is the store's, not the memory of the gateway whose attempt failed.
+        """
+ALTER TABLE requests ADD COLUMN not_before REAL;
+CREATE INDEX requests_backing_off ON requests (not_before) WHERE state = 'IN_QUEUE' AND not_before IS NOT NULL;
+""",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -303,6 +313,14 @@ CREATE TABLE previews (
     total_steps INTEGER NOT NULL,
     jpeg BYTEA NOT NULL
 );
+""",
+    ),
+    Migration(
+        8,
+        "retry backoff",
+        """
+ALTER TABLE requests ADD COLUMN not_before DOUBLE PRECISION;
+CREATE INDEX requests_backing_off ON requests (not_before) WHERE state = 'IN_QUEUE' AND not_before IS NOT NULL;
 """,
     ),
 )

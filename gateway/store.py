@@ -78,6 +78,9 @@ class RequestRecord:
     fair_tag: float = 0.0
     # Where its result is POSTed once it ends (fal's `fal_webhook`); "" for none.
     webhook_url: str = ""
+    # Back in the queue after a failed attempt: no gateway claims it before then (epoch seconds, the
+    # store's clock); None: no backoff.
+    not_before: float | None = None
 
     @functools.cached_property
     def input(self) -> types_pb2.GenerateInput:
@@ -229,20 +232,28 @@ class RequestStore(Protocol):
         ...
 
     async def waiting(self, limit: int) -> list[RequestRecord]:
-        """The head of the queue, oldest first."""
+        """The head of the queue in start order, leaving out requests still backing off after a failed attempt."""
+        ...
+
+    async def next_retry_in(self) -> float | None:
+        """Seconds until the first request backing off may start again (None: none is backing off), so a
+        gateway wakes for a backoff another gateway began."""
         ...
 
     async def claim(self, request_id: str) -> RequestRecord | None:
         """IN_QUEUE → IN_PROGRESS under a new lease held by this gateway (one attempt more); None when
-        another gateway took it or it is no longer waiting."""
+        another gateway took it, it is no longer waiting, or it is still backing off."""
         ...
 
     async def renew(self, leases: Mapping[str, str]) -> set[str]:
         """Extends the leases {request id: token}; returns the ids this gateway still holds."""
         ...
 
-    async def requeue(self, request_id: str, token: str, *, refund_attempt: bool = False) -> bool:
-        """Puts a run back in its original FIFO place; `refund_attempt` when the call never reached a worker."""
+    async def requeue(
+        self, request_id: str, token: str, *, refund_attempt: bool = False, delay_seconds: float = 0.0
+    ) -> bool:
+        """Puts a run back in its original place; `refund_attempt` when the call never reached a worker.
+        No gateway claims it for `delay_seconds` (its retry backoff)."""
         ...
 
     async def recover(self, max_attempts: int) -> TakenBack:
@@ -393,6 +404,7 @@ def record_from_row(row: Any) -> RequestRecord:
         priority=int(row["priority"]) if "priority" in row.keys() else 0,
         fair_tag=float(row["fair_tag"]) if "fair_tag" in row.keys() else 0.0,
         webhook_url=row["webhook_url"] if "webhook_url" in row.keys() else "",
+        not_before=row["not_before"] if "not_before" in row.keys() else None,
     )
 
 

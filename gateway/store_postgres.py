@@ -55,6 +55,8 @@ MIGRATION_LOCK_KEY = 0x6C6F7261
 # With hashtext(tenant): the lock a tenant's Submits take when its waiting requests are capped.
 TENANT_LOCK_CLASS = 0x74656E74
 _NOW = "extract(epoch from clock_timestamp())"
+# A waiting request not backing off after a failed attempt (by the database's clock, like leases).
+_READY = f"(not_before IS NULL OR not_before <= {_NOW})"
 _REQUEUE_SET = (
     "state = 'IN_QUEUE', step = 0, total_steps = 0, owner = NULL, lease_token = NULL, lease_expires_at = NULL"
 )
@@ -284,16 +286,24 @@ class PostgresStore:
 
     async def waiting(self, limit: int) -> list[RequestRecord]:
         rows = await self._fetch(
-            "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY priority, fair_tag, seq LIMIT %s", (limit,)
+            f"SELECT * FROM requests WHERE state = 'IN_QUEUE' AND {_READY} ORDER BY priority, fair_tag, seq LIMIT %s",
+            (limit,),
         )
         return [record_from_row(row) for row in rows]
+
+    async def next_retry_in(self) -> float | None:
+        rows = await self._fetch(
+            f"SELECT min(not_before) - {_NOW} AS wait FROM requests WHERE state = 'IN_QUEUE' AND not_before > {_NOW}"
+        )
+        wait = rows[0]["wait"]
+        return None if wait is None else max(0.0, float(wait))
 
     async def claim(self, request_id: str) -> RequestRecord | None:
         rows = await self._write(
             "WITH run AS (UPDATE requests SET state = 'IN_PROGRESS', started_at = COALESCE(started_at, %s),"
             " attempts = attempts + 1, step = 0, total_steps = 0, owner = %s, lease_token = %s,"
-            f" lease_expires_at = {_NOW} + %s"
-            " WHERE id = (SELECT id FROM requests WHERE id = %s AND state = 'IN_QUEUE' FOR UPDATE SKIP LOCKED)"
+            f" lease_expires_at = {_NOW} + %s, not_before = NULL WHERE id = (SELECT id FROM requests"
+            f" WHERE id = %s AND state = 'IN_QUEUE' AND {_READY} FOR UPDATE SKIP LOCKED)"
             " RETURNING *), clock AS (UPDATE queue_clock SET v = GREATEST(v, (SELECT fair_tag FROM run))"
             " WHERE id = 1 AND EXISTS (SELECT 1 FROM run)) SELECT * FROM run",
             (time.time(), self.owner, uuid.uuid4().hex, self.lease_seconds, request_id),
@@ -313,11 +323,14 @@ class PostgresStore:
             )
             return {row["id"] for row in await cur.fetchall()}
 
-    async def requeue(self, request_id: str, token: str, *, refund_attempt: bool = False) -> bool:
+    async def requeue(
+        self, request_id: str, token: str, *, refund_attempt: bool = False, delay_seconds: float = 0.0
+    ) -> bool:
         rows = await self._write(
-            f"UPDATE requests SET {_REQUEUE_SET}, attempts = attempts - %s"
+            f"UPDATE requests SET {_REQUEUE_SET}, attempts = attempts - %s,"
+            f" not_before = CASE WHEN %s > 0 THEN {_NOW} + %s END"
             " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS' RETURNING id",
-            (int(refund_attempt), request_id, token),
+            (int(refund_attempt), delay_seconds, delay_seconds, request_id, token),
         )
         return bool(rows)
 
@@ -440,7 +453,7 @@ class PostgresStore:
             " AND delivered_at IS NULL AND given_up_at IS NULL"
             f" AND (claim_expires_at IS NULL OR claim_expires_at < {_NOW})"
             " RETURNING *",
-            (claim_seconds, limit),
+            (claim_seconds, chosen),
         )
         return [webhook_from_row(row) for row in rows]
 

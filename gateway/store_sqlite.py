@@ -221,17 +221,26 @@ class SqliteStore:
     async def waiting(self, limit: int) -> list[RequestRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM requests WHERE state = 'IN_QUEUE' ORDER BY priority, fair_tag, seq LIMIT ?", (limit,)
+                f"SELECT * FROM requests WHERE state = 'IN_QUEUE' AND {_READY} ORDER BY priority, fair_tag, seq LIMIT ?",
+                (time.time(), limit),
             ).fetchall()
         return [record_from_row(row) for row in rows]
+
+    async def next_retry_in(self) -> float | None:
+        now = time.time()
+        with self._lock:
+            ((first,),) = self._db.execute(
+                "SELECT min(not_before) FROM requests WHERE state = 'IN_QUEUE' AND not_before > ?", (now,)
+            ).fetchall()
+        return None if first is None else max(0.0, first - now)
 
     async def claim(self, request_id: str) -> RequestRecord | None:
         now = time.time()
         with self._tx() as db:
             row = db.execute(
                 "UPDATE requests SET state = ?, started_at = COALESCE(started_at, ?), attempts = attempts + 1,"
-                " step = 0, total_steps = 0, owner = ?, lease_token = ?, lease_expires_at = ?"
-                " WHERE id = ? AND state = ? RETURNING *",
+                " step = 0, total_steps = 0, owner = ?, lease_token = ?, lease_expires_at = ?, not_before = NULL"
+                f" WHERE id = ? AND state = ? AND {_READY} RETURNING *",
                 (
                     State.IN_PROGRESS,
                     now,
@@ -240,6 +249,7 @@ class SqliteStore:
                     now + self.lease_seconds,
                     request_id,
                     State.IN_QUEUE,
+                    now,
                 ),
             ).fetchone()
             if row is not None:
@@ -262,12 +272,15 @@ class SqliteStore:
                     held.add(request_id)
         return held
 
-    async def requeue(self, request_id: str, token: str, *, refund_attempt: bool = False) -> bool:
+    async def requeue(
+        self, request_id: str, token: str, *, refund_attempt: bool = False, delay_seconds: float = 0.0
+    ) -> bool:
+        not_before = time.time() + delay_seconds if delay_seconds > 0 else None
         with self._tx() as db:
             row = db.execute(
-                f"UPDATE requests SET {_REQUEUE_SET}, attempts = attempts - ? WHERE id = ? AND lease_token = ?"
-                f" AND state = ? RETURNING {_ORDER}",
-                (State.IN_QUEUE, int(refund_attempt), request_id, token, State.IN_PROGRESS),
+                f"UPDATE requests SET {_REQUEUE_SET}, attempts = attempts - ?, not_before = ? WHERE id = ?"
+                f" AND lease_token = ? AND state = ? RETURNING {_ORDER}",
+                (State.IN_QUEUE, int(refund_attempt), not_before, request_id, token, State.IN_PROGRESS),
             ).fetchone()
             if row is not None:
                 self._join_queue([_order(row)])
@@ -403,7 +416,7 @@ class SqliteStore:
                 db.execute(
                     "UPDATE webhook_deliveries SET claim_token = ?, claim_expires_at = ? WHERE request_id = ?"
                     " RETURNING *",
-                    (uuid.uuid4().hex, now + claim_seconds, row["request_id"]),
+                    (uuid.uuid4().hex, now + claim_seconds, request_id),
                 ).fetchone()
                 for row in rows
             ]
@@ -580,6 +593,9 @@ _NO_WEBHOOK_TO_BUILD = (
     "NOT EXISTS (SELECT 1 FROM webhook_deliveries AS w WHERE w.request_id = requests.id AND w.body IS NULL"
     " AND w.delivered_at IS NULL AND w.given_up_at IS NULL)"
 )
+
+# A waiting request not backing off at the time given as the parameter.
+_READY = "(not_before IS NULL OR not_before <= ?)"
 
 Order = tuple[int, float, int]
 # The columns of a request's start order, in order.

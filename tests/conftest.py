@@ -47,13 +47,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A real S3-protocol server on loopback (moto's standalone server; no MinIO binary here)."""
-    from moto.server import ThreadedMotoServer
+    """A real S3-protocol server on loopback (moto's standalone server; no MinIO binary here).
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    Signatures are checked: header-signed calls by moto with authentication on, presigned URLs by
+    tests.s3_server's verifier; the keys and what each may do are tests.s3_server's `ALL_KEYS`.
+    """
+    from tests.s3_server import CheckedS3Server
+
+    server = CheckedS3Server()
     server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
+    yield server.endpoint
     server.stop()
 
 

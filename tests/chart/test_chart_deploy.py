@@ -33,6 +33,7 @@ from serving.tiny import TinyModel
 from tests.chart.charttest import CI_VALUES, Rendered, env_of, render
 from tests.conftest import free_port
 from tests.integration.test_generation_api import fetch, request
+from tests.s3_server import verify_presigned_url
 
 pytestmark = pytest.mark.integration
 
@@ -182,6 +183,8 @@ async def test_a_generation_runs_through_the_rendered_gateway_and_serve_config(
         )
     (image,) = result.data.images
     assert image.url.startswith(f"http://{s3_endpoint}/{BUCKET}/")
+    # Signed with the key of the chart's S3 secret (the server refuses a URL that fails this, too).
+    assert verify_presigned_url(image.url, {"testing": "testing"}, host=s3_endpoint).access_key == "testing"
     assert len(await fetch(image.url)) == image.file_size > 0
     status = serve.status().applications[APP]
     assert status.status == "RUNNING"

@@ -1,19 +1,21 @@
 """Results stay downloadable after their first presigned URLs expire: reading a result signs them anew.
 
-Against moto's S3 server through the real `minio` SDK. moto does not refuse expired
-signatures, so expiry is read from the URLs' own SigV4 parameters; the old URL is made as
-the store made it at generation time, by signing with a request date two hours back.
+Against moto's S3 server through the real `minio` SDK, with every presigned URL's signature,
+key, host and expiry checked (tests.s3_server); the old URL is made as the store made it at
+generation time, by signing with a request date two hours back.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
+import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 from minio import Minio
 from storage_testkit import png_bytes, safetensors_bytes
 
@@ -21,6 +23,7 @@ from loraserve.v1 import types_pb2
 from storage.object_store import LocalObjectStore
 from storage.result_urls import with_fresh_urls
 from storage.s3 import S3ObjectStore, S3Settings
+from tests.s3_server import WRITERS, PresignedUrlRefused, verify_presigned_url
 
 EXPIRY_SECONDS = 3600
 
@@ -49,12 +52,6 @@ def _signed_at(store: S3ObjectStore, key: str, when: datetime) -> str:
     )
 
 
-def _valid_until(url: str) -> datetime:
-    query = parse_qs(urlsplit(url).query)
-    signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    return signed + timedelta(seconds=int(query["X-Amz-Expires"][0]))
-
-
 def _download(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.status == 200
@@ -75,15 +72,22 @@ def test_expired_result_urls_are_signed_again_and_download(s3_endpoint: str) -> 
     stored = types_pb2.GenerateOutput()
     stored.CopyFrom(output)
     now = datetime.now(UTC)
-    assert _valid_until(output.images[0].url) < now
+    verify_presigned_url(output.images[0].url, WRITERS, host=s3_endpoint, now=generated_at)
+    with pytest.raises(PresignedUrlRefused, match="expired"):
+        verify_presigned_url(output.images[0].url, WRITERS, host=s3_endpoint)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _download(output.images[0].url)
+    assert refused.value.code == 403
 
     fresh = with_fresh_urls(output, store)
 
     assert output == stored, "the stored result is not modified"
     image_url, latents_url = fresh.images[0].url, fresh.debug_latents.url
     assert store.key_for_url(image_url) == image_key and store.key_for_url(latents_url) == latents_key
-    assert _valid_until(image_url) > now and _valid_until(latents_url) > now
-    assert parse_qs(urlsplit(image_url).query)["X-Amz-Expires"] == [str(EXPIRY_SECONDS)]
+    for url in (image_url, latents_url):
+        signed = verify_presigned_url(url, WRITERS, host=s3_endpoint)
+        assert signed.access_key == "writer" and signed.expires_seconds == EXPIRY_SECONDS
+        assert signed.valid_until > now
     assert _download(image_url) == png_bytes()
     assert _download(latents_url) == safetensors_bytes()
     # A URL the store did not make is not its to re-sign; everything else is kept as it was.
@@ -100,12 +104,14 @@ def test_each_read_signs_with_the_current_expiry_setting(s3_endpoint: str) -> No
     output = types_pb2.GenerateOutput()
     output.images.add(url=_signed_at(store, "outputs/r/a.png", datetime.now(UTC) - timedelta(days=3)))
 
+    before = datetime.now(UTC).replace(microsecond=0)
     fresh_url = with_fresh_urls(output, store).images[0].url
 
+    # Checked at its signing time: a download could come after its one second.
     query = parse_qs(urlsplit(fresh_url).query)
-    assert query["X-Amz-Expires"] == ["1"]
-    assert query["X-Amz-Signature"] != parse_qs(urlsplit(output.images[0].url).query)["X-Amz-Signature"]
-    assert _download(fresh_url) == png_bytes()
+    signed_at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert signed_at >= before
+    assert verify_presigned_url(fresh_url, WRITERS, host=s3_endpoint, now=signed_at).expires_seconds == 1
 
 
 def test_public_and_local_urls_stay_as_they_are(s3_endpoint: str, tmp_path: Path) -> None:

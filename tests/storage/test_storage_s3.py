@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import secrets
+import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 from minio import Minio
+from minio.error import S3Error
 from storage_testkit import png_bytes, safetensors_bytes
 
 from storage.factory import make_object_store
@@ -17,6 +21,7 @@ from storage.object_store import InvalidKey, LocalObjectStore, ObjectNotFound
 from storage.s3 import S3ObjectStore, S3Settings
 from storage.uploads import UploadRefused, UploadWriter
 from storage.weights import WeightsCache
+from tests.s3_server import ALL_KEYS, READERS, WRITERS, PresignedUrlRefused, verify_presigned_url
 
 
 def _settings(endpoint: str, **changes: object) -> S3Settings:
@@ -42,7 +47,8 @@ def test_put_get_and_a_presigned_url_that_downloads(s3_endpoint: str) -> None:
     stored = store.put("outputs/req1/image.png", png_bytes(), "image/png")
     assert stored.size == len(png_bytes()) and stored.content_type == "image/png"
     assert store.get("outputs/req1/image.png") == png_bytes()
-    assert "X-Amz-Expires=120" in stored.url and "X-Amz-Signature=" in stored.url
+    signed = verify_presigned_url(stored.url, WRITERS, host=s3_endpoint)
+    assert signed.access_key == "writer" and signed.expires_seconds == 120
     with urllib.request.urlopen(stored.url, timeout=5) as response:
         assert response.read() == png_bytes()
         assert response.headers["Content-Type"] == "image/png"
@@ -89,7 +95,14 @@ def test_presigning_for_the_public_host_with_read_only_credentials(s3_endpoint: 
     )
     stored = store.put("outputs/r/img.png", png_bytes(), "image/png")
     assert stored.url.startswith("http://files.invalid:9000/")
-    assert "X-Amz-Credential=reader%2F" in stored.url
+    signed = verify_presigned_url(stored.url, READERS, host="files.invalid:9000")
+    assert signed.access_key == "reader" and signed.expires_seconds == 120
+    # The reader's keys may read what the URL names, and nothing more.
+    reader = Minio(s3_endpoint, access_key="reader", secret_key="reader-secret", secure=False, region="us-east-1")
+    assert reader.get_object(store.bucket, store.object_name("outputs/r/img.png")).read() == png_bytes()
+    with pytest.raises(S3Error) as refused:
+        reader.put_object(store.bucket, "loraserve/outputs/r/forged.png", io.BytesIO(b"x"), 1)
+    assert refused.value.code == "AccessDenied"
     # Our own URL is read from the bucket directly: files.invalid never has to resolve.
     policy = FetchPolicy(timeout_seconds=2.0)
     assert fetch_bytes(stored.url, "image_url", policy, store=store) == png_bytes()
@@ -156,3 +169,77 @@ def test_the_gateway_url_of_a_key_is_recognised_and_re_signed(s3_endpoint: str, 
     assert store.key_for_url(store.url(key)) == key and "X-Amz-Signature" in store.url(key)
     assert fetch_bytes(unsigned, "input.image_url", FetchPolicy(), store=store) == png_bytes()
     assert store.key_for_url("http://gateway.test:8080/elsewhere/in.png") is None
+
+
+def _with_query(url: str, **changes: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True)) | changes
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _download_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_s3_server_checks_header_signatures_and_each_keys_policy(s3_endpoint: str) -> None:
+    """moto runs with authentication on: a wrong secret, an unknown key or a read-only key cannot write."""
+    store = S3ObjectStore(_settings(s3_endpoint))
+    store.put("a.txt", b"one", "text/plain")
+    for access_key, secret_key, code in (
+        ("writer", "not-the-secret", "SignatureDoesNotMatch"),
+        ("nobody", "writer-secret", "InvalidAccessKeyId"),
+        ("reader", "reader-secret", "AccessDenied"),
+    ):
+        client = Minio(s3_endpoint, access_key=access_key, secret_key=secret_key, secure=False, region="us-east-1")
+        with pytest.raises(S3Error) as refused:
+            client.put_object(store.bucket, "loraserve/b.txt", io.BytesIO(b"two"), 3)
+        assert refused.value.code == code, access_key
+    # The store's own client is refused too (a HEAD answers with a bare 403, so no code to compare).
+    with pytest.raises(S3Error):
+        S3ObjectStore(_settings(s3_endpoint, bucket=store.bucket, secret_key="not-the-secret")).put(
+            "c.txt", b"x", "text/plain"
+        )
+    assert [obj.object_name for obj in _raw_client(s3_endpoint).list_objects(store.bucket, recursive=True)] == [
+        "loraserve/a.txt"
+    ]
+
+
+def test_a_tampered_expired_wrong_key_or_wrong_host_url_is_refused(s3_endpoint: str) -> None:
+    """The verifier the URL checks rely on refuses each kind of bad URL, and so does the S3 server it fronts."""
+    store = S3ObjectStore(_settings(s3_endpoint))
+    store.put("outputs/r/a.png", png_bytes(), "image/png")
+    store.put("outputs/r/b.png", png_bytes((8, 8)), "image/png")
+    url = store.url("outputs/r/a.png")
+    signed = verify_presigned_url(url, WRITERS, host=s3_endpoint)
+    assert _download_status(url) == 200
+    parts = urlsplit(url)
+    bad = {
+        "another object": urlunsplit(parts._replace(path=parts.path.replace("a.png", "b.png"))),
+        "a longer expiry": _with_query(url, **{"X-Amz-Expires": "604800"}),
+        "a zeroed signature": _with_query(url, **{"X-Amz-Signature": "0" * 64}),
+        "an unknown key": _with_query(
+            url, **{"X-Amz-Credential": dict(parse_qsl(parts.query))["X-Amz-Credential"].replace("writer", "nobody")}
+        ),
+        "another key's name": _with_query(
+            url, **{"X-Amz-Credential": dict(parse_qsl(parts.query))["X-Amz-Credential"].replace("writer", "reader")}
+        ),
+        "a date in 2000": _with_query(url, **{"X-Amz-Date": "20000101T000000Z"}),
+        "another host": urlunsplit(parts._replace(netloc=f"localhost:{parts.port}")),
+    }
+    for what, tampered in bad.items():
+        with pytest.raises(PresignedUrlRefused):
+            verify_presigned_url(tampered, ALL_KEYS)
+        assert _download_status(tampered) == 403, what
+    with pytest.raises(PresignedUrlRefused, match="signature does not match"):
+        verify_presigned_url(url, {"writer": "not-the-secret"})
+    with pytest.raises(PresignedUrlRefused, match="unknown access key"):
+        verify_presigned_url(url, READERS)
+    with pytest.raises(PresignedUrlRefused, match="expired"):
+        verify_presigned_url(url, WRITERS, now=signed.valid_until + timedelta(seconds=1))
+    with pytest.raises(PresignedUrlRefused, match="host"):
+        verify_presigned_url(url, WRITERS, host="files.invalid:9000")
+    assert verify_presigned_url(url, WRITERS, now=datetime.now(UTC)) == signed

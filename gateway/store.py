@@ -222,13 +222,18 @@ class RequestStore(Protocol):
     async def get(self, request_id: str) -> RequestRecord | None: ...
 
     async def queue_position(self, record: RequestRecord) -> int:
-        """Requests waiting ahead of this one (as read with the record, when `get` read it)."""
+        """Requests waiting ahead of this one in start order (as read with the record, when `get` read it).
+        Neither engine counts rows for it: both keep the waiting requests' order in memory (a binary search)."""
         ...
 
     async def waiting_count(self) -> int: ...
 
     def known_queue_depth(self) -> int:
         """The queue depth without a query (for a metrics scrape): exact for SQLite, recent for PostgreSQL."""
+        ...
+
+    async def reindex(self) -> None:
+        """Reads the queue's order from the table again, after rows were written around the store (a bulk load)."""
         ...
 
     async def waiting(self, limit: int) -> list[RequestRecord]:
@@ -317,9 +322,13 @@ class RequestStore(Protocol):
         """`callback` runs after a commit of this store that created a webhook delivery (to wake the sender)."""
         ...
 
-    async def claim_webhooks(self, limit: int, claim_seconds: float) -> list[WebhookDelivery]:
+    async def claim_webhooks(
+        self, limit: int, claim_seconds: float, *, per_tenant: int = 0, sending: Mapping[str, int] | None = None
+    ) -> list[WebhookDelivery]:
         """Due deliveries (not delivered, not given up, next attempt passed, no live claim), claimed for
-        `claim_seconds` under a new token each: one sender at a time attempts a delivery."""
+        `claim_seconds` under a new token each: one sender at a time attempts a delivery. Taken in turns
+        across tenants (every tenant's oldest first, then their second oldest...); with `per_tenant`, a
+        tenant with `sending[tenant]` attempts in flight gets at most `per_tenant` minus those."""
         ...
 
     async def set_webhook_body(self, request_id: str, token: str, body: bytes) -> bytes | None:
@@ -423,6 +432,38 @@ def webhook_from_row(row: Any) -> WebhookDelivery:
         delivered_at=row["delivered_at"],
         given_up_at=row["given_up_at"],
     )
+
+
+# Due deliveries in turns across tenants: `turn` 1 is each tenant's oldest, 2 its second oldest...
+DUE_WEBHOOKS_IN_TURNS = (
+    "SELECT request_id, tenant FROM (SELECT request_id, tenant, next_attempt_at,"
+    " ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY next_attempt_at) AS turn FROM webhook_deliveries"
+    " WHERE delivered_at IS NULL AND given_up_at IS NULL AND next_attempt_at <= {now}"
+    " AND (claim_expires_at IS NULL OR claim_expires_at < {now})) AS due ORDER BY turn, next_attempt_at LIMIT {limit}"
+)
+
+
+def webhook_candidates(limit: int, per_tenant: int, sending: Mapping[str, int] | None) -> int:
+    """How many rows of DUE_WEBHOOKS_IN_TURNS to read so that `limit` of them fit `webhooks_with_room`:
+    each attempt in flight can push at most one row of its tenant out."""
+    return limit + (sum(sending.values()) if per_tenant and sending else 0)
+
+
+def webhooks_with_room(
+    rows: Sequence[Any], limit: int, per_tenant: int, sending: Mapping[str, int] | None
+) -> list[str]:
+    """The request ids of `rows` (in turns) to claim: at most `limit`, and with `per_tenant` no tenant
+    beyond that many attempts in flight."""
+    taken: dict[str, int] = dict(sending or {})
+    chosen: list[str] = []
+    for row in rows:
+        if len(chosen) >= limit:
+            break
+        if per_tenant and taken.get(row["tenant"], 0) >= per_tenant:
+            continue
+        taken[row["tenant"]] = taken.get(row["tenant"], 0) + 1
+        chosen.append(row["request_id"])
+    return chosen
 
 
 def key_from_row(row: Any) -> ApiKey:

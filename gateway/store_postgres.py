@@ -26,8 +26,10 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway import migrations
+from gateway.queue_index import QueueChange, QueueIndex
 from gateway.store import (
     CANCELLED_BY_CALLER,
+    DUE_WEBHOOKS_IN_TURNS,
     ApiKey,
     LogRecord,
     Preview,
@@ -42,13 +44,18 @@ from gateway.store import (
     key_from_row,
     record_from_row,
     start_timeout_error,
+    webhook_candidates,
     webhook_from_row,
+    webhooks_with_room,
 )
 from loraserve.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "loraserve_requests"
+# A second channel, so gateways of an older version ignore it: each change of the queue, for every
+# gateway's QueueIndex (`<id> <moves> <1 waiting|0 not> <priority> <fair_tag> <seq>`).
+QUEUE_CHANNEL = "loraserve_queue"
 _QUEUE_MOVED = "queue"
 # Serialises migrations of gateways that start at the same moment (any constant of our own).
 MIGRATION_LOCK_KEY = 0x6C6F7261
@@ -93,6 +100,10 @@ class PostgresStore:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self._queue_depth = 0
+        # The queue's order for positions without counting rows; trusted only while the listener is
+        # connected (it hears every other gateway's changes), otherwise positions are counted.
+        self._index = QueueIndex()
+        self._index_live = False
         self._listener: asyncio.Task[None] | None = None
         self._webhook_due: Callable[[], None] = lambda: None
 
@@ -182,8 +193,14 @@ class PostgresStore:
                 await first(conn)
             cur = await conn.execute(sql.encode(), params)
             rows = await cur.fetchall()
-            await _notify(conn, [row["id"] for row in rows], moves_queue=moves_queue)
+            changes = await _notify(conn, [row["id"] for row in rows], moves_queue=moves_queue)
+        self._apply(changes)
         return rows
+
+    def _apply(self, changes: list[QueueChange]) -> None:
+        """After the commit that made them: this gateway's own queue changes, without waiting for their notification."""
+        for change in changes:
+            self._index.apply(change)
 
     async def add(
         self,
@@ -210,9 +227,7 @@ class PostgresStore:
         async def room(conn: psycopg.AsyncConnection[Any]) -> None:
             """The tenant's Submits queue on one lock, so each counts the others' committed inserts."""
             await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (TENANT_LOCK_CLASS, tenant))
-            cur = await conn.execute(
-                "SELECT count(*) AS n FROM requests WHERE tenant = %s AND state = 'IN_QUEUE'", (tenant,)
-            )
+            cur = await conn.execute("SELECT waiting AS n FROM queue_counts WHERE tenant = %s", (tenant,))
             row = await cur.fetchone()
             waiting = int(row["n"]) if row else 0
             if waiting >= max_waiting:
@@ -250,6 +265,9 @@ class PostgresStore:
         return record_from_row(existing[0]), False
 
     async def get(self, request_id: str) -> RequestRecord | None:
+        if self._index_live:
+            rows = await self._fetch("SELECT * FROM requests WHERE id = %s", (request_id,))
+            return record_from_row(rows[0]) if rows else None
         rows = await self._fetch(
             "SELECT r.*, CASE WHEN r.state = 'IN_QUEUE' THEN (SELECT count(*) FROM requests AS w"
             " WHERE w.state = 'IN_QUEUE' AND (w.priority, w.fair_tag, w.seq) < (r.priority, r.fair_tag, r.seq))"
@@ -261,6 +279,8 @@ class PostgresStore:
     async def queue_position(self, record: RequestRecord) -> int:
         if record.queue_position is not None:
             return record.queue_position
+        if self._index_live:
+            return self._index.position(record.order)
         rows = await self._fetch(
             "SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE' AND (priority, fair_tag, seq) < (%s, %s, %s)",
             record.order,
@@ -268,21 +288,29 @@ class PostgresStore:
         return int(rows[0]["n"])
 
     async def tenant_activity(self, tenant: str) -> tuple[int, int]:
-        rows = await self._fetch(
-            "SELECT state, count(*) AS n FROM requests WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')"
-            " GROUP BY state",
-            (tenant,),
-        )
-        counts = {row["state"]: int(row["n"]) for row in rows}
-        return counts.get(State.IN_QUEUE, 0), counts.get(State.IN_PROGRESS, 0)
+        rows = await self._fetch("SELECT waiting, running FROM queue_counts WHERE tenant = %s", (tenant,))
+        return (int(rows[0]["waiting"]), int(rows[0]["running"])) if rows else (0, 0)
 
     async def waiting_count(self) -> int:
-        rows = await self._fetch("SELECT count(*) AS n FROM requests WHERE state = 'IN_QUEUE'")
-        self._queue_depth = int(rows[0]["n"])
+        if self._index_live:
+            self._queue_depth = len(self._index)
+        else:
+            rows = await self._fetch("SELECT COALESCE(sum(waiting), 0) AS n FROM queue_counts")
+            self._queue_depth = int(rows[0]["n"])
         return self._queue_depth
 
     def known_queue_depth(self) -> int:
-        return self._queue_depth
+        return len(self._index) if self._index_live else self._queue_depth
+
+    async def reindex(self) -> None:
+        """Reads the queue's order from the table again (after rows were written around the store: a bulk load)."""
+        self._index.begin_reload()
+        try:
+            rows = await self._fetch("SELECT id, moves, priority, fair_tag, seq FROM requests WHERE state = 'IN_QUEUE'")
+        except BaseException:
+            self._index.abandon_reload()
+            raise
+        self._index.finish_reload([_queue_change(row, waiting=True) for row in rows])
 
     async def waiting(self, limit: int) -> list[RequestRecord]:
         rows = await self._fetch(
@@ -357,7 +385,8 @@ class PostgresStore:
                 hooks = (await conn.execute(_new_webhooks("requests", "id = ANY(%s)"), (failed,))).rowcount
             if requeued:
                 await conn.execute(f"UPDATE requests SET {_REQUEUE_SET} WHERE id = ANY(%s)", (requeued,))
-            await _notify(conn, failed + requeued)
+            changes = await _notify(conn, failed + requeued)
+        self._apply(changes)
         if hooks > 0:
             self._webhook_due()
         return TakenBack(requeued, failed)
@@ -442,13 +471,18 @@ class PostgresStore:
     def on_webhook_due(self, callback: Callable[[], None]) -> None:
         self._webhook_due = callback
 
-    async def claim_webhooks(self, limit: int, claim_seconds: float) -> list[WebhookDelivery]:
+    async def claim_webhooks(
+        self, limit: int, claim_seconds: float, *, per_tenant: int = 0, sending: Mapping[str, int] | None = None
+    ) -> list[WebhookDelivery]:
+        due = await self._fetch(
+            DUE_WEBHOOKS_IN_TURNS.format(now=_NOW, limit="%s"), (webhook_candidates(limit, per_tenant, sending),)
+        )
+        chosen = webhooks_with_room(due, limit, per_tenant, sending)
+        if not chosen:
+            return []
         rows = await self._fetch(
             f"UPDATE webhook_deliveries SET claim_token = gen_random_uuid()::text, claim_expires_at = {_NOW} + %s"
-            " WHERE request_id IN (SELECT request_id FROM webhook_deliveries WHERE delivered_at IS NULL"
-            f" AND given_up_at IS NULL AND next_attempt_at <= {_NOW}"
-            f" AND (claim_expires_at IS NULL OR claim_expires_at < {_NOW})"
-            " ORDER BY next_attempt_at LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " WHERE request_id = ANY(%s)"
             # Checked again on the row as it is now, should another sender have claimed it meanwhile.
             " AND delivered_at IS NULL AND given_up_at IS NULL"
             f" AND (claim_expires_at IS NULL OR claim_expires_at < {_NOW})"
@@ -551,14 +585,23 @@ class PostgresStore:
             try:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                    # Every change from now on is heard: the order read now, plus them, is the queue.
+                    await self.reindex()
+                    self._index_live = True
                     delay = 0.1
                     # Whatever changed while nobody listened: everyone re-reads.
                     on_change("", True)
                     async for note in conn.notifies():
+                        if note.channel == QUEUE_CHANNEL:
+                            self._index.apply(_parse_queue_change(note.payload))
+                            continue
                         request_id, _, moved = note.payload.partition(" ")
                         on_change(request_id, moved == _QUEUE_MOVED)
-            except psycopg.OperationalError as exc:
+            except (psycopg.OperationalError, StoreUnavailable) as exc:
                 log.warning("store notifications lost; reconnecting", extra={"error": str(exc), "retry_in": delay})
+            finally:
+                self._index_live = False
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
@@ -602,12 +645,33 @@ class PostgresStore:
         return expired
 
 
-async def _notify(conn: psycopg.AsyncConnection[Any], request_ids: list[str], *, moves_queue: bool = True) -> None:
+async def _notify(
+    conn: psycopg.AsyncConnection[Any], request_ids: list[str], *, moves_queue: bool = True
+) -> list[QueueChange]:
     """Delivered to every listener at commit, and only if it commits: `<id>`, or `<id> queue` when the
-    change may have moved queue positions (other gateways then wake the streams of waiting requests)."""
-    for request_id in dict.fromkeys(request_ids):
+    change may have moved queue positions (other gateways then wake the streams of waiting requests).
+    Those also go out on QUEUE_CHANNEL with the requests' places, and are returned for this gateway's index."""
+    unique = list(dict.fromkeys(request_ids))
+    for request_id in unique:
         payload = f"{request_id} {_QUEUE_MOVED}" if moves_queue else request_id
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+    if not (moves_queue and unique):
+        return []
+    cur = await conn.execute(
+        "SELECT id, moves, state = 'IN_QUEUE' AS waiting, priority, fair_tag, seq, pg_notify(%s, concat_ws(' ', id,"
+        " moves, (state = 'IN_QUEUE')::int, priority, fair_tag, seq)) FROM requests WHERE id = ANY(%s)",
+        (QUEUE_CHANNEL, unique),
+    )
+    return [_queue_change(row, waiting=bool(row["waiting"])) for row in await cur.fetchall()]
+
+
+def _queue_change(row: dict[str, Any], *, waiting: bool) -> QueueChange:
+    return QueueChange(row["id"], int(row["moves"]), waiting, (int(row["priority"]), float(row["fair_tag"]), int(row["seq"])))
+
+
+def _parse_queue_change(payload: str) -> QueueChange:
+    request_id, moves, waiting, priority, fair_tag, seq = payload.split(" ")
+    return QueueChange(request_id, int(moves), waiting == "1", (int(priority), float(fair_tag), int(seq)))
 
 
 def _safe_dsn(dsn: str) -> str:

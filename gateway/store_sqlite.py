@@ -21,6 +21,7 @@ from gateway import migrations
 from gateway.data_dir_lock import DataDirLock
 from gateway.store import (
     CANCELLED_BY_CALLER,
+    DUE_WEBHOOKS_IN_TURNS,
     ApiKey,
     LogRecord,
     Preview,
@@ -34,7 +35,9 @@ from gateway.store import (
     key_from_row,
     record_from_row,
     start_timeout_error,
+    webhook_candidates,
     webhook_from_row,
+    webhooks_with_room,
 )
 from gateway.wal_checkpoints import WalCheckpointer
 from gateway.wal_sync import WalSync
@@ -73,10 +76,17 @@ class SqliteStore:
         # Submit / 1.7× GetStatus at 10,000 waiting). Kept in step with the table by every method that
         # moves a request in or out of IN_QUEUE, under the same lock; the data-dir lock makes this
         # process the store's only writer.
-        self._waiting: list[Order] = [
+        self._waiting: list[Order] = []
+        self._read_queue()
+
+    def _read_queue(self) -> None:
+        self._waiting = sorted(
             _order(row) for row in self._db.execute(f"SELECT {_ORDER} FROM requests WHERE state = 'IN_QUEUE'")
-        ]
-        self._waiting.sort()
+        )
+
+    async def reindex(self) -> None:
+        with self._lock:
+            self._read_queue()
 
     def _migrate(self) -> None:
         self._db.execute(
@@ -156,9 +166,8 @@ class SqliteStore:
                 if row is not None:
                     return record_from_row(row), False
             if max_waiting:
-                ((waiting,),) = db.execute(
-                    "SELECT count(*) FROM requests WHERE tenant = ? AND state = 'IN_QUEUE'", (tenant,)
-                ).fetchall()
+                counted = db.execute("SELECT waiting FROM queue_counts WHERE tenant = ?", (tenant,)).fetchone()
+                waiting = int(counted[0]) if counted else 0
                 if waiting >= max_waiting:
                     raise TenantFull(waiting)
             request_id = str(uuid.uuid4())
@@ -202,14 +211,8 @@ class SqliteStore:
 
     async def tenant_activity(self, tenant: str) -> tuple[int, int]:
         with self._lock:
-            counts = dict(
-                self._db.execute(
-                    "SELECT state, count(*) FROM requests WHERE tenant = ? AND state IN ('IN_QUEUE', 'IN_PROGRESS')"
-                    " GROUP BY state",
-                    (tenant,),
-                ).fetchall()
-            )
-        return counts.get(State.IN_QUEUE, 0), counts.get(State.IN_PROGRESS, 0)
+            row = self._db.execute("SELECT waiting, running FROM queue_counts WHERE tenant = ?", (tenant,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def waiting_count(self) -> int:
         return self.known_queue_depth()
@@ -403,14 +406,14 @@ class SqliteStore:
     def on_webhook_due(self, callback: Callable[[], None]) -> None:
         self._webhook_due = callback
 
-    async def claim_webhooks(self, limit: int, claim_seconds: float) -> list[WebhookDelivery]:
+    async def claim_webhooks(
+        self, limit: int, claim_seconds: float, *, per_tenant: int = 0, sending: Mapping[str, int] | None = None
+    ) -> list[WebhookDelivery]:
         now = time.time()
         with self._tx() as db:
             rows = db.execute(
-                "SELECT request_id FROM webhook_deliveries WHERE delivered_at IS NULL AND given_up_at IS NULL"
-                " AND next_attempt_at <= ? AND (claim_expires_at IS NULL OR claim_expires_at < ?)"
-                " ORDER BY next_attempt_at LIMIT ?",
-                (now, now, limit),
+                DUE_WEBHOOKS_IN_TURNS.format(now="?", limit="?"),
+                (now, now, webhook_candidates(limit, per_tenant, sending)),
             ).fetchall()
             claimed = [
                 db.execute(
@@ -418,7 +421,7 @@ class SqliteStore:
                     " RETURNING *",
                     (uuid.uuid4().hex, now + claim_seconds, request_id),
                 ).fetchone()
-                for row in rows
+                for request_id in webhooks_with_room(rows, limit, per_tenant, sending)
             ]
         return [webhook_from_row(row) for row in claimed]
 
@@ -607,4 +610,13 @@ def _order(row: sqlite3.Row) -> Order:
 
 
 def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """The script's statements, a trigger's body (statements between BEGIN and END) kept whole."""
+    statements: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending.strip())
+            pending = ""
+    return statements

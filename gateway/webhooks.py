@@ -13,7 +13,9 @@ that dies loses none: any gateway (the same one restarted, or another on Postgre
 deliveries, one sender at a time per delivery, and a claim left by a dead sender runs out. A
 non-2xx answer, no answer within `webhook_timeout_seconds`, or a refused or unreachable target
 is retried with backoff `webhook_retries` times (about 2 hours by default), then given up; both
-are recorded on the row and counted in metrics. The target passes the same guard as file inputs
+are recorded on the row and counted in metrics, as is any unexpected error of an attempt. Due
+deliveries are taken in turns across tenants, at most `webhook_tenant_max_concurrent` in flight per
+tenant on a gateway, so a tenant whose receiver hangs delays only its own. The target passes the same guard as file inputs
 (storage/fetch.py): private addresses only with `allow_private_networks` or `fetch_allowed_hosts`.
 Receivers must be idempotent on `request_id`: a sender that dies after the receiver answered but
 before the row was updated sends the delivery again.
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gateway.errors import RequestFailed, ResultExpired, to_http
@@ -54,6 +58,9 @@ PAYLOAD_ERROR = (
 ANONYMOUS_USER = "anonymous"
 # Deliveries attempted at once by one gateway; more wait for the next round.
 MAX_CONCURRENT = 32
+# Threads for the POSTs: an attempt that timed out may hold its thread until its socket times out too,
+# so there are more than MAX_CONCURRENT (the default executor has as few as 6 on a small machine).
+POST_THREADS = 2 * MAX_CONCURRENT
 # A round looks for due retries this often, at most (a request ending wakes it at once).
 MAX_PERIOD_SECONDS = 1.0
 # How long the file URLs of a payload stay valid after the last retry could have been sent.
@@ -99,6 +106,7 @@ class WebhookSender(Periodic):
         retries: int,
         backoff: Backoff,
         on_error: Callable[[BaseException], None],
+        tenant_max_concurrent: int = 0,
     ) -> None:
         super().__init__(min(MAX_PERIOD_SECONDS, max(0.05, backoff.initial_seconds / 2)), on_error)
         self._store = store
@@ -119,6 +127,11 @@ class WebhookSender(Periodic):
             + RECEIVER_URL_GRACE_SECONDS
         )
         self._sending: set[asyncio.Task[None]] = set()
+        # Attempts in flight per tenant: a tenant at `tenant_max_concurrent` gets no more until one ends,
+        # so its receiver hanging delays only its own deliveries.
+        self._tenant_max = tenant_max_concurrent
+        self._per_tenant: dict[str, int] = {}
+        self._threads = ThreadPoolExecutor(POST_THREADS, thread_name_prefix="webhook")
 
     @property
     def signer(self) -> WebhookSigner:
@@ -129,15 +142,21 @@ class WebhookSender(Periodic):
         room = MAX_CONCURRENT - len(self._sending)
         if room <= 0:
             return 0
-        claimed = await self._store.claim_webhooks(room, self._claim_seconds)
+        claimed = await self._store.claim_webhooks(
+            room, self._claim_seconds, per_tenant=self._tenant_max, sending=dict(self._per_tenant)
+        )
         for delivery in claimed:
             task = asyncio.get_running_loop().create_task(self._deliver(delivery), name="webhook")
             self._sending.add(task)
-            task.add_done_callback(self._sent)
+            self._per_tenant[delivery.tenant] = self._per_tenant.get(delivery.tenant, 0) + 1
+            task.add_done_callback(functools.partial(self._sent, delivery.tenant))
         return len(claimed)
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, tenant: str, task: asyncio.Task[None]) -> None:
         self._sending.discard(task)
+        left = self._per_tenant.pop(tenant, 0) - 1
+        if left > 0:
+            self._per_tenant[tenant] = left
         if not task.cancelled() and task.exception() is not None:
             # The store failed while recording: the claim runs out and the delivery is tried again.
             self._on_error(task.exception() or RuntimeError("webhook task failed"))
@@ -150,6 +169,7 @@ class WebhookSender(Periodic):
         for task in list(self._sending):
             task.cancel()
         await asyncio.gather(*self._sending, return_exceptions=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def _deliver(self, delivery: WebhookDelivery) -> None:
         token = delivery.claim_token
@@ -174,18 +194,22 @@ class WebhookSender(Periodic):
 
     async def _attempt(self, delivery: WebhookDelivery, body: bytes) -> tuple[int | None, str]:
         """(HTTP status, error) of one POST: status None when no answer came."""
-        headers = {
-            "Content-Type": "application/json",
-            **self._signer.headers(delivery.request_id, delivery.tenant or ANONYMOUS_USER, body),
-        }
         try:
-            status = await asyncio.wait_for(
-                asyncio.to_thread(post, delivery.url, body, headers, FIELD, self._policy), self._timeout
+            headers = {
+                "Content-Type": "application/json",
+                **self._signer.headers(delivery.request_id, delivery.tenant or ANONYMOUS_USER, body),
+            }
+            sending = asyncio.get_running_loop().run_in_executor(
+                self._threads, post, delivery.url, body, headers, FIELD, self._policy
             )
+            status = await asyncio.wait_for(sending, self._timeout)
         except TimeoutError:
             return None, f"no answer within {self._timeout:g} s"
         except InputFetchError as exc:
             return None, exc.reason
+        except Exception as exc:  # noqa: BLE001 - a failed attempt, retried and given up like any other
+            log.exception("webhook attempt failed unexpectedly", extra={"request_id": delivery.request_id})
+            return None, f"the delivery failed: {type(exc).__name__}: {exc}"
         return status, "" if 200 <= status < 300 else f"the receiver answered HTTP {status}"
 
     async def _record(
@@ -254,6 +278,7 @@ def sender_from_settings(
         retries=settings.webhook_retries,
         backoff=Backoff(settings.webhook_backoff_seconds, settings.webhook_backoff_max_seconds),
         on_error=on_error,
+        tenant_max_concurrent=settings.webhook_tenant_max_concurrent,
     )
     store.on_webhook_due(sender.wake)
     return sender

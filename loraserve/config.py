@@ -59,6 +59,9 @@ class Settings:
     # Forwarded headers are believed when the HTTP side builds the URLs it returns: a TLS-terminating
     # ingress or sidecar in front of the gateway.
     trusted_proxies: str = "127.0.0.0/8,::1"
+    # Browser origins (scheme://host[:port], comma-separated) whose pages may call the HTTP side and read its
+    # answers (CORS); a request from any other page gets no CORS headers and its writes are refused.
+    cors_allowed_origins: str = ""
     # Ray cluster to join; empty starts a local one (the embedded default).
     ray_address: str = ""
     ray_num_cpus: int = 0
@@ -106,6 +109,13 @@ class Settings:
     device: str = "auto"
     # "auto": float16 on cuda, float32 on cpu.
     torch_dtype: str = "auto"
+    # torch.compile of the U-Net and VAE decoder (serving/compiled.py): off | default | max-autotune;
+    # "auto": max-autotune (with CUDA graphs) on cuda, off on a CPU (minutes of compiling per size
+    # for a small gain).
+    compile: str = "auto"
+    # Sizes compiled and warmed when a pipeline loads, WIDTHxHEIGHT comma-separated (empty: the
+    # family's native 512x512 / 1024x1024); other sizes run eagerly, with no compile.
+    compile_warmup_sizes: str = ""
     # Live previews (serving/previews.py): a small JPEG of the latents at a request's last step and at
     # most once per this many seconds before it (0: none); its longer side at most preview_max_side px.
     preview_interval_seconds: float = 1.0
@@ -149,6 +159,9 @@ class Settings:
     webhook_retries: int = 10
     webhook_backoff_seconds: float = 30.0
     webhook_backoff_max_seconds: float = 1800.0
+    # Deliveries one gateway attempts at once for one tenant (0: no cap but the gateway's 32), so a tenant
+    # whose receiver never answers holds that many attempts and others' deliveries go on.
+    webhook_tenant_max_concurrent: int = 4
     # On shutdown, how long running requests may take to finish.
     shutdown_grace_seconds: float = 30.0
     # Largest accepted prompt, in characters.

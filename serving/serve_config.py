@@ -44,6 +44,9 @@ SECRET_SETTINGS = frozenset(
         "webhook_signing_key",
     }
 )
+# The secrets only the gateway reads (the queue's DSN, the key it signs webhooks with): the chart gives
+# them to the gateway pods and never to a Ray pod, however they are given.
+GATEWAY_SECRETS = frozenset({"store_url", "webhook_signing_key"})
 # What `deployment_options` is made of.
 DEPLOYMENT_SETTINGS = frozenset(
     {
@@ -72,6 +75,7 @@ NOT_FOR_REPLICAS = frozenset(
         "http_host",
         "http_port",
         "trusted_proxies",
+        "cors_allowed_origins",
         "ray_address",
         "ray_num_cpus",
         "ray_start_attempts",
@@ -103,6 +107,7 @@ NOT_FOR_REPLICAS = frozenset(
         "webhook_retries",
         "webhook_backoff_seconds",
         "webhook_backoff_max_seconds",
+        "webhook_tenant_max_concurrent",
     }
 )
 
@@ -204,6 +209,7 @@ def chart_settings() -> dict[str, Any]:
     defaults = Settings()
     return {
         "not_args": sorted(SECRET_SETTINGS | DEPLOYMENT_SETTINGS | NOT_FOR_REPLICAS),
+        "gateway_secrets": sorted(GATEWAY_SECRETS),
         "defaults": {name: getattr(defaults, name) for name in sorted(DEPLOYMENT_SETTINGS | {"serve_app_name"})},
         "import_path": IMPORT_PATH,
         "deployment_name": DEPLOYMENT_NAME,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 from dataclasses import dataclass
 from functools import cache
@@ -16,9 +15,8 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "loraserve"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-# The pinned KubeRay CRD lives beside the project (`../shared`), not in it; LORASERVE_SHARED_DIR points
-# elsewhere when the checkout is not beside it.
-KUBERAY_CRD = Path(os.environ.get("LORASERVE_SHARED_DIR", REPO.parent / "shared")) / "kuberay" / "ray.io_rayservices.yaml"
+# The pinned KubeRay CRD the rendered RayService must satisfy (version and source: kuberay/README.md).
+KUBERAY_CRD = Path(__file__).parent / "kuberay" / "ray.io_rayservices.yaml"
 # The Kubernetes version whose schemas the rendered core manifests must satisfy.
 KUBERNETES_VERSION = "1.33.0"
 RELEASE = "t"
@@ -111,10 +109,6 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 @cache
 def rayservice_schema() -> dict[str, Any]:
     """KubeRay's RayService v1 schema with unknown fields made errors (objects that list properties)."""
-    if not KUBERAY_CRD.is_file():
-        import pytest
-
-        pytest.skip(f"the pinned KubeRay CRD is not at {KUBERAY_CRD} (set LORASERVE_SHARED_DIR to the shared folder)")
     crd = yaml.safe_load(KUBERAY_CRD.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])

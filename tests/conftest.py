@@ -39,6 +39,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked cuda is GPU-only code's own check: without a CUDA device it skips, saying so."""
+    if item.get_closest_marker("cuda") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -27,7 +27,7 @@ from serving_testkit import params, pixels
 from serving.tiny import TinyModel, make_tiny_embedding, make_tiny_lora, make_tiny_model
 
 FAMILIES = ["sd15", "sdxl"]
-# The memory tests run on the GPU where there is one (the device check runs this module there).
+# The tests that are not about a device run on the GPU where there is one (the device check runs them there).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -66,15 +66,25 @@ def test_host_tier_parses_once_and_counts(tiny_models: dict[str, TinyModel]) -> 
     }
 
 
-def test_the_host_tier_counts_what_a_pinned_buffer_really_holds(tiny_models: dict[str, TinyModel]) -> None:
+def test_a_pinned_reservation_is_the_power_of_two_the_host_allocator_rounds_to() -> None:
     # PyTorch's caching host allocator rounds pinned allocations up to a power of two.
     assert [pinned_reservation(n) for n in (0, 1, 4096, 4097, 93_061_120)] == [0, 1, 4096, 8192, 134_217_728]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the tensors are pinned (the cuda test below)")
+def test_without_cuda_the_host_tier_counts_the_tensors_bytes(tiny_models: dict[str, TinyModel]) -> None:
+    parsed = parse_lora_file(tiny_models["sd15"].lora_paths[0])
+    assert parsed.flat is None
+    assert parsed.nbytes == sum(t.numel() * t.element_size() for t in parsed.state_dict.values())
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_host_tier_counts_what_a_pinned_buffer_really_holds(tiny_models: dict[str, TinyModel]) -> None:
     parsed = parse_lora_file(tiny_models["sd15"].lora_paths[0])
     tensor_bytes = sum(t.numel() * t.element_size() for t in parsed.state_dict.values())
-    if parsed.flat is None:
-        assert parsed.nbytes == tensor_bytes
-    else:
-        assert parsed.nbytes == pinned_reservation(parsed.flat.numel()) >= tensor_bytes
+    assert parsed.flat is not None and parsed.flat.is_pinned()
+    assert all(t.is_pinned() for t in parsed.state_dict.values())
+    assert parsed.nbytes == pinned_reservation(parsed.flat.numel()) >= tensor_bytes
 
 
 def test_host_tier_evicts_least_recently_used_within_its_budget(tiny_models: dict[str, TinyModel]) -> None:
@@ -346,22 +356,34 @@ def weight_bytes(loaded: LoadedPipeline) -> int:
     )
 
 
-def test_released_pipeline_gives_its_memory_back_to_the_process(tiny_models: dict[str, TinyModel]) -> None:
-    """Read from the process's resident set (torch.cuda.memory_allocated on a GPU machine)."""
-    path = str(tiny_models["sdxl"].pipeline_dir)
-    warm = load_pipeline(path, device=DEVICE)  # imports, kernels and allocator arenas reach their steady state first
+def released_bytes(model: TinyModel, device: str, figure: str) -> tuple[int, int, int]:
+    """(weight bytes, growth while loaded, bytes given back on release) of one pipeline, as `figure` reads them."""
+    path = str(model.pipeline_dir)
+    warm = load_pipeline(path, device=device)  # imports, kernels and allocator arenas reach their steady state first
     pixels(warm)
     warm.release()
     del warm
     before = memory_figures()
-    loaded = load_pipeline(path, device=DEVICE)
+    loaded = load_pipeline(path, device=device)
     pixels(loaded)
     weights = weight_bytes(loaded)
     held = memory_figures()
     loaded.release()
     after = memory_figures()
-    key = "cuda_allocated_bytes" if torch.cuda.is_available() else "rss_bytes"
-    grown, freed = getattr(held, key) - getattr(before, key), getattr(held, key) - getattr(after, key)
+    return weights, getattr(held, figure) - getattr(before, figure), getattr(held, figure) - getattr(after, figure)
+
+
+def test_released_pipeline_gives_its_memory_back_to_the_process(tiny_models: dict[str, TinyModel]) -> None:
+    """Read from the process's resident set."""
+    weights, grown, freed = released_bytes(tiny_models["sdxl"], "cpu", "rss_bytes")
+    assert grown >= weights
+    assert freed >= 0.9 * weights, f"{freed} of {weights} weight bytes came back (grew by {grown})"
+
+
+@pytest.mark.cuda
+def test_released_pipeline_gives_its_memory_back_to_cuda(tiny_models: dict[str, TinyModel]) -> None:
+    """Read from torch.cuda.memory_allocated."""
+    weights, grown, freed = released_bytes(tiny_models["sdxl"], "cuda", "cuda_allocated_bytes")
     assert grown >= weights
     assert freed >= 0.9 * weights, f"{freed} of {weights} weight bytes came back (grew by {grown})"
 
@@ -386,16 +408,11 @@ def test_release_while_a_request_runs_frees_after_it_ends(tiny_models: dict[str,
         generate(loaded, params())
 
 
-def test_a_request_failing_before_its_unet_runs_leaves_the_plain_model_and_its_copies_for_a_repeat(
-    tiny_models: dict[str, TinyModel], tmp_path: Path
-) -> None:
-    """On a GPU (where the device check runs this) the U-Net's share of the merge runs on a side stream that
-    the U-Net's first call waits for; a request that fails before that call must still leave no hook, and
-    the copies it merged, installed by a repeat, must be the finished ones."""
-    model = tiny_models["sd15"]
-    loaded = load_pipeline(str(model.pipeline_dir), device=DEVICE)
+def fail_before_the_unet_runs(model: TinyModel, device: str, tmp_path: Path) -> LoadedPipeline:
+    """A request that fails after its LoRAs were merged, before its U-Net ran, then a repeat and a plain request."""
+    loaded = load_pipeline(str(model.pipeline_dir), device=device)
     lora = [(str(model.lora_paths[0]), 1.0)]
-    expected = pixels(load_pipeline(str(model.pipeline_dir), device=DEVICE), loras=lora)
+    expected = pixels(load_pipeline(str(model.pipeline_dir), device=device), loras=lora)
     plain = pixels(loaded)
     unreadable = [(str(tmp_path / "missing.safetensors"), EMBEDDING_TOKENS)]
     with pytest.raises(AdapterLoadError, match="embedding 'missing.safetensors'"):
@@ -405,3 +422,23 @@ def test_a_request_failing_before_its_unet_runs_leaves_the_plain_model_and_its_c
     assert np.array_equal(pixels(loaded, loras=lora), expected)
     assert loaded.lora_merges == merges, "the repeat merged again instead of installing the failed request's copies"
     assert np.array_equal(pixels(loaded), plain)
+    return loaded
+
+
+def test_a_request_failing_before_its_unet_runs_leaves_the_plain_model_and_its_copies_for_a_repeat(
+    tiny_models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    loaded = fail_before_the_unet_runs(tiny_models["sd15"], "cpu", tmp_path)
+    assert loaded.lora_tier._stream is None, "a CPU merge runs in line"
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_request_failing_before_its_unet_runs_waits_for_the_side_stream_merge(
+    tiny_models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    """The U-Net's share of the merge runs on a side stream that the U-Net's first call waits for; a request
+    that fails before that call must still leave no hook, and the copies it merged, installed by a repeat,
+    must be the finished ones."""
+    loaded = fail_before_the_unet_runs(tiny_models["sd15"], "cuda", tmp_path)
+    assert loaded.lora_tier._stream is not None, "the U-Net's merge did not run on the side stream"
+    assert loaded.lora_tier._merging is None and loaded.lora_tier._wait_hook is None

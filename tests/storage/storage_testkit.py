@@ -29,6 +29,8 @@ class Route:
     chunked: bool = False
     # Chunked only: a pause before each 4 KiB piece, for a server that dribbles.
     piece_delay_seconds: float = 0.0
+    # Set: the answer waits until the test sets it (or a minute passes), so the test decides when it comes.
+    hold: threading.Event | None = None
 
 
 class FileServer:
@@ -81,6 +83,8 @@ class FileServer:
             def do_GET(self) -> None:
                 route = server._record(self.path.split("?", 1)[0], self.headers.get("Host", ""))
                 time.sleep(route.delay_seconds)
+                if route.hold is not None:
+                    route.hold.wait(timeout=60)
                 self.send_response(route.status)
                 for name, value in route.headers.items():
                     self.send_header(name, value)

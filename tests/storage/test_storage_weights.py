@@ -6,6 +6,7 @@ import base64
 import hashlib
 import multiprocessing
 import os
+import queue
 import re
 import threading
 import time
@@ -22,10 +23,19 @@ from storage.weights import WeightsCache
 FAKE_PICKLE = b"PK\x03\x04" + b"\0" * 200
 
 
+_child_reports: multiprocessing.Queue[str] | None = None
+
+
+def _start_child(reports: multiprocessing.Queue[str]) -> None:
+    global _child_reports
+    _child_reports = reports
+
+
 def _resolve_in_child(root: str, url: str) -> str:
-    """Runs in a spawned process: a separate interpreter sharing only the cache folder."""
-    policy = FetchPolicy(timeout_seconds=5.0, allowed_hosts=frozenset({"127.0.0.1"}))
-    return str(WeightsCache(Path(root), policy).resolve(url, "loras[0].path"))
+    """Runs in a spawned process: a separate interpreter sharing only the cache folder; its progress goes to the test."""
+    assert _child_reports is not None
+    policy = FetchPolicy(timeout_seconds=60.0, allowed_hosts=frozenset({"127.0.0.1"}))
+    return str(WeightsCache(Path(root), policy).resolve(url, "loras[0].path", on_progress=_child_reports.put))
 
 
 def test_concurrent_threads_download_an_uncached_url_once(
@@ -56,10 +66,29 @@ def test_concurrent_threads_download_an_uncached_url_once(
 
 
 def test_concurrent_processes_download_an_uncached_url_once(tmp_path: Path, file_server: FileServer) -> None:
-    file_server.routes["/shared.safetensors"] = Route(safetensors_bytes(seed=1), delay_seconds=0.5)
+    """The server holds its answer until the other two processes report waiting for the first one's download."""
+    release = threading.Event()
+    file_server.routes["/shared.safetensors"] = Route(safetensors_bytes(seed=1), hold=release)
     args = [(str(tmp_path / "weights"), file_server.url("/shared.safetensors"))] * 3
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
-        paths = pool.starmap(_resolve_in_child, args)
+    context = multiprocessing.get_context("spawn")
+    reports: multiprocessing.Queue[str] = context.Queue()
+    waiting: list[str] = []
+    with context.Pool(3, initializer=_start_child, initargs=(reports,)) as pool:
+        pending = pool.starmap_async(_resolve_in_child, args)
+        deadline = time.monotonic() + 120
+        try:
+            while len(waiting) < 2:
+                assert file_server.hits["/shared.safetensors"] <= 1, "a second process downloaded it too"
+                assert time.monotonic() < deadline, f"two processes never waited for the download: {waiting}"
+                try:
+                    line = reports.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if line.startswith("waiting for shared.safetensors"):
+                    waiting.append(line)
+        finally:
+            release.set()
+        paths = pending.get(timeout=120)
     assert file_server.hits["/shared.safetensors"] == 1
     assert len(set(paths)) == 1
     assert Path(paths[0]).read_bytes() == safetensors_bytes(seed=1)

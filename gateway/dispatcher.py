@@ -17,6 +17,7 @@ a caller hanging up never cancels work; only `cancel` does. Nothing it takes on 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Prefetch calls in flight at once: they only warm caches, so they must never crowd out work.
 MAX_PREFETCHES = 2
+# Waiting requests queued for a prefetch, by id: a prefetch reads the input from the store when its
+# turn comes, so a long queue costs no inputs in memory. Beyond this, a waiting request gets none.
+MAX_QUEUED_PREFETCHES = 1000
 # Waiting requests looked at past the head when some tenants may be at their running quota.
 QUOTA_LOOKAHEAD = 50
 PREFETCH_TIMEOUT_SECONDS = 600.0
@@ -102,7 +106,7 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._loop_failing = False
         self._serving = True
-        self._prefetch_slots = asyncio.Semaphore(MAX_PREFETCHES)
+        self._prefetch_queue: collections.deque[str] = collections.deque()
         self._prefetches: set[asyncio.Task[None]] = set()
         self._accepting = True
         # Console/log lines per request (start, each quarter of the steps, end).
@@ -203,42 +207,50 @@ class Dispatcher:
         self.wake()
 
     def prefetch(self, record: RequestRecord) -> None:
-        """A request that will wait: have a replica read its adapters into host RAM meanwhile.
+        """A request that will wait: queued, by id, for a replica to read its adapters into host RAM meanwhile.
 
         Not for a request that will not wait: the Prefetch call would only compete with the request's
         own run for the replica's CPU (a third of a sequential caller's LoRA requests made one while
         the previous request's call was closing, issue 15).
         """
-        if not (record.input.loras or record.input.embeddings):
+        if not (record.input.loras or record.input.embeddings) or not self._all_busy():
             return
-        if len(self._running) - len(self._settled) < self._capacity:
+        if len(self._prefetch_queue) >= MAX_QUEUED_PREFETCHES or not self._accepting:
             return
-        task = asyncio.get_running_loop().create_task(self._prefetch(record), name=f"prefetch-{record.id}")
-        self._prefetches.add(task)
-        task.add_done_callback(self._prefetches.discard)
+        self._prefetch_queue.append(record.id)
+        if len(self._prefetches) < MAX_PREFETCHES:
+            task = asyncio.get_running_loop().create_task(self._prefetch_queued(), name="prefetch")
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
 
-    async def _prefetch(self, record: RequestRecord) -> None:
-        async with self._prefetch_slots:
+    def _all_busy(self) -> bool:
+        return len(self._running) - len(self._settled) >= self._capacity
+
+    async def _prefetch_queued(self) -> None:
+        """Prefetches queued requests one at a time, each as the store has it now: one that ended
+        (cancelled, failed) or started meanwhile, or that no longer waits, is skipped."""
+        while self._prefetch_queue:
+            request_id = self._prefetch_queue.popleft()
             try:
-                current = await self._store.get(record.id)
-                if current is None or current.state != State.IN_QUEUE:
-                    return
+                record = await self._store.get(request_id)
+                if record is None or record.state != State.IN_QUEUE or not self._all_busy():
+                    continue
                 request = worker_pb2.PrefetchRequest(request_id=record.id, input=record.input, tenant=record.tenant)
                 response = await self._worker.prefetch(request, record.model_key, PREFETCH_TIMEOUT_SECONDS)
                 await self._log(
-                    record.id,
+                    request_id,
                     f"prefetched {response.adapters_ready} adapter(s) while waiting",
                     types_pb2.LOG_LEVEL_INFO,
                 )
             except grpc.aio.AioRpcError as exc:
                 # Only a warm-up: the request itself resolves its adapters again and reports errors.
-                log.info("prefetch failed", extra={"request_id": record.id, "error": exc.code().name})
-                return
+                log.info("prefetch failed", extra={"request_id": request_id, "error": exc.code().name})
+                continue
             except Exception:
-                log.exception("prefetch failed", extra={"request_id": record.id})
+                log.exception("prefetch failed", extra={"request_id": request_id})
                 self._metrics.dispatcher_errors.inc()
-                return
-            self._feed.changed(record.id)
+                continue
+            self._feed.changed(request_id)
 
     async def renew_leases(self) -> None:
         """Extends the leases of running requests; a run whose lease is gone (cancelled on another
@@ -483,6 +495,7 @@ class Dispatcher:
         """Stops dispatching; running requests get `grace_seconds`, then go back to the queue."""
         self._accepting = False
         self._stopping.set()
+        self._prefetch_queue.clear()
         for prefetch in self._prefetches:
             prefetch.cancel()
         self.wake()

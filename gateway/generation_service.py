@@ -88,7 +88,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         try:
             validate_input(inp, self._settings)
             validate_start_timeout(start_timeout)
-            validate_webhook_url(webhook_url, self._settings)
+            webhook_url = validate_webhook_url(webhook_url, self._settings)
             rank = priority_rank(priority)
         except InvalidArgument:
             self._metrics.rejected.inc()

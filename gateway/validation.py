@@ -10,11 +10,13 @@ import itertools
 import math
 import re
 from collections.abc import Iterator
+from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 
 from gateway.conditioning_validation import conditioning_violations
 from gateway.errors import FieldViolation, InvalidArgument
 from loraserve import schema
 from loraserve.config import Settings
+from loraserve.input_strings import input_strings
 from loraserve.v1 import types_pb2
 from serving.inline_results import sync_mode_violations
 from serving.schedulers import SCHEDULER_SPECS, SPACING_IGNORED_BY, names_accepting
@@ -38,8 +40,12 @@ TRAILING_AS_CUSTOM_TIMESTEPS = tuple(
 )
 
 def validate_input(inp: types_pb2.GenerateInput, settings: Settings, prefix: str = "input") -> None:
-    """Raises InvalidArgument listing every violation; field paths start at `prefix`."""
+    """Raises InvalidArgument listing every violation; field paths start at `prefix`.
+
+    An http(s) URL with non-ASCII characters in any field is rewritten in `inp` to its ASCII form
+    (IDNA host, percent-encoded UTF-8), as the fetch sends it; one that has none is refused."""
     violations = [FieldViolation(f"{prefix}.{field}", why) for field, why in _violations(inp, settings)]
+    violations += [FieldViolation(path, why) for path, why in _file_strings(inp, settings, prefix)]
     if violations:
         raise InvalidArgument(violations)
 
@@ -65,19 +71,79 @@ def validate_start_timeout(seconds: float) -> None:
 MAX_WEBHOOK_URL_CHARS = 2048
 
 
-def validate_webhook_url(url: str, settings: Settings) -> None:
+def validate_webhook_url(url: str, settings: Settings) -> str:
     """fal's `fal_webhook`, POSTed to when the request ends: refused now if it can never be used (scheme,
-    credentials, a forbidden address written as an IP); each attempt checks the resolved addresses again."""
+    credentials, a forbidden address written as an IP); each attempt checks the resolved addresses again.
+    Returns it in the ASCII form it is sent to (`ascii_url`)."""
     if not url:
-        return
+        return url
     if len(url) > MAX_WEBHOOK_URL_CHARS:
         raise InvalidArgument(
             [FieldViolation("webhook_url", f"is longer than {MAX_WEBHOOK_URL_CHARS} characters ({len(url)})")]
         )
     try:
-        check_url(url, "webhook_url", image_fetch_policy(settings), resolve=False)
-    except InputFetchError as exc:
-        raise InvalidArgument([FieldViolation("webhook_url", exc.reason)]) from None
+        sent = ascii_url(url)
+        check_url(sent, "webhook_url", image_fetch_policy(settings), resolve=False)
+    except (InputFetchError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, InputFetchError) else str(exc)
+        raise InvalidArgument([FieldViolation("webhook_url", reason)]) from None
+    return sent
+
+
+def ascii_url(url: str) -> str:
+    """`url` as HTTP sends it: an internationalised host in its IDNA form (`xn--`), other non-ASCII
+    characters percent-encoded as UTF-8; unchanged when it is ASCII. ValueError when it cannot be."""
+    if url.isascii():
+        return url
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    host, colon, port = hostport.rpartition(":") if not hostport.endswith("]") else (hostport, "", "")
+    if not colon or not port.isdigit():
+        host, colon, port = hostport, "", ""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"the host name {host!r} is not a valid internationalised domain name") from None
+    netloc = _percent_encoded(userinfo) + at + host + colon + port
+    return urlunsplit(
+        (parts.scheme, netloc, *(_percent_encoded(part) for part in (parts.path, parts.query, parts.fragment)))
+    )
+
+
+def _percent_encoded(text: str) -> str:
+    return "".join(char if char.isascii() else quote(char, safe="") for char in text)
+
+
+def _file_strings(inp: types_pb2.GenerateInput, settings: Settings, prefix: str) -> Iterator[tuple[str, str]]:
+    """Every field that can name a file: a data URI within `max_data_uri_bytes` (the worker would refuse
+    it only after the gateway kept it queued), an http(s) URL in the ASCII form HTTP sends."""
+    for found in input_strings(inp, prefix):
+        if found.path.endswith((".prompt", ".negative_prompt")):
+            continue
+        scheme = found.value[:8].lower()
+        if scheme.startswith("data:"):
+            size = _data_uri_bytes(found.value)
+            if size > settings.max_data_uri_bytes:
+                yield found.path, (
+                    f"is a data URI of about {size} bytes, over the limit of {settings.max_data_uri_bytes} bytes"
+                    " (max_data_uri_bytes); upload the file and pass its URL"
+                )
+        elif scheme.startswith(("http://", "https://")) and not found.value.isascii():
+            try:
+                found.replace(ascii_url(found.value))
+            except ValueError as exc:
+                yield found.path, str(exc)
+
+
+def _data_uri_bytes(uri: str) -> int:
+    """The size of a data URI's data, without decoding base64 (a few bytes over at most)."""
+    header, _, payload = uri[5:].partition(",")
+    if header.lower().endswith(";base64"):
+        text = unquote_to_bytes(payload) if "%" in payload else payload.encode("ascii", "replace")
+        text = text.translate(None, b" \n\r\t")
+        return len(text) * 3 // 4 - (len(text) - len(text.rstrip(b"=")))
+    return len(unquote_to_bytes(payload))
 
 
 def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from loraserve.input_strings import input_strings
 from storage.fetch import NO_SUCH_STORED_FILE, InputFetchError
 from storage.object_store import InvalidKey, owned_by
 
@@ -31,7 +31,8 @@ class OwnFiles(Protocol):
 
 def check_stored_inputs(message: Message, tenant: str, files: OwnFiles, prefix: str = "input") -> None:
     """Raises InputFetchError(NO_SUCH_STORED_FILE) for the first stored file of `message` the tenant may not use."""
-    for field, url in _strings(message, prefix):
+    for found in input_strings(message, prefix):
+        field, url = found.path, found.value
         key = files.key_for_url(url)
         if key is None:
             continue
@@ -42,20 +43,3 @@ def check_stored_inputs(message: Message, tenant: str, files: OwnFiles, prefix: 
         if not usable:
             raise InputFetchError(field, url, NO_SUCH_STORED_FILE)
 
-
-def _strings(message: Message, prefix: str) -> list[tuple[str, str]]:
-    """Every non-empty string in `message`, with its field path (`input.loras[0].path`)."""
-    found: list[tuple[str, str]] = []
-    for descriptor, value in message.ListFields():
-        path = f"{prefix}.{descriptor.name}"
-        repeated = descriptor.is_repeated
-        values = list(value) if repeated else [value]
-        for i, item in enumerate(values):
-            item_path = f"{path}[{i}]" if repeated else path
-            if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
-                if descriptor.message_type.GetOptions().map_entry:
-                    continue
-                found += _strings(item, item_path)
-            elif descriptor.type == FieldDescriptor.TYPE_STRING and item:
-                found.append((item_path, item))
-    return found

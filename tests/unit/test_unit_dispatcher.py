@@ -10,6 +10,7 @@ the same constructor parameters the gateway fills from its settings.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gateway.circuit_breaker import CircuitBreaker
-from gateway.dispatcher import Dispatcher
+from gateway.dispatcher import MAX_PREFETCHES, Dispatcher
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.scheduling import HotFirstOrder
@@ -405,6 +406,42 @@ async def test_a_silent_network_path_is_noticed_by_keepalive(
         await relay.close()
     assert record.error is None and record.output is not None and record.attempts == 2
     assert "attempt 1 of 3 failed (UNAVAILABLE" in await h.log_text(request_id)
+
+
+async def test_waiting_requests_queue_for_a_prefetch_by_id_and_ended_ones_are_skipped(
+    make: Make, server: WorkerServer, fake: FakeWorker
+) -> None:
+    """A prefetch reads the input from the store when its turn comes: requests queued behind the prefetches
+    in flight keep no record (and no input) alive, and one cancelled meanwhile is never prefetched."""
+    await server.start()
+    h = await make(capacity=1)
+    fake.default = "hold"
+    (running,) = await h.submit(prompt="running")
+    await wait_until(lambda: running in fake.holding, "the call is running")
+    fake.prefetch_gate = asyncio.Event()
+    lora = types_pb2.LoraWeight(path="data:application/octet-stream;base64," + "A" * 100_000)
+    ids = []
+    for i in range(20):
+        record, _ = await h.store.add(
+            types_pb2.GenerateInput(model_name="org/model", prompt=f"waits {i}", loras=[lora]), seed=i, model_key="key"
+        )
+        h.dispatcher.prefetch(record)
+        ids.append(record.id)
+    del record
+    await wait_until(lambda: fake.prefetching == MAX_PREFETCHES, "the prefetch slots are taken")
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, RequestRecord) and o.id in ids]
+    assert len(alive) <= MAX_PREFETCHES, f"{len(alive)} waiting requests' records held for a prefetch"
+    del alive
+    for request_id in ids[MAX_PREFETCHES : MAX_PREFETCHES + 10]:
+        assert await h.store.cancel(request_id)
+    fake.prefetch_gate.set()
+    expected = ids[:MAX_PREFETCHES] + ids[MAX_PREFETCHES + 10 :]
+    await wait_until(lambda: len(fake.prefetched) >= len(expected), "the queued prefetches ran")
+    assert sorted(fake.prefetched) == sorted(expected), "cancelled requests were prefetched"
+    for request_id in [running, *expected]:
+        await h.store.cancel(request_id)
+    h.dispatcher.cancel_running(running)
 
 
 async def test_prefetch_only_for_a_request_that_will_wait(make: Make, server: WorkerServer, fake: FakeWorker) -> None:

@@ -45,6 +45,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.default = "complete"
         self.holding: set[str] = set()
         self.prefetched: list[str] = []
+        # Set to an unset event, Prefetch calls wait for it (counted in `prefetching` meanwhile).
+        self.prefetch_gate: asyncio.Event | None = None
+        self.prefetching = 0
 
     async def Generate(  # noqa: N802 - the gRPC method's name
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -89,6 +92,12 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def Prefetch(  # noqa: N802 - the gRPC method's name
         self, request: worker_pb2.PrefetchRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefetchResponse:
+        self.prefetching += 1
+        try:
+            if self.prefetch_gate is not None:
+                await self.prefetch_gate.wait()
+        finally:
+            self.prefetching -= 1
         self.prefetched.append(request.request_id)
         return worker_pb2.PrefetchResponse(adapters_ready=len(request.input.loras))
 

@@ -115,6 +115,19 @@ class ResourceExhausted(ServiceError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class HttpRefused(ServiceError):
+    """An HTTP request refused for how it came rather than what it asks: a body too large (413) or not
+    declared JSON (415), a Host this gateway does not answer for (421), a web page's origin it does not trust
+    (403). Only the HTTP side raises it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "HTTP_REQUEST_REFUSED"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # How a failed request's RequestError.type is answered by GetResult / Subscribe.
 REQUEST_ERROR_CODES: dict[str, grpc.StatusCode] = {
     ErrorType.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -301,6 +314,8 @@ def to_http(exc: BaseException) -> HttpError:
             body: dict[str, Any] = {"detail": [{"loc": loc, "msg": exc.message, "type": "value_error"}]}
             return HttpError(status, body, {**headers, "X-Fal-Retryable": "false"})
         return HttpError(status, {"detail": exc.message, "error_type": error_type}, headers)
+    if isinstance(exc, HttpRefused):
+        return HttpError(exc.status, {"detail": exc.message, "error_type": "bad_request"}, {"X-Fal-Error-Type": "bad_request"})
     if isinstance(exc, ResourceExhausted):
         retry_after = max(1, math.ceil(exc.retry_after_seconds))
         return HttpError(

@@ -10,7 +10,15 @@ errors as gRPC), on the gateway's HTTP port:
 * a request carrying `x-fal-target-url` (the JS client's `proxyUrl`) is routed by that URL's
   host and path whatever path it came to: queue.fal.run → the queue, fal.run → the run,
   rest.fal.ai / v3.fal.media → the storage routes mounted beside these;
-* CORS for browsers.
+* CORS for the browser origins `cors_allowed_origins` names, and none for any other.
+
+A web page the gateway's user opens can send requests to it too, so: no CORS headers for an origin
+the operator did not name (the page cannot read the answers), a write (anything but GET/HEAD) from
+any such origin refused 403 (browsers send `Origin` with those; fal's clients outside a browser do
+not), JSON bodies only as `application/json` (gateway/http_json.py), and, when keys are off (loopback),
+only requests whose Host is a loopback name or `public_url`'s host answered (421 otherwise), so a
+DNS-rebinding name that points at 127.0.0.1 reaches nothing (`insecure_no_auth` beyond loopback: no check). Every refusal, and anything unexpected,
+leaves as fal's JSON `detail`.
 
 What fal's clients need of the wire, and why it is so here: status 202 while waiting and 200
 once COMPLETED (fal.apps reads 200 as finished); only IN_QUEUE / IN_PROGRESS / COMPLETED, a
@@ -40,9 +48,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.errors import FieldViolation, InvalidArgument, ServiceError, to_http
+from gateway.auth import auth_required
+from gateway.errors import FieldViolation, HttpRefused, InvalidArgument, ServiceError, to_http
 from gateway.fal_json import APP_ID, ENDPOINTS, endpoint_for, output_json, parse_input, status_json
 from gateway.generation_service import GenerationService
+from gateway.http_json import read_json
 from gateway.store import RequestRecord, State
 from loraserve.v1 import generation_pb2
 
@@ -69,6 +79,10 @@ CORS_ALLOW_HEADERS = (
 )
 CORS_EXPOSE_HEADERS = "x-fal-request-id, x-fal-error-type, x-fal-request-timeout-type, retry-after"
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+# Methods a page may send from an origin that is not allowed (it gets no CORS headers, so reads nothing).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Answered whatever the Host: probes and scrapers call by the pod's address, and these hold no one's data.
+ANY_HOST_PATHS = frozenset({"/healthz", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ByIdHandler = Callable[[web.Request, "AppPath", str], Awaitable[web.StreamResponse]]
@@ -122,14 +136,57 @@ def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6N
     return tuple(networks)
 
 
+def allowed_origins(spec: str) -> frozenset[str]:
+    """`cors_allowed_origins` ("https://app.example, http://localhost:3000") as origins; a bad entry is refused
+    by name at start."""
+    origins = set()
+    for entry in (part.strip() for part in spec.split(",")):
+        if not entry:
+            continue
+        parts = urlsplit(entry)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
+            raise ValueError(f"setting `cors_allowed_origins`: {entry!r} is not an origin (scheme://host[:port])")
+        origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return frozenset(origins)
+
+
+def keyless_hosts(public_url: str) -> frozenset[str]:
+    """Host names a keyless loopback gateway answers to besides loopback addresses."""
+    return frozenset({"localhost", (urlsplit(public_url).hostname or "").lower()} - {""})
+
+
+def host_is_answered(host: str, names: frozenset[str]) -> bool:
+    """`host` (a Host header, port and all) names loopback or one of `names`."""
+    try:
+        hostname = (urlsplit(f"//{host}").hostname or "").lower()
+    except ValueError:
+        return False
+    if hostname in names:
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
 class FalHttp:
     """The queue and run routes; mount last on the HTTP app (their paths are catch-alls)."""
 
-    def __init__(self, generation: GenerationService, trusted_proxies: str = "127.0.0.0/8,::1") -> None:
+    def __init__(
+        self, generation: GenerationService, trusted_proxies: str = "127.0.0.0/8,::1", *, keys_required: bool = False
+    ) -> None:
         self._generation = generation
         self._trusted = trusted_networks(trusted_proxies)
+        settings = generation.settings
+        self._origins = allowed_origins(settings.cors_allowed_origins)
+        # With keys, a request proves who sent it whatever Host it names; keyless on loopback, the Host is all
+        # there is. Keyless beyond loopback (insecure_no_auth) the operator trusts the whole network, by any name.
+        loopback = not auth_required(settings.http_host, insecure_no_auth=False)
+        self._hosts = keyless_hosts(settings.public_url) if loopback and not keys_required else None
 
     def mount(self, app: web.Application) -> None:
+        app.middlewares.append(_as_fal_errors)
+        app.middlewares.append(self._check_host)
         app.middlewares.append(self._cors)
         app.middlewares.append(self._proxy_target)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
@@ -137,11 +194,30 @@ class FalHttp:
     # --- middlewares -----------------------------------------------------------------------
 
     @web.middleware
+    async def _check_host(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._hosts is None or request.path in ANY_HOST_PATHS or host_is_answered(request.host, self._hosts):
+            return await handler(request)
+        detail = (
+            f"this gateway runs without API keys and answers only to loopback names and public_url's host,"
+            f" not {request.host!r}; set public_url to the name callers use"
+        )
+        return error_response(HttpRefused(421, detail))
+
+    @web.middleware
     async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Browsers calling across origins: preflights answered here, fal's headers exposed on every reply.
-        The API authenticates by key, never by cookie, so any origin may call it."""
+        """Browsers calling from an origin in `cors_allowed_origins`: preflights answered here, fal's headers
+        exposed on every reply. Any other origin gets no CORS headers, and its writes are refused."""
         origin = request.headers.get("Origin")
-        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+        allowed = origin is not None and origin.lower() in self._origins
+        if origin is not None and not allowed and (
+            request.method not in SAFE_METHODS or "Access-Control-Request-Method" in request.headers
+        ):
+            detail = f"requests from web pages at {origin!r} are refused: that origin is not in cors_allowed_origins"
+            return error_response(HttpRefused(403, detail))
+        if not allowed:
+            return await handler(request)
+        assert origin is not None
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             asked = request.headers.get("Access-Control-Request-Headers", "")
             response: web.StreamResponse = web.Response(status=204)
             response.headers.update(
@@ -155,11 +231,9 @@ class FalHttp:
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
-                if origin:
-                    _allow_origin(exc.headers, origin)
+                _allow_origin(exc.headers, origin)
                 raise
-        if origin:
-            _allow_origin(response.headers, origin)
+        _allow_origin(response.headers, origin)
         return response
 
     @web.middleware
@@ -169,15 +243,17 @@ class FalHttp:
         target = request.headers.get("x-fal-target-url")
         if not target:
             return await handler(request)
-        parts = urlsplit(target)
-        prefix = TARGET_HOSTS.get((parts.hostname or "").lower())
-        if prefix is None:
-            return json_response(
-                400,
-                {"detail": f"x-fal-target-url {target!r} is not a fal queue, run or REST URL", "error_type": "bad_request"},
-            )
-        path = prefix + (parts.path or "/")
-        rerouted = request.clone(rel_url=path + (f"?{parts.query}" if parts.query else ""))
+        refusal = {"detail": f"x-fal-target-url {target!r} is not a fal queue, run or REST URL", "error_type": "bad_request"}
+        try:
+            parts = urlsplit(target)
+            prefix = TARGET_HOSTS.get((parts.hostname or "").lower())
+            if prefix is None:
+                return json_response(400, refusal)
+            path = prefix + (parts.path or "/")
+            rerouted = request.clone(rel_url=path + (f"?{parts.query}" if parts.query else ""))
+        except ValueError:
+            # Not a URL at all: an unclosed IPv6 bracket, a port that is no number, a path aiohttp cannot take.
+            return json_response(400, refusal)
         match = await request.app.router.resolve(rerouted)
         match.add_app(request.app)
         match.freeze()
@@ -247,12 +323,7 @@ class FalHttp:
         endpoint = endpoint_for("/".join(where.rest))
         if endpoint is None:
             raise _NoEndpoint("/".join(where.rest))
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
-            why = f"the body is not valid JSON: {exc}"
-            raise InvalidArgument([FieldViolation("input", why, "value_error.jsondecode")]) from None
+        body = await read_json(request)
         return await self._generation.submit(
             parse_input(body, endpoint),
             tenant=tenant,
@@ -385,6 +456,23 @@ def _refused(exc: BaseException) -> web.Response:
     if isinstance(exc, _NoEndpoint):
         return json_response(404, {"detail": exc.message})
     return error_response(exc)
+
+
+@web.middleware
+async def _as_fal_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (a file not found, a bad signature) and anything unexpected as fal's JSON
+    `detail` (gateway/errors.py), never a text page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {name: value for name, value in exc.headers.items() if name.lower() != "content-type"}
+        return json_response(exc.status, {"detail": exc.text or exc.reason}, headers=headers)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - answered as gateway/errors.py answers it, and logged there
+        return error_response(exc)
 
 
 def _allow_origin(headers: Any, origin: str) -> None:

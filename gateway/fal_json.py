@@ -40,6 +40,9 @@ _INT_RANGES = {
     FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
 }
 _FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
+# The deepest a request body nests (GenerateInput's own deepest is `ip_adapter[0].scale_json.up.block_0`, 4):
+# far more than any body needs, far less than what exhausts Python's recursion in the walks over it.
+MAX_JSON_DEPTH = 32
 _LEVELS = {v.number: v.name.removeprefix("LOG_LEVEL_") for v in types_pb2.LogLevel.DESCRIPTOR.values}
 
 
@@ -47,6 +50,54 @@ def endpoint_for(sub_path: str) -> int | None:
     """The GenerateInput.endpoint of a path below fal-ai/lora (`""`, `image-to-image`, `inpaint`);
     None for a path that is not one of the family."""
     return ENDPOINTS.get(sub_path.strip("/"))
+
+
+def loads_body(raw: bytes) -> Any:
+    """A request body's JSON (an empty body is `{}`); InvalidArgument at `input` (fal's 422 at `body`) when it
+    is not JSON, nests deeper than MAX_JSON_DEPTH, or has a string or key that is no Unicode text (a lone
+    surrogate escape such as `"\\ud800"`, which no UTF-8 encoder takes)."""
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        data = None
+        too_deep = True
+    except ValueError as exc:
+        raise InvalidArgument([FieldViolation("input", f"the body is not valid JSON: {exc}", "value_error.jsondecode")]) from None
+    else:
+        too_deep = _depth(data) > MAX_JSON_DEPTH
+    if too_deep:
+        why = f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+        raise InvalidArgument([FieldViolation("input", why, "value_error.jsondecode")])
+    return data
+
+
+def _depth(data: Any) -> int:
+    """How deep `data` nests (a scalar 0), without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def is_text(value: str) -> bool:
+    """False for a string with a lone surrogate (JSON's `"\\ud800"`): it has no UTF-8 form, so protobuf,
+    the store and every log refuse it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable_key(key: str) -> str:
+    return key if is_text(key) else key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def parse_input(data: Any, endpoint: int | None = None) -> types_pb2.GenerateInput:
@@ -77,8 +128,9 @@ def _fill(
 ) -> None:
     descriptor: Descriptor = msg.DESCRIPTOR
     for key, value in data.items():
-        name = f"{path}.{key}"
-        field = descriptor.fields_by_name.get(key) if isinstance(key, str) and key not in hidden else None
+        name = f"{path}.{_printable_key(key) if isinstance(key, str) else key}"
+        known = isinstance(key, str) and is_text(key) and key not in hidden
+        field = descriptor.fields_by_name.get(key) if known else None
         if field is None:
             violations.append(FieldViolation(name, "extra fields not permitted", "value_error.extra"))
             continue
@@ -120,9 +172,12 @@ def _scalar(field: FieldDescriptor, value: Any, name: str, violations: list[Fiel
     an integral float or a numeric string is an integer, a number's string a number."""
     kind = field.type
     if kind == FieldDescriptor.TYPE_STRING:
-        if isinstance(value, str):
+        if isinstance(value, str) and is_text(value):
             return True, value
-        violations.append(FieldViolation(name, "str type expected", "type_error.str"))
+        if isinstance(value, str):
+            violations.append(FieldViolation(name, "is not Unicode text: it holds a lone surrogate", "value_error.str"))
+        else:
+            violations.append(FieldViolation(name, "str type expected", "type_error.str"))
     elif kind == FieldDescriptor.TYPE_BOOL:
         if isinstance(value, bool):
             return True, value
@@ -175,7 +230,11 @@ def _float(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            # An integer of hundreds of digits: past any float, like JSON's 1e400.
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         try:
             return float(value.strip())
@@ -188,10 +247,12 @@ def _image_size(msg: Message, value: Any, name: str, violations: list[FieldViola
     """fal's `image_size`: a preset name or {width, height}."""
     assert isinstance(msg, types_pb2.GenerateInput)
     if isinstance(value, str):
-        msg.image_size.preset = value
+        ok, preset = _scalar(types_pb2.ImageSize.DESCRIPTOR.fields_by_name["preset"], value, name, violations)
+        if ok:
+            msg.image_size.preset = preset
         return
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - {"width", "height"})
+        unknown = sorted(_printable_key(key) for key in set(value) - {"width", "height"})
         for key in unknown:
             violations.append(FieldViolation(f"{name}.{key}", "extra fields not permitted", "value_error.extra"))
         missing = [side for side in ("width", "height") if value.get(side) is None]
@@ -219,11 +280,11 @@ def _ip_adapter_images(msg: Message, value: Any, name: str, violations: list[Fie
     if not isinstance(items, list):
         violations.append(FieldViolation(name, "must be a URL or a list of URLs", "type_error"))
         return
+    field = msg.DESCRIPTOR.fields_by_name["ip_adapter_image_url"]
     for index, item in enumerate(items):
-        if isinstance(item, str):
-            msg.ip_adapter_image_url.append(item)
-        else:
-            violations.append(FieldViolation(f"{name}[{index}]", "str type expected", "type_error.str"))
+        ok, url = _scalar(field, item, f"{name}[{index}]", violations)
+        if ok:
+            msg.ip_adapter_image_url.append(url)
 
 
 def _scale_json(msg: Message, value: Any, name: str, violations: list[FieldViolation]) -> None:
@@ -231,11 +292,13 @@ def _scale_json(msg: Message, value: Any, name: str, violations: list[FieldViola
     caller writes itself. Validation checks its shape in both cases."""
     assert isinstance(msg, types_pb2.IPAdapter)
     if isinstance(value, str):
-        msg.scale_json = value
+        ok, text = _scalar(msg.DESCRIPTOR.fields_by_name["scale_json"], value, name, violations)
+        if ok:
+            msg.scale_json = text
         return
     try:
         msg.scale_json = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         violations.append(FieldViolation(name, "must be a JSON object of per-block scales", "type_error"))
 
 

@@ -45,6 +45,7 @@ from aiohttp import web
 
 from gateway.auth import Authenticator
 from gateway.errors import ServiceError, Unauthenticated, to_http
+from gateway.http_json import read_json
 from gateway.store import StoreUnavailable
 from loraserve.config import Settings
 from storage.object_store import InvalidKey, check_key, load_or_create_secret
@@ -181,7 +182,7 @@ class FalStorage:
         key, expires = request.match_info["key"], request.query.get("expires", "")
         signature = request.query.get("signature", "")
         if (
-            not expires.isdigit()
+            not (expires.isascii() and expires.isdigit())
             or int(expires) < self._clock()
             or not hmac.compare_digest(self._sign("put", key, expires), signature)
         ):
@@ -288,7 +289,7 @@ class FalStorage:
 
     async def _receive_part(self, request: web.Request, upload: _Multipart) -> web.Response:
         raw = request.match_info["part"]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PARTS:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PARTS:
             raise StorageHttpError(400, f"a part number is an integer from 1 to {MAX_PARTS}")
         number = int(raw)
         others = upload.size - (upload.parts[number].size if number in upload.parts else 0)
@@ -319,7 +320,7 @@ class FalStorage:
     async def _complete(self, request: web.Request) -> web.Response:
         """The listed parts, in order, through one writer; the upload is gone afterwards, whatever happens."""
         upload_id = request.match_info["upload_id"]
-        listed = _listed_parts(await _json_body(request))
+        listed = _listed_parts(await read_json(request))
         upload = self._multipart.pop(upload_id, None)
         if upload is None:
             raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
@@ -392,18 +393,8 @@ def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None
     return web.json_response(body, status=status, headers=headers)
 
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise StorageHttpError(422, "the body is not JSON") from None
-
-
 async def _initiate_body(request: web.Request) -> tuple[str, str]:
-    body = await _json_body(request)
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise StorageHttpError(422, "the body must be a JSON object with file_name and content_type")
     file_name, content_type = body.get("file_name") or DEFAULT_FILE_NAME, body.get("content_type") or ""

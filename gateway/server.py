@@ -190,7 +190,7 @@ class Gateway:
         await self.server.start()
         local_files = self.files if isinstance(self.files, LocalObjectStore) else None
         http_app = make_http_app(local_files, self.metrics)
-        fal_http = FalHttp(self.generation, self.settings.trusted_proxies)
+        fal_http = FalHttp(self.generation, self.settings.trusted_proxies, keys_required=self.auth.required)
         storage = FalStorage(uploads, self.auth, secret=signing_secret(self.settings), public_base=fal_http.public_base)
         add_storage_routes(http_app, storage)
         self._http = web.AppRunner(http_app, access_log=None)

@@ -62,6 +62,9 @@ class Settings:
     # Browser origins (scheme://host[:port], comma-separated) whose pages may call the HTTP side and read its
     # answers (CORS); a request from any other page gets no CORS headers and its writes are refused.
     cors_allowed_origins: str = ""
+    # Browser origins (scheme://host[:port], comma-separated) whose pages may call the HTTP side and read its
+    # answers (CORS); a request from any other page gets no CORS headers and its writes are refused.
+    cors_allowed_origins: str = ""
     # Ray cluster to join; empty starts a local one (the embedded default).
     ray_address: str = ""
     ray_num_cpus: int = 0

@@ -76,6 +76,7 @@ NOT_FOR_REPLICAS = frozenset(
         "http_port",
         "trusted_proxies",
         "cors_allowed_origins",
+        "cors_allowed_origins",
         "ray_address",
         "ray_num_cpus",
         "ray_start_attempts",

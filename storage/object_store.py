@@ -233,7 +233,7 @@ class LocalObjectStore:
 
     def signature_valid(self, key: str, expires: str, signature: str) -> bool:
         """True for a URL this store (or one sharing its key) signed for `key` that has not expired yet."""
-        if not expires.isdigit() or int(expires) < self.clock():
+        if not (expires.isascii() and expires.isdigit()) or int(expires) < self.clock():
             return False
         return hmac.compare_digest(self._sign(key, int(expires)), signature)
 

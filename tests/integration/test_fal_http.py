@@ -303,26 +303,32 @@ async def test_proxy_mode_routes_by_target_url(http: aiohttp.ClientSession) -> N
     assert status == 400
 
 
-async def test_cors_preflight_and_exposed_headers(http: aiohttp.ClientSession) -> None:
+async def test_cors_preflight_and_exposed_headers(tmp_path: Path, worker: WorkerServer) -> None:
     origin = "https://app.example"
-    async with http.options(
-        "/api/fal/proxy",
-        headers={
-            "Origin": origin,
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type, x-fal-target-url, x-custom",
-        },
-    ) as response:
-        assert response.status == 204
-        assert response.headers["Access-Control-Allow-Origin"] == origin
-        allowed = response.headers["Access-Control-Allow-Headers"]
-        assert "x-fal-target-url" in allowed and "x-custom" in allowed and "authorization" in allowed
-    async with http.post("/fal-ai/lora", json=BODY, headers={"Origin": origin}) as response:
-        exposed = response.headers["Access-Control-Expose-Headers"]
-        assert response.headers["Access-Control-Allow-Origin"] == origin
-        assert {"x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type"} <= {
-            h.strip() for h in exposed.split(",")
-        }
+    allowing = await start_gateway(tmp_path, worker.port, cors_allowed_origins=f"{origin}, http://localhost:3000")
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{allowing.settings.http_port}") as http:
+            async with http.options(
+                "/api/fal/proxy",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization, content-type, x-fal-target-url, x-custom",
+                },
+            ) as response:
+                assert response.status == 204
+                assert response.headers["Access-Control-Allow-Origin"] == origin
+                allowed = response.headers["Access-Control-Allow-Headers"]
+                assert "x-fal-target-url" in allowed and "x-custom" in allowed and "authorization" in allowed
+            async with http.post("/fal-ai/lora", json=BODY, headers={"Origin": origin}) as response:
+                assert response.status == 200
+                exposed = response.headers["Access-Control-Expose-Headers"]
+                assert response.headers["Access-Control-Allow-Origin"] == origin
+                assert {"x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type"} <= {
+                    h.strip() for h in exposed.split(",")
+                }
+    finally:
+        await allowing.stop(grace_seconds=0)
 
 
 async def test_forwarded_headers_only_from_trusted_proxies(

@@ -107,8 +107,10 @@ def lora_sets(family: str, model: TinyModel, folder: Path) -> dict[str, list[tup
     }
 
 
-def diffusers_fused(model: TinyModel, loras: list[tuple[str, float]]) -> DiffusionPipeline:
-    pipe = load_pipeline(str(model.pipeline_dir)).pipe
+def diffusers_fused(
+    model: TinyModel, loras: list[tuple[str, float]], dtype: torch.dtype = torch.float32
+) -> DiffusionPipeline:
+    pipe = load_pipeline(str(model.pipeline_dir), torch_dtype=dtype).pipe
     names = [f"a{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         pipe.load_lora_weights(path, adapter_name=name, use_safetensors=True)
@@ -168,4 +170,47 @@ def test_every_format_gives_diffusers_fused_weights_and_pixels(
         served = np.asarray(generate(loaded, params(loras=loras))[0]).astype(int)
         assert np.abs(served - plain_pixels).mean() > 1.0, label
         assert np.abs(served - image(theirs)).max() <= MAX_PIXEL_DIFFERENCE, label
+    assert all(torch.equal(tensor, plain[name]) for name, tensor in weights(loaded.pipe).items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_merge_on_a_cpu_is_diffusers_fused_within_its_roundings(
+    family: str, tiny_models: dict[str, TinyModel], tmp_path: Path
+) -> None:
+    """The CPU merges half-precision weights in their own dtype (serving/lora_merge.py `_merge_layers`).
+
+    One LoRA: PEFT's `fuse_lora` rounds the delta to bfloat16 and then the sum, the service's
+    `addmm` rounds the sum once. Each rounding is within half a unit in the last place (2⁻⁸
+    relative) of what it rounds, and the delta is at most |W| + |W'|, so the two differ by at most
+    2⁻⁸ · (|W| + 3 · |W'|) per element. Several LoRAs: both round after each LoRA, where the
+    partial sums may be larger than the result, so per weight the service's distance from the
+    exact merge (float32, from the same bfloat16 weights) is held to diffusers' own distance plus
+    one unit in the last place of the largest weight (either may round the other way at the worst element).
+    """
+    model = tiny_models[family]
+    loaded = load_pipeline(str(model.pipeline_dir), torch_dtype=torch.bfloat16)
+    exact_pipeline = load_pipeline(str(model.pipeline_dir), torch_dtype=torch.bfloat16)
+    exact_pipeline.pipe.to(torch.float32)
+    plain = weights(loaded.pipe)
+    assert {tensor.dtype for tensor in plain.values()} == {torch.bfloat16}
+    sets = lora_sets(family, model, tmp_path)
+    for label in ("peft-alpha", "kohya-alpha", "text-encoder-kohya", "conv-rank-pattern", "several-with-scales"):
+        loras = sets[label]
+        expected = weights(diffusers_fused(model, loras, torch.bfloat16))
+        for pipeline in (loaded, exact_pipeline):
+            pipeline.activate_loras(loras)
+        try:
+            ours, exact = weights(loaded.pipe), weights(exact_pipeline.pipe)
+        finally:
+            loaded.deactivate_loras()
+            exact_pipeline.deactivate_loras()
+        assert any(not torch.equal(ours[name], plain[name]) for name in ours), label
+        for name, tensor in ours.items():
+            theirs, before, mine = expected[name].float(), plain[name].float(), tensor.float()
+            if len(loras) == 1:
+                excess = float(((mine - theirs).abs() - 2.0**-8 * (before.abs() + 3 * theirs.abs())).max())
+            else:
+                slack = 2.0**-8 * float(exact[name].abs().max())
+                excess = float((mine - exact[name]).abs().max() - (theirs - exact[name]).abs().max()) - slack
+            assert excess <= 0, f"{label}: {name} differs from diffusers' fuse_lora beyond its roundings by {excess}"
     assert all(torch.equal(tensor, plain[name]) for name, tensor in weights(loaded.pipe).items())

@@ -34,11 +34,12 @@ class Route:
 
 
 class FileServer:
-    """Serves whatever a test puts in `routes` on 127.0.0.1; counts hits and records Host headers."""
+    """Serves whatever a test puts in `routes` on 127.0.0.1; counts hits (and chunked pieces sent) and records Host headers."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: Counter[str] = Counter()
+        self.pieces_sent: Counter[str] = Counter()
         self.host_headers: list[str] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -96,6 +97,8 @@ class FileServer:
                         piece = route.body[start : start + 4096]
                         time.sleep(route.piece_delay_seconds)
                         self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                        with server._lock:
+                            server.pieces_sent[self.path.split("?", 1)[0]] += 1
                     self.wfile.write(b"0\r\n\r\n")
                 else:
                     self.send_header("Content-Length", str(len(route.body)))

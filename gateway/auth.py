@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -23,6 +24,18 @@ KEY_PREFIX = "lsk_"
 KEY_CACHE_SECONDS = 5.0
 # Tenant of requests made without a key where keys are not required (the embedded default on loopback).
 ANONYMOUS = ""
+# A tenant's name goes as it is into HTTP headers (a webhook's X-Fal-Webhook-User-Id), logs and settings:
+# ASCII letters, digits and `. _ - @ +`, starting with a letter or digit, at most 200 characters.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}")
+
+
+def check_tenant_name(tenant: str) -> None:
+    """ValueError saying which names are allowed, for a tenant name that is not one of them."""
+    if not TENANT_NAME.fullmatch(tenant):
+        raise ValueError(
+            "a tenant name is 1 to 200 ASCII letters, digits and `. _ - @ +`, starting with a letter or digit;"
+            f" got {tenant!r}"
+        )
 
 
 def digest(secret: str) -> str:
@@ -31,8 +44,7 @@ def digest(secret: str) -> str:
 
 def new_key(tenant: str, name: str = "") -> tuple[ApiKey, str]:
     """A new key and its secret; the secret is shown once and never stored."""
-    if not tenant or len(tenant) > 200 or not tenant.isprintable():
-        raise ValueError(f"a tenant is a non-empty printable name of at most 200 characters, got {tenant!r}")
+    check_tenant_name(tenant)
     secret = secrets.token_urlsafe(32)
     key = ApiKey(
         id=KEY_PREFIX + secrets.token_hex(8),

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from gateway.auth import ANONYMOUS, check_tenant_name
 from gateway.errors import ResourceExhausted
 from gateway.store import RequestRecord, RequestStore
 from loraserve.config import Settings
@@ -49,6 +50,8 @@ def parse_tenant_limits(settings: Settings) -> tuple[TenantLimits, dict[str, Ten
             raise ValueError("it must be a JSON object of tenant → limits")
         per_tenant = {}
         for tenant, limits in raw.items():
+            if tenant != ANONYMOUS:
+                check_tenant_name(tenant)
             unknown = set(limits) - set(allowed)
             if unknown:
                 raise ValueError(f"tenant {tenant!r}: unknown limit(s) {sorted(unknown)}; known: {sorted(allowed)}")

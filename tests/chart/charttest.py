@@ -15,6 +15,9 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "loraserve"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+# What chart-testing installs: the chart's own defaults, then each ci/ file.
+DEFAULTS = "defaults"
+VALUE_SETS: dict[str, list[Path]] = {DEFAULTS: [], **{p.name: [p] for p in CI_VALUES}}
 # The pinned KubeRay CRD the rendered RayService must satisfy (version and source: kuberay/README.md).
 KUBERAY_CRD = Path(__file__).parent / "kuberay" / "ray.io_rayservices.yaml"
 # The Kubernetes version whose schemas the rendered core manifests must satisfy.

@@ -24,6 +24,8 @@ from serving import serve_config
 from tests.chart.charttest import (
     CHART,
     CI_VALUES,
+    DEFAULTS,
+    VALUE_SETS,
     KUBERNETES_VERSION,
     Rendered,
     assert_no_unknown_fields,
@@ -40,7 +42,7 @@ CORE_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBu
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, Rendered]:
-    return {path.name: render(path) for path in CI_VALUES}
+    return {name: render(*files) for name, files in VALUE_SETS.items()}
 
 
 def gateway_settings(r: Rendered) -> Settings:
@@ -53,13 +55,13 @@ def test_the_three_value_sets_are_the_ones_named() -> None:
     assert [p.name for p in CI_VALUES] == ["cpu-dev-values.yaml", "external-tls-values.yaml", "gpu-prod-values.yaml"]
 
 
-@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
-def test_helm_lint_strict(values: Path) -> None:
-    result = helm_run("lint", "--strict", CHART, "-f", values)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_strict(name: str) -> None:
+    result = helm_run("lint", "--strict", CHART, *[a for f in VALUE_SETS[name] for a in ("-f", f)])
     assert "0 chart(s) failed" in result.stdout
 
 
-@pytest.mark.parametrize("name", [p.name for p in CI_VALUES])
+@pytest.mark.parametrize("name", VALUE_SETS)
 def test_core_manifests_match_the_kubernetes_schemas(rendered: dict[str, Rendered], name: str) -> None:
     documents = rendered[name].documents
     core = [d for d in documents if d["kind"] in CORE_KINDS]
@@ -82,7 +84,7 @@ def test_the_kubernetes_validation_is_strict(rendered: dict[str, Rendered]) -> N
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("name", [p.name for p in CI_VALUES])
+@pytest.mark.parametrize("name", VALUE_SETS)
 def test_the_rayservice_matches_kuberays_crd(rendered: dict[str, Rendered], name: str) -> None:
     rayservice = rendered[name].rayservice
     assert rayservice["apiVersion"] == "ray.io/v1"
@@ -97,7 +99,7 @@ def test_the_crd_check_refuses_unknown_fields(rendered: dict[str, Rendered]) -> 
     assert any("rayStartParam" in e for e in errors) and any("tolerationz" in e for e in errors), errors
 
 
-@pytest.mark.parametrize("name", [p.name for p in CI_VALUES])
+@pytest.mark.parametrize("name", VALUE_SETS)
 def test_serve_config_is_valid_for_ray_serve_and_equals_the_embedded_one(
     rendered: dict[str, Rendered], name: str
 ) -> None:
@@ -123,7 +125,14 @@ def test_every_setting_a_replica_reads_reaches_the_serve_config_and_no_other() -
     for f in dataclasses.fields(Settings):
         if f.name in accepted:
             changed[f.name] = _other_value(f.default)
-    changed.update(min_replicas=2, max_replicas=5, initial_replicas=3, replica_num_gpus=1.0, s3_endpoint="s3:9000")
+    changed.update(
+        min_replicas=2,
+        max_replicas=5,
+        initial_replicas=3,
+        replica_num_gpus=1.0,
+        s3_endpoint="s3:9000",
+        s3_presign_endpoint="https://files.example.com",
+    )
     r = render(GPU_PROD, values={"settings": changed})
     (app,) = r.serve_config["applications"]
     expected = serve_config.application_config(gateway_settings(r))
@@ -173,7 +182,7 @@ def test_the_chart_sets_what_it_owns(rendered: dict[str, Rendered]) -> None:
     assert CHART_SET <= seen, sorted(CHART_SET - seen)
 
 
-@pytest.mark.parametrize("name", [p.name for p in CI_VALUES])
+@pytest.mark.parametrize("name", VALUE_SETS)
 def test_secrets_reach_pods_only_through_secret_key_refs(rendered: dict[str, Rendered], name: str) -> None:
     r = rendered[name]
     containers = [r.gateway_container] + [t["spec"]["containers"][0] for t in r.ray_pod_templates().values()]
@@ -261,11 +270,11 @@ def test_external_services_with_tls(rendered: dict[str, Rendered]) -> None:
     assert env["LORASERVE_S3_PRESIGN_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-reader", "key": "access-key"}}
     assert env["LORASERVE_S3_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-writer", "key": "AWS_ACCESS_KEY_ID"}}
     assert env["LORASERVE_STORE_URL"] == {"secretKeyRef": {"name": "pg-app", "key": "uri"}}
-    # Kubernetes' gRPC probes speak no TLS.
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # Kubernetes' gRPC probes speak no TLS; the HTTP port is TLS too.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTPS"}
     volumes = {v["name"]: v for v in r.gateway["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "loraserve-grpc-tls"
-    # Secret settings by name reach the gateway and every Ray pod, never the Serve config.
+    # Secret settings by name reach the gateway and the Ray pods that read them, never the Serve config.
     shared = {"secretKeyRef": {"name": "loraserve-workers", "key": "secret"}}
     assert env["LORASERVE_WORKER_SHARED_SECRET"] == shared
     assert env["LORASERVE_WEBHOOK_SIGNING_KEY"] == {
@@ -365,3 +374,137 @@ def test_the_webhook_signing_key_is_made_once_for_the_gateways_unless_given(rend
         assert "LORASERVE_WEBHOOK_SIGNING_KEY" not in env_of(template["spec"]["containers"][0])
     given = rendered[EXTERNAL_TLS.name]
     assert not [d for d in given.documents if d["metadata"]["name"].endswith("-webhook-signing")]
+
+
+def test_the_defaults_install_one_gateway_with_the_dev_minio_and_say_what_to_change(rendered: dict[str, Rendered]) -> None:
+    """chart-testing installs the defaults as they are: they must make a release that runs alone in its namespace."""
+    r = rendered[DEFAULTS]
+    assert r.gateway["spec"]["replicas"] == 1 and r.gateway["spec"]["strategy"]["type"] == "Recreate"
+    volumes = {v["name"]: v for v in r.gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == r.one("PersistentVolumeClaim")["metadata"]["name"]
+    env = env_of(r.gateway_container)
+    minio = r.one("Service", "-minio")["metadata"]["name"]
+    assert env["LORASERVE_S3_ENDPOINT"] == f"{minio}:9000"
+    assert env["LORASERVE_S3_ACCESS_KEY"]["secretKeyRef"]["name"] == r.one("Secret", "-minio")["metadata"]["name"]
+    notes = helm_run("install", "t", CHART, "--dry-run=client", "--namespace", "images").stdout.split("NOTES:", 1)[1]
+    assert "never for production" in notes and "devMinio.enabled=false, settings.s3_endpoint" in notes
+    assert "from the namespace\nimages only" in notes
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_secrets_reach_only_the_pods_that_read_them(rendered: dict[str, Rendered], name: str) -> None:
+    """The queue's DSN and the webhook signing key stay on the gateway, however they are given; the
+    Ray pods get the S3 keys and the workers' shared secret they do read."""
+    r = rendered[name]
+    gateway_only = {ENV_PREFIX + n.upper() for n in serve_config.GATEWAY_SECRETS}
+    assert ENV_PREFIX + "WEBHOOK_SIGNING_KEY" in env_of(r.gateway_container)
+    for group, template in r.ray_pod_templates().items():
+        env = env_of(template["spec"]["containers"][0])
+        assert not gateway_only & set(env), (group, sorted(gateway_only & set(env)))
+        assert {"LORASERVE_S3_ACCESS_KEY", "LORASERVE_WORKER_SHARED_SECRET"} <= set(env)
+
+
+def test_secret_settings_by_name_are_routed_by_who_reads_them() -> None:
+    given = {
+        name: {"existingSecret": "s", "key": name}
+        for name in ("store_url", "webhook_signing_key", "worker_shared_secret", "files_url_secret")
+    }
+    r = render(GPU_PROD, values={"secrets": {"settings": given}})
+    gateway = env_of(r.gateway_container)
+    assert {ENV_PREFIX + n.upper() for n in given} <= set(gateway)
+    for template in r.ray_pod_templates().values():
+        env = env_of(template["spec"]["containers"][0])
+        assert "LORASERVE_STORE_URL" not in env and "LORASERVE_WEBHOOK_SIGNING_KEY" not in env
+        assert env["LORASERVE_WORKER_SHARED_SECRET"] == {"secretKeyRef": {"name": "s", "key": "worker_shared_secret"}}
+        assert "LORASERVE_FILES_URL_SECRET" in env
+
+
+def test_no_replica_code_reads_a_gateway_only_secret() -> None:
+    """GATEWAY_SECRETS is right only while nothing a Ray pod runs (serving/, storage/, what they import
+    from loraserve/) names those settings."""
+    import re
+
+    root = CHART.parents[1]
+    readers = {
+        path.relative_to(root).as_posix()
+        for folder in ("serving", "storage", "loraserve")
+        for path in (root / folder).rglob("*.py")
+        if path.name != "config.py" and path.parent.name != "v1"
+        for name in serve_config.GATEWAY_SECRETS
+        if re.search(rf"\b{name}\b", path.read_text())
+    }
+    # loraserve/keys_cli.py opens the queue for `loraserve keys`, run in the gateway pod.
+    assert readers <= {"serving/serve_config.py", "loraserve/keys_cli.py"}, readers
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_container_runs_on_a_read_only_root_with_its_writable_paths_mounted(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    r = rendered[name]
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in r.documents if d["kind"] == "Deployment"}
+    pods.update({group: template["spec"] for group, template in r.ray_pod_templates().items()})
+    for pod_name, pod in pods.items():
+        volumes = {v["name"] for v in pod["volumes"]}
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, (pod_name, container["name"])
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert "/tmp" in mounts and set(mounts.values()) <= volumes, (pod_name, mounts)
+    for group, template in r.ray_pod_templates().items():
+        mounts = {m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+        # Ray's sessions and logs, the libraries' caches under $HOME (the image's /home/ray).
+        assert {"/tmp/ray", "/tmp", "/home/ray", "/data"} <= mounts, group
+    autoscaler = r.rayservice["spec"]["rayClusterConfig"].get("autoscalerOptions")
+    if autoscaler:
+        assert autoscaler["securityContext"]["readOnlyRootFilesystem"] is True
+        head_volumes = {v["name"] for v in r.ray_pod_templates()["head"]["spec"]["volumes"]}
+        assert {m["mountPath"] for m in autoscaler["volumeMounts"]} >= {"/tmp", "/tmp/ray"}
+        assert {m["name"] for m in autoscaler["volumeMounts"]} <= head_volumes
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_only_the_autoscaler_gets_a_service_account_token(rendered: dict[str, Rendered], name: str) -> None:
+    r = rendered[name]
+    autoscaling = r.rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
+    for group, template in r.ray_pod_templates().items():
+        expected = autoscaling and group == "head"
+        assert template["spec"]["automountServiceAccountToken"] is expected, group
+    for document in r.documents:
+        if document["kind"] == "Deployment":
+            assert document["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_the_operator_reaches_ray_only_from_its_namespace(rendered: dict[str, Rendered]) -> None:
+    elsewhere = render(GPU_PROD, values={"networkPolicy": {"kuberayOperator": {"namespace": "kuberay-system"}}})
+    for r, namespace in ((rendered[EXTERNAL_TLS.name], "images"), (elsewhere, "kuberay-system")):
+        (peer,) = r.one("NetworkPolicy", "-ray")["spec"]["ingress"][1]["from"]
+        assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+        assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_tls_on_the_gateway_is_tls_to_its_probes_and_to_the_ingress(rendered: dict[str, Rendered], name: str) -> None:
+    r = rendered[name]
+    tls = "LORASERVE_TLS_CERT_FILE" in env_of(r.gateway_container)
+    ports = {p["name"]: p.get("appProtocol") for p in r.one("Service", "-gateway")["spec"]["ports"]}
+    assert ports == ({"grpc": "https", "http": "https"} if tls else {"grpc": "kubernetes.io/h2c", "http": "http"})
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if tls:
+            assert r.gateway_container[probe]["httpGet"]["scheme"] == "HTTPS", probe
+        else:
+            assert "grpc" in r.gateway_container[probe], probe
+    for ingress in (d for d in r.documents if d["kind"] == "Ingress"):
+        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == ("HTTPS" if tls else "HTTP")
+
+
+def test_the_ingress_backend_protocol_follows_the_port_and_yields_to_annotations() -> None:
+    ingress = {"enabled": True, "className": "nginx", "host": "a.example.com", "servicePort": "grpc"}
+    annotation = "nginx.ingress.kubernetes.io/backend-protocol"
+    r = render(EXTERNAL_TLS, values={"gateway": {"ingress": ingress}})
+    assert r.one("Ingress")["metadata"]["annotations"][annotation] == "GRPCS"
+    r = render(GPU_PROD, values={"gateway": {"ingress": ingress}})
+    assert r.one("Ingress")["metadata"]["annotations"][annotation] == "GRPC"
+    r = render(GPU_PROD, values={"gateway": {"ingress": {**ingress, "annotations": {annotation: "AJP"}}}})
+    assert r.one("Ingress")["metadata"]["annotations"][annotation] == "AJP"
+    r = render(GPU_PROD, values={"gateway": {"ingress": {**ingress, "className": "traefik"}}})
+    assert "annotations" not in r.one("Ingress")["metadata"]

@@ -84,3 +84,32 @@ def test_secret_settings_need_a_secret_and_a_key_and_a_setting_name() -> None:
     error = render_error(GPU_PROD, values={"secrets": {"settings": {"Signing-Key": {"existingSecret": "hooks"}}}})
     assert "'Signing-Key' does not match pattern" in error
     assert "at '/secrets/settings/Signing-Key': missing property 'key'" in error
+
+
+def test_ray_without_auth_needs_to_be_asked_for_by_name() -> None:
+    error = render_error(GPU_PROD, values={"workers": {"rayAuthMode": "disabled"}})
+    assert "at '/workers/allowRayWithoutAuth': value must be true" in error
+    r = render(GPU_PROD, values={"workers": {"rayAuthMode": "disabled", "allowRayWithoutAuth": True}})
+    assert r.rayservice["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "disabled"}
+
+
+def test_the_dev_minio_refuses_the_external_s3_it_would_hide() -> None:
+    """On by default: a production values file that forgets to turn it off is told so, not served by it."""
+    error = render_error(values={"settings": {"s3_endpoint": "s3.example.com"}, "secrets": {"s3": {"existingSecret": "s3"}}})
+    assert "at '/settings/s3_endpoint': maxLength: got 14, want 0" in error
+    assert "at '/secrets/s3/existingSecret': maxLength: got 2, want 0" in error
+
+
+def test_the_operator_namespace_is_a_namespace_name() -> None:
+    error = render_error(GPU_PROD, values={"networkPolicy": {"kuberayOperator": {"namespace": "Kube Ray"}}})
+    assert "at '/networkPolicy/kuberayOperator/namespace'" in error
+    error = render_error(GPU_PROD, values={"networkPolicy": {"kuberayOperator": {"namespaceSelector": {}}}})
+    assert "additional properties 'namespaceSelector' not allowed" in error
+
+
+def test_s3_addresses_are_refused_in_the_form_the_gateway_refuses() -> None:
+    """storage.s3 refuses these at start: the pod would crash-loop; helm says which value instead."""
+    error = render_error(GPU_PROD, values={"settings": {"s3_endpoint": "https://s3.example.com"}})
+    assert "at '/settings/s3_endpoint'" in error and "does not match pattern" in error
+    error = render_error(GPU_PROD, values={"settings": {"s3_presign_endpoint": "files.example.com"}})
+    assert "at '/settings/s3_presign_endpoint'" in error and "does not match pattern" in error

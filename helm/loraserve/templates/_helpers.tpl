@@ -165,9 +165,14 @@ the settings a replica reads. Secrets stay out: the Ray pods get them as env var
   "applications" (list $app)) -}}
 {{- end -}}
 
-{{/* Secret env vars. Call with (dict "root" $ "component" "gateway"|"ray"). */}}
+{{/*
+Secret env vars. Call with (dict "root" $ "component" "gateway"|"ray"). Each pod gets the secrets
+it reads: the Ray pods none of serving.serve_config.GATEWAY_SECRETS (the queue's DSN, the webhook
+signing key), however they are given.
+*/}}
 {{- define "loraserve.secretEnv" -}}
 {{- $v := .root.Values -}}
+{{- $gatewayOnly := (.root.Files.Get "files/serve-settings.json" | fromJson).gateway_secrets -}}
 {{- $s3 := include "loraserve.s3SecretName" .root -}}
 - name: LORASERVE_S3_ACCESS_KEY
   valueFrom:
@@ -213,11 +218,13 @@ the settings a replica reads. Secrets stay out: the Ray pods get them as env var
       key: webhook-signing-key
 {{- end }}
 {{- range $name, $ref := $v.secrets.settings }}
+{{- if or (eq $.component "gateway") (not (has $name $gatewayOnly)) }}
 - name: LORASERVE_{{ upper $name }}
   valueFrom:
     secretKeyRef:
       name: {{ $ref.existingSecret }}
       key: {{ $ref.key }}
+{{- end }}
 {{- end }}
 {{- if and (eq .component "ray") $v.secrets.huggingface.existingSecret }}
 - name: HF_TOKEN
@@ -239,6 +246,7 @@ seccompProfile:
 
 {{- define "loraserve.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}

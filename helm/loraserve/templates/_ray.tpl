@@ -15,10 +15,22 @@ env:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 volumeMounts:
+  {{- include "loraserve.rayWritableMounts" . | nindent 2 }}
   - name: weights-cache
     mountPath: /data
-  - name: ray-tmp
-    mountPath: /tmp/ray
+{{- end -}}
+{{/*
+What Ray writes beside /data, the root filesystem being read-only: its sessions, logs and sockets
+(/tmp/ray: KubeRay mounts the same volume into the autoscaler), other temporary files (/tmp), and
+the caches libraries keep under $HOME (~/.cache, ~/.config).
+*/}}
+{{- define "loraserve.rayWritableMounts" -}}
+- name: ray-tmp
+  mountPath: /tmp/ray
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/ray
 {{- end -}}
 {{- define "loraserve.rayVolumes" -}}
 {{- $c := .Values.workers.weightsCache -}}
@@ -32,5 +44,9 @@ volumeMounts:
     sizeLimit: {{ $c.sizeLimit }}
   {{- end }}
 - name: ray-tmp
+  emptyDir: {}
+- name: tmp
+  emptyDir: {}
+- name: home
   emptyDir: {}
 {{- end -}}

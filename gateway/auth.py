@@ -15,7 +15,7 @@ import ipaddress
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.errors import Unauthenticated
 from gateway.store import ApiKey, RequestStore
@@ -73,9 +73,11 @@ def auth_required(host: str, insecure_no_auth: bool) -> bool:
 
 
 class Authenticator:
-    def __init__(self, store: RequestStore, *, required: bool) -> None:
+    def __init__(self, store: RequestStore, *, required: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self.required = required
+        # Ages the remembered keys; tests move it to see a revocation land without waiting.
+        self.clock = clock
         self._verified: dict[str, tuple[ApiKey | None, float]] = {}
 
     async def tenant(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
@@ -86,13 +88,18 @@ class Authenticator:
 
     async def tenant_of_header(self, header: str | None) -> str:
         """As `tenant`, from the `Authorization` value itself (the HTTP side's header)."""
+        tenant, _ = await self.caller_of_header(header)
+        return tenant
+
+    async def caller_of_header(self, header: str | None) -> tuple[str, str]:
+        """(tenant, key id) of the `Authorization` value; the key id is empty for the anonymous tenant."""
         if header is None:
             if self.required:
                 raise Unauthenticated(
                     "this gateway requires an API key: send the metadata `authorization: Key <id>:<secret>`",
                     reason="API_KEY_MISSING",
                 )
-            return ANONYMOUS
+            return ANONYMOUS, ""
         scheme, _, credentials = header.strip().partition(" ")
         key_id, sep, secret = credentials.strip().partition(":")
         if scheme.lower() != "key" or not sep or not key_id or not secret:
@@ -102,10 +109,20 @@ class Authenticator:
             raise Unauthenticated("unknown API key or wrong secret", reason="API_KEY_INVALID")
         if key.revoked_at is not None:
             raise Unauthenticated(f"API key {key_id} was revoked", reason="API_KEY_REVOKED")
+        return key.tenant, key.id
+
+    async def key_tenant(self, key_id: str) -> str:
+        """The tenant of a key that is still in force, for credentials minted under it (fal's upload tokens and
+        signed upload URLs): they stop working when the key is revoked, within the same KEY_CACHE_SECONDS."""
+        key = await self._lookup(key_id)
+        if key is None:
+            raise Unauthenticated(f"API key {key_id} no longer exists", reason="API_KEY_INVALID")
+        if key.revoked_at is not None:
+            raise Unauthenticated(f"API key {key_id} was revoked", reason="API_KEY_REVOKED")
         return key.tenant
 
     async def _lookup(self, key_id: str) -> ApiKey | None:
-        now = time.monotonic()
+        now = self.clock()
         cached = self._verified.get(key_id)
         if cached is not None and now - cached[1] < KEY_CACHE_SECONDS:
             return cached[0]

@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 from gateway.store import StoreUnavailable
 from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2
+from storage.uploads import UploadQuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,10 @@ def answerable(exc: BaseException) -> ServiceError:
     if isinstance(exc, StoreUnavailable):
         log.warning("request store unavailable", extra={"error": str(exc)})
         return StoreDown("the request store is unreachable; nothing was changed, retry shortly")
+    if isinstance(exc, UploadQuotaExceeded):
+        return ResourceExhausted(
+            str(exc), limit=exc.limit, subject=exc.subject, retry_after_seconds=exc.retry_after_seconds
+        )
     if not isinstance(exc, ServiceError):
         log.exception("unexpected error", exc_info=exc)
         return ServiceError("internal error; see the gateway log")

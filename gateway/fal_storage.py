@@ -14,14 +14,21 @@ CDN URLs at the gateway (or uses the JS `proxyUrl`) gets these routes:
   (`PUT …/{n}` answered with JSON `{partNumber, etag}`, then `POST …/complete`).
 
 Every way in ends in the same `storage.uploads.Uploads` as the gRPC StorageService.Upload: the
-same size cap (413 past it) and type check from the bytes (415 for a refused type), the key under
-the uploader's tenant's folder, so only that tenant's requests can use the file as an input.
+same size cap (413 past it) and type check from the bytes (415 for a refused type), the same
+budget (spools open at once, the tenant's bytes: 429 past it), the key under the uploader's
+tenant's folder, so only that tenant's requests can use the file as an input.
 
-A multipart upload's parts wait in unnamed temp files of this gateway until `complete` (or until
-it expires): at most MAX_PARTS parts, `max_upload_bytes` in all, MAX_OPEN_MULTIPART uploads at
-once (MAX_OPEN_MULTIPART_PER_TENANT per tenant), each for MULTIPART_SECONDS. Several gateways
-behind one address need session affinity for multipart uploads; single-part uploads work on any
-gateway that shares the signing secret (derived from `worker_shared_secret`).
+Tokens, upload URLs and multipart uploads name the key they were minted under, and stop working
+when it is revoked (as the key itself does, within KEY_CACHE_SECONDS).
+
+A multipart upload's parts wait in files of this gateway's spool folder until `complete` (or until
+it expires), each open only while its bytes arrive, so parts cost no descriptors between requests:
+at most MAX_PARTS parts, every one but the last at least `upload_min_part_bytes`, together at most
+`max_upload_bytes` (one reservation charged as bytes arrive, whichever part they belong to),
+MAX_OPEN_MULTIPART uploads at once (MAX_OPEN_MULTIPART_PER_TENANT per tenant), each for
+MULTIPART_SECONDS; a sweeper drops expired ones every SWEEP_SECONDS. Several gateways behind one
+address need session affinity for multipart uploads; single-part uploads work on any gateway that
+shares the signing secret (derived from `worker_shared_secret`).
 """
 
 from __future__ import annotations
@@ -33,23 +40,35 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
-from gateway.auth import Authenticator
+from gateway.auth import ANONYMOUS, Authenticator
 from gateway.errors import ServiceError, Unauthenticated, to_http
 from gateway.http_json import read_json
+from gateway.periodic import Periodic
 from gateway.store import StoreUnavailable
 from loraserve.config import Settings
 from storage.object_store import InvalidKey, check_key, load_or_create_secret
-from storage.uploads import UploadRefused, Uploads, UploadTooLarge, UploadTypeRefused
+from storage.uploads import (
+    Reservation,
+    UploadQuotaExceeded,
+    UploadRefused,
+    Uploads,
+    UploadTooLarge,
+    UploadTypeRefused,
+    UploadWriter,
+)
 
 TOKEN_SECONDS = 3600
 UPLOAD_URL_SECONDS = 3600
@@ -57,6 +76,9 @@ MULTIPART_SECONDS = 3600
 MAX_PARTS = 10_000
 MAX_OPEN_MULTIPART = 64
 MAX_OPEN_MULTIPART_PER_TENANT = 8
+# S3's minimum for every part but the last; fal's clients send 10 MiB parts.
+DEFAULT_MIN_PART_BYTES = 5 * 1024 * 1024
+SWEEP_SECONDS = 60.0
 READ_CHUNK_BYTES = 1 << 20
 TOKEN_TYPE = "Bearer"
 # Where the signing secret is made when the operator sets no worker secret (the embedded default).
@@ -87,7 +109,6 @@ class StorageHttpError(Exception):
 
 @dataclasses.dataclass
 class _Part:
-    spool: BinaryIO
     size: int
     etag: str
 
@@ -95,19 +116,35 @@ class _Part:
 @dataclasses.dataclass
 class _Multipart:
     tenant: str
+    # The key it was started under ("" for the anonymous tenant): revoking the key ends the upload.
+    key_id: str
     key: str
     declared_content_type: str
     expires_at: float
+    # Holds a file per part (`<n>`), open only while that part's bytes arrive.
+    folder: Path
+    reservation: Reservation
     parts: dict[int, _Part] = dataclasses.field(default_factory=dict)
 
-    @property
-    def size(self) -> int:
-        return sum(part.size for part in self.parts.values())
+    def part_path(self, number: int) -> Path:
+        return self.folder / str(number)
 
     def close(self) -> None:
-        for part in self.parts.values():
-            part.spool.close()
+        """Deletes the parts and gives their bytes back; parts still arriving find the upload closed."""
         self.parts.clear()
+        self.reservation.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class MultipartSweeper(Periodic):
+    name = "multipart upload sweep"
+
+    def __init__(self, storage: FalStorage, on_error: Callable[[BaseException], None]) -> None:
+        super().__init__(SWEEP_SECONDS, on_error)
+        self._storage = storage
+
+    async def run_once(self) -> int:
+        return await asyncio.to_thread(self._storage.sweep)
 
 
 class FalStorage:
@@ -118,21 +155,26 @@ class FalStorage:
         *,
         secret: bytes,
         public_base: PublicBase = request_base,
+        min_part_bytes: int = DEFAULT_MIN_PART_BYTES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._uploads = uploads
         self._auth = auth
         self._secret = secret
         self._public_base = public_base
+        self._min_part_bytes = min_part_bytes
         self._clock = clock
         self._multipart: dict[str, _Multipart] = {}
+        self.parts_dir = (uploads.spool_dir or Path(tempfile.gettempdir())) / "multipart"
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
 
     # --- fal's v3 CDN (Python fal-client) ---------------------------------------------------------
 
     async def auth_token(self, request: web.Request) -> web.Response:
-        tenant = await self._key_tenant(request)
+        tenant, key_id = await self._key_caller(request)
         expires = int(self._clock()) + TOKEN_SECONDS
-        body = base64.urlsafe_b64encode(json.dumps({"t": tenant, "e": expires}).encode()).decode().rstrip("=")
+        claims = {"t": tenant, "k": key_id, "e": expires}
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
         return _json(
             {
                 "token": f"{body}.{self._sign('token', body)}",
@@ -143,58 +185,59 @@ class FalStorage:
         )
 
     async def cdn_upload(self, request: web.Request) -> web.Response:
-        tenant = await self._cdn_tenant(request)
+        tenant, _ = await self._cdn_caller(request)
         key = self._uploads.new_key(tenant, request.headers.get("X-Fal-File-Name", DEFAULT_FILE_NAME))
-        stored = await self._receive(request, key, request.headers.get("Content-Type", ""))
+        stored = await self._receive(request, key, tenant, request.headers.get("Content-Type", ""))
         return _json({"access_url": stored})
 
     async def cdn_multipart_create(self, request: web.Request) -> web.Response:
-        tenant = await self._cdn_tenant(request)
+        tenant, key_id = await self._cdn_caller(request)
         key = self._uploads.new_key(tenant, request.headers.get("X-Fal-File-Name", DEFAULT_FILE_NAME))
-        upload_id = self._open_multipart(tenant, key, request.headers.get("Content-Type", ""))
+        upload_id = self._open_multipart(tenant, key_id, key, request.headers.get("Content-Type", ""))
         # fal's client sends the parts to `{access_url}/multipart/…` and returns `access_url` itself, so it
         # can carry no query (no signature): a URL that names the key as its tenant's input, nothing more.
         return _json({"access_url": self._uploads.store.unsigned_url(key), "uploadId": upload_id})
 
     async def cdn_multipart_part(self, request: web.Request) -> web.Response:
-        upload = self._multipart_for(request.match_info["upload_id"], request.match_info["key"])
+        upload = await self._multipart_for(request.match_info["upload_id"], request.match_info["key"])
         return await self._receive_part(request, upload)
 
     async def cdn_multipart_complete(self, request: web.Request) -> web.Response:
-        self._multipart_for(request.match_info["upload_id"], request.match_info["key"])
+        await self._multipart_for(request.match_info["upload_id"], request.match_info["key"])
         return await self._complete(request)
 
     # --- initiate + PUT (JS, and Python's "fal" fallback) -------------------------------------------
 
     async def initiate(self, request: web.Request) -> web.Response:
-        tenant = await self._key_tenant(request)
+        tenant, key_id = await self._key_caller(request)
         file_name, content_type = await _initiate_body(request)
         key = self._uploads.new_key(tenant, file_name)
         expires = int(self._clock()) + UPLOAD_URL_SECONDS
         upload_url = (
             f"{self._public_base(request)}/storage/upload/put/{key}"
-            f"?expires={expires}&signature={self._sign('put', key, str(expires))}"
+            f"?expires={expires}&kid={quote(key_id, safe='')}&signature={self._sign('put', key, str(expires), key_id)}"
             f"&content_type={quote(content_type, safe='')}"
         )
         return _json({"upload_url": upload_url, "file_url": self._uploads.store.url(key)})
 
     async def put(self, request: web.Request) -> web.Response:
         key, expires = request.match_info["key"], request.query.get("expires", "")
-        signature = request.query.get("signature", "")
+        signature, key_id = request.query.get("signature", ""), request.query.get("kid", "")
         if (
             not (expires.isascii() and expires.isdigit())
             or int(expires) < self._clock()
-            or not hmac.compare_digest(self._sign("put", key, expires), signature)
+            or not hmac.compare_digest(self._sign("put", key, expires, key_id), signature)
         ):
             raise StorageHttpError(403, "the upload URL is not signed by this service or has expired")
+        tenant = await self._minted_tenant(key_id, 403, "upload URL")
         declared = request.headers.get("Content-Type") or request.query.get("content_type", "")
-        return _json({"file_url": await self._receive(request, key, declared)})
+        return _json({"file_url": await self._receive(request, key, tenant, declared)})
 
     async def initiate_multipart(self, request: web.Request) -> web.Response:
-        tenant = await self._key_tenant(request)
+        tenant, key_id = await self._key_caller(request)
         file_name, content_type = await _initiate_body(request)
         key = self._uploads.new_key(tenant, file_name)
-        upload_id = self._open_multipart(tenant, key, content_type)
+        upload_id = self._open_multipart(tenant, key_id, key, content_type)
         return _json(
             {
                 "upload_url": f"{self._public_base(request)}/storage/upload/multipart/{upload_id}",
@@ -203,25 +246,53 @@ class FalStorage:
         )
 
     async def multipart_part(self, request: web.Request) -> web.Response:
-        return await self._receive_part(request, self._multipart_for(request.match_info["upload_id"]))
+        return await self._receive_part(request, await self._multipart_for(request.match_info["upload_id"]))
 
     async def multipart_complete(self, request: web.Request) -> web.Response:
-        self._multipart_for(request.match_info["upload_id"])
+        await self._multipart_for(request.match_info["upload_id"])
         return await self._complete(request)
+
+    def sweep(self) -> int:
+        """Drops expired multipart uploads and part folders no upload of this gateway owns that are older than
+        an upload lives (left by a gateway that stopped); returns how many went."""
+        dropped = self._drop_expired()
+        live = {upload.folder.name for upload in list(self._multipart.values())}
+        oldest = time.time() - MULTIPART_SECONDS
+        for folder in self.parts_dir.iterdir():
+            try:
+                stale = folder.name not in live and folder.stat().st_mtime < oldest
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(folder, ignore_errors=True)
+                dropped += 1
+        return dropped
 
     # --- the parts ------------------------------------------------------------------------------
 
-    async def _key_tenant(self, request: web.Request) -> str:
+    async def _key_caller(self, request: web.Request) -> tuple[str, str]:
         try:
-            return await self._auth.tenant_of_header(request.headers.get("Authorization"))
+            return await self._auth.caller_of_header(request.headers.get("Authorization"))
         except Unauthenticated as exc:
             raise StorageHttpError(401, exc.message) from None
 
-    async def _cdn_tenant(self, request: web.Request) -> str:
+    async def _minted_tenant(self, key_id: str, status: int, what: str) -> str:
+        """The tenant a credential minted under `key_id` acts for, while that key is in force; "" (no key)
+        is the anonymous tenant, only on a gateway that takes calls without keys."""
+        if not key_id:
+            if self._auth.required:
+                raise StorageHttpError(status, f"the {what} is not one this service issued")
+            return ANONYMOUS
+        try:
+            return await self._auth.key_tenant(key_id)
+        except Unauthenticated as exc:
+            raise StorageHttpError(status, f"the {what} no longer works: {exc.message}") from None
+
+    async def _cdn_caller(self, request: web.Request) -> tuple[str, str]:
         """A token from `auth_token` (what fal's CDN takes), or a `Key` like every other route."""
         scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
         if scheme.lower() != TOKEN_TYPE.lower():
-            return await self._key_tenant(request)
+            return await self._key_caller(request)
         body, _, signature = credentials.strip().partition(".")
         if not hmac.compare_digest(self._sign("token", body), signature):
             raise StorageHttpError(401, "the upload token is not one this service issued")
@@ -231,18 +302,23 @@ class FalStorage:
             raise StorageHttpError(401, "the upload token is not one this service issued") from None
         if int(claims["e"]) < self._clock():
             raise StorageHttpError(401, "the upload token has expired; ask /storage/auth/token for a new one")
-        return str(claims["t"])
+        key_id = str(claims.get("k", ""))
+        tenant = await self._minted_tenant(key_id, 401, "upload token")
+        if tenant != claims["t"]:
+            raise StorageHttpError(401, "the upload token is not one this service issued")
+        return tenant, key_id
 
     def _sign(self, purpose: str, *parts: str) -> str:
         return hmac.new(self._secret, "\n".join((purpose, *parts)).encode(), hashlib.sha256).hexdigest()
 
-    async def _receive(self, request: web.Request, key: str, declared_content_type: str) -> str:
+    async def _receive(self, request: web.Request, key: str, tenant: str, declared_content_type: str) -> str:
         """The body into the store under `key`, through the same writer (caps, type check) as gRPC uploads."""
         try:
             check_key(key)
         except InvalidKey:
             raise StorageHttpError(404, "no such upload") from None
-        with self._uploads.writer(key, declared_content_type) as writer:
+        await self._uploads.admit(tenant)
+        with self._uploads.writer(key, declared_content_type, tenant=tenant) as writer:
             await self._stream_into(request, writer.write)
             stored = await asyncio.to_thread(writer.commit)
         return stored.url
@@ -256,7 +332,7 @@ class FalStorage:
             write(chunk)
         return size
 
-    def _open_multipart(self, tenant: str, key: str, declared_content_type: str) -> str:
+    def _open_multipart(self, tenant: str, key_id: str, key: str, declared_content_type: str) -> str:
         self._drop_expired()
         if len(self._multipart) >= MAX_OPEN_MULTIPART or (
             sum(1 for upload in self._multipart.values() if upload.tenant == tenant) >= MAX_OPEN_MULTIPART_PER_TENANT
@@ -265,57 +341,96 @@ class FalStorage:
                 429, "too many multipart uploads in progress; finish one first", {"Retry-After": "10"}
             )
         upload_id = secrets.token_urlsafe(24)
+        folder = self.parts_dir / secrets.token_hex(16)
+        folder.mkdir()
         self._multipart[upload_id] = _Multipart(
             tenant=tenant,
+            key_id=key_id,
             key=key,
             declared_content_type=declared_content_type,
             expires_at=self._clock() + MULTIPART_SECONDS,
+            folder=folder,
+            reservation=Reservation(self._uploads.budget, tenant, self._uploads.max_bytes),
         )
         return upload_id
 
-    def _drop_expired(self) -> None:
+    def _drop_expired(self) -> int:
         now = self._clock()
-        for upload_id, upload in list(self._multipart.items()):
-            if upload.expires_at < now:
-                del self._multipart[upload_id]
+        expired = [upload_id for upload_id, upload in list(self._multipart.items()) if upload.expires_at < now]
+        for upload_id in expired:
+            upload = self._multipart.pop(upload_id, None)
+            if upload is not None:
                 upload.close()
+        return len(expired)
 
-    def _multipart_for(self, upload_id: str, key: str | None = None) -> _Multipart:
+    async def _multipart_for(self, upload_id: str, key: str | None = None) -> _Multipart:
+        """The live upload, while the key it was started under is in force (revoking the key ends it)."""
         self._drop_expired()
         upload = self._multipart.get(upload_id)
         if upload is None or (key is not None and upload.key != key):
             raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
+        if upload.key_id:
+            await self._minted_tenant(upload.key_id, 403, "multipart upload")
         return upload
 
     async def _receive_part(self, request: web.Request, upload: _Multipart) -> web.Response:
         raw = request.match_info["part"]
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PARTS:
             raise StorageHttpError(400, f"a part number is an integer from 1 to {MAX_PARTS}")
-        number = int(raw)
-        others = upload.size - (upload.parts[number].size if number in upload.parts else 0)
-        spool: BinaryIO = tempfile.TemporaryFile(dir=self._uploads.spool_dir)  # noqa: SIM115 - kept in the upload
-        digest = hashlib.sha256()
-
-        def write(chunk: bytes) -> None:
-            if others + spool.tell() + len(chunk) > self._uploads.max_bytes:
-                raise UploadTooLarge(f"the upload is larger than {self._uploads.max_bytes} bytes")
-            digest.update(chunk)
-            spool.write(chunk)
-
-        try:
-            size = await self._stream_into(request, write)
-        except BaseException:
-            spool.close()
-            raise
-        if self._multipart.get(request.match_info["upload_id"]) is not upload:
-            spool.close()
+        number, upload_id = int(raw), request.match_info["upload_id"]
+        await self._uploads.admit(upload.tenant)
+        if self._multipart.get(upload_id) is not upload:
             raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
         previous = upload.parts.pop(number, None)
         if previous is not None:
-            previous.spool.close()
+            # Sent again: the old bytes stop counting as the new ones start.
+            upload.reservation.refund(previous.size)
+            upload.part_path(number).unlink(missing_ok=True)
+        digest = hashlib.sha256()
+        charged = 0
+
+        with self._uploads.budget.spool(upload.tenant):
+            fd, spooled = tempfile.mkstemp(dir=upload.folder, prefix=f".{number}-")
+            landed = False
+            try:
+                with os.fdopen(fd, "wb") as spool:
+
+                    def write(chunk: bytes) -> None:
+                        nonlocal charged
+                        upload.reservation.charge(len(chunk))
+                        charged += len(chunk)
+                        digest.update(chunk)
+                        spool.write(chunk)
+
+                    size = await self._stream_into(request, write)
+                if self._multipart.get(upload_id) is not upload:
+                    raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
+                self._check_short_part(upload, number, size)
+                replaced = upload.parts.pop(number, None)  # the same part, sent at once and landed first
+                if replaced is not None:
+                    upload.reservation.refund(replaced.size)
+                os.replace(spooled, upload.part_path(number))
+                landed = True
+            finally:
+                if not landed:
+                    Path(spooled).unlink(missing_ok=True)
+                    upload.reservation.refund(charged)
         etag = digest.hexdigest()[:32]
-        upload.parts[number] = _Part(spool=spool, size=size, etag=etag)
+        upload.parts[number] = _Part(size=size, etag=etag)
         return _json({"partNumber": number, "etag": etag}, headers={"ETag": f'"{etag}"'})
+
+    def _check_short_part(self, upload: _Multipart, number: int, size: int) -> None:
+        """Only the last part may be shorter than the minimum, so at most one short part is kept at a time:
+        a flood of tiny parts is refused as it comes, not at `complete`."""
+        if size >= self._min_part_bytes:
+            return
+        for other, part in upload.parts.items():
+            if other != number and part.size < self._min_part_bytes:
+                raise StorageHttpError(
+                    400,
+                    f"part {number} has {size} bytes and part {other} has {part.size}: every part but the last "
+                    f"must have at least {self._min_part_bytes} bytes",
+                )
 
     async def _complete(self, request: web.Request) -> web.Response:
         """The listed parts, in order, through one writer; the upload is gone afterwards, whatever happens."""
@@ -331,19 +446,30 @@ class FalStorage:
                     raise StorageHttpError(400, f"part {number} was not uploaded (or its etag differs)")
             if not listed:
                 raise UploadRefused("the upload is empty")
-            stored = await asyncio.to_thread(self._assemble, upload, [number for number, _ in listed])
+            for number, _ in listed[:-1]:
+                if upload.parts[number].size < self._min_part_bytes:
+                    raise StorageHttpError(
+                        400,
+                        f"part {number} has {upload.parts[number].size} bytes: every part but the last must have "
+                        f"at least {self._min_part_bytes} bytes",
+                    )
+            numbers = [number for number, _ in listed]
+            # The parts' bytes are charged already: the writer holds a spool, no second share of the quota.
+            with self._uploads.writer(
+                upload.key, upload.declared_content_type, tenant=upload.tenant, charged=False
+            ) as writer:
+                stored = await asyncio.to_thread(_assemble, upload, numbers, writer)
         finally:
             upload.close()
         return _json({"access_url": stored, "file_url": stored})
 
-    def _assemble(self, upload: _Multipart, numbers: list[int]) -> str:
-        with self._uploads.writer(upload.key, upload.declared_content_type) as writer:
-            for number in numbers:
-                spool = upload.parts[number].spool
-                spool.seek(0)
-                while chunk := spool.read(READ_CHUNK_BYTES):
-                    writer.write(chunk)
-            return writer.commit().url
+
+def _assemble(upload: _Multipart, numbers: list[int], writer: UploadWriter) -> str:
+    for number in numbers:
+        with upload.part_path(number).open("rb") as part:
+            while chunk := part.read(READ_CHUNK_BYTES):
+                writer.write(chunk)
+    return writer.commit().url
 
 
 def add_storage_routes(app: web.Application, storage: FalStorage) -> None:
@@ -381,8 +507,9 @@ def _answering_json(
             return _json({"detail": str(exc)}, status=415)
         except UploadRefused as exc:
             return _json({"detail": str(exc)}, status=400)
-        except (ServiceError, StoreUnavailable) as exc:
-            # As the queue routes answer them (gateway/errors.py): a store outage is 503, nothing changed.
+        except (ServiceError, StoreUnavailable, UploadQuotaExceeded) as exc:
+            # As the queue routes answer them (gateway/errors.py): a store outage is 503, nothing changed; over
+            # an upload quota 429 with Retry-After, like the other quotas.
             answer = to_http(exc)
             return _json(answer.body, status=answer.status, headers=answer.headers)
 

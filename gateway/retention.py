@@ -5,6 +5,8 @@ A request that finished more than `retention_seconds` ago loses its output files
 images go too), then its result, input, logs and client_request_id; what stays is a small
 tombstone (state, times, error), so GetResult answers NOT_FOUND with reason RESULT_EXPIRED
 instead of handing out URLs to deleted files, and GetStatus still tells how the request ended.
+Uploads (the files callers stored to name as inputs) are deleted `retention_seconds` after they
+were stored, whatever used them.
 
 Files are deleted before the request is marked: if the object store fails, the request stays
 as it was and the next round tries again, so no file outlives its request unnoticed. Every
@@ -75,6 +77,9 @@ class RetentionSweeper(Periodic):
             expired += await self._store.expire([record.id for record in records])
             if len(records) < BATCH:
                 break
+        uploads = await asyncio.to_thread(self._files.delete_uploads_before, before)
+        if uploads:
+            log.info("deleted expired uploads", extra={"count": uploads, "retention_seconds": self.retention_seconds})
         if expired:
             log.info(
                 "expired finished requests", extra={"count": len(expired), "retention_seconds": self.retention_seconds}

@@ -17,7 +17,7 @@ from gateway.circuit_breaker import CircuitBreaker
 from gateway.auth import Authenticator, auth_required
 from gateway.dispatcher import Dispatcher
 from gateway.feed import ChangeFeed
-from gateway.fal_storage import FalStorage, add_storage_routes, signing_secret
+from gateway.fal_storage import FalStorage, MultipartSweeper, add_storage_routes, signing_secret
 from gateway.fal_http import FalHttp
 from gateway.generation_service import GenerationService
 from gateway.http_files import make_http_app
@@ -34,8 +34,8 @@ from gateway.worker_client import WorkerClient
 from loraserve.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
 from storage import from_settings
-from storage.object_store import LocalObjectStore
-from storage.uploads import Uploads
+from storage.object_store import LocalObjectStore, uploads_prefix
+from storage.uploads import UploadBudget, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Gateway:
         self._keeper: LeaseKeeper | None = None
         self.retention: RetentionSweeper | None = None
         self.webhooks: WebhookSender | None = None
+        self._multipart_sweeper: MultipartSweeper | None = None
         self.grpc_port = 0
 
     def _build(self, store: RequestStore) -> None:
@@ -171,11 +172,18 @@ class Gateway:
             )
         await self.store.listen(self._changed_elsewhere)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.generation, self.server)
+        files = self.files
         uploads = Uploads(
-            self.files,
+            files,
             max_bytes=self.settings.max_upload_bytes,
             allowed_content_types=from_settings.upload_content_types(self.settings),
             spool_dir=self.settings.data_dir / "spool",
+            budget=UploadBudget(
+                max_spools=self.settings.max_upload_spools,
+                tenant_max_spools=self.settings.tenant_max_upload_spools,
+                tenant_max_bytes=self.settings.tenant_max_upload_bytes,
+                stored_bytes=lambda tenant: files.usage(uploads_prefix(tenant)),
+            ),
         )
         storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageService(uploads, auth=self.auth), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -191,7 +199,15 @@ class Gateway:
         local_files = self.files if isinstance(self.files, LocalObjectStore) else None
         http_app = make_http_app(local_files, self.metrics)
         fal_http = FalHttp(self.generation, self.settings.trusted_proxies, keys_required=self.auth.required)
-        storage = FalStorage(uploads, self.auth, secret=signing_secret(self.settings), public_base=fal_http.public_base)
+        storage = FalStorage(
+            uploads,
+            self.auth,
+            secret=signing_secret(self.settings),
+            public_base=fal_http.public_base,
+            min_part_bytes=self.settings.upload_min_part_bytes,
+        )
+        self.fal_storage = storage
+        self._multipart_sweeper = MultipartSweeper(storage, on_error=lambda exc: self.metrics.upkeep_errors.inc())
         add_storage_routes(http_app, storage)
         self._http = web.AppRunner(http_app, access_log=None)
         assert self.webhooks is not None
@@ -208,6 +224,7 @@ class Gateway:
         self._keeper.start()
         if self.retention is not None:
             self.retention.start()
+        self._multipart_sweeper.start()
         # Deliveries left by a gateway that stopped (this one before a restart, or another) go out now.
         self.webhooks.start()
         for name in ("", *SERVICE_NAMES):
@@ -242,6 +259,8 @@ class Gateway:
             await self._keeper.stop()
         if self.retention is not None:
             await self.retention.stop()
+        if self._multipart_sweeper is not None:
+            await self._multipart_sweeper.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
         self.feed.close()

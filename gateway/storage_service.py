@@ -1,7 +1,8 @@
 """StorageService.Upload: a client-streamed file into the object store, never whole in memory.
 
 The file lands under the caller's tenant's folder (storage.uploads.Uploads), so only that
-tenant's requests can use it as an input.
+tenant's requests can use it as an input. Over an upload quota (spools open at once, the tenant's
+bytes) the answer is RESOURCE_EXHAUSTED with RetryInfo and a QuotaFailure, like the other quotas.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ class StorageService(storage_pb2_grpc.StorageServiceServicer):
         self, request_iterator: AsyncIterator[storage_pb2.UploadRequest], context: grpc.aio.ServicerContext
     ) -> storage_pb2.UploadResponse:
         tenant = await self._auth.tenant(context.invocation_metadata())
+        await self._uploads.admit(tenant)
         writer: UploadWriter | None = None
         name = ""
         try:
             async for message in request_iterator:
                 if writer is None:
                     name = safe_file_name(message.file_name)
-                    writer = self._uploads.writer(self._uploads.new_key(tenant, name), message.content_type)
+                    writer = self._uploads.writer(
+                        self._uploads.new_key(tenant, name), message.content_type, tenant=tenant
+                    )
                 writer.write(message.chunk)
             if writer is None:
                 raise UploadRefused("the upload is empty")

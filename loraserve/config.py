@@ -62,9 +62,6 @@ class Settings:
     # Browser origins (scheme://host[:port], comma-separated) whose pages may call the HTTP side and read its
     # answers (CORS); a request from any other page gets no CORS headers and its writes are refused.
     cors_allowed_origins: str = ""
-    # Browser origins (scheme://host[:port], comma-separated) whose pages may call the HTTP side and read its
-    # answers (CORS); a request from any other page gets no CORS headers and its writes are refused.
-    cors_allowed_origins: str = ""
     # Ray cluster to join; empty starts a local one (the embedded default).
     ray_address: str = ""
     ray_num_cpus: int = 0
@@ -171,6 +168,16 @@ class Settings:
     max_prompt_chars: int = 10_000
     max_loras_per_request: int = 16
     max_upload_bytes: int = 100 * 1024 * 1024
+    # Every part of a multipart upload but the last has at least this many bytes (S3's minimum; fal's
+    # clients send 10 MiB parts), so a flood of tiny parts is refused as it comes.
+    upload_min_part_bytes: int = 5 * 1024 * 1024
+    # Uploads (and multipart parts) one gateway receives at once, in all and per tenant (0: no cap): each
+    # holds an open file while its bytes arrive. Past a cap: RESOURCE_EXHAUSTED / HTTP 429.
+    max_upload_spools: int = 256
+    tenant_max_upload_spools: int = 32
+    # Bytes of uploads one tenant may have stored or arriving (0: no cap); uploads are deleted
+    # retention_seconds after they were stored. Past it: RESOURCE_EXHAUSTED / HTTP 429.
+    tenant_max_upload_bytes: int = 10 * 1024**3
     log_level: str = "INFO"
     # Object store for outputs and uploads: "local" (data_dir/files, served by the gateway) or "s3".
     object_store: str = "local"

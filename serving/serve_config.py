@@ -76,7 +76,6 @@ NOT_FOR_REPLICAS = frozenset(
         "http_port",
         "trusted_proxies",
         "cors_allowed_origins",
-        "cors_allowed_origins",
         "ray_address",
         "ray_num_cpus",
         "ray_start_attempts",
@@ -108,6 +107,10 @@ NOT_FOR_REPLICAS = frozenset(
         "webhook_retries",
         "webhook_backoff_seconds",
         "webhook_backoff_max_seconds",
+        "upload_min_part_bytes",
+        "max_upload_spools",
+        "tenant_max_upload_spools",
+        "tenant_max_upload_bytes",
         "webhook_tenant_max_concurrent",
     }
 )

@@ -26,7 +26,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -73,6 +73,14 @@ class ObjectStore(Protocol):
 
     def delete_prefix(self, prefix: str) -> int: ...
 
+    def usage(self, prefix: str) -> int:
+        """Bytes of the objects under the folder `prefix` names."""
+        ...
+
+    def delete_uploads_before(self, before: float) -> int:
+        """Deletes the uploads (every tenant's) stored before `before` (epoch seconds); returns how many."""
+        ...
+
 
 def check_key(key: str) -> str:
     parts = key.split("/")
@@ -93,6 +101,11 @@ def owned_by(key: str, tenant: str) -> bool:
 def upload_key(tenant: str, file_name: str) -> str:
     """A fresh key for an upload: a random folder per upload, so equal names never collide."""
     return f"{tenant_folder(tenant)}/uploads/{secrets.token_hex(16)}/{check_key(file_name)}"
+
+
+def uploads_prefix(tenant: str) -> str:
+    """The folder of a tenant's uploads, whose bytes its upload quota counts."""
+    return f"{tenant_folder(tenant)}/uploads/"
 
 
 def output_prefix(tenant: str, request_id: str) -> str:
@@ -258,6 +271,44 @@ class LocalObjectStore:
         except FileNotFoundError:
             pass
         return count
+
+    def usage(self, prefix: str) -> int:
+        folder = self.path(folder_key(prefix))
+        return sum(
+            path.stat().st_size for path in _walk_files(folder) if not path.name.startswith(".")
+        )
+
+    def delete_uploads_before(self, before: float) -> int:
+        """An upload's folder (`tenants/<t>/uploads/<random>/`) goes once its file is older than `before`."""
+        count = 0
+        tenants = self.root / "tenants"
+        for uploads in (tenant / "uploads" for tenant in _subfolders(tenants)):
+            for folder in _subfolders(uploads):
+                try:
+                    objects = [path for path in folder.iterdir() if not path.name.startswith(".")]
+                    if max((path.stat().st_mtime for path in objects), default=folder.stat().st_mtime) >= before:
+                        continue
+                except FileNotFoundError:
+                    continue
+                shutil.rmtree(folder, ignore_errors=True)
+                count += len(objects)
+        return count
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [path for path in folder.iterdir() if path.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Files under `folder`, none if it is missing; files deleted meanwhile are skipped."""
+    for directory, _, names in os.walk(folder):
+        for name in names:
+            path = Path(directory) / name
+            if path.is_file():
+                yield path
 
 
 def _type_file(path: Path) -> Path:

@@ -218,6 +218,27 @@ class S3ObjectStore:
             raise OSError(f"could not delete {len(failures)} object(s) under {folder!r}: {first.code} {first.message}")
         return len(names)
 
+    def usage(self, prefix: str) -> int:
+        folder = self.object_name(folder_key(prefix)) + "/"
+        return sum(obj.size or 0 for obj in self._client.list_objects(self.bucket, prefix=folder, recursive=True))
+
+    def delete_uploads_before(self, before: float) -> int:
+        """Listed tenant by tenant (`tenants/<t>/uploads/`), so the outputs are never listed."""
+        names: list[str] = []
+        for tenant in self._client.list_objects(self.bucket, prefix=f"{self._prefix}tenants/"):
+            if not tenant.is_dir or not tenant.object_name:
+                continue
+            names += [
+                obj.object_name
+                for obj in self._client.list_objects(self.bucket, prefix=f"{tenant.object_name}uploads/", recursive=True)
+                if obj.object_name and obj.last_modified is not None and obj.last_modified.timestamp() < before
+            ]
+        failures = list(self._client.remove_objects(self.bucket, [DeleteObject(name) for name in names]))
+        if failures:
+            first = failures[0]
+            raise OSError(f"could not delete {len(failures)} expired upload(s): {first.code} {first.message}")
+        return len(names)
+
 
 def _pool(timeout_seconds: float) -> urllib3.PoolManager:
     """minio's default waits 5 minutes per connect; a wrong endpoint should fail in seconds."""

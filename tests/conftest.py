@@ -128,6 +128,8 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, flag_everything_che
         worker_metrics_port=free_port(),
         # Test file servers listen on loopback; private networks stay refused.
         fetch_allowed_hosts="127.0.0.1",
+        # The storage tests send small files in several parts, as fal's clients send large ones.
+        upload_min_part_bytes=1,
         # The tiny models and LoRAs the tests name by path live in pytest's temp folders.
         allowed_local_roots=str(tmp_path_factory.getbasetemp()),
         device="cpu",

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import fal_storage
 from gateway.auth import Authenticator
+from gateway.errors import Unauthenticated
 from gateway.fal_storage import FalStorage, add_storage_routes
 from storage.object_store import LocalObjectStore, tenant_folder
 from storage.uploads import Uploads
@@ -29,13 +30,23 @@ class Clock:
 
 
 class KeyPerTenant(Authenticator):
-    """`Key <tenant>:x` is that tenant; no header is the anonymous tenant (a keyless loopback gateway)."""
+    """`Key <tenant>:x` is that tenant, under key `key-<tenant>`; no header is the anonymous tenant (a keyless
+    loopback gateway)."""
 
     def __init__(self) -> None:
         self.required = False
+        self.revoked: set[str] = set()
 
-    async def tenant_of_header(self, header: str | None) -> str:
-        return "" if header is None else header.split(" ", 1)[1].split(":", 1)[0]
+    async def caller_of_header(self, header: str | None) -> tuple[str, str]:
+        if header is None:
+            return "", ""
+        tenant = header.split(" ", 1)[1].split(":", 1)[0]
+        return tenant, f"key-{tenant}"
+
+    async def key_tenant(self, key_id: str) -> str:
+        if key_id in self.revoked:
+            raise Unauthenticated(f"API key {key_id} was revoked")
+        return key_id.removeprefix("key-")
 
 
 @pytest_asyncio.fixture

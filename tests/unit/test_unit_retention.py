@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import cast
 
@@ -19,7 +20,14 @@ from gateway.retention import BATCH, RetentionSweeper, output_prefix
 from gateway.store import RequestRecord, RequestStore, State
 from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2
-from storage.object_store import InvalidKey, LocalObjectStore, ObjectNotFound, ObjectStore
+from storage.object_store import (
+    InvalidKey,
+    LocalObjectStore,
+    ObjectNotFound,
+    ObjectStore,
+    upload_key,
+    uploads_prefix,
+)
 from storage.s3 import S3ObjectStore, S3Settings
 from tests.unit.conftest import Opener
 
@@ -168,6 +176,30 @@ async def test_the_sweeper_deletes_files_then_marks_and_leaves_younger_requests(
 
 
 @pytest.mark.parametrize("open_store", ["sqlite"], indirect=True)
+async def test_uploads_expire_under_retention_and_count_toward_their_tenant(store: RequestStore, files: ObjectStore) -> None:
+    before_put = time.time()
+    upload = files.put(upload_key("team-a", "in.png"), b"upload", "image/png")
+    files.put(upload_key("team-b", "in.png"), b"other tenant", "image/png")
+    after_put = time.time()
+    output = files.put(f"{output_prefix('r1', 'team-a')}image.png", b"output", "image/png")
+    assert files.usage(uploads_prefix("team-a")) == len(b"upload")
+    assert files.usage(uploads_prefix("team-c")) == 0
+    retention = 100.0
+
+    young = RetentionSweeper(store, files, retention, on_error=_fail, clock=lambda: before_put - 5 + retention)
+    await young.run_once()
+    assert files.get(upload.key) == b"upload"
+
+    old = RetentionSweeper(store, files, retention, on_error=_fail, clock=lambda: after_put + 5 + retention)
+    await old.run_once()
+    with pytest.raises(ObjectNotFound):
+        files.get(upload.key)
+    assert files.usage(uploads_prefix("team-a")) == files.usage(uploads_prefix("team-b")) == 0
+    # Outputs go with their requests only.
+    assert files.get(output.key) == b"output"
+
+
+@pytest.mark.parametrize("open_store", ["sqlite"], indirect=True)
 async def test_a_request_whose_files_could_not_be_deleted_stays_and_goes_next_round(store: RequestStore) -> None:
     done = await completed(store)
     broken = BrokenFiles(down=True)
@@ -255,8 +287,11 @@ class BrokenFiles:
         self.done.set()
         return 1
 
+    def delete_uploads_before(self, before: float) -> int:
+        return 0
+
     def as_store(self) -> ObjectStore:
-        """The sweeper calls only delete_prefix."""
+        """The sweeper calls only delete_prefix and delete_uploads_before."""
         return cast(ObjectStore, self)
 
 

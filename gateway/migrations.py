@@ -189,6 +189,36 @@ ALTER TABLE requests ADD COLUMN not_before REAL;
 CREATE INDEX requests_backing_off ON requests (not_before) WHERE state = 'IN_QUEUE' AND not_before IS NOT NULL;
 """,
     ),
+    Migration(
+        9,
+        "queue counts",
+        # Each tenant's waiting and running requests, kept by triggers in the transaction of every write
+        # that changes a request's state: a quota check reads one row instead of counting the queue.
+        """
+CREATE TABLE queue_counts (
+    tenant TEXT PRIMARY KEY,
+    waiting INTEGER NOT NULL DEFAULT 0,
+    running INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO queue_counts (tenant, waiting, running)
+    SELECT tenant, sum(state = 'IN_QUEUE'), sum(state = 'IN_PROGRESS') FROM requests
+    WHERE state IN ('IN_QUEUE', 'IN_PROGRESS') GROUP BY tenant;
+CREATE TRIGGER requests_counted_in AFTER INSERT ON requests BEGIN
+    INSERT INTO queue_counts (tenant, waiting, running) VALUES (NEW.tenant, NEW.state = 'IN_QUEUE', NEW.state = 'IN_PROGRESS')
+        ON CONFLICT (tenant) DO UPDATE SET waiting = waiting + excluded.waiting, running = running + excluded.running;
+END;
+CREATE TRIGGER requests_counted_move AFTER UPDATE OF state ON requests WHEN OLD.state IS NOT NEW.state BEGIN
+    UPDATE queue_counts SET waiting = waiting - (OLD.state = 'IN_QUEUE'), running = running - (OLD.state = 'IN_PROGRESS')
+        WHERE tenant = OLD.tenant;
+    INSERT INTO queue_counts (tenant, waiting, running) VALUES (NEW.tenant, NEW.state = 'IN_QUEUE', NEW.state = 'IN_PROGRESS')
+        ON CONFLICT (tenant) DO UPDATE SET waiting = waiting + excluded.waiting, running = running + excluded.running;
+END;
+CREATE TRIGGER requests_counted_out AFTER DELETE ON requests BEGIN
+    UPDATE queue_counts SET waiting = waiting - (OLD.state = 'IN_QUEUE'), running = running - (OLD.state = 'IN_PROGRESS')
+        WHERE tenant = OLD.tenant;
+END;
+""",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -321,6 +351,50 @@ CREATE TABLE previews (
         """
 ALTER TABLE requests ADD COLUMN not_before DOUBLE PRECISION;
 CREATE INDEX requests_backing_off ON requests (not_before) WHERE state = 'IN_QUEUE' AND not_before IS NOT NULL;
+""",
+    ),
+    Migration(
+        9,
+        "queue counts and moves",
+        # `queue_counts`: as on SQLite. `moves` counts a request's state changes, so a gateway applying the
+        # queue changes it hears about (gateway/queue_index.py) can tell a late notification from a newer one.
+        """
+CREATE TABLE queue_counts (
+    tenant TEXT PRIMARY KEY,
+    waiting BIGINT NOT NULL DEFAULT 0,
+    running BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO queue_counts (tenant, waiting, running)
+    SELECT tenant, count(*) FILTER (WHERE state = 'IN_QUEUE'), count(*) FILTER (WHERE state = 'IN_PROGRESS')
+    FROM requests WHERE state IN ('IN_QUEUE', 'IN_PROGRESS') GROUP BY tenant;
+ALTER TABLE requests ADD COLUMN moves INTEGER NOT NULL DEFAULT 0;
+CREATE FUNCTION loraserve_count_states() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.state = NEW.state THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        UPDATE queue_counts SET waiting = waiting - (OLD.state = 'IN_QUEUE')::int,
+            running = running - (OLD.state = 'IN_PROGRESS')::int
+            WHERE tenant = OLD.tenant AND OLD.state IN ('IN_QUEUE', 'IN_PROGRESS');
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.state IN ('IN_QUEUE', 'IN_PROGRESS') THEN
+        INSERT INTO queue_counts AS c (tenant, waiting, running)
+            VALUES (NEW.tenant, (NEW.state = 'IN_QUEUE')::int, (NEW.state = 'IN_PROGRESS')::int)
+            ON CONFLICT (tenant) DO UPDATE SET waiting = c.waiting + EXCLUDED.waiting, running = c.running + EXCLUDED.running;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER requests_counted AFTER INSERT OR DELETE OR UPDATE OF state ON requests
+    FOR EACH ROW EXECUTE FUNCTION loraserve_count_states();
+CREATE FUNCTION loraserve_count_moves() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.state IS DISTINCT FROM OLD.state THEN
+        NEW.moves := OLD.moves + 1;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER requests_moves BEFORE UPDATE OF state ON requests FOR EACH ROW EXECUTE FUNCTION loraserve_count_moves();
 """,
     ),
 )

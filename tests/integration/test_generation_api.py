@@ -106,11 +106,14 @@ async def test_same_seed_gives_identical_bytes(target: str, tiny_sdxl: TinyModel
         b = await client.subscribe(request(tiny_sdxl, seed=1234))
         c = await client.subscribe(request(tiny_sdxl, seed=1235))
         unseeded = await client.subscribe({k: v for k, v in request(tiny_sdxl).items() if k != "seed"})
+        # The seed a request without one reports is the one its image was made with.
+        reseeded = await client.subscribe(request(tiny_sdxl, seed=unseeded.data.seed))
     read = lambda result: read_image_bytes(stack_settings, result.data.images[0].url)  # noqa: E731
     assert a.data.images[0].url != b.data.images[0].url
     assert read(a) == read(b)
     assert read(a) != read(c)
-    assert unseeded.data.seed >= 0
+    assert reseeded.data.seed == unseeded.data.seed
+    assert read(reseeded) == read(unseeded)
 
 
 async def test_loras_change_pixels_and_combine(target: str, tiny_sdxl: TinyModel, stack_settings: Settings) -> None:

@@ -377,11 +377,16 @@ def test_tiles_cover_the_latent_and_blend_to_the_identity() -> None:
 
 
 def test_large_image_is_denoised_in_tiles(loaded: LoadedPipeline) -> None:
-    tiled = generate_result(loaded, params(**TILED))
+    tiled = generate_result(loaded, params(**TILED, debug_latents=True))
     assert tiled.images[0].size == (128, 64)
     untiled = pixels(loaded, width=128, height=64)
     assert differs(as_array(tiled), untiled)
-    assert np.isfinite(as_array(tiled)).all()
+    # The blended tiles' latents (what the VAE decoded): a NaN there would decode to black, not fail.
+    assert tiled.debug_latents is not None
+    latents = safetensors.torch.load(tiled.debug_latents.data)["latents"]
+    factor = loaded.pipe.vae_scale_factor
+    assert latents.shape == (1, 4, 64 // factor, 128 // factor)
+    assert torch.isfinite(latents).all()
 
 
 def test_image_within_one_tile_is_unchanged(loaded: LoadedPipeline) -> None:

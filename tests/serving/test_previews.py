@@ -13,9 +13,6 @@ import torch.nn.functional as F
 
 from serving.pipelines import LoadedPipeline, load_pipeline
 from serving.previews import (
-    SD15_FACTORS,
-    SDXL_BIAS,
-    SDXL_FACTORS,
     Previews,
     fit_projection,
     is_released_vae,
@@ -37,16 +34,21 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedPipel
 
 
 def test_published_factors_map_each_latent_channel_to_its_colour() -> None:
-    """One latent pixel per channel: the projection gives that channel's row (+ bias), from [-1, 1] to 0-255."""
-    for family, factors, bias in (("sd15", SD15_FACTORS, (0.0, 0.0, 0.0)), ("sdxl", SDXL_FACTORS, SDXL_BIAS)):
-        latents = torch.zeros(4, 1, 4)
+    """One latent pixel per channel, and one of zeros: the projection gives that channel's row (+ bias), from
+    [-1, 1] to 0-255. The colours are worked out by hand from the published factors, (factor + bias + 1) x 127.5
+    truncated: SD 1.5's first row (0.3512, 0.2297, 0.3227) gives (172, 156, 168); SDXL's bias
+    (0.1084, -0.0175, -0.0011) alone gives (141, 125, 127)."""
+    expected = {
+        "sd15": ([[172, 156, 168], [168, 190, 157], [91, 149, 162], [100, 94, 35]], [127, 127, 127]),
+        "sdxl": ([[187, 179, 182], [109, 124, 140], [155, 139, 122], [100, 93, 99]], [141, 125, 127]),
+    }
+    for family, (channels, zero) in expected.items():
+        latents = torch.zeros(4, 1, 5)
         for channel in range(4):
             latents[channel, 0, channel] = 1.0
         rgb = published_projection(family).to_rgb(latents)
-        assert rgb.shape == (1, 4, 3) and rgb.dtype == torch.uint8
-        for channel in range(4):
-            expected = [int(np.clip((factors[channel][c] + bias[c] + 1.0) * 127.5, 0, 255)) for c in range(3)]
-            assert rgb[0, channel].tolist() == expected
+        assert rgb.shape == (1, 5, 3) and rgb.dtype == torch.uint8
+        assert rgb[0].tolist() == [*channels, zero], family
 
 
 def test_released_vaes_are_told_from_others(pipelines: dict[str, LoadedPipeline]) -> None:

@@ -380,10 +380,14 @@ async def test_shutdown_gives_back_running_requests_without_charging_them(
 
 
 async def test_shutdown_during_an_outage_returns(make: Make) -> None:
+    """No worker answers: shutdown returns, and the request waits in the queue for the next gateway."""
     h = await make(threshold=1)
-    await h.submit()
+    (request_id,) = await h.submit()
     await wait_until(lambda: h.health == [False], "the breaker opened")
     await asyncio.wait_for(h.dispatcher.shutdown(0), SAFETY_S)
+    record = await h.get(request_id)
+    assert (record.state, record.error, record.output) == (State.IN_QUEUE, None, None)
+    assert record.attempts == 0, "a call that never reached a worker was charged"
 
 
 async def test_a_silent_network_path_is_noticed_by_keepalive(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 
 import pytest
 
@@ -318,35 +319,55 @@ async def test_logs_ordered_per_request_and_after_seq(store: RequestStore) -> No
 
 
 async def test_positions_agree_with_the_table_through_random_transitions(open_store: Opener) -> None:
-    """Positions must match FIFO order over the requests still waiting, whatever happened to the others."""
+    """Positions must match FIFO order over the requests still waiting, whatever happened to the others.
+
+    A model of each request's state (waiting, running under a token, or ended) predicts whether each
+    transition succeeds; the store must agree, and its positions must match the model's queue."""
     rng = random.Random(5)
     store = await open_store()
     records: list[RequestRecord] = []
-    tokens: dict[str, str] = {}
+    tokens: dict[str, str] = {}  # the lease of each running request
     waiting: dict[str, int] = {}
+    ended: set[str] = set()
     error = types_pb2.RequestError(type="WORKER_FAILED", message="x")
+    outcomes: Counter[tuple[str, bool]] = Counter()
 
     async def step(name: str, record: RequestRecord | None) -> None:
         if name == "add" or record is None:
             new = await add(store)
             records.append(new)
             waiting[new.id] = new.seq
-        elif name == "claim":
+            return
+        running, alive = record.id in tokens, record.id not in ended
+        if name == "claim":
             run = await store.claim(record.id)
+            succeeded, expected = run is not None, record.id in waiting
             if run is not None:
                 tokens[record.id] = run.lease_token
                 waiting.pop(record.id)
         elif name == "requeue":
-            if await store.requeue(record.id, tokens.get(record.id, "")):
+            # Half the time with the run's own token, else with a token that never held it.
+            token = tokens.get(record.id, "") if rng.random() < 0.5 else "not-a-lease"
+            succeeded = await store.requeue(record.id, token)
+            expected = running and token == tokens[record.id]
+            if expected:
                 waiting[record.id] = record.seq
-        elif name == "cancel":
-            if await store.cancel(record.id):
+                tokens.pop(record.id)
+        elif name in ("cancel", "fail"):
+            succeeded = await (store.cancel(record.id) if name == "cancel" else store.fail(record.id, error))
+            expected = alive
+            if expected:
                 waiting.pop(record.id, None)
-        elif name == "fail":
-            if await store.fail(record.id, error):
-                waiting.pop(record.id, None)
-        elif name == "complete":
-            await store.complete(record.id, tokens.get(record.id, ""), types_pb2.GenerateOutput(), 1.0)
+                tokens.pop(record.id, None)
+                ended.add(record.id)
+        else:
+            succeeded = await store.complete(record.id, tokens.get(record.id, ""), types_pb2.GenerateOutput(), 1.0)
+            expected = running
+            if expected:
+                tokens.pop(record.id)
+                ended.add(record.id)
+        assert succeeded == expected, (name, record.id, succeeded)
+        outcomes[name, succeeded] += 1
 
     async def check(current: RequestStore) -> None:
         seqs = sorted(waiting.values())
@@ -361,6 +382,9 @@ async def test_positions_agree_with_the_table_through_random_transitions(open_st
         await step(name, rng.choice(records) if records else None)
         if index % 50 == 49:
             await check(store)
+    # Each transition was seen both succeeding and refused.
+    assert {name for name, succeeded in outcomes if succeeded} == set(names) - {"add"}
+    assert {name for name, succeeded in outcomes if not succeeded} == set(names) - {"add"}
     await store.close()
     reopened = await open_store()
     await check(reopened)

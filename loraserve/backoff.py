@@ -20,8 +20,14 @@ class Backoff:
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.initial_seconds < 0 or self.max_seconds < self.initial_seconds or self.multiplier < 1:
-            raise ValueError(f"bad backoff: {self}")
+        if self.initial_seconds < 0:
+            raise ValueError(f"backoff initial_seconds must not be negative, got {self.initial_seconds}")
+        if self.max_seconds < self.initial_seconds:
+            raise ValueError(
+                f"backoff max_seconds must be at least initial_seconds ({self.initial_seconds}), got {self.max_seconds}"
+            )
+        if self.multiplier < 1:
+            raise ValueError(f"backoff multiplier must be at least 1, got {self.multiplier}")
 
     def ceiling(self, failures: int) -> float:
         """The longest wait after `failures` failures in a row (the first failure waits `initial_seconds`)."""

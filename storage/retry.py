@@ -67,8 +67,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"storage write attempts must be at least 1, got {self.attempts}")
-        if self.base_delay_seconds < 0 or self.max_delay_seconds < 0:
-            raise ValueError("storage retry delays must not be negative")
+        for name in ("base_delay_seconds", "max_delay_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"storage retry {name} must not be negative, got {getattr(self, name)}")
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
         """Before retry number `retry` (0-based): between half and all of min(cap, base * 2**retry)."""

@@ -142,10 +142,18 @@ def test_caller_errors_are_not_retried(tmp_path: Path) -> None:
     assert slept == []
 
 
-@pytest.mark.parametrize("changes", [{"attempts": 0}, {"base_delay_seconds": -1.0}, {"max_delay_seconds": -1.0}])
-def test_policy_refuses_nonsense(changes: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"attempts": 0}, "attempts must be at least 1, got 0"),
+        ({"base_delay_seconds": -1.0}, "base_delay_seconds must not be negative, got -1.0"),
+        ({"max_delay_seconds": -1.0}, "max_delay_seconds must not be negative, got -1.0"),
+    ],
+)
+def test_policy_refuses_nonsense(changes: dict[str, float], why: str) -> None:
+    with pytest.raises(ValueError) as refused:
         RetryPolicy(**changes)  # type: ignore[arg-type]
+    assert why in str(refused.value)
 
 
 def _s3_error(status: int, code: str) -> S3Error:

@@ -26,9 +26,16 @@ def test_backoff_is_jittered_within_the_upper_half() -> None:
     assert len({round(d, 6) for d in delays}) > 150, "retries that broke together do not come back together"
 
 
-@pytest.mark.parametrize(("initial", "cap", "multiplier"), [(-1.0, 1.0, 2.0), (2.0, 1.0, 2.0), (1.0, 2.0, 0.5)])
-def test_backoff_refuses_nonsense(initial: float, cap: float, multiplier: float) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("initial", "cap", "multiplier", "why"),
+    [
+        (-1.0, 1.0, 2.0, r"initial_seconds must not be negative, got -1\.0"),
+        (2.0, 1.0, 2.0, r"max_seconds must be at least initial_seconds \(2\.0\), got 1\.0"),
+        (1.0, 2.0, 0.5, r"multiplier must be at least 1, got 0\.5"),
+    ],
+)
+def test_backoff_refuses_nonsense(initial: float, cap: float, multiplier: float, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         Backoff(initial, cap, multiplier)
 
 
@@ -70,5 +77,5 @@ async def test_breaker_probes_with_growing_patience_until_the_workers_answer() -
 
 
 def test_breaker_needs_a_threshold() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="threshold must be at least 1"):
         CircuitBreaker(threshold=0, backoff=Backoff(1, 1))

@@ -41,7 +41,7 @@ import ipaddress
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # SSE keep-alive: fal's clients and the proxies between want a sign of life at least this often.
 PING_SECONDS = 10.0
+# How often a /run waiting for its request looks whether its caller is still connected.
+RUN_CALLER_CHECK_SECONDS = 1.0
 NAMESPACES = ("workflows", "comfy")
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 # x-fal-target-url hosts → where this gateway serves that role ("" the root, "/run" the run).
@@ -317,9 +319,11 @@ class FalHttp:
 
     # --- submit and run --------------------------------------------------------------------
 
-    async def _accept(self, request: web.Request, where: AppPath) -> RequestRecord:
-        """Everything before the request is accepted: auth, the body, fal's headers, validation, quotas."""
-        tenant = await self._tenant(request)
+    async def _accept(self, request: web.Request, where: AppPath, tenant: str | None = None) -> RequestRecord:
+        """Everything before the request is accepted: auth (unless `tenant` is known), the body, fal's headers,
+        validation, quotas."""
+        if tenant is None:
+            tenant = await self._tenant(request)
         endpoint = endpoint_for("/".join(where.rest))
         if endpoint is None:
             raise _NoEndpoint("/".join(where.rest))
@@ -354,13 +358,19 @@ class FalHttp:
         return json_response(200, body, record.id)
 
     async def _run(self, request: web.Request, where: AppPath) -> web.StreamResponse:
-        """fal.run: submit, wait, answer the output (or the failure) in one call."""
+        """fal.run: submit, wait, answer the output (or the failure) in one call. A caller that hangs up
+        frees its stream slot at once; its request goes on (its result stays in the queue)."""
         try:
-            with self._generation.open_stream():
-                record = await self._accept(request, where)
+            tenant = await self._tenant(request)
+            with self._generation.open_stream(tenant):
+                record = await self._accept(request, where, tenant)
                 try:
-                    async for _ in self._generation.updates(record, logs=False):
-                        pass
+                    waited = _with_pings(self._generation.updates(record, logs=False), RUN_CALLER_CHECK_SECONDS)
+                    async with contextlib.aclosing(waited) as statuses:
+                        async for _ in statuses:
+                            if _caller_gone(request):
+                                log.info("a run's caller hung up; its request goes on", extra={"request_id": record.id})
+                                return web.Response(status=499, reason="Client Closed Request")
                     record = await self._generation.get(record.id, record.tenant)
                 except Exception as exc:  # noqa: BLE001
                     # Accepted and still going: no retryable status, or a retry would run it twice.
@@ -388,7 +398,7 @@ class FalHttp:
         logs = flag(request.query.get("logs"))
         record = await self._generation.get(request_id, await self._tenant(request))
         urls = self._urls(request, where.app, record.id)
-        with self._generation.open_stream():
+        with self._generation.open_stream(record.tenant):
             response = web.StreamResponse(
                 headers={
                     "Content-Type": "text/event-stream",
@@ -512,17 +522,22 @@ def _first(value: str | None) -> str:
     return (value or "").split(",")[0].strip()
 
 
+def _caller_gone(request: web.Request) -> bool:
+    """The caller's connection is closed (aiohttp does not cancel a handler when its caller hangs up)."""
+    return request.transport is None or request.transport.is_closing()
+
+
 async def _with_pings(
-    updates: AsyncIterator[generation_pb2.RequestStatus],
-) -> AsyncIterator[generation_pb2.RequestStatus | None]:
-    """The updates, with a None whenever PING_SECONDS pass without one. The pending read is kept across
+    updates: AsyncIterator[generation_pb2.RequestStatus], every: float = PING_SECONDS
+) -> AsyncGenerator[generation_pb2.RequestStatus | None, None]:
+    """The updates, with a None whenever `every` seconds pass without one. The pending read is kept across
     pings (cancelling it would end the generator)."""
     pending: asyncio.Future[generation_pb2.RequestStatus] | None = None
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(anext(updates))
-            done, _ = await asyncio.wait({pending}, timeout=PING_SECONDS)
+            done, _ = await asyncio.wait({pending}, timeout=every)
             if not done:
                 yield None
                 continue

@@ -151,9 +151,9 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             self._dispatcher.wake()
         return await self.get(record.id, record.tenant)
 
-    def open_stream(self) -> AbstractContextManager[None]:
-        """One open status stream, within the gateway's limit (RESOURCE_EXHAUSTED beyond it)."""
-        return self._quotas.stream()
+    def open_stream(self, tenant: str) -> AbstractContextManager[None]:
+        """One open status stream, within the tenant's and the gateway's limits (RESOURCE_EXHAUSTED beyond)."""
+        return self._quotas.stream(tenant)
 
     async def _logs(self, record: RequestRecord, after: int = 0) -> tuple[list[types_pb2.LogEntry], int]:
         rows = await self._store.logs(record.id, after)
@@ -188,7 +188,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[generation_pb2.StreamStatusResponse]:
         tenant = await self._caller(context)
         record = await self.get(request.request_id, tenant)
-        with self.open_stream():
+        with self.open_stream(tenant):
             async for status in self.updates(record, request.logs, previews=request.previews):
                 yield generation_pb2.StreamStatusResponse(status=status)
 
@@ -210,7 +210,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.SubscribeResponse]:
         tenant = await self._caller(context)
-        with self.open_stream():
+        with self.open_stream(tenant):
             record = await self.submit(
                 request.input,
                 tenant=tenant,

@@ -1,11 +1,11 @@
 """Quotas and overload answers: what one tenant may hold of a shared service, and what the gateway holds at all.
 
 Per tenant: requests waiting, requests running (enforced at dispatch: a tenant at its limit
-waits while others run), submits per second (a token bucket per gateway), and a weight, its
-share of the starts in the fair order (gateway/store.py). For the gateway: the queue's size
-and the open status streams. Over a limit the answer is RESOURCE_EXHAUSTED with RetryInfo and
-a QuotaFailure naming the limit, at once and before anything is written: nothing already
-accepted is dropped. Defaults come from settings; `tenant_limits` overrides them per tenant.
+waits while others run), submits per second (a token bucket per gateway), open status streams
+(per gateway), and a weight, its share of the starts in the fair order (gateway/store.py). For the
+gateway: the queue's size and the open status streams. Over a limit the answer is RESOURCE_EXHAUSTED
+with RetryInfo and a QuotaFailure naming the limit, at once and before anything is written: nothing
+already accepted is dropped. Defaults come from settings; `tenant_limits` overrides them per tenant.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class TenantLimits:
     max_waiting: int = 0
     max_running: int = 0
     submits_per_second: float = 0.0
+    max_open_streams: int = 0
 
 
 def parse_tenant_limits(settings: Settings) -> tuple[TenantLimits, dict[str, TenantLimits]]:
@@ -40,6 +41,7 @@ def parse_tenant_limits(settings: Settings) -> tuple[TenantLimits, dict[str, Ten
         max_waiting=settings.tenant_max_waiting,
         max_running=settings.tenant_max_running,
         submits_per_second=settings.tenant_submits_per_second,
+        max_open_streams=settings.tenant_max_open_streams,
     )
     if not settings.tenant_limits.strip():
         return default, {}
@@ -74,6 +76,7 @@ class Quotas:
         self._max_queue = settings.max_queue_size
         self._max_streams = settings.max_open_streams
         self.open_streams = 0
+        self._tenant_streams: dict[str, int] = {}
         # Token buckets: tenant → (tokens, last refill, monotonic seconds).
         self._buckets: dict[str, tuple[float, float]] = {}
 
@@ -134,9 +137,22 @@ class Quotas:
         _, running = await self._store.tenant_activity(record.tenant)
         return running < limit
 
+    def tenant_streams(self, tenant: str) -> int:
+        return self._tenant_streams.get(tenant, 0)
+
     @contextmanager
-    def stream(self) -> Iterator[None]:
-        """One open status stream, within the gateway's limit."""
+    def stream(self, tenant: str) -> Iterator[None]:
+        """One open status stream, within the tenant's limit and the gateway's."""
+        held = self.tenant_streams(tenant)
+        limit = self.limits(tenant).max_open_streams
+        if limit and held >= limit:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} has {held} status streams open on this gateway, its limit; close one,"
+                " poll GetStatus or retry",
+                limit="max_open_streams",
+                subject=f"tenant:{tenant}",
+                retry_after_seconds=COUNT_RETRY_SECONDS,
+            )
         if self._max_streams and self.open_streams >= self._max_streams:
             raise ResourceExhausted(
                 f"this gateway has {self.open_streams} status streams open, its limit; poll GetStatus or retry",
@@ -145,7 +161,11 @@ class Quotas:
                 retry_after_seconds=COUNT_RETRY_SECONDS,
             )
         self.open_streams += 1
+        self._tenant_streams[tenant] = held + 1
         try:
             yield
         finally:
             self.open_streams -= 1
+            left = self._tenant_streams.pop(tenant, 0) - 1
+            if left > 0:
+                self._tenant_streams[tenant] = left

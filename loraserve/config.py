@@ -36,6 +36,9 @@ class Settings:
     tenant_max_waiting: int = 0
     tenant_max_running: int = 0
     tenant_submits_per_second: float = 0.0
+    # Status streams one tenant may hold open on a gateway (SSE, /run, StreamStatus, Subscribe; 0: none but
+    # `max_open_streams`), so one tenant cannot take them all; `tenant_limits` key: "max_open_streams".
+    tenant_max_open_streams: int = 2000
     tenant_limits: str = ""
     # The gateway's own bounds (0: none): requests waiting in the queue, open status streams.
     max_queue_size: int = 100_000

@@ -100,6 +100,7 @@ NOT_FOR_REPLICAS = frozenset(
         "tenant_max_running",
         "tenant_max_waiting",
         "tenant_submits_per_second",
+        "tenant_max_open_streams",
         "max_upload_bytes",
         "upload_allowed_content_types",
         "webhook_signing_key_file",

@@ -29,8 +29,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 def test_per_tenant_limits_override_the_defaults() -> None:
     settings = Settings(tenant_max_waiting=10, tenant_limits=json.dumps({"big": {"weight": 3, "max_running": 2}}))
     default, per_tenant = parse_tenant_limits(settings)
-    assert default == TenantLimits(max_waiting=10)
-    assert per_tenant["big"] == TenantLimits(weight=3.0, max_waiting=10, max_running=2)
+    streams = settings.tenant_max_open_streams
+    assert default == TenantLimits(max_waiting=10, max_open_streams=streams)
+    assert per_tenant["big"] == TenantLimits(weight=3.0, max_waiting=10, max_running=2, max_open_streams=streams)
 
 
 @pytest.mark.parametrize(
@@ -72,10 +73,28 @@ async def test_the_queue_size_bounds_every_tenant(store: SqliteStore) -> None:
 
 def test_open_streams_are_counted_and_released() -> None:
     quotas = Quotas(Settings(max_open_streams=1), store=None)  # type: ignore[arg-type]
-    with quotas.stream():
+    with quotas.stream("a"):
         with pytest.raises(ResourceExhausted, match="status streams open"):
-            with quotas.stream():
+            with quotas.stream("b"):
                 pass
-    with quotas.stream():
+    with quotas.stream("a"):
         assert quotas.open_streams == 1
     assert quotas.open_streams == 0
+
+
+def test_a_tenant_at_its_stream_limit_is_refused_and_others_are_not() -> None:
+    quotas = Quotas(
+        Settings(tenant_max_open_streams=1, tenant_limits='{"big": {"max_open_streams": 2}}'),
+        store=None,  # type: ignore[arg-type]
+    )
+    with quotas.stream("a"), quotas.stream("b"), quotas.stream("big"), quotas.stream("big"):
+        with pytest.raises(ResourceExhausted) as full:
+            with quotas.stream("a"):
+                pass
+        assert (full.value.limit, full.value.subject) == ("max_open_streams", "tenant:a")
+        assert full.value.retry_after_seconds > 0
+        with pytest.raises(ResourceExhausted):
+            with quotas.stream("big"):
+                pass
+        assert (quotas.tenant_streams("a"), quotas.tenant_streams("big"), quotas.open_streams) == (1, 2, 4)
+    assert (quotas.tenant_streams("a"), quotas.open_streams) == (0, 0)

@@ -85,7 +85,9 @@ def _context_allows(path: str, patterns: list[str]) -> bool:
         parts = path.split("/")
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
         matched = raw == "**" or any(
-            fnmatch.fnmatch(p, raw) or fnmatch.fnmatch(p, raw.replace("**/", "*/")) or fnmatch.fnmatch(parts[-1], raw.removeprefix("**/"))
+            fnmatch.fnmatch(p, raw)
+            or fnmatch.fnmatch(p, raw.replace("**/", "*/"))
+            or (raw.startswith("**/") and fnmatch.fnmatch(parts[-1], raw.removeprefix("**/")))
             for p in prefixes
         )
         if matched:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -18,7 +19,11 @@ def test_a_secret_is_made_only_when_none_is_set() -> None:
 
 
 def test_the_embedded_service_gives_its_gateway_and_workers_one_secret(tmp_path: object) -> None:
-    service = EmbeddedService(Settings(data_dir=tmp_path))  # type: ignore[arg-type]
+    async def build() -> EmbeddedService:
+        """Built on a loop, as the CLI does: the gateway's gRPC server belongs to one."""
+        return EmbeddedService(Settings(data_dir=tmp_path))  # type: ignore[arg-type]
+
+    service = asyncio.run(build())
     assert service.settings.worker_shared_secret
     assert service.gateway.settings.worker_shared_secret == service.settings.worker_shared_secret
 

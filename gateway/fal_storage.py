@@ -139,12 +139,14 @@ class _Multipart:
 class MultipartSweeper(Periodic):
     name = "multipart upload sweep"
 
-    def __init__(self, storage: FalStorage, on_error: Callable[[BaseException], None]) -> None:
-        super().__init__(SWEEP_SECONDS, on_error)
+    def __init__(
+        self, storage: FalStorage, on_error: Callable[[BaseException], None], period_seconds: float = SWEEP_SECONDS
+    ) -> None:
+        super().__init__(period_seconds, on_error)
         self._storage = storage
 
     async def run_once(self) -> int:
-        return await asyncio.to_thread(self._storage.sweep)
+        return await self._storage.sweep()
 
 
 class FalStorage:
@@ -252,11 +254,16 @@ class FalStorage:
         await self._multipart_for(request.match_info["upload_id"])
         return await self._complete(request)
 
-    def sweep(self) -> int:
-        """Drops expired multipart uploads and part folders no upload of this gateway owns that are older than
-        an upload lives (left by a gateway that stopped); returns how many went."""
+    async def sweep(self) -> int:
+        """Drops expired multipart uploads (here, where the budget lives) and, in a thread, part folders no
+        upload of this gateway owns that are older than an upload lives (left by a gateway that stopped);
+        returns how many went."""
         dropped = self._drop_expired()
-        live = {upload.folder.name for upload in list(self._multipart.values())}
+        live = {upload.folder.name for upload in self._multipart.values()}
+        return dropped + await asyncio.to_thread(self._drop_leftovers, live)
+
+    def _drop_leftovers(self, live: set[str]) -> int:
+        dropped = 0
         oldest = time.time() - MULTIPART_SECONDS
         for folder in self.parts_dir.iterdir():
             try:

@@ -3,6 +3,9 @@ what expires, what is bounded, and that a tenant's token and upload URLs stay it
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway import fal_storage
 from gateway.auth import Authenticator
 from gateway.errors import Unauthenticated
-from gateway.fal_storage import FalStorage, add_storage_routes
+from gateway.fal_storage import FalStorage, MultipartSweeper, add_storage_routes
 from storage.object_store import LocalObjectStore, tenant_folder
 from storage.uploads import Uploads
 
@@ -119,3 +122,44 @@ async def test_multipart_uploads_are_bounded_and_expire(
     clock.now += fal_storage.MULTIPART_SECONDS + 1
     assert (await client.put(f"/storage/{opened[1]}/1", data=PNG)).status == 404
     assert (await client.post("/storage/upload/initiate-multipart", json={}, headers=key)).status == 200
+
+
+async def test_a_sweeper_on_a_timer_drops_expired_uploads_and_leftover_parts(tmp_path: Path) -> None:
+    """No route is called: the sweeper alone deletes the parts of uploads that expired, and part folders a
+    stopped gateway left behind."""
+    clock = Clock()
+    store = LocalObjectStore(tmp_path / "files", "http://files.test", clock=clock)
+    uploads = Uploads(store, max_bytes=1000, spool_dir=tmp_path / "spool")
+    storage = FalStorage(uploads, KeyPerTenant(), secret=b"s" * 32, clock=clock, min_part_bytes=1)
+    app = web.Application()
+    add_storage_routes(app, storage)
+    leftover = storage.parts_dir / "left-by-a-stopped-gateway"
+    leftover.mkdir()
+    (leftover / "1").write_bytes(b"x")
+    long_ago = time.time() - fal_storage.MULTIPART_SECONDS - 60
+    os.utime(leftover, (long_ago, long_ago))
+    errors: list[BaseException] = []
+    sweeper = MultipartSweeper(storage, on_error=errors.append, period_seconds=0.01)
+    async with TestClient(TestServer(app)) as client:
+        opened = await client.post("/storage/upload/initiate-multipart", json={}, headers={"Authorization": "Key a:x"})
+        part_url = "/storage/" + (await opened.json())["upload_url"].split("/storage/", 1)[1]
+        for number in (1, 2):
+            assert (await client.put(f"{part_url}/{number}", data=PNG)).status == 200
+        assert sorted(len(list(folder.iterdir())) for folder in storage.parts_dir.iterdir()) == [1, 2]
+
+        sweeper.start()
+        try:
+            deadline = time.monotonic() + 30
+            # The leftover goes at once; the live upload stays until its hour is over.
+            while leftover.exists():
+                assert time.monotonic() < deadline, "the leftover was never swept"
+                await asyncio.sleep(0.01)
+            assert len(list(storage.parts_dir.iterdir())) == 1
+            clock.now += fal_storage.MULTIPART_SECONDS + 1
+            while list(storage.parts_dir.iterdir()):
+                assert time.monotonic() < deadline, "the expired upload was never swept"
+                await asyncio.sleep(0.01)
+        finally:
+            await sweeper.stop()
+        assert (await client.put(f"{part_url}/3", data=PNG)).status == 404
+    assert errors == [] and uploads.budget.open_spools == 0

@@ -53,12 +53,24 @@ async def final_status(client: AsyncClient, request_id: str) -> gen.RequestStatu
 async def test_two_gateways_share_one_queue(gateways: tuple[Gateway, Gateway], tiny_sdxl: TinyModel) -> None:
     a, b = gateways
     async with AsyncClient(target(a)) as on_a, AsyncClient(target(b)) as on_b:
+        # Two long requests take each gateway's one place in flight (one worker, one request at a time),
+        # so the six submitted next all wait while their places are compared.
+        long = request(tiny_sdxl, num_inference_steps=150, image_size={"width": 256, "height": 256})
+        blockers = [await on_a.submit(long) for _ in range(2)]
+        async with asyncio.timeout(60):
+            while (a.dispatcher.in_flight, b.dispatcher.in_flight) != (1, 1):
+                await asyncio.sleep(0.05)
         ids = [await (on_a if i % 2 else on_b).submit(request(tiny_sdxl, seed=i)) for i in range(6)]
         # Whichever gateway is asked, a waiting request has the same place.
+        places = []
         for request_id in ids:
             status_a, status_b = await on_a.status(request_id), await on_b.status(request_id)
-            if status_a.state == status_b.state == gen.REQUEST_STATE_IN_QUEUE:
-                assert status_a.queue_position == status_b.queue_position
+            assert status_a.state == status_b.state == gen.REQUEST_STATE_IN_QUEUE
+            assert status_a.queue_position == status_b.queue_position
+            places.append(status_a.queue_position)
+        assert places == list(range(6))
+        for blocker in blockers:
+            await on_b.cancel(blocker)
         # Each gateway's stream follows requests the other submitted (and perhaps ran) to their end.
         finals = await asyncio.gather(*(final_status(on_b if i % 2 else on_a, rid) for i, rid in enumerate(ids)))
         assert all(s.state == gen.REQUEST_STATE_COMPLETED and not s.HasField("error") for s in finals), finals

@@ -54,6 +54,7 @@ class RetentionSweeper(Periodic):
         on_error: Callable[[BaseException], None],
         period_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
+        on_uploads_deleted: Callable[[], None] = lambda: None,
     ) -> None:
         period = MAX_PERIOD_SECONDS if retention_seconds <= 0 else min(MAX_PERIOD_SECONDS, max(1.0, retention_seconds / 10))
         super().__init__(period_seconds or period, on_error)
@@ -61,6 +62,7 @@ class RetentionSweeper(Periodic):
         self._files = files
         self.retention_seconds = retention_seconds
         self._clock = clock
+        self._on_uploads_deleted = on_uploads_deleted
 
     async def run_once(self, now: float | None = None) -> list[str]:
         """Expires what finished more than retention_seconds before `now` (the clock's now); returns the ids."""
@@ -79,6 +81,7 @@ class RetentionSweeper(Periodic):
                 break
         uploads = await asyncio.to_thread(self._files.delete_uploads_before, before)
         if uploads:
+            self._on_uploads_deleted()
             log.info("deleted expired uploads", extra={"count": uploads, "retention_seconds": self.retention_seconds})
         if expired:
             log.info(

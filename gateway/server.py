@@ -74,6 +74,14 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.files = from_settings.object_store(settings)
+        files = self.files
+        # What uploads hold on this gateway (both ports' uploads); retention tells it when uploads were deleted.
+        self.upload_budget = UploadBudget(
+            max_spools=settings.max_upload_spools,
+            tenant_max_spools=settings.tenant_max_upload_spools,
+            tenant_max_bytes=settings.tenant_max_upload_bytes,
+            stored_bytes=lambda tenant: files.usage(uploads_prefix(tenant)),
+        )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
         self._http: web.AppRunner | None = None
@@ -140,6 +148,7 @@ class Gateway:
             self.files,
             settings.retention_seconds,
             on_error=lambda exc: self.metrics.upkeep_errors.inc(),
+            on_uploads_deleted=self.upload_budget.forget_stored,
         )
 
     def _changed(self, request_ids: list[str]) -> None:
@@ -178,12 +187,7 @@ class Gateway:
             max_bytes=self.settings.max_upload_bytes,
             allowed_content_types=from_settings.upload_content_types(self.settings),
             spool_dir=self.settings.data_dir / "spool",
-            budget=UploadBudget(
-                max_spools=self.settings.max_upload_spools,
-                tenant_max_spools=self.settings.tenant_max_upload_spools,
-                tenant_max_bytes=self.settings.tenant_max_upload_bytes,
-                stored_bytes=lambda tenant: files.usage(uploads_prefix(tenant)),
-            ),
+            budget=self.upload_budget,
         )
         storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageService(uploads, auth=self.auth), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -164,6 +164,12 @@ class UploadBudget:
     def stored(self, tenant: str, size: int) -> None:
         self._use(tenant).stored += size
 
+    def forget_stored(self) -> None:
+        """Uploads were deleted (retention): every tenant's stored bytes are measured again at its next upload,
+        so a tenant that was at its quota can upload again at once rather than when the measure goes stale."""
+        for use in self._tenants.values():
+            use.measured_at = -math.inf
+
     def _use(self, tenant: str) -> _TenantUse:
         return self._tenants.setdefault(tenant, _TenantUse())
 

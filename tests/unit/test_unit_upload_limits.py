@@ -1,10 +1,12 @@
 """What uploads may hold on a running gateway (its gRPC and HTTP ports on loopback, keys required; no workers
 are needed to take files): descriptors while thousands of parts arrive, one reservation shared by parts sent
-at once, a tenant's byte quota, and credentials that die with the key they were minted under."""
+at once, spools open at once per tenant and per gateway, a tenant's byte quota (given back as its uploads expire),
+and credentials that die with the key they were minted under."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import time
@@ -22,6 +24,7 @@ from gateway.auth import KEY_CACHE_SECONDS, new_key
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
+from storage.object_store import uploads_prefix
 from tests.conftest import free_port
 
 MIN_PART = 64
@@ -38,22 +41,32 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@contextlib.asynccontextmanager
+async def running_gateway(data_dir: Path, **settings: Any) -> AsyncIterator[Gateway]:
+    running = Gateway(
+        Settings(
+            data_dir=data_dir,
+            grpc_host="0.0.0.0",
+            grpc_port=free_port(),
+            http_port=free_port(),
+            serve_grpc_port=free_port(),
+            upload_min_part_bytes=MIN_PART,
+            max_upload_bytes=MAX_UPLOAD,
+            tenant_max_upload_bytes=3 * MAX_UPLOAD,
+            **settings,
+        )
+    )
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop(grace_seconds=0)
+
+
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    settings = Settings(
-        data_dir=tmp_path,
-        grpc_host="0.0.0.0",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        serve_grpc_port=free_port(),
-        upload_min_part_bytes=MIN_PART,
-        max_upload_bytes=MAX_UPLOAD,
-        tenant_max_upload_bytes=3 * MAX_UPLOAD,
-    )
-    running = Gateway(settings)
-    await running.start()
-    yield running
-    await running.stop(grace_seconds=0)
+    async with running_gateway(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture
@@ -112,7 +125,7 @@ async def test_thousands_of_tiny_parts_hold_no_descriptors_and_leave_other_tenan
     held = sum(len(list(Path(folder).iterdir())) for folder in gateway.fal_storage.parts_dir.iterdir())
     assert held == 8 * 251
     assert open_descriptors() - before < 32
-    assert gateway.fal_storage._uploads.budget.open_spools == 0
+    assert gateway.upload_budget.open_spools == 0
 
     # Another tenant: health, a submit and an upload are answered as ever.
     async with http.get(f"{base(gateway)}/healthz") as response:
@@ -135,7 +148,7 @@ async def test_thousands_of_tiny_parts_hold_no_descriptors_and_leave_other_tenan
 async def test_parts_sent_at_once_share_the_upload_cap(gateway: Gateway, http: aiohttp.ClientSession) -> None:
     _, key = await make_key(gateway, "team-a")
     upload_url = await start_multipart(http, gateway, key)
-    budget = gateway.fal_storage._uploads.budget
+    budget = gateway.upload_budget
     gate = asyncio.Event()
     part = 200_000  # eight of them: 1.6 MB against a 1 MiB cap
 
@@ -225,3 +238,82 @@ async def test_revoking_a_key_ends_its_upload_tokens_urls_and_multipart_uploads(
         http, "POST", f"{base(gateway)}/storage/auth/token", json={}, headers={"Authorization": other_key}
     )
     assert status == 200
+
+
+async def test_spools_open_at_once_are_capped_per_tenant_and_per_gateway(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with running_gateway(tmp_path, max_upload_spools=3, tenant_max_upload_spools=2) as gateway:
+        _, key_a = await make_key(gateway, "team-a")
+        _, key_b = await make_key(gateway, "team-b")
+        _, key_c = await make_key(gateway, "team-c")
+
+        async def upload_url(key: str) -> str:
+            status, body, _ = await call(
+                http, "POST", f"{base(gateway)}/storage/upload/initiate", json={}, headers={"Authorization": key}
+            )
+            assert status == 200, body
+            return str(body["upload_url"])
+
+        gate = asyncio.Event()
+
+        async def held_body() -> AsyncIterator[bytes]:
+            data = png()
+            yield data[:16]
+            await gate.wait()
+            yield data[16:]
+
+        async def hold(urls: list[str], open_spools: int) -> list[asyncio.Task[tuple[int, Any, Any]]]:
+            """PUTs whose bodies stop after a few bytes until the gate opens, each holding a spool meanwhile."""
+            sends = [asyncio.create_task(call(http, "PUT", url, data=held_body())) for url in urls]
+            deadline = time.monotonic() + 30
+            while gateway.upload_budget.open_spools < open_spools:
+                assert time.monotonic() < deadline, "the held uploads never all started"
+                await asyncio.sleep(0.01)
+            return sends
+
+        urls_a = [await upload_url(key_a) for _ in range(3)]
+        client_c = AsyncClient(f"127.0.0.1:{gateway.grpc_port}", key=key_c.removeprefix("Key "))
+        held: list[asyncio.Task[tuple[int, Any, Any]]] = []
+        try:
+            held += await hold(urls_a[:2], 2)
+            # Team A sends two at once, its limit: its third is told to come back.
+            status, body, headers = await call(http, "PUT", urls_a[2], data=png())
+            assert (status, body["limit"]) == (429, "tenant_max_upload_spools") and int(headers["Retry-After"]) >= 1
+            # Team C sends none, but the gateway receives three (team B's too), its limit.
+            held += await hold([await upload_url(key_b)], 3)
+            with pytest.raises(LoraServeError) as refused:
+                await client_c.upload(png(), file_name="c.png")
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.value.quota_violations == {"gateway": "max_upload_spools"}
+            assert refused.value.retry_after_seconds is not None and refused.value.retry_after_seconds > 0
+        finally:
+            gate.set()
+        async with client_c:
+            assert [status for status, _, _ in await asyncio.gather(*held)] == [200, 200, 200]
+            # Once those are stored, the refused ones go through.
+            assert (await call(http, "PUT", urls_a[2], data=png()))[0] == 200
+            assert (await client_c.upload(png(), file_name="c.png")).file_size == len(png())
+        assert gateway.upload_budget.open_spools == 0
+
+
+async def test_uploads_expire_under_retention_and_give_their_tenant_its_bytes_back(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    _, key = await make_key(gateway, "team-a")
+    big = png(MAX_UPLOAD - 200)
+    assert gateway.retention is not None
+    async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}", key=key.removeprefix("Key ")) as client:
+        stored = [await client.upload(big, file_name=f"{n}.png") for n in range(3)]
+        with pytest.raises(LoraServeError) as refused:
+            await client.upload(big, file_name="4.png")
+        assert refused.value.quota_violations == {"tenant:team-a": "tenant_max_upload_bytes"}
+
+        await gateway.retention.run_once()
+        assert gateway.files.usage(uploads_prefix("team-a")) == 3 * len(big), "none is older than the retention"
+        await gateway.retention.run_once(now=time.time() + gateway.settings.retention_seconds + 1)
+        assert gateway.files.usage(uploads_prefix("team-a")) == 0
+        async with http.get(stored[0].url) as response:
+            assert response.status == 404
+        # At once, not when the gateway's measure of the tenant's stored bytes would have gone stale.
+        assert (await client.upload(big, file_name="4.png")).file_size == len(big)

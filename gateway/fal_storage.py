@@ -440,34 +440,37 @@ class FalStorage:
                 )
 
     async def _complete(self, request: web.Request) -> web.Response:
-        """The listed parts, in order, through one writer; the upload is gone afterwards, whatever happens."""
+        """The listed parts, in order, through one writer; once the writer has its spool the upload is gone
+        afterwards, whatever happens. A gateway receiving its limit of uploads refuses before that (429), and
+        the upload waits for the caller's retry."""
         upload_id = request.match_info["upload_id"]
         listed = _listed_parts(await read_json(request))
-        upload = self._multipart.pop(upload_id, None)
+        upload = self._multipart.get(upload_id)
         if upload is None:
             raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
-        try:
-            for number, etag in listed:
-                part = upload.parts.get(number)
-                if part is None or (etag and etag.strip('"') != part.etag):
-                    raise StorageHttpError(400, f"part {number} was not uploaded (or its etag differs)")
-            if not listed:
-                raise UploadRefused("the upload is empty")
-            for number, _ in listed[:-1]:
-                if upload.parts[number].size < self._min_part_bytes:
-                    raise StorageHttpError(
-                        400,
-                        f"part {number} has {upload.parts[number].size} bytes: every part but the last must have "
-                        f"at least {self._min_part_bytes} bytes",
-                    )
-            numbers = [number for number, _ in listed]
-            # The parts' bytes are charged already: the writer holds a spool, no second share of the quota.
-            with self._uploads.writer(
-                upload.key, upload.declared_content_type, tenant=upload.tenant, charged=False
-            ) as writer:
+        # The parts' bytes are charged already: the writer holds a spool, no second share of the quota.
+        with self._uploads.writer(
+            upload.key, upload.declared_content_type, tenant=upload.tenant, charged=False
+        ) as writer:
+            del self._multipart[upload_id]
+            try:
+                for number, etag in listed:
+                    part = upload.parts.get(number)
+                    if part is None or (etag and etag.strip('"') != part.etag):
+                        raise StorageHttpError(400, f"part {number} was not uploaded (or its etag differs)")
+                if not listed:
+                    raise UploadRefused("the upload is empty")
+                for number, _ in listed[:-1]:
+                    if upload.parts[number].size < self._min_part_bytes:
+                        raise StorageHttpError(
+                            400,
+                            f"part {number} has {upload.parts[number].size} bytes: every part but the last must "
+                            f"have at least {self._min_part_bytes} bytes",
+                        )
+                numbers = [number for number, _ in listed]
                 stored = await asyncio.to_thread(_assemble, upload, numbers, writer)
-        finally:
-            upload.close()
+            finally:
+                upload.close()
         return _json({"access_url": stored, "file_url": stored})
 
 

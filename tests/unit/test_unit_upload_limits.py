@@ -273,6 +273,9 @@ async def test_spools_open_at_once_are_capped_per_tenant_and_per_gateway(
             return sends
 
         urls_a = [await upload_url(key_a) for _ in range(3)]
+        multipart_c = await start_multipart(http, gateway, key_c)
+        assert (await call(http, "PUT", f"{multipart_c}/1", data=png()))[0] == 200
+        complete_c = {"parts": [{"partNumber": 1, "etag": ""}]}
         client_c = AsyncClient(f"127.0.0.1:{gateway.grpc_port}", key=key_c.removeprefix("Key "))
         held: list[asyncio.Task[tuple[int, Any, Any]]] = []
         try:
@@ -287,6 +290,9 @@ async def test_spools_open_at_once_are_capped_per_tenant_and_per_gateway(
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.quota_violations == {"gateway": "max_upload_spools"}
             assert refused.value.retry_after_seconds is not None and refused.value.retry_after_seconds > 0
+            # Assembling a multipart upload needs a spool too: refused, the upload kept for the retry.
+            status, body, _ = await call(http, "POST", f"{multipart_c}/complete", json=complete_c)
+            assert (status, body["limit"]) == (429, "max_upload_spools"), body
         finally:
             gate.set()
         async with client_c:
@@ -294,6 +300,8 @@ async def test_spools_open_at_once_are_capped_per_tenant_and_per_gateway(
             # Once those are stored, the refused ones go through.
             assert (await call(http, "PUT", urls_a[2], data=png()))[0] == 200
             assert (await client_c.upload(png(), file_name="c.png")).file_size == len(png())
+            status, body, _ = await call(http, "POST", f"{multipart_c}/complete", json=complete_c)
+            assert status == 200, body
         assert gateway.upload_budget.open_spools == 0
 
 

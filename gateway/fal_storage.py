@@ -388,15 +388,15 @@ class FalStorage:
         await self._uploads.admit(upload.tenant)
         if self._multipart.get(upload_id) is not upload:
             raise StorageHttpError(404, "no such multipart upload (never started, completed, or expired)")
-        previous = upload.parts.pop(number, None)
-        if previous is not None:
-            # Sent again: the old bytes stop counting as the new ones start.
-            upload.reservation.refund(previous.size)
-            upload.part_path(number).unlink(missing_ok=True)
         digest = hashlib.sha256()
         charged = 0
 
         with self._uploads.budget.spool(upload.tenant):
+            previous = upload.parts.pop(number, None)
+            if previous is not None:
+                # Sent again: the old bytes stop counting as the new ones start (kept when refused a spool).
+                upload.reservation.refund(previous.size)
+                upload.part_path(number).unlink(missing_ok=True)
             fd, spooled = tempfile.mkstemp(dir=upload.folder, prefix=f".{number}-")
             landed = False
             try:

@@ -290,7 +290,10 @@ async def test_spools_open_at_once_are_capped_per_tenant_and_per_gateway(
             assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.quota_violations == {"gateway": "max_upload_spools"}
             assert refused.value.retry_after_seconds is not None and refused.value.retry_after_seconds > 0
-            # Assembling a multipart upload needs a spool too: refused, the upload kept for the retry.
+            # A part sent again is refused a spool and the one sent before is kept; assembling the upload needs a
+            # spool too: refused, the upload kept for the retry.
+            status, body, _ = await call(http, "PUT", f"{multipart_c}/1", data=png())
+            assert (status, body["limit"]) == (429, "max_upload_spools"), body
             status, body, _ = await call(http, "POST", f"{multipart_c}/complete", json=complete_c)
             assert (status, body["limit"]) == (429, "max_upload_spools"), body
         finally:

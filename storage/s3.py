@@ -22,7 +22,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
-from storage.object_store import ObjectNotFound, StoredObject, check_key, folder_key, key_under
+from storage.object_store import InvalidKey, ObjectNotFound, StoredObject, check_key, folder_key, key_under
 
 # Longest lifetime S3 SigV4 allows for a presigned URL.
 MAX_PRESIGN_EXPIRY_SECONDS = 7 * 24 * 3600
@@ -57,19 +57,23 @@ class S3Settings:
     timeout_seconds: float = 60.0
 
     def __post_init__(self) -> None:
+        # Each message names the setting (`s3_` + the field) an operator gave.
         if not self.endpoint or "://" in self.endpoint or "/" in self.endpoint:
-            raise ValueError(f"S3 endpoint must be host[:port] without a scheme or path, got {self.endpoint!r}")
+            raise ValueError(f"s3_endpoint must be host[:port] without a scheme or path, got {self.endpoint!r}")
         if self.key_prefix:
-            check_key(self.key_prefix.strip("/"))
+            try:
+                check_key(self.key_prefix.strip("/"))
+            except InvalidKey as exc:
+                raise InvalidKey(f"s3_key_prefix: {exc}") from None
         if not 1 <= self.presign_expiry_seconds <= MAX_PRESIGN_EXPIRY_SECONDS:
             raise ValueError(
-                f"presign expiry must be between 1 and {MAX_PRESIGN_EXPIRY_SECONDS} seconds, "
+                f"s3_presign_expiry_seconds must be between 1 and {MAX_PRESIGN_EXPIRY_SECONDS}, "
                 f"got {self.presign_expiry_seconds}"
             )
         if self.presign_endpoint and urlsplit(self.presign_endpoint).scheme not in {"http", "https"}:
-            raise ValueError(f"S3 presign endpoint must be an http(s) URL, got {self.presign_endpoint!r}")
+            raise ValueError(f"s3_presign_endpoint must be an http(s) URL, got {self.presign_endpoint!r}")
         if bool(self.presign_access_key) != bool(self.presign_secret_key):
-            raise ValueError("S3 presign access key and secret key must be set together")
+            raise ValueError("s3_presign_access_key and s3_presign_secret_key must be set together")
 
 
 class S3ObjectStore:

@@ -148,12 +148,17 @@ def test_factory_and_settings_validation(s3_endpoint: str, tmp_path: Path) -> No
         make_object_store("s3", local_root=tmp_path, local_base_url="")
     with pytest.raises(ValueError, match="must be one of local, s3"):
         make_object_store("gcs", local_root=tmp_path, local_base_url="")
-    with pytest.raises(ValueError, match="host\\[:port\\] without a scheme"):
+    # Each refusal names the setting an operator gave.
+    with pytest.raises(ValueError, match=r"s3_endpoint must be host\[:port\] without a scheme or path, got 'http://"):
         _settings("http://127.0.0.1:9000")
-    with pytest.raises(ValueError, match="presign expiry"):
+    with pytest.raises(ValueError, match=r"s3_presign_expiry_seconds must be between 1 and 604800, got 691200"):
         _settings(s3_endpoint, presign_expiry_seconds=8 * 24 * 3600)
-    with pytest.raises(InvalidKey):
+    with pytest.raises(InvalidKey, match=r"s3_key_prefix: object key '\.\./up' is not a relative path"):
         _settings(s3_endpoint, key_prefix="../up")
+    with pytest.raises(ValueError, match=r"s3_presign_endpoint must be an http\(s\) URL, got 'files\.example'"):
+        _settings(s3_endpoint, presign_endpoint="files.example")
+    with pytest.raises(ValueError, match="s3_presign_access_key and s3_presign_secret_key must be set together"):
+        _settings(s3_endpoint, presign_access_key="reader")
 
 
 def test_the_gateway_url_of_a_key_is_recognised_and_re_signed(s3_endpoint: str, tmp_path: Path) -> None:

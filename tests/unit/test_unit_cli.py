@@ -62,7 +62,7 @@ def test_parse_size_bad_value(value: str) -> None:
 
 @pytest.mark.parametrize("value", ["²x8", "8x³"])
 def test_parse_size_non_decimal_digits(value: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"--size must be one of .* or WxH, got {value!r}"):
         parse_size(value)
 
 

@@ -59,7 +59,7 @@ from serving.safety import SafetyChecker, load_safety_checker
 from serving.serve_config import DEPLOYMENT_NAME, deployment_options
 from storage import from_settings
 from storage.fetch import InputFetchError, input_deadline
-from storage.object_store import output_prefix, random_name
+from storage.object_store import output_name, output_prefix
 from storage.retry import StorageUnavailable, put_retrying
 from storage.tenant_files import check_stored_inputs
 
@@ -140,6 +140,8 @@ class Worker:
             self._metrics.tier_observer(conditioning.CONDITIONING_TIER),
         )
         self._generation_lock = asyncio.Lock()
+        # The stop event of each request's latest call here: a newer call of the same request stops an older one.
+        self._calls: dict[str, threading.Event] = {}
         self._pipeline_loads = 0
         self._checker: SafetyChecker | None = None
         # Base-model key → where the request waiting for that load wants its progress lines.
@@ -197,6 +199,7 @@ class Worker:
         started = time.perf_counter()
         inp = request.input
         holding = contextlib.ExitStack()
+        stop = self._supersede(request.request_id)
         try:
             await self._check_input(inp, request.tenant)
             loads_before = self._pipeline_loads
@@ -251,6 +254,7 @@ class Worker:
                 max_side=self._settings.preview_max_side,
             )
             async with self._generation_lock:
+                _stop_if_superseded(stop)
                 run = lambda emit, stop: generate_result(  # noqa: E731
                     loaded,
                     params,
@@ -259,8 +263,13 @@ class Worker:
                     safety_checker=safety_checker,
                     on_latents=previews.offer,
                 )
-                async for event in self._in_thread(run, generated):
-                    yield event
+                try:
+                    async for event in self._in_thread(run, generated, stop):
+                        yield event
+                except GenerationCancelled:
+                    _stop_if_superseded(stop)
+                    raise
+            _stop_if_superseded(stop)
             result = generated[0]
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)
@@ -291,6 +300,24 @@ class Worker:
             yield failure
         finally:
             holding.close()
+            if self._calls.get(request.request_id) is stop:
+                del self._calls[request.request_id]
+
+    def _supersede(self, request_id: str) -> threading.Event:
+        """A new call of a request stops the call of it still running here, at its next denoising step.
+
+        The gateway calls a request once at a time, so an older call still running has lost its caller:
+        its Serve proxy died, and Serve does not cancel a replica's call when the proxy is gone (it does
+        when a live proxy's client hangs up). Left running it would hold the replica and write the
+        outputs a second time.
+        """
+        older = self._calls.get(request_id)
+        if older is not None:
+            log.info("a newer call of the request stops the one whose caller is gone", extra={"request_id": request_id})
+            older.set()
+        stop = threading.Event()
+        self._calls[request_id] = stop
+        return stop
 
     async def _check_input(self, inp: types_pb2.GenerateInput, tenant: str) -> None:
         """Before anything loads: the gateway's validation again (a call may not have come through it), and
@@ -425,15 +452,18 @@ class Worker:
             for i, embedding in enumerate(inp.embeddings)
         ]
 
-    async def _in_thread(self, work: ThreadWork[T], out: list[T]) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _in_thread(
+        self, work: ThreadWork[T], out: list[T], stop: threading.Event | None = None
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """Runs blocking work in a thread, relaying the events it emits; its result lands in `out`.
 
-        If the call is cancelled the work is told to stop (generation stops at its next
-        step) and is waited for, so the pipeline is never used by two requests at once.
+        If the call is cancelled, or `stop` is set from outside, the work is told to stop (generation
+        stops at its next step); a cancelled call waits for it, so the pipeline is never used by two
+        requests at once.
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[worker_pb2.GenerateResponse | None] = asyncio.Queue()
-        stop = threading.Event()
+        stop = stop if stop is not None else threading.Event()
 
         def emit(event: worker_pb2.GenerateResponse | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
@@ -481,10 +511,10 @@ class Worker:
             return put_retrying(self._store, prefix + name, data, file_content_type, policy).url, b""
 
         output = types_pb2.GenerateOutput()
-        for image in result.images:
+        for index, image in enumerate(result.images):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG" if image_format == "png" else "JPEG", quality=95)
-            name = random_name(suffix)
+            name = output_name(request_id, f"image-{index}", suffix)
             data = buffer.getvalue()
             url, file_data = place(data, content_type, name)
             output.images.add(
@@ -503,7 +533,7 @@ class Worker:
             ("debug_per_pass_latents", result.debug_per_pass_latents),
         ):
             if debug is not None:
-                url, file_data = place(debug.data, debug.content_type, random_name(".safetensors"))
+                url, file_data = place(debug.data, debug.content_type, output_name(request_id, field, ".safetensors"))
                 getattr(output, field).CopyFrom(
                     types_pb2.File(
                         url=url,
@@ -514,6 +544,12 @@ class Worker:
                     )
                 )
         return output
+
+
+def _stop_if_superseded(stop: threading.Event) -> None:
+    """Fails the call, saying why, once a newer call of its request has stopped it."""
+    if stop.is_set():
+        raise GenerationCancelled("a newer call of this request started on this replica; this one's caller is gone")
 
 
 async def _settle(task: asyncio.Future[Any]) -> None:

@@ -113,10 +113,19 @@ def output_prefix(tenant: str, request_id: str) -> str:
     return f"{tenant_folder(tenant)}/outputs/{request_id}/"
 
 
+_NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
 def random_name(suffix: str = "", length: int = 12) -> str:
     """fal-style generated file names, e.g. `z9RV14K95DvU.png`."""
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    return "".join(secrets.choice(alphabet) for _ in range(length)) + suffix
+    return "".join(secrets.choice(_NAME_ALPHABET) for _ in range(length)) + suffix
+
+
+def output_name(request_id: str, which: str, suffix: str = "", length: int = 12) -> str:
+    """A fal-style name fixed by the request and which of its outputs it is (`image-0`, `debug_latents`):
+    every attempt of a request writes the same keys, so a request run twice leaves one set of files."""
+    digest = hashlib.sha256(f"{request_id}/{which}".encode()).digest()
+    return "".join(_NAME_ALPHABET[b % len(_NAME_ALPHABET)] for b in digest[:length]) + suffix
 
 
 def key_under(url: str, base: str) -> str | None:

@@ -170,6 +170,9 @@ def test_the_charts_copy_of_the_serve_settings_is_current() -> None:
 def test_the_values_schema_lists_every_setting_the_chart_does_not_set() -> None:
     listed = _schema_settings()
     assert listed == settings_schema(listed), f"values.schema.json's settings are stale: {COMMAND}"
+    # As the command writes it: a key written twice (two edits merged) reads as one, and the last one wins.
+    text = (CHART / "values.schema.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2) + "\n", f"values.schema.json is not as {COMMAND} writes it"
 
 
 def test_the_chart_sets_what_it_owns(rendered: dict[str, Rendered]) -> None:

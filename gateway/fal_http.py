@@ -10,6 +10,7 @@ errors as gRPC), on the gateway's HTTP port:
 * a request carrying `x-fal-target-url` (the JS client's `proxyUrl`) is routed by that URL's
   host and path whatever path it came to: queue.fal.run → the queue, fal.run → the run,
   rest.fal.ai / v3.fal.media → the storage routes mounted beside these;
+* the OpenAPI 3.1 document of all of these at `/openapi.json` (gateway/openapi.py);
 * CORS for the browser origins `cors_allowed_origins` names, and none for any other.
 
 A web page the gateway's user opens can send requests to it too, so: no CORS headers for an origin
@@ -53,6 +54,7 @@ from gateway.errors import FieldViolation, HttpRefused, InvalidArgument, Service
 from gateway.fal_json import APP_ID, ENDPOINTS, endpoint_for, output_json, parse_input, status_json
 from gateway.generation_service import GenerationService
 from gateway.http_json import read_json
+from gateway.openapi import openapi_document
 from gateway.store import RequestRecord, State
 from loraserve.v1 import generation_pb2
 
@@ -185,13 +187,18 @@ class FalHttp:
         # there is. Keyless beyond loopback (insecure_no_auth) the operator trusts the whole network, by any name.
         loopback = not auth_required(settings.http_host, insecure_no_auth=False)
         self._hosts = keyless_hosts(settings.public_url) if loopback and not keys_required else None
+        self._document = openapi_document()
 
     def mount(self, app: web.Application) -> None:
         app.middlewares.append(_as_fal_errors)
         app.middlewares.append(self._check_host)
         app.middlewares.append(self._cors)
         app.middlewares.append(self._proxy_target)
+        app.router.add_get("/openapi.json", self._openapi)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+
+    async def _openapi(self, _: web.Request) -> web.Response:
+        return json_response(200, self._document)
 
     # --- middlewares -----------------------------------------------------------------------
 

@@ -309,6 +309,76 @@ _SPECIAL = {
 }
 
 
+# --- the JSON Schema of what parse_input takes ---------------------------------------------------
+
+
+def input_schema(*, endpoint_in_path: bool = True) -> dict[str, Any]:
+    """A request body's JSON Schema (2020-12, which OpenAPI 3.1 takes), walked over the same descriptors,
+    ranges and special fields as `parse_input`, so the document and the parser cannot drift apart. It is
+    the canonical form: the parser is laxer (numeric strings, integral floats), never stricter, before
+    validation. `endpoint_in_path`: the HTTP routes, whose path names the endpoint, take no `endpoint`."""
+    return _message_schema(types_pb2.GenerateInput.DESCRIPTOR, frozenset({"endpoint"} if endpoint_in_path else ()))
+
+
+def _message_schema(descriptor: Descriptor, hidden: frozenset[str] = frozenset()) -> dict[str, Any]:
+    properties: dict[str, Any] = {}
+    for field in descriptor.fields:
+        if field.name in hidden:
+            continue
+        special = _SPECIAL_SCHEMAS.get((descriptor.name, field.name))
+        schema = special() if special is not None else _field_schema(field)
+        # null: left out, as fal's clients send an optional field they do not set.
+        properties[field.name] = {"anyOf": [schema, {"type": "null"}]}
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+def _field_schema(field: FieldDescriptor) -> dict[str, Any]:
+    if field.is_repeated:
+        return {"type": "array", "items": _single_schema(field)}
+    return _single_schema(field)
+
+
+def _single_schema(field: FieldDescriptor) -> dict[str, Any]:
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_MESSAGE:
+        return _message_schema(field.message_type)
+    if kind == FieldDescriptor.TYPE_STRING:
+        return {"type": "string"}
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return {"type": "boolean"}
+    if kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        return {"type": "integer", "minimum": low, "maximum": high}
+    if kind in _FLOATS:
+        return {"type": "number"}
+    if kind == FieldDescriptor.TYPE_ENUM:
+        return {"enum": [*field.enum_type.values_by_name, *field.enum_type.values_by_number]}
+    raise TypeError(f"{field.full_name}: a {field.type} field has no JSON form here")
+
+
+def _image_size_schema() -> dict[str, Any]:
+    custom = _message_schema(types_pb2.Dimensions.DESCRIPTOR)
+    custom["properties"] = {side: schema["anyOf"][0] for side, schema in custom["properties"].items()}
+    custom["required"] = sorted(custom["properties"])
+    return {"anyOf": [_single_schema(types_pb2.ImageSize.DESCRIPTOR.fields_by_name["preset"]), custom]}
+
+
+def _ip_adapter_images_schema() -> dict[str, Any]:
+    url = _single_schema(types_pb2.IPAdapter.DESCRIPTOR.fields_by_name["ip_adapter_image_url"])
+    return {"anyOf": [url, {"type": "array", "items": url}]}
+
+
+def _scale_json_schema() -> dict[str, Any]:
+    return {"anyOf": [_single_schema(types_pb2.IPAdapter.DESCRIPTOR.fields_by_name["scale_json"]), {"type": ["number", "object"]}]}
+
+
+_SPECIAL_SCHEMAS = {
+    ("GenerateInput", "image_size"): _image_size_schema,
+    ("IPAdapter", "ip_adapter_image_url"): _ip_adapter_images_schema,
+    ("IPAdapter", "scale_json"): _scale_json_schema,
+}
+
+
 # --- output ------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import FieldViolation, InvalidArgument, RequestFailed, ResourceExhausted, field_loc, to_http
-from gateway.fal_json import endpoint_for, output_json, parse_input, status_json
+from gateway.fal_json import MAX_JSON_DEPTH, endpoint_for, input_schema, loads_body, output_json, parse_input, status_json
 from loraserve.errors import ErrorType
 from loraserve.v1 import generation_pb2, types_pb2
 
@@ -209,3 +209,61 @@ def test_status_bodies_never_say_anything_but_the_three_states() -> None:
     body = status_json(failed, URLS, [])
     assert (body["status"], body["error"], body["error_type"]) == ("COMPLETED", "not a LoRA", "bad_request")
     assert body["logs"] == [] and body["metrics"] == {"inference_time": 1.5}
+
+
+def test_the_body_schema_names_exactly_what_the_parser_takes() -> None:
+    """The OpenAPI document's body is walked over the parser's own descriptors: every property it names is
+    accepted, anything else is refused, and the API page's example fits it."""
+    import jsonschema
+
+    schema = input_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(FAL_EXAMPLE, schema)
+    for name in schema["properties"]:
+        parse_input({name: None}, endpoint_for(""))
+    assert violations({"endpoint": "ENDPOINT_INPAINT"}, endpoint_for(""))[0].description == "extra fields not permitted"
+    assert "endpoint" not in schema["properties"] and "endpoint" in input_schema(endpoint_in_path=False)["properties"]
+    custom = {**FAL_EXAMPLE, "image_size": {"width": 512, "height": 768}, "ip_adapter": [{"ip_adapter_image_url": "u", "scale_json": {"up": 1}}]}
+    jsonschema.validate(custom, schema)
+    parse_input(custom, endpoint_for(""))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**FAL_EXAMPLE, "image_size": {"width": 512}}, schema)
+
+
+def test_bodies_no_encoder_or_float_takes_are_refused_naming_the_field() -> None:
+    """Lone surrogates and integers past any float were a 500 (protobuf and float() raised)."""
+    lone = "\ud800"
+    cases = {
+        "prompt": lone,
+        "image_size": lone,
+        "ip_adapter": [{"ip_adapter_image_url": [lone], "scale_json": lone}],
+        "embeddings": [{"tokens": ["<s0>", lone]}],
+    }
+    found = {v.field: v.description for v in violations({"model_name": "m", **cases})}
+    assert set(found) == {
+        "input.prompt",
+        "input.image_size",
+        "input.ip_adapter[0].ip_adapter_image_url[0]",
+        "input.ip_adapter[0].scale_json",
+        "input.embeddings[0].tokens[1]",
+    }
+    assert all("lone surrogate" in description for description in found.values())
+    assert [v.field for v in violations({lone: 1, "image_size": {"width": 8, "height": 8, lone: 1}})] == [
+        "input.\\ud800",
+        "input.image_size.\\ud800",
+    ]
+    assert parse_input({"guidance_scale": 10**400}).guidance_scale == math.inf
+    assert parse_input({"sigmas": {"array": [-(10**400)]}}).sigmas.array[0] == -math.inf
+
+
+def test_loads_body_bounds_depth_and_reads_empty_as_empty() -> None:
+    assert loads_body(b"  ") == {}
+    nested = json.dumps({"ip_adapter": [{"scale_json": {"up": {"block_0": [1.0]}}}]}).encode()
+    assert loads_body(nested)["ip_adapter"][0]["scale_json"]["up"]["block_0"] == [1.0]
+    for raw in (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), b"[" * 200_000 + b"]" * 200_000):
+        with pytest.raises(InvalidArgument) as caught:
+            loads_body(raw)
+        assert caught.value.violations[0].field == "input" and "deeper" in caught.value.violations[0].description
+    assert loads_body(b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH)
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        loads_body(b"{nope")

@@ -6,8 +6,9 @@ latent). The reference widens the U-Net's `conv_in` with zeros, adds the offset 
 parameter, and concatenates the VAE-encoded conditions (`latent_dist.mode() * scaling_factor`)
 to the latent on every U-Net call.
 
-Here the resident U-Net is left as it is: for this request each of its parameters is swapped for
-base + offset (the swap is undone by the request's ExitStack, so nothing leaks), and the view's
+Here the resident U-Net is left as it is: for this request each of its parameters holds base +
+offset in its own tensor (its values are put back by the request's ExitStack, so nothing leaks;
+only conv_in's weight, which the offset widens, is replaced for the request), and the view's
 U-Net is wrapped so every call gets the conditions concatenated. The wrapper sits outside any
 tiling wrapper, so tiles crop the conditions together with the latent. The U-Net's config keeps
 in_channels 4, so the pipeline still makes 4-channel latents, as in the reference.
@@ -139,8 +140,15 @@ def check_fits(offset: dict[str, torch.Tensor], parameters: list[str], label: st
 def _offset_parameters(
     unet: Any, parameters: list[str], offset: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> Any:
-    """Each parameter replaced by base + offset (conv_in zero-widened first); the originals put back after."""
-    originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    """Each parameter's own tensor holds base + offset for the request, and its values again after.
+
+    Written in place, as LoRAs are (serving/lora_merge.py): a compiled U-Net (serving/compiled.py)
+    keeps the tensors its graphs were built on. `conv_in.weight` alone is replaced, by the
+    zero-widened one the offset needs (8 or 12 input channels, not 4); a call with those channels
+    runs eagerly, and the original parameter is back before any other request.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     try:
         with torch.no_grad():
             for name in parameters:
@@ -148,21 +156,25 @@ def _offset_parameters(
                 module = unet.get_submodule(module_name) if module_name else unet
                 base = module._parameters[attr]
                 delta = offset[name].to(device=base.device, dtype=torch.float32)
-                merged = torch.zeros(delta.shape, device=base.device, dtype=torch.float32)
                 if tuple(delta.shape) == tuple(base.shape):
-                    merged += base.float()
+                    saved.append((base, base.detach().clone()))
+                    base.copy_((base.float() + delta).to(dtype))
                 elif name == "conv_in.weight":
-                    merged[:, : base.shape[1]] = base.float()
+                    widened = torch.zeros(delta.shape, device=base.device, dtype=torch.float32)
+                    widened[:, : base.shape[1]] = base.float()
+                    widened += delta
+                    replaced.append((module, attr, base))
+                    module._parameters[attr] = torch.nn.Parameter(widened.to(dtype), requires_grad=False)
                 else:
                     raise AdapterLoadError(
                         f"IC-Light offset for {name} has shape {tuple(delta.shape)}, the model's is {tuple(base.shape)}"
                     )
-                merged += delta
-                originals.append((module, attr, base))
-                module._parameters[attr] = torch.nn.Parameter(merged.to(dtype), requires_grad=False)
         yield
     finally:
-        for module, attr, base in reversed(originals):
+        with torch.no_grad():
+            for base, original in reversed(saved):
+                base.copy_(original)
+        for module, attr, base in reversed(replaced):
             module._parameters[attr] = base
 
 

@@ -10,8 +10,12 @@ costs a few launches per group and LoRA, not per layer: an SDXL attention LoRA's
 multiplies that fast (`_merge_layers`). Several LoRAs are applied one after the other, as
 `fuse_lora` does.
 
-The merged copies are installed by swapping each module's `weight` parameter and restored by
-swapping the original back: no module is wrapped, so the forward pass is the plain model's.
+The merged copies are installed by swapping their contents with the modules' own `weight`
+tensors (copies into the same storage, never a new parameter) and restored by swapping back: no
+module is wrapped and no parameter replaced, so the forward pass is the plain model's and a
+compiled, CUDA-graphed U-Net (serving/compiled.py) keeps reading the tensors it was built on. While
+installed, each merged copy holds the weight it replaced; after `restore` it holds the merged one
+again, ready for a repeat.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from serving.lora_tensors import LoraTensors, Mergeable, ShapeGroup
 CPU_UPCAST_CHUNK = 8
 # The request's LoRAs as (name, combined scale), in order; equal keys give equal merged weights.
 MergeKey = tuple[tuple[str, float], ...]
+# The scratch buffer a swap of merged and resident weights goes through, per chunk of layers.
+SWAP_CHUNK_BYTES = 64 * 1024**2
 
 
 @dataclass
@@ -135,13 +141,46 @@ def _merge_dora(group: ShapeGroup, chunk: slice, stacked: torch.Tensor, delta: t
 
 
 def install(parameters: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
-    """Swaps the merged weights in; returns the originals for `restore`."""
-    originals = [(module, module._parameters["weight"]) for module, _ in parameters]
-    for module, parameter in parameters:
-        module._parameters["weight"] = parameter
-    return originals  # type: ignore[return-value]
+    """Swaps the merged weights into the modules' own weight tensors; returns what `restore` swaps back."""
+    _swap_contents(parameters)
+    return list(parameters)
 
 
-def restore(originals: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
-    for module, parameter in reversed(originals):
-        module._parameters["weight"] = parameter
+def restore(installed: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
+    """The modules' weights back, and the merged copies holding the merged weights again."""
+    _swap_contents(installed)
+
+
+def _swap_contents(pairs: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
+    """Exchanges the values of each module's weight and its partner, through a bounded scratch buffer.
+
+    `_foreach_copy_` does a chunk's layers in a few launches rather than three per layer (an SDXL
+    LoRA touches 560); the scratch stays under SWAP_CHUNK_BYTES so a swap never needs another
+    merged set's worth of memory.
+    """
+    with torch.no_grad():
+        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+        size = 0
+        for module, partner in pairs:
+            live = module._parameters["weight"]
+            assert live is not None and live.shape == partner.shape and live.dtype == partner.dtype
+            if chunk and (live.dtype, live.device) != (chunk[0][0].dtype, chunk[0][0].device):
+                _swap_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append((live.detach(), partner.detach()))
+            size += live.numel() * live.element_size()
+            if size >= SWAP_CHUNK_BYTES:
+                _swap_chunk(chunk)
+                chunk, size = [], 0
+        if chunk:
+            _swap_chunk(chunk)
+
+
+def _swap_chunk(chunk: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    lives = [live for live, _ in chunk]
+    partners = [partner for _, partner in chunk]
+    scratch = torch.empty(sum(t.numel() for t in lives), dtype=lives[0].dtype, device=lives[0].device)
+    saved = [flat.view(t.shape) for flat, t in zip(scratch.split([t.numel() for t in lives]), lives)]
+    torch._foreach_copy_(saved, lives)
+    torch._foreach_copy_(lives, partners)
+    torch._foreach_copy_(partners, saved)

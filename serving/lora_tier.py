@@ -4,8 +4,10 @@ Below it sit the replica's host-RAM tier of parsed files (serving/lora_cache.py)
 weights cache on disk. A miss here turns a parsed file into stacked `up` / `down` matrices on the
 pipeline's device (serving/lora_tensors.py): no module is built, so it costs the key conversion
 and one transfer per shape group, and the device holds exactly the LoRA's tensors. A request's
-set is merged into copies of the weights it touches (serving/lora_merge.py) and swapped in; the
-copies of the last set stay (not installed) so that a request repeating it merges nothing.
+set is merged into copies of the weights it touches (serving/lora_merge.py) whose contents are
+swapped into the modules' own weight tensors (never a new parameter: a compiled U-Net reads the
+same storage); the copies of the last set stay (swapped out again) so that a request repeating it
+merges nothing.
 
 One byte budget covers both: the adapters and the merged copies kept for a repeat (on SDXL fp16
 1.9 GB per set, as much as twenty rank-32 LoRAs). Over it, the least recently used adapters not
@@ -160,7 +162,7 @@ class DeviceLoraTier:
         first = lora_merge.merge(active, which=lambda group: not _is_unet(group))
         self._originals = lora_merge.install(first)
         rest = self._merge_unet(active)
-        self._originals += lora_merge.install(rest)
+        self._originals += rest
         merged = lora_merge.MergedWeights(key, first + rest)
         with self._lock:
             self._merged, self._merged_bytes = merged, merged.nbytes
@@ -182,9 +184,10 @@ class DeviceLoraTier:
     def _merge_unet(
         self, active: Sequence[tuple[LoraTensors, float]]
     ) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+        """The U-Net's share merged and installed (on a GPU on the side stream, after the main stream's work so far)."""
         unet, device = self._unet_device()
         if device.type != "cuda" or unet is None:
-            return lora_merge.merge(active, which=_is_unet)
+            return lora_merge.install(lora_merge.merge(active, which=_is_unet))
         main = torch.cuda.current_stream(device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
@@ -192,7 +195,8 @@ class DeviceLoraTier:
         # Before any kernel is queued: a merge that raises half-way is waited for by `deactivate` too.
         self._merging = (main, self._stream, [tensors for tensors, _ in active])
         with torch.cuda.stream(self._stream):
-            merged = lora_merge.merge(active, which=_is_unet)
+            # Installed here too: the copies into the U-Net's own weights must follow the merge.
+            merged = lora_merge.install(lora_merge.merge(active, which=_is_unet))
         for _, parameter in merged:
             # Allocated on the side stream, read on the main one: the allocator must know.
             parameter.record_stream(main)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -32,6 +33,13 @@ from storage.uploads import UploadQuotaExceeded
 log = logging.getLogger(__name__)
 
 DOMAIN = "loraserve"
+# A gRPC client refuses trailers over 8 KiB (GRPC_ARG_MAX_METADATA_SIZE's default), so a refusal naming many bad
+# fields, each quoting its value, reached the caller as RESOURCE_EXHAUSTED "Stream removed". Bytes, before the
+# message is percent-encoded (up to 3 characters a byte) and the Status (message and details) base64-encoded (4 a 3)
+# into the trailers: at most 1.8 + 4.2 KiB.
+MAX_STATUS_MESSAGE_BYTES = 600
+MAX_STATUS_DETAILS_BYTES = 2500
+MAX_DESCRIPTION_BYTES = 300
 
 
 @dataclass(frozen=True)
@@ -174,24 +182,11 @@ def answerable(exc: BaseException) -> ServiceError:
 
 def to_status(exc: BaseException) -> status_pb2.Status:
     exc = answerable(exc)
-    details = [error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)]
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)]
     if isinstance(exc, InvalidArgument):
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
-                    for v in exc.violations
-                ]
-            )
-        )
+        details.append(_bad_request(exc.violations))
     if isinstance(exc, RequestFailed) and exc.field:
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]
-            )
-        )
+        details.append(_bad_request([FieldViolation(exc.field, exc.message)]))
     if isinstance(exc, ResourceExhausted):
         delay = duration_pb2.Duration()
         delay.FromTimedelta(datetime.timedelta(seconds=exc.retry_after_seconds))
@@ -207,8 +202,31 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         any_msg.Pack(detail)
         packed.append(any_msg)
     return status_pb2.Status(
-        code=getattr(code_pb2, exc.code.name), message=exc.message, details=packed
+        code=getattr(code_pb2, exc.code.name), message=_clipped(exc.message, MAX_STATUS_MESSAGE_BYTES), details=packed
     )
+
+
+def _bad_request(violations: Sequence[FieldViolation]) -> error_details_pb2.BadRequest:
+    """The violations, each description clipped, as many as fit MAX_STATUS_DETAILS_BYTES (in their order: the
+    caller fixes those and hears of the rest on its next try)."""
+    bad = error_details_pb2.BadRequest()
+    for violation in violations:
+        bad.field_violations.add(
+            field=_clipped(violation.field, MAX_DESCRIPTION_BYTES),
+            description=_clipped(violation.description, MAX_DESCRIPTION_BYTES),
+        )
+        if bad.ByteSize() > MAX_STATUS_DETAILS_BYTES and len(bad.field_violations) > 1:
+            del bad.field_violations[-1]
+            break
+    return bad
+
+
+def _clipped(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, marked with an ellipsis where it was cut."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "\u2026"
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -112,7 +112,8 @@ def split_app_path(path: str) -> AppPath | None:
 
 def json_response(status: int, body: Any, request_id: str = "", headers: dict[str, str] | None = None) -> web.Response:
     all_headers = {"Content-Type": "application/json", **(headers or {})}
-    if request_id:
+    # An id from the path is echoed only if it can be a header (no id this service made holds a control character).
+    if request_id and request_id.isascii() and request_id.isprintable():
         all_headers["X-Fal-Request-Id"] = request_id
     return web.Response(status=status, body=json.dumps(body, allow_nan=False).encode(), headers=all_headers)
 

@@ -257,7 +257,8 @@ class LocalObjectStore:
         """True for a URL this store (or one sharing its key) signed for `key` that has not expired yet."""
         if not (expires.isascii() and expires.isdigit()) or int(expires) < self.clock():
             return False
-        return hmac.compare_digest(self._sign(key, int(expires)), signature)
+        # compare_digest raises TypeError for non-ASCII text; no signature this store makes has any.
+        return signature.isascii() and hmac.compare_digest(self._sign(key, int(expires)), signature)
 
     def key_for_url(self, url: str) -> str | None:
         """The key whatever the signature or expiry: results are re-signed from it when read."""

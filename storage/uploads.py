@@ -221,7 +221,8 @@ class Reservation:
 
 def safe_file_name(file_name: str) -> str:
     """The caller's file name as one plain key part (its last path segment), or a random one."""
-    base = _UNSAFE.sub("_", file_name.rsplit("/", 1)[-1]).lstrip("._")[:100]
+    # A key part starts with a letter or digit (object_store.check_key): `-rf.png` is stored as `rf.png`.
+    base = _UNSAFE.sub("_", file_name.rsplit("/", 1)[-1]).lstrip("._-")[:100]
     return base or random_name()
 
 

@@ -63,6 +63,22 @@ def generate(pipe: Any, size: int, steps: int) -> float:
     return time.perf_counter() - started
 
 
+def pixels(pipe: Any, size: int, steps: int, lora: Path | None = None) -> Any:
+    """The request's image as an int16 array (untimed), for checking that two arms did the same work;
+    with `lora`, applied as the naive server does (load, fuse; unfused and unloaded after)."""
+    import numpy as np
+
+    if lora is None:
+        return np.asarray(plain_call(pipe, size, steps)[0].convert("RGB"), dtype=np.int16)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora()
+    try:
+        return np.asarray(plain_call(pipe, size, steps)[0].convert("RGB"), dtype=np.int16)
+    finally:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+
 def naive_lora(pipe: Any, lora: Path, size: int, steps: int) -> float:
     """What a naive server does per request: load → fuse → generate → unfuse → unload."""
     started = time.perf_counter()

@@ -41,6 +41,8 @@ class Plan:
     # alternate the depths (the queue is filled and cancelled back down between them).
     p4_small_waiting: int = 10
     p4_large_waiting: int = 10_000
+    # The deepest queue: the copies beyond p4_large_waiting are written into the store directly (bench/bulk_queue.py).
+    p4_huge_waiting: int = 100_000
     p4_samples: int = 4000
     p4_rounds: int = 4
     p4_concurrency: int = 64
@@ -65,6 +67,7 @@ class Plan:
             p3_block=2,
             warmup=1,
             p4_large_waiting=1_000,
+            p4_huge_waiting=10_000,
             p4_samples=500,
             p4_rounds=2,
         )

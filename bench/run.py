@@ -23,10 +23,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import stats
 from bench.plan import GUIDANCE_SCALE, PHASES, PROMPT, SEED, Plan
 from bench.stats import Row, median, ms, percentile, row
+from bench.targets import TARGETS
 
 _STARTED = time.perf_counter()
 
@@ -247,11 +249,26 @@ class Served:
     model_loads: int = 0
 
 
+def image_mismatch(a: Any, b: Any, what: str) -> str:
+    """`stats.same_image` of two int16 RGB arrays: "" when they agree, else why not."""
+    if a.shape != b.shape:
+        return f"{what}: shapes {a.shape} and {b.shape}"
+    diff = abs(a - b)
+    return stats.same_image(float(diff.mean()), float(diff.max()), what)
+
+
+def lora_changed_nothing(with_lora: Any, without: Any, what: str) -> str:
+    """A LoRA request whose image agrees with the no-LoRA one did not apply its LoRA (the tiny LoRAs change every image)."""
+    return "" if image_mismatch(with_lora, without, what) else f"{what}: the LoRA changed nothing"
+
+
 class Bench:
-    def __init__(self, plan: Plan, client: Any, workdir: Path) -> None:
+    def __init__(self, plan: Plan, client: Any, workdir: Path, files_dir: Path) -> None:
         self.plan = plan
         self.client = client
         self.workdir = workdir
+        # Where the gateway stores result images (the checks read them back: the default format is PNG).
+        self.files_dir = files_dir
         self.rows: list[Row] = []
         self.arms: dict[str, dict[str, Any]] = {}
         self.load = Load()
@@ -278,6 +295,16 @@ class Bench:
             served.queue_wait_s.append(last[0].metrics.queue_wait_seconds)
             served.model_loads += load_lines
         return elapsed
+
+    async def served_pixels(self, inp: Any) -> Any:
+        """The service's image for `inp` as an int16 RGB array (untimed), read back from the gateway's files."""
+        import numpy as np
+        from PIL import Image
+
+        result = await self.client.subscribe(inp)
+        key = urlsplit(result.data.images[0].url).path.split("/files/", 1)[1]
+        with Image.open(self.files_dir / key) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.int16)
 
     def record(self, phase: str, arms: Sequence[Arm]) -> None:
         for arm in arms:
@@ -315,6 +342,11 @@ class Bench:
         await interleave("P1", arms, rounds=plan.p1_rounds, block=plan.p1_block, warmup=plan.warmup, load=self.load)
         self.record("P1", arms)
         service, local = arms
+        mismatch = image_mismatch(
+            await self.served_pixels(inp),
+            await asyncio.to_thread(inprocess.pixels, plain, plan.p1_size, plan.p1_steps),
+            "service vs in-process image",
+        )
         n = {"service": len(service.seconds), "in-process": len(local.seconds)}
         inference = median(ms(served.inference_s))
         detail = (
@@ -335,10 +367,10 @@ class Bench:
                     f"P1 serving overhead p{q}",
                     (f"Subscribe p{q}", service.p(q)),
                     (f"in-process p{q}", local.p(q)),
-                    "<=",
-                    1.03,
+                    *TARGETS["P1 serving overhead"],
                     detail if q == 50 else cpu_detail,
                     n,
+                    mismatch,
                 )
             )
 
@@ -396,6 +428,39 @@ class Bench:
         say(f"P2: {size}x{size}, {steps} steps; guard: {plan.p2_rounds} rounds")
         await paired_rounds("P2", guard, rounds=plan.p2_rounds, warmup=plan.warmup, load=self.load)
         self.record("P2", guard)
+        # The same work: each arm's image is the one in-process diffusers gives for its request (the LoRA
+        # fused as the naive server does), and a LoRA request's image is not the no-LoRA one.
+        images = {
+            "none": await self.served_pixels(none_input),
+            "one": await self.served_pixels(one_input),
+            "rr": await self.served_pixels(request_input(model_dir, size, steps, [loras[-1]])),
+        }
+        local_none = await asyncio.to_thread(inprocess.pixels, plain, size, steps)
+        none_same = image_mismatch(images["none"], local_none, "no LoRA vs in-process")
+        one_same = "; ".join(
+            filter(
+                None,
+                [
+                    image_mismatch(
+                        images["one"], await asyncio.to_thread(inprocess.pixels, naive_pipe, size, steps, loras[0]),
+                        "one LoRA vs in-process fused",
+                    ),
+                    lora_changed_nothing(images["one"], local_none, "one LoRA"),
+                ],
+            )
+        )
+        rr_same = "; ".join(
+            filter(
+                None,
+                [
+                    image_mismatch(
+                        images["rr"], await asyncio.to_thread(inprocess.pixels, naive_pipe, size, steps, loras[-1]),
+                        "round-robin LoRA vs in-process fused",
+                    ),
+                    lora_changed_nothing(images["rr"], local_none, "round-robin LoRA"),
+                ],
+            )
+        )
         adjusted = drift_adjusted(guard)
         spread = {
             "tax": ratio_interval(guard, numerator=1, denominator=0),
@@ -408,12 +473,12 @@ class Bench:
                 "P2 LoRA tax",
                 (f"{len(loras)}-LoRA round-robin p50*", median(adjusted[1])),
                 ("no LoRA p50*", median(adjusted[0])),
-                "<=",
-                1.05,
+                *TARGETS["P2 LoRA tax"],
                 f"*each round's drift removed, 90% of resampled rounds {spread['tax'][0]:.3f}-{spread['tax'][1]:.3f}; "
                 f"{raw}; replica inference {replica['rr']:.1f} / {replica['none']:.1f} ms "
                 f"= {replica['rr'] / replica['none']:.3f}; tiny {plan.p2_family} {size}px {steps} steps",
                 {"rr": len(rr.seconds), "none": len(none.seconds)},
+                "; ".join(filter(None, [rr_same, none_same])),
             )
         )
         self.rows.append(
@@ -421,12 +486,12 @@ class Bench:
                 "P2 LoRA churn",
                 ("one LoRA repeated p50*", median(adjusted[2])),
                 (f"{len(loras)}-LoRA round-robin p50*", median(adjusted[1])),
-                ">=",
-                0.97,
+                *TARGETS["P2 LoRA churn"],
                 f"*each round's drift removed, 90% of resampled rounds {spread['churn'][0]:.3f}-{spread['churn'][1]:.3f}; "
                 f"raw p50 {one.p(50):.1f} / {rr.p(50):.1f} ms = "
                 f"{one.p(50) / rr.p(50):.3f}; replica inference {replica['one']:.1f} / {replica['rr']:.1f} ms",
                 {"one": len(one.seconds), "rr": len(rr.seconds)},
+                "; ".join(filter(None, [one_same, rr_same])),
             )
         )
 
@@ -519,16 +584,32 @@ class Bench:
         self.record("P3", arms)
         single, alt, reload = arms
         reloads = served["alternating"].model_loads + served["one"].model_loads
+        # Keeping two models resident means no reload while measuring; and the service's image of the
+        # second model is the one that reloading it in-process gives.
+        kept = stats.verdict(reloads, *TARGETS["P3 replica reloads"]) == stats.PASS
+        mismatch = "; ".join(
+            filter(
+                None,
+                [
+                    "" if kept else f"{reloads} replica reloads while measuring (none allowed)",
+                    image_mismatch(
+                        await self.served_pixels(inputs[model_c]),
+                        await asyncio.to_thread(inprocess.pixels, await asyncio.to_thread(inprocess.load, model_c), size, steps),
+                        "second model vs in-process",
+                    ),
+                ],
+            )
+        )
         self.rows.append(
             row(
                 "P3 base-model churn",
                 ("one model p50", single.p(50)),
                 ("two alternating p50", alt.p(50)),
-                ">=",
-                0.95,
+                *TARGETS["P3 base-model churn"],
                 f"replica reloads while measuring: {reloads}; replica inference "
                 f"{median(ms(served['one'].inference_s)):.1f} / {median(ms(served['alternating'].inference_s)):.1f} ms",
                 {"one": len(single.seconds), "alternating": len(alt.seconds)},
+                mismatch,
             )
         )
         self.rows.append(
@@ -542,8 +623,8 @@ class Bench:
         )
 
     # P4 ------------------------------------------------------------------------------------
-    async def p4(self, model_dir: Path, client: Any, engine: str) -> dict[str, Arm]:
-        """Submit and GetStatus at 10 and at 10,000 waiting, in interleaved rounds, on a gateway whose
+    async def p4(self, model_dir: Path, client: Any, engine: str, gateway: Any) -> dict[str, Arm]:
+        """Submit and GetStatus at 10, 10,000 and 100,000 waiting, in interleaved rounds, on `gateway`, whose
         store is `engine` (SQLite or PostgreSQL); returns the arms for comparisons across engines.
 
         The queue is filled to the large depth and cancelled back down between rounds (order
@@ -551,6 +632,7 @@ class Bench:
         both depths instead of on whichever was measured last: the p99 of sub-millisecond calls
         swung 1.2-3.5x between identical runs that measured the depths one after the other.
         """
+        from bench.bulk_queue import add_waiting, remove_waiting
         from loraserve.v1 import generation_pb2
 
         plan = self.plan
@@ -587,13 +669,45 @@ class Bench:
             del waiting[depth:]
             await self._cancel_all(client, newest)
 
+        copies: list[str] = []
+        # Depths the store reported that differ from the one measured (none expected).
+        wrong_depth: list[str] = []
+
+        async def reach(depth: int) -> None:
+            """`depth` requests waiting: Submitted or cancelled up to the large depth, copied in the store past it."""
+            settings = gateway.settings
+            if depth > large_depth:
+                if not copies:
+                    await reach(large_depth)
+                    copies.extend(
+                        await add_waiting(
+                            gateway.store, settings.store_url, settings.store_path, waiting[-1], depth - large_depth
+                        )
+                    )
+                    position = (await client.status(copies[-1])).queue_position
+                    say(f"P4: {len(waiting) + len(copies)} waiting, {len(copies)} of them copied (last at position {position})")
+                return
+            if copies:
+                await remove_waiting(gateway.store, settings.store_url, settings.store_path)
+                copies.clear()
+            if len(waiting) < depth:
+                await fill(depth)
+                position = (await client.status(waiting[-1])).queue_position
+                say(f"P4: {len(waiting)} waiting (last at position {position})")
+            elif len(waiting) > depth:
+                await drain(depth)
+
         async def measure(submit: Arm, status: Arm, samples: int, warmup: int) -> None:
+            probes = waiting + copies
+            depth = await gateway.store.waiting_count()
+            if depth != len(probes):
+                wrong_depth.append(f"{depth} waiting where {len(probes)} were meant to")
             for index in range(samples + warmup):
                 started = time.perf_counter()
                 request_id = await client.submit(small_input)
                 submitted = time.perf_counter() - started
                 await client.cancel(request_id)  # untimed: keeps the queue at its depth
-                probe = waiting[rng.randrange(len(waiting))]
+                probe = probes[rng.randrange(len(probes))]
                 started = time.perf_counter()
                 reply = await client.status(probe)
                 looked_up = time.perf_counter() - started
@@ -603,44 +717,46 @@ class Bench:
                     submit.seconds.append(submitted)
                     status.seconds.append(looked_up)
 
-        small_depth, large_depth = plan.p4_small_waiting, plan.p4_large_waiting
+        small_depth, large_depth, huge_depth = plan.p4_small_waiting, plan.p4_large_waiting, plan.p4_huge_waiting
+        depths = (small_depth, large_depth, huge_depth)
         arms = {
             depth: (Arm(f"{engine} Submit @{depth}", _never), Arm(f"{engine} GetStatus @{depth}", _never))
-            for depth in (small_depth, large_depth)
+            for depth in depths
         }
         per_round = math.ceil(plan.p4_samples / plan.p4_rounds)
         await fill(small_depth)
         for index in range(plan.p4_rounds):
-            for depth in (small_depth, large_depth) if index % 2 == 0 else (large_depth, small_depth):
-                if len(waiting) < depth:
-                    await fill(depth)
-                    position = (await client.status(waiting[-1])).queue_position
-                    say(f"P4: {len(waiting)} waiting (last at position {position})")
-                elif len(waiting) > depth:
-                    await drain(depth)
+            for depth in depths if index % 2 == 0 else depths[::-1]:
+                await reach(depth)
                 await measure(*arms[depth], per_round, plan.warmup * 10)
             say(f"P4: round {index + 1}/{plan.p4_rounds}, {per_round} Submit + GetStatus calls per depth")
         hold = await client.status(hold_id)
         say(f"P4: cancelling {len(waiting)} waiting requests and the hold job (at step {hold.progress.step})")
+        if copies:
+            await remove_waiting(gateway.store, gateway.settings.store_url, gateway.settings.store_path)
         await self._cancel_all(client, waiting)
         await client.cancel(hold_id)
         if hold.state != generation_pb2.REQUEST_STATE_IN_PROGRESS:
             raise RuntimeError("P4: the hold job ended while measuring; the queue was not held")
-        small, large = arms[small_depth], arms[large_depth]
-        self.record("P4", [*small, *large])
-        for name, (at_small, at_large) in {"Submit": (small[0], large[0]), "GetStatus": (small[1], large[1])}.items():
-            self.rows.append(
-                row(
-                    f"P4 {name} p99 ({engine})",
-                    (f"p99 @{large_depth} waiting", at_large.p(99)),
-                    (f"p99 @{small_depth} waiting", at_small.p(99)),
-                    "<=",
-                    1.5,
-                    f"p50 {at_large.p(50):.2f} / {at_small.p(50):.2f} ms = {at_large.p(50) / at_small.p(50):.2f}; "
-                    f"sequential calls, one in flight, {plan.p4_rounds} interleaved rounds",
-                    {"large": len(at_large.seconds), "small": len(at_small.seconds)},
-                )
-            )
+        small = arms[small_depth]
+        self.record("P4", [arm for depth in depths for arm in arms[depth]])
+        for depth in (large_depth, huge_depth):
+            deep = arms[depth]
+            at = "" if depth == large_depth else f" @{depth}"
+            for name, at_small, at_deep in (("Submit", small[0], deep[0]), ("GetStatus", small[1], deep[1])):
+                for q in (99, 50):
+                    self.rows.append(
+                        row(
+                            f"P4 {name} p{q} ({engine}){at}",
+                            (f"p{q} @{depth} waiting", at_deep.p(q)),
+                            (f"p{q} @{small_depth} waiting", at_small.p(q)),
+                            *TARGETS["P4 queue scale"],
+                            f"sequential calls, one in flight, {plan.p4_rounds} interleaved rounds"
+                            + ("" if depth == large_depth else f"; {depth - large_depth} waiting copied into the store"),
+                            {"large": len(at_deep.seconds), "small": len(at_small.seconds)},
+                            "; ".join(wrong_depth),
+                        )
+                    )
         return {"submit": small[0], "status": small[1]}
 
     def p4_engines(self, sqlite: dict[str, Arm], postgres: dict[str, Arm]) -> None:
@@ -693,7 +809,7 @@ async def _p4_on_postgres(bench: Bench, model_dir: Path, settings: Any, workdir:
         await gateway.start()
         try:
             async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
-                return await bench.p4(model_dir, client, "PostgreSQL")
+                return await bench.p4(model_dir, client, "PostgreSQL", gateway)
         finally:
             await gateway.stop(grace_seconds=0)
 
@@ -795,6 +911,8 @@ async def _run(
         max_pipelines_per_replica=2,
         shutdown_grace_seconds=5,
         log_level="WARNING",
+        # P4 Submits with p4_huge_waiting requests waiting; the default (100,000) would refuse them.
+        max_queue_size=2 * plan.p4_huge_waiting,
     )
     # Same local Ray start_workers() would begin, minus forwarding every replica log line to this terminal.
     ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=verbose, logging_level="WARNING")
@@ -811,7 +929,7 @@ async def _run(
         target = f"127.0.0.1:{service.gateway.grpc_port}"
         say(f"service ready on {target}")
         async with AsyncClient(target) as client:
-            bench = Bench(plan, client, workdir)
+            bench = Bench(plan, client, workdir, settings.files_dir)
             if "P1" in phases:
                 await bench.p1(model_a.pipeline_dir, plain)
             if "P2" in phases:
@@ -819,7 +937,7 @@ async def _run(
             if "P3" in phases:
                 await bench.p3(model_b.pipeline_dir, model_c.pipeline_dir)
             if "P4" in phases:
-                sqlite = await bench.p4(model_b.pipeline_dir, client, "SQLite")
+                sqlite = await bench.p4(model_b.pipeline_dir, client, "SQLite", service.gateway)
                 postgres = await _p4_on_postgres(bench, model_b.pipeline_dir, service.settings, workdir)
                 if postgres is not None:
                     bench.p4_engines(sqlite, postgres)

@@ -67,6 +67,9 @@ class Row:
     target: float | None = None
     detail: str = ""
     samples: dict[str, int] = field(default_factory=dict)
+    # Why the arms did not do the same work (different outputs, a reload, a queue not at its depth):
+    # then the ratio compares nothing and the row is a MISS, whatever its value.
+    mismatch: str = ""
 
     @property
     def ratio(self) -> float:
@@ -74,6 +77,8 @@ class Row:
 
     @property
     def status(self) -> str:
+        if self.mismatch and self.op is not None:
+            return MISS
         return verdict(self.ratio, self.op, self.target)
 
     @property
@@ -96,6 +101,7 @@ def row(
     target: float | None = None,
     detail: str = "",
     samples: dict[str, int] | None = None,
+    mismatch: str = "",
 ) -> Row:
     """Shorthand: `row("P2 churn", ("one LoRA p50", 310.0), ("50 round-robin p50", 320.0), ">=", 0.95)`."""
     return Row(
@@ -108,6 +114,7 @@ def row(
         target=target,
         detail=detail,
         samples=dict(samples or {}),
+        mismatch=mismatch,
     )
 
 
@@ -125,7 +132,7 @@ def table_cells(rows: Sequence[Row]) -> list[tuple[str, ...]]:
             f"{r.ratio:.3f}",
             r.target_text,
             r.status,
-            r.detail,
+            f"NOT THE SAME WORK: {r.mismatch}; {r.detail}" if r.mismatch else r.detail,
         )
         for r in rows
     ]
@@ -168,6 +175,34 @@ def contention_note(other_cores: float, steal_cores: float) -> str:
         f"(steal {steal_cores:.2f}): the service arms (replica, Serve proxy, gateway) lose more to that "
         "contention than the single in-process thread, so ratios against in-process references read high; "
         "rerun on an idle machine"
+    )
+
+
+# Two arms that must give the same image (same request and weights; the order of float additions may
+# differ) agree within these, in pixel levels of 0-255: mean |Δ| and max |Δ| over every channel.
+SAME_IMAGE_MEAN = 0.5
+SAME_IMAGE_MAX = 4.0
+
+
+def same_image(mean_abs: float, max_abs: float, what: str) -> str:
+    """"" when two images agree within SAME_IMAGE_MEAN / SAME_IMAGE_MAX, else the reason (for `Row.mismatch`)."""
+    if mean_abs <= SAME_IMAGE_MEAN and max_abs <= SAME_IMAGE_MAX:
+        return ""
+    return f"{what}: mean |Δ| {mean_abs:.2f}, max |Δ| {max_abs:.0f} of 255 (allowed {SAME_IMAGE_MEAN} / {SAME_IMAGE_MAX:g})"
+
+
+def check(name: str, value: float, target: tuple[Op, float]) -> dict[str, Any]:
+    """One verdict of a figure that is not a ratio of two timings (a count, a bound in ms, a difference)."""
+    op, bound = target
+    return {"name": name, "value": value, "op": op, "target": bound, "status": verdict(value, op, bound)}
+
+
+def format_checks(checks: Sequence[dict[str, Any]]) -> str:
+    """One line per check: name, value, target and PASS / MISS."""
+    width = max((len(c["name"]) for c in checks), default=0)
+    return "\n".join(
+        f"{c['name']:<{width}}  {c['value']:>12.4g}  {'≤' if c['op'] == '<=' else '≥'} {c['target']:g}  {c['status']}"
+        for c in checks
     )
 
 

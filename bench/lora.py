@@ -1,38 +1,44 @@
-"""`python -m bench.lora [--device cpu|cuda] [--options] [--json PATH]`: a LoRA miss, a switch and a repeat at SDXL size.
+"""`python -m bench.lora [--device cpu|cuda] [--options] [--json PATH]`: applying a LoRA at SDXL size, service vs diffusers.
 
-What an adapter costs the device tier (serving/lora_tier.py) on SDXL base's U-Net architecture
-(bench/gpu.py's SDXL_UNET, 560 attention layers adapted by a rank-32 LoRA), against what
-diffusers' own `load_lora_weights` costs for the same file, arms taken in turn so that drift on a
-shared machine hits both alike:
+What applying a new LoRA costs on SDXL base's U-Net architecture (bench/gpu.py's SDXL_UNET, 560
+attention layers adapted by a rank-32 LoRA), the service's way (serving/lora_tier.py: resident as
+low-rank tensors, merged into copies of the weights, installed into the modules' own tensors) and
+diffusers' own `load_lora_weights` (PEFT layers), like with like, arms taken in turn and each round
+on LoRAs neither side has seen:
 
-- miss from host RAM: the file already parsed in the replica's host tier (what Prefetch does),
-  made resident as low-rank tensors on the device; vs `load_lora_weights(path)` (PEFT injection);
-- switch: a request whose set differs from the previous one (merge into weight copies, swap in);
-- repeat: a request with the previous set again (no merge; the counter of merges proves it).
+- file → ready to denoise: `load_lora_weights(path)` vs the service's `activate_loras` of the same
+  file (read, parse, resident, merge, install);
+- parsed state dict → ready: `load_lora_weights(state_dict)` vs the service's miss from its host
+  tier (the file parsed beforehand, as Prefetch does for a waiting request) plus the merge;
+- what each leaves in every denoising step: a U-Net forward (batch 2, as classifier-free guidance
+  runs it) with the LoRA applied either way, less a plain forward of the same round;
+- switch (another resident LoRA: merge and install) and repeat (the previous set: no merge; the
+  counter of merges proves it).
+
+Both sides do the same work, checked in code: they adapt the same number of layers, and their
+outputs agree within half precision's roundings (max |Δ| as a fraction of the LoRA's own effect;
+against diffusers' `fuse_lora` once after the rounds). Every verdict is computed against
+bench/targets.py: file → ready ≤ 0.5× `load_lora_weights` on the CPU, miss ≤ 30 ms and switch
+≤ 10 ms on a GPU, no merge on a repeat.
 
 `--options` then compares, in rounds of their own, the service's way of applying a LoRA with
-diffusers' hotswap (issue 15 asked for both to be measured): `enable_lora_hotswap(target_rank=32)`,
-one `load_lora_weights(adapter_name=SLOT)` to preallocate PEFT layers, then each LoRA hotswapped
-into that slot (`hotswap=True`) from its state dict already on the device (the best case for
-hotswap: no file read, no transfer). Per round, in alternating order: hotswap of the next LoRA and
-the service's switch to it (merge + swap), then pairs of U-Net forwards (batch 2, as
-classifier-free guidance runs it) with that LoRA applied either way: hotswap leaves PEFT's unmerged
-layers in every step, the merged copies cost what a plain forward costs. The two outputs are compared (max
-abs difference, beside how much the LoRA changes the output). One U-Net serves both: the PEFT
-layers are taken out of the module tree while the service's arm runs, and put back for hotswap's.
+diffusers' hotswap: `enable_lora_hotswap(target_rank=32)`, one
+`load_lora_weights(adapter_name=SLOT)` to preallocate PEFT layers, then each LoRA hotswapped into
+that slot (`hotswap=True`) from its state dict already on the device (the best case for hotswap:
+no file read, no transfer). Per round, in alternating order: hotswap of the next LoRA and the
+service's switch to it, then pairs of U-Net forwards with that LoRA applied either way. One U-Net
+serves both: the PEFT layers are taken out of the module tree while the service's arm runs.
 
 Only the U-Net is built (no text encoders, no VAE): the figures concern its layers. Weights are
-zeros on the device (timings do not depend on values), so the CPU run fits in RAM in float16
-(5 GiB); `--options` draws random weights instead, so that outputs can be compared. A CPU has no
-fast float16 forward (3 minutes per SDXL U-Net forward at a 32² latent here): run `--options` in
-bfloat16 there. Issue targets, ratios in one run: miss ÷ load_lora_weights ≤ 0.1 on the CPU; on
-the GPU miss ≤ 30 ms and switch ≤ 10 ms.
+random, N(0, 1/fan_in), so that outputs can be compared. A CPU has no fast float16 forward (3
+minutes per SDXL U-Net forward at a 32² latent here): the CPU default is bfloat16, a GPU's float16.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -42,12 +48,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from bench.gpu import LORA_RANK, LORA_STD, SDXL_UNET
 from bench.inprocess import quiet
+from bench.stats import check as target_check
+from bench.stats import format_checks
+from bench.targets import TARGETS
 from serving.lora_cache import HostLoraCache, adapter_name
 from serving.pipelines import LoadedPipeline, lora_file
 from serving.tiny import SCHEDULE, _save_random_lora, _unet_lora_template
@@ -62,6 +72,24 @@ CPU_LATENT = 32
 CFG_BATCH = 2
 # Forwards per arm and round in --options, taken in pairs (one of each arm, order alternating).
 FORWARD_PAIRS = 2
+# The main rounds' samples, in seconds (the output differences in the output's units, the fused one a ratio).
+RAW_SAMPLES = (
+    "diffusers_file",
+    "service_file",
+    "diffusers_parsed",
+    "service_parsed",
+    "miss_from_host",
+    "merge_after_miss",
+    "switch",
+    "repeat",
+    "forward_plain",
+    "forward_diffusers",
+    "forward_service",
+    "forward_fused",
+    "max_abs_diff",
+    "lora_effect",
+    "fused_diff",
+)
 
 
 def sync(device: torch.device) -> None:
@@ -77,14 +105,16 @@ def timed(device: torch.device, work: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def build_pipe(device: torch.device, dtype: torch.dtype, *, random: bool = False) -> StableDiffusionXLPipeline:
+def build_pipe(
+    device: torch.device, dtype: torch.dtype, *, random: bool = False, unet_config: dict[str, Any] = SDXL_UNET
+) -> StableDiffusionXLPipeline:
     """SDXL's U-Net, allocated on the device and zeroed (no module init: minutes on a CPU), in a pipeline shell.
 
     `random`: weights ~ N(0, 1/fan_in), norms' scales 1 and biases 0 instead (half a minute on a
     CPU), so that activations keep their size through the layers and outputs can be compared.
     """
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_UNET)
+        unet = UNet2DConditionModel(**unet_config)
     unet = unet.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for tensor in unet.buffers():
@@ -107,10 +137,10 @@ def build_pipe(device: torch.device, dtype: torch.dtype, *, random: bool = False
     )
 
 
-def write_loras(folder: Path, count: int) -> list[Path]:
+def write_loras(folder: Path, count: int, unet_config: dict[str, Any] = SDXL_UNET) -> list[Path]:
     """Rank-32 attention LoRAs in float16, as published SDXL LoRAs mostly are; the template comes from a meta U-Net."""
     with torch.device("meta"):
-        template_unet = UNet2DConditionModel(**SDXL_UNET).to(torch.float16)
+        template_unet = UNet2DConditionModel(**unet_config).to(torch.float16)
     template = _unet_lora_template(template_unet, rank=LORA_RANK)
     folder.mkdir(parents=True, exist_ok=True)
     return [
@@ -132,71 +162,195 @@ def run(
     *,
     options: bool = False,
     latent: int = CPU_LATENT,
+    unet_config: dict[str, Any] = SDXL_UNET,
 ) -> dict[str, Any]:
+    """The rounds on SDXL's U-Net (`unet_config`: another architecture of the same kind, for a smoke test)."""
     started = time.perf_counter()
-    pipe = build_pipe(device, dtype, random=options)
+    pipe = build_pipe(device, dtype, random=True, unet_config=unet_config)
     say(f"U-Net on {device} ({dtype}) in {time.perf_counter() - started:.1f}s")
-    paths = write_loras(workdir / "loras", rounds + 1)
-    say(f"{len(paths)} LoRA files of {paths[0].stat().st_size / 2**20:.1f} MiB")
+    # Per round (and the warm-up) one file for the file arms and another for the parsed arms, so
+    # that each arm starts from a LoRA that neither side has seen.
+    paths = write_loras(workdir / "loras", 2 * (rounds + 1), unet_config)
+    say(f"{len(paths)} LoRA files of {paths[0].stat().st_size / 2**20:.1f} MiB; forwards at batch {CFG_BATCH}, {latent}²")
     host = HostLoraCache(0)
     loaded = LoadedPipeline(pipe, family="sdxl", model_name="sdxl-unet", host_loras=host)
     tier = loaded._loras
-    raw: dict[str, list[float]] = {"diffusers_load": [], "miss_from_host": [], "switch": [], "repeat": []}
+    unet = pipe.unet
+    inputs = unet_inputs(unet, latent)
+    raw: dict[str, list[float]] = {name: [] for name in RAW_SAMPLES}
     repeat_merges = 0
+    adapted: dict[str, set[int]] = {"diffusers": set(), "service": set()}
+    outputs: dict[str, torch.Tensor] = {}
 
-    def diffusers_load(path: Path) -> None:
+    def forward(arm: str) -> None:
+        with torch.no_grad():
+            seconds = timed(device, lambda: outputs.__setitem__(arm, unet(**inputs).sample.float()))
+        raw[f"forward_{arm}"].append(seconds)
+
+    def diffusers_file(path: Path) -> None:
         try:
-            raw["diffusers_load"].append(timed(device, lambda: pipe.load_lora_weights(str(path), adapter_name="user")))
+            raw["diffusers_file"].append(timed(device, lambda: pipe.load_lora_weights(str(path), adapter_name="user")))
+            adapted["diffusers"].add(peft_layers(unet))
+            forward("diffusers")
         finally:
             pipe.unload_lora_weights()
 
-    def miss(path: Path) -> None:
+    def service_file(path: Path) -> None:
+        one = [(str(path), 1.0)]
+        try:
+            raw["service_file"].append(timed(device, lambda: loaded.activate_loras(one)))
+            file = lora_file(str(path))
+            adapted["service"].add(tier.ensure_resident(file, adapter_name(file)).layer_count)
+            forward("service")
+        finally:
+            loaded.deactivate_loras()
+
+    def diffusers_parsed(state_dict: dict[str, torch.Tensor]) -> None:
+        try:
+            raw["diffusers_parsed"].append(timed(device, lambda: pipe.load_lora_weights(state_dict, adapter_name="user")))
+            adapted["diffusers"].add(peft_layers(unet))
+        finally:
+            pipe.unload_lora_weights()
+
+    def service_parsed(path: Path) -> None:
         file = lora_file(str(path))
         host.get(file)  # parsed beforehand, as Prefetch does for a waiting request
         raw["miss_from_host"].append(timed(device, lambda: tier.ensure_resident(file, adapter_name(file))))
+        try:
+            raw["merge_after_miss"].append(timed(device, lambda: loaded.activate_loras([(str(path), 1.0)])))
+        finally:
+            loaded.deactivate_loras()
+        raw["service_parsed"].append(raw["miss_from_host"][-1] + raw["merge_after_miss"][-1])
 
-    # Warm-up: one of each (first PEFT import paths, allocator arenas, first merge).
-    diffusers_load(paths[0])
-    miss(paths[0])
-    loaded.activate_loras([(str(paths[0]), 1.0)])
-    loaded.deactivate_loras()
-    for index, path in enumerate(paths[1:], start=1):
+    for index in range(rounds + 1):
+        file_path, parsed_path = paths[2 * index], paths[2 * index + 1]
+        state_dict = safetensors.torch.load_file(str(parsed_path))
+        forward("plain")
         # Alternate which arm goes first, so neither always follows the other's memory traffic.
-        arms = [lambda: diffusers_load(path), lambda: miss(path)]
-        for arm in arms if index % 2 else arms[::-1]:
-            arm()
-        one = [(str(path), 1.0)]
+        pairs = [
+            [lambda: diffusers_file(file_path), lambda: service_file(file_path)],
+            [lambda: diffusers_parsed(state_dict), lambda: service_parsed(parsed_path)],
+        ]
+        for pair in pairs:
+            for arm in pair if index % 2 else pair[::-1]:
+                arm()
+        raw["max_abs_diff"].append((outputs["diffusers"] - outputs["service"]).abs().max().item())
+        raw["lora_effect"].append((outputs["service"] - outputs["plain"]).abs().max().item())
+        # The file's LoRA again: resident, while the parsed one's copies are kept; then a repeat of it.
+        one = [(str(file_path), 1.0)]
         raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
         loaded.deactivate_loras()
         before = loaded.lora_merges
         raw["repeat"].append(timed(device, lambda: loaded.activate_loras(one)))
         loaded.deactivate_loras()
+        if index == 0:
+            # The warm-up round (first PEFT import paths, allocator arenas, first merge, first forward
+            # of each arm) is left out, for both sides alike.
+            for samples in raw.values():
+                samples.clear()
+            continue
         repeat_merges += loaded.lora_merges - before
         say(
-            f"round {index}/{rounds}: load_lora_weights {raw['diffusers_load'][-1] * 1000:.0f} ms, "
-            f"miss from host {raw['miss_from_host'][-1] * 1000:.1f} ms, switch {raw['switch'][-1] * 1000:.0f} ms, "
-            f"repeat {raw['repeat'][-1] * 1000:.2f} ms"
+            f"round {index}/{rounds}: file → ready: load_lora_weights {raw['diffusers_file'][-1] * 1000:.0f} ms, "
+            f"service {raw['service_file'][-1] * 1000:.0f} ms; parsed → ready: load_lora_weights "
+            f"{raw['diffusers_parsed'][-1] * 1000:.0f} ms, service {raw['service_parsed'][-1] * 1000:.0f} ms "
+            f"(miss {raw['miss_from_host'][-1] * 1000:.1f} + merge {raw['merge_after_miss'][-1] * 1000:.0f}); "
+            f"forward plain {raw['forward_plain'][-1] * 1000:.0f} ms, with PEFT layers "
+            f"{raw['forward_diffusers'][-1] * 1000:.0f} ms, merged {raw['forward_service'][-1] * 1000:.0f} ms; switch {raw['switch'][-1] * 1000:.0f} ms, "
+            f"repeat {raw['repeat'][-1] * 1000:.2f} ms; max |diffusers − service| {raw['max_abs_diff'][-1]:.2e} "
+            f"(LoRA's effect {raw['lora_effect'][-1]:.2e})"
         )
-    resident = tier.nbytes / max(1, len(loaded.resident_loras))
+    # After the timed rounds, as diffusers' fuse_lora / unfuse_lora leave the base weights rounded in half precision.
+    raw["fused_diff"].append(fused_difference(pipe, file_path, forward, outputs))
+    per_round = list(zip(raw["forward_plain"], raw["forward_diffusers"], raw["forward_service"], strict=True))
     figures = {
-        "diffusers load_lora_weights ms": ms(raw["diffusers_load"][1:]),
-        "miss from host RAM ms": ms(raw["miss_from_host"][1:]),
-        "miss ÷ load_lora_weights": ms(raw["miss_from_host"][1:]) / ms(raw["diffusers_load"][1:]),
+        "file → ready: load_lora_weights ms": ms(raw["diffusers_file"]),
+        "file → ready: service ms": ms(raw["service_file"]),
+        "file → ready: service ÷ diffusers": ms(raw["service_file"]) / ms(raw["diffusers_file"]),
+        "parsed → ready: load_lora_weights ms": ms(raw["diffusers_parsed"]),
+        "parsed → ready: service ms": ms(raw["service_parsed"]),
+        "parsed → ready: service ÷ diffusers": ms(raw["service_parsed"]) / ms(raw["diffusers_parsed"]),
+        "miss from host RAM ms": ms(raw["miss_from_host"]),
+        "merge after the miss ms": ms(raw["merge_after_miss"]),
         "switch (merge + swap) ms": ms(raw["switch"]),
         "repeat ms": ms(raw["repeat"]),
         "merges during repeats": float(repeat_merges),
-        "resident bytes per adapter MiB": resident / 2**20,
+        f"forward {CFG_BATCH}×{latent}², no LoRA ms": ms(raw["forward_plain"]),
+        f"forward {CFG_BATCH}×{latent}², diffusers (PEFT layers) ms": ms(raw["forward_diffusers"]),
+        f"forward {CFG_BATCH}×{latent}², service (merged) ms": ms(raw["forward_service"]),
+        # What each leaves behind in every denoising step, per round against that round's plain forward.
+        "per-step cost, diffusers ms": ms([d - p for p, d, _ in per_round]),
+        "per-step cost, service ms": ms([s - p for p, _, s in per_round]),
+        "max |diffusers − service| ÷ LoRA effect": max(raw["max_abs_diff"]) / min(raw["lora_effect"]),
+        "max |fused − service| ÷ LoRA effect": raw["fused_diff"][0],
+        "adapted layers, diffusers": float(max(adapted["diffusers"])),
+        "adapted layers, service": float(max(adapted["service"])),
+        "resident bytes per adapter MiB": tier.nbytes / max(1, len(loaded.resident_loras)) / 2**20,
         "file bytes per adapter MiB": paths[0].stat().st_size / 2**20,
         "merged copies MiB": tier.merged_bytes / 2**20,
-        "adapted layers": float(next(iter(tier._resident.values()))[1].layer_count),
         "shape groups": float(len(next(iter(tier._resident.values()))[1].groups)),
     }
     result: dict[str, Any] = {"figures": figures, "raw": raw, "rounds": rounds}
+    result["checks"] = checks(figures, device, dtype, adapted)
     if options:
-        option_figures, option_raw = compare_options(pipe, loaded, host, paths, latent=latent, say=say)
+        option_figures, option_raw = compare_options(pipe, loaded, host, paths[::2], latent=latent, say=say)
         figures.update(option_figures)
         result["options_raw"] = option_raw
     return result
+
+
+def peft_layers(unet: torch.nn.Module) -> int:
+    return sum(isinstance(module, BaseTunerLayer) for module in unet.modules())
+
+
+def fused_difference(
+    pipe: DiffusionPipeline, path: Path, forward: Callable[[str], None], outputs: dict[str, torch.Tensor]
+) -> float:
+    """max |diffusers' load + fuse_lora output − the service's| ÷ the LoRA's effect, for one file (not timed)."""
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="user")
+        pipe.fuse_lora(components=["unet"])
+        forward("fused")
+    finally:
+        pipe.unfuse_lora(components=["unet"])
+        pipe.unload_lora_weights()
+    effect = (outputs["service"] - outputs["plain"]).abs().max().item()
+    return (outputs["fused"] - outputs["service"]).abs().max().item() / effect
+
+
+def checks(
+    figures: dict[str, float], device: torch.device, dtype: torch.dtype, adapted: dict[str, set[int]]
+) -> list[dict[str, Any]]:
+    """Every verdict of the run, computed from its figures against bench/targets.py."""
+    exact = dtype == torch.float32
+    wanted: list[tuple[str, float, str]] = [
+        ("merges during repeats", figures["merges during repeats"], "lora repeat merges"),
+        (
+            "max |fused − service| ÷ LoRA effect",
+            figures["max |fused − service| ÷ LoRA effect"],
+            "lora fused agreement float32" if exact else "lora fused agreement half",
+        ),
+        (
+            "max |diffusers − service| ÷ LoRA effect",
+            figures["max |diffusers − service| ÷ LoRA effect"],
+            "lora unfused agreement float32" if exact else "lora unfused agreement half",
+        ),
+        (
+            "adapted layers, |diffusers − service|",
+            float(max(abs(a - b) for a in adapted["diffusers"] for b in adapted["service"])),
+            "lora same layers",
+        ),
+    ]
+    if device.type == "cuda":
+        wanted += [
+            ("miss from host RAM ms", figures["miss from host RAM ms"], "gpu lora miss from host ms"),
+            ("switch (merge + swap) ms", figures["switch (merge + swap) ms"], "gpu lora switch ms"),
+        ]
+    else:
+        wanted.append(
+            ("file → ready: service ÷ diffusers", figures["file → ready: service ÷ diffusers"], "lora file to ready cpu")
+        )
+    return [target_check(name, value, TARGETS[target]) for name, value, target in wanted]
 
 
 def break_even(saved_ms: float, overhead_ms: float) -> float:
@@ -394,7 +548,11 @@ def compare_options(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.lora", description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "float32", "bfloat16"],
+        help="weights' dtype (default float16 on a GPU, bfloat16 on a CPU: no fast float16 forward there)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up (default 5)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write figures and raw samples here")
     parser.add_argument("--workdir", type=Path, help="where the LoRA files are written (default: a temp dir)")
@@ -404,25 +562,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--latent",
         type=int,
-        help=f"latent side of the --options forwards (default {FULL_LATENT} on a GPU, i.e. 1024², {CPU_LATENT} on a CPU)",
+        help=f"latent side of the forwards (default {FULL_LATENT} on a GPU, i.e. 1024², {CPU_LATENT} on a CPU)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     latent = args.latent or (FULL_LATENT if device.type == "cuda" else CPU_LATENT)
+    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "bfloat16")
     quiet()
 
     def say(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-lora-", dir=args.workdir) as tmp:
-        result = run(device, getattr(torch, args.dtype), args.rounds, Path(tmp), say, options=args.options, latent=latent)
-    result["meta"] = {"device": str(device), "dtype": args.dtype, "torch_threads": torch.get_num_threads()}
-    if args.options:
-        result["meta"]["latent"] = latent
+        result = run(device, getattr(torch, dtype_name), args.rounds, Path(tmp), say, options=args.options, latent=latent)
+    result["meta"] = {
+        "device": str(device),
+        "dtype": dtype_name,
+        "torch_threads": torch.get_num_threads(),
+        "latent": latent,
+        "load_average": os.getloadavg(),
+    }
     if device.type == "cuda":
         result["meta"]["gpu"] = torch.cuda.get_device_name(device)
     for name, value in result["figures"].items():
-        print(f"{name:<38} {value:>12,.3f}" if value == 0 or abs(value) >= 0.01 else f"{name:<38} {value:>12.2e}")
+        print(f"{name:<42} {value:>12,.3f}" if value == 0 or abs(value) >= 0.01 else f"{name:<42} {value:>12.2e}")
+    print(f"\nload average {', '.join(f'{v:.1f}' for v in result['meta']['load_average'])}\n{format_checks(result['checks'])}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

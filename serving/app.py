@@ -313,7 +313,10 @@ class Worker:
         """
         older = self._calls.get(request_id)
         if older is not None:
-            log.info("a newer call of the request stops the one whose caller is gone", extra={"request_id": request_id})
+            # Worth an operator's eye: it follows a Serve proxy's death (the older call ran on unobserved till now).
+            log.warning(
+                "a newer call of the request stops the one whose caller is gone", extra={"request_id": request_id}
+            )
             older.set()
         stop = threading.Event()
         self._calls[request_id] = stop

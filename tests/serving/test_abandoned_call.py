@@ -13,6 +13,7 @@ call stops at does not depend on timing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,7 +110,7 @@ def stored(settings: Settings, request_id: str = REQUEST_ID) -> list[str]:
 
 @pytest.mark.timeout(300)
 async def test_a_new_call_stops_the_abandoned_one_at_its_next_step_and_one_set_of_files_is_left(
-    worker: Worker, gate: FirstStepGate, settings: Settings, tiny_sdxl: TinyModel
+    worker: Worker, gate: FirstStepGate, settings: Settings, tiny_sdxl: TinyModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     inp = to_input(
         {
@@ -136,6 +137,8 @@ async def test_a_new_call_stops_the_abandoned_one_at_its_next_step_and_one_set_o
     assert abandoned.last().failure.type == ErrorType.CANCELLED
     assert "caller is gone" in abandoned.last().failure.message
     assert abandoned.steps() == [1], "stopped at the end of the step it was in"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "caller is gone" in r.getMessage()]
+    assert len(warned) == 1, "the operator sees that a call was abandoned"
     assert retry.last().WhichOneof("event") == "result", retry.last()
     assert retry.steps()[-1] == STEPS
     (image,) = retry.last().result.output.images

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +50,7 @@ BUCKET = "chart-nodes"
 # Long enough that the first request is still denoising when its node dies (64x64, the tiny model).
 STEPS = 20
 FINISH_SECONDS = 600
+START_ATTEMPTS = 3
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 RAY_TOKEN = uuid.uuid4().hex
 BIN = Path(sys.executable).parent
@@ -79,6 +80,10 @@ for _ in sys.stdin:
         "workers": [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0],
     }), flush=True)
 """
+
+
+class RayStartFailed(AssertionError):
+    pass
 
 
 class RayNode:
@@ -126,7 +131,7 @@ class RayNode:
         if self.process.poll() is not None or not started.is_set():
             with contextlib.suppress(AssertionError):
                 self.kill()
-            raise AssertionError("ray start did not start:\n" + "".join(self.output))
+            raise RayStartFailed("ray start did not start:\n" + "".join(self.output))
 
     def processes(self) -> list[psutil.Process]:
         """The node's processes still running: those under `ray start` and any of its session (Ray's
@@ -208,24 +213,48 @@ class Cluster:
     def __init__(self, root: Path, rendered: Rendered) -> None:
         self.root = root
         self.rendered = rendered
-        self.gcs_port = free_port()
-        self.address = f"127.0.0.1:{self.gcs_port}"
         self.templates = rendered.ray_pod_templates()
         self.nodes: list[RayNode] = []
 
     def start_head(self) -> None:
         head_params = self.rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
         assert head_params["num-cpus"] == "0"
-        args = ["--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=false"]
         env = pod_env(self.templates["head"]["spec"]["containers"][0], self.root / "head-data", self.rendered)
-        self.nodes.append(RayNode(self.root / "head", [*args, f"--ray-client-server-port={free_port()}"], env))
+
+        def args() -> list[str]:
+            gcs_port = free_port()
+            self.address = f"127.0.0.1:{gcs_port}"
+            return [
+                "--head",
+                f"--port={gcs_port}",
+                "--num-cpus=0",
+                "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}",
+            ]
+
+        self._start("head", args, env)
 
     def start_worker(self) -> None:
         """A worker node as a new pod of the worker group starts it: a fresh Ray node (its own folder)."""
         env = pod_env(self.templates["cpu"]["spec"]["containers"][0], self.root / "worker-data", self.rendered)
         args = [f"--address={self.address}", "--num-cpus=1"]
-        self.worker = RayNode(self.root / f"worker{len(self.nodes)}", args, env)
-        self.nodes.append(self.worker)
+        self.worker = self._start(f"worker{len(self.nodes)}", lambda: args, env)
+
+    def _start(self, name: str, args: Callable[[], list[str]], env: dict[str, str]) -> RayNode:
+        """Again, as the kubelet restarts a pod's container, when the raylet did not register with the GCS within
+        Ray's fixed 30 s ("The current node timed out during startup"), which happens on a busy machine."""
+        failures: list[str] = []
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                node = RayNode(self.root / f"{name}-{attempt}", args(), env)
+            except RayStartFailed as exc:
+                if "timed out during startup" not in str(exc):
+                    raise
+                failures.append(str(exc)[-2000:])
+                continue
+            self.nodes.append(node)
+            return node
+        raise AssertionError(f"the {name} node did not start in {START_ATTEMPTS} tries:\n" + "\n".join(failures))
 
     def deploy(self, config: dict[str, Any]) -> None:
         """Starts the driver; returns once Serve runs the app and its proxies serve."""

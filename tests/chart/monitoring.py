@@ -14,6 +14,8 @@ import promql_parser
 
 from tests.chart.charttest import Rendered
 
+# The chart's defaults with the dashboard and the rules on (the rules need the ServiceMonitor's series).
+MONITORING_ON: dict[str, Any] = {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True}}
 # What Grafana puts in place of the dashboard's variables before it sends a query.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$namespace": "images"}
 LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*\w+\)$")

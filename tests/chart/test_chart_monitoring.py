@@ -17,14 +17,12 @@ import pytest
 import yaml
 
 from tests.chart.charttest import CHART, CI_VALUES, KUBERNETES_VERSION, Rendered, render, render_error
-from tests.chart.monitoring import alert_rules, dashboard, dashboard_queries, panels, selectors
+from tests.chart.monitoring import MONITORING_ON, alert_rules, dashboard, dashboard_queries, panels, selectors
 from tests.conftest import require_tool
 
 CPU_DEV, EXTERNAL_TLS, GPU_PROD = CI_VALUES
 RULES_TEST = Path(__file__).parent / "alerts" / "rules-test.yaml"
 ALERTS = ["LoraserveQueueStuck", "LoraserveNoServingWorkers", "LoraserveHighFailureRatio", "LoraserveWebhooksGivenUp"]
-# The chart's defaults with both turned on (the rules need the ServiceMonitor's series).
-MONITORING_ON = {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True}}
 
 
 @pytest.fixture(scope="module")

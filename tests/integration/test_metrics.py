@@ -12,6 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loraserve.client import AsyncClient
 from loraserve.config import Settings
 from serving.tiny import TinyModel
+from tests.chart.charttest import render
+from tests.chart.monitoring import MONITORING_ON, TARGET_LABELS, alert_rules, dashboard, dashboard_queries, selectors
 from tests.conftest import require_tool
 from tests.integration.test_generation_api import request
 
@@ -32,6 +34,22 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+SERIES_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"), "gauge": ("",)}
+
+
+def exported(texts: list[str]) -> tuple[set[str], dict[str, set[str]]]:
+    """The series names the endpoints declare (a labelled family before its first sample too), and
+    the label names of those that have samples."""
+    names: set[str] = set()
+    labels: dict[str, set[str]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            names.update(family.name + suffix for suffix in SERIES_SUFFIXES[family.type])
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    return names, labels
 
 
 def promtool_check(text: str) -> None:
@@ -68,3 +86,35 @@ async def test_gateway_and_worker_metrics(target: str, stack_settings: Settings,
     assert worker[("loraserve_pipeline_load_seconds_count", ())] >= 1
     promtool_check(gateway_text)
     promtool_check(worker_text)
+
+
+async def test_every_metric_the_charts_dashboard_and_alerts_query_is_exported(
+    target: str, stack_settings: Settings, tiny_sdxl: TinyModel
+) -> None:
+    # Requests of its own, so that the outcome and cache-tier labels have samples to be read from (the
+    # session's first request misses the pipeline tier, a second one hits it).
+    async with AsyncClient(target) as client:
+        await client.subscribe(request(tiny_sdxl, seed=9))
+        await client.subscribe(request(tiny_sdxl, seed=10))
+    texts = [
+        await scrape(f"http://127.0.0.1:{stack_settings.http_port}/metrics"),
+        await scrape(f"http://127.0.0.1:{stack_settings.worker_metrics_port}/metrics"),
+    ]
+    names, labels = exported(texts)
+    rendered = render(values=MONITORING_ON)
+    queries = dashboard_queries(dashboard(rendered)) + [rule["expr"] for rule in alert_rules(rendered)]
+    checked = set()
+    for query in queries:
+        for name, matched in selectors(query):
+            assert name in names, f"{name} is not exported: {query}"
+            if name in labels:
+                unknown = matched - TARGET_LABELS - labels[name]
+                assert not unknown, f"{name} has no label {sorted(unknown)}: {query}"
+                checked.add(name)
+    # The labelled series the queries filter on were among those checked.
+    assert {
+        "loraserve_requests_finished_total",
+        "loraserve_worker_requests_total",
+        "loraserve_cache_hits_total",
+        "loraserve_cache_misses_total",
+    } <= checked

@@ -1,16 +1,12 @@
 #!/usr/bin/env bash
-# Installs everything the tests need (Python packages, buf and fal's JS client from npm, promtool
-# from Debian's prometheus package, Debian's postgresql server) and runs the whole suite.
+# Installs everything the tests need (Python packages, buf and fal's JS client from npm, promtool,
+# a PostgreSQL server: scripts/machine.sh's test_tools says where each comes from, and names what it
+# cannot install) and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-# promtool from Debian's prometheus; a real PostgreSQL server (tests/postgres_server.py starts it).
-apt_packages=()
-command -v promtool >/dev/null || apt_packages+=(prometheus)
-compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_packages+=(postgresql)
-if [ ${#apt_packages[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
-fi
+. scripts/machine.sh
+test_tools .venv/bin/python
 mkdir -p .tools
 if [ ! -x .tools/node_modules/.bin/buf ]; then
   npm install --silent --prefix .tools @bufbuild/buf@1 >/dev/null

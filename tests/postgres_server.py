@@ -1,14 +1,16 @@
 """A throwaway PostgreSQL server for tests: the real server Debian ships, not a fake.
 
 The store's behaviour that matters (transactions, locks, what survives a restart) is only
-worth testing against the server it runs against in production. scripts/test.sh installs
-Debian's `postgresql` package; this starts its binaries on a free loopback port in a temp
-dir and removes everything on stop.
+worth testing against the server it runs against in production. `find_bin_dir` takes the
+server on PATH, else Debian's `postgresql` package, else the pip-installable `pgserver`'s build
+(scripts/machine.sh installs one where it can); this starts its binaries on a free loopback port
+in a temp dir and removes everything on stop.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -25,12 +27,29 @@ _READY_SECONDS = 60.0
 DEFAULT_DATABASE = "loraserve_test"
 
 
+SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_isready")
+
+
+def _has_server(bin_dir: Path) -> bool:
+    return all((bin_dir / name).exists() for name in SERVER_PROGRAMS)
+
+
 def find_bin_dir() -> Path | None:
-    """The newest installed server's bin dir; Debian keeps each major version apart."""
-    candidates = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if (Path(p) / "initdb").exists()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    """The folder holding a whole server: PATH's (links followed, as Homebrew's and Debian's
+    /usr/local/bin links point into the server's own folder), else Debian's newest (Debian keeps
+    each major version apart, off PATH), else pgserver's build inside its Python package."""
+    on_path = shutil.which("initdb")
+    if on_path is not None and _has_server(Path(on_path).resolve().parent):
+        return Path(on_path).resolve().parent
+    debian = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if _has_server(Path(p))]
+    if debian:
+        return max(debian, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "pginstall" / "bin"
+        if _has_server(bundled):
+            return bundled
+    return None
 
 
 def _free_port() -> int:

@@ -44,7 +44,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from bench.inprocess import plain_call, quiet
 from bench.plan import GUIDANCE_SCALE, PROMPT, SEED
-from bench.stats import check
+from bench.stats import check, format_checks
 from bench.targets import TARGETS
 from serving.lora_cache import HostLoraCache, adapter_name
 from serving.memory import memory_figures
@@ -811,6 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.workdir) as tmp:
         run(config, report, Path(tmp))
     print("\n" + report.table(), flush=True)
+    print("\n" + format_checks(report.checks), flush=True)
     if report.errors:
         report.log(f"sections with errors: {', '.join(report.errors)}")
     report.log(f"done; JSON: {args.json or '-'}")

@@ -93,11 +93,7 @@ def benchmark_lines(path: Path, source: str, dry_run: bool) -> list[Line]:
 
 def collect(out: Path, dry_run: bool) -> list[Line]:
     lines = test_lines(out / TESTS_FILE, dry_run)
-    named = dict(BENCHMARKS)
-    # Any other benchmark a step added (its JSON beside these, with checks of the same form).
-    for path in sorted(out.glob("*.json")):
-        named.setdefault(path.name, f"bench.{path.stem}")
-    for file, source in named.items():
+    for file, source in BENCHMARKS.items():
         lines += benchmark_lines(out / file, source, dry_run)
     return lines
 

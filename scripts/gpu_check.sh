@@ -2,8 +2,8 @@
 # The first check of a GPU machine, in one command that fits 8 minutes and needs no network there:
 # the CUDA-marked tests (side-stream merge race, pinned buffers, CUDA memory given back), then the
 # GPU benchmark (bench/gpu.py: SDXL base's architecture with random weights, built on the GPU, 1024²,
-# 30 steps, fp16, fifty rank-32 LoRAs), then any benchmark beside it that writes checks (bench/compile.py
-# when present), and one table of verdicts computed against bench/targets.py (bench/gpu_check.py).
+# 30 steps, fp16, fifty rank-32 LoRAs), and one table of verdicts computed against bench/targets.py
+# (bench/gpu_check.py).
 #
 #   bash scripts/gpu_check.sh --wheels    here, where PyPI answers: the wheels the GPU machine lacks, into .whl/
 #   bash scripts/gpu_check.sh             on the GPU machine; carry .whl/ and loraserve/v1/ (both git-ignored)
@@ -74,9 +74,6 @@ mapfile -t CUDA_TESTS < <(grep -rl "pytest.mark.cuda" tests --include='test_*.py
 run_step "$TESTS_S" cuda-tests.log "$PY" -m pytest -q -p no:cacheprovider -m cuda -o addopts= \
   --junitxml="$OUT/cuda-tests.xml" -rs "${CUDA_TESTS[@]}"
 run_step "$GPU_BENCH_S" gpu.log "$PY" -m bench.gpu --json "$OUT/gpu.json" "${BENCH_ARGS[@]}"
-if [ -f bench/compile.py ]; then
-  run_step "$(left)" compile.log "$PY" -m bench.compile --json "$OUT/compile.json" "${BENCH_ARGS[@]:0:2}"
-fi
 
 echo
 TABLE_ARGS=("$OUT")

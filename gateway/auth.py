@@ -102,7 +102,8 @@ class Authenticator:
             return ANONYMOUS, ""
         scheme, _, credentials = header.strip().partition(" ")
         key_id, sep, secret = credentials.strip().partition(":")
-        if scheme.lower() != "key" or not sep or not key_id or not secret:
+        # Keys are ASCII; an HTTP header's other bytes arrive as surrogates, which no store or digest takes.
+        if scheme.lower() != "key" or not sep or not key_id or not secret or not header.isascii():
             raise Unauthenticated("the authorization metadata must read `Key <id>:<secret>`", reason="API_KEY_INVALID")
         key = await self._lookup(key_id)
         if key is None or not hmac.compare_digest(key.secret_sha256, digest(secret)):

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ pytestmark = pytest.mark.integration
 
 HTTP_EXAMPLES_PER_ROUTE = 20
 HOSTILE_EXAMPLES = 100
+HEADER_EXAMPLES = 400
 GRPC_EXAMPLES = 200
 # Every route of fal_http, fal_storage and the files (the document's operations).
 ROUTES = 21
@@ -273,6 +275,77 @@ def fuzz_json(base: str, auth: dict[str, str]) -> set[int]:
 
     no_server_error()
     return statuses
+
+
+# --- header bytes ----------------------------------------------------------------------------------
+
+# The headers the HTTP side reads, and what their values start with where a prefix picks the reading.
+READ_HEADERS = [
+    ("Authorization", b"Key "),
+    ("Authorization", b"Bearer "),
+    ("X-Fal-File-Name", b""),
+    ("X-Fal-Request-Timeout", b""),
+    ("X-Fal-Queue-Priority", b""),
+    ("x-fal-target-url", b"https://queue.fal.run/fal-ai/lora"),
+    ("Origin", b"http://"),
+    ("X-Forwarded-Host", b""),
+    ("X-Forwarded-Proto", b""),
+    ("Forwarded", b"host="),
+    ("Content-Type", b"application/json"),
+]
+RAW_ROUTES = [
+    ("POST", "/fal-ai/lora", json.dumps(BODY).encode(), "application/json"),
+    ("POST", "/files/upload", PNG_BYTES, "image/png"),
+    ("POST", "/storage/upload/initiate", b"{}", "application/json"),
+    ("GET", "/fal-ai/lora/requests/x/status", b"", "application/json"),
+]
+
+
+async def test_no_header_bytes_are_a_server_error(keyed: tuple[Gateway, dict[str, str]]) -> None:
+    """Any bytes in a header the HTTP side reads (aiohttp hands undecodable ones on as surrogates), sent raw:
+    an HTTP client library refuses most of them."""
+    gateway, auth = keyed
+    statuses = await asyncio.to_thread(fuzz_headers, gateway.settings.http_port, auth["Authorization"])
+    assert {200, 401} <= statuses, statuses
+
+
+def fuzz_headers(port: int, key: str) -> set[int]:
+    statuses: set[int] = set()
+    # Any bytes but a line's end, and values built of the separators the parsers split on and of bytes that
+    # are no UTF-8 (0xff, an encoded surrogate) or are (é).
+    pieces = [b":", b".", b"=", b";", b",", b"/", b" ", b"a", b"lsk_", b"\xff", b"\xed\xa0\x80", b"\xc3\xa9", b"\x7f"]
+    value_bytes = st.one_of(
+        st.binary(max_size=24).map(lambda raw: raw.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")),
+        st.lists(st.sampled_from(pieces), max_size=8).map(b"".join),
+    )
+
+    @settings(FUZZ_SETTINGS, max_examples=HEADER_EXAMPLES)
+    @given(st.sampled_from(RAW_ROUTES), st.sampled_from(READ_HEADERS), value_bytes)
+    @example(RAW_ROUTES[0], READ_HEADERS[0], b"\xff:\xff")
+    def no_server_error(route: tuple[str, str, bytes, str], header: tuple[str, bytes], value: bytes) -> None:
+        method, path, body, content_type = route
+        headers = {"Host": b"127.0.0.1", "Authorization": key.encode(), "Content-Type": content_type.encode()}
+        headers[header[0]] = header[1] + value
+        status = raw_status(port, method, path, headers, body)
+        assert status is not None and status < 500, (method, path, header[0], headers[header[0]], status)
+        statuses.add(status)
+
+    no_server_error()
+    return statuses
+
+
+def raw_status(port: int, method: str, path: str, headers: dict[str, bytes], body: bytes) -> int | None:
+    """The status of one HTTP/1.1 request written byte for byte; None if the connection closed unanswered."""
+    lines = [f"{method} {path} HTTP/1.1".encode()]
+    lines += [name.encode() + b": " + value for name, value in headers.items()]
+    lines += [f"Content-Length: {len(body)}".encode(), b"Connection: close", b"", body]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\r\n".join(lines))
+        answer = b""
+        while b"\r\n" not in answer and (chunk := sock.recv(4096)):
+            answer += chunk
+    first = answer.split(b"\r\n", 1)[0].split()
+    return int(first[1]) if len(first) > 1 and first[1].isdigit() else None
 
 
 # --- gRPC Submit -----------------------------------------------------------------------------------

@@ -435,6 +435,8 @@ def single_values(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         return st.deferred(lambda: message_fields(field.message_type))
     if kind == FieldDescriptor.TYPE_STRING:
         return st.one_of(st.sampled_from(WORDS), st.text(max_size=40))
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=64)
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind == FieldDescriptor.TYPE_ENUM:

@@ -405,7 +405,9 @@ async def test_requests_survive_the_worker_node_dying_and_the_replica_comes_back
         await asyncio.to_thread(cluster.start_worker)
         ids = [running, waiting]
         last = await asyncio.wait_for(asyncio.gather(*(ended(client, i) for i in ids)), FINISH_SECONDS)
-        assert [s.state for s in last] == [generation_pb2.REQUEST_STATE_COMPLETED] * 2, last
+        # Ended as completed without an error (a failed request ends COMPLETED with its error, as fal's).
+        completed = (generation_pb2.REQUEST_STATE_COMPLETED, False)
+        assert [(s.state, s.HasField("error")) for s in last] == [completed] * 2, last
         results = [await client.result(i) for i in ids]
 
     # Once: one image stored per request (a run cut off by the node's death stored none), the one returned.

@@ -6,6 +6,7 @@ completes, once, and Serve's replica comes back on the new node.
 The cluster is this test's own (its own temporary folder, ports and processes, ended by process id;
 `ray stop` would end every Ray on the machine). The chart's proxy_location EveryNode is HeadOnly here:
 two nodes on one machine cannot both bind the proxies' ports; in a cluster each pod has its own address.
+The config's /data is one folder here, which the old and the new worker node share (each pod mounts its own).
 """
 
 from __future__ import annotations

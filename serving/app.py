@@ -35,7 +35,7 @@ from loraserve.model_key import BaseModelRef
 from loraserve.redaction import redact_text, redact_url
 from loraserve.v1 import types_pb2, worker_pb2
 from loraserve.worker_auth import caller_secret, secret_matches
-from serving import conditioning, image_to_image
+from serving import compiled, conditioning, image_to_image
 from serving.embeddings import EmbeddingLoadError
 from serving.inline_results import check_inline_size, data_uri
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
@@ -125,11 +125,17 @@ class Worker:
             log.warning("worker_shared_secret is not set: any caller that reaches Serve's gRPC ingress is served")
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
+        self._compile_mode = compiled.resolve_mode(settings.compile, self._device)
+        self._compile_sizes = compiled.parse_sizes(settings.compile_warmup_sizes)
         self._store = from_settings.object_store(settings)
         self._metrics = WorkerMetrics()
         if settings.worker_metrics_port:
             self._metrics.serve(settings.worker_metrics_port)
         self._weights = from_settings.weights_cache(settings, self._store, self._metrics.tier_observer("disk"))
+        if self._compile_mode != compiled.OFF:
+            # On the weights volume: a restarted replica reads its compiled kernels back.
+            compiled.use_cache_dir(settings.weights_dir / compiled.CACHE_FOLDER)
+            compiled.EVENTS.add_listener(lambda _reason: self._metrics.compile_recompiles.inc())
         self._image_policy = from_settings.image_fetch_policy(settings)
         self._host_loras = HostLoraCache(
             settings.max_host_lora_bytes, observer=self._metrics.tier_observer(HOST_TIER)
@@ -188,6 +194,9 @@ class Worker:
                 unet=str(unet) if unet is not None else None,
                 unet_label=redact_url(ref.unet_name) or None,
                 variant=variant,
+                compile_mode=self._compile_mode,
+                compile_sizes=self._compile_sizes,
+                compile_regional=self._settings.compile_regional,
             )
             self._hot[key] = loaded
             return loaded

@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 
 from serving import embeddings as textual_inversion
 from serving import lora_tier
+from serving.compiled import CompiledModules
 from serving.errors import AdapterLoadError, PipelineReleased
 from serving.lora_cache import HostLoraCache, LoraFileError, ParsedLora, parse_embedding_file, parse_lora_file
 from serving.memory import return_freed_memory
@@ -40,6 +41,7 @@ class LoadedPipeline:
         metrics: WorkerMetrics | None = None,
         host_loras: HostLoraCache | None = None,
         pipelines_per_replica: int = 1,
+        compiled: CompiledModules | None = None,
     ) -> None:
         if max_loras < 0 or max_lora_bytes < 0:
             raise ValueError(f"max_loras and max_lora_bytes must not be negative, got {max_loras}, {max_lora_bytes}")
@@ -63,6 +65,8 @@ class LoadedPipeline:
             parse=self._parsed,
         )
         self._embeddings = textual_inversion.LoadedEmbeddings()
+        # The compiled forwards of the U-Net and VAE decoder (serving/compiled.py); None: eager.
+        self.compiled = compiled
         # Requests running on this pipeline; an eviction while one runs frees the memory when it ends.
         self._users = 0
         self._released = False
@@ -180,6 +184,8 @@ class LoadedPipeline:
                 return
             self._freed = True
         self._loras.clear()
+        if self.compiled is not None:
+            self.compiled.close()
         for component in self.pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.to("meta")

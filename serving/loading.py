@@ -7,13 +7,14 @@ message names the model and the reason, never a stack trace.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import safetensors
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from serving import image_to_image, unets
+from serving import compiled, image_to_image, unets
 from serving.errors import ModelLoadError
 from serving.lora_cache import HostLoraCache
 from serving.loaded import LoadedPipeline
@@ -40,6 +41,9 @@ def load_pipeline(
     unet: str | None = None,
     unet_label: str | None = None,
     variant: str | None = None,
+    compile_mode: str = compiled.OFF,
+    compile_sizes: Sequence[tuple[int, int]] = (),
+    compile_regional: bool = False,
 ) -> LoadedPipeline:
     """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
 
@@ -47,7 +51,8 @@ def load_pipeline(
     `label` is what the caller asked for (e.g. that URL), named in errors instead of the file.
     `unet` (a local U-Net folder or .safetensors file, `unet_label` in errors) replaces the
     model's U-Net (serving/unets.py); `variant` (e.g. "fp16") picks `*.{variant}.safetensors`
-    files in diffusers folders.
+    files in diffusers folders. `compile_mode` other than off compiles the U-Net and VAE decoder and
+    warms `compile_sizes` (serving/compiled.py) before the LoRA budget is read from the free memory.
     """
     label = label or model_name
     variant = variant or None
@@ -73,6 +78,9 @@ def load_pipeline(
     except Exception as exc:
         raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
+    compiled_modules = compiled.compile_pipeline(
+        pipe, family=family, mode=compile_mode, sizes=compile_sizes, regional=compile_regional
+    )
     return LoadedPipeline(
         pipe,
         family=family,
@@ -82,6 +90,7 @@ def load_pipeline(
         metrics=metrics,
         host_loras=host_loras,
         pipelines_per_replica=pipelines_per_replica,
+        compiled=compiled_modules,
     )
 
 

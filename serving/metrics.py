@@ -46,6 +46,11 @@ class WorkerMetrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
+        self.compile_recompiles = Counter(
+            "loraserve_compile_recompiles",
+            "torch.compile compiles after a pipeline's warm-up (each logged with dynamo's guard failure).",
+            registry=self.registry,
+        )
         self.requests = Counter(
             "loraserve_worker_requests", "Requests this replica ended, by outcome.", ["outcome"], registry=self.registry
         )

@@ -22,8 +22,9 @@ import sys
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from loraserve import keys_cli
 from loraserve.config import Settings
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="the whole path once: serve, make a tiny model, generate with a LoRA")
+    _add_verbose(demo)
     Settings.add_arguments(demo)
 
     serve_config = sub.add_parser(
@@ -132,7 +134,7 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("serve", "gateway"):
+    if args.command in SERVER_COMMANDS:
         try:
             settings = Settings.from_args(args)
         except ValueError as exc:
@@ -155,8 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from serving.tiny_adapters import describe, make_tiny_adapters
 
             print(describe(make_tiny_adapters(args.dir / "adapters", model.pipeline_dir, args.family, args.seed)))
-    elif args.command == "demo":
-        return asyncio.run(_demo(Settings.from_args(args)))
     elif args.command == "serve-config":
 
         from serving.serve_config import serve_config
@@ -193,13 +193,14 @@ def _tiny_fixtures(args: argparse.Namespace, pipeline_dir: Path) -> list[Path]:
 
 
 def _run_server(command: str, settings: Settings, *, verbose: bool) -> int:
+    """The commands that start a service share one console: its own lines and everyone's errors."""
     from loraserve.logs import setup_logging
 
     logs = setup_logging(settings.data_dir, settings.log_level, verbose=verbose)
     more = f"; Ray and library output: {logs.output_file}" if logs.output_file else ""
     log.info(f"logs: {logs.log_file}{more}")
     try:
-        return asyncio.run(_serve(settings) if command == "serve" else _gateway(settings))
+        return asyncio.run(SERVER_COMMANDS[command](settings))
     except Exception as exc:
         # The console shows the error in a line (a traceback when verbose), the log file the traceback.
         log.error(f"loraserve {command} failed", exc_info=exc)
@@ -381,7 +382,7 @@ async def _demo(settings: Settings) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="loraserve-demo-"))
     model = await asyncio.to_thread(make_tiny_model, workdir / "tiny-sdxl", "sdxl", 2)
-    print(f"tiny model: {model.pipeline_dir}")
+    log.info(f"tiny model: {model.pipeline_dir}")
     async with EmbeddedService(settings) as service:
         async with AsyncClient(f"127.0.0.1:{service.gateway.grpc_port}") as client:
             result = await client.subscribe(
@@ -393,12 +394,21 @@ async def _demo(settings: Settings) -> int:
                     "num_inference_steps": 4,
                     "seed": 42,
                 },
-                on_queue_update=lambda s: print(f"  status {generation_state_name(s.state)}", _progress(s)),
+                on_queue_update=lambda s: log.info(f"client: {generation_state_name(s.state)} {_progress(s)}".rstrip()),
             )
     for image in result.data.images:
         key = urllib.parse.urlsplit(image.url).path.split("/files/", 1)[1]
-        print(f"image: {image.url}\n  stored at {settings.files_dir.resolve() / key}")
+        log.info(f"image: {image.url}")
+        log.info(f"stored at {settings.files_dir.resolve() / key}")
     return 0
+
+
+# What each command that starts a service runs, once its console and log files are set up.
+SERVER_COMMANDS: dict[str, Callable[[Settings], Coroutine[Any, Any, int]]] = {
+    "serve": _serve,
+    "gateway": _gateway,
+    "demo": _demo,
+}
 
 
 def generation_state_name(state: int) -> str:

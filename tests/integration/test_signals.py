@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -299,3 +300,27 @@ def test_a_ray_node_that_does_not_come_up_is_cleaned_up_and_started_again(
     assert not _running(frozen)
     stop_with(serve, signal.SIGTERM, 30)
     assert_clean_exit(serve, signal.SIGTERM)
+
+
+def test_demo_keeps_the_console_serve_keeps(servers: list[Server], tmp_path: Path) -> None:
+    """The first command a newcomer runs: on the console only its own timed lines (no Ray, Serve,
+    transformers or progress-bar output, which go to the log files), the image stored, and no
+    process left behind."""
+    demo = start_server("demo", tmp_path / "demo")
+    servers.append(demo)
+    deadline = time.monotonic() + START_SECONDS
+    while demo.process.poll() is None:
+        assert time.monotonic() < deadline, demo.console_text()
+        try:
+            demo.note_processes()
+        except psutil.NoSuchProcess:
+            continue
+        time.sleep(0.2)  # poll interval, not synchronisation
+    console = demo.console_text()
+    assert demo.process.returncode == 0, console
+    lines = console.splitlines()
+    assert [line for line in lines if not re.match(r"\d\d:\d\d:\d\d \S", line)] == [], console
+    stored = [line.split(" stored at ", 1)[1] for line in lines if " stored at " in line]
+    assert len(stored) == 1 and Path(stored[0]).is_file(), console
+    assert "Started a local Ray instance" in (demo.data_dir / "logs" / "output.log").read_text(errors="replace")
+    assert demo.survivors() == [], console

@@ -71,7 +71,8 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL server on loopback for the session (Debian's package, see scripts/test.sh)."""
+    """A real PostgreSQL server on loopback for the session (PATH's, Debian's or pgserver's: see
+    tests/postgres_server.py's find_bin_dir; scripts/test.sh installs one where it can)."""
     from tests.postgres_server import PostgresServer, find_bin_dir
 
     import os

@@ -28,15 +28,16 @@ TARGETS: dict[str, tuple[Op, float]] = {
     "lora repeat merges": ("<=", 0),
     # Both sides adapted the same number of layers (the difference of the counts).
     "lora same layers": ("<=", 0),
-    # max |their output − ours| ÷ the LoRA's own effect on the output. float32: the same function,
-    # only the order of additions differs. Half precision, against diffusers' fused weights: each
-    # merged weight rounded once either way (within one rounding, tests/serving/test_lora_exact.py);
-    # against PEFT's unfused layers: every adapted layer's output is rounded as well, so the
-    # outputs differ by a fraction of the LoRA's effect (0.3 measured in bfloat16): a LoRA applied
-    # at twice its scale or another LoRA differs by its whole effect or more.
+    # max |their output − ours| ÷ the LoRA's own effect on the output: a check that both sides did the
+    # same work, not a precision target. float32: the same function, only the order of additions
+    # differs. Half precision, against diffusers' fused weights: each merged weight rounded once either
+    # way (within one rounding, tests/serving/test_lora_exact.py), and the SDXL U-Net's output (about
+    # 2.5, a bfloat16 step of 0.016) rounded through hundreds of layers: 0.21 measured in bfloat16.
+    # Against PEFT's unfused layers every adapted layer's output is rounded as well: 0.3 measured. A
+    # LoRA applied at twice its scale, or another LoRA, differs by its whole effect (1) or more.
     "lora fused agreement float32": ("<=", 1e-3),
     "lora unfused agreement float32": ("<=", 1e-3),
-    "lora fused agreement half": ("<=", 0.1),
+    "lora fused agreement half": ("<=", 0.4),
     "lora unfused agreement half": ("<=", 0.6),
     # bench.gpu: the full SDXL pipeline on a GPU (1024², 30 steps, fp16, rank-32 LoRAs).
     "gpu lora miss from host ms": ("<=", 30.0),

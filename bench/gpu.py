@@ -46,6 +46,7 @@ from bench.inprocess import plain_call, quiet
 from bench.plan import GUIDANCE_SCALE, PROMPT, SEED
 from bench.stats import check, format_checks
 from bench.targets import TARGETS
+from serving import compiled
 from serving.lora_cache import HostLoraCache, adapter_name
 from serving.memory import memory_figures
 from serving.pipelines import GenerationParams, LoadedPipeline, generate_result, load_pipeline, lora_file
@@ -136,6 +137,8 @@ class Config:
     num_loras: int
     # Which sections run after setup (all by default; `--sections` picks some, e.g. on a short lease).
     sections: tuple[str, ...] = ()
+    # The service pipeline's `compile` mode (serving/compiled.py), warmed at `size`; the diffusers arms stay eager.
+    compile_mode: str = compiled.OFF
 
 
 @dataclass(frozen=True)
@@ -727,8 +730,22 @@ def run(config: Config, report: Report, workdir: Path) -> None:
         baseline = device.snapshot()
         host = HostLoraCache(HOST_LORA_BYTES)
         started = device.clock()
-        loaded = load_pipeline(str(pipeline_dir), device=str(config.device), torch_dtype=config.dtype, host_loras=host)
-        report.add("setup", "load_pipeline", device.clock() - started, "s", "from the saved folder, to the device")
+        loaded = load_pipeline(
+            str(pipeline_dir),
+            device=str(config.device),
+            torch_dtype=config.dtype,
+            host_loras=host,
+            compile_mode=config.compile_mode,
+            compile_sizes=[(config.size, config.size)],
+        )
+        report.add(
+            "setup",
+            "load_pipeline",
+            device.clock() - started,
+            "s",
+            f"from the saved folder, to the device; compile {config.compile_mode}"
+            + ("" if config.compile_mode == compiled.OFF else f", compiled and warmed at {config.size}²"),
+        )
         benches.append(Bench(config, device, report, loaded, loras, host, baseline, device.snapshot(), pipeline_dir))
 
     report.section("setup", setup)
@@ -744,9 +761,16 @@ def run(config: Config, report: Report, workdir: Path) -> None:
         "interleaved": ("g_interleaved", bench.interleaved),
         "release": ("e_release", bench.release),
     }
+    if config.compile_mode != compiled.OFF:
+        # load_lora_weights on the service's compiled U-Net would put PEFT layers into its graphs; diffusers'
+        # LoRA arm runs in (g) on an eager copy of its own.
+        del steps["diffusers_lora"]
+        report.log("(b) diffusers' LoRA on the service's pipeline skipped: it is compiled")
     for name, (section, work) in steps.items():
         if not config.sections or name in config.sections:
             report.section(section, work)
+    if config.compile_mode != compiled.OFF:
+        report.verdict("compiles after warm-up (LoRA switches, misses, sizes)", compiled.EVENTS.recompiles, "gpu recompiles")
 
 
 def versions() -> dict[str, str]:
@@ -777,6 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated subset of overhead,diffusers_lora,adapters,served_lora,interleaved,release (default all)",
     )
     parser.add_argument("--workdir", type=Path, help="where the model and LoRAs are written (default: a temp dir)")
+    parser.add_argument(
+        "--compile",
+        default=compiled.OFF,
+        choices=compiled.MODES,
+        help="compile the service's pipeline (the `compile` setting; default off: eager, as plain diffusers)",
+    )
     return parser
 
 
@@ -798,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         num_loras=args.loras,
         sections=tuple(name for name in args.sections.split(",") if name),
+        compile_mode=args.compile,
     )
     meta: dict[str, Any] = {
         "config": {**asdict(config), "device": str(device), "dtype": str(config.dtype)},

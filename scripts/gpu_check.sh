@@ -46,7 +46,8 @@ if [ "$MODE" = gpu ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
   fi
-  BENCH_ARGS=(--device cuda --repeats 3 --loras 50)
+  # COMPILE=default|max-autotune: the service's pipeline compiled (its compile and warm-up count against the budget).
+  BENCH_ARGS=(--device cuda --repeats 3 --loras 50 --compile "${COMPILE:-off}")
 else
   BENCH_ARGS=(--device cpu --tiny --repeats 1 --loras 4)
 fi

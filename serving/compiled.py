@@ -216,7 +216,7 @@ class ShapeGate:
         key = _signature((args, kwargs))
         if self.warming:
             self.signatures.add(key)
-            return self._runner.call(self._warm, *args, **kwargs)
+            return self._own(self._runner.call(self._warm, *args, **kwargs))
         if key not in self.signatures:
             self.eager_calls += 1
             if key not in self._eager_signatures:
@@ -224,13 +224,19 @@ class ShapeGate:
                 log.info("%s: a call no warm-up made runs eagerly: %s", self.what, _describe((args, kwargs)))
             return self.eager(*args, **kwargs)
         self.compiled_calls += 1
-        output = self._runner.call(self.compiled, *args, **kwargs)
+        return self._own(self._runner.call(self.compiled, *args, **kwargs))
+
+    def _own(self, output: Any) -> Any:
         if self._clone_outputs:
-            output = _pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, output)
+            return _pytree.tree_map_only(torch.Tensor, torch.Tensor.clone, output)
         return output
 
     def _warm(self, *args: Any, **kwargs: Any) -> Any:
         with EVENTS.warming():
+            if self._clone_outputs:
+                # CUDA graph trees run a new shape once, then record it on its second call: a decoder
+                # called once per warm-up request would otherwise record during the first real one.
+                self.compiled(*args, **kwargs)
             return self.compiled(*args, **kwargs)
 
 

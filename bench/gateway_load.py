@@ -7,7 +7,7 @@ interleaved rounds it times Submit on each (auth on ÷ off, goal ≤ 1.1), then 
 keyless one with N status streams open on waiting requests ÷ with none (the streams stay
 asleep: only their own request's changes, or the queue moving, wake them). A third gateway
 caps waiting requests per tenant: bursts of twice that cap, sent at once, measure how long a
-RESOURCE_EXHAUSTED answer takes (issue 12: within 50 ms). The clients run in a second process,
+RESOURCE_EXHAUSTED answer takes (target: within 50 ms). The clients run in a second process,
 so the gateway's event loop is not shared with the caller's.
 """
 

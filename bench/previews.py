@@ -1,6 +1,6 @@
 """`python -m bench.previews [--device cuda --full] [--json PATH]`: what live previews cost a generation.
 
-Issue 16: previews must not slow a generation by more than 2%. The same request runs on the same
+Previews must not slow a generation by more than 2%. The same request runs on the same
 pipeline with previews on (the worker's default, `preview_interval_seconds` 1.0) and off (0),
 the arms taken in turn so that drift on a shared machine hits both alike; the figure is the
 median of each round's on ÷ off. Both arms go through what serving/app.py runs: the throttled

@@ -384,7 +384,7 @@ class Bench:
         and the denoising that follows costs what it costs without one). In blocks of 4 in a fixed order,
         "no LoRA" always followed a request of the same pipeline and "pristine" an in-process one
         every other round; a request timed right after one identical to it ran about 6% faster
-        than after another (README, issue 15); and p50s of whole arms let a burst of other work
+        than after another; and p50s of whole arms let a burst of other work
         land on one arm more than another.
         """
         from bench import inprocess

@@ -211,7 +211,7 @@ class Dispatcher:
 
         Not for a request that will not wait: the Prefetch call would only compete with the request's
         own run for the replica's CPU (a third of a sequential caller's LoRA requests made one while
-        the previous request's call was closing, issue 15).
+        the previous request's call was closing).
         """
         if not (record.input.loras or record.input.embeddings) or not self._all_busy():
             return

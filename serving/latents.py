@@ -1,7 +1,7 @@
 """`debug_latents` / `debug_per_pass_latents` files: the raw latents as safetensors.
 
 The hosted fal endpoint returns a .tar of PNG renderings of the latents; loraserve returns the
-tensors themselves (issue 3 asks for safetensors), which keeps every value and loads with
+tensors themselves (kept as safetensors), which keeps every value and loads with
 `safetensors.torch.load(data)["latents"]`:
 
 - debug_latents: `latents` of shape (num_images, 4, height/8, width/8), the final denoised

@@ -1,1 +1,1 @@
-"""Fault tests through the real service: processes killed, streams dropped, nothing lost (issue 11)."""
+"""Fault tests through the real service: processes killed, streams dropped, nothing lost."""

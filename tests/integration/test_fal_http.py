@@ -170,7 +170,7 @@ async def test_sub_path_kept_on_submit_only(http: aiohttp.ClientSession, gateway
 
 
 async def test_the_family_paths_validate_their_own_fields(http: aiohttp.ClientSession) -> None:
-    """Issue 16: /image-to-image and /inpaint refuse their bad fields with a 422 naming each."""
+    """/image-to-image and /inpaint refuse their bad fields with a 422 naming each."""
     status, body, _ = await call(http, "POST", "/fal-ai/lora/inpaint", json={**BODY, "noise_strength": 1.5})
     assert status == 422
     locs = [entry["loc"] for entry in body["detail"]]

@@ -1,4 +1,4 @@
-"""Issue 12 items 7, 9 and 10 through the running service: local paths, served files, secrets in references."""
+"""Hostile inputs through the running service: local paths, served files, secrets in references."""
 
 from __future__ import annotations
 

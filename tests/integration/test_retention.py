@@ -1,4 +1,4 @@
-"""Retention through a running gateway (issue 12, item 11): once a finished request is older than
+"""Retention through a running gateway: once a finished request is older than
 retention_seconds, its files and logs are gone and GetResult says it expired instead of handing out
 dead URLs.
 

@@ -1,4 +1,4 @@
-"""Webhooks through a running gateway (issue 13, item 5), to a real receiver on loopback.
+"""Webhooks through a running gateway, to a real receiver on loopback.
 
 Each test starts its own gateway on the session's workers (the stack's settings, small backoffs)
 and submits over gRPC with `webhook_url`. The receiver checks every delivery the way fal's docs

@@ -1,5 +1,5 @@
 """Ray Serve's gRPC ingress (the workers' port) serves the gateway only: without the gateway's secret
-a call is refused, and with it the input is validated again (issue 12, item 6)."""
+a call is refused, and with it the input is validated again."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The local file server (issue 12, item 9): signed, expiring URLs; the stored type, nosniff, attachments."""
+"""The local file server: signed, expiring URLs; the stored type, nosniff, attachments."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hugging Face downloads (issue 12, item 8): list first, fetch only what the pipeline loads, cap before downloading.
+"""Hugging Face downloads: list first, fetch only what the pipeline loads, cap before downloading.
 
 There is no network here: huggingface_hub's own client (model API, tree API, resolve, its cache)
 talks to a local server answering as the Hub does (storage_testkit.HubMirror).

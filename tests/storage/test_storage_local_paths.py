@@ -1,4 +1,4 @@
-"""Local paths as inputs (issue 12, item 7): only under the operator's roots, one answer for every refusal."""
+"""Local paths as inputs: only under the operator's roots, one answer for every refusal."""
 
 from __future__ import annotations
 

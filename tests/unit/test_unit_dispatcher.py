@@ -449,7 +449,7 @@ async def test_waiting_requests_queue_for_a_prefetch_by_id_and_ended_ones_are_sk
 
 
 async def test_prefetch_only_for_a_request_that_will_wait(make: Make, server: WorkerServer, fake: FakeWorker) -> None:
-    """Not once the running request's result is stored and only its call is closing (issue 15)."""
+    """Not once the running request's result is stored and only its call is closing."""
     await server.start()
     h = await make(capacity=1)
 

@@ -1,4 +1,4 @@
-"""Which local folders callers may name (issue 12, item 7): the setting, and the embedded loopback default."""
+"""Which local folders callers may name: the setting, and the embedded loopback default."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Secrets out of logs and errors (issue 12, item 10): loraserve.redaction and the log formatters."""
+"""Secrets out of logs and errors: loraserve.redaction and the log formatters."""
 
 from __future__ import annotations
 

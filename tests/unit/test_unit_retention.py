@@ -1,4 +1,4 @@
-"""Retention (issue 12, item 11): finished requests, their logs and output files expire.
+"""Retention: finished requests, their logs and output files expire.
 
 The store methods run against both engines (SQLite in a temp dir, PostgreSQL on loopback), the
 sweeper against both object stores (a local folder, S3 through moto), and the whole thing through

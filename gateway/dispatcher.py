@@ -361,14 +361,14 @@ class Dispatcher:
             ):
                 self._settled.add(record.id)
                 self._metrics.inference.observe(event.result.inference_seconds)
-                self._metrics.outcome("completed")
+                self._metrics.outcome(record.tenant, "completed")
                 self._lines.completed(record.id, event.result.inference_seconds)
         elif which == "failure":
             if event.failure.type in RETRIED_FAILURES:
                 return event.failure
             if await self._store.fail(record.id, event.failure, record.lease_token):
                 self._settled.add(record.id)
-                self._metrics.outcome("failed", event.failure.type)
+                self._metrics.outcome(record.tenant, "failed", event.failure.type)
                 self._lines.failed(record.id, f"{event.failure.type}: {event.failure.message}")
         self._feed.changed(record.id)
         return None
@@ -456,7 +456,7 @@ class Dispatcher:
         await self._log(record.id, message, types_pb2.LOG_LEVEL_ERROR)
         error = types_pb2.RequestError(type=error_type, message=message)
         if await self._store.fail(record.id, error, record.lease_token):
-            self._metrics.outcome("failed", error_type)
+            self._metrics.outcome(record.tenant, "failed", error_type)
             self._lines.failed(record.id, f"{error_type}: {message}")
 
     async def _log(self, request_id: str, message: str, level: types_pb2.LogLevel) -> None:

@@ -118,7 +118,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 " a retry must send the same input, a new request a new client_request_id"
             )
         if created:
-            self._metrics.submitted.inc()
+            self._metrics.accepted(tenant)
             # In fair order a new request may go ahead of others: their positions change.
             self._feed.queue_moved()
             self._dispatcher.prefetch(record)
@@ -140,7 +140,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     async def cancel(self, record: RequestRecord) -> RequestRecord:
         """Cancels a request that has not finished (a no-op for one that has); returns it as it is now."""
         if not record.finished and await self._store.cancel(record.id):
-            self._metrics.outcome("cancelled")
+            self._metrics.outcome(record.tenant, "cancelled")
             if record.state == State.IN_PROGRESS:
                 self._dispatcher.cancel_running(record.id)
             else:

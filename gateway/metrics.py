@@ -37,6 +37,27 @@ class GatewayMetrics:
             "loraserve_requests_in_flight", "Requests handed to workers and not finished.", registry=self.registry
         ).set_function(in_flight)
         self.submitted = Counter("loraserve_requests_submitted", "Requests accepted into the queue.", registry=self.registry)
+        # Labelled by tenant: tenant names are limited to a safe charset (gateway/auth.py) and tenants are a few
+        # internal teams, so the series stay few; this is what an operator reads per team.
+        self.tenant_submitted = Counter(
+            "loraserve_tenant_requests_submitted",
+            "Requests accepted into the queue, by tenant.",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.tenant_finished = Counter(
+            "loraserve_tenant_requests_finished",
+            "Requests that ended, by tenant and outcome (completed, failed, cancelled).",
+            ["tenant", "outcome"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "loraserve_requests_refused",
+            "Calls refused over a quota or cap (RESOURCE_EXHAUSTED / HTTP 429), by tenant, the limit (the"
+            " QuotaFailure's description, e.g. max_waiting) and its scope (tenant: the tenant's own, gateway: shared).",
+            ["tenant", "limit", "scope"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "loraserve_requests_rejected", "Submits refused as invalid.", registry=self.registry
         )
@@ -94,8 +115,17 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
-    def outcome(self, outcome: str, error_type: str = "") -> None:
+    def accepted(self, tenant: str) -> None:
+        self.submitted.inc()
+        self.tenant_submitted.labels(tenant=tenant).inc()
+
+    def outcome(self, tenant: str, outcome: str, error_type: str = "") -> None:
         self.finished.labels(outcome=outcome, error_type=error_type).inc()
+        self.tenant_finished.labels(tenant=tenant, outcome=outcome).inc()
+
+    def refusal(self, tenant: str, limit: str, subject: str) -> None:
+        """One refusal of `tenant` over `limit`; `subject` as the QuotaFailure names it ("gateway", "tenant:<name>")."""
+        self.refused.labels(tenant=tenant, limit=limit, scope=subject.partition(":")[0]).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

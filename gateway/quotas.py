@@ -6,14 +6,16 @@ waits while others run), submits per second (a token bucket per gateway), open s
 gateway: the queue's size and the open status streams. Over a limit the answer is RESOURCE_EXHAUSTED
 with RetryInfo and a QuotaFailure naming the limit, at once and before anything is written: nothing
 already accepted is dropped. Defaults come from settings; `tenant_limits` overrides them per tenant.
+Every refusal, these and the upload quotas' (`CountedUploadBudget`), is reported here, by tenant, to `on_refused`
+(the gateway's metrics).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -21,6 +23,10 @@ from gateway.auth import ANONYMOUS, check_tenant_name
 from gateway.errors import ResourceExhausted
 from gateway.store import RequestRecord, RequestStore
 from loraserve.config import Settings
+from storage.uploads import UploadBudget, UploadQuotaExceeded
+
+# Told of each refusal: (the refused tenant, the limit, the subject as the QuotaFailure names it).
+OnRefused = Callable[[str, str, str], None]
 
 # How long a caller over a count limit (waiting, queue, streams) is told to wait before trying again.
 COUNT_RETRY_SECONDS = 5.0
@@ -70,8 +76,9 @@ def parse_tenant_limits(settings: Settings) -> tuple[TenantLimits, dict[str, Ten
 
 
 class Quotas:
-    def __init__(self, settings: Settings, store: RequestStore) -> None:
+    def __init__(self, settings: Settings, store: RequestStore, on_refused: OnRefused = lambda *_: None) -> None:
         self._store = store
+        self._on_refused = on_refused
         self._default, self._per_tenant = parse_tenant_limits(settings)
         self._max_queue = settings.max_queue_size
         self._max_streams = settings.max_open_streams
@@ -93,7 +100,8 @@ class Quotas:
         if limits.submits_per_second > 0:
             self._take_token(tenant, limits.submits_per_second)
         if self._max_queue and self._store.known_queue_depth() >= self._max_queue:
-            raise ResourceExhausted(
+            raise self._refusal(
+                tenant,
                 f"the queue is full ({self._max_queue} waiting); retry later",
                 limit="max_queue_size",
                 subject="gateway",
@@ -107,12 +115,20 @@ class Quotas:
                 raise self.tenant_full(tenant, waiting)
 
     def tenant_full(self, tenant: str, waiting: int) -> ResourceExhausted:
-        return ResourceExhausted(
+        return self._refusal(
+            tenant,
             f"tenant {tenant!r} already has {waiting} requests waiting, its limit; retry when some have run",
             limit="max_waiting",
             subject=f"tenant:{tenant}",
             retry_after_seconds=COUNT_RETRY_SECONDS,
         )
+
+    def _refusal(
+        self, tenant: str, message: str, *, limit: str, subject: str, retry_after_seconds: float
+    ) -> ResourceExhausted:
+        """The refusal to raise, reported to `on_refused` as it is made."""
+        self._on_refused(tenant, limit, subject)
+        return ResourceExhausted(message, limit=limit, subject=subject, retry_after_seconds=retry_after_seconds)
 
     def _take_token(self, tenant: str, rate: float) -> None:
         now = time.monotonic()
@@ -121,7 +137,8 @@ class Quotas:
         tokens = min(burst, tokens + (now - last) * rate)
         if tokens < 1.0:
             self._buckets[tenant] = (tokens, now)
-            raise ResourceExhausted(
+            raise self._refusal(
+                tenant,
                 f"tenant {tenant!r} submits more than {rate:g} requests per second",
                 limit="submits_per_second",
                 subject=f"tenant:{tenant}",
@@ -146,7 +163,8 @@ class Quotas:
         held = self.tenant_streams(tenant)
         limit = self.limits(tenant).max_open_streams
         if limit and held >= limit:
-            raise ResourceExhausted(
+            raise self._refusal(
+                tenant,
                 f"tenant {tenant!r} has {held} status streams open on this gateway, its limit; close one,"
                 " poll GetStatus or retry",
                 limit="max_open_streams",
@@ -154,7 +172,8 @@ class Quotas:
                 retry_after_seconds=COUNT_RETRY_SECONDS,
             )
         if self._max_streams and self.open_streams >= self._max_streams:
-            raise ResourceExhausted(
+            raise self._refusal(
+                tenant,
                 f"this gateway has {self.open_streams} status streams open, its limit; poll GetStatus or retry",
                 limit="max_open_streams",
                 subject="gateway",
@@ -169,3 +188,35 @@ class Quotas:
             left = self._tenant_streams.pop(tenant, 0) - 1
             if left > 0:
                 self._tenant_streams[tenant] = left
+
+
+class CountedUploadBudget(UploadBudget):
+    """The upload quotas (storage.uploads.UploadBudget), each refusal reported to `on_refused` like the others."""
+
+    def __init__(self, *, on_refused: OnRefused, **limits: Any) -> None:
+        super().__init__(**limits)
+        self._on_refused = on_refused
+
+    async def admit(self, tenant: str) -> None:
+        with self._reported(tenant):
+            await super().admit(tenant)
+
+    @contextmanager
+    def spool(self, tenant: str) -> Iterator[None]:
+        with ExitStack() as held:
+            # Only entering is a refusal: what the body raises (a charge over quota) is reported where it is raised.
+            with self._reported(tenant):
+                held.enter_context(super().spool(tenant))
+            yield
+
+    def charge(self, tenant: str, size: int) -> None:
+        with self._reported(tenant):
+            super().charge(tenant, size)
+
+    @contextmanager
+    def _reported(self, tenant: str) -> Iterator[None]:
+        try:
+            yield
+        except UploadQuotaExceeded as exc:
+            self._on_refused(tenant, exc.limit, exc.subject)
+            raise

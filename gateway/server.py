@@ -26,7 +26,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.storage_service import StorageService
 from gateway.lease_keeper import LeaseKeeper
 from gateway.retention import RetentionSweeper
-from gateway.quotas import Quotas
+from gateway.quotas import CountedUploadBudget, Quotas
 from gateway.webhook_signing import JWKS_PATH
 from gateway.webhooks import WebhookSender, sender_from_settings
 from gateway.store import RequestStore, open_store
@@ -35,7 +35,7 @@ from loraserve.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
 from storage import from_settings
 from storage.object_store import LocalObjectStore, uploads_prefix
-from storage.uploads import UploadBudget, Uploads
+from storage.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,15 @@ class Gateway:
         self.settings = settings
         self.files = from_settings.object_store(settings)
         files = self.files
+        # Read at scrape time, once `start` has built what they read.
+        self.metrics = GatewayMetrics(
+            queue_depth=lambda: self.store.known_queue_depth(),
+            in_flight=lambda: self.dispatcher.in_flight,
+            open_streams=lambda: self.feed.streams,
+        )
         # What uploads hold on this gateway (both ports' uploads); retention tells it when uploads were deleted.
-        self.upload_budget = UploadBudget(
+        self.upload_budget = CountedUploadBudget(
+            on_refused=self.metrics.refusal,
             max_spools=settings.max_upload_spools,
             tenant_max_spools=settings.tenant_max_upload_spools,
             tenant_max_bytes=settings.tenant_max_upload_bytes,
@@ -94,13 +101,8 @@ class Gateway:
     def _build(self, store: RequestStore) -> None:
         settings = self.settings
         self.store = store
-        self.quotas = Quotas(settings, store)
+        self.quotas = Quotas(settings, store, on_refused=self.metrics.refusal)
         self.feed = ChangeFeed()
-        self.metrics = GatewayMetrics(
-            queue_depth=lambda: self.store.known_queue_depth(),
-            in_flight=lambda: self.dispatcher.in_flight,
-            open_streams=lambda: self.feed.streams,
-        )
         self.worker = WorkerClient(
             f"{settings.serve_grpc_host}:{settings.serve_grpc_port}",
             settings.serve_app_name,

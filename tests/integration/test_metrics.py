@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
 import pytest
+import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from loraserve.client import AsyncClient
+from gateway.server import Gateway
+from loraserve.client import AsyncClient, LoraServeError
 from loraserve.config import Settings
 from serving.tiny import TinyModel
 from tests.chart.charttest import render
 from tests.chart.monitoring import MONITORING_ON, TARGET_LABELS, alert_rules, dashboard, dashboard_queries, selectors
-from tests.conftest import require_tool
+from tests.conftest import free_port, require_tool
 from tests.integration.test_generation_api import request
+from tests.integration.test_quotas import client_for
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +95,41 @@ async def test_gateway_and_worker_metrics(target: str, stack_settings: Settings,
     promtool_check(worker_text)
 
 
+@pytest_asyncio.fixture
+async def metered(stack: object, stack_settings: Settings, tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A gateway of its own in front of the session's workers, whose tenant "metered" may submit once."""
+    settings = stack_settings.replace(
+        data_dir=tmp_path / "metered",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        tenant_limits=json.dumps({"metered": {"submits_per_second": 0.001}}),
+    )
+    gateway = Gateway(settings)
+    await gateway.start()
+    yield gateway
+    await gateway.stop(grace_seconds=0)
+
+
+async def test_a_tenants_requests_and_refusals_are_counted_under_its_name(
+    metered: Gateway, tiny_sdxl: TinyModel
+) -> None:
+    url = f"http://127.0.0.1:{metered.settings.http_port}/metrics"
+    before = samples(await scrape(url))
+    async with await client_for(metered, "metered") as client:
+        await client.subscribe(request(tiny_sdxl, seed=11))
+        with pytest.raises(LoraServeError) as refused:
+            await client.submit(request(tiny_sdxl, seed=12))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    text = await scrape(url)
+    after = samples(text)
+    added = lambda name, *labels: after.get((name, labels), 0) - before.get((name, labels), 0)  # noqa: E731
+    assert added("loraserve_tenant_requests_submitted_total", ("tenant", "metered")) == 1
+    assert added("loraserve_tenant_requests_finished_total", ("outcome", "completed"), ("tenant", "metered")) == 1
+    refusals = {labels: n for (name, labels), n in after.items() if name == "loraserve_requests_refused_total"}
+    assert refusals == {(("limit", "submits_per_second"), ("scope", "tenant"), ("tenant", "metered")): 1}
+    promtool_check(text)
+
+
 async def test_every_metric_the_charts_dashboard_and_alerts_query_is_exported(
     target: str, stack_settings: Settings, tiny_sdxl: TinyModel
 ) -> None:
@@ -114,6 +156,8 @@ async def test_every_metric_the_charts_dashboard_and_alerts_query_is_exported(
     # The labelled series the queries filter on were among those checked.
     assert {
         "loraserve_requests_finished_total",
+        "loraserve_tenant_requests_submitted_total",
+        "loraserve_tenant_requests_finished_total",
         "loraserve_worker_requests_total",
         "loraserve_cache_hits_total",
         "loraserve_cache_misses_total",

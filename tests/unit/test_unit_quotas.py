@@ -11,10 +11,11 @@ import pytest
 import pytest_asyncio
 
 from gateway.errors import ResourceExhausted
-from gateway.quotas import Quotas, TenantLimits, parse_tenant_limits
+from gateway.quotas import CountedUploadBudget, Quotas, TenantLimits, parse_tenant_limits
 from gateway.store_sqlite import SqliteStore
 from loraserve.config import Settings
 from loraserve.v1 import types_pb2
+from storage.uploads import UploadQuotaExceeded
 
 INPUT = types_pb2.GenerateInput(model_name="org/model", prompt="p")
 
@@ -98,3 +99,38 @@ def test_a_tenant_at_its_stream_limit_is_refused_and_others_are_not() -> None:
                 pass
         assert (quotas.tenant_streams("a"), quotas.tenant_streams("big"), quotas.open_streams) == (1, 2, 4)
     assert (quotas.tenant_streams("a"), quotas.open_streams) == (0, 0)
+
+
+def test_every_refusal_is_reported_with_its_tenant_and_limit_and_once() -> None:
+    refused: list[tuple[str, str, str]] = []
+    quotas = Quotas(
+        Settings(max_open_streams=2, tenant_max_open_streams=1),
+        store=None,  # type: ignore[arg-type]
+        on_refused=lambda *r: refused.append(r),
+    )
+    with quotas.stream("a"), quotas.stream("b"):
+        for tenant in ("a", "c"):
+            with pytest.raises(ResourceExhausted):
+                with quotas.stream(tenant):
+                    pass
+    quotas.tenant_full("d", 3)
+    assert refused == [
+        ("a", "max_open_streams", "tenant:a"),
+        ("c", "max_open_streams", "gateway"),
+        ("d", "max_waiting", "tenant:d"),
+    ]
+
+
+async def test_upload_quota_refusals_are_reported_and_what_a_spool_holds_is_not_reported_twice() -> None:
+    refused: list[tuple[str, str, str]] = []
+    budget = CountedUploadBudget(
+        on_refused=lambda *r: refused.append(r), tenant_max_spools=1, tenant_max_bytes=10, stored_bytes=lambda _: 4
+    )
+    await budget.admit("a")
+    with budget.spool("a"):
+        with pytest.raises(UploadQuotaExceeded):
+            with budget.spool("a"):
+                pass
+        with pytest.raises(UploadQuotaExceeded):
+            budget.charge("a", 7)
+    assert refused == [("a", "tenant_max_upload_spools", "tenant:a"), ("a", "tenant_max_upload_bytes", "tenant:a")]

@@ -62,6 +62,8 @@ def test_the_dashboard_is_a_configmap_the_grafana_sidecar_loads(monitored: Rende
         "Queue wait": "loraserve_queue_wait_seconds_bucket",
         "Throughput": "loraserve_requests_finished_total",
         "Refusals and failures": "loraserve_requests_rejected_total",
+        "Throughput by tenant": "loraserve_tenant_requests_finished_total",
+        "Refusals by tenant and limit": "loraserve_requests_refused_total",
         "Generation time": "loraserve_inference_seconds_bucket",
         "LoRA hits and misses": "loraserve_cache_misses_total",
         "LoRA switch time": "loraserve_adapter_load_seconds_bucket",

@@ -51,6 +51,10 @@ TARGETS: dict[str, tuple[Op, float]] = {
     # Compiled denoising: recompiles after warm-up, and a replica's start with a warm compile cache ÷ eager.
     "gpu recompiles": ("<=", 0),
     "gpu warm-cache start ÷ eager start": ("<=", 1.5),
+    # bench.compile (CPU): recompiles after warm-up in a 50-LoRA round robin, and a LoRA switch on
+    # the compiled SDXL U-Net ÷ on the eager one.
+    "cpu compile recompiles": ("<=", 0),
+    "cpu compile LoRA switch on ÷ off": ("<=", 1.05),
     # Two arms that must give the same image (bench.stats.same_image), in pixel levels of 0-255.
     "same image mean": ("<=", SAME_IMAGE_MEAN),
     "same image max": ("<=", SAME_IMAGE_MAX),

@@ -49,6 +49,16 @@ def test_the_benchmarks_targets_are_the_issues() -> None:
     assert TARGETS["gpu lora switch ms"] == ("<=", 10.0) and TARGETS["gpu lora miss from host ms"] == ("<=", 30.0)
     assert TARGETS["gpu recompiles"] == ("<=", 0) and TARGETS["gpu warm-cache start ÷ eager start"] == ("<=", 1.5)
     assert TARGETS["gpu allocated ÷ tensors"] == ("<=", 1.01)
+    assert TARGETS["cpu compile recompiles"] == ("<=", 0)
+    assert TARGETS["cpu compile LoRA switch on ÷ off"] == ("<=", 1.05)
+
+
+def test_compile_benchmark_takes_its_verdicts_from_the_table() -> None:
+    from bench.compile import checks
+
+    rows = checks({"service": {"recompiles after warm-up (metric)": 1.0},
+                   "unet": {"switch compile on ÷ off": 1.05, "U-Net step compiled ÷ eager": 0.9}})
+    assert [(target, status) for _, _, target, status in rows] == [("<= 0", MISS), ("<= 1.05", PASS), ("-", "INFO")]
 
 
 def test_upper_bound_targets() -> None:

@@ -21,11 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.worker_in_process import in_process
 from loraserve.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import worker_pb2
 from serving import compiled
-from serving.app import EvictablePipeline, Worker
+from serving.app import Worker
 from serving.conditioning import Conditioning, ICLightSpec
 from serving.metrics import WorkerMetrics
 from serving.pipelines import LoadedPipeline, generate_result, load_pipeline
@@ -68,21 +69,8 @@ def workers(
             safety_checker_path=str(flag_everything_checker),
             allowed_local_roots=str(tmp_path_factory.getbasetemp()),
         )
-        built.append(_in_process(Worker(settings)))
+        built.append(in_process(Worker(settings)))
     yield built[0], built[1]
-
-
-def _in_process(worker: Worker) -> Worker:
-    """Outside a replica there is no Serve multiplexer: the worker's own loader stands in for it."""
-    held: dict[str, EvictablePipeline] = {}
-
-    async def pipelines(key: str) -> EvictablePipeline:
-        if key not in held:
-            held[key] = EvictablePipeline(await asyncio.to_thread(worker._load, key))
-        return held[key]
-
-    worker._pipelines = pipelines
-    return worker
 
 
 def _models(tiny_sd15: TinyModel, tiny_sdxl: TinyModel) -> dict[str, TinyModel]:

@@ -64,37 +64,48 @@ def resolve_env(container: dict[str, Any], data_dir: Path, rendered: Rendered) -
     return env
 
 
-@pytest.fixture(scope="module")
-def rendered(stack_settings: Settings, s3_endpoint: str, tiny_sdxl: TinyModel) -> Rendered:
+def render_on_cpu(
+    app: str, bucket: str, s3_endpoint: str, tiny_sdxl: TinyModel, workers: dict[str, int], **settings: Any
+) -> Rendered:
+    """The chart's CPU dev values as the tests here run them: external S3 (moto) instead of the in-chart
+    MinIO, its keys in the cluster's Secret, the tiny model allowed, the gateway on free ports."""
     return render(
-        CI_VALUES[0],  # CPU dev, with external S3 (moto) instead of the in-chart MinIO
+        CI_VALUES[0],
         values={
             "devMinio": {"enabled": False},
             "secrets": {"s3": {"existingSecret": "chart-s3"}},
             "settings": {
-                "serve_app_name": APP,
+                "serve_app_name": app,
                 "replica_num_gpus": 0,
-                "replica_num_cpus": 0.5,
                 "device": "cpu",
                 "s3_endpoint": s3_endpoint,
                 "s3_secure": False,
-                "s3_bucket": BUCKET,
-                "retry_backoff_max_seconds": 2.0,
+                "s3_bucket": bucket,
                 # Callers name the tiny model by its local path: only under listed folders.
                 "allowed_local_roots": str(tiny_sdxl.pipeline_dir.parent),
-                # Serve autoscaling: the deployments entry overrides what build_app set from defaults.
-                "min_replicas": 1,
-                "max_replicas": 2,
                 "shutdown_grace_seconds": 5.0,
+                **settings,
             },
             "gateway": {"grpcPort": free_port(), "httpPort": free_port()},
-            # The Serve instance of the session is already up on these ports.
-            "workers": {
-                "serveGrpcPort": stack_settings.serve_grpc_port,
-                "serveHttpPort": stack_settings.serve_http_port,
-                "metricsPort": 0,
-            },
+            "workers": {**workers, "metricsPort": 0},
         },
+    )
+
+
+@pytest.fixture(scope="module")
+def rendered(stack_settings: Settings, s3_endpoint: str, tiny_sdxl: TinyModel) -> Rendered:
+    return render_on_cpu(
+        APP,
+        BUCKET,
+        s3_endpoint,
+        tiny_sdxl,
+        # The Serve instance of the session is already up on these ports.
+        {"serveGrpcPort": stack_settings.serve_grpc_port, "serveHttpPort": stack_settings.serve_http_port},
+        replica_num_cpus=0.5,
+        retry_backoff_max_seconds=2.0,
+        # Serve autoscaling: the deployments entry overrides what build_app set from defaults.
+        min_replicas=1,
+        max_replicas=2,
     )
 
 

@@ -39,8 +39,8 @@ from loraserve.client import AsyncClient
 from loraserve.config import ENV_PREFIX, Settings
 from loraserve.v1 import generation_pb2
 from serving.tiny import TinyModel
-from tests.chart.charttest import CI_VALUES, Rendered, render
-from tests.chart.test_chart_deploy import MOUNT, resolve_env, wait_serving
+from tests.chart.charttest import Rendered
+from tests.chart.test_chart_deploy import MOUNT, render_on_cpu, resolve_env, wait_serving
 from tests.conftest import free_port
 from tests.integration.test_generation_api import request
 
@@ -185,26 +185,14 @@ def pod_env(container: dict[str, Any], data_dir: Path, rendered: Rendered) -> di
 
 @pytest.fixture(scope="module")
 def rendered(s3_endpoint: str, tiny_sdxl: TinyModel) -> Rendered:
-    return render(
-        CI_VALUES[0],  # CPU dev, with external S3 (moto) instead of the in-chart MinIO
-        values={
-            "devMinio": {"enabled": False},
-            "secrets": {"s3": {"existingSecret": "chart-s3"}},
-            "settings": {
-                "serve_app_name": APP,
-                "replica_num_gpus": 0,
-                "replica_num_cpus": 1,
-                "device": "cpu",
-                "s3_endpoint": s3_endpoint,
-                "s3_secure": False,
-                "s3_bucket": BUCKET,
-                "retry_backoff_max_seconds": 1.0,
-                "allowed_local_roots": str(tiny_sdxl.pipeline_dir.parent),
-                "shutdown_grace_seconds": 5.0,
-            },
-            "gateway": {"grpcPort": free_port(), "httpPort": free_port()},
-            "workers": {"serveGrpcPort": free_port(), "serveHttpPort": free_port(), "metricsPort": 0},
-        },
+    return render_on_cpu(
+        APP,
+        BUCKET,
+        s3_endpoint,
+        tiny_sdxl,
+        {"serveGrpcPort": free_port(), "serveHttpPort": free_port()},
+        replica_num_cpus=1,
+        retry_backoff_max_seconds=1.0,
     )
 
 

@@ -6,8 +6,8 @@ waits while others run), submits per second (a token bucket per gateway), open s
 gateway: the queue's size and the open status streams. Over a limit the answer is RESOURCE_EXHAUSTED
 with RetryInfo and a QuotaFailure naming the limit, at once and before anything is written: nothing
 already accepted is dropped. Defaults come from settings; `tenant_limits` overrides them per tenant.
-Every refusal, these and the upload quotas' (`CountedUploadBudget`), is reported here, by tenant, to `on_refused`
-(the gateway's metrics).
+Every refusal is reported, by tenant, to `on_refused` (the gateway's metrics); the upload quotas'
+(storage.uploads.UploadBudget) report to the same callback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -23,7 +23,6 @@ from gateway.auth import ANONYMOUS, check_tenant_name
 from gateway.errors import ResourceExhausted
 from gateway.store import RequestRecord, RequestStore
 from loraserve.config import Settings
-from storage.uploads import UploadBudget, UploadQuotaExceeded
 
 # Told of each refusal: (the refused tenant, the limit, the subject as the QuotaFailure names it).
 OnRefused = Callable[[str, str, str], None]
@@ -189,34 +188,3 @@ class Quotas:
             if left > 0:
                 self._tenant_streams[tenant] = left
 
-
-class CountedUploadBudget(UploadBudget):
-    """The upload quotas (storage.uploads.UploadBudget), each refusal reported to `on_refused` like the others."""
-
-    def __init__(self, *, on_refused: OnRefused, **limits: Any) -> None:
-        super().__init__(**limits)
-        self._on_refused = on_refused
-
-    async def admit(self, tenant: str) -> None:
-        with self._reported(tenant):
-            await super().admit(tenant)
-
-    @contextmanager
-    def spool(self, tenant: str) -> Iterator[None]:
-        with ExitStack() as held:
-            # Only entering is a refusal: what the body raises (a charge over quota) is reported where it is raised.
-            with self._reported(tenant):
-                held.enter_context(super().spool(tenant))
-            yield
-
-    def charge(self, tenant: str, size: int) -> None:
-        with self._reported(tenant):
-            super().charge(tenant, size)
-
-    @contextmanager
-    def _reported(self, tenant: str) -> Iterator[None]:
-        try:
-            yield
-        except UploadQuotaExceeded as exc:
-            self._on_refused(tenant, exc.limit, exc.subject)
-            raise

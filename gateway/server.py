@@ -26,7 +26,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.storage_service import StorageService
 from gateway.lease_keeper import LeaseKeeper
 from gateway.retention import RetentionSweeper
-from gateway.quotas import CountedUploadBudget, Quotas
+from gateway.quotas import Quotas
 from gateway.webhook_signing import JWKS_PATH
 from gateway.webhooks import WebhookSender, sender_from_settings
 from gateway.store import RequestStore, open_store
@@ -35,7 +35,7 @@ from loraserve.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
 from storage import from_settings
 from storage.object_store import LocalObjectStore, uploads_prefix
-from storage.uploads import Uploads
+from storage.uploads import UploadBudget, Uploads
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,12 @@ class Gateway:
             open_streams=lambda: self.feed.streams,
         )
         # What uploads hold on this gateway (both ports' uploads); retention tells it when uploads were deleted.
-        self.upload_budget = CountedUploadBudget(
-            on_refused=self.metrics.refusal,
+        self.upload_budget = UploadBudget(
             max_spools=settings.max_upload_spools,
             tenant_max_spools=settings.tenant_max_upload_spools,
             tenant_max_bytes=settings.tenant_max_upload_bytes,
             stored_bytes=lambda tenant: files.usage(uploads_prefix(tenant)),
+            on_refused=self.metrics.refusal,
         )
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])

@@ -99,7 +99,9 @@ class UploadBudget:
         tenant_max_bytes: int = 0,
         stored_bytes: Callable[[str], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str, str, str], None] = lambda *_: None,
     ) -> None:
+        """`on_refused(tenant, limit, subject)` is told of each refusal as it is made (the gateway's metrics)."""
         if tenant_max_bytes and stored_bytes is None:
             raise ValueError("a tenant byte quota needs a way to measure stored bytes")
         self.max_spools = max_spools
@@ -107,6 +109,7 @@ class UploadBudget:
         self.tenant_max_bytes = tenant_max_bytes
         self._stored_bytes = stored_bytes
         self._clock = clock
+        self._on_refused = on_refused
         self.open_spools = 0
         self._tenants: dict[str, _TenantUse] = {}
 
@@ -128,14 +131,16 @@ class UploadBudget:
         """One spool open (a file receiving bytes) while inside."""
         use = self._use(tenant)
         if self.max_spools and self.open_spools >= self.max_spools:
-            raise UploadQuotaExceeded(
+            raise self._refusal(
+                tenant,
                 f"this gateway is receiving {self.open_spools} uploads at once, its limit; retry shortly",
                 limit="max_upload_spools",
                 subject="gateway",
                 retry_after_seconds=SPOOL_RETRY_SECONDS,
             )
         if self.tenant_max_spools and use.spools >= self.tenant_max_spools:
-            raise UploadQuotaExceeded(
+            raise self._refusal(
+                tenant,
                 f"tenant {tenant!r} is sending {use.spools} uploads (or parts) at once, its limit; retry when one is done",
                 limit="tenant_max_upload_spools",
                 subject=f"tenant:{tenant}",
@@ -179,13 +184,21 @@ class UploadBudget:
             self._tenants.pop(tenant, None)
 
     def _over_bytes(self, tenant: str) -> UploadQuotaExceeded:
-        return UploadQuotaExceeded(
+        return self._refusal(
+            tenant,
             f"tenant {tenant!r} has {self.tenant_max_bytes} bytes of uploads stored or arriving, its limit; "
             "uploads expire under the retention setting",
             limit="tenant_max_upload_bytes",
             subject=f"tenant:{tenant}",
             retry_after_seconds=BYTES_RETRY_SECONDS,
         )
+
+    def _refusal(
+        self, tenant: str, message: str, *, limit: str, subject: str, retry_after_seconds: float
+    ) -> UploadQuotaExceeded:
+        """The refusal to raise, reported to `on_refused` as it is made."""
+        self._on_refused(tenant, limit, subject)
+        return UploadQuotaExceeded(message, limit=limit, subject=subject, retry_after_seconds=retry_after_seconds)
 
 
 class Reservation:

@@ -11,11 +11,11 @@ import pytest
 import pytest_asyncio
 
 from gateway.errors import ResourceExhausted
-from gateway.quotas import CountedUploadBudget, Quotas, TenantLimits, parse_tenant_limits
+from gateway.quotas import Quotas, TenantLimits, parse_tenant_limits
 from gateway.store_sqlite import SqliteStore
 from loraserve.config import Settings
 from loraserve.v1 import types_pb2
-from storage.uploads import UploadQuotaExceeded
+from storage.uploads import UploadBudget, UploadQuotaExceeded
 
 INPUT = types_pb2.GenerateInput(model_name="org/model", prompt="p")
 
@@ -123,7 +123,7 @@ def test_every_refusal_is_reported_with_its_tenant_and_limit_and_once() -> None:
 
 async def test_upload_quota_refusals_are_reported_and_what_a_spool_holds_is_not_reported_twice() -> None:
     refused: list[tuple[str, str, str]] = []
-    budget = CountedUploadBudget(
+    budget = UploadBudget(
         on_refused=lambda *r: refused.append(r), tenant_max_spools=1, tenant_max_bytes=10, stored_bytes=lambda _: 4
     )
     await budget.admit("a")

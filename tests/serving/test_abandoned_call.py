@@ -27,7 +27,8 @@ from loraserve.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.inputs import to_input
 from loraserve.v1 import worker_pb2
-from serving.app import EvictablePipeline, Worker
+from bench.worker_in_process import in_process
+from serving.app import Worker
 from serving.latents import OutputFile
 from serving.pipelines import GenerationResult
 from serving.tiny import TinyModel
@@ -87,19 +88,10 @@ def gate() -> Iterator[FirstStepGate]:
 
 
 @pytest.fixture
-def worker(settings: Settings, gate: FirstStepGate) -> Iterator[Worker]:
-    worker = Worker(settings)
-    held: dict[str, EvictablePipeline] = {}
-
-    async def pipelines(key: str) -> EvictablePipeline:
-        if key not in held:
-            held[key] = EvictablePipeline(await asyncio.to_thread(worker._load, key))
-            held[key].loaded.pipe.unet.register_forward_pre_hook(gate)
-        return held[key]
-
-    worker._pipelines = pipelines
-    yield worker
-    held.clear()
+def worker(settings: Settings, gate: FirstStepGate) -> Worker:
+    return in_process(
+        Worker(settings), on_load=lambda pipeline: pipeline.loaded.pipe.unet.register_forward_pre_hook(gate)
+    )
 
 
 def stored(settings: Settings, request_id: str = REQUEST_ID) -> list[str]:

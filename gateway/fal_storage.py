@@ -59,7 +59,7 @@ from gateway.http_json import read_json
 from gateway.periodic import Periodic
 from gateway.store import StoreUnavailable
 from loraserve.config import Settings
-from storage.object_store import InvalidKey, check_key, load_or_create_secret
+from storage.object_store import InvalidKey, check_key, load_or_create_secret, signature_matches
 from storage.uploads import (
     Reservation,
     UploadQuotaExceeded,
@@ -228,7 +228,7 @@ class FalStorage:
         if (
             not (expires.isascii() and expires.isdigit())
             or int(expires) < self._clock()
-            or not _signed(self._sign("put", key, expires, key_id), signature)
+            or not signature_matches(self._sign("put", key, expires, key_id), signature)
         ):
             raise StorageHttpError(403, "the upload URL is not signed by this service or has expired")
         tenant = await self._minted_tenant(key_id, 403, "upload URL")
@@ -301,7 +301,7 @@ class FalStorage:
         if scheme.lower() != TOKEN_TYPE.lower():
             return await self._key_caller(request)
         body, _, signature = credentials.strip().partition(".")
-        if not (body.isascii() and _signed(self._sign("token", body), signature)):
+        if not (body.isascii() and signature_matches(self._sign("token", body), signature)):
             raise StorageHttpError(401, "the upload token is not one this service issued")
         try:
             claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
@@ -528,12 +528,6 @@ def _answering_json(
 
 def _json(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
-
-
-def _signed(expected: str, presented: str) -> bool:
-    """Whether `presented` is the signature `expected` (hex): in constant time, and False for text that is not
-    ASCII, which compare_digest refuses with a TypeError."""
-    return presented.isascii() and hmac.compare_digest(expected, presented)
 
 
 async def _initiate_body(request: web.Request) -> tuple[str, str]:

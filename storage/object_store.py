@@ -128,6 +128,12 @@ def output_name(request_id: str, which: str, suffix: str = "", length: int = 12)
     return "".join(_NAME_ALPHABET[b % len(_NAME_ALPHABET)] for b in digest[:length]) + suffix
 
 
+def signature_matches(expected: str, presented: str) -> bool:
+    """Whether `presented` is the signature `expected` (hex): in constant time, and False for text that is not
+    ASCII, which compare_digest refuses with a TypeError (no signature this service makes has any)."""
+    return presented.isascii() and hmac.compare_digest(expected, presented)
+
+
 def key_under(url: str, base: str) -> str | None:
     """The key a URL names below `base`, ignoring query and fragment (signatures, cache busters)."""
     parts = urlsplit(url)
@@ -257,8 +263,7 @@ class LocalObjectStore:
         """True for a URL this store (or one sharing its key) signed for `key` that has not expired yet."""
         if not (expires.isascii() and expires.isdigit()) or int(expires) < self.clock():
             return False
-        # compare_digest raises TypeError for non-ASCII text; no signature this store makes has any.
-        return signature.isascii() and hmac.compare_digest(self._sign(key, int(expires)), signature)
+        return signature_matches(self._sign(key, int(expires)), signature)
 
     def key_for_url(self, url: str) -> str | None:
         """The key whatever the signature or expiry: results are re-signed from it when read."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
 import subprocess
@@ -154,8 +155,20 @@ async def chart_gateway(
     serve_service = rendered.rayservice["spec"]["serveService"]["metadata"]["name"]
     assert env[ENV_PREFIX + "SERVE_GRPC_HOST"] == serve_service
     assert env[ENV_PREFIX + "GRPC_HOST"] == env[ENV_PREFIX + "HTTP_HOST"] == "0.0.0.0"
-    env.update({ENV_PREFIX + "SERVE_GRPC_HOST": "127.0.0.1", ENV_PREFIX + "GRPC_HOST": "127.0.0.1"})
-    env[ENV_PREFIX + "HTTP_HOST"] = "127.0.0.1"
+    async with running_gateway(container, env) as settings:
+        yield settings
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(container: dict[str, Any], env: dict[str, str]) -> AsyncIterator[Settings]:
+    """The rendered gateway container's command with `env`, on loopback (its pod listens on every address,
+    and its Serve host is a Service name), until it serves health; stopped by SIGTERM as the kubelet does."""
+    env = {
+        **env,
+        ENV_PREFIX + "SERVE_GRPC_HOST": "127.0.0.1",
+        ENV_PREFIX + "GRPC_HOST": "127.0.0.1",
+        ENV_PREFIX + "HTTP_HOST": "127.0.0.1",
+    }
     command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     settings = Settings.from_env(env)
@@ -164,7 +177,11 @@ async def chart_gateway(
         yield settings
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = await asyncio.to_thread(process.communicate, timeout=60)
+        try:
+            output, _ = await asyncio.to_thread(process.communicate, timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = await asyncio.to_thread(process.communicate)
         print(output)
 
 

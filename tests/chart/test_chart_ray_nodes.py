@@ -18,7 +18,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from loraserve.config import ENV_PREFIX, Settings
 from loraserve.v1 import generation_pb2
 from serving.tiny import TinyModel
 from tests.chart.charttest import Rendered
-from tests.chart.test_chart_deploy import MOUNT, render_on_cpu, resolve_env, wait_serving
+from tests.chart.test_chart_deploy import MOUNT, render_on_cpu, resolve_env, running_gateway
 from tests.conftest import free_port
 from tests.integration.test_generation_api import request
 
@@ -331,22 +330,8 @@ async def gateway(
     """`loraserve gateway` with the rendered Deployment's command and env."""
     container = rendered.gateway_container
     env = pod_env(container, tmp_path_factory.mktemp("nodes-gateway-data"), rendered)
-    env.update({ENV_PREFIX + "SERVE_GRPC_HOST": "127.0.0.1", ENV_PREFIX + "GRPC_HOST": "127.0.0.1"})
-    env[ENV_PREFIX + "HTTP_HOST"] = "127.0.0.1"
-    command = [str(BIN / container["command"][0]), *container["command"][1:]]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    settings = Settings.from_env(env)
-    try:
-        await wait_serving(settings.grpc_port, process)
+    async with running_gateway(container, env) as settings:
         yield settings
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            output, _ = await asyncio.to_thread(process.communicate, timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = await asyncio.to_thread(process.communicate)
-        print(output)
 
 
 def counters(http_port: int) -> dict[str, float]:

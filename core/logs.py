@@ -1,6 +1,6 @@
 """Logs of the server commands: a short console for people, everything in files under data_dir/logs.
 
-Every line is redacted (loraserve.redaction) as it is formatted: URL query strings and user info,
+Every line is redacted (core.redaction) as it is formatted: URL query strings and user info,
 API-key secrets and `password=`-style values never reach a log file or the console.
 
 Ray, gRPC's C core, torch and friends write INFO chatter straight to file descriptors 1 and 2,
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from loraserve.redaction import redact_text
+from core.redaction import redact_text
 
 # Ray's log record factory adds `_ray_timestamp_ns` to every record.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {

@@ -12,7 +12,7 @@ import hmac
 import secrets
 from collections.abc import Iterable
 
-from loraserve.config import Settings
+from core.config import Settings
 
 METADATA_KEY = "loraserve-worker-secret"
 

@@ -26,6 +26,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proto ./proto
 COPY loraserve ./loraserve
+COPY core ./core
 COPY gateway ./gateway
 COPY serving ./serving
 COPY storage ./storage

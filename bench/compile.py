@@ -50,7 +50,7 @@ def say(message: str) -> None:
 
 
 def service(workdir: Path, loras: int, requests: int, regional: bool) -> dict[str, float]:
-    from loraserve.config import Settings
+    from core.config import Settings
     from loraserve.inputs import to_input
     from loraserve.v1 import worker_pb2
     from bench.worker_in_process import in_process

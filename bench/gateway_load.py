@@ -45,7 +45,7 @@ def free_port() -> int:
 async def _serve(data: Path, ready: Any, stop: Any, key_out: Any) -> None:
     from gateway.auth import new_key
     from gateway.server import Gateway
-    from loraserve.config import Settings
+    from core.config import Settings
 
     base = Settings(serve_grpc_port=free_port(), device="cpu", log_level="WARNING", max_open_streams=0)
     open_gateway = Gateway(base.replace(data_dir=data / "open", grpc_port=free_port(), http_port=free_port()))

@@ -60,7 +60,7 @@ LORA_RANK = 32
 LORA_STD = 0.01
 # Round-robin passes over the resident adapters when timing switches between them.
 SWITCH_ROUNDS = 5
-# The replica's host-RAM LoRA tier, as big as loraserve.config's default (max_host_lora_bytes).
+# The replica's host-RAM LoRA tier, as big as core.config's default (max_host_lora_bytes).
 HOST_LORA_BYTES = 8 * 1024**3
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json, less most keys equal to diffusers' defaults.
 SDXL_UNET: dict[str, Any] = {

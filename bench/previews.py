@@ -32,7 +32,7 @@ from bench.gpu import Config as GpuConfig
 from bench.gpu import build_sdxl
 from bench.inprocess import quiet
 from bench.plan import GUIDANCE_SCALE, PROMPT, SEED
-from loraserve.config import Settings
+from core.config import Settings
 from serving.app import throttled
 from serving.pipelines import GenerationParams, LoadedPipeline, generate_result, load_pipeline
 from serving.previews import Previews

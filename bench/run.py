@@ -872,7 +872,7 @@ async def _run(
 
     from bench import inprocess
     from loraserve.client import AsyncClient
-    from loraserve.config import Settings
+    from core.config import Settings
     from loraserve.embedded import EmbeddedService
     from serving.tiny import make_tiny_model
 

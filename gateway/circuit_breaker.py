@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
@@ -35,7 +35,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestRecord, RequestStore, State
 from gateway.worker_client import GenerateCall, WorkerClient
 from loraserve.errors import ErrorType
-from loraserve.logs import RequestLines
+from core.logs import RequestLines
 from loraserve.v1 import types_pb2, worker_pb2
 
 log = logging.getLogger(__name__)

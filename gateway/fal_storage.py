@@ -58,7 +58,7 @@ from gateway.errors import ServiceError, Unauthenticated, to_http
 from gateway.http_json import read_json
 from gateway.periodic import Periodic
 from gateway.store import StoreUnavailable
-from loraserve.config import Settings
+from core.config import Settings
 from storage.object_store import InvalidKey, check_key, load_or_create_secret, signature_matches
 from storage.uploads import (
     Reservation,

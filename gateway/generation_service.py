@@ -27,8 +27,8 @@ from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State, TenantFull
 from gateway.quotas import Quotas
 from gateway.validation import priority_rank, validate_input, validate_start_timeout, validate_webhook_url
-from loraserve.config import Settings
-from loraserve.model_key import BaseModelRef
+from core.config import Settings
+from core.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
 from storage.object_store import ObjectStore
 from storage.result_urls import with_fresh_urls

@@ -22,7 +22,7 @@ from typing import Any
 from gateway.auth import ANONYMOUS, check_tenant_name
 from gateway.errors import ResourceExhausted
 from gateway.store import RequestRecord, RequestStore
-from loraserve.config import Settings
+from core.config import Settings
 
 # Told of each refusal: (the refused tenant, the limit, the subject as the QuotaFailure names it).
 OnRefused = Callable[[str, str, str], None]

@@ -12,7 +12,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.auth import Authenticator, auth_required
 from gateway.dispatcher import Dispatcher
@@ -31,7 +31,7 @@ from gateway.webhook_signing import JWKS_PATH
 from gateway.webhooks import WebhookSender, sender_from_settings
 from gateway.store import RequestStore, open_store
 from gateway.worker_client import WorkerClient
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc
 from storage import from_settings
 from storage.object_store import LocalObjectStore, uploads_prefix

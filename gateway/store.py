@@ -28,7 +28,7 @@ from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2
 
 if TYPE_CHECKING:
-    from loraserve.config import Settings
+    from core.config import Settings
 
 
 class State(StrEnum):

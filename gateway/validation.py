@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 from gateway.conditioning_validation import conditioning_violations
 from gateway.errors import FieldViolation, InvalidArgument
 from loraserve import schema
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.input_strings import input_strings
 from loraserve.v1 import types_pb2
 from serving.inline_results import sync_mode_violations

@@ -30,7 +30,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from loraserve.config import Settings
+from core.config import Settings
 from storage.object_store import load_or_create_secret
 
 # Where the embedded default keeps the key it makes.

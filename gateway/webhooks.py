@@ -38,9 +38,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.periodic import Periodic
 from gateway.store import RequestRecord, RequestStore, WebhookDelivery
 from gateway.webhook_signing import WebhookSigner
-from loraserve.backoff import Backoff
-from loraserve.config import Settings
-from loraserve.redaction import redact_url
+from core.backoff import Backoff
+from core.config import Settings
+from core.redaction import redact_url
 from storage import from_settings
 from storage.fetch import FetchPolicy, InputFetchError, post
 from storage.object_store import ObjectStore

@@ -20,7 +20,7 @@ from typing import TypeAlias
 import grpc
 
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
-from loraserve.worker_auth import METADATA_KEY
+from core.worker_auth import METADATA_KEY
 
 GenerateCall: TypeAlias = grpc.aio.UnaryStreamCall
 

@@ -1,6 +1,6 @@
 """The `loraserve` command: serve, gateway, generate, make-tiny-model, demo, serve-config.
 
-Settings come from `LORASERVE_*` env vars with flags over them (loraserve.config).
+Settings come from `LORASERVE_*` env vars with flags over them (core.config).
 Heavy imports (torch, Ray, diffusers) happen inside the subcommands that need them, so
 `loraserve generate` stays a light gRPC client.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loraserve import keys_cli
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.schema import IMAGE_SIZE_PRESETS
 from loraserve.v1 import types_pb2
 
@@ -194,7 +194,7 @@ def _tiny_fixtures(args: argparse.Namespace, pipeline_dir: Path) -> list[Path]:
 
 def _run_server(command: str, settings: Settings, *, verbose: bool) -> int:
     """The commands that start a service share one console: its own lines and everyone's errors."""
-    from loraserve.logs import setup_logging
+    from core.logs import setup_logging
 
     logs = setup_logging(settings.data_dir, settings.log_level, verbose=verbose)
     more = f"; Ray and library output: {logs.output_file}" if logs.output_file else ""

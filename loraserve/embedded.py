@@ -6,7 +6,7 @@ import asyncio
 import logging
 from types import TracebackType
 
-from loraserve.config import Settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 class EmbeddedService:
     def __init__(self, settings: Settings) -> None:
         from gateway.server import Gateway
-        from loraserve.worker_auth import with_generated_secret
+        from core.worker_auth import with_generated_secret
 
         # Both sides of the workers' ingress are started here, so they can share a secret made for this run.
         settings = with_generated_secret(settings)

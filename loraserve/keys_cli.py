@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import time
 
-from loraserve.config import Settings
+from core.config import Settings
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

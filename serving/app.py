@@ -28,13 +28,13 @@ from ray.serve.grpc_util import RayServegRPCContext
 from gateway.errors import InvalidArgument
 from gateway.validation import validate_input
 from loraserve import schema
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.errors import ErrorType
-from loraserve.logs import redact_log_records
-from loraserve.model_key import BaseModelRef
-from loraserve.redaction import redact_text, redact_url
+from core.logs import redact_log_records
+from core.model_key import BaseModelRef
+from core.redaction import redact_text, redact_url
 from loraserve.v1 import types_pb2, worker_pb2
-from loraserve.worker_auth import caller_secret, secret_matches
+from core.worker_auth import caller_secret, secret_matches
 from serving import compiled, conditioning, image_to_image
 from serving.embeddings import EmbeddingLoadError
 from serving.inline_results import check_inline_size, data_uri

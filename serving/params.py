@@ -13,7 +13,7 @@ def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationPara
     """Every option the core implements; defaults resolve through loraserve.schema.
 
     Options the gateway refuses as not supported are not read here. `unet_name` and `variant`
-    are part of the base-model key (loraserve/model_key.py), so they shape the loaded pipeline,
+    are part of the base-model key (core/model_key.py), so they shape the loaded pipeline,
     not the request. Paths (loras, embeddings) are as the caller gave them; the worker replaces
     them with local files from its weights cache.
     """

@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
-from loraserve.config import Settings
+from core.config import Settings
 from serving.app import build_app
 from serving.serve_config import application_config, serve_start_options
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loraserve.config import ENV_PREFIX, Settings
+from core.config import ENV_PREFIX, Settings
 
 # serving/application.py, which imports the worker (torch, Ray) that this module must not.
 IMPORT_PATH = "serving.application:build_application"

@@ -29,7 +29,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import PIL.Image
 
-from loraserve.redaction import redact_url
+from core.redaction import redact_url
 from storage.object_store import InvalidKey, ObjectNotFound
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from loraserve.config import Settings
+from core.config import Settings
 from storage.factory import make_object_store
 from storage.fetch import FetchPolicy
 from storage.object_store import ObjectStore, load_or_create_secret

@@ -3,7 +3,7 @@
 A generation's outputs exist only in the worker's memory until they are stored: one S3
 hiccup (a 503, a dropped connection, SlowDown) at that moment would otherwise fail a
 request whose GPU time is already spent. Writes are retried a bounded number of times
-with capped exponential backoff and jitter (loraserve/backoff.py), so replicas hitting the same outage do
+with capped exponential backoff and jitter (core/backoff.py), so replicas hitting the same outage do
 not retry in step; after the last attempt the caller gets `StorageUnavailable`, which
 the worker reports as a failed worker attempt (the gateway may run it again elsewhere).
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import urllib3
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 from storage.object_store import ObjectStore, StoredObject
 
 log = logging.getLogger(__name__)

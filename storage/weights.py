@@ -53,7 +53,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from loraserve.redaction import redact_url
+from core.redaction import redact_url
 from storage.fetch import FetchPolicy, InputFetchError, StoredFiles, decode_data_uri, fetch_to
 from storage.sniff import looks_like_safetensors
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_asyncio
 
-from loraserve.config import Settings
+from core.config import Settings
 
 if TYPE_CHECKING:
     from serving.tiny import TinyModel

@@ -290,7 +290,7 @@ async def test_gateway_load_proves_the_auth_arm_refuses_a_keyless_call(tmp_path:
     from bench.gateway_load import keyless_refused
     from bench.run import free_port
     from gateway.server import Gateway
-    from loraserve.config import Settings
+    from core.config import Settings
 
     base = Settings(serve_grpc_port=free_port(), device="cpu", log_level="WARNING")
     keyed = Gateway(base.replace(data_dir=tmp_path / "keyed", grpc_host="0.0.0.0", grpc_port=free_port(), http_port=free_port()))

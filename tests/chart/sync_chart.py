@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Any
 
-from loraserve.config import Settings
+from core.config import Settings
 from serving import serve_config
 from tests.chart.charttest import CHART
 

@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from loraserve.client import AsyncClient
-from loraserve.config import ENV_PREFIX, Settings
+from core.config import ENV_PREFIX, Settings
 from serving.serve_config import serve_start_options
 from serving.tiny import TinyModel
 from tests.chart.charttest import CI_VALUES, Rendered, env_of, render

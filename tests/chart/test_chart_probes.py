@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraserve.config import ENV_PREFIX
+from core.config import ENV_PREFIX
 from tests.chart.charttest import VALUE_SETS, Rendered, env_of, render
 from tests.conftest import free_port, self_signed_cert
 

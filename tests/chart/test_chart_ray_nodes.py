@@ -35,7 +35,7 @@ import pytest_asyncio
 from minio import Minio
 
 from loraserve.client import AsyncClient
-from loraserve.config import ENV_PREFIX, Settings
+from core.config import ENV_PREFIX, Settings
 from loraserve.v1 import generation_pb2
 from serving.tiny import TinyModel
 from tests.chart.charttest import Rendered

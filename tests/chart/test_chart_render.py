@@ -19,7 +19,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from loraserve.config import ENV_PREFIX, Settings
+from core.config import ENV_PREFIX, Settings
 from serving import serve_config
 from tests.chart.charttest import (
     CHART,
@@ -424,13 +424,13 @@ def test_secret_settings_by_name_are_routed_by_who_reads_them() -> None:
 
 def test_no_replica_code_reads_a_gateway_only_secret() -> None:
     """GATEWAY_SECRETS is right only while nothing a Ray pod runs (serving/, storage/, what they import
-    from loraserve/) names those settings."""
+    from core/ and loraserve/) names those settings."""
     import re
 
     root = CHART.parents[1]
     readers = {
         path.relative_to(root).as_posix()
-        for folder in ("serving", "storage", "loraserve")
+        for folder in ("serving", "storage", "core", "loraserve")
         for path in (root / folder).rglob("*.py")
         if path.name != "config.py" and path.parent.name != "v1"
         for name in serve_config.GATEWAY_SECRETS

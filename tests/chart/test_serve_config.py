@@ -12,7 +12,7 @@ import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from loraserve.cli import main
-from loraserve.config import ENV_PREFIX, Settings
+from core.config import ENV_PREFIX, Settings
 from serving import serve_config
 from tests.chart.charttest import assert_no_unknown_fields
 

@@ -11,7 +11,7 @@ import pytest
 from gateway.server import Gateway
 from gateway.store import State
 from loraserve.client import AsyncClient
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel
 from tests.faults.faultkit import COMPLETED, all_finished, body, eventually, output_files, sigkill, wait_serving
 from tests.integration.test_signals import Server, loopback_port, start_server

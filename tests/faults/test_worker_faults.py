@@ -13,7 +13,7 @@ import pytest
 
 from gateway.generation_service import GenerationService
 from loraserve.client import AsyncClient
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import generation_pb2 as gen
 from loraserve.v1 import generation_pb2_grpc, types_pb2

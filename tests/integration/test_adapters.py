@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel, make_tiny_embedding, make_tiny_lora, make_tiny_unet, make_tiny_variant
 from tests.integration.test_generation_api import COMPLETED, generate_pixels, request
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel
 from serving.tiny_adapters import TinyAdapters, make_tiny_adapters
 from tests.integration.test_generation_api import generate_pixels, request

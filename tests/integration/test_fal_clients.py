@@ -35,7 +35,7 @@ from ray import serve
 
 from gateway.auth import new_key
 from gateway.server import Gateway
-from loraserve.config import Settings
+from core.config import Settings
 from serving.app import build_app
 from serving.tiny import TinyModel
 from tests.conftest import free_port, require_tool, self_signed_cert

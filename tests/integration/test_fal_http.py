@@ -20,7 +20,7 @@ import pytest
 from gateway import fal_http
 from gateway.auth import new_key
 from gateway.server import Gateway
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import types_pb2, worker_pb2
 from tests.conftest import free_port, self_signed_cert
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until

@@ -24,7 +24,7 @@ from PIL import Image
 from gateway.auth import new_key
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel
 from storage.object_store import tenant_folder
 from tests.conftest import free_port, read_image_bytes

@@ -13,9 +13,9 @@ from gateway.server import Gateway
 from gateway.store import State
 from gateway.store_sqlite import SqliteStore
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.inputs import to_input
-from loraserve.model_key import BaseModelRef
+from core.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
 from tests.conftest import free_port

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from loraserve.client import AsyncClient, Client, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.numpy import load
 
 from loraserve.client import AsyncClient
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes
 from tests.integration.test_generation_api import generate_pixels, pixels, request

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from loraserve.client import AsyncClient
-from loraserve.config import Settings
-from loraserve.model_key import BaseModelRef
+from core.config import Settings
+from core.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
 from tests.integration.test_generation_api import request

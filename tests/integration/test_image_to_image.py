@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.numpy import load
 
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel, make_tiny_model
 from serving.tiny_adapters import make_tiny_adapters
 from tests.conftest import read_image_bytes

@@ -16,7 +16,7 @@ from ray import serve
 
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.app import build_app
 from serving.tiny import TinyModel, make_tiny_embedding

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from serving.tiny import TinyModel
 from tests.chart.charttest import render
 from tests.chart.monitoring import MONITORING_ON, TARGET_LABELS, alert_rules, dashboard, dashboard_queries, selectors

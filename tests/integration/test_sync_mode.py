@@ -15,7 +15,7 @@ from PIL import Image
 
 from gateway.validation import validate_input
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
 from serving.tiny import TinyModel

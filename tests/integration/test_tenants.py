@@ -15,7 +15,7 @@ import pytest_asyncio
 from gateway.auth import auth_required, new_key
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
 from tests.conftest import free_port, self_signed_cert

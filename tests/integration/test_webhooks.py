@@ -31,7 +31,7 @@ from aiohttp import web
 from gateway.server import Gateway
 from gateway.store import WebhookDelivery
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1.generation_pb2 import REQUEST_STATE_COMPLETED as COMPLETED
 from serving.tiny import TinyModel
 from tests.conftest import free_port

@@ -10,10 +10,10 @@ import pytest
 
 from gateway.worker_client import WorkerClient
 from loraserve.client import AsyncClient
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.inputs import to_input
-from loraserve.model_key import BaseModelRef
+from core.model_key import BaseModelRef
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
 from serving.tiny import TinyModel
 from tests.integration.test_generation_api import request

@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.inputs import to_input
 from loraserve.v1 import worker_pb2

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from bench.worker_in_process import in_process
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import worker_pb2
 from serving import compiled

@@ -16,7 +16,7 @@ from urllib.parse import quote_from_bytes
 import pytest
 from storage_testkit import FileServer, Route, png_bytes
 
-from loraserve.redaction import redact_url
+from core.redaction import redact_url
 from storage.fetch import FetchPolicy, InputFetchError, check_url, fetch_bytes, fetch_image, open_image, post
 from storage.object_store import LocalObjectStore
 from tests.conftest import self_signed_cert

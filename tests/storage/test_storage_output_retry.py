@@ -19,7 +19,7 @@ import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.errors import ErrorType
 from serving.app import Worker, _failure
 from serving.latents import OutputFile

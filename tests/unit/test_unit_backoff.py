@@ -8,7 +8,7 @@ import random
 import pytest
 
 from gateway.circuit_breaker import CircuitBreaker
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from loraserve.cli import build_parser, main, parse_lora, parse_size
-from loraserve.config import Settings
-from loraserve.logs import ConsoleFormatter, RequestLines
+from core.config import Settings
+from core.logs import ConsoleFormatter, RequestLines
 
 LORAS: list[tuple[str, dict[str, Any]]] = [
     ("style.safetensors", {"path": "style.safetensors"}),
@@ -135,7 +135,7 @@ def test_console_shows_an_error_in_one_line_unless_tracebacks_are_asked_for() ->
 LOGGING_SCRIPT = """
 import logging, os, sys
 from pathlib import Path
-from loraserve.logs import setup_logging
+from core.logs import setup_logging
 setup = setup_logging(Path(sys.argv[1]), verbose=sys.argv[2] == "verbose")
 logging.getLogger("gateway.server").info("gateway started")
 logging.getLogger("ray.serve").info("library chatter")

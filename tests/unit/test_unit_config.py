@@ -1,4 +1,4 @@
-"""loraserve.config.Settings: env vars, CLI flags over them, typed parsing, derived values."""
+"""core.config.Settings: env vars, CLI flags over them, typed parsing, derived values."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from loraserve import config
+from core import config
 from loraserve.cli import build_parser
-from loraserve.config import Settings
+from core.config import Settings
 
 # (env var, raw value, attribute, parsed value, type)
 ENV_CASES: list[tuple[str, str, str, Any, type]] = [

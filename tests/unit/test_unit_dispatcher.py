@@ -26,7 +26,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestRecord, State
 from gateway.store_sqlite import SqliteStore
 from gateway.worker_client import WorkerClient
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 from loraserve.errors import ErrorType
 from loraserve.v1 import types_pb2
 from tests.unit.worker_testkit import SAFETY_S, FakeWorker, Relay, WorkerServer, wait_until

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.server import SERVICE_NAMES, Gateway
 from loraserve.client import AsyncClient
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from tests.conftest import free_port
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until

@@ -1,4 +1,4 @@
-"""loraserve.inputs.to_input (fal-style dicts → GenerateInput) and loraserve.model_key.BaseModelRef."""
+"""loraserve.inputs.to_input (fal-style dicts → GenerateInput) and core.model_key.BaseModelRef."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from loraserve.inputs import to_input
-from loraserve.model_key import BaseModelRef
+from core.model_key import BaseModelRef
 from loraserve.v1 import types_pb2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from loraserve.config import Settings
+from core.config import Settings
 
 
 def test_roots_are_a_comma_separated_list() -> None:

@@ -13,7 +13,7 @@ import pytest_asyncio
 from gateway.errors import ResourceExhausted
 from gateway.quotas import Quotas, TenantLimits, parse_tenant_limits
 from gateway.store_sqlite import SqliteStore
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import types_pb2
 from storage.uploads import UploadBudget, UploadQuotaExceeded
 

@@ -1,4 +1,4 @@
-"""Secrets out of logs and errors: loraserve.redaction and the log formatters."""
+"""Secrets out of logs and errors: core.redaction and the log formatters."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from loraserve.logs import ConsoleFormatter, JsonFormatter, redact_log_records
-from loraserve.redaction import redact_text, redact_url
+from core.logs import ConsoleFormatter, JsonFormatter, redact_log_records
+from core.redaction import redact_text, redact_url
 
 SECRETS = ("s3cr3tSig", "hunter2", "tok_ABC", "k3ysecret", "dbpass", "bearerTOKEN")
 

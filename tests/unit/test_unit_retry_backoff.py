@@ -17,7 +17,7 @@ from gateway.scheduling import HotFirstOrder
 from gateway.store import RequestStore, State
 from gateway.store_postgres import PostgresStore
 from gateway.worker_client import WorkerClient
-from loraserve.backoff import Backoff
+from core.backoff import Backoff
 from loraserve.v1 import types_pb2
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until
 

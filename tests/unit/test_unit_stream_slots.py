@@ -18,7 +18,7 @@ import pytest
 from gateway.auth import header_value, new_key
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from tests.conftest import free_port
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until

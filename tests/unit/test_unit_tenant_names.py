@@ -11,7 +11,7 @@ import pytest
 from gateway.auth import new_key
 from gateway.quotas import parse_tenant_limits
 from loraserve.cli import main
-from loraserve.config import Settings
+from core.config import Settings
 
 REFUSED = ["团队", "équipe", "team a", "", "-team", "team\n", "a" * 201, "team/a"]
 

@@ -23,7 +23,7 @@ from PIL import Image
 from gateway.auth import KEY_CACHE_SECONDS, new_key
 from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
-from loraserve.config import Settings
+from core.config import Settings
 from storage.object_store import uploads_prefix
 from tests.conftest import free_port
 

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import InvalidArgument
 from gateway.validation import validate_input
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
 from tests.unit.validation_testkit import MINIMAL, SETTINGS, violations_of

@@ -18,8 +18,8 @@ from gateway.store import WebhookDelivery
 from gateway.store_sqlite import SqliteStore
 from gateway.webhook_signing import WebhookSigner
 from gateway.webhooks import MAX_CONCURRENT, WebhookSender, webhook_policy
-from loraserve.backoff import Backoff
-from loraserve.config import Settings
+from core.backoff import Backoff
+from core.config import Settings
 from storage.object_store import LocalObjectStore
 from tests.conftest import free_port
 from tests.unit.test_unit_store import inp

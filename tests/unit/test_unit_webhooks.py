@@ -22,7 +22,7 @@ from gateway.store import RequestRecord, State
 from gateway.validation import validate_webhook_url
 from gateway.webhook_signing import KEY_FILE, WebhookSigner
 from gateway.webhooks import webhook_body
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import types_pb2
 from storage.object_store import LocalObjectStore
 

@@ -1,4 +1,4 @@
-"""loraserve.worker_auth: the secret the gateway shows the workers."""
+"""core.worker_auth: the secret the gateway shows the workers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 import subprocess
 import sys
 
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.embedded import EmbeddedService
-from loraserve.worker_auth import METADATA_KEY, caller_secret, secret_matches, with_generated_secret
+from core.worker_auth import METADATA_KEY, caller_secret, secret_matches, with_generated_secret
 
 
 def test_a_secret_is_made_only_when_none_is_set() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import InvalidArgument
 from gateway.validation import validate_input, validate_webhook_url
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.v1 import types_pb2
 
 LIMIT = 1000

@@ -6,7 +6,7 @@ from typing import Any
 
 from gateway.errors import InvalidArgument
 from gateway.validation import validate_input
-from loraserve.config import Settings
+from core.config import Settings
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
 

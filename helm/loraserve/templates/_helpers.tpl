@@ -107,7 +107,7 @@ owns (listening addresses, ports, paths, the object store, the Serve address) on
 {{- toYaml (merge $managed (deepCopy .Values.settings)) -}}
 {{- end -}}
 
-{{/* A setting's value as an env var's text, as loraserve.config parses it (no 1e+09 floats). */}}
+{{/* A setting's value as an env var's text, as core.config parses it (no 1e+09 floats). */}}
 {{- define "loraserve.envValue" -}}
 {{- if kindIs "bool" . -}}
 {{- ternary "true" "false" . -}}

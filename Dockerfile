@@ -23,15 +23,15 @@ RUN case "${VARIANT}" in \
       *) echo "VARIANT must be cpu or cuda, not ${VARIANT}" >&2; exit 1 ;; \
     esac
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY proto ./proto
-COPY loraserve ./loraserve
+COPY clients/python ./clients/python
 COPY core ./core
 COPY gateway ./gateway
 COPY serving ./serving
 COPY storage ./storage
-# The build generates loraserve/v1 from proto/ (setup.py); fail here if the stubs are not in.
-RUN pip install . \
+# The client's build generates loraserve/v1 from proto/ (clients/python/setup.py); fail here if the stubs are not in.
+RUN pip install ./clients/python . \
     && python -c "import loraserve.v1.worker_pb2_grpc, serving.application, gateway.server" \
     && command -v loraserve ray
 

@@ -2,7 +2,7 @@
 # The GPU benchmark (bench/gpu.py) on a machine with one NVIDIA GPU, no network and no
 # diffusers: installs the wheels in .whl/ (diffusers, peft and protobuf, at this repo's versions)
 # into /tmp/site, then writes $OUT/gpu.log and $OUT/gpu.json. Needs `.whl/` and the generated
-# stubs `loraserve/v1/` beside the sources (both are ignored by git; carry them). Extra
+# stubs `clients/python/loraserve/v1/` beside the sources (both are ignored by git; carry them). Extra
 # arguments go to `python3 -m bench.gpu` (e.g. --repeats 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ OUT="${OUT:-./gpu-bench-out}"
 mkdir -p "$OUT"
 nvidia-smi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="/tmp/site:$PWD:$PWD/clients/python" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python3 - <<'PY'
 import sys
 

@@ -6,7 +6,7 @@
 # (bench/gpu_check.py).
 #
 #   bash scripts/gpu_check.sh --wheels    here, where PyPI answers: the wheels the GPU machine lacks, into .whl/
-#   bash scripts/gpu_check.sh             on the GPU machine; carry .whl/ and loraserve/v1/ (both git-ignored)
+#   bash scripts/gpu_check.sh             on the GPU machine; carry .whl/ and clients/python/loraserve/v1/ (both git-ignored)
 #   bash scripts/gpu_check.sh --dry-run   without CUDA: the same steps on the CPU (tests skip 'needs CUDA',
 #                                         the benchmark runs on the tiny SDXL), to see that every step runs
 #
@@ -39,12 +39,12 @@ esac
 
 mkdir -p "$OUT"
 rm -f "$OUT"/cuda-tests.xml "$OUT"/*.json
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD:$PWD/clients/python"
 if [ "$MODE" = gpu ]; then
   nvidia-smi || echo "nvidia-smi failed: the table will say what ran"
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD"
+    export PYTHONPATH="/tmp/site:$PWD:$PWD/clients/python"
   fi
   # COMPILE=default|max-autotune: the service's pipeline compiled (its compile and warm-up count against the budget).
   BENCH_ARGS=(--device cuda --repeats 3 --loras 50 --compile "${COMPILE:-off}")

@@ -18,4 +18,4 @@ if ! .venv/bin/pip show -q torch 2>/dev/null; then
   # shellcheck disable=SC2086 # torch holds several pip arguments
   .venv/bin/pip install -q $torch
 fi
-.venv/bin/pip install -q -e ".${extras:+[$extras]}"
+.venv/bin/pip install -q -e clients/python -e ".${extras:+[$extras]}"

@@ -424,20 +424,20 @@ def test_secret_settings_by_name_are_routed_by_who_reads_them() -> None:
 
 def test_no_replica_code_reads_a_gateway_only_secret() -> None:
     """GATEWAY_SECRETS is right only while nothing a Ray pod runs (serving/, storage/, what they import
-    from core/ and loraserve/) names those settings."""
+    from core/ and clients/python/loraserve/) names those settings."""
     import re
 
     root = CHART.parents[1]
     readers = {
         path.relative_to(root).as_posix()
-        for folder in ("serving", "storage", "core", "loraserve")
+        for folder in ("serving", "storage", "core", "clients/python/loraserve")
         for path in (root / folder).rglob("*.py")
         if path.name != "config.py" and path.parent.name != "v1"
         for name in serve_config.GATEWAY_SECRETS
         if re.search(rf"\b{name}\b", path.read_text())
     }
-    # loraserve/keys_cli.py opens the queue for `loraserve keys`, run in the gateway pod.
-    assert readers <= {"serving/serve_config.py", "loraserve/keys_cli.py"}, readers
+    # clients/python/loraserve/keys_cli.py opens the queue for `loraserve keys`, run in the gateway pod.
+    assert readers <= {"serving/serve_config.py", "clients/python/loraserve/keys_cli.py"}, readers
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)

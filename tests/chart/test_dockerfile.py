@@ -115,26 +115,28 @@ def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_more() -
     ]
     for src in sources:
         assert any(f == src or f.startswith(src.rstrip("/") + "/") for f in files), f"COPY {src}: not in the context"
-    assert not [f for f in files if f.startswith(("tests/", "helm/", ".venv/", "bench/", "loraserve/v1/"))]
+    assert not [f for f in files if f.startswith(("tests/", "helm/", ".venv/", "bench/", "clients/python/loraserve/v1/"))]
 
 
 def test_pip_install_of_the_context_builds_the_stubs_in(tmp_path: Path) -> None:
-    """What `RUN pip install .` gets: a clean tree (no loraserve/v1) must still install the stubs."""
+    """What `RUN pip install ./clients/python .` gets: a clean tree (no loraserve/v1) must still install the stubs."""
     context = tmp_path / "context"
     for path in _context_files():
         target = context / path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / path, target)
-    assert not (context / "loraserve" / "v1").exists()
+    assert not (context / "clients" / "python" / "loraserve" / "v1").exists()
     wheels = tmp_path / "wheels"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(context), "-w", str(wheels)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+         str(context / "clients" / "python"), str(context)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     if result.returncode != 0:
         pytest.fail(result.stdout + result.stderr)
-    (wheel,) = wheels.glob("loraserve-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"loraserve/v1/worker_pb2_grpc.py", "loraserve/v1/generation_pb2.py", "serving/serve_config.py"} <= names
+    (client,) = wheels.glob("loraserve_client-*.whl")
+    (server,) = wheels.glob("loraserve-*.whl")
+    assert {"loraserve/v1/worker_pb2_grpc.py", "loraserve/v1/generation_pb2.py"} <= set(zipfile.ZipFile(client).namelist())
+    assert "serving/serve_config.py" in set(zipfile.ZipFile(server).namelist())

@@ -1,7 +1,7 @@
-"""Generates the Python stubs for `proto/` into `loraserve/v1/`.
+"""Generates the Python stubs for the repository's `proto/` into `loraserve/v1/` beside this package.
 
 Generated code is a build output, not source: the build (`pip install .`) runs this, and
-`tests/test_protogen.py` regenerates into a temporary folder to check that what is
+`tests/test_proto.py` regenerates into a temporary folder to check that what is
 imported matches the `.proto` files.
 """
 
@@ -11,8 +11,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+# Where the `loraserve` package sits (clients/python/), and the API's .proto files at the repository root.
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto"
+PROTO_DIR = ROOT.parent.parent / "proto"
 
 
 def proto_files(proto_dir: Path = PROTO_DIR) -> list[Path]:

@@ -85,7 +85,14 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|") or " "
 
 
-def _type_of(f: descriptor_pb2.FieldDescriptorProto, package: str) -> str:
+def _type_of(
+    f: descriptor_pb2.FieldDescriptorProto, package: str, maps: dict[str, descriptor_pb2.DescriptorProto] | None = None
+) -> str:
+    entry = (maps or {}).get(f.type_name)
+    if entry is not None:
+        # A map field's entry message is protoc's, not the schema's: shown as map<key, value>.
+        key, value = entry.field
+        return f"map<{_type_of(key, package)}, {_type_of(value, package)}>"
     if f.type in (f.TYPE_MESSAGE, f.TYPE_ENUM):
         name = f.type_name.lstrip(".")
         if name.startswith(package + "."):
@@ -96,6 +103,9 @@ def _type_of(f: descriptor_pb2.FieldDescriptorProto, package: str) -> str:
 
 
 def _label_of(f: descriptor_pb2.FieldDescriptorProto, message: descriptor_pb2.DescriptorProto) -> str:
+    if any(nested.options.map_entry and f.type_name.endswith(f".{message.name}.{nested.name}")
+           for nested in message.nested_type):
+        return ""
     if f.label == f.LABEL_REPEATED:
         return "repeated"
     if f.proto3_optional:
@@ -111,11 +121,12 @@ def _message_md(message: descriptor_pb2.DescriptorProto, prefix: str, path: tupl
     out = [f"### {name}", ""]
     if comments(*path):
         out += [comments(*path), ""]
+    maps = {f".{package}.{name}.{nested.name}": nested for nested in message.nested_type if nested.options.map_entry}
     if message.field:
         out += ["| field | number | type | label | description |", "| --- | --- | --- | --- | --- |"]
         for i, f in enumerate(message.field):
             out.append(
-                f"| `{f.name}` | {f.number} | {_type_of(f, package)} | {_label_of(f, message)} | "
+                f"| `{f.name}` | {f.number} | {_type_of(f, package, maps)} | {_label_of(f, message)} | "
                 f"{_cell(comments(*path, _MESSAGE_FIELD, i))} |"
             )
     else:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from loraserve import protogen
 from tests.conftest import require_tool
 
@@ -50,3 +52,21 @@ def test_schema_has_every_fal_input_field() -> None:
     }
     assert _schema_input_fields(schema) == expected
     assert expected <= names, expected - names
+
+
+# The API as released before the FLUX family was added: later changes must keep every message of it
+# readable by callers built against it (buf's FILE rules: no field renumbered, retyped, moved into a
+# oneof or removed).
+BREAKING_BASELINE = "8e80e124cdf0df4f1281db45e1981fd76090f692"
+
+
+def test_buf_breaking_against_baseline() -> None:
+    buf = require_tool("buf")
+    git_dir = protogen.PROTO_DIR.parent / ".git"
+    if not git_dir.exists():
+        pytest.skip("not a git checkout: no baseline to compare against")
+    against = f"{git_dir}#ref={BREAKING_BASELINE},subdir=proto"
+    result = subprocess.run(
+        [buf, "breaking", "--against", against], cwd=protogen.PROTO_DIR, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -21,6 +21,7 @@ from serving import lora_tier
 from serving.compiled import CompiledModules
 from serving.errors import AdapterLoadError, PipelineReleased
 from serving.lora_cache import HostLoraCache, LoraFileError, ParsedLora, parse_embedding_file, parse_lora_file
+from serving.lora_tensors import denoiser
 from serving.memory import return_freed_memory
 from serving.metrics import WorkerMetrics
 
@@ -59,7 +60,7 @@ class LoadedPipeline:
             pipe,
             sdxl=family == "sdxl",
             describe=f"model {model_name!r} ({family})",
-            max_bytes=max_lora_bytes or lora_tier.default_budget(pipe.unet.device, pipelines_per_replica),
+            max_bytes=max_lora_bytes or lora_tier.default_budget(denoiser(pipe).device, pipelines_per_replica),
             max_count=max_loras,
             metrics=metrics,
             parse=self._parsed,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import safetensors
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from serving import compiled, image_to_image, unets
 from serving.errors import ModelLoadError
@@ -60,6 +60,8 @@ def load_pipeline(
         _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant), label
     )
     family = _detect_family(pipe, label)
+    if unet and family == "flux":
+        raise ModelLoadError(f"model {label!r} is a FLUX model; a custom U-Net only replaces a Stable Diffusion one")
     if unet:
         try:
             custom = unets.load_unet(
@@ -78,6 +80,8 @@ def load_pipeline(
     except Exception as exc:
         raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
+    if family == "flux" and compile_mode != compiled.OFF:
+        raise ModelLoadError(f"model {label!r}: compiling is not supported for FLUX models; set compile mode off")
     compiled_modules = compiled.compile_pipeline(
         pipe, family=family, mode=compile_mode, sizes=compile_sizes, regional=compile_regional
     )
@@ -180,12 +184,14 @@ def _refuse_pickle(file_name: str, what: str) -> None:
 
 def _detect_family(pipe: DiffusionPipeline, model_name: str) -> str:
     """Trust the loaded components, not the name: checkpoints are often named arbitrarily."""
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
     if isinstance(pipe, StableDiffusionXLPipeline) or getattr(pipe, "text_encoder_2", None) is not None:
         return "sdxl"
     if isinstance(pipe, StableDiffusionPipeline):
         return "sd15"
     raise ModelLoadError(
-        f"model {model_name!r} is a {type(pipe).__name__}; only Stable Diffusion 1.x/2.x and SDXL are supported"
+        f"model {model_name!r} is a {type(pipe).__name__}; only Stable Diffusion 1.x/2.x, SDXL and FLUX.1 are supported"
     )
 
 

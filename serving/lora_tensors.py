@@ -25,16 +25,21 @@ from functools import partial
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from diffusers.utils.peft_utils import _create_lora_config
 from peft.utils.other import get_pattern_key
 
 from serving.lora_cache import ParsedLora
 
-# The models diffusers loads LoRAs into, by pipeline attribute.
+# The models diffusers loads LoRAs into, by pipeline attribute: Stable Diffusion's, then FLUX's
+# (diffusers loads no LoRA into FLUX's T5, its `text_encoder_2`).
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+FLUX_LORA_COMPONENTS = ("text_encoder", "transformer")
 UNET = "unet"
+TRANSFORMER = "transformer"
+# The denoising model, by pipeline attribute: Stable Diffusion's U-Net, FLUX's transformer.
+DENOISERS = (UNET, TRANSFORMER)
 # Text-encoder layers whose rank diffusers reads off the file (others take the config's `r`).
 TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 MERGEABLE = (torch.nn.Linear, torch.nn.Conv2d)
@@ -96,9 +101,23 @@ class LoraTensors:
         return sum(len(group.modules) for group in self.groups)
 
 
+def is_flux(pipe: DiffusionPipeline) -> bool:
+    return isinstance(getattr(pipe, TRANSFORMER, None), torch.nn.Module)
+
+
+def denoiser(pipe: DiffusionPipeline) -> ModelMixin:
+    """The model that runs every step: the U-Net, or FLUX's transformer."""
+    for attr in DENOISERS:
+        model = getattr(pipe, attr, None)
+        if isinstance(model, ModelMixin):
+            return model
+    raise ValueError(f"a {type(pipe).__name__} has neither a U-Net nor a transformer")
+
+
 def lora_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """The models diffusers loads LoRAs into that this pipeline has."""
-    models = {attr: getattr(pipe, attr, None) for attr in LORA_COMPONENTS}
+    components = FLUX_LORA_COMPONENTS if is_flux(pipe) else LORA_COMPONENTS
+    models = {attr: getattr(pipe, attr, None) for attr in components}
     return {attr: model for attr, model in models.items() if isinstance(model, torch.nn.Module)}
 
 

@@ -73,13 +73,20 @@ class TinyModel:
 
 
 def make_tiny_model(
-    out_dir: Path, family: Family = "sdxl", num_loras: int = 3, seed: int = 0, *, inpaint: bool = False
+    out_dir: Path, family: Family | Literal["flux"] = "sdxl", num_loras: int = 3, seed: int = 0, *, inpaint: bool = False
 ) -> TinyModel:
     """Build, save and describe a tiny pipeline plus `num_loras` LoRAs; same seed, same files.
 
     `inpaint` builds a dedicated inpainting checkpoint instead: a 9-channel U-Net, saved as the
-    published ones are, under diffusers' inpaint pipeline class in model_index.json.
+    published ones are, under diffusers' inpaint pipeline class in model_index.json. "flux" is
+    serving/tiny_flux.py's FLUX.1 pipeline (FLUX inpaints with its text-to-image checkpoint).
     """
+    if family == "flux":
+        if inpaint:
+            raise ValueError("FLUX has no dedicated inpainting checkpoint here; inpaint with the plain one")
+        from serving.tiny_flux import make_tiny_flux_model
+
+        return make_tiny_flux_model(out_dir, num_loras, seed)
     out_dir = Path(out_dir)
     # Seeded random weights, without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,323 @@
+"""A tiny random-weight FLUX.1 pipeline and FLUX LoRAs in the layouts its ecosystem writes, without the Hub.
+
+The pipeline has every part FLUX.1 [dev] has (a guidance-embedding `FluxTransformer2DModel` with
+double and single blocks, CLIP-L and T5 text encoders with their tokenizers, a 16-channel VAE
+with FLUX's 8× downsampling, the dynamically shifted flow-match Euler scheduler) at widths of a
+few dozen, so it goes through `save_pretrained` → `from_pretrained` and denoises a 64×64 image in
+well under a second, like the SD families' tiny models (serving/tiny.py). The T5 tokenizer is a
+Unigram vocabulary of letters and a few whole words, built by the tokenizers library itself.
+
+LoRAs come in each layout diffusers' `FluxLoraLoaderMixin` reads, with seeded random matrices:
+- "peft": diffusers / PEFT keys (`transformer.….lora_A.weight`), as diffusers, ai-toolkit and
+  fal's trainers write them; `alpha` goes into the header's `lora_adapter_metadata`.
+- "kohya": sd-scripts' FLUX names on the original BFL layout (`lora_unet_double_blocks_0_img_attn_qkv`,
+  fused q/k/v, `.alpha` per layer; CLIP as `lora_te1_…`). sd-scripts' single-block `linear1`
+  (fused q/k/v/MLP) is left out: diffusers' converter splits it at FLUX.1's own widths
+  (3072 × 3 + 12288), which a tiny transformer does not have.
+- "xlabs": XLabs' processor names (`double_blocks.0.processor.qkv_lora1.down.weight`), double
+  blocks only, as XLabs trains them, without alpha.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+
+from serving.tiny import (
+    LORA_INIT_STD,
+    LORA_RANK,
+    MERGE_WORDS,
+    TEXT_ENCODER_TARGETS,
+    TinyModel,
+    _build_tokenizer,
+    _linear_lora_shapes,
+    _text_encoder_config,
+)
+
+FLUX = "flux"
+FluxLoraFormat = Literal["peft", "kohya", "xlabs"]
+FluxLoraComponent = Literal["transformer", "text_encoder"]
+# FLUX.1's latents: 16 channels, packed 2×2 into the transformer's 64 input features.
+LATENT_CHANNELS = 16
+PACKED_CHANNELS = 4 * LATENT_CHANNELS
+# Two heads of 16: the rotary axes (text index, row, column) must add up to the head width.
+ATTENTION_HEADS = 2
+HEAD_DIM = 16
+ROPE_AXES = (4, 4, 8)
+DOUBLE_BLOCKS = 2
+SINGLE_BLOCKS = 2
+T5_MAX_LENGTH = 512
+# FLUX.1 [dev]'s scheduler_config.json.
+SCHEDULER = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# FLUX.1's VAE latent statistics (its vae/config.json).
+VAE_SCALING_FACTOR = 0.3611
+VAE_SHIFT_FACTOR = 0.1159
+# Every Linear in the transformer blocks: attention, MLPs and the modulation projections, what
+# ai-toolkit and fal's trainers adapt.
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+# sd-scripts' names for a double block's layers, with the diffusers layers each one becomes.
+KOHYA_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+KOHYA_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
+# XLabs' attention processor LoRAs: `1` is the image stream, `2` the text stream.
+XLABS_DOUBLE = {
+    "qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "proj_lora1": ("attn.to_out.0",),
+    "qkv_lora2": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "proj_lora2": ("attn.to_add_out",),
+}
+
+
+def make_tiny_flux_model(out_dir: Path, num_loras: int = 3, seed: int = 0) -> TinyModel:
+    """Build and save the tiny FLUX pipeline plus `num_loras` PEFT-layout LoRAs; same seed, same files."""
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = build_tiny_flux_pipeline()
+    pipeline_dir = out_dir / "pipeline"
+    pipe.save_pretrained(pipeline_dir, safe_serialization=True)
+    lora_paths = [
+        make_tiny_flux_lora(out_dir / "loras" / f"lora_{i}.safetensors", seed=seed * 1000 + i + 1, pipe=pipe)
+        for i in range(num_loras)
+    ]
+    return TinyModel(pipeline_dir=pipeline_dir, lora_paths=lora_paths, family=FLUX)
+
+
+def build_tiny_flux_pipeline() -> FluxPipeline:
+    """The tiny FLUX pipeline with weights from the current RNG state (seed it first)."""
+    clip_tokenizer = _build_tokenizer()
+    t5_tokenizer = _build_t5_tokenizer()
+    clip_config = _text_encoder_config(clip_tokenizer)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+        )
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        vae=_build_flux_vae(),
+        text_encoder=CLIPTextModel(clip_config),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=build_flux_transformer(
+            joint_attention_dim=t5.config.d_model, pooled_projection_dim=clip_config.hidden_size
+        ),
+    )
+
+
+def build_flux_transformer(
+    *,
+    joint_attention_dim: int = 32,
+    pooled_projection_dim: int = 32,
+    num_layers: int = DOUBLE_BLOCKS,
+    num_single_layers: int = SINGLE_BLOCKS,
+    num_attention_heads: int = ATTENTION_HEADS,
+    attention_head_dim: int = HEAD_DIM,
+    axes_dims_rope: Sequence[int] = ROPE_AXES,
+) -> FluxTransformer2DModel:
+    """A FLUX.1 [dev]-structured transformer; FLUX.1's widths are 24 heads of 128, rope (16, 56, 56),
+    4096 / 768 text widths (what bench/flux_lora.py builds, with few blocks)."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=PACKED_CHANNELS,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=True,
+        axes_dims_rope=tuple(axes_dims_rope),
+    )
+
+
+def _build_flux_vae() -> AutoencoderKL:
+    """Four blocks, as FLUX.1's VAE has: 8× downsampling, so image sides go in multiples of 16."""
+    return AutoencoderKL(
+        block_out_channels=[8, 16, 16, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=VAE_SCALING_FACTOR,
+        shift_factor=VAE_SHIFT_FACTOR,
+    )
+
+
+def _build_t5_tokenizer() -> T5Tokenizer:
+    """A Unigram vocabulary: special tokens, letters, and the tiny CLIP vocabulary's whole words."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [(letter, -5.0) for letter in "abcdefghijklmnopqrstuvwxyz"]
+    pieces += [("▁" + word, -2.0) for word in MERGE_WORDS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def make_tiny_flux_lora(
+    path: Path,
+    *,
+    seed: int = 1,
+    lora_format: FluxLoraFormat = "peft",
+    alpha: float | None = None,
+    components: Sequence[FluxLoraComponent] = ("transformer",),
+    pipe: FluxPipeline | None = None,
+    transformer: FluxTransformer2DModel | None = None,
+    std: float = LORA_INIT_STD,
+) -> Path:
+    """One seeded random LoRA for the tiny FLUX pipeline (or `pipe` / `transformer`), in `lora_format`.
+
+    `alpha` (default: the rank) scales like PEFT's alpha / r; XLabs files have none, so it must stay
+    unset there. A text-encoder part ("text_encoder", CLIP) needs `pipe` or the tiny pipeline.
+    """
+    path = Path(path)
+    if lora_format == "xlabs" and (alpha is not None or "text_encoder" in components):
+        raise ValueError("XLabs FLUX LoRAs have neither alpha nor text-encoder layers")
+    if transformer is None:
+        if pipe is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                pipe = build_tiny_flux_pipeline()
+        transformer = pipe.transformer
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator) * std).to(transformer.dtype)
+
+    state_dict: dict[str, torch.Tensor] = {}
+    text_layers: dict[str, torch.Tensor] = {}
+    if "transformer" in components:
+        state_dict = _TRANSFORMER_WRITERS[lora_format](transformer, draw, alpha)
+    if "text_encoder" in components:
+        if pipe is None:
+            raise ValueError("a text-encoder LoRA needs the pipeline")
+        text_layers = {key: draw(shape) for key, shape in _linear_lora_shapes(pipe.text_encoder, TEXT_ENCODER_TARGETS).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if lora_format == "peft":
+        kwargs: dict[str, Any] = {}
+        if state_dict:
+            kwargs["transformer_lora_layers"] = state_dict
+        if text_layers:
+            kwargs["text_encoder_lora_layers"] = text_layers
+        if alpha is not None:
+            for name, layers in (("transformer", state_dict), ("text_encoder", text_layers)):
+                if layers:
+                    # Text-encoder names as written differ from the module names (transformers < 5's `text_model.`).
+                    targets = (
+                        list(TEXT_ENCODER_TARGETS)
+                        if name == "text_encoder"
+                        else sorted({key.rsplit(".lora_", 1)[0] for key in layers})
+                    )
+                    kwargs[f"{name}_lora_adapter_metadata"] = {"r": LORA_RANK, "lora_alpha": alpha, "target_modules": targets}
+        FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, **kwargs)
+        return path
+    for key, tensor in text_layers.items():
+        module, _, kind = key.partition(".lora_")
+        name = "lora_te1_" + module.replace(".", "_")
+        state_dict[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor
+        if alpha is not None:
+            state_dict[f"{name}.alpha"] = torch.tensor(float(alpha))
+    safetensors.torch.save_file({key: t.contiguous() for key, t in sorted(state_dict.items())}, str(path))
+    return path
+
+
+def _block_linears(transformer: FluxTransformer2DModel) -> dict[str, torch.nn.Linear]:
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(BLOCK_PREFIXES)
+    }
+
+
+def _peft_layers(transformer: FluxTransformer2DModel, draw: Any, _alpha: float | None) -> dict[str, torch.Tensor]:
+    layers: dict[str, torch.Tensor] = {}
+    for name, module in sorted(_block_linears(transformer).items()):
+        layers[f"{name}.lora_A.weight"] = draw((LORA_RANK, module.in_features))
+        layers[f"{name}.lora_B.weight"] = draw((module.out_features, LORA_RANK))
+    return layers
+
+
+def _fused_layers(
+    transformer: FluxTransformer2DModel,
+    draw: Any,
+    alpha: float | None,
+    names: Mapping[str, tuple[str, ...]],
+    block: str,
+    count: int,
+    key: Any,
+) -> dict[str, torch.Tensor]:
+    """One down / up pair per original (fused) layer: the up matrix spans all the diffusers layers it feeds."""
+    modules = dict(transformer.named_modules())
+    layers: dict[str, torch.Tensor] = {}
+    for index in range(count):
+        for original, targets in names.items():
+            linears = [modules[f"{block}.{index}.{target}"] for target in targets]
+            assert all(isinstance(linear, torch.nn.Linear) for linear in linears)
+            down_key, up_key, alpha_key = key(index, original)
+            layers[down_key] = draw((LORA_RANK, linears[0].in_features))
+            layers[up_key] = draw((sum(linear.out_features for linear in linears), LORA_RANK))
+            if alpha is not None and alpha_key is not None:
+                layers[alpha_key] = torch.tensor(float(alpha))
+    return layers
+
+
+def _kohya_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float | None) -> dict[str, torch.Tensor]:
+    def key(prefix: str) -> Any:
+        def names(index: int, original: str) -> tuple[str, str, str]:
+            name = f"lora_unet_{prefix}_{index}_{original}"
+            return f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"
+
+        return names
+
+    config = transformer.config
+    return {
+        **_fused_layers(transformer, draw, alpha, KOHYA_DOUBLE, "transformer_blocks", config.num_layers, key("double_blocks")),
+        **_fused_layers(
+            transformer, draw, alpha, KOHYA_SINGLE, "single_transformer_blocks", config.num_single_layers, key("single_blocks")
+        ),
+    }
+
+
+def _xlabs_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float | None) -> dict[str, torch.Tensor]:
+    def key(index: int, original: str) -> tuple[str, str, None]:
+        name = f"double_blocks.{index}.processor.{original}"
+        return f"{name}.down.weight", f"{name}.up.weight", None
+
+    return _fused_layers(transformer, draw, alpha, XLABS_DOUBLE, "transformer_blocks", transformer.config.num_layers, key)
+
+
+_TRANSFORMER_WRITERS = {"peft": _peft_layers, "kohya": _kohya_layers, "xlabs": _xlabs_layers}

@@ -87,14 +87,14 @@ class _WithBool:
 )
 def test_bool_values(raw: str, value: bool) -> None:
     (field,) = dataclasses.fields(_WithBool)
-    assert config._parse(field, raw) is value
+    assert config.parse_value(field, raw) is value
 
 
 @pytest.mark.parametrize("raw", ["", "2", "y", "enabled", "truthy"])
 def test_bad_bool_value(raw: str) -> None:
     (field,) = dataclasses.fields(_WithBool)
     with pytest.raises(ValueError, match=r"setting `enabled` \(LORASERVE_ENABLED / --enabled\) must be a bool"):
-        config._parse(field, raw)
+        config.parse_value(field, raw)
 
 
 def settings_parser() -> argparse.ArgumentParser:

@@ -3,13 +3,15 @@
 The API reference is read from the comments in `proto/loraserve/v1/*.proto` (compiled with their
 source info by grpc_tools' protoc), the settings reference from `core.settings_reference`. Neither is
 written into the repository: a page holds a marker line and the build puts the reference in its place,
-so the docs cannot drift from the schema or from `Settings`.
+so the docs cannot drift from the schema or from `Settings`. The README is the site's home page, so
+the two never say different things.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 from mkdocs.exceptions import PluginError
+from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "proto"
@@ -210,6 +213,13 @@ _used: set[str] = set()
 
 def on_pre_build(config: Any) -> None:
     _used.clear()
+
+
+def on_files(files: Files, config: Any) -> Files:
+    """The README is the site's home page, its links into docs/ made relative to the site."""
+    readme = (ROOT / "README.md").read_text()
+    files.append(File.generated(config, "index.md", content=re.sub(r"\]\(docs/", "](", readme)))
+    return files
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:

@@ -121,9 +121,9 @@ def test_the_rules_without_the_service_monitor_are_refused() -> None:
     assert "at '/serviceMonitor/enabled': value must be true" in error
 
 
-def test_the_readme_example_turns_on_the_dashboard_and_the_alerts(tmp_path: Path) -> None:
-    readme = (CHART.parents[1] / "README.md").read_text()
-    example = readme.split("**Dashboard and alerts.**", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_the_documented_example_turns_on_the_dashboard_and_the_alerts(tmp_path: Path) -> None:
+    page = (CHART.parents[1] / "docs" / "operations.md").read_text()
+    example = page.split("## Dashboard and alerts", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "values.yaml").write_text(example)
     r = render(tmp_path / "values.yaml")
     assert r.one("ServiceMonitor")["metadata"]["labels"]["release"] == "prometheus"

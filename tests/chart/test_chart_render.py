@@ -348,10 +348,10 @@ def test_ray_pod_templates_carry_no_chart_or_version_label(rendered: dict[str, R
     assert after["serveConfigV2"] == before["serveConfigV2"]
 
 
-def test_the_readme_values_example_installs(tmp_path: Path) -> None:
-    """The minimal GPU values file in README's "Deploy on Kubernetes" renders and lints."""
-    readme = (CHART.parents[1] / "README.md").read_text()
-    section = readme.split("## Deploy on Kubernetes", 1)[1]
+def test_the_documented_values_example_installs(tmp_path: Path) -> None:
+    """The minimal GPU values file in the deployment docs' "Kubernetes" section renders and lints."""
+    page = (CHART.parents[1] / "docs" / "deployment.md").read_text()
+    section = page.split("## Kubernetes", 1)[1]
     example = section.split("# values-gpu.yaml\n", 1)[1].split("```", 1)[0]
     values = tmp_path / "values-gpu.yaml"
     values.write_text(example)

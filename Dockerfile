@@ -27,13 +27,16 @@ COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY clients/python ./clients/python
 COPY core ./core
+COPY entrypoints ./entrypoints
 COPY gateway ./gateway
 COPY serving ./serving
 COPY storage ./storage
-# The client's build generates loraserve/v1 from proto/ (clients/python/setup.py); fail here if the stubs are not in.
+# The client's build generates loraserve/v1 from proto/ (clients/python/setup.py); fail here if the stubs are not in,
+# or if the client's `loraserve` does not find the server's commands (entry points of the server distribution).
 RUN pip install ./clients/python . \
-    && python -c "import loraserve.v1.worker_pb2_grpc, serving.application, gateway.server" \
-    && command -v loraserve ray
+    && python -c "import loraserve.v1.worker_pb2_grpc, serving.application, gateway.server, entrypoints.cli" \
+    && loraserve gateway --help >/dev/null \
+    && command -v ray
 
 FROM ${PYTHON_IMAGE}
 ARG VARIANT=cuda

@@ -873,7 +873,7 @@ async def _run(
     from bench import inprocess
     from loraserve.client import AsyncClient
     from core.config import Settings
-    from loraserve.embedded import EmbeddedService
+    from entrypoints.embedded import EmbeddedService
     from serving.tiny import make_tiny_model
 
     wall_started = time.time()

@@ -141,7 +141,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, flag_everything_che
 
 @pytest_asyncio.fixture(scope="session")
 async def stack(stack_settings: Settings) -> AsyncIterator[object]:
-    from loraserve.embedded import EmbeddedService
+    from entrypoints.embedded import EmbeddedService
 
     service = EmbeddedService(stack_settings)
     async with service:

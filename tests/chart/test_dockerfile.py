@@ -3,6 +3,7 @@ package its `pip install .` builds from exactly what .dockerignore lets into the
 
 from __future__ import annotations
 
+import configparser
 import fnmatch
 import json
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from loraserve.cli import SERVER_COMMANDS
 from tests.chart.charttest import CHART, REPO, render, CI_VALUES
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -139,4 +141,12 @@ def test_pip_install_of_the_context_builds_the_stubs_in(tmp_path: Path) -> None:
     (client,) = wheels.glob("loraserve_client-*.whl")
     (server,) = wheels.glob("loraserve-*.whl")
     assert {"loraserve/v1/worker_pb2_grpc.py", "loraserve/v1/generation_pb2.py"} <= set(zipfile.ZipFile(client).namelist())
-    assert "serving/serve_config.py" in set(zipfile.ZipFile(server).namelist())
+    with zipfile.ZipFile(server) as wheel:
+        assert {"serving/serve_config.py", "entrypoints/cli.py"} <= set(wheel.namelist())
+        metadata = wheel.read("loraserve-0.1.0.dist-info/METADATA").decode()
+        commands = wheel.read("loraserve-0.1.0.dist-info/entry_points.txt").decode()
+    # The server installs the client beside it, and adds its commands to the client's `loraserve`.
+    assert "Requires-Dist: loraserve-client==0.1.0" in metadata.splitlines()
+    parsed = configparser.ConfigParser()
+    parsed.read_string(commands)
+    assert set(parsed["loraserve.commands"]) == set(SERVER_COMMANDS)

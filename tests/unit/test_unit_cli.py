@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from loraserve.cli import build_parser, main, parse_lora, parse_size
+from loraserve.cli import COMMANDS_GROUP, SERVER_COMMANDS, build_parser, main, parse_lora, parse_size
 from core.config import Settings
 from core.logs import ConsoleFormatter, RequestLines
 
@@ -91,6 +91,19 @@ def test_generate_command_rejects_bad_size(capsys: pytest.CaptureFixture[str]) -
         build_parser().parse_args(["generate", "p", "--model", "m", "--size", "big"])
     assert caught.value.code == 2
     assert "--size must be one of" in capsys.readouterr().err
+
+
+def test_help_lists_generate_and_every_command_the_server_distribution_adds(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import distribution
+
+    # The server's commands reach the client's `loraserve` only through its entry points.
+    registered = {e.name for e in distribution("loraserve").entry_points if e.group == COMMANDS_GROUP}
+    assert registered == set(SERVER_COMMANDS)
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(f"\n    {command} " in listed for command in ("generate", *SERVER_COMMANDS)), listed
 
 
 def test_gateway_and_serve_commands_take_settings_and_verbose() -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from core.config import Settings
-from loraserve.embedded import EmbeddedService
+from entrypoints.embedded import EmbeddedService
 from core.worker_auth import METADATA_KEY, caller_secret, secret_matches, with_generated_secret
 
 

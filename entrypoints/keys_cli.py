@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     revoke.add_argument("key_id")
     for parser in actions.choices.values():
         Settings.add_arguments(parser)
+    keys.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ the two never say different things.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 import subprocess
 import sys
@@ -184,27 +182,12 @@ def api_reference(descriptors: descriptor_pb2.FileDescriptorSet) -> str:
 
 
 def settings_reference() -> str:
-    """The settings table, from the module that documents `core.config.Settings`."""
+    """Every setting by group, from their declarations in core.config (core.settings_reference)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    if importlib.util.find_spec("core.settings_reference") is None:
-        return _settings_table_from_fields()
-    reference = importlib.import_module("core.settings_reference")
+    from core import settings_reference as reference
+
     return str(reference.markdown())
-
-
-def _settings_table_from_fields() -> str:
-    """Names, env vars and defaults from Settings itself, until core.settings_reference is there."""
-    import dataclasses
-
-    from core.config import ENV_PREFIX, Settings
-
-    print("docs/hooks.py: no core.settings_reference yet; listing Settings' fields only", file=sys.stderr)
-    rows = ["| setting | env var | default |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(Settings):
-        default = f.default if f.default is not dataclasses.MISSING else ""
-        rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` |")
-    return "\n".join(rows)
 
 
 _GENERATED = {API_MARKER: lambda: api_reference(proto_descriptors()), SETTINGS_MARKER: settings_reference}

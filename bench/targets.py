@@ -2,7 +2,7 @@
 
 Keys name the figure; values are (comparison, bound) for `bench.stats.verdict`. Ratios are
 numerator ÷ denominator as each benchmark's row says; `ms` keys are absolute milliseconds; counts
-must stay at or below their bound (0: none allowed). The README quotes these; the smoke tests
+must stay at or below their bound (0: none allowed). docs/benchmarks.md quotes these; the smoke tests
 check the benchmarks' rows against this table, not against numbers of their own.
 """
 

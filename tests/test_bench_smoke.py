@@ -38,7 +38,7 @@ def test_ratio_is_numerator_over_denominator() -> None:
 
 
 def test_the_benchmarks_targets_are_the_issues() -> None:
-    """The table every benchmark takes its verdicts from holds the targets the issues and the README state."""
+    """The table every benchmark takes its verdicts from holds the targets docs/benchmarks.md states."""
     assert TARGETS["P1 serving overhead"] == ("<=", 1.03)
     assert TARGETS["P2 LoRA tax"] == ("<=", 1.05) and TARGETS["P2 LoRA churn"] == (">=", 0.97)
     assert TARGETS["P3 base-model churn"] == (">=", 0.95) and TARGETS["P3 replica reloads"] == ("<=", 0)

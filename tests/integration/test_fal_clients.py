@@ -1,7 +1,7 @@
 """fal's own clients, unchanged, against the service: Python `fal-client` and JS `@fal-ai/client`.
 
 Each client runs in its own process exactly as a user runs it, configured only through
-what the README's "Using fal's clients" says: Python through FAL_KEY, FAL_QUEUE_RUN_HOST,
+what the docs' fal page ("fal's clients", docs/fal.md) says: Python through FAL_KEY, FAL_QUEUE_RUN_HOST,
 FAL_RUN_HOST and SSL_CERT_FILE (fal-client hard-codes https, so the service serves TLS
 with a certificate made here), JS through `createFalClient({credentials, proxyUrl})` with
 NODE_EXTRA_CA_CERTS. The scenario scripts live in fal_py/ and fal_js/ and print one JSON
@@ -227,7 +227,7 @@ async def run_script(command: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 async def python_client(service: FalService, scenario: str, args: dict[str, Any]) -> dict[str, Any]:
-    """fal-client configured only by the environment the README gives."""
+    """fal-client configured only by the environment docs/fal.md gives."""
     tools_ready()
     port = service.settings.http_port
     env = {
@@ -240,7 +240,7 @@ async def python_client(service: FalService, scenario: str, args: dict[str, Any]
 
 
 async def js_client(service: FalService, script: str, args: dict[str, Any]) -> dict[str, Any]:
-    """@fal-ai/client configured with credentials and a proxyUrl to the service, as the README gives."""
+    """@fal-ai/client configured with credentials and a proxyUrl to the service, as docs/fal.md gives."""
     node = fal_js_ready()
     env = {
         "FAL_KEY": service.fal_key,

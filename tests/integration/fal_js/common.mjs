@@ -1,4 +1,4 @@
-// fal's JS client, unchanged, configured the way the README tells users to: credentials and
+// fal's JS client, unchanged, configured the way docs/fal.md tells users to: credentials and
 // a proxyUrl that always applies (Node has no `window`), pointing at the service.
 // Each scenario script reads its arguments as JSON from argv[2] and prints one JSON line.
 import { createHash } from "node:crypto";

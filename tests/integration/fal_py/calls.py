@@ -2,7 +2,7 @@
 
 `python calls.py SCENARIO 'JSON ARGS'` prints one JSON line that the tests read. The
 environment (FAL_KEY, FAL_QUEUE_RUN_HOST, FAL_RUN_HOST, SSL_CERT_FILE) is set by the
-test, as the README tells users to set it; nothing here points the client anywhere.
+test, as docs/fal.md tells users to set it; nothing here points the client anywhere.
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ from core.config import (
     setting_infos,
 )
 
+# The settings each command takes as flags: those its process reads. `keys` runs beside a gateway.
+COMMAND_READERS: dict[str, tuple[Reader, ...]] = {
+    "serve": (Reader.GATEWAY, Reader.WORKER, Reader.DEPLOYMENT, Reader.RAY),
+    "demo": (Reader.GATEWAY, Reader.WORKER, Reader.DEPLOYMENT, Reader.RAY),
+    "gateway": (Reader.GATEWAY,),
+    "serve-config": (Reader.WORKER, Reader.DEPLOYMENT),
+    "keys": (Reader.ADMIN,),
+}
 CONFIG_DEST = "settings_config"
 _FILE_DEST = "settings_file_"
 _VALUE_DEST = "setting_"

@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 
 from core.config import ENV_PREFIX, GROUPS, Reader, Settings, reads_secret_file, secret_file_setting, setting_infos
-from core.settings_cli import flag
+from core.settings_cli import COMMAND_READERS, flag
 
-# Which commands take a reader's settings as flags.
-READER_COMMANDS = {
-    Reader.GATEWAY: "`loraserve gateway`, `loraserve serve`",
-    Reader.WORKER: "`loraserve serve`, `serve-config` (a replica's Serve config)",
-    Reader.DEPLOYMENT: "`loraserve serve`, `serve-config` (the worker deployment)",
-    Reader.RAY: "`loraserve serve` (starting or joining Ray)",
-    Reader.ADMIN: "`loraserve keys`",
+# What each reader is, for the readers table.
+READER_MEANINGS = {
+    Reader.GATEWAY: "the gateway (its own process, or inside `loraserve serve`)",
+    Reader.WORKER: "a worker replica (in a cluster: its Serve config's args and its pod's env)",
+    Reader.DEPLOYMENT: "the workers' Serve config: the deployment's resources and autoscaling, app name, ports",
+    Reader.RAY: "the process that starts or joins Ray (`loraserve serve`; KubeRay in a cluster)",
+    Reader.ADMIN: "`loraserve keys`, beside a running gateway",
 }
 
 
@@ -46,9 +46,9 @@ def markdown() -> str:
         "",
         "**Readers** say which process reads a setting, and so which commands take it as a flag:",
         "",
-        "| reader | commands |",
-        "| --- | --- |",
-        *[f"| {reader.value} | {commands} |" for reader, commands in READER_COMMANDS.items()],
+        "| reader | who | commands that take its settings |",
+        "| --- | --- | --- |",
+        *[f"| {reader.value} | {meaning} | {_commands(reader)} |" for reader, meaning in READER_MEANINGS.items()],
         "",
     ]
     infos = setting_infos()
@@ -79,6 +79,10 @@ def markdown() -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _commands(reader: Reader) -> str:
+    return ", ".join(f"`loraserve {command}`" for command, readers in COMMAND_READERS.items() if reader in readers)
 
 
 def _flag_cell(name: str, default: object, secret: bool) -> str:

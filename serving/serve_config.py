@@ -24,29 +24,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.config import ENV_PREFIX, Settings
+from core.config import ENV_PREFIX, Reader, Settings, setting_infos
 
 # serving/application.py, which imports the worker (torch, Ray) that this module must not.
 IMPORT_PATH = "serving.application:build_application"
 DEPLOYMENT_NAME = "Worker"
 SERVICER_FUNCTIONS = ["loraserve.v1.worker_pb2_grpc.add_WorkerServiceServicer_to_server"]
 
+_INFO = setting_infos()
 # Never written into a Serve config: the chart gives them to pods from Secrets as env vars.
-SECRET_SETTINGS = frozenset(
-    {
-        "store_url",
-        "s3_access_key",
-        "s3_secret_key",
-        "s3_presign_access_key",
-        "s3_presign_secret_key",
-        "worker_shared_secret",
-        "files_url_secret",
-        "webhook_signing_key",
-    }
-)
-# The secrets only the gateway reads (the queue's DSN, the key it signs webhooks with): the chart gives
-# them to the gateway pods and never to a Ray pod, however they are given.
-GATEWAY_SECRETS = frozenset({"store_url", "webhook_signing_key"})
+SECRET_SETTINGS = frozenset(name for name, info in _INFO.items() if info.secret)
+# The secrets no replica reads (the queue's DSN, the key webhooks are signed with): the chart gives them
+# to the gateway pods and never to a Ray pod, however they are given.
+GATEWAY_SECRETS = frozenset(name for name in SECRET_SETTINGS if Reader.WORKER not in _INFO[name].readers)
 # What `deployment_options` is made of.
 DEPLOYMENT_SETTINGS = frozenset(
     {
@@ -61,59 +51,12 @@ DEPLOYMENT_SETTINGS = frozenset(
         "downscale_delay_seconds",
     }
 )
-# Read only by the gateway, by the process that starts Ray and Serve, or part of the config's own
-# structure (app name, proxy ports): a replica never reads them.
+# Read only by the gateway, by the process that starts Ray, by `loraserve keys`, or part of the config's own
+# structure (app name, proxy ports): a replica never reads them (core.config declares who does).
 NOT_FOR_REPLICAS = frozenset(
-    {
-        "lease_seconds",
-        "insecure_no_auth",
-        "grpc_host",
-        "grpc_port",
-        "tls_cert_file",
-        "tls_key_file",
-        "tls_client_ca_file",
-        "http_host",
-        "http_port",
-        "trusted_proxies",
-        "cors_allowed_origins",
-        "ray_address",
-        "ray_num_cpus",
-        "ray_start_attempts",
-        "serve_grpc_host",
-        "serve_grpc_port",
-        "serve_http_port",
-        "serve_app_name",
-        "max_in_flight",
-        "max_queue_skips",
-        "max_attempts",
-        "worker_call_timeout_seconds",
-        "worker_keepalive_seconds",
-        "worker_keepalive_timeout_seconds",
-        "retry_backoff_seconds",
-        "retry_backoff_max_seconds",
-        "worker_unreachable_threshold",
-        "shutdown_grace_seconds",
-        "retention_seconds",
-        "max_queue_size",
-        "max_open_streams",
-        "tenant_limits",
-        "tenant_max_running",
-        "tenant_max_waiting",
-        "tenant_submits_per_second",
-        "tenant_max_open_streams",
-        "max_upload_bytes",
-        "upload_allowed_content_types",
-        "webhook_signing_key_file",
-        "webhook_timeout_seconds",
-        "webhook_retries",
-        "webhook_backoff_seconds",
-        "webhook_backoff_max_seconds",
-        "upload_min_part_bytes",
-        "max_upload_spools",
-        "tenant_max_upload_spools",
-        "tenant_max_upload_bytes",
-        "webhook_tenant_max_concurrent",
-    }
+    name
+    for name, info in _INFO.items()
+    if Reader.WORKER not in info.readers and name not in SECRET_SETTINGS | DEPLOYMENT_SETTINGS
 )
 
 

@@ -14,12 +14,13 @@ import dataclasses
 import json
 from typing import Any
 
-from core.config import Settings
+from core.config import Reader, Settings, setting_infos
 from serving import serve_config
 from tests.chart.charttest import CHART
 
-# Settings the chart sets from its own values (refused in `settings`), and those that mean nothing
-# in a cluster (`loraserve gateway` starts no Ray; KubeRay starts the Ray nodes).
+# Settings the chart sets from its own values (refused in `settings`: the `$managed` of _helpers.tpl's
+# loraserve.settings), and those only the process that starts Ray reads, which means nothing in a cluster
+# (`loraserve gateway` starts no Ray; KubeRay starts the Ray nodes).
 CHART_SET = frozenset(
     {
         "data_dir",
@@ -37,7 +38,7 @@ CHART_SET = frozenset(
         "tls_client_ca_file",
     }
 )
-UNUSED_IN_CLUSTER = frozenset({"ray_address", "ray_num_cpus", "ray_start_attempts"})
+UNUSED_IN_CLUSTER = frozenset(name for name, info in setting_infos().items() if info.readers == {Reader.RAY})
 SCHEMA = CHART / "values.schema.json"
 SERVE_SETTINGS = CHART / "files" / "serve-settings.json"
 COMMAND = "python -m tests.chart.sync_chart"

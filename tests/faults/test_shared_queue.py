@@ -30,8 +30,14 @@ async def test_gateway_sigkilled_mid_request_the_other_finishes_it_once(
     tiny_sdxl: TinyModel,
     tmp_path: Path,
 ) -> None:
-    shared = ("--store-url", postgres_dsn, "--lease-seconds", str(LEASE_SECONDS))
-    doomed = start_server("gateway", tmp_path / "doomed", *shared, serve_grpc_port=stack_settings.serve_grpc_port)
+    doomed = start_server(
+        "gateway",
+        tmp_path / "doomed",
+        "--lease-seconds",
+        str(LEASE_SECONDS),
+        serve_grpc_port=stack_settings.serve_grpc_port,
+        env={"LORASERVE_STORE_URL": postgres_dsn},
+    )
     services.append(doomed)
     survivor = Gateway(
         stack_settings.replace(

@@ -110,23 +110,32 @@ def _describe(process: psutil.Process) -> str:
         return "?"
 
 
-def start_server(command: str, data_dir: Path, *flags: str, serve_grpc_port: int = 0) -> Server:
+def start_server(
+    command: str, data_dir: Path, *flags: str, serve_grpc_port: int = 0, env: dict[str, str] | None = None
+) -> Server:
+    """The common settings as env vars, which every command reads (each takes only its own as flags; a
+    secret never as one), `flags` and `env` on top."""
     grpc_port = loopback_port()
     serve_grpc_port = serve_grpc_port or loopback_port()
     console = data_dir.parent / f"{data_dir.name}-{command}-console.txt"
-    args = [
-        sys.executable, "-m", "loraserve.cli", command,
-        "--data-dir", str(data_dir),
-        "--grpc-port", str(grpc_port),
-        "--http-port", str(loopback_port()),
-        "--serve-grpc-port", str(serve_grpc_port),
-        "--serve-http-port", str(loopback_port()),
-        "--ray-num-cpus", "2",
-        "--device", "cpu",
-        "--worker-shared-secret", WORKER_SECRET,
-        *flags,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "loraserve.cli", command, *flags]
+    settings = {
+        "DATA_DIR": str(data_dir),
+        "GRPC_PORT": str(grpc_port),
+        "HTTP_PORT": str(loopback_port()),
+        "SERVE_GRPC_PORT": str(serve_grpc_port),
+        "SERVE_HTTP_PORT": str(loopback_port()),
+        "RAY_NUM_CPUS": "2",
+        "DEVICE": "cpu",
+        "WORKER_SHARED_SECRET": WORKER_SECRET,
+    }
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **{f"LORASERVE_{name}": value for name, value in settings.items()},
+        **(env or {}),
+    }
     with console.open("wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return Server(command, process, data_dir, grpc_port, serve_grpc_port, console)

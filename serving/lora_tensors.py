@@ -19,6 +19,7 @@ matrices on the device, so a request costs one batched matmul per group, not one
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -45,6 +46,12 @@ TEXT_ENCODER_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".f
 MERGEABLE = (torch.nn.Linear, torch.nn.Conv2d)
 Mergeable = torch.nn.Linear | torch.nn.Conv2d
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+# The down (A) matrix of a file's layer in every layout: PEFT, kohya, XLabs (`qkv_lora1.down.weight`).
+FILE_DOWN_SUFFIXES = (LORA_A, ".lora_down.weight", ".down.weight")
+# sd-scripts' FLUX single-block `linear1`: q, k, v and the MLP's input projection in one.
+FUSED_SINGLE_LINEAR1 = re.compile(r"single_blocks_\d+_linear1$")
+# Unmatched keys an error names before it says how many more there are.
+MAX_KEYS_NAMED = 8
 # DoRA's per-output-feature magnitude, as PEFT saves it (with or without `.weight`).
 MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 
@@ -123,10 +130,13 @@ def lora_models(pipe: DiffusionPipeline) -> dict[str, torch.nn.Module]:
 
 def lora_tensors(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> LoraTensors:
     """The LoRA's layers of this pipeline; every layer the file adapts must be one of them."""
-    deltas = layer_deltas(pipe, parsed, sdxl=sdxl)
+    if is_flux(pipe):
+        deltas = _flux_deltas(pipe, parsed)
+    else:
+        deltas = layer_deltas(pipe, parsed, sdxl=sdxl)
     if not deltas:
         raise LoraFitError("it has no weights for any part of this model")
-    if len(deltas) < parsed.layer_count:
+    if len(deltas) < parsed.layer_count and not is_flux(pipe):
         raise LoraFitError(
             f"only {len(deltas)} of its {parsed.layer_count} layers match a layer of the model"
         )
@@ -134,28 +144,107 @@ def lora_tensors(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> 
     return LoraTensors(parsed.name, tuple(_grouped(deltas)), nbytes)
 
 
-def layer_deltas(pipe: DiffusionPipeline, parsed: ParsedLora, *, sdxl: bool) -> list[LayerDelta]:
-    """What `load_lora_weights` would put in each layer, as matrices; layers missing from the model are left out."""
-    state_dict, network_alphas = pipe.lora_state_dict(
-        dict(parsed.state_dict), **({"unet_config": pipe.unet.config} if sdxl else {})
-    )
+def layer_deltas(
+    pipe: DiffusionPipeline,
+    parsed: ParsedLora,
+    *,
+    sdxl: bool,
+    missing: list[str] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> list[LayerDelta]:
+    """What `load_lora_weights` would put in each layer, as matrices; layers missing from the model are left out.
+
+    They are named in `missing` (when given), as are keys of no component diffusers loads LoRAs into.
+    `state_dict` (default: the file's) is a part of the file, read with the file's metadata.
+    """
+    tensors = dict(parsed.state_dict if state_dict is None else state_dict)
+    if is_flux(pipe):
+        # FLUX's loader returns alphas only when asked; kohya and XLabs files have them folded in.
+        state_dict, network_alphas = pipe.lora_state_dict(tensors, return_alphas=True)
+    else:
+        state_dict, network_alphas = pipe.lora_state_dict(tensors, **({"unet_config": pipe.unet.config} if sdxl else {}))
     if not all("lora" in key for key in state_dict):
         raise LoraFitError("invalid LoRA checkpoint: every parameter name must contain 'lora'")
+    models = lora_models(pipe)
+    if missing is not None:
+        missing.extend(key for key in state_dict if key.split(".")[0] not in models)
     deltas: list[LayerDelta] = []
-    for attr, model in lora_models(pipe).items():
+    for attr, model in models.items():
         part, alphas, metadata = _component_part(state_dict, network_alphas, parsed.metadata, attr)
         if not part:
             continue
-        if attr == UNET:
+        denoising = attr in DENOISERS
+        if denoising:
             peft_dict, rank = _unet_peft(part)
         else:
             peft_dict, rank = _text_encoder_peft(part, model)
-        config = _create_lora_config(peft_dict, alphas, metadata, rank, is_unet=attr == UNET)
+        config = _create_lora_config(peft_dict, alphas, metadata, rank, is_unet=denoising)
         if config.lora_bias or any(not key.endswith((LORA_A, LORA_B, *MAGNITUDE)) for key in peft_dict):
             raise LoraFitError("LoRA bias and LoRA variants other than DoRA are not supported; use a plain LoRA")
-        extra = pipe.lora_scale if attr != UNET else 1.0
-        deltas.extend(_deltas(attr, model, peft_dict, config, extra))
+        extra = 1.0 if denoising else pipe.lora_scale
+        deltas.extend(_deltas(attr, model, peft_dict, config, extra, missing))
     return deltas
+
+
+def _flux_deltas(pipe: DiffusionPipeline, parsed: ParsedLora) -> list[LayerDelta]:
+    """A FLUX LoRA in any layout diffusers reads, where every key of the file must land on a layer.
+
+    diffusers' FLUX converters turn kohya / sd-scripts, XLabs, ComfyUI and fal Kontext files into
+    PEFT keys, splitting fused q/k/v (and single blocks' q/k/v/MLP) layers into diffusers' separate
+    ones; but they, and PEFT's injection after them, drop what they do not know without an error
+    (T5 layers, blocks the model lacks, unknown prefixes). Here a file whose layers all convert to
+    layers of the model is checked by a count (each file layer gives `_fused_parts` layers); only a
+    file that fails it is converted layer by layer, to name the keys that match nothing.
+    """
+    missing: list[str] = []
+    stems = _file_layers(parsed.state_dict)
+    try:
+        deltas = layer_deltas(pipe, parsed, sdxl=False, missing=missing)
+    except LoraFitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers' converters raise anything on what they do not know
+        failure: Exception | None = exc
+    else:
+        if not missing and len(deltas) == sum(_fused_parts(stem) for stem in stems):
+            return deltas
+        failure = None
+    if unmatched := _unmatched_keys(pipe, parsed, stems):
+        shown = ", ".join(unmatched[:MAX_KEYS_NAMED])
+        more = f" (and {len(unmatched) - MAX_KEYS_NAMED} more)" if len(unmatched) > MAX_KEYS_NAMED else ""
+        raise LoraFitError(f"{len(unmatched)} of its keys match no layer of this FLUX model: {shown}{more}")
+    if failure is not None:
+        raise failure
+    return deltas
+
+
+def _file_layers(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The file's adapted layers as it names them: the key of each down (A) matrix without its suffix."""
+    return sorted({key.removesuffix(suffix) for key in state_dict for suffix in FILE_DOWN_SUFFIXES if key.endswith(suffix)})
+
+
+def _fused_parts(stem: str) -> int:
+    """How many diffusers layers one layer of the file becomes: FLUX's original fused projections split."""
+    if FUSED_SINGLE_LINEAR1.search(stem):
+        return 4
+    return 3 if "qkv" in stem else 1
+
+
+def _unmatched_keys(pipe: DiffusionPipeline, parsed: ParsedLora, stems: list[str]) -> list[str]:
+    """The file's keys that land on no layer of the model: each file layer converted on its own."""
+    unmatched: list[str] = []
+    owned: set[str] = set()
+    for stem in stems:
+        keys = [key for key in parsed.state_dict if key.startswith(stem + ".")]
+        owned.update(keys)
+        missing: list[str] = []
+        try:
+            found = layer_deltas(pipe, parsed, sdxl=False, missing=missing, state_dict={k: parsed.state_dict[k] for k in keys})
+        except Exception:  # noqa: BLE001 - diffusers' converters raise anything on what they do not know
+            found = []
+        if missing or not found:
+            unmatched.extend(keys)
+    unmatched.extend(key for key in parsed.state_dict if key not in owned)
+    return sorted(unmatched)
 
 
 def _component_part(
@@ -203,7 +292,12 @@ def _text_encoder_peft(
 
 
 def _deltas(
-    component: str, model: torch.nn.Module, peft_dict: Mapping[str, torch.Tensor], config: Any, extra: float
+    component: str,
+    model: torch.nn.Module,
+    peft_dict: Mapping[str, torch.Tensor],
+    config: Any,
+    extra: float,
+    missing: list[str] | None = None,
 ) -> Iterable[LayerDelta]:
     # One walk of the model: `get_submodule` per layer went through diffusers' attribute lookup
     # (a third of a miss on SDXL).
@@ -217,6 +311,8 @@ def _deltas(
             raise LoraFitError(f"layer {component}.{name} has a down matrix and no up matrix")
         module = modules.get(name)
         if module is None:
+            if missing is not None:
+                missing.append(f"{component}.{name}")
             continue
         if not isinstance(module, MERGEABLE):
             # Qualified: a PEFT wrapper left in the module is also called `Linear`.
@@ -306,7 +402,7 @@ def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
     for delta in deltas:
         key = (delta.component, delta.up.shape[0], delta.down.shape[1], delta.down.shape[0], delta.magnitude is not None)
         groups.setdefault(key, []).append(delta)
-    order = sorted(groups, key=lambda key: LORA_COMPONENTS.index(key[0]) if key[0] != UNET else len(LORA_COMPONENTS))
+    order = sorted(groups, key=lambda key: len(LORA_COMPONENTS) if key[0] in DENOISERS else LORA_COMPONENTS.index(key[0]))
     for key in order:
         members = groups[key]
         yield ShapeGroup(

@@ -37,7 +37,7 @@ from diffusers import DiffusionPipeline
 from serving import lora_merge
 from serving.errors import AdapterLoadError
 from serving.lora_cache import ParsedLora, adapter_name
-from serving.lora_tensors import UNET, LoraFitError, LoraTensors, ShapeGroup, lora_tensors
+from serving.lora_tensors import DENOISERS, LoraFitError, LoraTensors, ShapeGroup, lora_tensors
 from serving.metrics import WorkerMetrics
 
 # The adapter-cache tier of LoRAs resident in a pipeline (on its device), as metrics name it.
@@ -63,7 +63,8 @@ def default_budget(device: torch.device, pipelines: int = 1) -> int:
 
 
 def _is_unet(group: ShapeGroup) -> bool:
-    return group.component == UNET
+    """The denoiser's layers (the U-Net's, or FLUX's transformer's): merged on the side stream."""
+    return group.component in DENOISERS
 
 
 class DeviceLoraTier:
@@ -176,8 +177,8 @@ class DeviceLoraTier:
 
     def _unet_device(self) -> tuple[torch.nn.Module | None, torch.device]:
         """From a parameter: diffusers' `ModelMixin.device` walks every module (8 ms per call on a tiny SDXL)."""
-        unet = getattr(self._pipe, UNET, None)
-        if not isinstance(unet, torch.nn.Module):
+        unet = next((m for m in (getattr(self._pipe, a, None) for a in DENOISERS) if isinstance(m, torch.nn.Module)), None)
+        if unet is None:
             return None, torch.device("cpu")
         return unet, next(unet.parameters()).device
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loraserve.request.limits import RequestLimits
-
 ENV_PREFIX = "LORASERVE_"
 
 
@@ -467,6 +465,27 @@ class Settings:
         "INFO", LOGS, (GATEWAY, WORKER),
         "Level of the console and log file: DEBUG, INFO, WARNING, ERROR.",
     )
+    tracing_enabled: bool = setting(
+        False, LOGS, (GATEWAY, WORKER),
+        "OpenTelemetry traces of each request (core/tracing.py), one trace from submit through the queue and "
+        "dispatch into the worker's input fetches, denoising and output writes, sent over OTLP/gRPC; log lines "
+        "written inside a span carry its trace_id.",
+    )
+    tracing_otlp_endpoint: str = setting(
+        "", LOGS, (GATEWAY, WORKER),
+        "Where traces go, e.g. http://otel-collector:4317 (empty: OpenTelemetry's own OTEL_EXPORTER_OTLP_* "
+        "variables, else localhost:4317).",
+        unit="URL",
+    )
+    tracing_service_name: str = setting(
+        "loraserve", LOGS, (GATEWAY, WORKER),
+        "Traces name their service `<this>-gateway` or `<this>-worker`.",
+    )
+    tracing_sample_ratio: float = setting(
+        1.0, LOGS, (GATEWAY, WORKER),
+        "Share of new traces kept (0 to 1); the worker keeps what the gateway kept, so a trace is whole or absent.",
+        unit="ratio",
+    )
     object_store: str = setting(
         "local", OBJECTS, (GATEWAY, WORKER),
         'Object store for outputs and uploads: "local" (data_dir/files, served by the gateway) or "s3".',
@@ -631,16 +650,6 @@ class Settings:
     @property
     def local_roots(self) -> tuple[Path, ...]:
         return tuple(Path(part.strip()) for part in self.allowed_local_roots.split(",") if part.strip())
-
-    @property
-    def request_limits(self) -> RequestLimits:
-        """What the request model checks, the same for the gateway's validation and the worker's."""
-        return RequestLimits(
-            max_prompt_chars=self.max_prompt_chars,
-            max_loras_per_request=self.max_loras_per_request,
-            max_data_uri_bytes=self.max_data_uri_bytes,
-            max_sync_mode_pixels=self.max_sync_mode_pixels,
-        )
 
     def with_embedded_local_roots(self) -> Settings:
         """The loopback default: callers are on this machine, and the demo, bench and tests name tiny models

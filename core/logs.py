@@ -32,6 +32,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
 # Loggers whose INFO lines a person running the service wants to see; the libraries' show ERROR and up.
 OWN_LOGGERS = frozenset({"loraserve", "gateway", "serving", "storage", "__main__"})
 
+# What core/tracing.py adds to records made inside a span: for the JSON log (finding a line from a trace),
+# too long for a person's console.
+TRACE_FIELDS = frozenset({"trace_id", "span_id"})
+
 LOG_FILE = "loraserve.log"
 OUTPUT_FILE = "output.log"
 
@@ -68,7 +72,7 @@ class ConsoleFormatter(logging.Formatter):
         if record.levelno >= logging.WARNING:
             parts.append(record.levelname)
         parts.append(record.getMessage())
-        parts.extend(f"{k}={v}" for k, v in _extras(record).items())
+        parts.extend(f"{k}={v}" for k, v in _extras(record).items() if k not in TRACE_FIELDS)
         line = " ".join(parts)
         if record.exc_info and record.exc_info[1] is not None:
             if self._tracebacks:

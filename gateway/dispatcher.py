@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from core import tracing
 from core.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.feed import ChangeFeed
@@ -177,6 +178,13 @@ class Dispatcher:
             self._lines.started(record.id, record.attempts)
             if chosen.started_at is None:
                 self._metrics.queue_wait.observe(max(0.0, time.time() - record.created_at))
+                tracing.record_span(
+                    "gateway.queue",
+                    parent=tracing.from_traceparent(record.trace_context),
+                    start=record.created_at,
+                    end=time.time(),
+                    attributes={"loraserve.request_id": record.id},
+                )
             self._feed.changed(record.id)
             self._feed.queue_moved()
             task = asyncio.get_running_loop().create_task(self._run(record), name=f"request-{record.id}")
@@ -296,7 +304,12 @@ class Dispatcher:
     async def _run(self, record: RequestRecord) -> None:
         """One run of a claimed request; whatever goes wrong, the request does not stay IN_PROGRESS."""
         try:
-            await self._call_worker(record)
+            with tracing.span(
+                "gateway.dispatch",
+                parent=tracing.from_traceparent(record.trace_context),
+                attributes={"loraserve.request_id": record.id, "loraserve.attempt": record.attempts},
+            ):
+                await self._call_worker(record)
         except Exception:
             log.exception("dispatcher error while running a request", extra={"request_id": record.id})
             self._metrics.dispatcher_errors.inc()
@@ -390,6 +403,7 @@ class Dispatcher:
 
     async def _attempt_failed(self, record: RequestRecord, detail: str) -> None:
         """Runs the request again after a backoff, or fails it once it has used its attempts."""
+        tracing.failed(detail)
         log.warning(
             "worker attempt failed", extra={"request_id": record.id, "attempt": record.attempts, "error": detail}
         )

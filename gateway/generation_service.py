@@ -26,11 +26,10 @@ from gateway.previews import PreviewStream, without_preview
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State, TenantFull
 from gateway.quotas import Quotas
-from gateway.queue_options import priority_rank, validate_start_timeout, validate_webhook_url
+from gateway.validation import priority_rank, validate_input, validate_start_timeout, validate_webhook_url
+from core import tracing
 from core.config import Settings
 from core.model_key import BaseModelRef
-from loraserve.request.validation import validate_input
-from loraserve.request.violations import InvalidInput
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
 from storage.object_store import ObjectStore
 from storage.result_urls import with_fresh_urls
@@ -74,6 +73,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
 
     # --- the core both front doors call (gRPC below, fal's HTTP in gateway/fal_http.py) -----------
 
+    @tracing.traced("gateway.submit", tracing.SpanKind.SERVER)
     async def submit(
         self,
         inp: types_pb2.GenerateInput,
@@ -88,11 +88,11 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
         try:
-            validate_input(inp, self._settings.request_limits)
+            validate_input(inp, self._settings)
             validate_start_timeout(start_timeout)
             webhook_url = validate_webhook_url(webhook_url, self._settings)
             rank = priority_rank(priority)
-        except (InvalidInput, InvalidArgument):
+        except InvalidArgument:
             self._metrics.rejected.inc()
             raise
         await self._quotas.admit(tenant)
@@ -111,6 +111,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 weight=limits.weight,
                 webhook_url=webhook_url,
                 max_waiting=limits.max_waiting,
+                trace_context=tracing.traceparent(),
             )
         except TenantFull as full:
             raise self._quotas.tenant_full(tenant, full.waiting) from None
@@ -119,6 +120,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 f"client_request_id {client_request_id!r} was used for request {record.id} with another input;"
                 " a retry must send the same input, a new request a new client_request_id"
             )
+        tracing.annotate(request_id=record.id, tenant=tenant)
         if created:
             self._metrics.accepted(tenant)
             # In fair order a new request may go ahead of others: their positions change.

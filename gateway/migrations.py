@@ -219,6 +219,12 @@ CREATE TRIGGER requests_counted_out AFTER DELETE ON requests BEGIN
 END;
 """,
     ),
+    Migration(
+        10,
+        "trace context",
+        # The submit span's `traceparent` (core/tracing.py), so a dispatch on any gateway continues its trace.
+        "ALTER TABLE requests ADD COLUMN trace_context TEXT NOT NULL DEFAULT '';",
+    ),
 )
 
 POSTGRES: tuple[Migration, ...] = (
@@ -396,6 +402,11 @@ BEGIN
 END $$;
 CREATE TRIGGER requests_moves BEFORE UPDATE OF state ON requests FOR EACH ROW EXECUTE FUNCTION loraserve_count_moves();
 """,
+    ),
+    Migration(
+        10,
+        "trace context",
+        "ALTER TABLE requests ADD COLUMN trace_context TEXT NOT NULL DEFAULT '';",
     ),
 )
 

@@ -12,6 +12,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core import tracing
 from core.backoff import Backoff
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.auth import Authenticator, auth_required
@@ -73,6 +74,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        tracing.setup(settings, "gateway")
         self.files = from_settings.object_store(settings)
         files = self.files
         # Read at scrape time, once `start` has built what they read.

@@ -81,6 +81,9 @@ class RequestRecord:
     # Back in the queue after a failed attempt: no gateway claims it before then (epoch seconds, the
     # store's clock); None: no backoff.
     not_before: float | None = None
+    # The W3C `traceparent` of its submit span (core/tracing.py): its dispatches, on any gateway, continue
+    # that trace. "" when tracing was off.
+    trace_context: str = ""
 
     @functools.cached_property
     def input(self) -> types_pb2.GenerateInput:
@@ -207,6 +210,7 @@ class RequestStore(Protocol):
         weight: float = 1.0,
         webhook_url: str = "",
         max_waiting: int = 0,
+        trace_context: str = "",
     ) -> tuple[RequestRecord, bool]:
         """Queues a request durably, in fair order among tenants (`weight`: the tenant's share); returns
         (record, created). A client_request_id the tenant used before returns that request instead.
@@ -414,6 +418,7 @@ def record_from_row(row: Any) -> RequestRecord:
         fair_tag=float(row["fair_tag"]) if "fair_tag" in row.keys() else 0.0,
         webhook_url=row["webhook_url"] if "webhook_url" in row.keys() else "",
         not_before=row["not_before"] if "not_before" in row.keys() else None,
+        trace_context=row["trace_context"] if "trace_context" in row.keys() else "",
     )
 
 

@@ -215,6 +215,7 @@ class PostgresStore:
         weight: float = 1.0,
         webhook_url: str = "",
         max_waiting: int = 0,
+        trace_context: str = "",
     ) -> tuple[RequestRecord, bool]:
         if max_waiting and client_request_id:
             # A retry of a request the tenant already has is answered with it, full or not.
@@ -236,9 +237,9 @@ class PostgresStore:
         now = time.time()
         rows = await self._write(
             "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
-            " tenant, priority, fair_tag, webhook_url) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s, %s, %s,"
-            " GREATEST((SELECT v FROM queue_clock WHERE id = 1), COALESCE((SELECT max(fair_tag) FROM requests"
-            " WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')), 0)) + %s, %s)"
+            " tenant, priority, fair_tag, webhook_url, trace_context) VALUES (%s, %s, 'IN_QUEUE', %s, %s, %s, %s, %s,"
+            " %s, %s, GREATEST((SELECT v FROM queue_clock WHERE id = 1), COALESCE((SELECT max(fair_tag) FROM requests"
+            " WHERE tenant = %s AND state IN ('IN_QUEUE', 'IN_PROGRESS')), 0)) + %s, %s, %s)"
             " ON CONFLICT (tenant, client_request_id) DO NOTHING RETURNING *",
             (
                 str(uuid.uuid4()),
@@ -253,6 +254,7 @@ class PostgresStore:
                 tenant,
                 1.0 / weight,
                 webhook_url,
+                trace_context,
             ),
             first=room if max_waiting else None,
         )

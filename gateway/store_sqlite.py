@@ -157,6 +157,7 @@ class SqliteStore:
         weight: float = 1.0,
         webhook_url: str = "",
         max_waiting: int = 0,
+        trace_context: str = "",
     ) -> tuple[RequestRecord, bool]:
         with self._tx() as db:
             if client_request_id:
@@ -179,7 +180,8 @@ class SqliteStore:
             ).fetchall()
             row = db.execute(
                 "INSERT INTO requests (id, client_request_id, state, input, seed, model_key, created_at, start_deadline,"
-                " tenant, priority, fair_tag, webhook_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                " tenant, priority, fair_tag, webhook_url, trace_context) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " RETURNING *",
                 (
                     request_id,
                     client_request_id or None,
@@ -193,6 +195,7 @@ class SqliteStore:
                     priority,
                     max(clock, last or 0.0) + 1.0 / weight,
                     webhook_url,
+                    trace_context,
                 ),
             ).fetchone()
             self._join_queue([_order(row)])

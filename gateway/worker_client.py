@@ -19,6 +19,7 @@ from typing import TypeAlias
 
 import grpc
 
+from core import tracing
 from loraserve.v1 import worker_pb2, worker_pb2_grpc
 from core.worker_auth import METADATA_KEY
 
@@ -69,7 +70,21 @@ class WorkerClient:
         return (("application", self._app_name), ("multiplexed_model_id", model_key), *self._secret)
 
     def generate(self, request: worker_pb2.GenerateRequest, model_key: str) -> GenerateCall:
-        return self._stub.Generate(request, metadata=self._metadata(model_key), timeout=self.call_timeout_seconds)
+        """The call, in a client span that ends with it and whose context the worker continues."""
+        with tracing.span(
+            "WorkerService/Generate",
+            kind=tracing.SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "loraserve.request_id": request.request_id},
+            end_on_exit=False,
+        ) as span:
+            call: GenerateCall = self._stub.Generate(
+                request,
+                metadata=self._metadata(model_key) + tracing.outgoing_metadata(),
+                timeout=self.call_timeout_seconds,
+            )
+        if span.is_recording():
+            call.add_done_callback(lambda _call: span.end())
+        return call
 
     async def prefetch(
         self, request: worker_pb2.PrefetchRequest, model_key: str, timeout_seconds: float

@@ -25,12 +25,12 @@ import torch
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
-from loraserve.request import schema
+from gateway.errors import InvalidArgument
+from gateway.validation import validate_input
+from loraserve import schema
+from core import tracing
 from core.config import Settings
 from loraserve.errors import ErrorType
-from loraserve.request.sync_mode import check_inline_size
-from loraserve.request.validation import validate_input
-from loraserve.request.violations import InvalidInput
 from core.logs import redact_log_records
 from core.model_key import BaseModelRef
 from core.redaction import redact_text, redact_url
@@ -38,6 +38,7 @@ from loraserve.v1 import types_pb2, worker_pb2
 from core.worker_auth import caller_secret, secret_matches
 from serving import compiled, conditioning, image_to_image
 from serving.embeddings import EmbeddingLoadError
+from serving.inline_results import check_inline_size, data_uri
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
@@ -60,7 +61,6 @@ from serving.serve_config import DEPLOYMENT_NAME, deployment_options
 from storage import from_settings
 from storage.fetch import InputFetchError, input_deadline
 from storage.object_store import output_name, output_prefix
-from storage.result_urls import data_uri
 from storage.retry import StorageUnavailable, put_retrying
 from storage.tenant_files import check_stored_inputs
 
@@ -79,8 +79,8 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
     InputFetchError: ErrorType.INVALID_INPUT,
     OptionUnavailableError: ErrorType.INVALID_INPUT,
-    # The request model's validation, again: a call that did not come through the gateway's checks.
-    InvalidInput: ErrorType.INVALID_INPUT,
+    # The gateway's validation, again: a call that did not come through the gateway's checks.
+    InvalidArgument: ErrorType.INVALID_INPUT,
     # The outputs could not be stored: a failed worker attempt, which the gateway may run again.
     StorageUnavailable: ErrorType.WORKER_FAILED,
 }
@@ -121,6 +121,7 @@ class EvictablePipeline:
 class Worker:
     def __init__(self, settings: Settings) -> None:
         redact_log_records()
+        tracing.setup(settings, "worker")
         self._settings = settings
         if not settings.worker_shared_secret:
             log.warning("worker_shared_secret is not set: any caller that reaches Serve's gRPC ingress is served")
@@ -204,6 +205,19 @@ class Worker:
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, grpc_context: RayServegRPCContext | None = None
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """`_generate` in a span that continues the gateway's (the trace context is in the call's metadata)."""
+        with tracing.span(
+            "worker.generate",
+            parent=tracing.incoming_context(None if grpc_context is None else grpc_context.invocation_metadata()),
+            kind=tracing.SpanKind.SERVER,
+            attributes={"loraserve.request_id": request.request_id},
+        ):
+            async for event in self._generate(request, grpc_context):
+                yield event
+
+    async def _generate(
+        self, request: worker_pb2.GenerateRequest, grpc_context: RayServegRPCContext | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         self._admit(grpc_context)
         started = time.perf_counter()
@@ -333,10 +347,9 @@ class Worker:
         return stop
 
     async def _check_input(self, inp: types_pb2.GenerateInput, tenant: str) -> None:
-        """Before anything loads: the request model's validation, as the gateway ran it (a call may not have come
-        through it), and stored files only of the request's tenant (another tenant's file fails as a missing one
-        does)."""
-        validate_input(inp, self._settings.request_limits)
+        """Before anything loads: the gateway's validation again (a call may not have come through it), and
+        stored files only of the request's tenant (another tenant's file fails as a missing one does)."""
+        validate_input(inp, self._settings)
         await asyncio.to_thread(check_stored_inputs, inp, tenant, self._store)
 
     def _admit(self, grpc_context: RayServegRPCContext | None) -> None:
@@ -385,6 +398,7 @@ class Worker:
         finally:
             self._load_listeners.pop(key, None)
 
+    @tracing.traced("worker.resolve_inputs")
     def _resolve_inputs(self, inp: types_pb2.GenerateInput, params: GenerationParams, emit: Emit) -> None:
         """Every file the request names becomes a checked local file or image before the pipeline is touched,
         all within one deadline."""
@@ -421,7 +435,7 @@ class Worker:
         try:
             await self._check_input(inp, request.tenant)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
-        except (InvalidInput, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
+        except (InvalidArgument, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
             return worker_pb2.PrefetchResponse()
         return worker_pb2.PrefetchResponse(adapters_ready=resolved)
@@ -498,6 +512,7 @@ class Worker:
             await asyncio.shield(_settle(task))
             raise
 
+    @tracing.traced("worker.write_outputs")
     def _store_outputs(
         self,
         request_id: str,
@@ -511,7 +526,7 @@ class Worker:
         images exist nowhere else yet.
 
         `inline` (sync_mode) writes nothing: every file comes back as a data URI with its bytes
-        (loraserve/request/sync_mode.py).
+        (serving/inline_results.py).
         """
         content_type = schema.IMAGE_FORMATS[image_format]
         suffix = ".png" if image_format == "png" else ".jpg"
@@ -615,6 +630,7 @@ def _failure(exc: Exception, request_id: str) -> worker_pb2.GenerateResponse:
     else:
         message = str(exc)
     message = redact_text(message)
+    tracing.failed(message)
     if error_type == ErrorType.OUT_OF_MEMORY and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return worker_pb2.GenerateResponse(
@@ -629,7 +645,7 @@ def _refused_field(exc: Exception) -> str:
         field = exc.field
     elif isinstance(exc, OptionUnavailableError):
         field = exc.field_name
-    elif isinstance(exc, InvalidInput) and exc.violations:
+    elif isinstance(exc, InvalidArgument) and exc.violations:
         field = exc.violations[0].field
     else:
         return ""

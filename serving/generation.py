@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 
+from core import tracing
 from serving import latents as debug_files
 from serving import image_to_image, prompts, schedulers, tiling
 from serving.conditioning import applied
@@ -136,6 +137,7 @@ def _prepare(pipe: DiffusionPipeline, params: GenerationParams) -> tuple[Diffusi
     return view, kwargs
 
 
+@tracing.traced("worker.denoise")
 def _denoise(
     pipe: DiffusionPipeline,
     params: GenerationParams,

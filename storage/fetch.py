@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import PIL.Image
 
+from core import tracing
 from core.redaction import redact_url
 from storage.object_store import InvalidKey, ObjectNotFound
 
@@ -130,6 +131,7 @@ def fetch_image(url: str, field: str, policy: FetchPolicy, *, store: StoredFiles
     return open_image(fetch_bytes(url, field, policy, store=store), field, policy, url=url)
 
 
+@tracing.traced("storage.fetch")
 def fetch_to(
     url: str,
     field: str,
@@ -140,6 +142,7 @@ def fetch_to(
     on_progress: ProgressCallback | None = None,
 ) -> int:
     """Writes the input's bytes to `out` and returns how many; nothing is written past a limit."""
+    tracing.annotate(field=field)
     if url[:5].lower() == "data:":
         data = decode_data_uri(url, field, policy.max_data_uri_bytes)
     elif store is not None and (key := store.key_for_url(url)) is not None:

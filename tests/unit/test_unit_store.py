@@ -426,3 +426,11 @@ async def test_a_capped_tenant_never_has_more_waiting_than_its_cap(open_store: O
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_the_trace_context_is_kept_with_the_request(store: RequestStore) -> None:
+    """Whichever gateway claims it continues the trace its submit began (core/tracing.py)."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    record, _ = await store.add(inp(), seed=1, model_key="key", trace_context=traceparent)
+    assert (await claim(store, record)).trace_context == traceparent
+    assert (await add(store)).trace_context == ""

@@ -152,6 +152,11 @@ def _enum_md(enum: descriptor_pb2.EnumDescriptorProto, prefix: str, path: tuple[
     return [*out, ""]
 
 
+def _in_file(section: list[str], file_name: str) -> list[str]:
+    """The section with the file it is defined in under its heading (worker.proto's are internal)."""
+    return [section[0], "", f"In `{file_name}`.", *section[1:]]
+
+
 def api_reference(descriptors: descriptor_pb2.FileDescriptorSet) -> str:
     """Markdown for every service, rpc, message, field and enum, with the protos' own comments."""
     services: list[str] = []
@@ -175,9 +180,9 @@ def api_reference(descriptors: descriptor_pb2.FileDescriptorSet) -> str:
                 )
             services.append("")
         for i, message in enumerate(file.message_type):
-            messages += _message_md(message, "", (_FILE_MESSAGE, i), package, comments)
+            messages += _in_file(_message_md(message, "", (_FILE_MESSAGE, i), package, comments), file.name)
         for i, enum in enumerate(file.enum_type):
-            enums += _enum_md(enum, "", (_FILE_ENUM, i), comments)
+            enums += _in_file(_enum_md(enum, "", (_FILE_ENUM, i), comments), file.name)
     return "\n".join(["## Services", "", *services, "## Messages", "", *messages, "## Enums", "", *enums])
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loraserve.request.limits import RequestLimits
+
 ENV_PREFIX = "LORASERVE_"
 
 
@@ -650,6 +652,16 @@ class Settings:
     @property
     def local_roots(self) -> tuple[Path, ...]:
         return tuple(Path(part.strip()) for part in self.allowed_local_roots.split(",") if part.strip())
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """What the request model checks, the same for the gateway's validation and the worker's."""
+        return RequestLimits(
+            max_prompt_chars=self.max_prompt_chars,
+            max_loras_per_request=self.max_loras_per_request,
+            max_data_uri_bytes=self.max_data_uri_bytes,
+            max_sync_mode_pixels=self.max_sync_mode_pixels,
+        )
 
     def with_embedded_local_roots(self) -> Settings:
         """The loopback default: callers are on this machine, and the demo, bench and tests name tiny models

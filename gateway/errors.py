@@ -27,6 +27,7 @@ from grpc_status import rpc_status
 
 from gateway.store import StoreUnavailable
 from loraserve.errors import ErrorType
+from loraserve.request.violations import FieldViolation, InvalidInput
 from loraserve.v1 import types_pb2
 from storage.uploads import UploadQuotaExceeded
 
@@ -40,14 +41,6 @@ DOMAIN = "loraserve"
 MAX_STATUS_MESSAGE_BYTES = 600
 MAX_STATUS_DETAILS_BYTES = 2500
 MAX_DESCRIPTION_BYTES = 300
-
-
-@dataclass(frozen=True)
-class FieldViolation:
-    field: str
-    description: str
-    # fal's (pydantic's) error type, the `type` of a 422 detail entry.
-    kind: str = "value_error"
 
 
 class ServiceError(Exception):
@@ -64,6 +57,9 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
+    """Bad input, each field named: the request model's InvalidInput, or a refusal of the gateway's own (a submit's
+    queue options, an upload)."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
@@ -165,11 +161,14 @@ class RequestFailed(ServiceError):
 
 
 def answerable(exc: BaseException) -> ServiceError:
-    """`exc` as a ServiceError both front doors can answer: a store outage says nothing was changed; anything
-    unexpected is logged here and answered without its message, which may hold what callers must not see."""
+    """`exc` as a ServiceError both front doors can answer: the request model's refusal is INVALID_ARGUMENT (fal's
+    422), a store outage says nothing was changed; anything unexpected is logged here and answered without its
+    message, which may hold what callers must not see."""
     if isinstance(exc, StoreUnavailable):
         log.warning("request store unavailable", extra={"error": str(exc)})
         return StoreDown("the request store is unreachable; nothing was changed, retry shortly")
+    if isinstance(exc, InvalidInput):
+        return InvalidArgument(exc.violations)
     if isinstance(exc, UploadQuotaExceeded):
         return ResourceExhausted(
             str(exc), limit=exc.limit, subject=exc.subject, retry_after_seconds=exc.retry_after_seconds

@@ -50,12 +50,14 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from gateway.auth import auth_required
-from gateway.errors import FieldViolation, HttpRefused, InvalidArgument, ServiceError, to_http
-from gateway.fal_json import APP_ID, ENDPOINTS, endpoint_for, output_json, parse_input, status_json
+from gateway.errors import HttpRefused, InvalidArgument, ServiceError, to_http
+from gateway.fal_output import output_json, status_json
 from gateway.generation_service import GenerationService
 from gateway.http_json import read_json
 from gateway.openapi import openapi_document
 from gateway.store import RequestRecord, State
+from loraserve.request.fal_json import APP_ID, ENDPOINTS, endpoint_for, parse_input
+from loraserve.request.violations import FieldViolation
 from loraserve.v1 import generation_pb2
 
 log = logging.getLogger(__name__)

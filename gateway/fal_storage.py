@@ -59,6 +59,7 @@ from gateway.http_json import read_json
 from gateway.periodic import Periodic
 from gateway.store import StoreUnavailable
 from core.config import Settings
+from loraserve.request.violations import InvalidInput
 from storage.object_store import InvalidKey, check_key, load_or_create_secret, signature_matches
 from storage.uploads import (
     Reservation,
@@ -517,9 +518,9 @@ def _answering_json(
             return _json({"detail": str(exc)}, status=415)
         except UploadRefused as exc:
             return _json({"detail": str(exc)}, status=400)
-        except (ServiceError, StoreUnavailable, UploadQuotaExceeded) as exc:
-            # As the queue routes answer them (gateway/errors.py): a store outage is 503, nothing changed; over
-            # an upload quota 429 with Retry-After, like the other quotas.
+        except (ServiceError, InvalidInput, StoreUnavailable, UploadQuotaExceeded) as exc:
+            # As the queue routes answer them (gateway/errors.py): a body that is not JSON 422, a store outage 503,
+            # nothing changed; over an upload quota 429 with Retry-After, like the other quotas.
             answer = to_http(exc)
             return _json(answer.body, status=answer.status, headers=answer.headers)
 

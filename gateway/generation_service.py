@@ -26,10 +26,12 @@ from gateway.previews import PreviewStream, without_preview
 from gateway.status import build_status
 from gateway.store import RequestRecord, RequestStore, State, TenantFull
 from gateway.quotas import Quotas
-from gateway.validation import priority_rank, validate_input, validate_start_timeout, validate_webhook_url
+from gateway.queue_options import priority_rank, validate_start_timeout, validate_webhook_url
 from core import tracing
 from core.config import Settings
 from core.model_key import BaseModelRef
+from loraserve.request.validation import validate_input
+from loraserve.request.violations import InvalidInput
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
 from storage.object_store import ObjectStore
 from storage.result_urls import with_fresh_urls
@@ -88,11 +90,11 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
         try:
-            validate_input(inp, self._settings)
+            validate_input(inp, self._settings.request_limits)
             validate_start_timeout(start_timeout)
             webhook_url = validate_webhook_url(webhook_url, self._settings)
             rank = priority_rank(priority)
-        except InvalidArgument:
+        except (InvalidInput, InvalidArgument):
             self._metrics.rejected.inc()
             raise
         await self._quotas.admit(tenant)

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import HttpRefused
-from gateway.fal_json import loads_body
+from loraserve.request.fal_json import loads_body
 
 JSON_TYPE = "application/json"
 

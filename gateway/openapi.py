@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.fal_json import APP_ID, ENDPOINTS, input_schema
 from gateway.fal_storage import MAX_PARTS
+from loraserve.request.fal_json import APP_ID, ENDPOINTS, input_schema
 
 KEY_SCHEME = "key"
 JSON = "application/json"

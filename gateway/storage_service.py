@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gateway.auth import Authenticator
-from gateway.errors import FieldViolation, InvalidArgument, grpc_errors
+from gateway.errors import InvalidArgument, grpc_errors
+from loraserve.request.violations import FieldViolation
 from loraserve.v1 import storage_pb2, storage_pb2_grpc, types_pb2
 from storage.uploads import UploadRefused, Uploads, UploadWriter, safe_file_name
 

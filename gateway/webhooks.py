@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gateway.errors import RequestFailed, ResultExpired, to_http
-from gateway.fal_json import output_json
+from gateway.fal_output import output_json
 from gateway.metrics import GatewayMetrics
 from gateway.periodic import Periodic
 from gateway.store import RequestRecord, RequestStore, WebhookDelivery

@@ -25,12 +25,13 @@ import torch
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
-from gateway.errors import InvalidArgument
-from gateway.validation import validate_input
-from loraserve import schema
+from loraserve.request import schema
 from core import tracing
 from core.config import Settings
 from loraserve.errors import ErrorType
+from loraserve.request.sync_mode import check_inline_size
+from loraserve.request.validation import validate_input
+from loraserve.request.violations import InvalidInput
 from core.logs import redact_log_records
 from core.model_key import BaseModelRef
 from core.redaction import redact_text, redact_url
@@ -38,7 +39,6 @@ from loraserve.v1 import types_pb2, worker_pb2
 from core.worker_auth import caller_secret, secret_matches
 from serving import compiled, conditioning, image_to_image
 from serving.embeddings import EmbeddingLoadError
-from serving.inline_results import check_inline_size, data_uri
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
@@ -61,6 +61,7 @@ from serving.serve_config import DEPLOYMENT_NAME, deployment_options
 from storage import from_settings
 from storage.fetch import InputFetchError, input_deadline
 from storage.object_store import output_name, output_prefix
+from storage.result_urls import data_uri
 from storage.retry import StorageUnavailable, put_retrying
 from storage.tenant_files import check_stored_inputs
 
@@ -79,8 +80,8 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
     torch.OutOfMemoryError: ErrorType.OUT_OF_MEMORY,
     InputFetchError: ErrorType.INVALID_INPUT,
     OptionUnavailableError: ErrorType.INVALID_INPUT,
-    # The gateway's validation, again: a call that did not come through the gateway's checks.
-    InvalidArgument: ErrorType.INVALID_INPUT,
+    # The request model's validation, again: a call that did not come through the gateway's checks.
+    InvalidInput: ErrorType.INVALID_INPUT,
     # The outputs could not be stored: a failed worker attempt, which the gateway may run again.
     StorageUnavailable: ErrorType.WORKER_FAILED,
 }
@@ -347,9 +348,10 @@ class Worker:
         return stop
 
     async def _check_input(self, inp: types_pb2.GenerateInput, tenant: str) -> None:
-        """Before anything loads: the gateway's validation again (a call may not have come through it), and
-        stored files only of the request's tenant (another tenant's file fails as a missing one does)."""
-        validate_input(inp, self._settings)
+        """Before anything loads: the request model's validation, as the gateway ran it (a call may not have come
+        through it), and stored files only of the request's tenant (another tenant's file fails as a missing one
+        does)."""
+        validate_input(inp, self._settings.request_limits)
         await asyncio.to_thread(check_stored_inputs, inp, tenant, self._store)
 
     def _admit(self, grpc_context: RayServegRPCContext | None) -> None:
@@ -435,7 +437,7 @@ class Worker:
         try:
             await self._check_input(inp, request.tenant)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
-        except (InvalidArgument, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
+        except (InvalidInput, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
             log.info("prefetch skipped", extra={"request_id": request.request_id, "reason": str(exc)})
             return worker_pb2.PrefetchResponse()
         return worker_pb2.PrefetchResponse(adapters_ready=resolved)
@@ -526,7 +528,7 @@ class Worker:
         images exist nowhere else yet.
 
         `inline` (sync_mode) writes nothing: every file comes back as a data URI with its bytes
-        (serving/inline_results.py).
+        (loraserve/request/sync_mode.py).
         """
         content_type = schema.IMAGE_FORMATS[image_format]
         suffix = ".png" if image_format == "png" else ".jpg"
@@ -645,7 +647,7 @@ def _refused_field(exc: Exception) -> str:
         field = exc.field
     elif isinstance(exc, OptionUnavailableError):
         field = exc.field_name
-    elif isinstance(exc, InvalidArgument) and exc.violations:
+    elif isinstance(exc, InvalidInput) and exc.violations:
         field = exc.violations[0].field
     else:
         return ""

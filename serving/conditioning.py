@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 from diffusers import DiffusionPipeline
 
-from loraserve import schema
+from loraserve.request import schema
 from loraserve.v1 import types_pb2
 from serving import controlnet as controlnets_
 from serving import ic_light as ic_light_

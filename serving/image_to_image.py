@@ -55,7 +55,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from loraserve import schema
+from loraserve.request import schema
 from loraserve.v1 import types_pb2
 from serving.controlnet import quiet_dtype_warnings
 from serving.errors import ModelLoadError, OptionUnavailableError

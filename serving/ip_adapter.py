@@ -44,7 +44,7 @@ from diffusers.models.attention_processor import (
 from diffusers.models.embeddings import ImageProjection
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from loraserve import schema
+from loraserve.request import schema
 from serving.controlnet import quiet_dtype_warnings
 from serving.errors import AdapterLoadError, OptionUnavailableError
 from serving.model_cache import file_key

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraserve import schema
+from loraserve.request import schema
 from loraserve.v1 import types_pb2
 from serving.conditioning import conditioning_from_input
 from serving.image_to_image import start_image_from_input
@@ -10,7 +10,7 @@ from serving.request import GenerationParams
 
 
 def params_from_input(inp: types_pb2.GenerateInput, seed: int) -> GenerationParams:
-    """Every option the core implements; defaults resolve through loraserve.schema.
+    """Every option the core implements; defaults resolve through loraserve.request.schema.
 
     Options the gateway refuses as not supported are not read here. `unet_name` and `variant`
     are part of the base-model key (core/model_key.py), so they shape the loaded pipeline,

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import PIL.Image
 from diffusers import DiffusionPipeline
 
-from loraserve import schema
+from loraserve.request import schema
 from serving.latents import OutputFile
 
 
@@ -136,7 +136,7 @@ class GenerationParams:
     loras: list[tuple[str, float]] = field(default_factory=list)
     # Textual inversions: (local .safetensors path, tokens naming its vectors); see serving/embeddings.py.
     embeddings: list[tuple[str, list[str]]] = field(default_factory=list)
-    # One of loraserve.schema.SCHEDULERS; None keeps the model's own scheduler class.
+    # One of loraserve.request.schema.SCHEDULERS; None keeps the model's own scheduler class.
     scheduler: str | None = None
     # Custom schedules (method "array"); at most one. They override num_inference_steps.
     timesteps: list[int] | None = None

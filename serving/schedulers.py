@@ -1,10 +1,10 @@
 """fal-ai/lora scheduler names → diffusers schedulers, built fresh for every request.
 
-The table below is plain data (class names, config overrides, capabilities) so the gateway can
-validate a request without importing torch or diffusers; `tests/serving/test_options.py`
-checks every capability flag against the real diffusers classes (`inspect` on `set_timesteps`
-and `step`, and what the built scheduler actually does), so the table cannot drift from the
-installed diffusers silently.
+The table of names (class names, config overrides, capabilities) is plain data in the request
+model (loraserve/request/schedulers.py), so a request is validated without torch or diffusers;
+`tests/serving/test_options.py` checks every capability flag against the real diffusers classes
+(`inspect` on `set_timesteps` and `step`, and what the built scheduler actually does), so the
+table cannot drift from the installed diffusers silently.
 
 A scheduler is always built with `from_config(resident.config, ...)`: the model's own noise
 schedule (betas, offsets, prediction type) is kept, and the resident pipeline's scheduler object
@@ -13,8 +13,9 @@ is never touched, so one request's scheduler state cannot leak into another's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
+
+from loraserve.request.schedulers import SCHEDULER_SPECS, SPACING_IGNORED_BY, names_accepting
 
 # diffusers' recommendation for zero-terminal-SNR models ("Common Diffusion Noise Schedules and
 # Sample Steps are Flawed", section 3.4): rescale the CFG result to fight over-exposure.
@@ -24,68 +25,12 @@ ZERO_SNR_GUIDANCE_RESCALE = 0.7
 LCM_DEFAULT_ORIGINAL_STEPS = 50
 
 
-@dataclass(frozen=True)
-class SchedulerSpec:
-    class_name: str
-    config: dict[str, Any] = field(default_factory=dict)
-    # set_timesteps(timesteps=...) works (diffusers refuses it together with Karras sigmas)
-    accepts_timesteps: bool = False
-    # set_timesteps(sigmas=...) exists
-    accepts_sigmas: bool = False
-    # step(eta=...) exists; every other scheduler would ignore eta
-    accepts_eta: bool = False
-    # with rescale_betas_zero_snr the scheduler clamps the last alpha_cumprod above zero, so an
-    # epsilon-prediction model stays finite; the others divide by zero at the first step (NaN)
-    zero_snr_safe_for_epsilon: bool = False
-
-
-SCHEDULER_SPECS: dict[str, SchedulerSpec] = {
-    "DPM++ 2M": SchedulerSpec(
-        "DPMSolverMultistepScheduler", {}, accepts_timesteps=True, zero_snr_safe_for_epsilon=True
-    ),
-    "DPM++ 2M Karras": SchedulerSpec(
-        "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, zero_snr_safe_for_epsilon=True
-    ),
-    "DPM++ 2M SDE": SchedulerSpec(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++"},
-        accepts_timesteps=True,
-        zero_snr_safe_for_epsilon=True,
-    ),
-    "DPM++ 2M SDE Karras": SchedulerSpec(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-        zero_snr_safe_for_epsilon=True,
-    ),
-    "Euler": SchedulerSpec(
-        "EulerDiscreteScheduler", {}, accepts_timesteps=True, accepts_sigmas=True, zero_snr_safe_for_epsilon=True
-    ),
-    "Euler A": SchedulerSpec("EulerAncestralDiscreteScheduler", {}, zero_snr_safe_for_epsilon=True),
-    "Euler (trailing timesteps)": SchedulerSpec(
-        "EulerDiscreteScheduler",
-        {"timestep_spacing": "trailing"},
-        accepts_timesteps=True,
-        accepts_sigmas=True,
-        zero_snr_safe_for_epsilon=True,
-    ),
-    "LCM": SchedulerSpec("LCMScheduler", {}, accepts_timesteps=True),
-    "LCM (trailing timesteps)": SchedulerSpec("LCMScheduler", {"timestep_spacing": "trailing"}, accepts_timesteps=True),
-    "DDIM": SchedulerSpec("DDIMScheduler", {}, accepts_eta=True),
-    "TCD": SchedulerSpec("TCDScheduler", {}, accepts_timesteps=True, accepts_eta=True),
-}
-
-
 class SchedulerOptionError(ValueError):
     """A sampling option the chosen (or the model's own) scheduler cannot honour; names the field."""
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field_name = field_name
-
-
-def names_accepting(capability: str) -> list[str]:
-    """Scheduler names with a capability flag set, for error messages."""
-    return [name for name, spec in SCHEDULER_SPECS.items() if getattr(spec, capability)]
 
 
 def build_scheduler(
@@ -194,8 +139,6 @@ def trailing_timesteps_if_ignored(scheduler: Any, num_inference_steps: int) -> l
     return [int(step) for step in steps]
 
 
-# Checked by tests against the installed diffusers: these build the same schedule whatever the spacing.
-SPACING_IGNORED_BY = ("LCMScheduler", "TCDScheduler")
 _SIGMA_SCHEDULE_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
 
 

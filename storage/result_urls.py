@@ -8,12 +8,19 @@ the signature or expiry), so reading a result signs every file anew from its key
 
 from __future__ import annotations
 
+import base64
+
 from loraserve.v1 import types_pb2
 from storage.object_store import ObjectStore
 
 DATA_URI_PREFIX = "data:"
 
 _FILE_FIELDS = ("debug_latents", "debug_per_pass_latents")
+
+
+def data_uri(data: bytes, content_type: str) -> str:
+    """An output returned inline (sync_mode), as fal returns it: the file's bytes in its URL."""
+    return f"{DATA_URI_PREFIX}{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def fresh_url(url: str, files: ObjectStore, expires_in_seconds: float | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
-from loraserve.input_strings import input_strings
+from loraserve.request.input_strings import input_strings
 from storage.fetch import NO_SUCH_STORED_FILE, InputFetchError
 from storage.object_store import InvalidKey, owned_by
 

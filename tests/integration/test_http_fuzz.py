@@ -42,8 +42,8 @@ from schemathesis.generation import GenerationMode
 from yarl import URL
 
 from gateway.auth import header_value, new_key
-from gateway.fal_json import input_schema
 from gateway.server import Gateway
+from loraserve.request.fal_json import input_schema
 from loraserve.v1 import generation_pb2, generation_pb2_grpc
 from tests.integration.test_fal_http import BODY, start_gateway, worker  # noqa: F401
 from tests.unit.worker_testkit import WorkerServer

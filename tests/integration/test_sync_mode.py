@@ -13,10 +13,10 @@ import pytest
 import safetensors.torch
 from PIL import Image
 
-from gateway.validation import validate_input
-from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
+from loraserve.client import AsyncClient, LoraServeError
 from loraserve.inputs import to_input
+from loraserve.request.validation import validate_input
 from loraserve.v1 import types_pb2
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes
@@ -85,7 +85,7 @@ async def test_sync_mode_over_the_cap_or_with_every_steps_latents_is_refused(
             await client.submit(request(tiny_sd15, sync_mode=True, debug_per_pass_latents=True))
     # The same sizes without sync_mode are fine.
     validate_input(
-        to_input(request(tiny_sd15, num_images=8, image_size={"width": side, "height": side})), stack_settings
+        to_input(request(tiny_sd15, num_images=8, image_size={"width": side, "height": side})), stack_settings.request_limits
     )
     assert "max_sync_mode_pixels" in too_large.value.field_violations["input.sync_mode"]
     assert "input.debug_per_pass_latents" in per_pass.value.field_violations

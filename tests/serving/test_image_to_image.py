@@ -27,7 +27,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from loraserve import schema
+from loraserve.request import schema
 from serving import image_to_image
 from serving.conditioning import Conditioning, ControlNetSpec, ICLightSpec, ImageEncoderSpec, IPAdapterSpec
 from serving.generation import _prepare

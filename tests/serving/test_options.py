@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from loraserve import schema
+from loraserve.request import schema
 from loraserve.v1 import types_pb2
 from serving import prompts, schedulers, tiling
 from serving.params import params_from_input

@@ -21,7 +21,7 @@ from storage_testkit import png_bytes, safetensors_bytes
 
 from loraserve.v1 import types_pb2
 from storage.object_store import LocalObjectStore
-from storage.result_urls import with_fresh_urls
+from storage.result_urls import data_uri, with_fresh_urls
 from storage.s3 import S3ObjectStore, S3Settings
 from tests.s3_server import WRITERS, PresignedUrlRefused, verify_presigned_url
 
@@ -135,3 +135,9 @@ def test_inline_results_are_left_as_they_are(s3_endpoint: str, tmp_path: Path) -
         latents = types_pb2.File(url="data:application/octet-stream;base64,AAAA", file_data=b"\0\0\0")
         output.debug_latents.CopyFrom(latents)
         assert with_fresh_urls(output, store) == output
+
+
+def test_data_uri_round_trip() -> None:
+    uri = data_uri(b"\x89PNG\r\n", "image/png")
+    assert uri.startswith("data:image/png;base64,")
+    assert base64.b64decode(uri.split(",", 1)[1]) == b"\x89PNG\r\n"

@@ -15,7 +15,6 @@ from gateway.errors import (
     DOMAIN,
     REQUEST_ERROR_CODES,
     FailedPrecondition,
-    FieldViolation,
     InvalidArgument,
     NotFound,
     RequestFailed,
@@ -26,6 +25,7 @@ from gateway.errors import (
 )
 from loraserve.client import AsyncClient, Client, LoraServeError
 from loraserve.errors import ErrorType
+from loraserve.request.violations import FieldViolation, InvalidInput
 from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
 
 SECRET = "db-password=hunter2"
@@ -80,6 +80,16 @@ def test_service_error_to_status(exc: ServiceError, code: int, reason: str) -> N
         assert "`input.prompt`" in status.message and "`input.loras[1].scale`" in status.message
     else:
         assert bad is None
+
+
+def test_the_request_models_refusal_is_invalid_argument_naming_its_fields() -> None:
+    """Validation raises InvalidInput, which knows no gRPC: answered as the gateway's own InvalidArgument."""
+    status = to_status(InvalidInput(VIOLATIONS))
+    assert status.code == code_pb2.INVALID_ARGUMENT
+    info, bad = unpack(status)
+    assert info.reason == "INVALID_ARGUMENT" and bad is not None
+    assert [(v.field, v.description) for v in bad.field_violations] == [(v.field, v.description) for v in VIOLATIONS]
+    assert "`input.prompt`" in status.message
 
 
 # Request failure type → code, spelled out (not read back from the mapping under test).

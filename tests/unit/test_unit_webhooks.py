@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import InvalidArgument
+from gateway.queue_options import validate_webhook_url
 from gateway.store import RequestRecord, State
-from gateway.validation import validate_webhook_url
 from gateway.webhook_signing import KEY_FILE, WebhookSigner
 from gateway.webhooks import webhook_body
 from core.config import Settings
@@ -183,6 +183,16 @@ def test_submit_refuses_webhook_urls_that_can_never_be_used() -> None:
         assert violation.field == "webhook_url" and why in violation.description, (url, violation)
     validate_webhook_url("http://127.0.0.1:8080/hook", Settings(fetch_allowed_hosts="127.0.0.1"))
     validate_webhook_url("http://192.168.1.2/hook", Settings(allow_private_networks=True))
+
+
+def test_a_webhook_url_is_kept_in_its_ascii_form_or_refused() -> None:
+    settings = Settings()
+    assert validate_webhook_url("https://hooks.example/a?x=é", settings) == "https://hooks.example/a?x=%C3%A9"
+    assert validate_webhook_url("https://bücher.example/h", settings) == "https://xn--bcher-kva.example/h"
+    with pytest.raises(InvalidArgument) as refused:
+        validate_webhook_url("https://é..x/h", settings)
+    (violation,) = refused.value.violations
+    assert violation.field == "webhook_url" and "internationalised" in violation.description
 
 
 def test_an_output_that_cannot_become_json_is_delivered_with_fals_payload_error(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 from core.config import Settings
 from entrypoints.embedded import EmbeddedService
@@ -41,14 +39,3 @@ def test_only_the_same_secret_matches_and_an_unset_one_matches_all() -> None:
     assert not secret_matches("abc", "abcd")
     assert secret_matches("", "anything")
 
-
-def test_the_workers_validation_brings_no_gateway_server_along() -> None:
-    """serving/app.py imports gateway.validation: a replica must not load the gateway's server, store engines
-    or HTTP stack with it."""
-    code = (
-        "import sys, gateway.validation\n"
-        "heavy = ['gateway.server', 'gateway.dispatcher', 'gateway.store_sqlite', 'gateway.store_postgres', 'aiohttp']\n"
-        "print(','.join(m for m in heavy if m in sys.modules))"
-    )
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert loaded == ""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-from loraserve.schema import IMAGE_SIZE_PRESETS
+from loraserve.request.schema import IMAGE_SIZE_PRESETS
 from loraserve.v1 import types_pb2
 
 COMMANDS_GROUP = "loraserve.commands"
@@ -107,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from gateway.errors import InvalidArgument
-    from gateway.fal_json import parse_input
     from loraserve.client import Client, LoraServeError
+    from loraserve.request.fal_json import parse_input
+    from loraserve.request.violations import InvalidInput
     from loraserve.v1 import generation_pb2
 
     request: dict[str, object] = json.loads(args.input.read_text()) if args.input else {}
@@ -132,7 +132,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         # The same reading of fal's JSON as the gateway's HTTP side: unknown or mistyped fields named.
         inp = parse_input(request, FAL_ENDPOINTS[args.endpoint])
-    except InvalidArgument as exc:
+    except InvalidInput as exc:
         print("error: invalid request", file=sys.stderr)
         for violation in exc.violations:
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)

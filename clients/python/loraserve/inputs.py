@@ -1,6 +1,6 @@
 """Builds a GenerateInput from a fal-style dict, so requests written for fal-ai/lora work as-is.
 
-The dict is read by the same parser as the gateway's HTTP side (gateway/fal_json.py), so a body
+The dict is read by the same parser as the gateway's HTTP side (loraserve/request/fal_json.py), so a body
 that fal's endpoint takes is taken here too (`image_size` as a preset or {width, height},
 `ip_adapter_image_url` as one URL or a list, `scale_json` as an object). Like fal's clients,
 ours upload binary inputs found in a dict (bytes, pathlib.Path, PIL images) and pass their URLs
@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import InvalidArgument
-from gateway.fal_json import parse_input
+from loraserve.request.fal_json import parse_input
+from loraserve.request.violations import InvalidInput
 from loraserve.v1 import types_pb2
 
 InputLike = types_pb2.GenerateInput | Mapping[str, Any]
@@ -27,7 +27,7 @@ def to_input(value: InputLike) -> types_pb2.GenerateInput:
         return value
     try:
         return parse_input(value)
-    except InvalidArgument as exc:
+    except InvalidInput as exc:
         raise ValueError(exc.message) from None
 
 

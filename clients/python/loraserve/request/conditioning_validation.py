@@ -1,4 +1,4 @@
-"""Gateway checks for ControlNets, IP-Adapters and IC-Light (serving/conditioning.py runs them).
+"""Checks for ControlNets, IP-Adapters and IC-Light (serving/conditioning.py runs them), part of validation.
 
 What can be judged from the request alone is refused here, by field: required paths and images,
 numbers that must be finite or in range, the two spellings of a ControlNet image that disagree,
@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Iterator
 
-from loraserve import schema
+from loraserve.request import schema
 from loraserve.v1 import types_pb2
 
 MAX_CONTROLNETS = 8

@@ -1,7 +1,11 @@
-"""Checks a GenerateInput before it is queued, naming every bad field and why.
+"""Checks a GenerateInput, naming every bad field and why.
 
-Workers trust what passes here. Options of the fal schema that this build cannot run
-yet are refused by name ("not supported yet"), never accepted and ignored.
+The gateway runs it before a request is queued and the worker again before it generates (a call
+that did not come through the gateway, or a gateway of another version, meets the same rules).
+What depends on the model (its family, its blocks, whether weights fit) only the worker can judge;
+whether a URL may be fetched is the fetch's policy (storage/fetch.py), checked where it is fetched.
+Options of the fal schema that this build cannot run yet are refused by name ("not supported yet"),
+never accepted and ignored.
 """
 
 from __future__ import annotations
@@ -12,16 +16,14 @@ import re
 from collections.abc import Iterator
 from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 
-from gateway.conditioning_validation import conditioning_violations
-from gateway.errors import FieldViolation, InvalidArgument
-from loraserve import schema
-from core.config import Settings
-from loraserve.input_strings import input_strings
+from loraserve.request import schema
+from loraserve.request.conditioning_validation import conditioning_violations
+from loraserve.request.input_strings import input_strings
+from loraserve.request.limits import RequestLimits
+from loraserve.request.schedulers import SCHEDULER_SPECS, TRAILING_AS_CUSTOM_TIMESTEPS, names_accepting
+from loraserve.request.sync_mode import sync_mode_violations
+from loraserve.request.violations import FieldViolation, InvalidInput
 from loraserve.v1 import types_pb2
-from serving.inline_results import sync_mode_violations
-from serving.schedulers import SCHEDULER_SPECS, SPACING_IGNORED_BY, names_accepting
-from storage.fetch import InputFetchError, check_url
-from storage.from_settings import image_fetch_policy
 
 MAX_NAME_CHARS = 4096
 # Largest custom schedule: num_inference_steps' upper bound (sigmas carry one more, the final sigma).
@@ -32,62 +34,17 @@ MAX_EMBEDDINGS = 8
 MAX_TOKEN_CHARS = 64
 # A variant becomes part of weight file names (`model.fp16.safetensors`), so no paths or dots.
 VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
-# Schedulers whose trailing spacing is passed as custom timesteps (schedulers.trailing_timesteps_if_ignored).
-TRAILING_AS_CUSTOM_TIMESTEPS = tuple(
-    name
-    for name, spec in SCHEDULER_SPECS.items()
-    if spec.class_name in SPACING_IGNORED_BY and spec.config.get("timestep_spacing") == "trailing"
-)
 
-def validate_input(inp: types_pb2.GenerateInput, settings: Settings, prefix: str = "input") -> None:
-    """Raises InvalidArgument listing every violation; field paths start at `prefix`.
+
+def validate_input(inp: types_pb2.GenerateInput, limits: RequestLimits, prefix: str = "input") -> None:
+    """Raises InvalidInput listing every violation; field paths start at `prefix`.
 
     An http(s) URL with non-ASCII characters in any field is rewritten in `inp` to its ASCII form
     (IDNA host, percent-encoded UTF-8), as the fetch sends it; one that has none is refused."""
-    violations = [FieldViolation(f"{prefix}.{field}", why) for field, why in _violations(inp, settings)]
-    violations += [FieldViolation(path, why) for path, why in _file_strings(inp, settings, prefix)]
+    violations = [FieldViolation(f"{prefix}.{field}", why) for field, why in _violations(inp, limits)]
+    violations += [FieldViolation(path, why) for path, why in _file_strings(inp, limits, prefix)]
     if violations:
-        raise InvalidArgument(violations)
-
-
-PRIORITIES = {"": 0, "normal": 0, "low": 1}
-
-
-def priority_rank(priority: str) -> int:
-    """fal's queue priorities as the store's rank (0 first); anything else is refused by name."""
-    if priority not in PRIORITIES:
-        raise InvalidArgument([FieldViolation("priority", f"must be 'normal' or 'low', got {priority!r}")])
-    return PRIORITIES[priority]
-
-
-def validate_start_timeout(seconds: float) -> None:
-    """fal's clients refuse a start timeout of 1 s or less; 0 means none."""
-    if not math.isfinite(seconds) or seconds < 0 or 0 < seconds <= 1:
-        raise InvalidArgument(
-            [FieldViolation("start_timeout", f"must be 0 (no limit) or more than 1 second, got {seconds}")]
-        )
-
-
-MAX_WEBHOOK_URL_CHARS = 2048
-
-
-def validate_webhook_url(url: str, settings: Settings) -> str:
-    """fal's `fal_webhook`, POSTed to when the request ends: refused now if it can never be used (scheme,
-    credentials, a forbidden address written as an IP); each attempt checks the resolved addresses again.
-    Returns it in the ASCII form it is sent to (`ascii_url`)."""
-    if not url:
-        return url
-    if len(url) > MAX_WEBHOOK_URL_CHARS:
-        raise InvalidArgument(
-            [FieldViolation("webhook_url", f"is longer than {MAX_WEBHOOK_URL_CHARS} characters ({len(url)})")]
-        )
-    try:
-        sent = ascii_url(url)
-        check_url(sent, "webhook_url", image_fetch_policy(settings), resolve=False)
-    except (InputFetchError, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, InputFetchError) else str(exc)
-        raise InvalidArgument([FieldViolation("webhook_url", reason)]) from None
-    return sent
+        raise InvalidInput(violations)
 
 
 def ascii_url(url: str) -> str:
@@ -115,7 +72,7 @@ def _percent_encoded(text: str) -> str:
     return "".join(char if char.isascii() else quote(char, safe="") for char in text)
 
 
-def _file_strings(inp: types_pb2.GenerateInput, settings: Settings, prefix: str) -> Iterator[tuple[str, str]]:
+def _file_strings(inp: types_pb2.GenerateInput, limits: RequestLimits, prefix: str) -> Iterator[tuple[str, str]]:
     """Every field that can name a file: a data URI within `max_data_uri_bytes` (the worker would refuse
     it only after the gateway kept it queued), an http(s) URL in the ASCII form HTTP sends."""
     for found in input_strings(inp, prefix):
@@ -124,9 +81,9 @@ def _file_strings(inp: types_pb2.GenerateInput, settings: Settings, prefix: str)
         scheme = found.value[:8].lower()
         if scheme.startswith("data:"):
             size = _data_uri_bytes(found.value)
-            if size > settings.max_data_uri_bytes:
+            if size > limits.max_data_uri_bytes:
                 yield found.path, (
-                    f"is a data URI of about {size} bytes, over the limit of {settings.max_data_uri_bytes} bytes"
+                    f"is a data URI of about {size} bytes, over the limit of {limits.max_data_uri_bytes} bytes"
                     " (max_data_uri_bytes); upload the file and pass its URL"
                 )
         elif scheme.startswith(("http://", "https://")) and not found.value.isascii():
@@ -146,8 +103,8 @@ def _data_uri_bytes(uri: str) -> int:
     return len(unquote_to_bytes(payload))
 
 
-def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:
-    yield from _text(inp, settings)
+def _violations(inp: types_pb2.GenerateInput, limits: RequestLimits) -> Iterator[tuple[str, str]]:
+    yield from _text(inp, limits)
     yield from _endpoint(inp)
     yield from _size(inp)
     yield from _ranges(inp)
@@ -155,15 +112,15 @@ def _violations(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tu
     yield from _schedules(inp)
     yield from _sampling(inp)
     yield from _tiles(inp)
-    yield from _loras(inp, settings)
+    yield from _loras(inp, limits)
     yield from _base_model_parts(inp)
     yield from _embeddings(inp)
-    yield from sync_mode_violations(inp, settings.max_sync_mode_pixels)
+    yield from sync_mode_violations(inp, limits.max_sync_mode_pixels)
     # ControlNets, IP-Adapters and IC-Light.
     yield from conditioning_violations(inp)
 
 
-def _text(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:
+def _text(inp: types_pb2.GenerateInput, limits: RequestLimits) -> Iterator[tuple[str, str]]:
     if not inp.model_name.strip():
         yield "model_name", "is required: a Hugging Face ID, URL or path of an SD 1.5 / SDXL model"
     elif len(inp.model_name) > MAX_NAME_CHARS:
@@ -171,8 +128,8 @@ def _text(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[st
     if not inp.prompt.strip():
         yield "prompt", "is required and must not be empty"
     for field in ("prompt", "negative_prompt"):
-        if len(getattr(inp, field)) > settings.max_prompt_chars:
-            yield field, f"is longer than {settings.max_prompt_chars} characters"
+        if len(getattr(inp, field)) > limits.max_prompt_chars:
+            yield field, f"is longer than {limits.max_prompt_chars} characters"
 
 
 def _endpoint(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
@@ -396,9 +353,9 @@ def _embeddings(inp: types_pb2.GenerateInput) -> Iterator[tuple[str, str]]:
                 owner[token] = index
 
 
-def _loras(inp: types_pb2.GenerateInput, settings: Settings) -> Iterator[tuple[str, str]]:
-    if len(inp.loras) > settings.max_loras_per_request:
-        yield "loras", f"at most {settings.max_loras_per_request} LoRAs per request, got {len(inp.loras)}"
+def _loras(inp: types_pb2.GenerateInput, limits: RequestLimits) -> Iterator[tuple[str, str]]:
+    if len(inp.loras) > limits.max_loras_per_request:
+        yield "loras", f"at most {limits.max_loras_per_request} LoRAs per request, got {len(inp.loras)}"
     for index, lora in enumerate(inp.loras):
         if not lora.path.strip():
             yield f"loras[{index}].path", "is required: a URL or path of LoRA weights"

@@ -1,4 +1,4 @@
-"""fal-ai/lora defaults and enumerations, read by the gateway (validation) and workers alike.
+"""fal-ai/lora defaults and enumerations, read by validation, the gateway and workers alike.
 
 proto3 cannot carry non-zero defaults, so unset `optional` fields resolve here, once.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from loraserve.request.schedulers import SCHEDULER_SPECS
 from loraserve.v1 import types_pb2
 
 IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
@@ -21,19 +22,7 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 DEFAULT_IMAGE_SIZE = "square_hd"
 MAX_IMAGE_SIDE = 14142
 
-SCHEDULERS = (
-    "DPM++ 2M",
-    "DPM++ 2M Karras",
-    "DPM++ 2M SDE",
-    "DPM++ 2M SDE Karras",
-    "Euler",
-    "Euler A",
-    "Euler (trailing timesteps)",
-    "LCM",
-    "LCM (trailing timesteps)",
-    "DDIM",
-    "TCD",
-)
+SCHEDULERS = tuple(SCHEDULER_SPECS)
 IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SCHEDULE_METHODS = ("default", "array")

@@ -1,4 +1,4 @@
-"""gateway.validation for unet_name, variant and embeddings, now implemented rather than refused."""
+"""loraserve.request.validation for unet_name, variant and embeddings, now implemented rather than refused."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from gateway.validation import MAX_EMBEDDINGS
-from loraserve import schema
+from loraserve.request.validation import MAX_EMBEDDINGS
+from loraserve.request import schema
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
 from serving.params import params_from_input
-from tests.unit.validation_testkit import MINIMAL, violations
+from tests.request.validation_testkit import MINIMAL, violations
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""gateway validation of controlnets, ip_adapter and IC-Light: accepted when runnable, else refused by field."""
+"""Validation of controlnets, ip_adapter and IC-Light: accepted when runnable, else refused by field."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.validation_testkit import violations
+from tests.request.validation_testkit import violations
 
 CN: dict[str, Any] = {"path": "org/controlnet-canny", "image_url": "https://example.com/canny.png"}
 IPA: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""gateway.validation for the sampling, prompting, tiling, output and debugging options.
+"""loraserve.request.validation for the sampling, prompting, tiling, output and debugging options.
 
 These options are implemented now, so the gateway accepts them; what it refuses, by field, is
 what the named scheduler would reject or silently ignore, and schedules that cannot be valid.
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from loraserve import schema
+from loraserve.request import schema
+from loraserve.request.schedulers import SCHEDULER_SPECS
 from loraserve.v1 import types_pb2
-from serving.schedulers import SCHEDULER_SPECS
-from tests.unit.validation_testkit import violations
+from tests.request.validation_testkit import violations
 
 
 @pytest.mark.parametrize(
@@ -126,8 +126,13 @@ def test_tile_accessors_resolve_fal_defaults() -> None:
     assert schema.custom_timesteps(plain) is None and schema.custom_sigmas(plain) is None
 
 
-def test_gateway_validation_does_not_import_torch() -> None:
-    """The scheduler capability table is plain data, so the gateway stays free of torch/diffusers."""
-    code = "import sys, gateway.validation; print('torch' in sys.modules or 'diffusers' in sys.modules)"
+def test_the_request_model_loads_no_server_part_and_no_torch() -> None:
+    """The scheduler capability table is plain data, so validating (in the gateway, the worker or the client)
+    loads neither torch/diffusers nor anything of the server; tests/test_layers.py checks the imports as written."""
+    code = (
+        "import sys, loraserve.request.validation, loraserve.request.fal_json\n"
+        "heavy = {'torch', 'diffusers', 'ray', 'grpc', 'aiohttp', 'core', 'gateway', 'serving', 'storage'}\n"
+        "print(','.join(sorted(heavy & {name.split('.')[0] for name in sys.modules})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == ""

@@ -1,36 +1,30 @@
 """`sync_mode`: a request's outputs come back inside its result instead of in the object store.
 
 fal returns them as data URIs: `url` is `data:<type>;base64,...` and `file_data` holds the same
-bytes. Nothing is written to the object store, so nothing is signed when the result is read
-(storage/result_urls.py leaves data URIs alone) and the retention sweep has no files to delete.
+bytes (storage/result_urls.py writes them). Nothing is written to the object store, so nothing is
+signed when the result is read and the retention sweep has no files to delete.
 
 The request store keeps the result, so the size is capped: `max_sync_mode_pixels` over all of a
-request's images. The gateway refuses a text-to-image request over it when it is submitted; the
-size of an image-to-image result is known only once its start image is read, so the worker checks
-the request again then, before it generates anything.
+request's images. Validation refuses a text-to-image request over it; the size of an image-to-image
+result is known only once its start image is read, so the worker checks the request again then,
+before it generates anything.
 """
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Iterator
 
-from gateway.errors import FieldViolation, InvalidArgument
-from loraserve import schema
+from loraserve.request import schema
+from loraserve.request.violations import FieldViolation, InvalidInput
 from loraserve.v1 import types_pb2
-from storage.result_urls import DATA_URI_PREFIX
 
 # Every step's latents (up to 150 steps × 8 images) are too large for a result row; debug_latents,
 # the final latents only, come back inline like the images.
 PER_PASS_REFUSED = "cannot be returned inline (sync_mode): every step's latents are too large; leave sync_mode off"
 
 
-def data_uri(data: bytes, content_type: str) -> str:
-    return f"{DATA_URI_PREFIX}{content_type};base64,{base64.b64encode(data).decode('ascii')}"
-
-
 def sync_mode_violations(inp: types_pb2.GenerateInput, max_pixels: int) -> Iterator[tuple[str, str]]:
-    """For the gateway's validation: a text-to-image request whose images would exceed the cap."""
+    """For validation: a text-to-image request whose images would exceed the cap."""
     if not inp.sync_mode:
         return
     if inp.debug_per_pass_latents:
@@ -55,7 +49,7 @@ def check_inline_size(sizes: Iterable[tuple[int, int]], max_pixels: int, *, per_
     if pixels > max_pixels:
         violations.append(FieldViolation("input.sync_mode", _too_large(pixels, max_pixels)))
     if violations:
-        raise InvalidArgument(violations)
+        raise InvalidInput(violations)
 
 
 def _too_large(pixels: int, max_pixels: int) -> str:

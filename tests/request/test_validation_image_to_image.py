@@ -1,4 +1,4 @@
-"""gateway.validation for fal-ai/lora/image-to-image and fal-ai/lora/inpaint (GenerateInput.endpoint).
+"""loraserve.request.validation for fal-ai/lora/image-to-image and fal-ai/lora/inpaint (GenerateInput.endpoint).
 
 Each field is accepted only where its endpoint reads it; a mask of another size than the image
 is refused by the worker once both are fetched (tests/integration/test_image_to_image.py).
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from loraserve import schema
+from loraserve.request import schema
 from loraserve.inputs import to_input
 from loraserve.v1 import types_pb2
-from tests.unit.validation_testkit import MINIMAL, violations, violations_of
+from tests.request.validation_testkit import MINIMAL, violations, violations_of
 
 IMAGE = "https://example.com/start.png"
 MASK = "https://example.com/mask.png"

@@ -1,6 +1,6 @@
-"""Fields that can name a file, checked at submit whichever field it is: a data URI over `max_data_uri_bytes`
-is refused naming its field (before it is queued, held and prefetched), and an http(s) URL with non-ASCII
-characters is sent in its ASCII form, or refused naming its field when it has none."""
+"""Fields that can name a file, checked by validation whichever field it is: a data URI over `max_data_uri_bytes`
+is refused naming its field (at submit, before it is queued, held and prefetched), and an http(s) URL with
+non-ASCII characters is sent in its ASCII form, or refused naming its field when it has none."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import base64
 
 import pytest
 
-from gateway.errors import InvalidArgument
-from gateway.validation import validate_input, validate_webhook_url
 from core.config import Settings
+from loraserve.request.validation import validate_input
+from loraserve.request.violations import InvalidInput
 from loraserve.v1 import types_pb2
 
 LIMIT = 1000
@@ -48,8 +48,8 @@ FIELDS = [
 
 
 def violations(inp: types_pb2.GenerateInput) -> dict[str, str]:
-    with pytest.raises(InvalidArgument) as refused:
-        validate_input(inp, SETTINGS)
+    with pytest.raises(InvalidInput) as refused:
+        validate_input(inp, SETTINGS.request_limits)
     return {v.field: v.description for v in refused.value.violations}
 
 
@@ -77,13 +77,3 @@ def test_a_url_whose_host_has_no_ascii_form_is_refused_naming_its_field() -> Non
     found = violations(inp)
     assert "not a valid internationalised domain name" in found["input.loras[0].path"]
     assert "input.prompt" not in found and inp.prompt == "https://é.example is text here"
-
-
-def test_a_webhook_url_is_kept_in_its_ascii_form_or_refused() -> None:
-    settings = Settings()
-    assert validate_webhook_url("https://hooks.example/a?x=é", settings) == "https://hooks.example/a?x=%C3%A9"
-    assert validate_webhook_url("https://bücher.example/h", settings) == "https://xn--bcher-kva.example/h"
-    with pytest.raises(InvalidArgument) as refused:
-        validate_webhook_url("https://é..x/h", settings)
-    (violation,) = refused.value.violations
-    assert violation.field == "webhook_url" and "internationalised" in violation.description

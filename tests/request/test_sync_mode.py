@@ -1,14 +1,12 @@
-"""sync_mode's size cap: at the gateway where the size is known, at the worker for what it made."""
+"""sync_mode's size cap: in validation where the size is known, at the worker for what it made."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 
-from gateway.errors import InvalidArgument
+from loraserve.request.sync_mode import check_inline_size, sync_mode_violations
+from loraserve.request.violations import InvalidInput
 from loraserve.v1 import types_pb2
-from serving.inline_results import check_inline_size, data_uri, sync_mode_violations
 
 CAP = 2 * 1024 * 1024
 
@@ -32,7 +30,7 @@ def test_image_to_image_is_checked_by_the_worker_once_the_size_is_known() -> Non
     inp = text_to_image(num_images=8, endpoint=types_pb2.ENDPOINT_IMAGE_TO_IMAGE)
     assert list(sync_mode_violations(inp, CAP)) == []
     check_inline_size([(1024, 1024)] * 2, CAP, per_pass_latents=False)
-    with pytest.raises(InvalidArgument) as refused:
+    with pytest.raises(InvalidInput) as refused:
         check_inline_size([(1024, 1024)] * 3, CAP, per_pass_latents=True)
     assert [v.field for v in refused.value.violations] == ["input.debug_per_pass_latents", "input.sync_mode"]
 
@@ -40,9 +38,3 @@ def test_image_to_image_is_checked_by_the_worker_once_the_size_is_known() -> Non
 def test_every_steps_latents_are_refused_inline() -> None:
     [(field, _why)] = sync_mode_violations(text_to_image(debug_per_pass_latents=True), CAP)
     assert field == "debug_per_pass_latents"
-
-
-def test_data_uri_round_trip() -> None:
-    uri = data_uri(b"\x89PNG\r\n", "image/png")
-    assert uri.startswith("data:image/png;base64,")
-    assert base64.b64decode(uri.split(",", 1)[1]) == b"\x89PNG\r\n"

@@ -1,4 +1,4 @@
-"""gateway.validation.validate_input: every bad field is named, by its full path, at once."""
+"""loraserve.request.validation.validate_input: every bad field is named, by its full path, at once."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidArgument
-from gateway.validation import validate_input
 from core.config import Settings
 from loraserve.inputs import to_input
+from loraserve.request.validation import validate_input
+from loraserve.request.violations import InvalidInput
 from loraserve.v1 import types_pb2
-from tests.unit.validation_testkit import MINIMAL, SETTINGS, violations_of
+from tests.request.validation_testkit import MINIMAL, SETTINGS, violations_of
 
 
 def body(**overrides: Any) -> dict[str, Any]:
@@ -120,8 +120,8 @@ def test_bad_input_built_as_proto_names_the_field() -> None:
 
 
 def test_valid_minimal_input_passes_as_dict_and_as_proto() -> None:
-    validate_input(to_input(MINIMAL), SETTINGS)
-    validate_input(types_pb2.GenerateInput(model_name="m", prompt="p"), SETTINGS)
+    validate_input(to_input(MINIMAL), SETTINGS.request_limits)
+    validate_input(types_pb2.GenerateInput(model_name="m", prompt="p"), SETTINGS.request_limits)
 
 
 def test_defaults_given_explicitly_pass() -> None:
@@ -196,8 +196,8 @@ def test_every_error_is_reported_at_once() -> None:
             "scheduler": "nope",
         }
     )
-    with pytest.raises(InvalidArgument) as caught:
-        validate_input(inp, SETTINGS)
+    with pytest.raises(InvalidInput) as caught:
+        validate_input(inp, SETTINGS.request_limits)
     fields = [v.field for v in caught.value.violations]
     for expected in (
         "input.model_name",
@@ -216,6 +216,6 @@ def test_every_error_is_reported_at_once() -> None:
 
 
 def test_prefix_is_used_for_field_paths() -> None:
-    with pytest.raises(InvalidArgument) as caught:
+    with pytest.raises(InvalidInput) as caught:
         validate_input(to_input({"model_name": "m", "prompt": ""}), SETTINGS, prefix="request.input")
     assert [v.field for v in caught.value.violations] == ["request.input.prompt"]

@@ -1,18 +1,15 @@
-"""fal's JSON for fal-ai/lora, both ways: a request body as fal's clients write it → GenerateInput,
-GenerateOutput / RequestStatus → the JSON the hosted endpoint returns.
+"""fal's JSON for fal-ai/lora requests: a body as fal's clients write it → GenerateInput, and its JSON Schema.
 
-Proto JSON (json_format) is not fal's JSON: it prints int64 (`seed`, `file_size`) as strings,
-camelCases names unless told not to, and knows neither `image_size`'s two shapes nor an
+Proto JSON (json_format) is not fal's JSON: it knows neither `image_size`'s two shapes nor an
 IP-Adapter's `ip_adapter_image_url` given as one string nor `scale_json` given as an object. So
-the walk over the message descriptors is done here, once, for the HTTP facade, webhooks, the
-Python client and the CLI. Bad input is refused with every bad field named in the gRPC
-BadRequest's form (`input.loras[0].path`); gateway/errors.py turns those into fal's 422 `loc`.
+the walk over the message descriptors is done here, once, for the HTTP facade, the Python client
+and the CLI (the answers' JSON is the gateway's: gateway/fal_output.py). Bad input is refused with
+every bad field named in the gRPC BadRequest's form (`input.loras[0].path`); gateway/errors.py
+turns those into fal's 422 `loc`.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime
 import json
 import math
 from collections.abc import Mapping
@@ -21,9 +18,8 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway.errors import CANCELLED_MESSAGE, FieldViolation, InvalidArgument, request_error_http
-from loraserve.errors import ErrorType
-from loraserve.v1 import generation_pb2, types_pb2
+from loraserve.request.violations import FieldViolation, InvalidInput
+from loraserve.v1 import types_pb2
 
 # The fal-ai/lora family: the path after the app id → GenerateInput.endpoint.
 APP_ID = "fal-ai/lora"
@@ -43,7 +39,6 @@ _FLOATS = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE)
 # The deepest a request body nests (GenerateInput's own deepest is `ip_adapter[0].scale_json.up.block_0`, 4):
 # far more than any body needs, far less than what exhausts Python's recursion in the walks over it.
 MAX_JSON_DEPTH = 32
-_LEVELS = {v.number: v.name.removeprefix("LOG_LEVEL_") for v in types_pb2.LogLevel.DESCRIPTOR.values}
 
 
 def endpoint_for(sub_path: str) -> int | None:
@@ -53,7 +48,7 @@ def endpoint_for(sub_path: str) -> int | None:
 
 
 def loads_body(raw: bytes) -> Any:
-    """A request body's JSON (an empty body is `{}`); InvalidArgument at `input` (fal's 422 at `body`) when it
+    """A request body's JSON (an empty body is `{}`); InvalidInput at `input` (fal's 422 at `body`) when it
     is not JSON, nests deeper than MAX_JSON_DEPTH, or has a string or key that is no Unicode text (a lone
     surrogate escape such as `"\\ud800"`, which no UTF-8 encoder takes)."""
     if not raw.strip():
@@ -64,12 +59,12 @@ def loads_body(raw: bytes) -> Any:
         data = None
         too_deep = True
     except ValueError as exc:
-        raise InvalidArgument([FieldViolation("input", f"the body is not valid JSON: {exc}", "value_error.jsondecode")]) from None
+        raise InvalidInput([FieldViolation("input", f"the body is not valid JSON: {exc}", "value_error.jsondecode")]) from None
     else:
         too_deep = _depth(data) > MAX_JSON_DEPTH
     if too_deep:
         why = f"the body nests deeper than {MAX_JSON_DEPTH} levels"
-        raise InvalidArgument([FieldViolation("input", why, "value_error.jsondecode")])
+        raise InvalidInput([FieldViolation("input", why, "value_error.jsondecode")])
     return data
 
 
@@ -101,19 +96,19 @@ def _printable_key(key: str) -> str:
 
 
 def parse_input(data: Any, endpoint: int | None = None) -> types_pb2.GenerateInput:
-    """A fal-ai/lora request body as a GenerateInput; InvalidArgument naming every bad or unknown field.
+    """A fal-ai/lora request body as a GenerateInput; InvalidInput naming every bad or unknown field.
 
     `endpoint` comes from the path the request was sent to (`/fal-ai/lora/inpaint`); given, the body
     may not carry an `endpoint` of its own. Without it (the Python client, the CLI) the body may.
     """
     if not isinstance(data, Mapping):
-        raise InvalidArgument([FieldViolation("input", "the body must be a JSON object", "type_error.dict")])
+        raise InvalidInput([FieldViolation("input", "the body must be a JSON object", "type_error.dict")])
     inp = types_pb2.GenerateInput()
     violations: list[FieldViolation] = []
     hidden = frozenset({"endpoint"} if endpoint is not None else ())
     _fill(inp, data, "input", violations, hidden)
     if violations:
-        raise InvalidArgument(violations)
+        raise InvalidInput(violations)
     if endpoint is not None:
         inp.endpoint = endpoint  # type: ignore[assignment]
     return inp
@@ -377,83 +372,3 @@ _SPECIAL_SCHEMAS = {
     ("IPAdapter", "ip_adapter_image_url"): _ip_adapter_images_schema,
     ("IPAdapter", "scale_json"): _scale_json_schema,
 }
-
-
-# --- output ------------------------------------------------------------------------------------
-
-
-def output_json(output: types_pb2.GenerateOutput) -> dict[str, Any]:
-    """GenerateOutput as the hosted endpoint returns it: snake_case, integers as JSON numbers,
-    `images`, `seed` and `has_nsfw_concepts` always, debug files when there are any."""
-    return _message_json(output)
-
-
-def _message_json(msg: Message) -> dict[str, Any]:
-    """Scalars without presence always (but empty bytes), optional scalars and messages when set,
-    lists always; int64 stays a number, bytes become base64, enums their names."""
-    result: dict[str, Any] = {}
-    for field in msg.DESCRIPTOR.fields:
-        value = getattr(msg, field.name)
-        if field.is_repeated:
-            result[field.name] = [_value_json(field, item) for item in value]
-        elif field.type == FieldDescriptor.TYPE_MESSAGE or field.has_presence:
-            if msg.HasField(field.name):
-                result[field.name] = _value_json(field, value)
-        elif field.type == FieldDescriptor.TYPE_BYTES and not value:
-            continue
-        else:
-            result[field.name] = _value_json(field, value)
-    return result
-
-
-def _value_json(field: FieldDescriptor, value: Any) -> Any:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return _message_json(value)
-    if field.type == FieldDescriptor.TYPE_BYTES:
-        return base64.b64encode(value).decode("ascii")
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        return field.enum_type.values_by_number[value].name
-    if field.type in _FLOATS and not math.isfinite(value):
-        return None
-    return value
-
-
-# --- status ------------------------------------------------------------------------------------
-
-
-def log_json(entry: types_pb2.LogEntry) -> dict[str, Any]:
-    """A log line as fal's status carries it: {message, level, source, timestamp (ISO-8601, UTC)}."""
-    when = datetime.datetime.fromtimestamp(entry.timestamp, datetime.UTC)
-    return {
-        "message": entry.message,
-        "level": _LEVELS.get(entry.level, "INFO") if entry.level else "INFO",
-        "source": entry.source,
-        "timestamp": when.isoformat(),
-    }
-
-
-def status_json(
-    status: generation_pb2.RequestStatus, urls: Mapping[str, str], logs: list[types_pb2.LogEntry] | None
-) -> dict[str, Any]:
-    """A RequestStatus as fal's status body: IN_QUEUE, IN_PROGRESS or COMPLETED, never anything else
-    (fal's clients fail on any other value): a failed or cancelled request is COMPLETED with
-    `error` and `error_type`. `logs` is null when the caller did not ask for logs."""
-    body: dict[str, Any] = {"request_id": status.request_id, **urls}
-    body["logs"] = None if logs is None else [log_json(entry) for entry in logs]
-    if status.state == generation_pb2.REQUEST_STATE_IN_QUEUE:
-        body["status"] = "IN_QUEUE"
-        body["queue_position"] = status.queue_position
-        return body
-    if status.state == generation_pb2.REQUEST_STATE_IN_PROGRESS:
-        body["status"] = "IN_PROGRESS"
-        body["metrics"] = {}
-        return body
-    body["status"] = "COMPLETED"
-    body["metrics"] = {"inference_time": status.metrics.inference_seconds}
-    if status.state == generation_pb2.REQUEST_STATE_CANCELLED or status.error.type == ErrorType.CANCELLED:
-        body["error"] = CANCELLED_MESSAGE
-        body["error_type"] = request_error_http(ErrorType.CANCELLED)[1]
-    elif status.HasField("error"):
-        body["error"] = status.error.message
-        body["error_type"] = request_error_http(status.error.type)[1]
-    return body

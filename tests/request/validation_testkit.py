@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.errors import InvalidArgument
-from gateway.validation import validate_input
 from core.config import Settings
 from loraserve.inputs import to_input
+from loraserve.request.validation import validate_input
+from loraserve.request.violations import InvalidInput
 from loraserve.v1 import types_pb2
 
 SETTINGS = Settings()
@@ -17,8 +17,8 @@ MINIMAL: dict[str, Any] = {"model_name": "stabilityai/stable-diffusion-xl-base-1
 def violations_of(inp: types_pb2.GenerateInput, settings: Settings = SETTINGS) -> dict[str, list[str]]:
     """field path -> descriptions; {} when the input is valid."""
     try:
-        validate_input(inp, settings)
-    except InvalidArgument as exc:
+        validate_input(inp, settings.request_limits)
+    except InvalidInput as exc:
         found: dict[str, list[str]] = {}
         for v in exc.violations:
             found.setdefault(v.field, []).append(v.description)

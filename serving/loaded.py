@@ -60,7 +60,7 @@ class LoadedPipeline:
             pipe,
             sdxl=family == "sdxl",
             describe=f"model {model_name!r} ({family})",
-            max_bytes=max_lora_bytes or lora_tier.default_budget(denoiser(pipe).device, pipelines_per_replica),
+            max_bytes=max_lora_bytes or lora_tier.default_budget(denoiser(pipe).device, pipelines_per_replica, family),
             max_count=max_loras,
             metrics=metrics,
             parse=self._parsed,

@@ -162,7 +162,8 @@ def layer_deltas(
         # FLUX's loader returns alphas only when asked; kohya and XLabs files have them folded in.
         state_dict, network_alphas = pipe.lora_state_dict(tensors, return_alphas=True)
     else:
-        state_dict, network_alphas = pipe.lora_state_dict(tensors, **({"unet_config": pipe.unet.config} if sdxl else {}))
+        config = {"unet_config": pipe.unet.config} if sdxl else {}
+        state_dict, network_alphas = pipe.lora_state_dict(tensors, **config)
     if not all("lora" in key for key in state_dict):
         raise LoraFitError("invalid LoRA checkpoint: every parameter name must contain 'lora'")
     models = lora_models(pipe)
@@ -219,7 +220,9 @@ def _flux_deltas(pipe: DiffusionPipeline, parsed: ParsedLora) -> list[LayerDelta
 
 def _file_layers(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """The file's adapted layers as it names them: the key of each down (A) matrix without its suffix."""
-    return sorted({key.removesuffix(suffix) for key in state_dict for suffix in FILE_DOWN_SUFFIXES if key.endswith(suffix)})
+    return sorted(
+        {key.removesuffix(suffix) for key in state_dict for suffix in FILE_DOWN_SUFFIXES if key.endswith(suffix)}
+    )
 
 
 def _fused_parts(stem: str) -> int:
@@ -238,7 +241,8 @@ def _unmatched_keys(pipe: DiffusionPipeline, parsed: ParsedLora, stems: list[str
         owned.update(keys)
         missing: list[str] = []
         try:
-            found = layer_deltas(pipe, parsed, sdxl=False, missing=missing, state_dict={k: parsed.state_dict[k] for k in keys})
+            part = {key: parsed.state_dict[key] for key in keys}
+            found = layer_deltas(pipe, parsed, sdxl=False, missing=missing, state_dict=part)
         except Exception:  # noqa: BLE001 - diffusers' converters raise anything on what they do not know
             found = []
         if missing or not found:
@@ -402,7 +406,8 @@ def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
     for delta in deltas:
         key = (delta.component, delta.up.shape[0], delta.down.shape[1], delta.down.shape[0], delta.magnitude is not None)
         groups.setdefault(key, []).append(delta)
-    order = sorted(groups, key=lambda key: len(LORA_COMPONENTS) if key[0] in DENOISERS else LORA_COMPONENTS.index(key[0]))
+    last = len(LORA_COMPONENTS)
+    order = sorted(groups, key=lambda key: last if key[0] in DENOISERS else LORA_COMPONENTS.index(key[0]))
     for key in order:
         members = groups[key]
         yield ShapeGroup(

@@ -34,7 +34,7 @@ import psutil
 import torch
 from diffusers import DiffusionPipeline
 
-from serving import lora_merge
+from serving import flux_memory, lora_merge
 from serving.errors import AdapterLoadError
 from serving.lora_cache import ParsedLora, adapter_name
 from serving.lora_tensors import DENOISERS, LoraFitError, LoraTensors, ShapeGroup, lora_tensors
@@ -49,14 +49,19 @@ DEVICE_BUDGET_FRACTION = 0.25
 MAX_REASON_CHARS = 400
 
 
-def default_budget(device: torch.device, pipelines: int = 1) -> int:
+def default_budget(device: torch.device, pipelines: int = 1, family: str = "") -> int:
     """On an 80 GB GPU with SDXL loaded and 2 pipelines per replica: ~9 GB, one merged set and ~80 rank-32 LoRAs.
+
+    FLUX on a GPU: what is free less a reserve for its activations (serving/flux_memory.py), as its
+    merged set alone may be 22 GiB.
 
     A fraction of what is free rather than a fixed size, so that the same default neither starves a
     large machine into merging again on every repeat nor takes more than a small one has.
     """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
+        if family == "flux":
+            return flux_memory.default_budget(free, pipelines)
     else:
         free = psutil.virtual_memory().available
     return int(free * DEVICE_BUDGET_FRACTION / max(1, pipelines))
@@ -177,7 +182,8 @@ class DeviceLoraTier:
 
     def _unet_device(self) -> tuple[torch.nn.Module | None, torch.device]:
         """From a parameter: diffusers' `ModelMixin.device` walks every module (8 ms per call on a tiny SDXL)."""
-        unet = next((m for m in (getattr(self._pipe, a, None) for a in DENOISERS) if isinstance(m, torch.nn.Module)), None)
+        models = (getattr(self._pipe, attr, None) for attr in DENOISERS)
+        unet = next((model for model in models if isinstance(model, torch.nn.Module)), None)
         if unet is None:
             return None, torch.device("cpu")
         return unet, next(unet.parameters()).device

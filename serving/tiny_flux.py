@@ -91,6 +91,19 @@ XLABS_DOUBLE = {
 }
 
 
+# FLUX.1 [dev]'s transformer (its transformer/config.json), for `build_flux_transformer`: the
+# benchmarks build it with fewer blocks, the memory figures on the meta device.
+FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "axes_dims_rope": (16, 56, 56),
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+}
+
+
 def make_tiny_flux_model(out_dir: Path, num_loras: int = 3, seed: int = 0) -> TinyModel:
     """Build and save the tiny FLUX pipeline plus `num_loras` PEFT-layout LoRAs; same seed, same files."""
     out_dir = Path(out_dir)
@@ -147,8 +160,7 @@ def build_flux_transformer(
     attention_head_dim: int = HEAD_DIM,
     axes_dims_rope: Sequence[int] = ROPE_AXES,
 ) -> FluxTransformer2DModel:
-    """A FLUX.1 [dev]-structured transformer; FLUX.1's widths are 24 heads of 128, rope (16, 56, 56),
-    4096 / 768 text widths (what bench/flux_lora.py builds, with few blocks)."""
+    """A FLUX.1 [dev]-structured transformer, tiny by default; `FLUX1_DEV_TRANSFORMER` gives FLUX.1's sizes."""
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=PACKED_CHANNELS,
@@ -225,7 +237,8 @@ def make_tiny_flux_lora(
     if "text_encoder" in components:
         if pipe is None:
             raise ValueError("a text-encoder LoRA needs the pipeline")
-        text_layers = {key: draw(shape) for key, shape in _linear_lora_shapes(pipe.text_encoder, TEXT_ENCODER_TARGETS).items()}
+        shapes = _linear_lora_shapes(pipe.text_encoder, TEXT_ENCODER_TARGETS)
+        text_layers = {key: draw(shape) for key, shape in shapes.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if lora_format == "peft":
         kwargs: dict[str, Any] = {}
@@ -242,7 +255,8 @@ def make_tiny_flux_lora(
                         if name == "text_encoder"
                         else sorted({key.rsplit(".lora_", 1)[0] for key in layers})
                     )
-                    kwargs[f"{name}_lora_adapter_metadata"] = {"r": LORA_RANK, "lora_alpha": alpha, "target_modules": targets}
+                    metadata = {"r": LORA_RANK, "lora_alpha": alpha, "target_modules": targets}
+                    kwargs[f"{name}_lora_adapter_metadata"] = metadata
         FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, **kwargs)
         return path
     for key, tensor in text_layers.items():
@@ -305,9 +319,17 @@ def _kohya_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float |
 
     config = transformer.config
     return {
-        **_fused_layers(transformer, draw, alpha, KOHYA_DOUBLE, "transformer_blocks", config.num_layers, key("double_blocks")),
         **_fused_layers(
-            transformer, draw, alpha, KOHYA_SINGLE, "single_transformer_blocks", config.num_single_layers, key("single_blocks")
+            transformer, draw, alpha, KOHYA_DOUBLE, "transformer_blocks", config.num_layers, key("double_blocks")
+        ),
+        **_fused_layers(
+            transformer,
+            draw,
+            alpha,
+            KOHYA_SINGLE,
+            "single_transformer_blocks",
+            config.num_single_layers,
+            key("single_blocks"),
         ),
     }
 
@@ -317,7 +339,8 @@ def _xlabs_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float |
         name = f"double_blocks.{index}.processor.{original}"
         return f"{name}.down.weight", f"{name}.up.weight", None
 
-    return _fused_layers(transformer, draw, alpha, XLABS_DOUBLE, "transformer_blocks", transformer.config.num_layers, key)
+    blocks = transformer.config.num_layers
+    return _fused_layers(transformer, draw, alpha, XLABS_DOUBLE, "transformer_blocks", blocks, key)
 
 
 _TRANSFORMER_WRITERS = {"peft": _peft_layers, "kohya": _kohya_layers, "xlabs": _xlabs_layers}

@@ -10,10 +10,19 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from serving import flux_memory
+from serving.flux_memory import GIB
 from serving.pipelines import AdapterLoadError, LoadedPipeline, load_pipeline
 from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
-from serving.tiny_flux import FluxLoraComponent, build_tiny_flux_pipeline, make_tiny_flux_lora
+from serving.tiny_flux import (
+    FLUX1_DEV_TRANSFORMER,
+    FluxLoraComponent,
+    build_flux_transformer,
+    build_tiny_flux_pipeline,
+    make_tiny_flux_lora,
+)
 
 SIZE = 64
 STEPS = 2
@@ -66,7 +75,9 @@ def flux_lora_sets(model: TinyModel, folder: Path) -> dict[str, list[tuple[str, 
         pipe = build_tiny_flux_pipeline()
     both: tuple[FluxLoraComponent, ...] = ("transformer", "text_encoder")
     peft = make_tiny_flux_lora(folder / "peft.safetensors", seed=3, alpha=8, components=both, pipe=pipe)
-    kohya = make_tiny_flux_lora(folder / "kohya.safetensors", seed=4, lora_format="kohya", alpha=2, components=both, pipe=pipe)
+    kohya = make_tiny_flux_lora(
+        folder / "kohya.safetensors", seed=4, lora_format="kohya", alpha=2, components=both, pipe=pipe
+    )
     xlabs = make_tiny_flux_lora(folder / "xlabs.safetensors", seed=5, lora_format="xlabs", pipe=pipe)
     text = make_tiny_flux_lora(folder / "te.safetensors", seed=6, alpha=2, components=("text_encoder",), pipe=pipe)
     plain = str(model.lora_paths[0])
@@ -160,7 +171,9 @@ def unmatched_files(folder: Path) -> dict[str, tuple[Path, list[str]]]:
     files: dict[str, tuple[Path, list[str]]] = {}
     generator = torch.Generator().manual_seed(11)
 
-    def extended(name: str, source: Path, extra: dict[str, tuple[int, ...]]) -> None:
+    def extended(name: str, source: Path, layer: str, down: str, up: str) -> None:
+        """`source` plus one rank-4 layer of width 32 named `layer` (`down` / `up`: the layout's suffixes)."""
+        extra = {f"{layer}.{down}": (4, 32), f"{layer}.{up}": (32, 4)}
         tensors = safetensors.torch.load_file(str(source))
         tensors.update({key: torch.randn(shape, generator=generator) * 0.3 for key, shape in extra.items()})
         path = folder / f"{name}.safetensors"
@@ -169,26 +182,12 @@ def unmatched_files(folder: Path) -> dict[str, tuple[Path, list[str]]]:
 
     peft = make_tiny_flux_lora(folder / "peft-ok.safetensors", seed=3, pipe=pipe)
     kohya = make_tiny_flux_lora(folder / "kohya-ok.safetensors", seed=4, lora_format="kohya", alpha=2, pipe=pipe)
-    extended(
-        "peft-block-the-model-lacks",
-        peft,
-        {"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": (4, 32), "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": (32, 4)},
-    )
-    extended(
-        "peft-t5-layers",
-        peft,
-        {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": (4, 32), "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": (32, 4)},
-    )
-    extended(
-        "kohya-t5-layers",
-        kohya,
-        {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": (4, 32), "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": (32, 4)},
-    )
-    extended(
-        "kohya-block-the-model-lacks",
-        kohya,
-        {"lora_unet_double_blocks_5_img_attn_proj.lora_down.weight": (4, 32), "lora_unet_double_blocks_5_img_attn_proj.lora_up.weight": (32, 4)},
-    )
+    peft_suffixes = ("lora_A.weight", "lora_B.weight")
+    kohya_suffixes = ("lora_down.weight", "lora_up.weight")
+    extended("peft-block-the-model-lacks", peft, "transformer.transformer_blocks.7.attn.to_q", *peft_suffixes)
+    extended("peft-t5-layers", peft, "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", *peft_suffixes)
+    extended("kohya-t5-layers", kohya, "lora_te3_encoder_block_0_layer_0_SelfAttention_q", *kohya_suffixes)
+    extended("kohya-block-the-model-lacks", kohya, "lora_unet_double_blocks_5_img_attn_proj", *kohya_suffixes)
     return files
 
 
@@ -211,3 +210,37 @@ def test_an_sd_lora_is_refused_by_flux(flux: LoadedPipeline, tmp_path: Path) -> 
     with pytest.raises(AdapterLoadError, match="match no layer of this FLUX model: unet[.]"):
         flux.activate_loras([(str(sd_lora), 1.0)])
     flux.deactivate_loras()
+
+
+# An H100 80 GB as torch.cuda.mem_get_info reports it, and what CUDA's context and workspaces take of it.
+H100_BYTES = 81559 * 1024**2
+CUDA_OVERHEAD = 600 * 1024**2
+RANK = 32
+# FLUX.1's VAE (83.8 M parameters, bfloat16); its encoder is built from Conv2d blocks the others share.
+VAE_BYTES = 83_819_683 * 2
+
+
+def test_the_default_flux_budget_keeps_the_largest_merged_set_on_an_h100() -> None:
+    """serving/flux_memory.py's figures, from FLUX.1 [dev]'s structure on the meta device."""
+    with torch.device("meta"):
+        transformer = build_flux_transformer(**FLUX1_DEV_TRANSFORMER)
+        t5 = T5EncoderModel(
+            T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     feed_forward_proj="gated-gelu")
+        )
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12))
+    bf16 = 2
+    weights = sum(p.numel() for m in (transformer, t5, clip) for p in m.parameters()) * bf16 + VAE_BYTES
+    assert 31 * GIB < weights < 32 * GIB
+    block_linears = [
+        m for name, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    ]
+    merged = sum(m.weight.numel() for m in block_linears) * bf16
+    adapter = sum(RANK * (m.in_features + m.out_features) for m in block_linears) * bf16
+    assert (len(block_linears), round(merged / GIB, 2), round(adapter / 2**20)) == (494, 22.04, 328)
+    budget = flux_memory.default_budget(H100_BYTES - CUDA_OVERHEAD - weights)
+    assert budget >= merged + 4 * adapter
+    assert weights + CUDA_OVERHEAD + budget + flux_memory.ACTIVATION_RESERVE <= H100_BYTES
+    assert flux_memory.default_budget(H100_BYTES - CUDA_OVERHEAD - weights, pipelines=2) < merged

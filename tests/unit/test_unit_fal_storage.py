@@ -163,3 +163,15 @@ async def test_a_sweeper_on_a_timer_drops_expired_uploads_and_leftover_parts(tmp
             await sweeper.stop()
         assert (await client.put(f"{part_url}/3", data=PNG)).status == 404
     assert errors == [] and uploads.budget.open_spools == 0
+
+
+async def test_a_body_that_is_not_json_is_a_422_naming_the_body(
+    served: tuple[TestClient[Any, Any], Clock, LocalObjectStore],
+) -> None:
+    """The request model's JSON reader refuses it (InvalidInput); answered as the queue routes answer it."""
+    client, _clock, _store = served
+    headers = {"Authorization": "Key team-a:x", "Content-Type": "application/json"}
+    refused = await client.post("/storage/upload/initiate", data=b"{nope", headers=headers)
+    assert refused.status == 422
+    [entry] = (await refused.json())["detail"]
+    assert entry["loc"] == ["body"] and "not valid JSON" in entry["msg"] and entry["type"] == "value_error.jsondecode"

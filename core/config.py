@@ -303,6 +303,12 @@ class Settings:
         "Safety checker (StableDiffusionSafetyChecker + CLIP image processor: HF ID or folder) for "
         "`enable_safety_checker`; empty: such requests fail with a clear error.",
     )
+    flux_model: str = setting(
+        "black-forest-labs/FLUX.1-dev", MODELS, (GATEWAY, WORKER),
+        "Base model of the fal-ai/flux-lora endpoints: any diffusers FLUX.1 checkpoint (Hugging Face ID, URL or "
+        "path; [schnell] too), loaded through the same weights cache and replicas as SD models, in bfloat16 on "
+        "cuda when torch_dtype is auto.",
+    )
     worker_metrics_port: int = setting(0, LOGS, (WORKER,), "A worker replica's Prometheus port (0: none).", unit="port")
     device: str = setting(
         "auto", MODELS, (WORKER,),

@@ -9,7 +9,7 @@ Serve's gRPC proxy hands to the replica). Log records made inside a span carry i
 
 Off, every span is the API's non-recording one, no context is attached, nothing of the SDK is imported
 and nothing is stored or sent. One tracer per process, set up from the settings by whichever side runs
-there (the gateway's start, the Worker's constructor in each replica); the first setup wins, so a test
+there (the Gateway's constructor, the Worker's in each replica); the first setup wins, so a test
 can put an in-memory exporter in place first (`use`).
 """
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 from PIL import Image
 
 from core.config import Settings
@@ -27,17 +29,21 @@ CLIENT_DEPENDENCIES = {"grpcio", "protobuf", "googleapis-common-protos", "tqdm"}
 GPU_STACK = ["torch", "ray", "diffusers", "transformers", "peft", "accelerate"]
 SERVER_PACKAGES = ["core", "gateway", "serving", "storage", "entrypoints"]
 
-# Run by the venv's interpreter, outside the checkout: imports every module of the client.
+# Run by the venv's interpreter, outside the checkout: imports every module of the client, and reads
+# which grpcio and protobuf the generated stubs were made for (they refuse older ones at import).
 INSPECT = """
 import importlib, importlib.metadata, importlib.util, json, pkgutil, re, sys
+from pathlib import Path
 import loraserve
 modules = sorted(m.name for m in pkgutil.walk_packages(loraserve.__path__, "loraserve."))
 for name in modules:
     importlib.import_module(name)
-requires = importlib.metadata.requires("loraserve-client") or []
+from loraserve.v1 import generation_pb2_grpc, types_pb2
+gencode = re.search(r"Domain.PUBLIC,\\s*(\\d+),\\s*(\\d+),\\s*(\\d+),", Path(types_pb2.__file__).read_text())
 print(json.dumps({
     "modules": modules,
-    "requires": sorted(re.split(r"[<>=!~;\[ ]", r)[0] for r in requires),
+    "requires": importlib.metadata.requires("loraserve-client") or [],
+    "generated": {"grpcio": generation_pb2_grpc.GRPC_GENERATED_VERSION, "protobuf": ".".join(gencode.groups())},
     "found": [m for m in json.loads(sys.argv[1]) if importlib.util.find_spec(m) is not None],
     "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[1]))),
 }))
@@ -86,7 +92,11 @@ def test_the_client_installs_alone_without_the_gpu_stack_or_the_server(client_ve
     found = json.loads(_check(_run([str(client_venv / "bin" / "python"), "-c", INSPECT, json.dumps(watched)],
                                    client_venv)))  # fmt: skip
     assert found["found"] == [] and found["loaded"] == [], found
-    assert set(found["requires"]) == CLIENT_DEPENDENCIES
+    requirements = {r.name: r for r in map(Requirement, found["requires"])}
+    assert set(requirements) == CLIENT_DEPENDENCIES
+    for name, generated in found["generated"].items():
+        floors = [Version(s.version) for s in requirements[name].specifier if s.operator in (">=", "==", "~=")]
+        assert floors and max(floors) >= Version(generated), (requirements[name], generated)
     assert {"loraserve.cli", "loraserve.client", "loraserve.v1.generation_pb2_grpc"} <= set(found["modules"])
     # Its `loraserve` has `generate`, and names what to install for the server's commands.
     loraserve = str(client_venv / "bin" / "loraserve")

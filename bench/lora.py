@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors.torch
 import torch
@@ -62,6 +62,7 @@ from serving.lora_cache import HostLoraCache, adapter_name
 from serving.pipelines import LoadedPipeline, lora_file
 from serving.tiny import SCHEDULE, _save_random_lora, _unet_lora_template
 
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 # The adapter name of diffusers' hotswap slot.
 SLOT = "slot"
 # A 1024² image's latent side (SDXL's VAE downsamples 8×): what a GPU forward is measured at.
@@ -108,24 +109,10 @@ def timed(device: torch.device, work: Callable[[], object]) -> float:
 def build_pipe(
     device: torch.device, dtype: torch.dtype, *, random: bool = False, unet_config: dict[str, Any] = SDXL_UNET
 ) -> StableDiffusionXLPipeline:
-    """SDXL's U-Net, allocated on the device and zeroed (no module init: minutes on a CPU), in a pipeline shell.
-
-    `random`: weights ~ N(0, 1/fan_in), norms' scales 1 and biases 0 instead (half a minute on a
-    CPU), so that activations keep their size through the layers and outputs can be compared.
-    """
+    """SDXL's U-Net, allocated on the device and zeroed (no module init: minutes on a CPU), in a pipeline shell."""
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
-    unet = unet.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for tensor in unet.buffers():
-            tensor.zero_()
-        for name, parameter in unet.named_parameters():
-            if not random:
-                parameter.zero_()
-            elif parameter.dim() >= 2:
-                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
-            else:
-                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+    unet = materialise(unet, device, dtype, random=random)
     return StableDiffusionXLPipeline(
         vae=None,
         text_encoder=None,
@@ -135,6 +122,27 @@ def build_pipe(
         unet=unet,
         scheduler=EulerDiscreteScheduler(**SCHEDULE),
     )
+
+
+def materialise(model: ModelT, device: torch.device, dtype: torch.dtype, *, random: bool = False) -> ModelT:
+    """A model built on the meta device, allocated on `device` and zeroed, or with `random` weights.
+
+    `random`: weights ~ N(0, 1/fan_in), norms' scales 1 and biases 0 instead (half a minute on a
+    CPU for SDXL's U-Net), so that activations keep their size through the layers and outputs can
+    be compared.
+    """
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for tensor in model.buffers():
+            tensor.zero_()
+        for name, parameter in model.named_parameters():
+            if not random:
+                parameter.zero_()
+            elif parameter.dim() >= 2:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
+            else:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+    return model
 
 
 def write_loras(folder: Path, count: int, unet_config: dict[str, Any] = SDXL_UNET) -> list[Path]:
@@ -584,12 +592,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if device.type == "cuda":
         result["meta"]["gpu"] = torch.cuda.get_device_name(device)
+    report(result, args.json)
+    return 0
+
+
+def report(result: dict[str, Any], json_path: Path | None) -> None:
+    """The figures and verdicts on stdout (the load average beside them), and the whole result as JSON if asked."""
     for name, value in result["figures"].items():
         print(f"{name:<42} {value:>12,.3f}" if value == 0 or abs(value) >= 0.01 else f"{name:<42} {value:>12.2e}")
     print(f"\nload average {', '.join(f'{v:.1f}' for v in result['meta']['load_average'])}\n{format_checks(result['checks'])}")
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return 0
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

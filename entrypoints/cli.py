@@ -52,7 +52,9 @@ def add_demo(sub: Subparsers) -> None:
 def add_make_tiny_model(sub: Subparsers) -> None:
     tiny = sub.add_parser("make-tiny-model", help="random-weight pipeline + LoRAs, for demos and tests")
     tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--family", choices=["sdxl", "sd15"], default="sdxl")
+    tiny.add_argument(
+        "--family", choices=["sdxl", "sd15", "flux"], default="sdxl", help="flux: also one LoRA in each other layout"
+    )
     tiny.add_argument("--loras", type=int, default=3)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--kohya-loras", type=int, default=0, metavar="N", help="also N kohya-format LoRAs (alpha 8)")
@@ -120,8 +122,15 @@ def _serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _tiny_fixtures(args: argparse.Namespace, pipeline_dir: Path) -> list[Path]:
-    """The make-tiny-model extras for unet_name, variant, kohya LoRAs and embeddings."""
+    """The make-tiny-model extras for unet_name, variant, kohya LoRAs and embeddings; FLUX's LoRA layouts."""
     from serving.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_unet, make_tiny_variant
+
+    if args.family == "flux":
+        from serving.tiny_flux import make_tiny_flux_layouts
+
+        if args.kohya_loras or args.embedding or args.unet or args.variant or args.adapters:
+            raise SystemExit("make-tiny-model --family flux: only --loras and --seed apply")
+        return make_tiny_flux_layouts(args.dir / "loras", args.seed)
 
     paths = [
         make_tiny_lora(

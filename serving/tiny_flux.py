@@ -12,8 +12,8 @@ LoRAs come in each layout diffusers' `FluxLoraLoaderMixin` reads, with seeded ra
   fal's trainers write them; `alpha` goes into the header's `lora_adapter_metadata`.
 - "kohya": sd-scripts' FLUX names on the original BFL layout (`lora_unet_double_blocks_0_img_attn_qkv`,
   fused q/k/v, `.alpha` per layer; CLIP as `lora_te1_…`). sd-scripts' single-block `linear1`
-  (fused q/k/v/MLP) is left out: diffusers' converter splits it at FLUX.1's own widths
-  (3072 × 3 + 12288), which a tiny transformer does not have.
+  (fused q/k/v/MLP) is written only at FLUX.1's own widths: diffusers' converter splits it at
+  3072 × 3 + 12288, which a tiny transformer does not have.
 - "xlabs": XLabs' processor names (`double_blocks.0.processor.qkv_lora1.down.weight`), double
   blocks only, as XLabs trains them, without alpha.
 """
@@ -82,6 +82,9 @@ KOHYA_DOUBLE = {
     "txt_mod_lin": ("norm1_context.linear",),
 }
 KOHYA_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
+# sd-scripts' fused single-block input projection, which diffusers' converter splits at FLUX.1's widths only.
+KOHYA_LINEAR1 = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+FLUX1_INNER_DIM = 3072
 # XLabs' attention processor LoRAs: `1` is the image stream, `2` the text stream.
 XLABS_DOUBLE = {
     "qkv_lora1": ("attn.to_q", "attn.to_k", "attn.to_v"),
@@ -117,6 +120,24 @@ def make_tiny_flux_model(out_dir: Path, num_loras: int = 3, seed: int = 0) -> Ti
         for i in range(num_loras)
     ]
     return TinyModel(pipeline_dir=pipeline_dir, lora_paths=lora_paths, family=FLUX)
+
+
+def make_tiny_flux_layouts(folder: Path, seed: int = 0) -> list[Path]:
+    """One LoRA for the tiny FLUX pipeline in each other layout: kohya with a CLIP part (alpha 8), XLabs,
+    and a CLIP-only PEFT one; `make_tiny_flux_model`'s own are PEFT transformer LoRAs."""
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe = build_tiny_flux_pipeline()
+    both: tuple[FluxLoraComponent, ...] = ("transformer", "text_encoder")
+    base = seed * 1000 + 500
+    return [
+        make_tiny_flux_lora(
+            folder / "kohya.safetensors", seed=base, lora_format="kohya", alpha=8, components=both, pipe=pipe
+        ),
+        make_tiny_flux_lora(folder / "xlabs.safetensors", seed=base + 1, lora_format="xlabs", pipe=pipe),
+        make_tiny_flux_lora(folder / "text_encoder.safetensors", seed=base + 2, components=("text_encoder",), pipe=pipe),
+    ]
 
 
 def build_tiny_flux_pipeline() -> FluxPipeline:
@@ -210,8 +231,9 @@ def make_tiny_flux_lora(
     pipe: FluxPipeline | None = None,
     transformer: FluxTransformer2DModel | None = None,
     std: float = LORA_INIT_STD,
+    rank: int = LORA_RANK,
 ) -> Path:
-    """One seeded random LoRA for the tiny FLUX pipeline (or `pipe` / `transformer`), in `lora_format`.
+    """One seeded random LoRA of `rank` for the tiny FLUX pipeline (or `pipe` / `transformer`), in `lora_format`.
 
     `alpha` (default: the rank) scales like PEFT's alpha / r; XLabs files have none, so it must stay
     unset there. A text-encoder part ("text_encoder", CLIP) needs `pipe` or the tiny pipeline.
@@ -233,12 +255,15 @@ def make_tiny_flux_lora(
     state_dict: dict[str, torch.Tensor] = {}
     text_layers: dict[str, torch.Tensor] = {}
     if "transformer" in components:
-        state_dict = _TRANSFORMER_WRITERS[lora_format](transformer, draw, alpha)
+        state_dict = _TRANSFORMER_WRITERS[lora_format](transformer, draw, alpha, rank)
     if "text_encoder" in components:
         if pipe is None:
             raise ValueError("a text-encoder LoRA needs the pipeline")
         shapes = _linear_lora_shapes(pipe.text_encoder, TEXT_ENCODER_TARGETS)
-        text_layers = {key: draw(shape) for key, shape in shapes.items()}
+        # The shapes are at the tiny models' rank: `rank` replaces it.
+        text_layers = {
+            key: draw((rank, shape[1]) if ".lora_A." in key else (shape[0], rank)) for key, shape in shapes.items()
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     if lora_format == "peft":
         kwargs: dict[str, Any] = {}
@@ -255,7 +280,7 @@ def make_tiny_flux_lora(
                         if name == "text_encoder"
                         else sorted({key.rsplit(".lora_", 1)[0] for key in layers})
                     )
-                    metadata = {"r": LORA_RANK, "lora_alpha": alpha, "target_modules": targets}
+                    metadata = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
                     kwargs[f"{name}_lora_adapter_metadata"] = metadata
         FluxPipeline.save_lora_weights(path.parent, weight_name=path.name, **kwargs)
         return path
@@ -277,11 +302,13 @@ def _block_linears(transformer: FluxTransformer2DModel) -> dict[str, torch.nn.Li
     }
 
 
-def _peft_layers(transformer: FluxTransformer2DModel, draw: Any, _alpha: float | None) -> dict[str, torch.Tensor]:
+def _peft_layers(
+    transformer: FluxTransformer2DModel, draw: Any, _alpha: float | None, rank: int
+) -> dict[str, torch.Tensor]:
     layers: dict[str, torch.Tensor] = {}
     for name, module in sorted(_block_linears(transformer).items()):
-        layers[f"{name}.lora_A.weight"] = draw((LORA_RANK, module.in_features))
-        layers[f"{name}.lora_B.weight"] = draw((module.out_features, LORA_RANK))
+        layers[f"{name}.lora_A.weight"] = draw((rank, module.in_features))
+        layers[f"{name}.lora_B.weight"] = draw((module.out_features, rank))
     return layers
 
 
@@ -289,6 +316,7 @@ def _fused_layers(
     transformer: FluxTransformer2DModel,
     draw: Any,
     alpha: float | None,
+    rank: int,
     names: Mapping[str, tuple[str, ...]],
     block: str,
     count: int,
@@ -302,14 +330,16 @@ def _fused_layers(
             linears = [modules[f"{block}.{index}.{target}"] for target in targets]
             assert all(isinstance(linear, torch.nn.Linear) for linear in linears)
             down_key, up_key, alpha_key = key(index, original)
-            layers[down_key] = draw((LORA_RANK, linears[0].in_features))
-            layers[up_key] = draw((sum(linear.out_features for linear in linears), LORA_RANK))
+            layers[down_key] = draw((rank, linears[0].in_features))
+            layers[up_key] = draw((sum(linear.out_features for linear in linears), rank))
             if alpha is not None and alpha_key is not None:
                 layers[alpha_key] = torch.tensor(float(alpha))
     return layers
 
 
-def _kohya_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float | None) -> dict[str, torch.Tensor]:
+def _kohya_layers(
+    transformer: FluxTransformer2DModel, draw: Any, alpha: float | None, rank: int
+) -> dict[str, torch.Tensor]:
     def key(prefix: str) -> Any:
         def names(index: int, original: str) -> tuple[str, str, str]:
             name = f"lora_unet_{prefix}_{index}_{original}"
@@ -318,15 +348,19 @@ def _kohya_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float |
         return names
 
     config = transformer.config
+    single: dict[str, tuple[str, ...]] = dict(KOHYA_SINGLE)
+    if config.num_attention_heads * config.attention_head_dim == FLUX1_INNER_DIM:
+        single = {**KOHYA_LINEAR1, **KOHYA_SINGLE}
     return {
         **_fused_layers(
-            transformer, draw, alpha, KOHYA_DOUBLE, "transformer_blocks", config.num_layers, key("double_blocks")
+            transformer, draw, alpha, rank, KOHYA_DOUBLE, "transformer_blocks", config.num_layers, key("double_blocks")
         ),
         **_fused_layers(
             transformer,
             draw,
             alpha,
-            KOHYA_SINGLE,
+            rank,
+            single,
             "single_transformer_blocks",
             config.num_single_layers,
             key("single_blocks"),
@@ -334,13 +368,15 @@ def _kohya_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float |
     }
 
 
-def _xlabs_layers(transformer: FluxTransformer2DModel, draw: Any, alpha: float | None) -> dict[str, torch.Tensor]:
+def _xlabs_layers(
+    transformer: FluxTransformer2DModel, draw: Any, alpha: float | None, rank: int
+) -> dict[str, torch.Tensor]:
     def key(index: int, original: str) -> tuple[str, str, None]:
         name = f"double_blocks.{index}.processor.{original}"
         return f"{name}.down.weight", f"{name}.up.weight", None
 
     blocks = transformer.config.num_layers
-    return _fused_layers(transformer, draw, alpha, XLABS_DOUBLE, "transformer_blocks", blocks, key)
+    return _fused_layers(transformer, draw, alpha, rank, XLABS_DOUBLE, "transformer_blocks", blocks, key)
 
 
 _TRANSFORMER_WRITERS = {"peft": _peft_layers, "kohya": _kohya_layers, "xlabs": _xlabs_layers}

@@ -206,4 +206,7 @@ def _typed(f: dataclasses.Field[Any], value: Any, path: Path) -> Any:
         return value
     if kind is float and isinstance(value, int):
         return float(value)
-    return parse_value(f, str(value))
+    try:
+        return parse_value(f, str(value))
+    except ValueError as exc:
+        raise ValueError(f"--config {path}: {exc}") from exc

@@ -2,8 +2,9 @@
 
 Each is an entry point of the `loraserve.commands` group (pyproject.toml), named after the command:
 a function that adds the command's subparser to the `loraserve` command's (loraserve/cli.py, in the
-client distribution) and sets its `run`. Settings come from `LORASERVE_*` env vars with flags over
-them (core.config). Heavy imports (torch, Ray, diffusers) happen inside the commands that need them,
+client distribution) and sets its `run`. Settings come from flags over `LORASERVE_*` env vars over a
+`--config` file; each command takes as flags the settings its process reads (core.settings_cli).
+Heavy imports (torch, Ray, diffusers) happen inside the commands that need them,
 so adding these parsers keeps `loraserve generate` light.
 
 `serve` and `gateway` stop the same way on SIGTERM (Kubernetes, systemd) and SIGINT (Ctrl-C):
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import Settings
+from core.settings_cli import COMMAND_READERS
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -74,7 +76,7 @@ def add_serve_config(sub: Subparsers) -> None:
         "serve-config", help="print the workers' Serve config (JSON) that these settings make: a RayService's serveConfigV2"
     )
     serve_config.add_argument("--proxy-host", default="0.0.0.0", help="address Serve's HTTP proxy listens on")
-    Settings.add_arguments(serve_config)
+    Settings.add_arguments(serve_config, COMMAND_READERS["serve-config"])
     serve_config.set_defaults(run=functools.partial(_serve_config, serve_config))
 
 
@@ -85,7 +87,7 @@ def _add_server_command(sub: Subparsers, name: str, help: str) -> None:
         action="store_true",
         help="show Ray's, the workers' and the libraries' output here too (default: only in DATA_DIR/logs/)",
     )
-    Settings.add_arguments(parser)
+    Settings.add_arguments(parser, COMMAND_READERS[name])
     parser.set_defaults(run=functools.partial(_run_server, parser))
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 
 from core.config import Settings
+from core.settings_cli import COMMAND_READERS
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,12 +26,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     revoke = actions.add_parser("revoke", help="the key stops working on every gateway within seconds")
     revoke.add_argument("key_id")
     for parser in actions.choices.values():
-        Settings.add_arguments(parser)
-    keys.set_defaults(run=run)
+        Settings.add_arguments(parser, COMMAND_READERS["keys"])
+        parser.set_defaults(run=functools.partial(run, parser))
 
 
-def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args, Settings.from_args(args)))
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return asyncio.run(_run(args, settings))
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:

@@ -322,9 +322,12 @@ class Dispatcher:
     async def _call_worker(self, record: RequestRecord) -> None:
         if record.id in self._cancelled:
             return
-        request = worker_pb2.GenerateRequest(
-            request_id=record.id, input=record.input, seed=record.seed, tenant=record.tenant
-        )
+        request = worker_pb2.GenerateRequest(request_id=record.id, seed=record.seed, tenant=record.tenant)
+        flux_input = record.flux_input
+        if flux_input is not None:
+            request.flux_input.CopyFrom(flux_input)
+        else:
+            request.input.CopyFrom(record.input)
         call = self._worker.generate(request, record.model_key)
         self._calls[record.id] = call
         reached = False

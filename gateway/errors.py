@@ -304,7 +304,8 @@ def field_loc(field: str) -> list[str | int]:
         return list(HTTP_FIELD_LOCS[field])
     loc: list[str | int] = ["body"]
     parts = field.split(".")
-    if parts[0] == "input":
+    # A fal-ai/lora request's fields are SubmitRequest.input's, a fal-ai/flux-lora request's flux_input's.
+    if parts[0] in ("input", "flux_input"):
         parts = parts[1:]
     for part in parts:
         name, _, indexes = part.partition("[")

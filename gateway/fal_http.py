@@ -56,6 +56,7 @@ from gateway.generation_service import GenerationService
 from gateway.http_json import read_json
 from gateway.openapi import openapi_document
 from gateway.store import RequestRecord, State
+from loraserve.request import flux
 from loraserve.request.fal_json import APP_ID, ENDPOINTS, endpoint_for, parse_input
 from loraserve.request.violations import FieldViolation
 from loraserve.v1 import generation_pb2
@@ -279,8 +280,9 @@ class FalHttp:
         path = request.match_info["tail"]
         run = path == "run" or path.startswith("run/")
         where = split_app_path(path[3:] if run else path)
-        if where is None or where.app != APP_ID:
-            return json_response(404, {"detail": f"no application at /{path}; this service runs {APP_ID}"})
+        if where is None or where.app not in (APP_ID, flux.APP_ID):
+            detail = f"no application at /{path}; this service runs {APP_ID} and {flux.APP_ID}"
+            return json_response(404, {"detail": detail})
         if run or not where.rest or where.rest[0] != "requests":
             if request.method != "POST":
                 return json_response(405, {"detail": f"{request.method} is not allowed here; submit with POST"})
@@ -334,12 +336,14 @@ class FalHttp:
         validation, quotas."""
         if tenant is None:
             tenant = await self._tenant(request)
-        endpoint = endpoint_for("/".join(where.rest))
+        sub_path = "/".join(where.rest)
+        endpoint = flux.endpoint_for(sub_path) if where.app == flux.APP_ID else endpoint_for(sub_path)
         if endpoint is None:
-            raise _NoEndpoint("/".join(where.rest))
+            raise _NoEndpoint(where.app, sub_path)
         body = await read_json(request)
+        inp = flux.parse_flux_input(body, endpoint) if where.app == flux.APP_ID else parse_input(body, endpoint)
         return await self._generation.submit(
-            parse_input(body, endpoint),
+            inp,
             tenant=tenant,
             start_timeout=_start_timeout(request.headers.get("X-Fal-Request-Timeout")),
             priority=request.headers.get("X-Fal-Queue-Priority", "").strip().lower(),
@@ -447,7 +451,7 @@ class FalHttp:
             result = self._generation.result(record)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, record.id)
-        body = output_json(result.output)
+        body = flux.output_json(result.flux_output) if result.HasField("flux_output") else output_json(result.output)
         settings = self._generation.settings
         if not settings.public_url:
             # The local store's file URLs were made for http_host:http_port; behind a proxy the caller
@@ -465,11 +469,12 @@ class FalHttp:
 
 
 class _NoEndpoint(ServiceError):
-    """A path below fal-ai/lora that is not one of the family."""
+    """A path below fal-ai/lora or fal-ai/flux-lora that is not one of its family."""
 
-    def __init__(self, sub_path: str) -> None:
-        family = ", ".join(f"{APP_ID}/{name}".rstrip("/") for name in ENDPOINTS)
-        super().__init__(f"{APP_ID}/{sub_path} is not an endpoint here; use {family}")
+    def __init__(self, app: str, sub_path: str) -> None:
+        names = flux.ENDPOINTS if app == flux.APP_ID else ENDPOINTS
+        family = ", ".join(f"{app}/{name}".rstrip("/") for name in names)
+        super().__init__(f"{app}/{sub_path} is not an endpoint here; use {family}")
 
 
 def _refused(exc: BaseException) -> web.Response:

@@ -24,15 +24,17 @@ from gateway.feed import ChangeFeed
 from gateway.metrics import GatewayMetrics
 from gateway.previews import PreviewStream, without_preview
 from gateway.status import build_status
-from gateway.store import RequestRecord, RequestStore, State, TenantFull
+from gateway.store import QueuedInput, RequestRecord, RequestStore, State, TenantFull
 from gateway.quotas import Quotas
 from gateway.queue_options import priority_rank, validate_start_timeout, validate_webhook_url
 from core import tracing
 from core.config import Settings
 from core.model_key import BaseModelRef
 from loraserve.request.validation import validate_input
-from loraserve.request.violations import InvalidInput
-from loraserve.v1 import generation_pb2, generation_pb2_grpc, types_pb2
+from loraserve.request import flux
+from loraserve.request.flux import validate_flux_input
+from loraserve.request.violations import FieldViolation, InvalidInput
+from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc, types_pb2, worker_pb2
 from storage.object_store import ObjectStore
 from storage.result_urls import with_fresh_urls
 
@@ -78,7 +80,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     @tracing.traced("gateway.submit", tracing.SpanKind.SERVER)
     async def submit(
         self,
-        inp: types_pb2.GenerateInput,
+        inp: types_pb2.GenerateInput | flux_pb2.FluxInput,
         *,
         tenant: str,
         client_request_id: str = "",
@@ -86,11 +88,17 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         priority: str = "",
         webhook_url: str = "",
     ) -> RequestRecord:
-        """Validates, admits (quotas) and queues durably; once this returns the request is accepted."""
+        """Validates, admits (quotas) and queues durably; once this returns the request is accepted.
+
+        `inp` is a fal-ai/lora request (GenerateInput) or a fal-ai/flux-lora one (FluxInput), which runs on
+        the operator's `flux_model` and is kept in the queue as a QueuedFluxInput."""
         if not self.accepting:
             raise Unavailable("the gateway is shutting down; submit to another gateway or retry")
         try:
-            validate_input(inp, self._settings.request_limits)
+            if isinstance(inp, flux_pb2.FluxInput):
+                validate_flux_input(inp, self._settings.request_limits)
+            else:
+                validate_input(inp, self._settings.request_limits)
             validate_start_timeout(start_timeout)
             webhook_url = validate_webhook_url(webhook_url, self._settings)
             rank = priority_rank(priority)
@@ -99,11 +107,17 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             raise
         await self._quotas.admit(tenant)
         seed = inp.seed if inp.HasField("seed") else secrets.randbelow(2**32)
-        key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
+        queued: QueuedInput
+        if isinstance(inp, flux_pb2.FluxInput):
+            key = BaseModelRef.normalised(self._settings.flux_model, "", "").key
+            queued = worker_pb2.QueuedFluxInput(input=inp)
+        else:
+            key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
+            queued = inp
         limits = self._quotas.limits(tenant)
         try:
             record, created = await self._store.add(
-                inp,
+                queued,
                 seed=seed,
                 model_key=key,
                 client_request_id=client_request_id,
@@ -117,7 +131,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             )
         except TenantFull as full:
             raise self._quotas.tenant_full(tenant, full.waiting) from None
-        if not created and record.input != inp:
+        if not created and (record.flux_input if isinstance(inp, flux_pb2.FluxInput) else record.input) != inp:
             raise AlreadyExists(
                 f"client_request_id {client_request_id!r} was used for request {record.id} with another input;"
                 " a retry must send the same input, a new request a new client_request_id"
@@ -172,7 +186,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         self, request: generation_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.SubmitResponse:
         record = await self.submit(
-            request.input,
+            _submitted_input(request),
             tenant=await self._caller(context),
             client_request_id=request.client_request_id,
             start_timeout=request.start_timeout,
@@ -218,7 +232,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         tenant = await self._caller(context)
         with self.open_stream(tenant):
             record = await self.submit(
-                request.input,
+                _submitted_input(request),
                 tenant=tenant,
                 client_request_id=request.client_request_id,
                 start_timeout=request.start_timeout,
@@ -278,4 +292,20 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             )
         # Signed now from the stored keys: URLs signed when the request finished expire long before it is deleted.
         output = None if record.output is None else with_fresh_urls(record.output, self._files)
+        flux_input = record.flux_input
+        if flux_input is not None and output is not None:
+            flux_output = flux.output_of(flux_input, output, record.inference_seconds)
+            return generation_pb2.GetResultResponse(request_id=record.id, flux_output=flux_output)
         return generation_pb2.GetResultResponse(request_id=record.id, output=output)
+
+
+def _submitted_input(
+    request: generation_pb2.SubmitRequest | generation_pb2.SubscribeRequest,
+) -> types_pb2.GenerateInput | flux_pb2.FluxInput:
+    """The request's `flux_input` (fal-ai/flux-lora) or `input` (fal-ai/lora); never both."""
+    if not request.HasField("flux_input"):
+        return request.input
+    if request.HasField("input"):
+        why = "set either input (a fal-ai/lora request) or flux_input (a fal-ai/flux-lora request), not both"
+        raise InvalidInput([FieldViolation("flux_input", why)])
+    return request.flux_input

@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from loraserve.errors import ErrorType
-from loraserve.v1 import types_pb2
+from loraserve.v1 import flux_pb2, types_pb2, worker_pb2
 
 if TYPE_CHECKING:
     from core.config import Settings
@@ -39,6 +39,11 @@ class State(StrEnum):
 
 
 FINAL_STATES = (State.COMPLETED, State.CANCELLED)
+
+
+# What the queue keeps of a request's input: fal-ai/lora's GenerateInput, or a fal-ai/flux-lora FluxInput
+# wrapped so that the two are told apart (RequestRecord.flux_input).
+QueuedInput: TypeAlias = types_pb2.GenerateInput | worker_pb2.QueuedFluxInput
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,12 @@ class RequestRecord:
     @functools.cached_property
     def input(self) -> types_pb2.GenerateInput:
         return types_pb2.GenerateInput.FromString(self.raw_input)
+
+    @functools.cached_property
+    def flux_input(self) -> flux_pb2.FluxInput | None:
+        """The input of a fal-ai/flux-lora request; None for a fal-ai/lora one (worker.proto's QueuedFluxInput)."""
+        queued = worker_pb2.QueuedFluxInput.FromString(self.raw_input)
+        return queued.input if queued.HasField("input") else None
 
     @functools.cached_property
     def output(self) -> types_pb2.GenerateOutput | None:
@@ -199,7 +210,7 @@ class RequestStore(Protocol):
 
     async def add(
         self,
-        inp: types_pb2.GenerateInput,
+        inp: QueuedInput,
         *,
         seed: int,
         model_key: str,

@@ -33,6 +33,7 @@ from gateway.store import (
     ApiKey,
     LogRecord,
     Preview,
+    QueuedInput,
     RequestRecord,
     State,
     StoreUnavailable,
@@ -204,7 +205,7 @@ class PostgresStore:
 
     async def add(
         self,
-        inp: types_pb2.GenerateInput,
+        inp: QueuedInput,
         *,
         seed: int,
         model_key: str,

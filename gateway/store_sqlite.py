@@ -25,6 +25,7 @@ from gateway.store import (
     ApiKey,
     LogRecord,
     Preview,
+    QueuedInput,
     RequestRecord,
     State,
     TakenBack,
@@ -146,7 +147,7 @@ class SqliteStore:
 
     async def add(
         self,
-        inp: types_pb2.GenerateInput,
+        inp: QueuedInput,
         *,
         seed: int,
         model_key: str,

@@ -37,6 +37,7 @@ from gateway.fal_output import output_json
 from gateway.metrics import GatewayMetrics
 from gateway.periodic import Periodic
 from gateway.store import RequestRecord, RequestStore, WebhookDelivery
+from loraserve.request import flux
 from gateway.webhook_signing import WebhookSigner
 from core.backoff import Backoff
 from core.config import Settings
@@ -83,7 +84,12 @@ def webhook_body(record: RequestRecord, files: ObjectStore, url_seconds: float |
     assert record.output is not None
     body["status"] = "OK"
     try:
-        body["payload"] = output_json(with_fresh_urls(record.output, files, url_seconds))
+        output = with_fresh_urls(record.output, files, url_seconds)
+        flux_input = record.flux_input
+        if flux_input is not None:
+            body["payload"] = flux.output_json(flux.output_of(flux_input, output, record.inference_seconds))
+        else:
+            body["payload"] = output_json(output)
         return json.dumps(body, sort_keys=True).encode()
     except Exception:  # noqa: BLE001 - any output that cannot become JSON is fal's payload_error, not a lost delivery
         log.exception("a webhook payload could not be serialised", extra={"request_id": record.id})

@@ -30,6 +30,7 @@ from core import tracing
 from core.config import Settings
 from loraserve.errors import ErrorType
 from loraserve.request.sync_mode import check_inline_size
+from loraserve.request.flux import validate_flux_input
 from loraserve.request.validation import validate_input
 from loraserve.request.violations import InvalidInput
 from core.logs import redact_log_records
@@ -37,7 +38,7 @@ from core.model_key import BaseModelRef
 from core.redaction import redact_text, redact_url
 from loraserve.v1 import types_pb2, worker_pb2
 from core.worker_auth import caller_secret, secret_matches
-from serving import compiled, conditioning, image_to_image
+from serving import compiled, conditioning, flux_generation, image_to_image
 from serving.embeddings import EmbeddingLoadError
 from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
@@ -128,6 +129,10 @@ class Worker:
             log.warning("worker_shared_secret is not set: any caller that reaches Serve's gRPC ingress is served")
         self._device = resolve_device(settings.device)
         self._dtype = resolve_dtype(settings.torch_dtype, self._device)
+        # FLUX.1 is trained and published in bfloat16, and overflows in float16: "auto" on cuda means bfloat16 for it.
+        self._flux_ref = BaseModelRef.normalised(settings.flux_model, "", "")
+        auto_cuda = settings.torch_dtype == "auto" and self._device.startswith("cuda")
+        self._flux_dtype = torch.bfloat16 if auto_cuda else self._dtype
         self._compile_mode = compiled.resolve_mode(settings.compile, self._device)
         self._compile_sizes = compiled.parse_sizes(settings.compile_warmup_sizes)
         self._store = from_settings.object_store(settings)
@@ -186,7 +191,7 @@ class Worker:
             loaded = load_pipeline(
                 str(source),
                 device=self._device,
-                torch_dtype=self._dtype,
+                torch_dtype=self._flux_dtype if ref == self._flux_ref else self._dtype,
                 cache_dir=self._settings.weights_dir,
                 max_loras=self._settings.max_loras_per_pipeline,
                 max_lora_bytes=self._settings.max_lora_bytes_per_pipeline,
@@ -221,6 +226,10 @@ class Worker:
         self, request: worker_pb2.GenerateRequest, grpc_context: RayServegRPCContext | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         self._admit(grpc_context)
+        if request.HasField("flux_input"):
+            async for event in self._generate_flux(request):
+                yield event
+            return
         started = time.perf_counter()
         inp = request.input
         holding = contextlib.ExitStack()
@@ -231,21 +240,8 @@ class Worker:
             pipelines: list[EvictablePipeline] = []
             # The pipeline is the one the request's own input names: the routing key is not trusted for that.
             ref = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant)
-            for _ in range(PIPELINE_ATTEMPTS):
-                self._refs[ref.key] = ref
-                async for event in self._loading(ref.key, pipelines):
-                    yield event
-                try:
-                    # Taken on the event loop right after the lookup: an eviction from now on
-                    # waits for this request to end before it frees the weights.
-                    holding.enter_context(pipelines[-1].loaded.in_use())
-                    break
-                except PipelineReleased:
-                    yield _log("base model was unloaded from this replica just now; loading it again")
-            else:
-                raise ModelLoadError(
-                    f"model {redact_url(inp.model_name)!r} kept being unloaded from this replica; retry later"
-                )
+            async for event in self._hold(ref, holding, pipelines):
+                yield event
             loaded = pipelines[-1].loaded
             load_seconds = time.perf_counter() - started
             hot = self._pipeline_loads == loads_before
@@ -327,6 +323,107 @@ class Worker:
             holding.close()
             if self._calls.get(request.request_id) is stop:
                 del self._calls[request.request_id]
+
+    async def _generate_flux(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """A fal-ai/flux-lora request: on the operator's FLUX base (setting `flux_model`), with the same
+        loading, weights cache, LoRA tiers, outputs and failures as an SD request (serving/flux_generation.py)."""
+        started = time.perf_counter()
+        inp = request.flux_input
+        holding = contextlib.ExitStack()
+        stop = self._supersede(request.request_id)
+        try:
+            validate_flux_input(inp, self._settings.request_limits)
+            await asyncio.to_thread(check_stored_inputs, inp, request.tenant, self._store, "flux_input")
+            loads_before = self._pipeline_loads
+            pipelines: list[EvictablePipeline] = []
+            async for event in self._hold(self._flux_ref, holding, pipelines):
+                yield event
+            loaded = pipelines[-1].loaded
+            load_seconds = time.perf_counter() - started
+            hot = self._pipeline_loads == loads_before
+            (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
+            label = redact_url(self._settings.flux_model)
+            yield _log(f"loaded base model {label} in {load_seconds:.2f}s" if not hot else f"base model {label} hot")
+            params = flux_generation.flux_params(inp, request.seed)
+
+            def resolve(emit: Emit, _stop: threading.Event) -> None:
+                with input_deadline(self._settings.input_resolution_timeout_seconds):
+                    params.loras = self._resolve_loras(inp, emit)
+                    flux_generation.resolve_start_image(params, image_policy=self._image_policy, store=self._store)
+
+            resolved: list[None] = []
+            async for event in self._in_thread(resolve, resolved):
+                yield event
+            assert params.width is not None and params.height is not None
+            if inp.sync_mode:
+                sizes = [(params.width, params.height)] * params.num_images
+                check_inline_size(sizes, self._settings.max_sync_mode_pixels, per_pass_latents=False)
+            safety_checker = await self._safety_checker() if params.enable_safety_checker else None
+            yield _log(
+                f"generating {params.num_images} image(s) {params.width}x{params.height},"
+                f" {params.num_inference_steps} steps, seed {params.seed}, {len(params.loras)} LoRA(s)"
+            )
+            gen_started = time.perf_counter()
+            generated: list[GenerationResult] = []
+            async with self._generation_lock:
+                _stop_if_superseded(stop)
+                run = lambda emit, stop: flux_generation.generate_flux(  # noqa: E731
+                    loaded,
+                    params,
+                    on_step=throttled(lambda i, n: emit(_progress(i, n))),
+                    should_stop=stop.is_set,
+                    safety_checker=safety_checker,
+                )
+                async for event in self._in_thread(run, generated, stop):
+                    yield event
+            _stop_if_superseded(stop)
+            inference_seconds = time.perf_counter() - gen_started
+            self._metrics.generation_seconds.observe(inference_seconds)
+            output = await asyncio.to_thread(
+                self._store_outputs,
+                request.request_id,
+                generated[0],
+                params.output_format,
+                inline=inp.sync_mode,
+                tenant=request.tenant,
+            )
+            self._metrics.requests.labels(outcome="completed").inc()
+            output.seed = request.seed
+            yield _log(f"done: {len(output.images)} image(s) in {inference_seconds:.2f}s")
+            yield worker_pb2.GenerateResponse(
+                result=worker_pb2.WorkerResult(
+                    output=output, inference_seconds=inference_seconds, model_load_seconds=load_seconds
+                )
+            )
+        except asyncio.CancelledError:
+            self._metrics.requests.labels(outcome="cancelled").inc()
+            raise
+        except Exception as exc:
+            failure = _failure(exc, request.request_id)
+            self._metrics.requests.labels(outcome=failure.failure.type.lower()).inc()
+            yield failure
+        finally:
+            holding.close()
+            if self._calls.get(request.request_id) is stop:
+                del self._calls[request.request_id]
+
+    async def _hold(
+        self, ref: BaseModelRef, holding: contextlib.ExitStack, out: list[EvictablePipeline]
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """The base model's pipeline (hot, or loaded now with its progress relayed) into `out`, held in
+        `holding` for the request."""
+        for _ in range(PIPELINE_ATTEMPTS):
+            self._refs[ref.key] = ref
+            async for event in self._loading(ref.key, out):
+                yield event
+            try:
+                # Taken on the event loop right after the lookup: an eviction from now on
+                # waits for this request to end before it frees the weights.
+                holding.enter_context(out[-1].loaded.in_use())
+                return
+            except PipelineReleased:
+                yield _log("base model was unloaded from this replica just now; loading it again")
+        raise ModelLoadError(f"model {redact_url(ref.model_name)!r} kept being unloaded from this replica; retry later")
 
     def _supersede(self, request_id: str) -> threading.Event:
         """A new call of a request stops the call of it still running here, at its next denoising step.

@@ -106,6 +106,19 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-sd15"), "sd15", num_loras=2)
 
 
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where `tiny_flux` builds: the stack's `flux_model` names it before it exists, so only a session that
+    sends FLUX requests (and asks for `tiny_flux` first) pays for building it."""
+    return tmp_path_factory.getbasetemp() / "tiny-flux"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    from serving.tiny import make_tiny_model
+
+    return make_tiny_model(tiny_flux_dir(tmp_path_factory), "flux", num_loras=1)
+
+
 @pytest.fixture(scope="session")
 def flag_everything_checker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny safety checker that flags every image, so the censoring path is visible."""
@@ -119,6 +132,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory, flag_everything_che
     http_port = free_port()
     return Settings(
         safety_checker_path=str(flag_everything_checker),
+        flux_model=str(tiny_flux_dir(tmp_path_factory) / "pipeline"),
         data_dir=tmp_path_factory.mktemp("data"),
         grpc_port=free_port(),
         http_port=http_port,

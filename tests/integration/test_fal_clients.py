@@ -39,6 +39,7 @@ from core.config import Settings
 from serving.app import build_app
 from serving.tiny import TinyModel
 from tests.conftest import free_port, require_tool, self_signed_cert
+from tests.integration.test_conditioning import data_uri, picture
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -507,3 +508,31 @@ async def test_js_storage_upload_then_its_url_as_an_input(fal_service: FalServic
     images = out["images"]
     assert images["uploaded"]["sha256"] == images["local"]["sha256"]
     assert images["in_input"]["sha256"] == images["local"]["sha256"]
+
+
+def flux_arguments(seed: int) -> dict[str, Any]:
+    """A fal-ai/flux-lora/image-to-image input as fal's examples write it (the base model is the server's)."""
+    # 40x40: the output takes its size floored to a multiple of 16.
+    return {"prompt": "a cat", "image_url": data_uri(picture(seed, 40)), "num_inference_steps": 2, "seed": seed, "enable_safety_checker": False}
+
+
+def check_flux_output(service: FalService, output: dict[str, Any], image: dict[str, Any], seed: int) -> None:
+    assert set(output) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}, output
+    assert output["seed"] == seed and output["prompt"] == "a cat" and output["has_nsfw_concepts"] == [False]
+    (described,) = output["images"]
+    assert described["url"].startswith(f"{service.base_url}/")
+    assert (described["width"], described["height"], described["content_type"]) == (32, 32, "image/jpeg")
+    assert image["status"] == 200 and image["content_type"] == "image/jpeg"
+
+
+async def test_python_flux_lora_image_to_image(fal_service: FalService, tiny_flux: TinyModel) -> None:
+    app = "fal-ai/flux-lora/image-to-image"
+    out = await python_client(fal_service, "flux", {"app": app, "arguments": flux_arguments(31)})
+    check_flux_output(fal_service, out["result"], out["image"], seed=31)
+
+
+async def test_js_flux_lora_image_to_image(fal_service: FalService, tiny_flux: TinyModel) -> None:
+    app = "fal-ai/flux-lora/image-to-image"
+    out = await js_client(fal_service, "flux", {"app": app, "arguments": flux_arguments(32)})
+    check_flux_output(fal_service, out["data"], out["image"], seed=32)
+    assert out["request_id"]

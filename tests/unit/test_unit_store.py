@@ -13,7 +13,7 @@ import pytest
 
 from gateway.store import RequestRecord, RequestStore, State, TenantFull
 from gateway.store_postgres import PostgresStore
-from loraserve.v1 import types_pb2
+from loraserve.v1 import flux_pb2, types_pb2, worker_pb2
 from tests.unit.conftest import Opener
 
 
@@ -63,6 +63,17 @@ async def test_add_and_get(store: RequestStore) -> None:
     assert got.started_at is None and got.finished_at is None and got.start_deadline is None
     assert got.output is None and got.error is None and got.lease_token == ""
     assert await store.get("no-such-id") is None
+
+
+async def test_a_flux_request_is_told_apart_from_a_lora_one(store: RequestStore) -> None:
+    """The queue's input column holds either family; a FLUX one comes back as its FluxInput, with no
+    GenerateInput field set, and a fal-ai/lora one has no FluxInput."""
+    flux_input = flux_pb2.FluxInput(prompt="a cat", endpoint=flux_pb2.FLUX_ENDPOINT_INPAINTING, num_images=2)
+    flux_record, _ = await store.add(worker_pb2.QueuedFluxInput(input=flux_input), seed=1, model_key="flux")
+    lora_record = await add(store)
+    got = await get(store, flux_record.id)
+    assert got.flux_input == flux_input and got.input.ListFields() == []
+    assert (await get(store, lora_record.id)).flux_input is None
 
 
 async def test_fifo_and_queue_positions(store: RequestStore) -> None:

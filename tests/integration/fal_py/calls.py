@@ -160,12 +160,19 @@ def upload(args: dict[str, Any]) -> dict[str, Any]:
     return {"via_cdn": via_cdn, "via_storage": via_storage, "images": images, "plain": plain}
 
 
+def flux(args: dict[str, Any]) -> dict[str, Any]:
+    """fal-ai/flux-lora's family through the queue: the client polls the URLs it rebuilds without the sub-path."""
+    result = fal_client.subscribe(args["app"], arguments=args["arguments"], with_logs=True)
+    return {"result": result, "image": opened(result["images"][0]["url"])}
+
+
 SCENARIOS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "subscribe": subscribe,
     "queue": queue,
     "failing": failing,
     "run": run,
     "upload": upload,
+    "flux": flux,
 }
 
 if __name__ == "__main__":

@@ -163,6 +163,16 @@ def test_a_repeated_flux_set_merges_nothing(tiny_flux: TinyModel, flux: LoadedPi
     assert flux.lora_merges == merges
 
 
+def test_a_prefetched_flux_lora_is_resident_before_its_request(flux: LoadedPipeline, tmp_path: Path) -> None:
+    path = make_tiny_flux_lora(tmp_path / "waiting.safetensors", seed=21, transformer=flux.pipe.transformer)
+    assert path.resolve() not in flux.resident_loras
+    flux.prefetch_loras([str(path)])
+    assert path.resolve() in flux.resident_loras
+    flux.activate_loras([(str(path), 1.0)])
+    flux.deactivate_loras()
+    assert flux.resident_loras.count(path.resolve()) == 1
+
+
 def unmatched_files(folder: Path) -> dict[str, tuple[Path, list[str]]]:
     """LoRA files diffusers loads into FLUX without a word while skipping some of their keys, and those keys."""
     with torch.random.fork_rng(devices=[]):

@@ -70,7 +70,12 @@ class _RefuseSecret(argparse.Action):
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, readers: Iterable[Reader]) -> None:
-    """`--config FILE`, then the flags of the settings any of `readers` reads, one section per group."""
+    """`--config FILE`, then the flags of the settings any of `readers` reads, one section per group.
+
+    The usage line names the command's own arguments and then only `[--config FILE] [settings]`: the
+    sections below list the settings (a usage line of every flag would be half the help)."""
+    own = " ".join(parser.format_usage().split()[1:]).removeprefix(parser.prog).strip()
+    parser.usage = f"%(prog)s {own} [--config FILE] [settings]".replace("  ", " ")
     parser.add_argument(
         "--config",
         dest=CONFIG_DEST,
@@ -90,6 +95,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, readers: Iterable[Re
             if group not in sections:
                 sections[group] = parser.add_argument_group(f"{group.lower()} (each also {ENV_PREFIX}<NAME>)")
             _add_flag(sections[group], defaults[name], info.description, info.unit, info.secret)
+    for name, info in infos.items():
+        if info.secret and not info.readers & wanted:
+            # Refused with how to pass it, as where it is read: a secret on a command line is never right.
+            _add_refusal(parser, name)
 
 
 def _add_flag(
@@ -97,8 +106,7 @@ def _add_flag(
 ) -> None:
     env = ENV_PREFIX + f.name.upper()
     if secret:
-        refuse = dict(dest=_VALUE_DEST + f.name, nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
-        section.add_argument(flag(f.name), **refuse)  # type: ignore[arg-type]
+        _add_refusal(section, f.name)
         if reads_secret_file(f.name):
             section.add_argument(
                 flag(secret_file_setting(f.name)),
@@ -118,6 +126,10 @@ def _add_flag(
         section.add_argument(
             flag(f.name), dest=_VALUE_DEST + f.name, default=None, metavar=_metavar(f, unit), help=help_text
         )
+
+
+def _add_refusal(container: argparse._ActionsContainer, name: str) -> None:
+    container.add_argument(flag(name), dest=_VALUE_DEST + name, nargs="?", action=_RefuseSecret, help=argparse.SUPPRESS)
 
 
 def _escaped(help_text: str) -> str:

@@ -122,6 +122,10 @@ def test_a_secret_flag_is_refused_saying_how_to_pass_it(name: str, capsys: pytes
         how = f"set {ENV_PREFIX}{name.upper()} in the environment, or name a file holding it: {flag(name)}-file PATH"
         assert how in error
         assert "hunter2" not in error
+    # ... by every command, whether its process reads the secret or not.
+    with pytest.raises(SystemExit):
+        main(["keys", "list", flag(name), "hunter2"])
+    assert f"`{name}` is a secret and is not taken as a flag" in capsys.readouterr().err
 
 
 def test_a_secret_comes_from_its_env_var_or_a_file(tmp_path: Path) -> None:

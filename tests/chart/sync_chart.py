@@ -3,7 +3,8 @@
 - helm/loraserve/files/serve-settings.json: serving.serve_config.chart_settings(), which the
   template renders serveConfigV2 with;
 - values.schema.json's `settings` properties: every setting the chart does not set itself and
-  that is not a secret, typed like its default (extra keywords already there, e.g. `minimum`, stay).
+  that is not a secret, typed like its default, with its description (core.config); extra keywords
+  already there, e.g. `minimum`, stay.
 
 tests/chart fails with this command in its message when either is stale.
 """
@@ -47,10 +48,12 @@ JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 def settings_schema(current: dict[str, Any]) -> dict[str, Any]:
     excluded = CHART_SET | UNUSED_IN_CLUSTER | serve_config.SECRET_SETTINGS
+    infos = setting_infos()
     properties = {}
     for f in dataclasses.fields(Settings):
         if f.name not in excluded:
-            properties[f.name] = {**current.get(f.name, {}), "type": JSON_TYPES[type(f.default)]}
+            typed = {"type": JSON_TYPES[type(f.default)], "description": infos[f.name].description}
+            properties[f.name] = {**current.get(f.name, {}), **typed}
     return properties
 
 

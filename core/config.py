@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import ipaddress
 import os
 import tempfile
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -708,10 +710,11 @@ class Settings:
 _UNDECLARED = SettingInfo("Undeclared", frozenset(Reader), "")
 
 
-def setting_infos() -> dict[str, SettingInfo]:
+@functools.cache
+def setting_infos() -> Mapping[str, SettingInfo]:
     """Every setting's metadata in declaration order; a field declared without `setting` reads as read by
-    everyone, with no description (tests/unit/test_unit_settings_metadata.py refuses it)."""
-    return {f.name: f.metadata.get(_INFO, _UNDECLARED) for f in fields(Settings)}
+    everyone, with no description (tests/unit/test_unit_settings.py refuses it)."""
+    return types.MappingProxyType({f.name: f.metadata.get(_INFO, _UNDECLARED) for f in fields(Settings)})
 
 
 def read_by(readers: Iterable[Reader]) -> list[str]:

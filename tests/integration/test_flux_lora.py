@@ -66,8 +66,11 @@ async def test_image_to_image_and_inpainting_run(stack: object, stack_settings: 
     mask = data_uri(Image.new("RGB", (40, 40), "white"))
     common = {"prompt": "a dog", "num_inference_steps": 3, "enable_safety_checker": False, "image_url": start}
     async with aiohttp.ClientSession() as http:
-        status, i2i = await post(http, f"{base(stack_settings)}/run/fal-ai/flux-lora/image-to-image", common)
+        i2i_body = {**common, "sync_mode": True}
+        status, i2i = await post(http, f"{base(stack_settings)}/run/fal-ai/flux-lora/image-to-image", i2i_body)
         assert status == 200, i2i
+        # sync_mode: the image inline as a data URI (as Hugging Face's providers read it), not stored.
+        assert i2i["images"][0]["url"].startswith("data:image/jpeg;base64,")
         status, inpainted = await post(
             http,
             f"{base(stack_settings)}/run/fal-ai/flux-lora/inpainting",

@@ -23,7 +23,7 @@ from gateway.store import RequestRecord, State
 from gateway.webhook_signing import KEY_FILE, WebhookSigner
 from gateway.webhooks import webhook_body
 from core.config import Settings
-from loraserve.v1 import types_pb2
+from loraserve.v1 import flux_pb2, types_pb2, worker_pb2
 from storage.object_store import LocalObjectStore
 
 
@@ -139,6 +139,23 @@ def test_a_result_is_fals_ok_body_keys_sorted_with_default_separators(files: Loc
     assert body.endswith(b', "request_id": "req-1", "status": "OK"}')
     assert parsed["payload"]["seed"] == 2**40 and parsed["payload"]["has_nsfw_concepts"] == [False]
     assert parsed["payload"]["images"][0]["url"] == "https://cdn.example/a.png"
+
+
+def test_a_flux_results_payload_is_fal_flux_loras_output(files: LocalObjectStore) -> None:
+    queued = worker_pb2.QueuedFluxInput(input=flux_pb2.FluxInput(prompt="a cat"))
+    output = types_pb2.GenerateOutput(
+        images=[types_pb2.Image(url="https://cdn.example/a.jpg", width=64, height=48, content_type="image/jpeg")],
+        seed=5,
+        has_nsfw_concepts=[False],
+    )
+    done = record(raw_input=queued.SerializeToString(), raw_output=output.SerializeToString())
+    assert json.loads(webhook_body(done, files))["payload"] == {
+        "images": [{"url": "https://cdn.example/a.jpg", "width": 64, "height": 48, "content_type": "image/jpeg"}],
+        "timings": {"inference": 0.5},
+        "seed": 5,
+        "has_nsfw_concepts": [False],
+        "prompt": "a cat",
+    }
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from serving import flux_memory
@@ -21,6 +22,7 @@ from serving.tiny_flux import (
     FluxLoraComponent,
     build_flux_transformer,
     build_tiny_flux_pipeline,
+    make_tiny_flux_layouts,
     make_tiny_flux_lora,
 )
 
@@ -75,19 +77,20 @@ def flux_lora_sets(model: TinyModel, folder: Path) -> dict[str, list[tuple[str, 
         pipe = build_tiny_flux_pipeline()
     both: tuple[FluxLoraComponent, ...] = ("transformer", "text_encoder")
     peft = make_tiny_flux_lora(folder / "peft.safetensors", seed=3, alpha=8, components=both, pipe=pipe)
-    kohya = make_tiny_flux_lora(
+    kohya_alpha_2 = make_tiny_flux_lora(
         folder / "kohya.safetensors", seed=4, lora_format="kohya", alpha=2, components=both, pipe=pipe
     )
-    xlabs = make_tiny_flux_lora(folder / "xlabs.safetensors", seed=5, lora_format="xlabs", pipe=pipe)
-    text = make_tiny_flux_lora(folder / "te.safetensors", seed=6, alpha=2, components=("text_encoder",), pipe=pipe)
+    # What `make-tiny-model --family flux` writes beside its PEFT LoRAs.
+    kohya, xlabs, text = (str(path) for path in make_tiny_flux_layouts(folder / "layouts"))
     plain = str(model.lora_paths[0])
     return {
         "peft-alpha-with-text-encoder": [(str(peft), 1.0)],
         "peft-without-metadata": [(plain, 0.9)],
-        "kohya-alpha-with-text-encoder": [(str(kohya), 1.0)],
-        "xlabs": [(str(xlabs), 1.0)],
-        "text-encoder-only": [(str(text), 0.7)],
-        "several-with-scales": [(plain, 0.8), (str(kohya), -0.4), (str(xlabs), 1.3), (str(text), 0.5)],
+        "kohya-alpha-with-text-encoder": [(kohya, 1.0)],
+        "kohya-alpha-2": [(str(kohya_alpha_2), 0.6)],
+        "xlabs": [(xlabs, 1.0)],
+        "text-encoder-only": [(text, 0.7)],
+        "several-with-scales": [(plain, 0.8), (str(kohya_alpha_2), -0.4), (xlabs, 1.3), (text, 0.5)],
     }
 
 
@@ -159,6 +162,7 @@ def test_a_repeated_flux_set_merges_nothing(tiny_flux: TinyModel, flux: LoadedPi
     flux.deactivate_loras()
     merges = flux.lora_merges
     flux.activate_loras(loras)
+    assert not any(isinstance(module, BaseTunerLayer) for module in flux.pipe.transformer.modules())
     flux.deactivate_loras()
     assert flux.lora_merges == merges
 

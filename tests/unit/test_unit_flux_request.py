@@ -80,6 +80,13 @@ def test_wrong_json_types_are_named() -> None:
     }
 
 
+def test_lone_surrogates_are_named_not_a_server_error() -> None:
+    """JSON's "\\ud800" has no UTF-8 form: protobuf refuses it, so the parser must name it first."""
+    with pytest.raises(InvalidInput) as info:
+        flux.parse_flux_input({"prompt": "\ud800", "image_size": "\udfff", "loras": [{"path": "\ud800"}]})
+    assert {v.field for v in info.value.violations} == {"input.prompt", "input.image_size", "input.loras[0].path"}
+
+
 def test_output_json_is_fals_shape() -> None:
     inp = flux_pb2.FluxInput(prompt="a cat")
     worker = types_pb2.GenerateOutput(seed=7, has_nsfw_concepts=[False])

@@ -260,7 +260,10 @@ def _scalar(kind: int, value: Any, name: str, violations: list[FieldViolation]) 
     if kind == F.TYPE_STRING:
         if isinstance(value, str) and is_text(value):
             return True, value
-        violations.append(FieldViolation(name, "str type expected", "type_error.str"))
+        if isinstance(value, str):
+            violations.append(FieldViolation(name, "is not Unicode text: it holds a lone surrogate", "value_error.str"))
+        else:
+            violations.append(FieldViolation(name, "str type expected", "type_error.str"))
     elif kind == F.TYPE_BOOL:
         if isinstance(value, bool):
             return True, value
@@ -284,7 +287,9 @@ def _scalar(kind: int, value: Any, name: str, violations: list[FieldViolation]) 
 
 def _image_size(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list[FieldViolation]) -> None:
     if isinstance(value, str):
-        inp.image_size.preset = value
+        ok, preset = _scalar(F.TYPE_STRING, value, name, violations)
+        if ok:
+            inp.image_size.preset = preset
         return
     if isinstance(value, Mapping):
         sides = {}

@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from serving import flux_memory
 from serving.flux_memory import GIB
 from serving.pipelines import AdapterLoadError, LoadedPipeline, load_pipeline
-from serving.tiny import TinyModel, make_tiny_lora, make_tiny_model
+from serving.tiny import TinyModel, make_tiny_lora
 from serving.tiny_flux import (
     FLUX1_DEV_TRANSFORMER,
     FluxLoraComponent,
@@ -28,11 +28,6 @@ from serving.tiny_flux import (
 
 SIZE = 64
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-flux"), "flux", num_loras=1)
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,9 @@ class Settings:
     max_lora_bytes_per_pipeline: int = setting(
         0, CACHES, (WORKER,),
         "LoRA tensors on one pipeline's device between requests, by bytes (0: a quarter of the device memory free "
-        "once the pipeline is loaded, the host's available RAM on a CPU, split among max_pipelines_per_replica).",
+        "once the pipeline is loaded, the host's available RAM on a CPU, split among max_pipelines_per_replica; "
+        "a FLUX pipeline on a GPU: the free memory less 24 GiB for its activations, as one merged FLUX LoRA set "
+        "alone may take 22 GiB).",
         unit="bytes",
     )
     max_host_lora_bytes: int = setting(

@@ -1,5 +1,5 @@
 """The HTTP side as an OpenAPI 3.1 document, served at `/openapi.json`: fal's queue and run routes for the
-fal-ai/lora family, the storage upload routes and the stored files.
+fal-ai/lora and fal-ai/flux-lora families, the storage upload routes and the stored files.
 
 The request body of a generation is `fal_json.input_schema()`, walked over the same descriptors the
 parser fills, so the document describes what the parser takes and cannot drift from it; the storage
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.fal_storage import MAX_PARTS
+from loraserve.request import flux
 from loraserve.request.fal_json import APP_ID, ENDPOINTS, input_schema
 
 KEY_SCHEME = "key"
@@ -85,6 +86,11 @@ def _operation(
     return operation
 
 
+def _flux_schema_name(sub_path: str) -> str:
+    """FluxLoraInput, FluxLoraImageToImageInput, FluxLoraInpaintingInput: fal's own schema names."""
+    return "FluxLora" + "".join(part.capitalize() for part in sub_path.split("-")) + "Input"
+
+
 def openapi_document() -> dict[str, Any]:
     submit_headers = [
         _param("header", "X-Fal-Request-Timeout", description="seconds the request may wait for a worker"),
@@ -98,6 +104,16 @@ def openapi_document() -> dict[str, Any]:
         name = f"{APP_ID}/{sub_path}".rstrip("/")
         paths[path] = {"post": _operation(f"queue a {name} request", parameters=submit_headers, body=generation)}
         paths[f"/run{path}"] = {"post": _operation(f"run a {name} request and answer its output", parameters=submit_headers, body=generation)}
+    # fal-ai/flux-lora's family: its own inputs; its requests are read at /fal-ai/flux-lora/requests/… by the
+    # same routes as below.
+    for sub_path, endpoint in flux.ENDPOINTS.items():
+        path = f"/{flux.APP_ID}/{sub_path}".rstrip("/")
+        name = path.lstrip("/")
+        body = _json_body({"$ref": f"#/components/schemas/{_flux_schema_name(sub_path)}"})
+        paths[path] = {"post": _operation(f"queue a {name} request", parameters=submit_headers, body=body)}
+        paths[f"/run{path}"] = {
+            "post": _operation(f"run a {name} request and answer its output", parameters=submit_headers, body=body)
+        }
     by_id = f"/{APP_ID}/requests/{{request_id}}"
     request_id = _param("path", "request_id")
     logs = _param("query", "logs", description="true/1 to include the log lines")
@@ -153,11 +169,14 @@ def openapi_document() -> dict[str, Any]:
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "loraserve: fal's queue protocol for fal-ai/lora", "version": "1"},
+        "info": {"title": "loraserve: fal's queue protocol for fal-ai/lora and fal-ai/flux-lora", "version": "1"},
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
         "paths": paths,
         "components": {
-            "schemas": {"GenerateInput": input_schema()},
+            "schemas": {
+                "GenerateInput": input_schema(),
+                **{_flux_schema_name(sub_path): flux.input_schema(endpoint) for sub_path, endpoint in flux.ENDPOINTS.items()},
+            },
             "securitySchemes": {
                 KEY_SCHEME: {
                     "type": "apiKey",

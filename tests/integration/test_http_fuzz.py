@@ -43,8 +43,9 @@ from yarl import URL
 
 from gateway.auth import header_value, new_key
 from gateway.server import Gateway
+from loraserve.request import flux
 from loraserve.request.fal_json import input_schema
-from loraserve.v1 import generation_pb2, generation_pb2_grpc
+from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc
 from tests.integration.test_fal_http import BODY, start_gateway, worker  # noqa: F401
 from tests.unit.worker_testkit import WorkerServer
 
@@ -55,7 +56,7 @@ HOSTILE_EXAMPLES = 100
 HEADER_EXAMPLES = 400
 GRPC_EXAMPLES = 200
 # Every route of fal_http, fal_storage and the files (the document's operations).
-ROUTES = 21
+ROUTES = 27
 FUZZ_SETTINGS = settings(
     deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck), print_blob=True
 )
@@ -69,6 +70,9 @@ VALID_BODIES = {
     "": BODY,
     "image-to-image": {**BODY, "image_url": PNG},
     "inpaint": {**BODY, "image_url": PNG, "mask_url": PNG},
+    "fal-ai/flux-lora": {"prompt": "a red house", "seed": 2**40},
+    "fal-ai/flux-lora/image-to-image": {"prompt": "a red house", "image_url": PNG},
+    "fal-ai/flux-lora/inpainting": {"prompt": "a red house", "image_url": PNG, "mask_url": PNG},
 }
 # Strings the gateway gives meaning to, so that cases get past the first checks.
 WORDS = [
@@ -116,6 +120,7 @@ async def test_no_request_the_openapi_document_allows_or_refuses_is_a_server_err
     assert len(statuses) == ROUTES, sorted(statuses)
     # The cases reach past the key check and the parser: accepted submits, a stored file, a live upload's parts.
     assert 200 in statuses["POST /fal-ai/lora"] and 200 in statuses["POST /run/fal-ai/lora/inpaint"], statuses
+    assert 200 in statuses["POST /fal-ai/flux-lora"] and 200 in statuses["POST /run/fal-ai/flux-lora/inpainting"], statuses
     assert 200 in statuses["GET /fal-ai/lora/requests/{request_id}/status"], statuses
     assert 200 in statuses["POST /files/upload"] and 200 in statuses["PUT /storage/upload/multipart/{upload_id}/{part}"], statuses
 
@@ -151,7 +156,8 @@ def strategies(operation: Any, live: dict[str, dict[str, str]]) -> Iterator[Any]
     known = {name: here[name] for name in re.findall(r"{(\w+)}", operation.path) if name in here}
     if known:
         yield operation.as_strategy(GenerationMode.POSITIVE, path_parameters=known)
-    sub_path = operation.path.removeprefix("/run").removeprefix("/fal-ai/lora").strip("/")
+    sub_path = operation.path.removeprefix("/run").strip("/")
+    sub_path = sub_path.removeprefix("fal-ai/lora").strip("/") if sub_path.startswith("fal-ai/lora") else sub_path
     if operation.method.upper() == "POST" and sub_path in VALID_BODIES:
         yield operation.as_strategy(GenerationMode.POSITIVE, body=VALID_BODIES[sub_path], media_type="application/json")
 
@@ -231,7 +237,8 @@ def hostile_json() -> st.SearchStrategy[Any]:
 
 def hostile_bodies() -> st.SearchStrategy[Any]:
     """Bodies whose keys are mostly a generation's own fields (so values reach each field's parser)."""
-    fields = {name: hostile_json() for name in input_schema(endpoint_in_path=False)["properties"]}
+    names = {*input_schema(endpoint_in_path=False)["properties"], *flux.KEYS[flux_pb2.FLUX_ENDPOINT_INPAINTING]}
+    fields = {name: hostile_json() for name in names}
     known = st.fixed_dictionaries({}, optional=fields)
     return st.one_of(known, st.builds(lambda a, b: {**a, **b}, known, st.dictionaries(hostile_text(), hostile_json(), max_size=2)), hostile_json())
 
@@ -242,6 +249,8 @@ def json_routes(live: dict[str, dict[str, str]]) -> list[str]:
         "/fal-ai/lora",
         "/fal-ai/lora/image-to-image",
         "/run/fal-ai/lora/inpaint",
+        "/fal-ai/flux-lora",
+        "/run/fal-ai/flux-lora/inpainting",
         "/storage/upload/initiate",
         "/storage/upload/initiate-multipart",
         f"/storage/upload/multipart/{storage['upload_id']}/complete",
@@ -264,6 +273,7 @@ def fuzz_json(base: str, auth: dict[str, str]) -> set[int]:
     @example("/fal-ai/lora", {**BODY, "guidance_scale": 10**400, "prompt": "\ud800", "\udfff": 1})
     @example("/storage/upload/initiate", {"file_name": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]})
     @example("/fal-ai/lora", {**BODY, "seed": float("nan"), "num_images": float("inf"), "image_size": {"width": 10**30, "height": -1}})
+    @example("/fal-ai/flux-lora", {"prompt": "p", "image_size": "\ud800", "guidance_scale": float("nan"), "seed": 10**30})
     def no_server_error(path: str, body: Any) -> None:
         raw = json.dumps(body, ensure_ascii=True).encode()
         response = requests.post(f"{base}{path}", data=raw, headers={**auth, **JSON_HEADERS}, timeout=30)

@@ -329,6 +329,35 @@ def _loras(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list[Fiel
                 lora.scale = scale
 
 
+def input_schema(endpoint: int) -> dict[str, Any]:
+    """The JSON Schema (2020-12) of a body for `endpoint` in its canonical form: the keys `parse_flux_input`
+    reads with fal's ranges, others allowed (and ignored); null for a field left out, as fal's clients send."""
+    integer, number, string, boolean = {"type": "integer"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"}
+    side = {"type": "integer", "minimum": SIZE_MULTIPLE, "maximum": schema.MAX_IMAGE_SIDE}
+    custom = {"type": "object", "properties": {"width": side, "height": side}}
+    lora = {"type": "object", "required": ["path"], "properties": {"path": string, "scale": number, "force": boolean}}
+    fields: dict[str, dict[str, Any]] = {
+        "prompt": string,
+        "image_size": {"anyOf": [{"enum": list(schema.IMAGE_SIZE_PRESETS)}, custom]},
+        "num_inference_steps": {**integer, "minimum": 1, "maximum": MAX_STEPS},
+        "seed": {**integer, "minimum": 0, "maximum": MAX_SEED},
+        "loras": {"type": "array", "items": lora},
+        "guidance_scale": {**number, "minimum": 0, "maximum": MAX_GUIDANCE_SCALE},
+        "sync_mode": boolean,
+        "num_images": {**integer, "minimum": 1, "maximum": MAX_NUM_IMAGES},
+        "enable_safety_checker": boolean,
+        "output_format": {"enum": list(schema.IMAGE_FORMATS)},
+        "acceleration": {"enum": list(ACCELERATIONS)},
+        "image_url": string,
+        "strength": {**number, "minimum": MIN_STRENGTH, "maximum": 1},
+        "mask_url": string,
+    }
+    keys = KEYS[endpoint]
+    required = [key for key in ("prompt", "image_url", "mask_url") if key in keys]
+    properties = {key: {"anyOf": [fields[key], {"type": "null"}]} for key in keys}
+    return {"type": "object", "required": required, "properties": properties}
+
+
 def output_json(output: flux_pb2.FluxOutput) -> dict[str, Any]:
     """A FluxOutput as the hosted endpoints return it: images as {url, width, height, content_type}, and
     `timings`, `seed`, `has_nsfw_concepts`, `prompt` always."""

@@ -221,7 +221,8 @@ class Dispatcher:
         own run for the replica's CPU (a third of a sequential caller's LoRA requests made one while
         the previous request's call was closing).
         """
-        if not (record.input.loras or record.input.embeddings) or not self._all_busy():
+        adapters = record.flux_input.loras if record.flux_input is not None else [*record.input.loras, *record.input.embeddings]
+        if not adapters or not self._all_busy():
             return
         if len(self._prefetch_queue) >= MAX_QUEUED_PREFETCHES or not self._accepting:
             return
@@ -243,7 +244,12 @@ class Dispatcher:
                 record = await self._store.get(request_id)
                 if record is None or record.state != State.IN_QUEUE or not self._all_busy():
                     continue
-                request = worker_pb2.PrefetchRequest(request_id=record.id, input=record.input, tenant=record.tenant)
+                request = worker_pb2.PrefetchRequest(request_id=record.id, tenant=record.tenant)
+                flux_input = record.flux_input
+                if flux_input is not None:
+                    request.flux_input.CopyFrom(flux_input)
+                else:
+                    request.input.CopyFrom(record.input)
                 response = await self._worker.prefetch(request, record.model_key, PREFETCH_TIMEOUT_SECONDS)
                 await self._log(
                     request_id,

@@ -36,7 +36,7 @@ from loraserve.request.violations import InvalidInput
 from core.logs import redact_log_records
 from core.model_key import BaseModelRef
 from core.redaction import redact_text, redact_url
-from loraserve.v1 import types_pb2, worker_pb2
+from loraserve.v1 import flux_pb2, types_pb2, worker_pb2
 from core.worker_auth import caller_secret, secret_matches
 from serving import compiled, conditioning, flux_generation, image_to_image
 from serving.embeddings import EmbeddingLoadError
@@ -348,7 +348,7 @@ class Worker:
 
             def resolve(emit: Emit, _stop: threading.Event) -> None:
                 with input_deadline(self._settings.input_resolution_timeout_seconds):
-                    params.loras = self._resolve_loras(inp, emit)
+                    params.loras = self._resolve_loras(inp, emit, "flux_input")
                     flux_generation.resolve_start_image(params, image_policy=self._image_policy, store=self._store)
 
             resolved: list[None] = []
@@ -532,6 +532,12 @@ class Worker:
         inp = request.input
         key = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant).key
         try:
+            if request.HasField("flux_input"):
+                flux_input = request.flux_input
+                validate_flux_input(flux_input, self._settings.request_limits)
+                await asyncio.to_thread(check_stored_inputs, flux_input, request.tenant, self._store, "flux_input")
+                resolved = await asyncio.to_thread(self._prefetch_flux_loras, flux_input)
+                return worker_pb2.PrefetchResponse(adapters_ready=resolved)
             await self._check_input(inp, request.tenant)
             resolved = await asyncio.to_thread(self._prefetch_adapters, request.input, key)
         except (InvalidInput, InputFetchError, AdapterLoadError, LoraFileError, EmbeddingLoadError) as exc:
@@ -555,11 +561,25 @@ class Worker:
             hot.prefetch_loras([path for path, _scale in loras])
         return len(loras) + len(embeddings)
 
-    def _resolve_loras(self, inp: types_pb2.GenerateInput, emit: Emit) -> list[tuple[str, float]]:
+    def _prefetch_flux_loras(self, inp: flux_pb2.FluxInput) -> int:
+        """A FLUX request's LoRAs, as `_prefetch_adapters` does an SD request's (FLUX takes no embeddings)."""
+        loras = self._resolve_loras(inp, lambda _event: None, "flux_input")
+        for path, _scale in loras:
+            self._host_loras.get(lora_file(path))
+        hot = self._hot.get(self._flux_ref.key)
+        if hot is not None and loras:
+            hot.prefetch_loras([path for path, _scale in loras])
+        return len(loras)
+
+    def _resolve_loras(
+        self, inp: types_pb2.GenerateInput | flux_pb2.FluxInput, emit: Emit, prefix: str = "input"
+    ) -> list[tuple[str, float]]:
         """URLs, data URIs and stored files become checked local files in the node's weights cache."""
         return [
             (
-                str(self._weights.resolve(lora.path, f"input.loras[{i}].path", on_progress=lambda m: emit(_log(m)))),
+                str(
+                    self._weights.resolve(lora.path, f"{prefix}.loras[{i}].path", on_progress=lambda m: emit(_log(m)))
+                ),
                 schema.lora_scale(lora),
             )
             for i, lora in enumerate(inp.loras)

@@ -83,7 +83,7 @@ def resolve_start_image(params: FluxParams, *, image_policy: FetchPolicy, store:
     takes the image's size floored to a multiple of 16. The pipeline resizes image and mask to the output."""
     if params.endpoint == flux_pb2.FLUX_ENDPOINT_UNSPECIFIED:
         return
-    image = fetch_image(params.image_url, "input.image_url", image_policy, store=store)
+    image = fetch_image(params.image_url, "flux_input.image_url", image_policy, store=store)
     if params.width is None or params.height is None:
         if max(image.size) > schema.MAX_IMAGE_SIDE:
             raise OptionUnavailableError(
@@ -95,7 +95,7 @@ def resolve_start_image(params: FluxParams, *, image_policy: FetchPolicy, store:
     params.image = image.convert("RGB")
     if params.endpoint == flux_pb2.FLUX_ENDPOINT_INPAINTING:
         # One luminance channel: white is repainted, black kept (diffusers' FluxInpaintPipeline).
-        params.mask = fetch_image(params.mask_url, "input.mask_url", image_policy, store=store).convert("L")
+        params.mask = fetch_image(params.mask_url, "flux_input.mask_url", image_policy, store=store).convert("L")
 
 
 def generate_flux(

@@ -28,7 +28,7 @@ from gateway.store_sqlite import SqliteStore
 from gateway.worker_client import WorkerClient
 from core.backoff import Backoff
 from loraserve.errors import ErrorType
-from loraserve.v1 import types_pb2
+from loraserve.v1 import flux_pb2, types_pb2, worker_pb2
 from tests.unit.worker_testkit import SAFETY_S, FakeWorker, Relay, WorkerServer, wait_until
 
 TINY_BACKOFF = Backoff(0.005, 0.05)
@@ -478,3 +478,24 @@ async def test_prefetch_only_for_a_request_that_will_wait(make: Make, server: Wo
     h.dispatcher.prefetch(following)
     assert not [task for task in asyncio.all_tasks() if task.get_name() == f"prefetch-{following.id}"]
     assert fake.prefetched == [waiting.id]
+
+
+async def test_a_flux_request_reaches_the_worker_as_flux_input_and_its_loras_are_prefetched(
+    make: Make, server: WorkerServer, fake: FakeWorker
+) -> None:
+    await server.start()
+    h = await make(capacity=1)
+    fake.default = "hold"
+    (running,) = await h.submit(prompt="running")
+    await wait_until(lambda: running in fake.holding, "the call is running")
+    flux_input = flux_pb2.FluxInput(prompt="a cat", loras=[types_pb2.LoraWeight(path="f.safetensors")])
+    waiting, _ = await h.store.add(worker_pb2.QueuedFluxInput(input=flux_input), seed=0, model_key="flux")
+    h.dispatcher.prefetch(waiting)
+    await wait_until(lambda: fake.prefetched == [waiting.id], "the waiting FLUX request was prefetched")
+    lines = [record.entry.message for record in await h.store.logs(waiting.id)]
+    assert "prefetched 1 adapter(s) while waiting" in lines, lines
+    fake.default = "complete"
+    assert await h.store.cancel(running)
+    h.dispatcher.cancel_running(running)
+    await h.wait_finished(waiting.id)
+    assert fake.flux_prompts == ["a cat"]

@@ -45,6 +45,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         self.default = "complete"
         self.holding: set[str] = set()
         self.prefetched: list[str] = []
+        # The prompts of the fal-ai/flux-lora requests Generate was called with.
+        self.flux_prompts: list[str] = []
         # Set to an unset event, Prefetch calls wait for it (counted in `prefetching` meanwhile).
         self.prefetch_gate: asyncio.Event | None = None
         self.prefetching = 0
@@ -53,6 +55,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         self.calls.append(request.request_id)
+        if request.HasField("flux_input"):
+            self.flux_prompts.append(request.flux_input.prompt)
         plan = self.plans.get(request.request_id)
         step = plan.pop(0) if plan else self.default
         try:
@@ -99,7 +103,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
         finally:
             self.prefetching -= 1
         self.prefetched.append(request.request_id)
-        return worker_pb2.PrefetchResponse(adapters_ready=len(request.input.loras))
+        return worker_pb2.PrefetchResponse(adapters_ready=len(request.input.loras) + len(request.flux_input.loras))
 
 
 class WorkerServer:

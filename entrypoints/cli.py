@@ -1,8 +1,8 @@
 """The server's commands: serve, gateway, demo, make-tiny-model, serve-config (keys: keys_cli.py).
 
 Each is an entry point of the `loraserve.commands` group (pyproject.toml), named after the command:
-a function that adds the command's subparser to the `loraserve` command's (loraserve/cli.py, in the
-client distribution) and sets its `run`. Settings come from flags over `LORASERVE_*` env vars over a
+a function that adds the command's subparser to the `loraserve` command's (clients/python/loraserve/cli.py, in
+the client distribution) and sets its `run`. Settings come from flags over `LORASERVE_*` env vars over a
 `--config` file; each command takes as flags the settings its process reads (core.settings_cli).
 Heavy imports (torch, Ray, diffusers) happen inside the commands that need them,
 so adding these parsers keeps `loraserve generate` light.

@@ -1,5 +1,5 @@
 """The Dockerfile, checked without a Docker daemon: hadolint, its structure against the chart, and the
-package its `pip install .` builds from exactly what .dockerignore lets into the context."""
+packages its `pip install ./clients/python .` builds from exactly what .dockerignore lets into the context."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """loraserve.request.validation for the sampling, prompting, tiling, output and debugging options.
 
-These options are implemented now, so the gateway accepts them; what it refuses, by field, is
+These options are implemented now, so validation accepts them; what it refuses, by field, is
 what the named scheduler would reject or silently ignore, and schedules that cannot be valid.
 """
 

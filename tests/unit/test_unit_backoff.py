@@ -1,4 +1,4 @@
-"""gateway.backoff and gateway.circuit_breaker: waits that grow, are capped and jittered; a breaker
+"""core.backoff and gateway.circuit_breaker: waits that grow, are capped and jittered; a breaker
 that opens after calls in a row found no worker, probes with growing patience and closes."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Generates the Python stubs for the repository's `proto/` into `loraserve/v1/` beside this package.
+"""Generates the Python stubs for the repository's `proto/` into this package's `v1/` (`loraserve.v1`).
 
-Generated code is a build output, not source: the build (`pip install .`) runs this, and
+Generated code is a build output, not source: the client's build (`pip install ./clients/python`,
+clients/python/setup.py) runs this, and
 `tests/test_proto.py` regenerates into a temporary folder to check that what is
 imported matches the `.proto` files.
 """

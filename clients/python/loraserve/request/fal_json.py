@@ -3,9 +3,9 @@
 Proto JSON (json_format) is not fal's JSON: it knows neither `image_size`'s two shapes nor an
 IP-Adapter's `ip_adapter_image_url` given as one string nor `scale_json` given as an object. So
 the walk over the message descriptors is done here, once, for the HTTP facade, the Python client
-and the CLI (the answers' JSON is the gateway's: gateway/fal_output.py). Bad input is refused with
-every bad field named in the gRPC BadRequest's form (`input.loras[0].path`); gateway/errors.py
-turns those into fal's 422 `loc`.
+and the CLI (the answers' JSON is the gateway's: gateway/fal_output.py). Bad input is refused as
+InvalidInput naming every bad field by its path (`input.loras[0].path`); gateway/errors.py turns
+that into gRPC's BadRequest or fal's 422 `loc`.
 """
 
 from __future__ import annotations

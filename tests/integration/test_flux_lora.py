@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.config import Settings
 from loraserve.client import LoraServeError
-from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc
+from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc, types_pb2
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes
 from tests.integration.test_conditioning import data_uri, picture
@@ -96,9 +96,13 @@ async def test_bad_field_is_422_over_http_and_invalid_argument_over_grpc(
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Submit(generation_pb2.SubmitRequest(flux_input=flux_pb2.FluxInput(prompt="p", num_images=5)))
-    error = LoraServeError.from_rpc_error(info.value)
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert list(error.field_violations) == ["flux_input.num_images"], error.field_violations
+        error = LoraServeError.from_rpc_error(info.value)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(error.field_violations) == ["flux_input.num_images"], error.field_violations
+        both = generation_pb2.SubmitRequest(input=types_pb2.GenerateInput(prompt="p"), flux_input=flux_pb2.FluxInput(prompt="p"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Submit(both)
+    assert list(LoraServeError.from_rpc_error(info.value).field_violations) == ["flux_input"]
 
 
 async def test_grpc_typed_result_with_the_safety_checker_on_by_default(

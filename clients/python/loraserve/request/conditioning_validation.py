@@ -22,6 +22,8 @@ MAX_IP_ADAPTERS = 4
 MAX_IP_ADAPTER_IMAGES = 8
 MAX_SCALE_JSON_CHARS = 4096
 MAX_NOISING_FACTOR = 10.0
+# A variant (the model's or a ControlNet's) becomes part of weight file names (`model.fp16.safetensors`),
+# so no paths or dots.
 VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 INSTANT_ID = (
     "not supported yet: InstantID-style ControlNet / IP-Adapter pairs need face embeddings from insightface, "

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from collections.abc import Iterator
 from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 
 from loraserve.request import schema
-from loraserve.request.conditioning_validation import conditioning_violations
+from loraserve.request.conditioning_validation import VARIANT_PATTERN, conditioning_violations
 from loraserve.request.input_strings import input_strings
 from loraserve.request.limits import RequestLimits
 from loraserve.request.schedulers import SCHEDULER_SPECS, TRAILING_AS_CUSTOM_TIMESTEPS, names_accepting
@@ -32,8 +31,6 @@ NUM_TRAIN_TIMESTEPS = 1000
 # The hosted endpoint takes one embedding; a few together still fit one prompt's token budget.
 MAX_EMBEDDINGS = 8
 MAX_TOKEN_CHARS = 64
-# A variant becomes part of weight file names (`model.fp16.safetensors`), so no paths or dots.
-VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 
 def validate_input(inp: types_pb2.GenerateInput, limits: RequestLimits, prefix: str = "input") -> None:

@@ -1,5 +1,5 @@
-"""loraserve.cli with the server's commands (entrypoints/): argument parsers (`--lora PATH[:SCALE]`, `--size PRESET|WxH`,
-subcommands) and the server logs (core.logs)."""
+"""loraserve.cli with the server's commands (entrypoints/): argument parsers (`--lora PATH[:SCALE]`,
+`--size PRESET|WxH`, subcommands) and the server logs (core.logs)."""
 
 from __future__ import annotations
 

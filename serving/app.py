@@ -374,8 +374,12 @@ class Worker:
                     should_stop=stop.is_set,
                     safety_checker=safety_checker,
                 )
-                async for event in self._in_thread(run, generated, stop):
-                    yield event
+                try:
+                    async for event in self._in_thread(run, generated, stop):
+                        yield event
+                except GenerationCancelled:
+                    _stop_if_superseded(stop)
+                    raise
             _stop_if_superseded(stop)
             inference_seconds = time.perf_counter() - gen_started
             self._metrics.generation_seconds.observe(inference_seconds)

@@ -12,8 +12,12 @@ on LoRAs neither side has seen:
   tier (the file parsed beforehand, as Prefetch does for a waiting request) plus the merge;
 - what each leaves in every denoising step: a U-Net forward (batch 2, as classifier-free guidance
   runs it) with the LoRA applied either way, less a plain forward of the same round;
-- switch (another resident LoRA: merge and install) and repeat (the previous set: no merge; the
-  counter of merges proves it).
+- switch (another resident LoRA: merge and install) and repeat (the set the previous request left
+  installed: no merge and no copy; the tier's counters of merges and weight writes prove it).
+
+The service leaves a request's set installed until a request needs another (serving/lora_tier.py);
+before each of diffusers' arms and each plain forward it is given a request without LoRAs (not
+timed), as diffusers' arms unload theirs, so both sides start each arm from the plain U-Net.
 
 Both sides do the same work, checked in code: they adapt the same number of layers, and their
 outputs agree within half precision's roundings (max |Δ| as a fraction of the LoRA's own effect;
@@ -187,6 +191,7 @@ def run(
     inputs = unet_inputs(unet, latent)
     raw: dict[str, list[float]] = {name: [] for name in RAW_SAMPLES}
     repeat_merges = 0
+    repeat_writes = 0
     adapted: dict[str, set[int]] = {"diffusers": set(), "service": set()}
     outputs: dict[str, torch.Tensor] = {}
 
@@ -203,6 +208,11 @@ def run(
         finally:
             pipe.unload_lora_weights()
 
+    def plain() -> None:
+        """A request without LoRAs: the base weights back (not timed), as diffusers' arms unload their LoRA."""
+        loaded.activate_loras([])
+        loaded.deactivate_loras()
+
     def service_file(path: Path) -> None:
         one = [(str(path), 1.0)]
         try:
@@ -212,6 +222,7 @@ def run(
             forward("service")
         finally:
             loaded.deactivate_loras()
+            plain()
 
     def diffusers_parsed(state_dict: dict[str, torch.Tensor]) -> None:
         try:
@@ -228,6 +239,7 @@ def run(
             raw["merge_after_miss"].append(timed(device, lambda: loaded.activate_loras([(str(path), 1.0)])))
         finally:
             loaded.deactivate_loras()
+            plain()
         raw["service_parsed"].append(raw["miss_from_host"][-1] + raw["merge_after_miss"][-1])
 
     for index in range(rounds + 1):
@@ -248,9 +260,11 @@ def run(
         one = [(str(file_path), 1.0)]
         raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
         loaded.deactivate_loras()
-        before = loaded.lora_merges
+        before, written = loaded.lora_merges, tier.weight_writes
         raw["repeat"].append(timed(device, lambda: loaded.activate_loras(one)))
         loaded.deactivate_loras()
+        written = tier.weight_writes - written
+        plain()
         if index == 0:
             # The warm-up round (first PEFT import paths, allocator arenas, first merge, first forward
             # of each arm) is left out, for both sides alike.
@@ -258,6 +272,7 @@ def run(
                 samples.clear()
             continue
         repeat_merges += loaded.lora_merges - before
+        repeat_writes += written
         say(
             f"round {index}/{rounds}: file → ready: load_lora_weights {raw['diffusers_file'][-1] * 1000:.0f} ms, "
             f"service {raw['service_file'][-1] * 1000:.0f} ms; parsed → ready: load_lora_weights "
@@ -283,6 +298,7 @@ def run(
         "switch (merge + swap) ms": ms(raw["switch"]),
         "repeat ms": ms(raw["repeat"]),
         "merges during repeats": float(repeat_merges),
+        "weight writes during repeats": float(repeat_writes),
         f"forward {CFG_BATCH}×{latent}², no LoRA ms": ms(raw["forward_plain"]),
         f"forward {CFG_BATCH}×{latent}², diffusers (PEFT layers) ms": ms(raw["forward_diffusers"]),
         f"forward {CFG_BATCH}×{latent}², service (merged) ms": ms(raw["forward_service"]),
@@ -484,6 +500,7 @@ def compare_options(
             loaded.activate_loras([(str(paths[0]), 1.0)])
             forward()
             loaded.deactivate_loras()
+            loaded.activate_loras([])  # the base weights back under the PEFT layers (the set stays installed otherwise)
 
     outputs: dict[str, torch.Tensor] = {}
     one: list[tuple[str, float]] = []
@@ -496,6 +513,7 @@ def compare_options(
         with slot.plain():
             raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
             loaded.deactivate_loras()
+            loaded.activate_loras([])
 
     def hotswapped_forward() -> None:
         seconds, outputs["hotswap"] = forward()
@@ -508,6 +526,7 @@ def compare_options(
                 seconds, outputs["merged"] = forward()
             finally:
                 loaded.deactivate_loras()
+                loaded.activate_loras([])
         raw["forward_merged"].append(seconds)
 
     for index, path in enumerate(paths[1:], start=1):

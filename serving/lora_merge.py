@@ -2,8 +2,9 @@
 
 For each adapted layer the request runs with `W' = W + Σ scale · scaling · up @ down` (PEFT's
 alpha / r; DoRA layers are rescaled per output feature as PEFT merges them): what diffusers'
-`fuse_lora` computes, but into new tensors, so the resident weights are never modified, no
-rounding drift accumulates and nothing has to be unfused. On a GPU, layers of one shape group
+`fuse_lora` computes, but beside an exact copy of each base weight (the merge writes a new tensor,
+or on a CPU the module's weight once its base weight is copied aside), so no rounding drift
+accumulates and nothing has to be unfused. On a GPU, layers of one shape group
 (serving/lora_tensors.py) are merged by one `baddbmm` over their stacked weights, so a switch
 costs a few launches per group and LoRA, not per layer: an SDXL attention LoRA's 560 layers are
 4 groups. A CPU has no launches to save and merges layer by layer, in the weights' dtype where it
@@ -14,8 +15,16 @@ The merged copies are installed by swapping their contents with the modules' own
 tensors (copies into the same storage, never a new parameter) and restored by swapping back: no
 module is wrapped and no parameter replaced, so the forward pass is the plain model's and a
 compiled, CUDA-graphed U-Net (serving/compiled.py) keeps reading the tensors it was built on. While
-installed, each merged copy holds the weight it replaced; after `restore` it holds the merged one
-again, ready for a repeat.
+installed, each merged copy holds the weight it replaced (the only copy of it: dropping an installed
+set would lose the base weights); after `restore` it holds the merged one again, ready for a repeat.
+A swap is all or nothing: one that fails half-way swaps back what it did before raising.
+
+On a CPU `apply` merges straight into the modules' weights instead (`_apply_layers`), keeping a
+copy of each base weight as the partner: the state `install` would leave, for one copy and one
+merge pass per weight where merging into a new tensor and swapping it in took a merge pass and
+three copies, with the scratch and the new tensor's pages faulted in on every switch (on SDXL's
+U-Net in bfloat16 on 2 cores the swap alone took longer than the merge). The base copies can be the
+buffers of the set it replaces (`spares`), so that a switch allocates nothing.
 """
 
 from __future__ import annotations
@@ -140,15 +149,95 @@ def _merge_dora(group: ShapeGroup, chunk: slice, stacked: torch.Tensor, delta: t
     stacked.add_(delta).mul_((magnitude / norm).unsqueeze(-1))
 
 
+def apply(
+    active: Sequence[tuple[LoraTensors, float]],
+    *,
+    which: Callable[[ShapeGroup], bool] = lambda _group: True,
+    spares: dict[torch.nn.Module, torch.Tensor] | None = None,
+    spares_hold_weights: bool = False,
+) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
+    """The LoRAs merged into the modules' own weights; returns (module, base weight) pairs, as `install` does.
+
+    `spares`: buffers to keep base weights in, by module (a dropped set's), taken from the dict;
+    `spares_hold_weights`: they already hold the modules' weights (the set was restored by copy).
+    All or nothing: a merge that fails half-way puts the base weights back before raising.
+    """
+    spares = spares if spares is not None else {}
+    groups = [(group, scale) for lora, scale in active for group in lora.groups if which(group)]
+    if not all(group.magnitudes is None and group.modules[0].weight.device.type == "cpu" for group, _ in groups):
+        # DoRA norms read the base weights, and a GPU merges a group's layers at once: merged into new tensors.
+        spares.clear()
+        return install(merge(active, which=which))
+    bases: dict[Mergeable, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for group, scale in groups:
+                _apply_layers(group, scale, bases, spares, spares_hold_weights)
+    except BaseException:
+        with torch.no_grad():
+            for module, base in bases.items():
+                module.weight.detach().copy_(base)
+        raise
+    return [(module, torch.nn.Parameter(base, requires_grad=False)) for module, base in bases.items()]
+
+
+def _apply_layers(
+    group: ShapeGroup,
+    scale: float,
+    bases: dict[Mergeable, torch.Tensor],
+    spares: dict[torch.nn.Module, torch.Tensor],
+    spares_hold_weights: bool,
+) -> None:
+    """`_merge_layers`' arithmetic, written into each module's weight; its base weight copied aside first."""
+    dtype = group.modules[0].weight.dtype
+    fast = _fast_cpu_matmul(dtype)
+    alphas = (group.scalings.view(-1) * scale).tolist()
+    for module, up, down, alpha in zip(group.modules, group.ups, group.downs, alphas, strict=True):
+        live = module.weight.detach()
+        rows = live.shape[0]
+        up, down = up.to(dtype), down.to(dtype)
+        # Where the dtype has no fast CPU matmul only the low-rank product is float32, as in `_merge_layers`.
+        delta = torch.mm(up.float(), down.float()).mul_(alpha).to(dtype) if not fast else torch.empty(0)
+        if module in bases:
+            source = live.reshape(rows, -1)
+        else:
+            base, reused = spares.pop(module, None), True
+            if base is None or base.shape != live.shape or base.dtype != dtype or not base.is_contiguous():
+                base, reused = torch.empty(live.shape, dtype=dtype, device=live.device), False
+            if not (reused and spares_hold_weights):
+                base.copy_(live)
+            bases[module] = base
+            source = base.view(rows, -1)
+        if live.is_contiguous():
+            out = live.view(rows, -1)
+            if fast:
+                torch.addmm(source, up, down, alpha=alpha, out=out)
+            else:
+                torch.add(source, delta, out=out)
+        else:
+            live.copy_((torch.addmm(source, up, down, alpha=alpha) if fast else source + delta).view(live.shape))
+
+
 def install(parameters: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
     """Swaps the merged weights into the modules' own weight tensors; returns what `restore` swaps back."""
     _swap_contents(parameters)
     return list(parameters)
 
 
-def restore(installed: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
-    """The modules' weights back, and the merged copies holding the merged weights again."""
-    _swap_contents(installed)
+def restore(installed: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]], *, keep_merged: bool = True) -> None:
+    """The modules' weights back, and the merged copies holding the merged weights again.
+
+    Without `keep_merged` the base weights are copied back (one copy, not a swap's three): the
+    partners then hold the same values as the modules, ready to be `apply`'s spares.
+    """
+    if keep_merged:
+        _swap_contents(installed)
+        return
+    with torch.no_grad():
+        for module, partner in installed:
+            live = module._parameters["weight"]
+            assert live is not None
+            live.detach().copy_(partner.detach())
 
 
 def _swap_contents(pairs: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
@@ -156,24 +245,32 @@ def _swap_contents(pairs: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) 
 
     `_foreach_copy_` does a chunk's layers in a few launches rather than three per layer (an SDXL
     LoRA touches 560); the scratch stays under SWAP_CHUNK_BYTES so a swap never needs another
-    merged set's worth of memory.
+    merged set's worth of memory. A chunk that fails (its scratch not allocated) is left as it was
+    and the chunks before it are swapped back, so the modules never run half-merged.
     """
+    chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    size = 0
+    for module, partner in pairs:
+        live = module._parameters["weight"]
+        assert live is not None and live.shape == partner.shape and live.dtype == partner.dtype
+        chunk = chunks[-1]
+        if chunk and (size >= SWAP_CHUNK_BYTES or (live.dtype, live.device) != (chunk[0][0].dtype, chunk[0][0].device)):
+            chunks.append(chunk := [])
+            size = 0
+        chunk.append((live.detach(), partner.detach()))
+        size += live.numel() * live.element_size()
     with torch.no_grad():
-        chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
-        size = 0
-        for module, partner in pairs:
-            live = module._parameters["weight"]
-            assert live is not None and live.shape == partner.shape and live.dtype == partner.dtype
-            if chunk and (live.dtype, live.device) != (chunk[0][0].dtype, chunk[0][0].device):
-                _swap_chunk(chunk)
-                chunk, size = [], 0
-            chunk.append((live.detach(), partner.detach()))
-            size += live.numel() * live.element_size()
-            if size >= SWAP_CHUNK_BYTES:
-                _swap_chunk(chunk)
-                chunk, size = [], 0
-        if chunk:
-            _swap_chunk(chunk)
+        done = 0
+        try:
+            for chunk in chunks:
+                if chunk:
+                    _swap_chunk(chunk)
+                done += 1
+        except BaseException:
+            for chunk in reversed(chunks[:done]):
+                if chunk:
+                    _swap_chunk(chunk)
+            raise
 
 
 def _swap_chunk(chunk: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:

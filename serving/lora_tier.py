@@ -6,13 +6,15 @@ pipeline's device (serving/lora_tensors.py): no module is built, so it costs the
 and one transfer per shape group, and the device holds exactly the LoRA's tensors. A request's
 set is merged into copies of the weights it touches (serving/lora_merge.py) whose contents are
 swapped into the modules' own weight tensors (never a new parameter: a compiled U-Net reads the
-same storage); the copies of the last set stay (swapped out again) so that a request repeating it
-merges nothing.
+same storage). The set stays installed after its request: a request repeating it merges and copies
+nothing (on SDXL's U-Net a swap each way was 0.4 s of a 2-core CPU). A request for another set, or
+for none, first swaps the base weights back, so a merge only ever reads base weights; the copies of
+the last set stay (then holding the merged weights) so that a later repeat merges nothing.
 
 One byte budget covers both: the adapters and the merged copies kept for a repeat (on SDXL fp16
 1.9 GB per set, as much as twenty rank-32 LoRAs). Over it, the least recently used adapters not
-in use go first; merged copies that still do not fit are dropped when their request ends, and a
-repeat then merges again.
+in use go first; merged copies that still do not fit are swapped out (they hold the base weights
+while installed) and dropped when their request ends, and a repeat then merges again.
 
 On a GPU the U-Net's share of the merge runs on a side stream while the prompt is encoded (the
 text encoders' share runs first, on the main stream, as they need it); a pre-forward hook makes
@@ -75,7 +77,9 @@ def _is_unet(group: ShapeGroup) -> bool:
 class DeviceLoraTier:
     """LoRAs resident on one pipeline (least recently used out first) and the merged weights of the last set.
 
-    `max_bytes` bounds both together (0: unbounded).
+    `max_bytes` bounds both together (0: unbounded). Between requests the last set may still be
+    installed: the modules then run it, not the base weights, until `activate` of another set (or
+    none) or `clear`.
     """
 
     def __init__(
@@ -102,7 +106,12 @@ class DeviceLoraTier:
         self._merged: lora_merge.MergedWeights | None = None
         # What `_merged` holds, counted in the budget (its storages, read once).
         self._merged_bytes = 0
-        self._originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+        # The pairs swapped into the modules (their partners hold the base weights meanwhile); only
+        # `_restore` empties it.
+        self._installed: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+        # The key of `_merged` while all of its copies are installed; None while nothing is, or only
+        # part of a set whose merge failed.
+        self._installed_key: lora_merge.MergeKey | None = None
         self._wait_hook: torch.utils.hooks.RemovableHandle | None = None
         self._stream: torch.cuda.Stream | None = None
         self._copy_stream: torch.cuda.Stream | None = None
@@ -116,6 +125,9 @@ class DeviceLoraTier:
         self._active: set[str] = set()
         # Merges computed so far; a repeated set adds none (for tests and bench/lora.py).
         self.merges = 0
+        # Writes of a whole weight tensor of the modules so far (a merge into it, a swap, a copy
+        # back); a repeat of the installed set adds none (for tests and bench/lora.py).
+        self.weight_writes = 0
 
     @property
     def paths(self) -> list[Path]:
@@ -145,7 +157,11 @@ class DeviceLoraTier:
         return self._merged_bytes
 
     def activate(self, loras: Sequence[tuple[Path, float]]) -> None:
-        """Exactly these LoRAs at these scales until `deactivate`; an empty list leaves the plain weights."""
+        """Exactly these LoRAs at these scales until `deactivate`; an empty list gives the plain weights.
+
+        The set installed by the last request is kept if it is this one (no merge, no copy), swapped
+        out otherwise before anything is merged: merges read the modules' weights, which must be the base ones.
+        """
         self.deactivate()
         names = [adapter_name(path) for path, _ in loras]
         self._active = set(names)
@@ -154,31 +170,74 @@ class DeviceLoraTier:
             # The same LoRA twice adds up: a LoRA's effect is linear in its scale.
             scales[name] = scales.get(name, 0.0) + scale
         key: lora_merge.MergeKey = tuple((name, scale) for name, scale in scales.items() if scale != 0.0)
-        if key and self._merged is not None and self._merged.key != key:
-            # Its memory goes before the next set's is taken, and before it could crowd out an adapter.
-            self._drop_merged()
-        resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
+        spares: dict[torch.nn.Module, torch.Tensor] = {}
+        spares_hold_weights = False
         if not key:
+            # The copies stay, holding the merged weights again, for a later repeat.
+            self._restore()
+        elif self._merged is not None and self._merged.key != key:
+            # Out of the budget before the next set's adapters come in; on a CPU the next set's base
+            # weights go into its buffers (`lora_merge.apply`), elsewhere its memory goes first.
+            spares_hold_weights = self._installed_key is not None
+            spares = self._drop_merged(spare=self._unet_device()[1].type == "cpu")
+        resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
+        if not key or self._installed_key == key:
             return
         if self._merged is not None:
-            self._originals = lora_merge.install(self._merged.parameters)
+            self._install(self._merged.parameters)
+            self._installed_key = key
             return
+        assert not self._installed, "a merge must read the base weights"
         active = [(resident[name], scale) for name, scale in key]
         self.merges += 1
-        first = lora_merge.merge(active, which=lambda group: not _is_unet(group))
-        self._originals = lora_merge.install(first)
-        rest = self._merge_unet(active)
-        self._originals += rest
+        first = lora_merge.apply(
+            active, which=lambda group: not _is_unet(group), spares=spares, spares_hold_weights=spares_hold_weights
+        )
+        self._installed += first
+        self.weight_writes += len(first)
+        rest = self._merge_unet(active, spares, spares_hold_weights)
+        spares.clear()
         merged = lora_merge.MergedWeights(key, first + rest)
         with self._lock:
             self._merged, self._merged_bytes = merged, merged.nbytes
             self._track_bytes(self._merged_bytes)
             self._evict_over_budget()
+        self._installed_key = key
 
-    def _drop_merged(self) -> None:
+    def _install(self, pairs: Sequence[tuple[torch.nn.Module, torch.nn.Parameter]]) -> None:
+        """Swapped in all or not at all (`lora_merge.install`), so `_installed` is always what the modules hold."""
+        self._installed += lora_merge.install(pairs)
+        self.weight_writes += len(pairs)
+
+    def _restore(self) -> None:
+        """The base weights back in every module the last set was installed into."""
+        if not self._installed:
+            return
+        lora_merge.restore(self._installed)
+        self.weight_writes += len(self._installed)
+        self._installed = []
+        self._installed_key = None
+
+    def _restore_by_copy(self) -> None:
+        """The base weights copied back (one copy each, not a swap's three): the merged ones are not kept."""
+        lora_merge.restore(self._installed, keep_merged=False)
+        self.weight_writes += len(self._installed)
+        self._installed = []
+        self._installed_key = None
+
+    def _drop_merged(self, *, spare: bool = False) -> dict[torch.nn.Module, torch.Tensor]:
+        """Restored first if installed: while installed the copies hold the only base weights.
+
+        `spare`: returns the copies' buffers by module (holding the base weights if they were
+        installed) for the next merge to keep its base weights in; their bytes leave the budget now.
+        """
+        if self._installed_key is not None:
+            self._restore_by_copy()
         with self._lock:
+            spares = {} if self._merged is None or not spare else {m: p.detach() for m, p in self._merged.parameters}
             self._track_bytes(-self._merged_bytes)
             self._merged, self._merged_bytes = None, 0
+        return spares
 
     def _unet_device(self) -> tuple[torch.nn.Module | None, torch.device]:
         """From a parameter: diffusers' `ModelMixin.device` walks every module (8 ms per call on a tiny SDXL)."""
@@ -189,12 +248,18 @@ class DeviceLoraTier:
         return unet, next(unet.parameters()).device
 
     def _merge_unet(
-        self, active: Sequence[tuple[LoraTensors, float]]
+        self,
+        active: Sequence[tuple[LoraTensors, float]],
+        spares: dict[torch.nn.Module, torch.Tensor],
+        spares_hold_weights: bool,
     ) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
         """The U-Net's share merged and installed (on a GPU on the side stream, after the main stream's work so far)."""
         unet, device = self._unet_device()
         if device.type != "cuda" or unet is None:
-            return lora_merge.install(lora_merge.merge(active, which=_is_unet))
+            merged = lora_merge.apply(active, which=_is_unet, spares=spares, spares_hold_weights=spares_hold_weights)
+            self._installed += merged
+            self.weight_writes += len(merged)
+            return merged
         main = torch.cuda.current_stream(device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
@@ -203,7 +268,8 @@ class DeviceLoraTier:
         self._merging = (main, self._stream, [tensors for tensors, _ in active])
         with torch.cuda.stream(self._stream):
             # Installed here too: the copies into the U-Net's own weights must follow the merge.
-            merged = lora_merge.install(lora_merge.merge(active, which=_is_unet))
+            merged = lora_merge.merge(active, which=_is_unet)
+            self._install(merged)
         for _, parameter in merged:
             # Allocated on the side stream, read on the main one: the allocator must know.
             parameter.record_stream(main)
@@ -231,25 +297,33 @@ class DeviceLoraTier:
             main.wait_stream(side)
 
     def deactivate(self) -> None:
-        """The resident weights back in every module; the last set's merged copies are kept for a repeat if they fit."""
+        """The request's end: its set stays installed for a repeat if its merged copies fit the budget.
+
+        Copies over the budget are swapped out and dropped, and so is part of a set whose merge failed.
+        """
+        self._end_request()
+        if self._installed_key is None:
+            self._restore()
+        with self._lock:
+            # Adapters not in use went first (`_evict_over_budget`); what is still over is the copies.
+            over = self._merged is not None and self._over_budget()
+        if over:
+            self._count("cache_evictions")
+            self._drop_merged()
+
+    def _end_request(self) -> None:
+        """No hook left on the U-Net, the side-stream merge waited for, and no LoRA in use."""
         if self._wait_hook is not None:
             self._wait_hook.remove()
             self._wait_hook = None
         self.wait_for_merge()
         self._merging = None
-        lora_merge.restore(self._originals)
-        self._originals = []
         self._active = set()
-        with self._lock:
-            # Adapters not in use went first (`_evict_over_budget`); what is still over is the copies.
-            if self._merged is not None and self._over_budget():
-                self._count("cache_evictions")
-                self._track_bytes(-self._merged_bytes)
-                self._merged, self._merged_bytes = None, 0
 
     def clear(self) -> None:
-        """Drops every adapter and merged copy (the pipeline is being freed)."""
-        self.deactivate()
+        """The base weights back, and every adapter and merged copy dropped (the pipeline is being freed)."""
+        self._end_request()
+        self._restore()
         with self._lock:
             self._track_bytes(-self._nbytes())
             self._resident.clear()

@@ -338,6 +338,7 @@ def test_lora_rounds_compare_like_with_like_and_compute_their_verdicts(tmp_path:
     for name in ("max |fused − service| ÷ LoRA effect", "max |diffusers − service| ÷ LoRA effect"):
         assert checks[name]["status"] == PASS and checks[name]["target"] == TARGETS["lora fused agreement float32"][1]
     assert checks["merges during repeats"]["status"] == PASS and figures["merges during repeats"] == 0
+    assert figures["weight writes during repeats"] == 0, "a repeat of the installed set copied weights"
     assert checks["file → ready: service ÷ diffusers"]["target"] == TARGETS["lora file to ready cpu"][1]
     assert figures["file → ready: service ÷ diffusers"] == pytest.approx(
         figures["file → ready: service ms"] / figures["file → ready: load_lora_weights ms"]

@@ -88,6 +88,7 @@ def test_no_wrapper_runs_during_a_request_and_resident_weights_stay_untouched(
     loaded = pipelines["sdxl"]
     lora = str(tiny_models["sdxl"].lora_paths[0])
     generate(loaded, params(loras=[(lora, 1.0)]))  # resident from here on
+    generate(loaded, params())  # a set stays installed until a request without it
     before = weights_digest(loaded)
     wrappers_seen: list[int] = []
     merged_seen: list[bool] = []

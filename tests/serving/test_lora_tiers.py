@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from serving import lora_tier
+from serving import lora_merge, lora_tier
 from serving.errors import AdapterLoadError
 from serving.lora_cache import HostLoraCache, parse_embedding_file, parse_lora_file, pinned_reservation
 from serving.memory import memory_figures
@@ -259,6 +260,172 @@ def test_prefetch_on_a_released_pipeline_does_nothing(tiny_models: dict[str, Tin
     loaded.release()
     loaded.prefetch_loras([str(model.lora_paths[0])])
     assert loaded.resident_loras == []
+
+
+# --- the last set kept installed between requests --------------------------------------------
+
+
+class WeightWrites(TorchDispatchMode):
+    """Counts tensors written in place that share storage with the pipeline's weights: what installing
+    or restoring a LoRA set writes (three copies per weight), and nothing else a request does."""
+
+    def __init__(self, loaded: LoadedPipeline) -> None:
+        super().__init__()
+        self._storages = {
+            parameter.untyped_storage().data_ptr()
+            for component in loaded.pipe.components.values()
+            if isinstance(component, torch.nn.Module)
+            for parameter in component.parameters()
+        }
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        for argument, value in zip(func._schema.arguments, args):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                written = value if isinstance(value, (list, tuple)) else [value]
+                self.count += sum(
+                    isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self._storages for t in written
+                )
+        return func(*args, **(kwargs or {}))
+
+
+def live_weights(loaded: LoadedPipeline) -> dict[str, torch.Tensor]:
+    """A copy of what every module runs with now."""
+    return {
+        f"{name}.{key}": tensor.detach().clone()
+        for name, component in loaded.pipe.components.items()
+        if isinstance(component, torch.nn.Module)
+        for key, tensor in component.state_dict().items()
+    }
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_repeat_of_the_installed_set_writes_no_weight_and_gives_a_fresh_installs_bytes(
+    tiny_models: dict[str, TinyModel],
+) -> None:
+    model = tiny_models["sdxl"]
+    lora = [(str(model.lora_paths[0]), 1.0)]
+    loaded = load_pipeline(str(model.pipeline_dir))
+    tier = loaded.lora_tier
+    first = pixels(loaded, loras=lora)
+    merges = tier.merges
+    with WeightWrites(loaded) as writes:
+        again = pixels(loaded, loras=lora)
+    assert writes.count == 0, f"the repeat wrote {writes.count} weight tensors"
+    assert tier.merges == merges
+    fresh = pixels(load_pipeline(str(model.pipeline_dir)), loras=lora)
+    assert np.array_equal(again, first) and np.array_equal(again, fresh)
+    # After a request without LoRAs the copies are installed again (copies, no merge), to the same bytes;
+    # the tier's counter counts what was written.
+    pixels(loaded)
+    swapped = tier.weight_writes
+    with WeightWrites(loaded) as writes:
+        reinstalled = pixels(loaded, loras=lora)
+    assert writes.count == tier.weight_writes - swapped > 0 and tier.merges == merges
+    assert np.array_equal(reinstalled, fresh)
+    swapped = tier.weight_writes
+    with WeightWrites(loaded) as writes:
+        pixels(loaded, loras=lora)
+    assert writes.count == 0 and tier.weight_writes == swapped
+
+
+def test_switching_sets_puts_the_base_weights_back_before_anything_else_runs_or_merges(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
+) -> None:
+    model, reference = tiny_models["sd15"], pipelines["sd15"]
+    lora_a, lora_b = ([(str(path), 1.0)] for path in model.lora_paths[:2])
+    expected_plain = pixels(reference)
+    base = live_weights(reference)
+    expected_b = pixels(reference, loras=lora_b)
+    expected_a = pixels(load_pipeline(str(model.pipeline_dir)), loras=lora_a)
+
+    loaded = load_pipeline(str(model.pipeline_dir))
+    assert np.array_equal(pixels(loaded, loras=lora_a), expected_a)
+    assert not same_weights(live_weights(loaded), base), "the set was not kept installed after its request"
+    assert np.array_equal(pixels(loaded), expected_plain)
+    assert same_weights(live_weights(loaded), base)
+    assert np.array_equal(pixels(loaded, loras=lora_b), expected_b)
+    # Straight from B to A: A's merge reads the base weights, not B's merged ones.
+    assert np.array_equal(pixels(loaded, loras=lora_a), expected_a)
+    assert np.array_equal(pixels(loaded), expected_plain)
+    assert same_weights(live_weights(loaded), base)
+
+
+def test_copies_evicted_while_installed_give_the_base_weights_back(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
+) -> None:
+    model, reference = tiny_models["sd15"], pipelines["sd15"]
+    lora_a, lora_b = (str(path) for path in model.lora_paths[:2])
+    expected = {"plain": pixels(reference)}
+    base = live_weights(reference)
+    expected["a"] = pixels(reference, loras=[(lora_a, 1.0)])
+    expected["ab"] = pixels(reference, loras=[(lora_a, 1.0), (lora_b, 1.0)])
+    adapter = reference.lora_tier.ensure_resident(Path(lora_a).resolve(), parse_lora_file(Path(lora_a)).name).nbytes
+    merged = reference.lora_tier.merged_bytes
+    metrics = WorkerMetrics()
+    # Room for one adapter and one set's copies.
+    loaded = load_pipeline(str(model.pipeline_dir), max_lora_bytes=adapter + merged, metrics=metrics)
+    assert np.array_equal(pixels(loaded, loras=[(lora_a, 1.0)]), expected["a"])
+    # A waiting request's LoRA takes the installed set's adapter out, never its copies.
+    loaded.prefetch_loras([lora_b])
+    assert loaded.resident_loras == [Path(lora_b).resolve()] and loaded.lora_tier.merged_bytes == merged
+    merges = loaded.lora_merges
+    assert np.array_equal(pixels(loaded, loras=[(lora_a, 1.0)]), expected["a"])
+    assert loaded.lora_merges == merges
+    # Two adapters and their copies do not fit: the copies are swapped out and dropped when the request ends.
+    evictions = samples(metrics, "gpu")["evictions_total"]
+    assert np.array_equal(pixels(loaded, loras=[(lora_a, 1.0), (lora_b, 1.0)]), expected["ab"])
+    assert loaded.lora_tier.merged_bytes == 0
+    assert samples(metrics, "gpu")["evictions_total"] == evictions + 1
+    assert same_weights(live_weights(loaded), base)
+    assert np.array_equal(pixels(loaded), expected["plain"])
+    assert np.array_equal(pixels(loaded, loras=[(lora_a, 1.0)]), expected["a"])
+
+
+def test_a_merge_or_an_install_failing_half_way_leaves_the_base_weights(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge into the weights or a swap of kept copies that fails part-way (memory for a base copy or a
+    scratch buffer not allocated) puts back what it wrote: no module runs half-merged."""
+    model, reference = tiny_models["sd15"], pipelines["sd15"]
+    lora = [(str(model.lora_paths[0]), 1.0)]
+    expected_plain = pixels(reference)
+    base, expected = live_weights(reference), pixels(reference, loras=lora)
+    loaded = load_pipeline(str(model.pipeline_dir))
+    fast_cpu_matmul, swap_chunk = lora_merge._fast_cpu_matmul, lora_merge._swap_chunk
+    groups: list[torch.dtype] = []
+    chunks: list[int] = []
+
+    def out_of_memory_on_the_second_group(dtype: torch.dtype) -> bool:
+        groups.append(dtype)
+        if len(groups) == 2:
+            raise torch.OutOfMemoryError("no memory for a base copy")
+        return fast_cpu_matmul(dtype)
+
+    def out_of_memory_on_the_third_chunk(chunk: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        chunks.append(len(chunk))
+        if len(chunks) == 3:
+            raise torch.OutOfMemoryError("no scratch buffer")
+        swap_chunk(chunk)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lora_merge, "_fast_cpu_matmul", out_of_memory_on_the_second_group)
+        with pytest.raises(torch.OutOfMemoryError):
+            pixels(loaded, loras=lora)
+    assert len(groups) == 2 and same_weights(live_weights(loaded), base)
+    assert np.array_equal(pixels(loaded, loras=lora), expected)
+    assert np.array_equal(pixels(loaded), expected_plain)  # the copies are kept, swapped out
+    with monkeypatch.context() as patched:
+        patched.setattr(lora_merge, "SWAP_CHUNK_BYTES", 1)
+        patched.setattr(lora_merge, "_swap_chunk", out_of_memory_on_the_third_chunk)
+        with pytest.raises(torch.OutOfMemoryError):
+            pixels(loaded, loras=lora)
+    assert same_weights(live_weights(loaded), base)
+    assert len(chunks) > 3, "the failed swap did not undo its first chunks"
+    assert np.array_equal(pixels(loaded, loras=lora), expected)
 
 
 # --- embeddings in the same tier -------------------------------------------------------------

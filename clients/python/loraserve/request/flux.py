@@ -16,10 +16,8 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor as F
-
 from loraserve.request import schema
-from loraserve.request.fal_json import _integer, _float, is_text
+from loraserve.request.fal_json import _scalar
 from loraserve.request.limits import RequestLimits
 from loraserve.request.validation import _file_strings
 from loraserve.request.violations import FieldViolation, InvalidInput
@@ -60,6 +58,13 @@ KEYS: dict[int, tuple[str, ...]] = {
     flux_pb2.FLUX_ENDPOINT_IMAGE_TO_IMAGE: (*_COMMON_KEYS, "image_url", "strength"),
     flux_pb2.FLUX_ENDPOINT_INPAINTING: (*_COMMON_KEYS, "image_url", "strength", "mask_url"),
 }
+
+
+# What fal_json's scalar reader converts each value by (the same lax rules as fal-ai/lora's JSON).
+_FIELDS = flux_pb2.FluxInput.DESCRIPTOR.fields_by_name
+_SIZE_FIELDS = types_pb2.ImageSize.DESCRIPTOR.fields_by_name
+_SIDE_FIELDS = types_pb2.Dimensions.DESCRIPTOR.fields_by_name
+_LORA_FIELDS = types_pb2.LoraWeight.DESCRIPTOR.fields_by_name
 
 
 def endpoint_for(sub_path: str) -> int | None:
@@ -250,44 +255,14 @@ def _read(inp: flux_pb2.FluxInput, key: str, value: Any, name: str, violations: 
     elif key == "loras":
         _loras(inp, value, name, violations)
     else:
-        ok, converted = _scalar(flux_pb2.FluxInput.DESCRIPTOR.fields_by_name[key].type, value, name, violations)
+        ok, converted = _scalar(_FIELDS[key], value, name, violations)
         if ok:
             setattr(inp, key, converted)
 
 
-def _scalar(kind: int, value: Any, name: str, violations: list[FieldViolation]) -> tuple[bool, Any]:
-    """(True, value as the field takes it) or (False, None) with a violation added; lax like pydantic."""
-    if kind == F.TYPE_STRING:
-        if isinstance(value, str) and is_text(value):
-            return True, value
-        if isinstance(value, str):
-            violations.append(FieldViolation(name, "is not Unicode text: it holds a lone surrogate", "value_error.str"))
-        else:
-            violations.append(FieldViolation(name, "str type expected", "type_error.str"))
-    elif kind == F.TYPE_BOOL:
-        if isinstance(value, bool):
-            return True, value
-        violations.append(FieldViolation(name, "value could not be parsed to a boolean", "type_error.bool"))
-    elif kind in (F.TYPE_INT32, F.TYPE_INT64):
-        number = _integer(value)
-        high = 2**31 - 1 if kind == F.TYPE_INT32 else MAX_SEED
-        if number is None:
-            violations.append(FieldViolation(name, "value is not a valid integer", "type_error.integer"))
-        elif not -high - 1 <= number <= high:
-            violations.append(FieldViolation(name, f"must be at most {high}, got {number}", "value_error"))
-        else:
-            return True, number
-    elif kind in (F.TYPE_FLOAT, F.TYPE_DOUBLE):
-        real = _float(value)
-        if real is not None:
-            return True, real
-        violations.append(FieldViolation(name, "value is not a valid float", "type_error.float"))
-    return False, None
-
-
 def _image_size(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list[FieldViolation]) -> None:
     if isinstance(value, str):
-        ok, preset = _scalar(F.TYPE_STRING, value, name, violations)
+        ok, preset = _scalar(_SIZE_FIELDS["preset"], value, name, violations)
         if ok:
             inp.image_size.preset = preset
         return
@@ -295,7 +270,7 @@ def _image_size(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list
         sides = {}
         for side in ("width", "height"):
             # fal's ImageSize: each side defaults to 512.
-            ok, number = _scalar(F.TYPE_INT32, value.get(side, 512), f"{name}.{side}", violations)
+            ok, number = _scalar(_SIDE_FIELDS[side], value.get(side, 512), f"{name}.{side}", violations)
             sides[side] = number if ok else None
         if sides["width"] is not None and sides["height"] is not None:
             inp.image_size.custom.width = sides["width"]
@@ -319,12 +294,12 @@ def _loras(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list[Fiel
         if item.get("path") is None:
             violations.append(FieldViolation(f"{item_name}.path", "field required", "value_error.missing"))
         else:
-            ok, path = _scalar(F.TYPE_STRING, item["path"], f"{item_name}.path", violations)
+            ok, path = _scalar(_LORA_FIELDS["path"], item["path"], f"{item_name}.path", violations)
             if ok:
                 lora.path = path
         # `force` (of the SD 1.5 family's LoRA type in fal's merged schema) is accepted and ignored.
         if item.get("scale") is not None:
-            ok, scale = _scalar(F.TYPE_FLOAT, item["scale"], f"{item_name}.scale", violations)
+            ok, scale = _scalar(_LORA_FIELDS["scale"], item["scale"], f"{item_name}.scale", violations)
             if ok:
                 lora.scale = scale
 

@@ -18,6 +18,11 @@ transformer: each round takes two files neither side has seen, arms in alternati
 Both sides adapt the same number of layers, and the transformer's output with either side's LoRA
 agrees within the dtype's roundings (bench/targets.py's agreement rows). Verdicts: miss ÷
 `load_lora_weights` ≤ 0.1 and no merge on a repeat.
+
+`--memory` instead prints serving/flux_memory.py's figures from FLUX.1 [dev]'s full structure (a few
+minutes on 2 cores, no weights computed): bytes counted on the meta device, and each stage's peak of
+activations at 1024² measured under FakeTensorMode by PyTorch's MemTracker (every allocation's size;
+the CPU's kernel choices, e.g. its flash attention, stand in for CUDA's).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from bench.inprocess import quiet
 from bench.lora import materialise, ms, peft_layers, report, timed
 from bench.stats import check as target_check
 from bench.targets import TARGETS
+from serving import flux_memory
+from serving.flux_memory import CUDA_OVERHEAD, GIB, H100_BYTES
 from serving.lora_cache import HostLoraCache, adapter_name
 from serving.pipelines import LoadedPipeline, lora_file
 from serving.tiny_flux import (
@@ -47,11 +54,19 @@ from serving.tiny_flux import (
     SCHEDULER,
     FluxLoraFormat,
     build_flux_transformer,
+    flux1_dev_models,
     make_tiny_flux_lora,
 )
 
 # One double and one single block at FLUX.1's widths: ~0.5 B parameters, 1 GB in bfloat16.
 BENCH_TRANSFORMER = {**FLUX1_DEV_TRANSFORMER, "num_layers": 1, "num_single_layers": 1}
+# FLUX.1 at 1024²: 64² packed latent tokens and T5's 512; the VAE decodes 16 × 128² latents.
+FULL_IMAGE_TOKENS = 4096
+FULL_TEXT_TOKENS = 512
+FULL_LATENT = 128
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp")
 # Tokens of the forwards that compare the two sides' outputs: a 64² image's 16 and a short prompt's 8.
 IMAGE_TOKENS = 16
 TEXT_TOKENS = 8
@@ -238,6 +253,72 @@ def run(
     return {"figures": figures, "raw": raw, "rounds": rounds, "checks": checks(figures, dtype, adapted)}
 
 
+def memory_figures(say: Callable[[str], None]) -> dict[str, float]:
+    """FLUX.1 [dev]'s memory in GiB (bfloat16): weights, merged sets and adapters, activations, an H100's budget."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with torch.device("meta"):
+        transformer, t5, clip, vae = flux1_dev_models()
+    parts = {"transformer": transformer, "T5-XXL encoder": t5, "CLIP-L": clip, "VAE": vae}
+    figures = {f"weights: {name} GiB": sum(p.numel() for p in m.parameters()) * 2 / GIB for name, m in parts.items()}
+    weights = sum(figures.values())
+    figures["weights GiB"] = weights
+    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(BLOCKS)}
+    single_out = [n for n in linears if n.startswith(BLOCKS[1]) and n.endswith("proj_out")]
+    sets = {
+        "every block Linear": list(linears),
+        "attention + MLP": [n for n in linears if n.endswith(ATTENTION + MLP)] + single_out,
+        "attention": [n for n in linears if n.endswith(ATTENTION)],
+    }
+    for label, names in sets.items():
+        figures[f"merged set, {label} ({len(names)} layers) GiB"] = sum(linears[n].weight.numel() for n in names) * 2 / GIB
+    for rank in (16, 32):
+        size = sum(rank * (m.in_features + m.out_features) for m in linears.values()) * 2
+        figures[f"adapter, every block Linear, rank {rank} GiB"] = size / GIB
+
+    def peak(model: torch.nn.Module, run: Callable[[], object]) -> float:
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker, torch.no_grad():
+            run()
+        by_device = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        kinds = {getattr(kind, "value", str(kind)): size for kind, size in by_device.items()}
+        return (kinds.get("Activation", 0) + kinds.get("Temp", 0)) / GIB
+
+    default = torch.get_default_dtype()
+    with FakeTensorMode():
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            transformer, t5, clip, vae = flux1_dev_models()
+            for batch in (1, 4):
+                say(f"activations at 1024², batch {batch}")
+                inputs = {
+                    "hidden_states": torch.randn(batch, FULL_IMAGE_TOKENS, transformer.config.in_channels),
+                    "encoder_hidden_states": torch.randn(batch, FULL_TEXT_TOKENS, transformer.config.joint_attention_dim),
+                    "pooled_projections": torch.randn(batch, transformer.config.pooled_projection_dim),
+                    "timestep": torch.ones(batch),
+                    "guidance": torch.ones(batch),
+                    "img_ids": torch.zeros(FULL_IMAGE_TOKENS, 3),
+                    "txt_ids": torch.zeros(FULL_TEXT_TOKENS, 3),
+                }
+                figures[f"activations: transformer, {batch} × 1024² GiB"] = peak(transformer, lambda: transformer(**inputs))
+                latents = torch.randn(batch, vae.config.latent_channels, FULL_LATENT, FULL_LATENT)
+                figures[f"activations: VAE decode, {batch} × 1024² GiB"] = peak(vae, lambda: vae.decode(latents))
+                ids = torch.zeros(batch, FULL_TEXT_TOKENS, dtype=torch.long)
+                figures[f"activations: T5-XXL, {batch} × {FULL_TEXT_TOKENS} tokens GiB"] = peak(t5, lambda: t5(ids))
+        finally:
+            torch.set_default_dtype(default)
+    free = H100_BYTES - CUDA_OVERHEAD - weights * GIB
+    budget = flux_memory.default_budget(int(free))
+    figures["H100 80 GB: free once loaded GiB"] = free / GIB
+    figures["H100 80 GB: default LoRA budget GiB"] = budget / GIB
+    figures["H100 80 GB: weights + budget + activation reserve GiB"] = (
+        weights + (CUDA_OVERHEAD + budget + flux_memory.ACTIVATION_RESERVE) / GIB
+    )
+    return figures
+
+
 def checks(figures: dict[str, float], dtype: torch.dtype, adapted: dict[str, set[int]]) -> list[dict[str, Any]]:
     """Every verdict of the run, computed from its figures against bench/targets.py."""
     exact = dtype == torch.float32
@@ -262,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flux_lora", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layout", choices=["peft", "kohya"], default="peft")
+    parser.add_argument("--memory", action="store_true", help="print FLUX.1 [dev]'s memory figures instead (minutes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16")
     parser.add_argument("--json", type=Path, metavar="PATH")
@@ -274,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     def say(line: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench-flux-lora-", dir=args.workdir) as tmp:
-        result = run(device, getattr(torch, dtype_name), args.rounds, Path(tmp), say, layout=args.layout)
+    if args.memory:
+        result: dict[str, Any] = {"figures": memory_figures(say), "checks": []}
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-flux-lora-", dir=args.workdir) as tmp:
+            result = run(device, getattr(torch, dtype_name), args.rounds, Path(tmp), say, layout=args.layout)
     result["meta"] = {
         "device": str(device),
         "dtype": dtype_name,

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from serving.tiny import (
     LORA_INIT_STD,
@@ -105,6 +105,31 @@ FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
     "joint_attention_dim": 4096,
     "pooled_projection_dim": 768,
 }
+
+
+def flux1_dev_models() -> tuple[FluxTransformer2DModel, T5EncoderModel, CLIPTextModel, AutoencoderKL]:
+    """FLUX.1 [dev]'s transformer, T5-XXL encoder, CLIP-L text encoder and VAE as their configs give them,
+    built under the caller's device and dtype (the meta device for byte counts, FakeTensorMode for activations)."""
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
+        )
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=VAE_SCALING_FACTOR,
+        shift_factor=VAE_SHIFT_FACTOR,
+    )
+    return build_flux_transformer(**FLUX1_DEV_TRANSFORMER), t5, clip, vae
 
 
 def make_tiny_flux_model(out_dir: Path, num_loras: int = 3, seed: int = 0) -> TinyModel:

@@ -11,17 +11,15 @@ import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from serving import flux_memory
-from serving.flux_memory import GIB
+from serving.flux_memory import CUDA_OVERHEAD, GIB, H100_BYTES
 from serving.pipelines import AdapterLoadError, LoadedPipeline, load_pipeline
 from serving.tiny import TinyModel, make_tiny_lora
 from serving.tiny_flux import (
-    FLUX1_DEV_TRANSFORMER,
     FluxLoraComponent,
-    build_flux_transformer,
     build_tiny_flux_pipeline,
+    flux1_dev_models,
     make_tiny_flux_layouts,
     make_tiny_flux_lora,
 )
@@ -221,26 +219,15 @@ def test_an_sd_lora_is_refused_by_flux(flux: LoadedPipeline, tmp_path: Path) -> 
     flux.deactivate_loras()
 
 
-# An H100 80 GB as torch.cuda.mem_get_info reports it, and what CUDA's context and workspaces take of it.
-H100_BYTES = 81559 * 1024**2
-CUDA_OVERHEAD = 600 * 1024**2
 RANK = 32
-# FLUX.1's VAE (83.8 M parameters, bfloat16); its encoder is built from Conv2d blocks the others share.
-VAE_BYTES = 83_819_683 * 2
 
 
 def test_the_default_flux_budget_keeps_the_largest_merged_set_on_an_h100() -> None:
     """serving/flux_memory.py's figures, from FLUX.1 [dev]'s structure on the meta device."""
     with torch.device("meta"):
-        transformer = build_flux_transformer(**FLUX1_DEV_TRANSFORMER)
-        t5 = T5EncoderModel(
-            T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                     feed_forward_proj="gated-gelu")
-        )
-        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                            num_attention_heads=12))
+        transformer, t5, clip, vae = flux1_dev_models()
     bf16 = 2
-    weights = sum(p.numel() for m in (transformer, t5, clip) for p in m.parameters()) * bf16 + VAE_BYTES
+    weights = sum(p.numel() for m in (transformer, t5, clip, vae) for p in m.parameters()) * bf16
     assert 31 * GIB < weights < 32 * GIB
     block_linears = [
         m for name, m in transformer.named_modules()

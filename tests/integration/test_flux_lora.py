@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from core.config import Settings
-from loraserve.client import LoraServeError
+from loraserve.client import AsyncClient, LoraServeError
 from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc, types_pb2
 from serving.tiny import TinyModel
 from tests.conftest import read_image_bytes
@@ -121,3 +121,14 @@ async def test_grpc_typed_result_with_the_safety_checker_on_by_default(
     assert output.timings["inference"] > 0 and output.images[0].content_type == "image/jpeg"
     black = Image.open(io.BytesIO(read_image_bytes(stack_settings, output.images[0].url))).convert("L")
     assert max(black.getdata()) < 8, "a flagged image is replaced by a black one"
+
+
+async def test_the_python_client_sends_a_flux_body_for_its_app_and_returns_a_flux_output(
+    stack: object, target: str, tiny_flux: TinyModel
+) -> None:
+    body = {"prompt": "a boat", **SMALL, "seed": 9}
+    async with AsyncClient(target) as client:
+        subscribed = await client.subscribe(body, app="fal-ai/flux-lora")
+        fetched = await client.result(subscribed.request_id)
+    assert isinstance(subscribed.data, flux_pb2.FluxOutput) and fetched.data == subscribed.data
+    assert (subscribed.data.prompt, subscribed.data.seed) == ("a boat", 9)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import field_loc
+from loraserve.inputs import to_input
 from loraserve.request import flux
 from loraserve.request.limits import RequestLimits
 from loraserve.request.violations import InvalidInput
@@ -99,3 +100,13 @@ def test_output_json_is_fals_shape() -> None:
         "has_nsfw_concepts": [False],
         "prompt": "a cat",
     }
+
+
+def test_the_clients_read_a_dict_as_the_body_of_its_app() -> None:
+    inp = to_input({"prompt": "p", "image_url": "https://x.example/a.png"}, "fal-ai/flux-lora/image-to-image")
+    assert isinstance(inp, flux_pb2.FluxInput) and inp.endpoint == I2I
+    lora = to_input({"model_name": "m", "prompt": "p", "image_url": "https://x.example/a.png"}, "fal-ai/lora/inpaint")
+    assert isinstance(lora, types_pb2.GenerateInput) and lora.endpoint == types_pb2.ENDPOINT_INPAINT
+    for app in ("fal-ai/flux-lora/inpaint", "fal-ai/other", "fal-ai/lorax"):
+        with pytest.raises(ValueError, match="unknown app"):
+            to_input({"prompt": "p"}, app)

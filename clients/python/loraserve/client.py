@@ -18,8 +18,9 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from loraserve.inputs import InputLike, file_payload, find_local_files, replace_local_files, to_input
-from loraserve.v1 import generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc, types_pb2
+from loraserve.inputs import Input, InputLike, file_payload, find_local_files, replace_local_files, to_input
+from loraserve.request.fal_json import APP_ID
+from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc, storage_pb2, storage_pb2_grpc, types_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -69,7 +70,18 @@ class LoraServeError(Exception):
 @dataclass(frozen=True)
 class Result:
     request_id: str
-    data: types_pb2.GenerateOutput
+    # A FluxOutput for a fal-ai/flux-lora request.
+    data: types_pb2.GenerateOutput | flux_pb2.FluxOutput
+
+    @classmethod
+    def of(cls, response: generation_pb2.GetResultResponse) -> Result:
+        output = response.flux_output if response.HasField("flux_output") else response.output
+        return cls(response.request_id, output)
+
+
+def _carried(inp: Input) -> dict[str, Any]:
+    """The Submit/Subscribe field that carries `inp`: `flux_input` for a FluxInput, else `input`."""
+    return {"flux_input": inp} if isinstance(inp, flux_pb2.FluxInput) else {"input": inp}
 
 
 def _upload_messages(source: str | Path | bytes, file_name: str | None, content_type: str | None) -> Iterator[
@@ -142,30 +154,33 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _prepare(self, input: InputLike) -> types_pb2.GenerateInput:
-        """Uploads the local files found in a dict input and refers to them by URL."""
-        if isinstance(input, types_pb2.GenerateInput):
+    def _prepare(self, input: InputLike, app: str) -> Input:
+        """Uploads the local files found in a dict input and refers to them by URL; a dict is `app`'s body."""
+        if isinstance(input, (types_pb2.GenerateInput, flux_pb2.FluxInput)):
             return input
         urls = {}
         for value in find_local_files(input):
             data, name = file_payload(value)
             urls[id(value)] = self.upload(data, file_name=name).url
-        return to_input(replace_local_files(input, urls))
+        return to_input(replace_local_files(input, urls), app)
 
     def submit(
         self,
         input: InputLike,
         *,
+        app: str = APP_ID,
         client_request_id: str = "",
         start_timeout: float = 0.0,
         priority: str = "",
         webhook_url: str = "",
     ) -> str:
-        """`start_timeout`: seconds the request may wait for a worker before it fails unstarted (0: no limit);
+        """`app`: whose body a dict input is (fal's endpoint id, e.g. `fal-ai/flux-lora/image-to-image`); a
+        GenerateInput or FluxInput says it itself.
+        `start_timeout`: seconds the request may wait for a worker before it fails unstarted (0: no limit);
         `priority`: "normal" or "low" (starts only when no normal request waits); `webhook_url`: where the
         result is POSTed, signed, when the request ends (fal's webhooks)."""
         request = generation_pb2.SubmitRequest(
-            input=self._prepare(input),
+            **_carried(self._prepare(input, app)),
             client_request_id=client_request_id,
             start_timeout=start_timeout,
             priority=priority,
@@ -190,7 +205,7 @@ class Client:
 
     def result(self, request_id: str) -> Result:
         response = _call(self._generation.GetResult, generation_pb2.GetResultRequest(request_id=request_id))
-        return Result(response.request_id, response.output)
+        return Result.of(response)
 
     def cancel(self, request_id: str) -> RequestStatus:
         return _call(self._generation.Cancel, generation_pb2.CancelRequest(request_id=request_id)).status
@@ -198,9 +213,10 @@ class Client:
     def subscribe(
         self, input: InputLike, *, on_queue_update: QueueUpdate | None = None, logs: bool = False,
         client_request_id: str = "", start_timeout: float = 0.0, priority: str = "", previews: bool = False,
+        app: str = APP_ID,
     ) -> Result:
         request = generation_pb2.SubscribeRequest(
-            input=self._prepare(input),
+            **_carried(self._prepare(input, app)),
             logs=logs,
             previews=previews,
             client_request_id=client_request_id,
@@ -212,7 +228,7 @@ class Client:
                 if message.HasField("status") and on_queue_update is not None:
                     on_queue_update(message.status)
                 elif message.HasField("result"):
-                    return Result(message.result.request_id, message.result.output)
+                    return Result.of(message.result)
         except grpc.RpcError as exc:
             raise LoraServeError.from_rpc_error(exc) from None
         raise LoraServeError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
@@ -254,27 +270,28 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _prepare(self, input: InputLike) -> types_pb2.GenerateInput:
-        """Uploads the local files found in a dict input and refers to them by URL."""
-        if isinstance(input, types_pb2.GenerateInput):
+    async def _prepare(self, input: InputLike, app: str) -> Input:
+        """Uploads the local files found in a dict input and refers to them by URL; a dict is `app`'s body."""
+        if isinstance(input, (types_pb2.GenerateInput, flux_pb2.FluxInput)):
             return input
         urls = {}
         for value in find_local_files(input):
             data, name = file_payload(value)
             urls[id(value)] = (await self.upload(data, file_name=name)).url
-        return to_input(replace_local_files(input, urls))
+        return to_input(replace_local_files(input, urls), app)
 
     async def submit(
         self,
         input: InputLike,
         *,
+        app: str = APP_ID,
         client_request_id: str = "",
         start_timeout: float = 0.0,
         priority: str = "",
         webhook_url: str = "",
     ) -> str:
         request = generation_pb2.SubmitRequest(
-            input=await self._prepare(input),
+            **_carried(await self._prepare(input, app)),
             client_request_id=client_request_id,
             start_timeout=start_timeout,
             priority=priority,
@@ -299,7 +316,7 @@ class AsyncClient:
 
     async def result(self, request_id: str) -> Result:
         response = await _acall(self._generation.GetResult(generation_pb2.GetResultRequest(request_id=request_id)))
-        return Result(response.request_id, response.output)
+        return Result.of(response)
 
     async def cancel(self, request_id: str) -> RequestStatus:
         return (await _acall(self._generation.Cancel(generation_pb2.CancelRequest(request_id=request_id)))).status
@@ -314,11 +331,12 @@ class AsyncClient:
         start_timeout: float = 0.0,
         priority: str = "",
         previews: bool = False,
+        app: str = APP_ID,
     ) -> Result:
         """`on_queue_update` may be a plain function or a coroutine function; with `previews` its statuses
         carry live previews in `progress.preview_jpeg`."""
         request = generation_pb2.SubscribeRequest(
-            input=await self._prepare(input),
+            **_carried(await self._prepare(input, app)),
             logs=logs,
             previews=previews,
             client_request_id=client_request_id,
@@ -332,7 +350,7 @@ class AsyncClient:
                     if isinstance(outcome, Awaitable):
                         await outcome
                 elif message.HasField("result"):
-                    return Result(message.result.request_id, message.result.output)
+                    return Result.of(message.result)
         except grpc.RpcError as exc:
             raise LoraServeError.from_rpc_error(exc) from None
         raise LoraServeError(grpc.StatusCode.INTERNAL, "the stream ended without a result")

@@ -1,4 +1,5 @@
-"""Builds a GenerateInput from a fal-style dict, so requests written for fal-ai/lora work as-is.
+"""Builds a GenerateInput (or a FluxInput) from a fal-style dict, so requests written for fal-ai/lora (or
+fal-ai/flux-lora) work as-is.
 
 The dict is read by the same parser as the gateway's HTTP side (loraserve/request/fal_json.py), so a body
 that fal's endpoint takes is taken here too (`image_size` as a preset or {width, height},
@@ -14,19 +15,30 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loraserve.request.fal_json import parse_input
+from loraserve.request import fal_json, flux
 from loraserve.request.violations import InvalidInput
-from loraserve.v1 import types_pb2
+from loraserve.v1 import flux_pb2, types_pb2
 
-InputLike = types_pb2.GenerateInput | Mapping[str, Any]
+# A request of either family: fal-ai/lora's GenerateInput or fal-ai/flux-lora's FluxInput.
+Input = types_pb2.GenerateInput | flux_pb2.FluxInput
+InputLike = Input | Mapping[str, Any]
 
 
-def to_input(value: InputLike) -> types_pb2.GenerateInput:
-    """ValueError naming every bad or unknown field (before anything is sent)."""
-    if isinstance(value, types_pb2.GenerateInput):
+def to_input(value: InputLike, app: str = fal_json.APP_ID) -> Input:
+    """A dict is read as the body of `app` (fal's endpoint id: `fal-ai/lora`, whose body may name its
+    `endpoint`, `fal-ai/lora/inpaint`, `fal-ai/flux-lora/image-to-image`...); ValueError naming every bad
+    field (before anything is sent). Messages pass as they are."""
+    if isinstance(value, (types_pb2.GenerateInput, flux_pb2.FluxInput)):
         return value
+    family = flux.APP_ID if app == flux.APP_ID or app.startswith(flux.APP_ID + "/") else fal_json.APP_ID
+    sub_path = app.removeprefix(family)
+    endpoint = (flux.endpoint_for if family == flux.APP_ID else fal_json.endpoint_for)(sub_path)
+    if not app.startswith(family) or endpoint is None:
+        raise ValueError(f"unknown app {app!r}: fal-ai/lora or fal-ai/flux-lora, with a sub-path of their family")
     try:
-        return parse_input(value)
+        if family == flux.APP_ID:
+            return flux.parse_flux_input(value, endpoint)
+        return fal_json.parse_input(value, endpoint if sub_path.strip("/") else None)
     except InvalidInput as exc:
         raise ValueError(exc.message) from None
 

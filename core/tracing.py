@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
@@ -193,6 +194,21 @@ def incoming_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Cont
         if key.lower() == TRACEPARENT:
             return from_traceparent(value.decode("ascii", "replace") if isinstance(value, bytes) else value)
     return None
+
+
+@contextmanager
+def continuing(carrier: Iterable[tuple[str, str | bytes]] | None) -> Iterator[None]:
+    """Inside the block, the span the caller's metadata or headers name (W3C `traceparent`) is the current
+    one, so the spans made there join the caller's trace; without one (or with tracing off), nothing changes."""
+    parent = incoming_context(carrier)
+    if parent is None:
+        yield
+        return
+    token = otel_context.attach(parent)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def _nanoseconds(epoch_seconds: float) -> int:

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from core import tracing
 from core.backoff import Backoff
+from gateway.caller_trace import CallerTrace, caller_trace
 from gateway.circuit_breaker import CircuitBreaker
 from gateway.auth import Authenticator, auth_required
 from gateway.dispatcher import Dispatcher
@@ -92,7 +93,10 @@ class Gateway:
             on_refused=self.metrics.refusal,
         )
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
+        self.server = grpc.aio.server(
+            interceptors=[CallerTrace()] if tracing.enabled() else None,
+            options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)],
+        )
         self._http: web.AppRunner | None = None
         self._keeper: LeaseKeeper | None = None
         self.retention: RetentionSweeper | None = None
@@ -206,6 +210,8 @@ class Gateway:
         await self.server.start()
         local_files = self.files if isinstance(self.files, LocalObjectStore) else None
         http_app = make_http_app(local_files, self.metrics)
+        if tracing.enabled():
+            http_app.middlewares.append(caller_trace)
         fal_http = FalHttp(self.generation, self.settings.trusted_proxies, keys_required=self.auth.required)
         storage = FalStorage(
             uploads,

@@ -2,9 +2,10 @@
 
 A real gateway (SQLite queue) dispatches to the real Worker on the tiny SD 1.5 model, served by a gRPC
 server on loopback in this process: no Ray, whose gRPC proxy hands a replica the call's metadata as this
-server does. The request is image-to-image with a data-URI start image, so the worker fetches an input.
-The trace context crosses the queue only through the request's stored `traceparent` and the worker call
-only through its gRPC metadata: without either, the spans split into several traces.
+server does. The request is image-to-image with a data-URI start image, so the worker fetches an input, and its
+Submit carries a `traceparent` as an instrumented caller's would: the trace is the caller's. The context
+crosses the queue only through the request's stored `traceparent` and the worker call only through its
+gRPC metadata: without either, the spans split into several traces.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import base64
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -31,14 +35,16 @@ from core.config import Settings
 from core.logs import JsonFormatter
 from gateway.server import Gateway
 from loraserve.client import AsyncClient
-from loraserve.v1 import worker_pb2_grpc
+from loraserve.inputs import to_input
+from loraserve.v1 import generation_pb2, generation_pb2_grpc, worker_pb2_grpc
 from serving.app import Worker
 from serving.tiny import TinyModel
 from tests.conftest import free_port
 
 # The spans of one request, each with the span it must be a child of (None: the root).
 PARENTS = {
-    "gateway.submit": None,
+    "caller": None,
+    "gateway.submit": "caller",
     "gateway.queue": "gateway.submit",
     "gateway.dispatch": "gateway.submit",
     "WorkerService/Generate": "gateway.dispatch",
@@ -60,6 +66,45 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     tracing.stop()
 
 
+def settings_for(tmp_path: Path, model: TinyModel) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        serve_grpc_port=free_port(),
+        device="cpu",
+        allowed_local_roots=str(model.pipeline_dir),
+        worker_shared_secret="between-gateway-and-workers",
+        tracing_enabled=True,
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Gateway]:
+    """The gateway and the Worker behind it; on the way out the gateway waits for its dispatches, so every
+    span has ended."""
+    workers = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(in_process(Worker(settings)), workers)
+    workers.add_insecure_port(f"127.0.0.1:{settings.serve_grpc_port}")
+    await workers.start()
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+        yield gateway
+    finally:
+        await gateway.stop(grace_seconds=60)
+        await workers.stop(grace=None)
+
+
+def request_body(model: TinyModel) -> dict[str, Any]:
+    return {
+        "model_name": str(model.pipeline_dir),
+        "prompt": "a photo of a red house",
+        "image_size": {"width": 64, "height": 64},
+        "num_inference_steps": 2,
+    }
+
+
 def start_image() -> str:
     buffer = io.BytesIO()
     Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype(np.uint8)).save(buffer, format="PNG")
@@ -78,45 +123,28 @@ def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
 
 
 @pytest.mark.timeout(300)
-async def test_one_trace_spans_the_gateway_and_the_worker(
+async def test_one_trace_spans_the_caller_the_gateway_and_the_worker(
     exporter: InMemorySpanExporter, tiny_sd15: TinyModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        serve_grpc_port=free_port(),
-        device="cpu",
-        allowed_local_roots=str(tiny_sd15.pipeline_dir),
-        worker_shared_secret="between-gateway-and-workers",
-        tracing_enabled=True,
-    )
-    workers = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(in_process(Worker(settings)), workers)
-    workers.add_insecure_port(f"127.0.0.1:{settings.serve_grpc_port}")
-    await workers.start()
-    gateway = Gateway(settings)
-    try:
-        await gateway.start()
-        async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
-            result = await client.subscribe(
-                {
-                    "model_name": str(tiny_sd15.pipeline_dir),
-                    "prompt": "a photo of a red house",
-                    "endpoint": "ENDPOINT_IMAGE_TO_IMAGE",
-                    "image_url": start_image(),
-                    "num_inference_steps": 2,
-                    "seed": 7,
-                }
+    # Image-to-image: the output takes the start image's size.
+    body = {**request_body(tiny_sd15), "endpoint": "ENDPOINT_IMAGE_TO_IMAGE", "image_url": start_image(), "seed": 7}
+    del body["image_size"]
+    async with running(settings_for(tmp_path, tiny_sd15)) as gateway:
+        target = f"127.0.0.1:{gateway.grpc_port}"
+        with tracing.span("caller"):
+            caller = tracing.outgoing_metadata()
+        async with grpc.aio.insecure_channel(target) as channel:
+            submitted = await generation_pb2_grpc.GenerationServiceStub(channel).Submit(
+                generation_pb2.SubmitRequest(input=to_input(body)), metadata=caller
             )
-    finally:
-        # Waits for the dispatch, so every span has ended.
-        await gateway.stop(grace_seconds=60)
-        await workers.stop(grace=None)
+        async with AsyncClient(target) as client:
+            async for _ in client.stream_status(submitted.request_id):
+                pass
+            result = await client.result(submitted.request_id)
 
     spans = by_name(exporter.get_finished_spans())
-    trace_id = ids(spans["gateway.submit"]).trace_id
+    trace_id = ids(spans["caller"]).trace_id
     assert {ids(span).trace_id for span in spans.values()} == {trace_id}
     for name, parent in PARENTS.items():
         expected = None if parent is None else ids(spans[parent]).span_id
@@ -147,3 +175,32 @@ def test_off_nothing_is_traced_stored_or_sent() -> None:
         assert tracing.traceparent() == ""
         assert tracing.outgoing_metadata() == ()
     assert tracing.from_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") is None
+
+
+@pytest.mark.timeout(300)
+async def test_a_subscribe_and_a_fal_http_submit_join_their_callers_traces(
+    exporter: InMemorySpanExporter, tiny_sd15: TinyModel, tmp_path: Path
+) -> None:
+    """The streaming gRPC call and fal's HTTP queue take the caller's `traceparent` as Submit does."""
+    async with running(settings_for(tmp_path, tiny_sd15)) as gateway:
+        with tracing.span("grpc caller"):
+            grpc_caller = tracing.outgoing_metadata()
+        with tracing.span("http caller"):
+            http_caller = dict(tracing.outgoing_metadata())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+            stream = generation_pb2_grpc.GenerationServiceStub(channel).Subscribe(
+                generation_pb2.SubscribeRequest(input=to_input(request_body(tiny_sd15))), metadata=grpc_caller
+            )
+            assert [r async for r in stream][-1].HasField("result")
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{gateway.settings.http_port}/fal-ai/lora/"
+            async with http.post(url, json=request_body(tiny_sd15), headers=http_caller) as response:
+                assert response.status == 200, await response.text()
+
+    spans = exporter.get_finished_spans()
+    submits = [span for span in spans if span.name == "gateway.submit"]
+    callers = {span.name: ids(span) for span in spans if span.name.endswith("caller")}
+    assert sorted((span.parent.span_id if span.parent else 0) for span in submits) == sorted(
+        caller.span_id for caller in callers.values()
+    )
+    assert {ids(span).trace_id for span in submits} == {caller.trace_id for caller in callers.values()}

@@ -272,6 +272,14 @@ class Settings:
         "Base pipelines one replica keeps loaded (least recently used one evicted).",
         unit="pipelines",
     )
+    device_memory_bytes: int = setting(
+        0, CACHES, (WORKER,),
+        "Device memory a replica plans its base pipelines in while one of them is FLUX: another base stays "
+        "beside a FLUX pipeline only if its weights and LoRA budget fit beside FLUX's weights, LoRA budget and "
+        "24 GiB activation reserve, else the least recently used base is evicted (0: the GPU's total memory; "
+        "on a CPU, no such plan). SD and SDXL bases alone are kept by max_pipelines_per_replica only.",
+        unit="bytes",
+    )
     max_loras_per_pipeline: int = setting(
         0, CACHES, (WORKER,),
         "LoRAs (and merged copies of the last set, kept for a repeat) on one pipeline's device between requests, "
@@ -282,8 +290,8 @@ class Settings:
         0, CACHES, (WORKER,),
         "LoRA tensors on one pipeline's device between requests, by bytes (0: a quarter of the device memory free "
         "once the pipeline is loaded, the host's available RAM on a CPU, split among max_pipelines_per_replica; "
-        "a FLUX pipeline on a GPU: the free memory less 24 GiB for its activations, as one merged FLUX LoRA set "
-        "alone may take 22 GiB).",
+        "a FLUX pipeline on a GPU: the free memory less 24 GiB for its activations, not split, as one merged "
+        "FLUX LoRA set alone may take 22 GiB).",
         unit="bytes",
     )
     max_host_lora_bytes: int = setting(

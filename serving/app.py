@@ -44,6 +44,7 @@ from serving.lora_cache import HOST_TIER, HostLoraCache, LoraFileError
 from serving.metrics import WorkerMetrics
 from serving.params import params_from_input
 from serving.previews import Previews
+from serving.residency import Residency, device_total
 from serving.pipelines import (
     AdapterLoadError,
     GenerationCancelled,
@@ -110,7 +111,9 @@ class EvictablePipeline:
     """What Serve's multiplexer holds for a base model: its `__del__` is Serve's eviction hook.
 
     Serve calls it explicitly when it evicts the least recently used model; the pipeline then
-    frees its weights once no request is running on it (LoadedPipeline.release).
+    frees its weights once no request is running on it (LoadedPipeline.release). The FLUX plan
+    (serving/residency.py) may release `loaded` while Serve still holds this: the next request for
+    the model then loads it again into the same holder.
     """
 
     def __init__(self, loaded: LoadedPipeline) -> None:
@@ -165,9 +168,14 @@ class Worker:
         self._hot: weakref.WeakValueDictionary[str, LoadedPipeline] = weakref.WeakValueDictionary()
         # Base-model key → the reference a request is about to load it from (the key is only a digest).
         self._refs: dict[str, BaseModelRef] = {}
+        # Which bases stay on the device beside a FLUX pipeline; Serve's count bounds the rest.
+        self._residency = Residency(settings.device_memory_bytes or device_total(self._device))
+        # Loads one at a time: Serve's own (under its lock) and the reloads of bases the FLUX plan evicted.
+        self._load_lock = asyncio.Lock()
 
         async def load(key: str) -> EvictablePipeline:
-            return EvictablePipeline(await asyncio.to_thread(self._load, key))
+            async with self._load_lock:
+                return EvictablePipeline(await asyncio.to_thread(self._load, key))
 
         self._pipelines = serve.multiplexed(max_num_models_per_replica=settings.max_pipelines_per_replica)(load)
 
@@ -205,9 +213,15 @@ class Worker:
                 compile_mode=self._compile_mode,
                 compile_sizes=self._compile_sizes,
                 compile_regional=self._settings.compile_regional,
+                make_room=lambda family, weights: self._evicted(self._residency.make_room(family, weights)),
             )
+            self._evicted(self._residency.admit(key, loaded))
             self._hot[key] = loaded
             return loaded
+
+    def _evicted(self, keys: list[str]) -> None:
+        for key in keys:
+            log.info("base model unloaded to keep the FLUX memory plan", extra={"model_key": key})
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, grpc_context: RayServegRPCContext | None = None
@@ -486,7 +500,7 @@ class Worker:
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
         self._load_listeners[key] = listen
-        task = asyncio.ensure_future(self._pipelines(key))
+        task = asyncio.ensure_future(self._pipeline(key))
         try:
             while not task.done():
                 next_line = asyncio.ensure_future(lines.get())
@@ -500,6 +514,16 @@ class Worker:
             out.append(task.result())
         finally:
             self._load_listeners.pop(key, None)
+
+    async def _pipeline(self, key: str) -> EvictablePipeline:
+        """Serve's holder of the base; loaded again when the FLUX plan evicted it while Serve kept the holder."""
+        holder: EvictablePipeline = await self._pipelines(key)
+        if holder.loaded.released:
+            async with self._load_lock:
+                if holder.loaded.released:
+                    holder.loaded = await asyncio.to_thread(self._load, key)
+        self._residency.touch(key)
+        return holder
 
     @tracing.traced("worker.resolve_inputs")
     def _resolve_inputs(self, inp: types_pb2.GenerateInput, params: GenerationParams, emit: Emit) -> None:

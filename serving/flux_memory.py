@@ -30,9 +30,12 @@ rest wait in the host tier, one 328 MiB transfer away). Over it, adapters go fir
 copies (a repeat then merges again). Weights, budget and reserve add up to the card (79.6 GiB); a
 request of four 1024² images peaks at about 31.4 + 0.6 + 23.6 + 6 = 61.6 GiB.
 
-One FLUX pipeline per replica on an 80 GB GPU (`max_pipelines_per_replica: 1` for FLUX workers):
-with two, the budget is halved, a full merged set is then not kept between requests (each request
-merges again), and the other pipeline's weights and LoRAs come out of the same reserve.
+One base per replica while a FLUX pipeline is on an 80 GB GPU: with the default budget the plan
+takes the whole card, so the replica keeps another base (an SD/SDXL one, another FLUX checkpoint)
+beside it only when the device holds both plans (serving/residency.py, setting
+`device_memory_bytes`), and evicts the least recently used one otherwise, whatever
+`max_pipelines_per_replica` allows. The budget is not split among pipelines: what other bases hold
+is not free when it is read.
 
 The alternative weighed: merging in place with the original weights kept in pinned host memory.
 It needs no device memory for copies (and would fit two pipelines), but every switch moves the
@@ -52,6 +55,10 @@ CUDA_OVERHEAD = 600 * 1024**2
 ACTIVATION_RESERVE = 24 * GIB
 
 
-def default_budget(free: int, pipelines: int = 1) -> int:
-    """A FLUX pipeline's adapters plus its kept merged set, from the device memory free once it is loaded."""
-    return max(0, free - ACTIVATION_RESERVE) // max(1, pipelines)
+def default_budget(free: int) -> int:
+    """A FLUX pipeline's adapters plus its kept merged set, from the device memory free once it is loaded.
+
+    Not split among `max_pipelines_per_replica`: what other bases hold is not free, and another base
+    stays beside a FLUX pipeline only when the device holds both plans (serving/residency.py).
+    """
+    return max(0, free - ACTIVATION_RESERVE)

@@ -75,6 +75,11 @@ class LoadedPipeline:
         self._state_lock = threading.Lock()
 
     @property
+    def released(self) -> bool:
+        """Evicted: its memory is freed, or will be when its last running request ends."""
+        return self._released
+
+    @property
     def max_loras(self) -> int:
         return self._loras.max_count
 

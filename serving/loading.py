@@ -7,7 +7,7 @@ message names the model and the reason, never a stack trace.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import safetensors
@@ -19,6 +19,7 @@ from serving.errors import ModelLoadError
 from serving.lora_cache import HostLoraCache
 from serving.loaded import LoadedPipeline
 from serving.metrics import WorkerMetrics
+from serving.residency import weight_bytes
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
 # Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
@@ -44,6 +45,7 @@ def load_pipeline(
     compile_mode: str = compiled.OFF,
     compile_sizes: Sequence[tuple[int, int]] = (),
     compile_regional: bool = False,
+    make_room: Callable[[str, int], object] | None = None,
 ) -> LoadedPipeline:
     """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
 
@@ -53,6 +55,8 @@ def load_pipeline(
     model's U-Net (serving/unets.py); `variant` (e.g. "fp16") picks `*.{variant}.safetensors`
     files in diffusers folders. `compile_mode` other than off compiles the U-Net and VAE decoder and
     warms `compile_sizes` (serving/compiled.py) before the LoRA budget is read from the free memory.
+    `make_room(family, weight bytes)` runs before the weights move to `device`, so that the replica can
+    evict what they would not fit beside (serving/residency.py).
     """
     label = label or model_name
     variant = variant or None
@@ -75,6 +79,8 @@ def load_pipeline(
         except unets.UNetLoadError as exc:
             raise ModelLoadError(str(exc)) from exc
         pipe.register_modules(unet=custom)
+    if make_room is not None:
+        make_room(family, weight_bytes(pipe))
     try:
         pipe.to(device)
     except Exception as exc:

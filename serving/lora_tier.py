@@ -63,7 +63,7 @@ def default_budget(device: torch.device, pipelines: int = 1, family: str = "") -
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         if family == "flux":
-            return flux_memory.default_budget(free, pipelines)
+            return flux_memory.default_budget(free)
     else:
         free = psutil.virtual_memory().available
     return int(free * DEVICE_BUDGET_FRACTION / max(1, pipelines))

@@ -239,4 +239,3 @@ def test_the_default_flux_budget_keeps_the_largest_merged_set_on_an_h100() -> No
     budget = flux_memory.default_budget(H100_BYTES - CUDA_OVERHEAD - weights)
     assert budget >= merged + 4 * adapter
     assert weights + CUDA_OVERHEAD + budget + flux_memory.ACTIVATION_RESERVE <= H100_BYTES
-    assert flux_memory.default_budget(H100_BYTES - CUDA_OVERHEAD - weights, pipelines=2) < merged

@@ -1,10 +1,14 @@
-"""torch.compile of what dominates a request: the U-Net's forward and the VAE decoder's, warmed per size.
+"""torch.compile of what dominates a request: the denoiser's forward and the VAE decoder's, warmed per size.
 
 Modes (the `compile` setting): `off`; `default` (inductor, no CUDA graphs); `max-autotune`
 (inductor with autotuned kernels and CUDA graphs). `auto` is `max-autotune` on CUDA, where an
 SDXL step is hundreds of kernels and CUDA graphs take their launch cost away, and `off` on a
 CPU, where compiling a full-size U-Net takes many minutes of the few cores a replica has and the
 gain is small.
+
+The denoiser is SD's U-Net or FLUX.1's transformer (whose double and single blocks are its
+repeated blocks for `compile_regional`). FLUX requests choose per request: `acceleration:
+"regular"` runs the compiled forwards, `none` (fal's default) the same modules eagerly (`eager()`).
 
 Both modules are compiled where they are (their `forward` replaced, the module objects and their
 parameters kept), in channels_last, with the static shapes of `compile_warmup_sizes` (default the
@@ -42,6 +46,7 @@ from typing import Any
 
 import PIL.Image
 import torch
+from diffusers import FluxTransformer2DModel
 from torch.utils import _pytree
 
 from serving import image_to_image
@@ -53,7 +58,7 @@ AUTO = "auto"
 CUDA_GRAPHS = "max-autotune"
 MODES = (OFF, "default", CUDA_GRAPHS)
 # The size a family's checkpoints were trained at: what `compile_warmup_sizes` warms by default.
-NATIVE_SIZES = {"sd15": (512, 512), "sdxl": (1024, 1024)}
+NATIVE_SIZES = {"sd15": (512, 512), "sdxl": (1024, 1024), "flux": (1024, 1024)}
 # Steps of a warm-up request: the compiled graphs do not depend on the step count.
 WARMUP_STEPS = 2
 # Classifier-free guidance (batch 2), as a request with guidance_scale > 1 runs the U-Net.
@@ -164,6 +169,18 @@ def use_cache_dir(path: Path) -> None:
 
 # Set on a Runner's thread: the only thread where compiled code runs (regional blocks check it).
 _ON_RUNNER = threading.local()
+# Set in a request's thread while it runs with no acceleration asked for (`eager()`).
+_EAGER = threading.local()
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Gated forwards called in this thread run eagerly, warmed or not: a FLUX request with `acceleration: none`."""
+    _EAGER.active = getattr(_EAGER, "active", 0) + 1
+    try:
+        yield
+    finally:
+        _EAGER.active -= 1
 
 
 class Runner:
@@ -213,6 +230,8 @@ class ShapeGate:
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.warming and getattr(_EAGER, "active", 0) > 0:
+            return self.eager(*args, **kwargs)
         key = _signature((args, kwargs))
         if self.warming:
             self.signatures.add(key)
@@ -315,7 +334,7 @@ class CompiledModules:
 
 
 def compile_modules(unet: Any, vae: Any, mode: str, *, regional: bool) -> CompiledModules:
-    """The U-Net's forward (or, `regional`, its repeated blocks') and the VAE decoder's compiled in place, not yet warmed.
+    """The denoiser's forward (or, `regional`, its repeated blocks') and the VAE decoder's compiled in place, not yet warmed.
 
     Both in channels_last. The decoder is left eager where diffusers upcasts an fp16 VAE per
     decode (its dtype, and storages, change every request: no graph would stay valid; use an
@@ -337,8 +356,10 @@ def compile_modules(unet: Any, vae: Any, mode: str, *, regional: bool) -> Compil
         unet_compiled = unet.forward
     else:
         unet_compiled = torch.compile(unet.forward, mode=mode, dynamic=False)
+    # FLUX's transformer takes a 1-d timestep by keyword: nothing to normalise.
+    gate_class = ShapeGate if isinstance(unet, FluxTransformer2DModel) else CompiledUNetForward
     gates: list[tuple[torch.nn.Module, ShapeGate]] = [
-        (unet, CompiledUNetForward(unet.forward, unet_compiled, runner, clone_outputs=clone))
+        (unet, gate_class(unet.forward, unet_compiled, runner, clone_outputs=clone))
     ]
     if vae is not None and not (vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))):
         vae.to(memory_format=torch.channels_last)
@@ -353,9 +374,9 @@ def compile_modules(unet: Any, vae: Any, mode: str, *, regional: bool) -> Compil
 def compile_pipeline(
     pipe: Any, *, family: str, mode: str, sizes: Sequence[tuple[int, int]], regional: bool = False
 ) -> CompiledModules | None:
-    """Compiles the U-Net and the VAE decoder (`compile_modules`), then warms each size; None when `mode` is off.
+    """Compiles the denoiser and the VAE decoder (`compile_modules`), then warms each size; None when `mode` is off.
 
-    `regional` compiles only the U-Net's repeated transformer blocks (as diffusers'
+    `regional` compiles only the denoiser's repeated transformer blocks (as diffusers'
     compile_repeated_blocks does): one compile serves every block of a shape, the rest of the
     U-Net runs eagerly. A warm-up that fails puts the eager forwards back and re-raises: a
     replica must not serve from a half-compiled model.
@@ -365,7 +386,8 @@ def compile_pipeline(
     sizes = list(sizes) or [NATIVE_SIZES[family]]
     limit = GRAPHS_PER_SIZE * len(sizes)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    modules = compile_modules(pipe.unet, pipe.vae, mode, regional=regional)
+    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    modules = compile_modules(denoiser, pipe.vae, mode, regional=regional)
     started = time.perf_counter()
     try:
         with torch.no_grad():
@@ -389,7 +411,7 @@ def warm_up(pipe: Any, width: int, height: int) -> None:
         "guidance_scale": WARMUP_GUIDANCE,
         "output_type": "pil",
     }
-    if image_to_image.is_inpainting_model(pipe):
+    if getattr(pipe, "unet", None) is not None and image_to_image.is_inpainting_model(pipe):
         pipe = image_to_image.pipeline_class(pipe, inpaint=True).from_pipe(pipe)
         pipe.set_progress_bar_config(disable=True)
         kwargs["image"] = PIL.Image.new("RGB", (width, height))

@@ -53,7 +53,7 @@ def load_pipeline(
     `label` is what the caller asked for (e.g. that URL), named in errors instead of the file.
     `unet` (a local U-Net folder or .safetensors file, `unet_label` in errors) replaces the
     model's U-Net (serving/unets.py); `variant` (e.g. "fp16") picks `*.{variant}.safetensors`
-    files in diffusers folders. `compile_mode` other than off compiles the U-Net and VAE decoder and
+    files in diffusers folders. `compile_mode` other than off compiles the denoiser and VAE decoder and
     warms `compile_sizes` (serving/compiled.py) before the LoRA budget is read from the free memory.
     `make_room(family, weight bytes)` runs before the weights move to `device`, so that the replica can
     evict what they would not fit beside (serving/residency.py).
@@ -86,8 +86,6 @@ def load_pipeline(
     except Exception as exc:
         raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
-    if family == "flux" and compile_mode != compiled.OFF:
-        raise ModelLoadError(f"model {label!r}: compiling is not supported for FLUX models; set compile mode off")
     compiled_modules = compiled.compile_pipeline(
         pipe, family=family, mode=compile_mode, sizes=compile_sizes, regional=compile_regional
     )

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from loraserve.cli import COMMANDS_GROUP, SERVER_COMMANDS, build_parser, main, parse_lora, parse_size
+from loraserve.cli import COMMANDS_GROUP, SERVER_COMMANDS, build_input, build_parser, main, parse_lora, parse_size
+from loraserve.v1 import flux_pb2, types_pb2
 from core.config import Settings
 from core.logs import ConsoleFormatter, RequestLines
 
@@ -85,6 +86,34 @@ def test_generate_input_takes_fal_json_and_names_its_bad_fields(
     assert main(["generate", "--input", str(request), "--target", "127.0.0.1:1"]) == 1
     err = capsys.readouterr().err
     assert "input.image_size.height: field required" in err and "input.colour: extra fields not permitted" in err
+
+
+def test_generate_sends_a_flux_request_for_a_flux_app(tmp_path: Path) -> None:
+    request = {"image_url": "https://h/a.png", "mask_url": "https://h/m.png", "strength": 0.6}
+    args = build_parser().parse_args(
+        ["generate", "a fox", "--app", "fal-ai/flux-lora/inpainting", "--lora", "f.safetensors:0.8", "--format", "png",
+         "--steps", "4", "--seed", "7"]
+    )
+    inp = build_input(args, request)
+    assert isinstance(inp, flux_pb2.FluxInput)
+    assert (inp.endpoint, inp.prompt, inp.image_url, inp.mask_url, round(inp.strength, 3)) == (
+        flux_pb2.FLUX_ENDPOINT_INPAINTING, "a fox", "https://h/a.png", "https://h/m.png", 0.6
+    )
+    assert (inp.num_inference_steps, inp.seed, inp.output_format) == (4, 7, "png")
+    assert [(lora.path, round(lora.scale, 3)) for lora in inp.loras] == [("f.safetensors", 0.8)]
+    plain = build_input(build_parser().parse_args(["generate", "a fox", "--app", "fal-ai/flux-lora"]), {})
+    assert isinstance(plain, flux_pb2.FluxInput) and plain.endpoint == flux_pb2.FLUX_ENDPOINT_UNSPECIFIED
+    # fal-ai/lora stays the default.
+    sd = build_input(build_parser().parse_args(["generate", "a fox", "--model", "m", "--format", "png"]), {})
+    assert isinstance(sd, types_pb2.GenerateInput) and sd.model_name == "m"
+
+
+def test_generate_refuses_fal_ai_lora_options_for_a_flux_app(capsys: pytest.CaptureFixture[str]) -> None:
+    """A FLUX request runs on the server's flux_model: a --model would be silently ignored, so it is refused."""
+    argv = ["generate", "p", "--app", "fal-ai/flux-lora", "--model", "m", "--endpoint", "inpaint"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "--endpoint" in err and "not for fal-ai/flux-lora" in err
 
 
 def test_generate_command_rejects_bad_size(capsys: pytest.CaptureFixture[str]) -> None:

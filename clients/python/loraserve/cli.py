@@ -17,7 +17,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from loraserve.request.schema import IMAGE_SIZE_PRESETS
-from loraserve.v1 import types_pb2
+from loraserve.v1 import flux_pb2, types_pb2
 
 COMMANDS_GROUP = "loraserve.commands"
 # The commands the server distribution adds, named when it is not installed.
@@ -29,6 +29,10 @@ FAL_ENDPOINTS = {
     "image-to-image": types_pb2.ENDPOINT_IMAGE_TO_IMAGE,
     "inpaint": types_pb2.ENDPOINT_INPAINT,
 }
+# `generate --app`: fal-ai/lora (its member picked by --endpoint) or a member of FLUX.1's fal-ai/flux-lora family.
+FAL_APPS = ("fal-ai/lora", "fal-ai/flux-lora", "fal-ai/flux-lora/image-to-image", "fal-ai/flux-lora/inpainting")
+# fal-ai/lora's options that a FLUX request has no field for (it runs on the server's `flux_model`).
+NOT_FOR_FLUX = {"model": "--model", "negative_prompt": "--negative-prompt"}
 
 
 def parse_lora(value: str) -> dict[str, object]:
@@ -69,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request body as fal's API takes it (fal-ai/lora JSON); the other options override its fields",
     )
     gen.add_argument("--endpoint", choices=list(FAL_ENDPOINTS), default="text-to-image", help="which of fal-ai/lora's family")
+    gen.add_argument(
+        "--app",
+        choices=FAL_APPS,
+        default="fal-ai/lora",
+        help="whose request body this is; FLUX.1 requests run on the server's flux_model (no --model)",
+    )
     gen.add_argument("--model", help="Hugging Face ID, URL or path of the base model (required unless --input gives one)")
     gen.add_argument("--lora", action="append", default=[], type=parse_lora, metavar="PATH[:SCALE]")
     gen.add_argument("--seed", type=int)
@@ -104,11 +114,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.run(args))
 
 
+def refused_for_flux(args: argparse.Namespace) -> list[str]:
+    """fal-ai/lora's options given with a FLUX app: refused rather than ignored, as no FLUX field takes them."""
+    if args.app == FAL_APPS[0]:
+        return []
+    refused = [option for name, option in NOT_FOR_FLUX.items() if getattr(args, name) is not None]
+    if args.endpoint != "text-to-image":
+        refused.append("--endpoint (the sub-path of --app picks the member)")
+    return refused
+
+
+def build_input(args: argparse.Namespace, request: dict[str, object]) -> types_pb2.GenerateInput | flux_pb2.FluxInput:
+    """`request` (--input's body) with the options given over its fields, read as the body of `--app`: the same
+    reading of fal's JSON as the gateway's HTTP side, unknown or mistyped fields named (InvalidInput)."""
+    from loraserve.request import flux
+    from loraserve.request.fal_json import parse_input
+
+    is_flux = args.app != FAL_APPS[0]
+    given = {
+        "model_name": args.model,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "loras": args.lora or None,
+        "image_size": args.size,
+        "output_format" if is_flux else "image_format": args.format,
+        "seed": args.seed,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "num_images": args.num_images,
+    }
+    body = {**request, **{k: v for k, v in given.items() if v is not None}}
+    if is_flux:
+        endpoint = flux.endpoint_for(args.app.removeprefix(flux.APP_ID))
+        assert endpoint is not None, "FAL_APPS are flux.ENDPOINTS' paths"
+        return flux.parse_flux_input(body, endpoint)
+    return parse_input(body, FAL_ENDPOINTS[args.endpoint])
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from loraserve.client import Client, LoraServeError
-    from loraserve.request.fal_json import parse_input
     from loraserve.request.violations import InvalidInput
     from loraserve.v1 import generation_pb2
 
@@ -116,22 +162,12 @@ def _generate(args: argparse.Namespace) -> int:
     if not isinstance(request, dict):
         print(f"error: {args.input} must hold a JSON object", file=sys.stderr)
         return 2
-    given = {
-        "model_name": args.model,
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "loras": args.lora or None,
-        "image_size": args.size,
-        "image_format": args.format,
-        "seed": args.seed,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "num_images": args.num_images,
-    }
-    request.update({k: v for k, v in given.items() if v is not None})
+    refused = refused_for_flux(args)
+    if refused:
+        print(f"error: {', '.join(refused)}: not for {args.app}", file=sys.stderr)
+        return 2
     try:
-        # The same reading of fal's JSON as the gateway's HTTP side: unknown or mistyped fields named.
-        inp = parse_input(request, FAL_ENDPOINTS[args.endpoint])
+        inp = build_input(args, request)
     except InvalidInput as exc:
         print("error: invalid request", file=sys.stderr)
         for violation in exc.violations:

@@ -8,7 +8,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from bench.worker_in_process import in_process
+from core.config import Settings
+from core.model_key import BaseModelRef
+from loraserve.inputs import to_input
+from loraserve.v1 import worker_pb2
 from serving import flux_memory, lora_tier
+from serving.app import Worker
 from serving.pipelines import LoadedPipeline, load_pipeline
 from serving.residency import Residency, claim, weight_bytes
 from serving.tiny import TinyModel
@@ -98,6 +104,37 @@ def test_without_a_device_figure_there_is_no_plan(tiny_flux: TinyModel, tiny_sd1
     load("flux", tiny_flux)
     load("sd15", tiny_sd15)
     assert (residency.keys, evicted) == (["flux", "sd15"], [])
+
+
+async def test_the_worker_evicts_a_base_for_flux_and_loads_it_again_when_asked(
+    tmp_path_factory: pytest.TempPathFactory, tiny_flux: TinyModel, tiny_sd15: TinyModel
+) -> None:
+    """Serve's multiplexer (here the in-process stand-in) still holds the evicted base: it is loaded again into it."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("residency"),
+        device="cpu",
+        flux_model=str(tiny_flux.pipeline_dir),
+        allowed_local_roots=str(tmp_path_factory.getbasetemp()),
+        # Less than FLUX's activation reserve alone: no base stays beside it.
+        device_memory_bytes=flux_memory.GIB,
+    )
+    worker = in_process(Worker(settings))
+    sd15_key = BaseModelRef.normalised(str(tiny_sd15.pipeline_dir), "", "").key
+    small = {"prompt": "a cat", "image_size": {"width": 64, "height": 48}, "num_inference_steps": 2}
+    sd15 = worker_pb2.GenerateRequest(
+        request_id="sd15", input=to_input({**small, "model_name": str(tiny_sd15.pipeline_dir)}), seed=1
+    )
+    flux = worker_pb2.GenerateRequest(
+        request_id="flux", flux_input=to_input({**small, "enable_safety_checker": False}, "fal-ai/flux-lora"), seed=1
+    )
+    hot: list[LoadedPipeline] = []
+    for request, key in ((sd15, sd15_key), (flux, worker._flux_ref.key), (sd15, sd15_key)):
+        events = [event async for event in worker.Generate(request)]
+        assert events[-1].WhichOneof("event") == "result", events[-1]
+        assert worker._residency.keys == [key]
+        hot.append(worker._hot[key])
+    assert worker._pipeline_loads == 3
+    assert [loaded.released for loaded in hot] == [True, True, False]
 
 
 def test_the_default_flux_budget_is_not_split_among_the_pipelines_a_replica_may_hold(

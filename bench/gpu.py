@@ -121,6 +121,8 @@ SECTIONS = {
     "e_release": "(e) pipeline release on eviction",
     "f_peak": "(f) peak memory of one generation",
     "g_interleaved": "(g) plain, unfused LoRA, served, served + LoRA, LoRA round-robin, in turn",
+    # bench/gpu_flux.py's rows, on FLUX.1 [dev]'s structure.
+    "h_flux": "(h) FLUX.1 [dev]: served + LoRA vs plain diffusers, LoRA switch, peak memory",
 }
 
 

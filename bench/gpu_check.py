@@ -3,7 +3,7 @@
 Each step writes its figures where this reads them: the CUDA-marked tests a JUnit XML
 (`cuda-tests.xml`), each benchmark a JSON with a "checks" list of `bench.stats.check` dicts (name,
 value, op, target, status) computed against bench/targets.py and an "errors" map of sections that
-failed. A step that left nothing (it failed to start, or ran out of its share of the 8 minutes) is a
+failed. A step that left nothing (it failed to start, or ran out of its share of the 9.5 minutes) is a
 row of its own, so a short table cannot pass for a complete one. The exit status is 0 only when
 every row passed; in a dry run (no CUDA) the tests' skips and the CPU benchmark's timing targets are
 SKIP instead, since they say nothing about a GPU.
@@ -25,7 +25,10 @@ SKIP = "SKIP"
 MISSING = "MISSING"
 TESTS_FILE = "cuda-tests.xml"
 # The benchmarks scripts/gpu_check.sh runs, by the JSON each writes.
-BENCHMARKS = {"gpu.json": "bench.gpu"}
+BENCHMARKS = {"gpu.json": "bench.gpu", "gpu_flux.json": "bench.gpu_flux"}
+# Figures shown without a target (the JSON's metrics by name): what the FLUX rows measure of memory.
+REPORTED = {"FLUX allocated, loaded", "FLUX peak allocated, with a LoRA set"}
+INFO = "INFO"
 # Targets that hold on any device (the same work, counts); the others are GPU timings, memory and
 # effects the tiny CPU model is too small to show.
 DEVICE_FREE = {"same image mean", "same image max", "lora repeat merges"}
@@ -84,6 +87,10 @@ def benchmark_lines(path: Path, source: str, dry_run: bool) -> list[Line]:
             status = SKIP
         op = "≤" if check["op"] == "<=" else "≥"
         lines.append(Line(source, check["name"], f"{check['value']:.4g}", f"{op} {check['target']:g}", status))
+    for metric in document.get("metrics", []):
+        if metric["name"] in REPORTED:
+            value = "n/a" if metric["value"] is None else f"{metric['value']:,.0f} {metric['unit']}"
+            lines.append(Line(source, metric["name"], value, "reported", INFO))
     errors = sorted(document.get("errors", {}))
     lines.append(
         Line(source, "sections failed", ", ".join(errors) or "none", "none", MISS if errors else PASS)

@@ -43,6 +43,11 @@ TARGETS: dict[str, tuple[Op, float]] = {
     # block Linear: the tier's miss from host RAM ÷ diffusers' load_lora_weights of the same LoRA's state
     # dict in host RAM. Its repeats and agreement use the bench.lora rows above.
     "flux lora miss from host": ("<=", 0.1),
+    # bench.gpu_flux: FLUX.1 [dev]'s structure on a GPU (1024², 28-step requests estimated per step, bf16,
+    # rank-32 LoRAs on every block Linear); served eager ÷ plain, and with `acceleration: "regular"` compiled.
+    "gpu flux served ÷ plain eager": ("<=", 1.01),
+    "gpu flux compiled ÷ plain eager": ("<=", 0.7),
+    "gpu flux lora switch ms": ("<=", 50.0),
     # bench.gpu: the full SDXL pipeline on a GPU (1024², 30 steps, fp16, rank-32 LoRAs).
     "gpu lora miss from host ms": ("<=", 30.0),
     "gpu lora switch ms": ("<=", 10.0),

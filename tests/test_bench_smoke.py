@@ -49,6 +49,8 @@ def test_the_benchmarks_targets_are_the_issues() -> None:
     assert TARGETS["gpu lora switch ms"] == ("<=", 10.0) and TARGETS["gpu lora miss from host ms"] == ("<=", 30.0)
     assert TARGETS["gpu recompiles"] == ("<=", 0) and TARGETS["gpu warm-cache start ÷ eager start"] == ("<=", 1.5)
     assert TARGETS["gpu allocated ÷ tensors"] == ("<=", 1.01)
+    assert TARGETS["gpu flux served ÷ plain eager"] == ("<=", 1.01) and TARGETS["gpu flux lora switch ms"] == ("<=", 50.0)
+    assert TARGETS["gpu flux compiled ÷ plain eager"] == ("<=", 0.7)
     assert TARGETS["cpu compile recompiles"] == ("<=", 0)
     assert TARGETS["cpu compile LoRA switch on ÷ off"] == ("<=", 1.05)
     assert TARGETS["flux lora miss from host"] == ("<=", 0.1)
@@ -253,16 +255,23 @@ def _junit(path: Path, tests: int, failures: int = 0, skipped: int = 0) -> None:
 def test_gpu_check_table_says_what_passed_missed_skipped_and_never_ran(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bench import gpu_check
+    from bench import gpu_check, gpu_flux
 
     def results() -> dict[str, tuple[str, str]]:
-        """check → (value, result) of the table just printed."""
+        """check → (value, result) of the table just printed; of a name in several benchmarks, the first."""
         rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:] if " | " in line]
-        return {cells[1].strip(): (cells[2].strip(), cells[-1].strip()) for cells in rows}
+        table: dict[str, tuple[str, str]] = {}
+        for cells in rows:
+            table.setdefault(cells[1].strip(), (cells[2].strip(), cells[-1].strip()))
+        return table
 
     # Nothing ran: every step is a row of its own, MISSING, and the check fails.
     assert gpu_check.main([str(tmp_path)]) == 1
-    assert [result for _, result in results().values()] == ["MISSING", "MISSING"]
+    assert [result for _, result in results().values()] == ["MISSING", "MISSING", "MISSING"]
+    # The FLUX rows as scripts/gpu_check.sh --dry-run makes them: bench.gpu_flux on the tiny FLUX, on the CPU.
+    flux_args = ["--device", "cpu", "--tiny", "--repeats", "1", "--short", "1", "--long", "2"]
+    assert gpu_flux.main([*flux_args, "--json", str(tmp_path / "gpu_flux.json"), "--workdir", str(tmp_path)]) == 0
+    capsys.readouterr()
     checks = [
         {**stats.check("served vs plain: max", 0.0, TARGETS["same image max"]), "target_key": "same image max"},
         {**stats.check("switch ms", 12.0, TARGETS["gpu lora switch ms"]), "target_key": "gpu lora switch ms"},
@@ -274,6 +283,9 @@ def test_gpu_check_table_says_what_passed_missed_skipped_and_never_ran(
     table = results()
     assert table["CUDA tests passed"] == ("0 of 3, 3 skipped (needs CUDA)", "SKIP") and table["switch ms"][1] == "SKIP"
     assert table["served vs plain: max"] == ("0", "PASS") and table["sections failed"] == ("none", "PASS")
+    flux_rows = ["FLUX served + one LoRA ÷ plain diffusers eager", "FLUX switch between resident LoRAs ms"]
+    assert [table[name][1] for name in flux_rows] == ["SKIP", "SKIP"]
+    assert table[gpu_flux.PEAK] == ("n/a", "INFO"), "the CPU has no CUDA peak; the row is there, without a target"
     # On a GPU the same files fail: tests that skipped did not run there, and 12 ms is over the 10 ms target.
     assert gpu_check.main([str(tmp_path)]) == 1
     table = results()

@@ -329,8 +329,9 @@ class Settings:
     torch_dtype: str = setting("auto", MODELS, (WORKER,), '"auto": float16 on cuda, float32 on cpu.')
     compile: str = setting(
         "auto", MODELS, (WORKER,),
-        'torch.compile of the U-Net and VAE decoder: off | default | max-autotune; "auto": max-autotune (with '
-        "CUDA graphs) on cuda, off on a CPU (minutes of compiling per size for a small gain).",
+        'torch.compile of the U-Net (FLUX: the transformer) and VAE decoder: off | default | max-autotune; "auto": '
+        "max-autotune (with CUDA graphs) on cuda, off on a CPU (minutes of compiling per size for a small gain). "
+        'FLUX requests run compiled only with acceleration "regular".',
     )
     compile_warmup_sizes: str = setting(
         "", MODELS, (WORKER,),

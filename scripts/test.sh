@@ -28,4 +28,4 @@ export LORASERVE_REQUIRE_TOOLS=1
 # No model hub here; one torch thread per process is faster than two fighting on 2 cores.
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 .venv/bin/python -m mypy core entrypoints gateway clients/python/loraserve serving storage bench
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "$@"

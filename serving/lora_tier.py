@@ -8,12 +8,13 @@ set is merged into copies of the weights it touches (serving/lora_merge.py) whos
 swapped into the modules' own weight tensors (never a new parameter: a compiled U-Net reads the
 same storage). The set stays installed after its request: a request repeating it merges and copies
 nothing (on SDXL's U-Net a swap each way was 0.4 s of a 2-core CPU). A request for another set, or
-for none, first swaps the base weights back, so a merge only ever reads base weights; the copies of
-the last set stay (then holding the merged weights) so that a later repeat merges nothing.
+for none, first puts the base weights back, so a merge only ever reads base weights; after a
+request without LoRAs the copies of the last set stay (then holding the merged weights) so that a
+later repeat merges nothing.
 
 One byte budget covers both: the adapters and the merged copies kept for a repeat (on SDXL fp16
 1.9 GB per set, as much as twenty rank-32 LoRAs). Over it, the least recently used adapters not
-in use go first; merged copies that still do not fit are swapped out (they hold the base weights
+in use go first; merged copies that still do not fit are put back (they hold the base weights
 while installed) and dropped when their request ends, and a repeat then merges again.
 
 On a GPU the U-Net's share of the merge runs on a side stream while the prompt is encoded (the
@@ -106,8 +107,8 @@ class DeviceLoraTier:
         self._merged: lora_merge.MergedWeights | None = None
         # What `_merged` holds, counted in the budget (its storages, read once).
         self._merged_bytes = 0
-        # The pairs swapped into the modules (their partners hold the base weights meanwhile); only
-        # `_restore` empties it.
+        # The pairs installed in the modules (their partners hold the base weights meanwhile); only
+        # `_restore` and `_restore_by_copy` empty it.
         self._installed: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
         # The key of `_merged` while all of its copies are installed; None while nothing is, or only
         # part of a set whose merge failed.
@@ -159,8 +160,8 @@ class DeviceLoraTier:
     def activate(self, loras: Sequence[tuple[Path, float]]) -> None:
         """Exactly these LoRAs at these scales until `deactivate`; an empty list gives the plain weights.
 
-        The set installed by the last request is kept if it is this one (no merge, no copy), swapped
-        out otherwise before anything is merged: merges read the modules' weights, which must be the base ones.
+        The set installed by the last request is kept if it is this one (no merge, no copy), put back
+        otherwise before anything is merged: merges read the modules' weights, which must be the base ones.
         """
         self.deactivate()
         names = [adapter_name(path) for path, _ in loras]
@@ -299,7 +300,7 @@ class DeviceLoraTier:
     def deactivate(self) -> None:
         """The request's end: its set stays installed for a repeat if its merged copies fit the budget.
 
-        Copies over the budget are swapped out and dropped, and so is part of a set whose merge failed.
+        Copies over the budget are put back and dropped; part of a set whose merge failed is swapped out.
         """
         self._end_request()
         if self._installed_key is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import logging
 import threading
@@ -92,6 +93,22 @@ _FAILURES: dict[type[BaseException], ErrorType] = {
 PIPELINE_ATTEMPTS = 3
 T = TypeVar("T")
 Emit = Callable[[worker_pb2.GenerateResponse | None], None]
+
+
+@dataclasses.dataclass
+class _Job:
+    """A request made ready by its model's handler, for the shared rest of `Worker._serve`."""
+
+    params: GenerationParams | flux_generation.FluxParams
+    run: Callable[[Emit, threading.Event], GenerationResult]
+    image_format: str
+    inline: bool
+    load_seconds: float
+
+
+Prepare = Callable[
+    [worker_pb2.GenerateRequest, contextlib.ExitStack, list[_Job]], AsyncIterator[worker_pb2.GenerateResponse]
+]
 ThreadWork = Callable[[Emit, threading.Event], T]
 
 
@@ -240,66 +257,33 @@ class Worker:
         self, request: worker_pb2.GenerateRequest, grpc_context: RayServegRPCContext | None
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         self._admit(grpc_context)
-        if request.HasField("flux_input"):
-            async for event in self._generate_flux(request):
-                yield event
-            return
-        started = time.perf_counter()
-        inp = request.input
+        prepare = self._prepare_flux if request.HasField("flux_input") else self._prepare_sd
+        async for event in self._serve(request, prepare):
+            yield event
+
+    async def _serve(
+        self, request: worker_pb2.GenerateRequest, prepare: Prepare
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """What every request shares once `prepare` has checked it and held its pipeline: generation under
+        the lock (stopped when a newer call supersedes it), its outputs stored, the outcome counted."""
         holding = contextlib.ExitStack()
         stop = self._supersede(request.request_id)
         try:
-            await self._check_input(inp, request.tenant)
-            loads_before = self._pipeline_loads
-            pipelines: list[EvictablePipeline] = []
-            # The pipeline is the one the request's own input names: the routing key is not trusted for that.
-            ref = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant)
-            async for event in self._hold(ref, holding, pipelines):
+            jobs: list[_Job] = []
+            async for event in prepare(request, holding, jobs):
                 yield event
-            loaded = pipelines[-1].loaded
-            load_seconds = time.perf_counter() - started
-            hot = self._pipeline_loads == loads_before
-            (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
-            if not hot:
-                yield _log(f"loaded base model {redact_url(inp.model_name)} ({loaded.family}) in {load_seconds:.2f}s")
-            else:
-                yield _log(f"base model {redact_url(inp.model_name)} already loaded on this replica")
-            params = params_from_input(inp, request.seed)
-            resolved: list[None] = []
-            async for event in self._in_thread(lambda emit, _stop: self._resolve_inputs(inp, params, emit), resolved):
-                yield event
-            if inp.sync_mode:
-                # Before any work: an image-to-image output's size is known only now, from its start image.
-                check_inline_size(
-                    [(params.width, params.height)] * params.num_images,
-                    self._settings.max_sync_mode_pixels,
-                    per_pass_latents=params.debug_per_pass_latents,
-                )
-            safety_checker = await self._safety_checker() if params.enable_safety_checker else None
+            job = jobs[-1]
+            params = job.params
             yield _log(
                 f"generating {params.num_images} image(s) {params.width}x{params.height},"
                 f" {params.num_inference_steps} steps, seed {params.seed}, {len(params.loras)} LoRA(s)"
             )
             gen_started = time.perf_counter()
             generated: list[GenerationResult] = []
-            previews = Previews(
-                loaded.pipe.vae,
-                loaded.family,
-                interval_seconds=self._settings.preview_interval_seconds,
-                max_side=self._settings.preview_max_side,
-            )
             async with self._generation_lock:
                 _stop_if_superseded(stop)
-                run = lambda emit, stop: generate_result(  # noqa: E731
-                    loaded,
-                    params,
-                    on_step=throttled(lambda i, n: emit(_progress(i, n, previews.take(i, n)))),
-                    should_stop=stop.is_set,
-                    safety_checker=safety_checker,
-                    on_latents=previews.offer,
-                )
                 try:
-                    async for event in self._in_thread(run, generated, stop):
+                    async for event in self._in_thread(job.run, generated, stop):
                         yield event
                 except GenerationCancelled:
                     _stop_if_superseded(stop)
@@ -312,8 +296,8 @@ class Worker:
                 self._store_outputs,
                 request.request_id,
                 result,
-                schema.image_format(inp),
-                inline=inp.sync_mode,
+                job.image_format,
+                inline=job.inline,
                 tenant=request.tenant,
             )
             # Counted once the outputs are stored: a failed write is counted as a failure only.
@@ -322,7 +306,7 @@ class Worker:
             yield _log(f"done: {len(result.images)} image(s) in {inference_seconds:.2f}s")
             yield worker_pb2.GenerateResponse(
                 result=worker_pb2.WorkerResult(
-                    output=output, inference_seconds=inference_seconds, model_load_seconds=load_seconds
+                    output=output, inference_seconds=inference_seconds, model_load_seconds=job.load_seconds
                 )
             )
         except asyncio.CancelledError:
@@ -338,92 +322,97 @@ class Worker:
             if self._calls.get(request.request_id) is stop:
                 del self._calls[request.request_id]
 
-    async def _generate_flux(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+    async def _prepare_sd(
+        self, request: worker_pb2.GenerateRequest, holding: contextlib.ExitStack, out: list[_Job]
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """A Stable Diffusion request (fal-ai/lora): checked, its pipeline held, its inputs fetched."""
+        started = time.perf_counter()
+        inp = request.input
+        await self._check_input(inp, request.tenant)
+        loads_before = self._pipeline_loads
+        pipelines: list[EvictablePipeline] = []
+        # The pipeline is the one the request's own input names: the routing key is not trusted for that.
+        ref = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant)
+        async for event in self._hold(ref, holding, pipelines):
+            yield event
+        loaded = pipelines[-1].loaded
+        load_seconds = time.perf_counter() - started
+        hot = self._pipeline_loads == loads_before
+        (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
+        if not hot:
+            yield _log(f"loaded base model {redact_url(inp.model_name)} ({loaded.family}) in {load_seconds:.2f}s")
+        else:
+            yield _log(f"base model {redact_url(inp.model_name)} already loaded on this replica")
+        params = params_from_input(inp, request.seed)
+        resolved: list[None] = []
+        async for event in self._in_thread(lambda emit, _stop: self._resolve_inputs(inp, params, emit), resolved):
+            yield event
+        if inp.sync_mode:
+            # Before any work: an image-to-image output's size is known only now, from its start image.
+            check_inline_size(
+                [(params.width, params.height)] * params.num_images,
+                self._settings.max_sync_mode_pixels,
+                per_pass_latents=params.debug_per_pass_latents,
+            )
+        safety_checker = await self._safety_checker() if params.enable_safety_checker else None
+        previews = Previews(
+            loaded.pipe.vae,
+            loaded.family,
+            interval_seconds=self._settings.preview_interval_seconds,
+            max_side=self._settings.preview_max_side,
+        )
+        run = lambda emit, stop: generate_result(  # noqa: E731
+            loaded,
+            params,
+            on_step=throttled(lambda i, n: emit(_progress(i, n, previews.take(i, n)))),
+            should_stop=stop.is_set,
+            safety_checker=safety_checker,
+            on_latents=previews.offer,
+        )
+        out.append(_Job(params, run, schema.image_format(inp), inp.sync_mode, load_seconds))
+
+    async def _prepare_flux(
+        self, request: worker_pb2.GenerateRequest, holding: contextlib.ExitStack, out: list[_Job]
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         """A fal-ai/flux-lora request: on the operator's FLUX base (setting `flux_model`), with the same
         loading, weights cache, LoRA tiers, outputs and failures as an SD request (serving/flux_generation.py)."""
         started = time.perf_counter()
         inp = request.flux_input
-        holding = contextlib.ExitStack()
-        stop = self._supersede(request.request_id)
-        try:
-            validate_flux_input(inp, self._settings.request_limits)
-            await asyncio.to_thread(check_stored_inputs, inp, request.tenant, self._store, "flux_input")
-            loads_before = self._pipeline_loads
-            pipelines: list[EvictablePipeline] = []
-            async for event in self._hold(self._flux_ref, holding, pipelines):
-                yield event
-            loaded = pipelines[-1].loaded
-            load_seconds = time.perf_counter() - started
-            hot = self._pipeline_loads == loads_before
-            (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
-            label = redact_url(self._settings.flux_model)
-            yield _log(f"loaded base model {label} in {load_seconds:.2f}s" if not hot else f"base model {label} hot")
-            params = flux_generation.flux_params(inp, request.seed)
+        validate_flux_input(inp, self._settings.request_limits)
+        await asyncio.to_thread(check_stored_inputs, inp, request.tenant, self._store, "flux_input")
+        loads_before = self._pipeline_loads
+        pipelines: list[EvictablePipeline] = []
+        async for event in self._hold(self._flux_ref, holding, pipelines):
+            yield event
+        loaded = pipelines[-1].loaded
+        load_seconds = time.perf_counter() - started
+        hot = self._pipeline_loads == loads_before
+        (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
+        label = redact_url(self._settings.flux_model)
+        yield _log(f"loaded base model {label} in {load_seconds:.2f}s" if not hot else f"base model {label} hot")
+        params = flux_generation.flux_params(inp, request.seed)
 
-            def resolve(emit: Emit, _stop: threading.Event) -> None:
-                with input_deadline(self._settings.input_resolution_timeout_seconds):
-                    params.loras = self._resolve_loras(inp, emit, "flux_input")
-                    flux_generation.resolve_start_image(params, image_policy=self._image_policy, store=self._store)
+        def resolve(emit: Emit, _stop: threading.Event) -> None:
+            with input_deadline(self._settings.input_resolution_timeout_seconds):
+                params.loras = self._resolve_loras(inp, emit, "flux_input")
+                flux_generation.resolve_start_image(params, image_policy=self._image_policy, store=self._store)
 
-            resolved: list[None] = []
-            async for event in self._in_thread(resolve, resolved):
-                yield event
-            assert params.width is not None and params.height is not None
-            if inp.sync_mode:
-                sizes = [(params.width, params.height)] * params.num_images
-                check_inline_size(sizes, self._settings.max_sync_mode_pixels, per_pass_latents=False)
-            safety_checker = await self._safety_checker() if params.enable_safety_checker else None
-            yield _log(
-                f"generating {params.num_images} image(s) {params.width}x{params.height},"
-                f" {params.num_inference_steps} steps, seed {params.seed}, {len(params.loras)} LoRA(s)"
-            )
-            gen_started = time.perf_counter()
-            generated: list[GenerationResult] = []
-            async with self._generation_lock:
-                _stop_if_superseded(stop)
-                run = lambda emit, stop: flux_generation.generate_flux(  # noqa: E731
-                    loaded,
-                    params,
-                    on_step=throttled(lambda i, n: emit(_progress(i, n))),
-                    should_stop=stop.is_set,
-                    safety_checker=safety_checker,
-                )
-                try:
-                    async for event in self._in_thread(run, generated, stop):
-                        yield event
-                except GenerationCancelled:
-                    _stop_if_superseded(stop)
-                    raise
-            _stop_if_superseded(stop)
-            inference_seconds = time.perf_counter() - gen_started
-            self._metrics.generation_seconds.observe(inference_seconds)
-            output = await asyncio.to_thread(
-                self._store_outputs,
-                request.request_id,
-                generated[0],
-                params.output_format,
-                inline=inp.sync_mode,
-                tenant=request.tenant,
-            )
-            self._metrics.requests.labels(outcome="completed").inc()
-            output.seed = request.seed
-            yield _log(f"done: {len(output.images)} image(s) in {inference_seconds:.2f}s")
-            yield worker_pb2.GenerateResponse(
-                result=worker_pb2.WorkerResult(
-                    output=output, inference_seconds=inference_seconds, model_load_seconds=load_seconds
-                )
-            )
-        except asyncio.CancelledError:
-            self._metrics.requests.labels(outcome="cancelled").inc()
-            raise
-        except Exception as exc:
-            failure = _failure(exc, request.request_id)
-            self._metrics.requests.labels(outcome=failure.failure.type.lower()).inc()
-            yield failure
-        finally:
-            holding.close()
-            if self._calls.get(request.request_id) is stop:
-                del self._calls[request.request_id]
+        resolved: list[None] = []
+        async for event in self._in_thread(resolve, resolved):
+            yield event
+        assert params.width is not None and params.height is not None
+        if inp.sync_mode:
+            sizes = [(params.width, params.height)] * params.num_images
+            check_inline_size(sizes, self._settings.max_sync_mode_pixels, per_pass_latents=False)
+        safety_checker = await self._safety_checker() if params.enable_safety_checker else None
+        run = lambda emit, stop: flux_generation.generate_flux(  # noqa: E731
+            loaded,
+            params,
+            on_step=throttled(lambda i, n: emit(_progress(i, n))),
+            should_stop=stop.is_set,
+            safety_checker=safety_checker,
+        )
+        out.append(_Job(params, run, params.output_format, inp.sync_mode, load_seconds))
 
     async def _hold(
         self, ref: BaseModelRef, holding: contextlib.ExitStack, out: list[EvictablePipeline]

@@ -148,7 +148,7 @@ def _fill(
                         continue
                     _fill(target.add(), item, item_name, violations)
                 else:
-                    ok, converted = _scalar(field, item, item_name, violations)
+                    ok, converted = coerce_scalar(field, item, item_name, violations)
                     if ok:
                         target.append(converted)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -157,12 +157,12 @@ def _fill(
                 continue
             _fill(getattr(msg, key), value, name, violations)
         else:
-            ok, converted = _scalar(field, value, name, violations)
+            ok, converted = coerce_scalar(field, value, name, violations)
             if ok:
                 setattr(msg, key, converted)
 
 
-def _scalar(field: FieldDescriptor, value: Any, name: str, violations: list[FieldViolation]) -> tuple[bool, Any]:
+def coerce_scalar(field: FieldDescriptor, value: Any, name: str, violations: list[FieldViolation]) -> tuple[bool, Any]:
     """(True, value as the field takes it) or (False, None) with a violation added; lax like pydantic:
     an integral float or a numeric string is an integer, a number's string a number."""
     kind = field.type
@@ -242,7 +242,7 @@ def _image_size(msg: Message, value: Any, name: str, violations: list[FieldViola
     """fal's `image_size`: a preset name or {width, height}."""
     assert isinstance(msg, types_pb2.GenerateInput)
     if isinstance(value, str):
-        ok, preset = _scalar(types_pb2.ImageSize.DESCRIPTOR.fields_by_name["preset"], value, name, violations)
+        ok, preset = coerce_scalar(types_pb2.ImageSize.DESCRIPTOR.fields_by_name["preset"], value, name, violations)
         if ok:
             msg.image_size.preset = preset
         return
@@ -277,7 +277,7 @@ def _ip_adapter_images(msg: Message, value: Any, name: str, violations: list[Fie
         return
     field = msg.DESCRIPTOR.fields_by_name["ip_adapter_image_url"]
     for index, item in enumerate(items):
-        ok, url = _scalar(field, item, f"{name}[{index}]", violations)
+        ok, url = coerce_scalar(field, item, f"{name}[{index}]", violations)
         if ok:
             msg.ip_adapter_image_url.append(url)
 
@@ -287,7 +287,7 @@ def _scale_json(msg: Message, value: Any, name: str, violations: list[FieldViola
     caller writes itself. Validation checks its shape in both cases."""
     assert isinstance(msg, types_pb2.IPAdapter)
     if isinstance(value, str):
-        ok, text = _scalar(msg.DESCRIPTOR.fields_by_name["scale_json"], value, name, violations)
+        ok, text = coerce_scalar(msg.DESCRIPTOR.fields_by_name["scale_json"], value, name, violations)
         if ok:
             msg.scale_json = text
         return

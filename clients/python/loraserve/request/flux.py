@@ -17,9 +17,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from loraserve.request import schema
-from loraserve.request.fal_json import _scalar
+from loraserve.request.fal_json import coerce_scalar
 from loraserve.request.limits import RequestLimits
-from loraserve.request.validation import _file_strings
+from loraserve.request.validation import file_string_violations
 from loraserve.request.violations import FieldViolation, InvalidInput
 from loraserve.v1 import flux_pb2, types_pb2
 
@@ -138,7 +138,7 @@ def validate_flux_input(inp: flux_pb2.FluxInput, limits: RequestLimits, prefix: 
     non-ASCII characters is rewritten in `inp` to its ASCII form, as the fetch sends it."""
     violations = [FieldViolation(f"{prefix}.{field}", why) for field, why in _violations(inp, limits)]
     # Data URIs within max_data_uri_bytes and URLs in their ASCII form, walked as for GenerateInput.
-    files = _file_strings(inp, limits, prefix)  # type: ignore[arg-type]
+    files = file_string_violations(inp, limits, prefix)
     violations += [FieldViolation(path, why) for path, why in files]
     if violations:
         raise InvalidInput(violations)
@@ -255,14 +255,14 @@ def _read(inp: flux_pb2.FluxInput, key: str, value: Any, name: str, violations: 
     elif key == "loras":
         _loras(inp, value, name, violations)
     else:
-        ok, converted = _scalar(_FIELDS[key], value, name, violations)
+        ok, converted = coerce_scalar(_FIELDS[key], value, name, violations)
         if ok:
             setattr(inp, key, converted)
 
 
 def _image_size(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list[FieldViolation]) -> None:
     if isinstance(value, str):
-        ok, preset = _scalar(_SIZE_FIELDS["preset"], value, name, violations)
+        ok, preset = coerce_scalar(_SIZE_FIELDS["preset"], value, name, violations)
         if ok:
             inp.image_size.preset = preset
         return
@@ -270,7 +270,7 @@ def _image_size(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list
         sides = {}
         for side in ("width", "height"):
             # fal's ImageSize: each side defaults to 512.
-            ok, number = _scalar(_SIDE_FIELDS[side], value.get(side, 512), f"{name}.{side}", violations)
+            ok, number = coerce_scalar(_SIDE_FIELDS[side], value.get(side, 512), f"{name}.{side}", violations)
             sides[side] = number if ok else None
         if sides["width"] is not None and sides["height"] is not None:
             inp.image_size.custom.width = sides["width"]
@@ -294,12 +294,12 @@ def _loras(inp: flux_pb2.FluxInput, value: Any, name: str, violations: list[Fiel
         if item.get("path") is None:
             violations.append(FieldViolation(f"{item_name}.path", "field required", "value_error.missing"))
         else:
-            ok, path = _scalar(_LORA_FIELDS["path"], item["path"], f"{item_name}.path", violations)
+            ok, path = coerce_scalar(_LORA_FIELDS["path"], item["path"], f"{item_name}.path", violations)
             if ok:
                 lora.path = path
         # `force` (of the SD 1.5 family's LoRA type in fal's merged schema) is accepted and ignored.
         if item.get("scale") is not None:
-            ok, scale = _scalar(_LORA_FIELDS["scale"], item["scale"], f"{item_name}.scale", violations)
+            ok, scale = coerce_scalar(_LORA_FIELDS["scale"], item["scale"], f"{item_name}.scale", violations)
             if ok:
                 lora.scale = scale
 

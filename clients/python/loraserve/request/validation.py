@@ -15,6 +15,8 @@ import math
 from collections.abc import Iterator
 from urllib.parse import quote, unquote_to_bytes, urlsplit, urlunsplit
 
+from google.protobuf.message import Message
+
 from loraserve.request import schema
 from loraserve.request.conditioning_validation import VARIANT_PATTERN, conditioning_violations
 from loraserve.request.input_strings import input_strings
@@ -39,7 +41,7 @@ def validate_input(inp: types_pb2.GenerateInput, limits: RequestLimits, prefix: 
     An http(s) URL with non-ASCII characters in any field is rewritten in `inp` to its ASCII form
     (IDNA host, percent-encoded UTF-8), as the fetch sends it; one that has none is refused."""
     violations = [FieldViolation(f"{prefix}.{field}", why) for field, why in _violations(inp, limits)]
-    violations += [FieldViolation(path, why) for path, why in _file_strings(inp, limits, prefix)]
+    violations += [FieldViolation(path, why) for path, why in file_string_violations(inp, limits, prefix)]
     if violations:
         raise InvalidInput(violations)
 
@@ -69,9 +71,10 @@ def _percent_encoded(text: str) -> str:
     return "".join(char if char.isascii() else quote(char, safe="") for char in text)
 
 
-def _file_strings(inp: types_pb2.GenerateInput, limits: RequestLimits, prefix: str) -> Iterator[tuple[str, str]]:
-    """Every field that can name a file: a data URI within `max_data_uri_bytes` (the worker would refuse
-    it only after the gateway kept it queued), an http(s) URL in the ASCII form HTTP sends."""
+def file_string_violations(inp: Message, limits: RequestLimits, prefix: str) -> Iterator[tuple[str, str]]:
+    """Every field of a GenerateInput or FluxInput that can name a file: a data URI within
+    `max_data_uri_bytes` (the worker would refuse it only after the gateway kept it queued), an http(s)
+    URL in the ASCII form HTTP sends."""
     for found in input_strings(inp, prefix):
         if found.path.endswith((".prompt", ".negative_prompt")):
             continue

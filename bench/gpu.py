@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -124,6 +124,22 @@ SECTIONS = {
     # bench/gpu_flux.py's rows, on FLUX.1 [dev]'s structure.
     "h_flux": "(h) FLUX.1 [dev]: served + LoRA vs plain diffusers, LoRA switch, peak memory",
 }
+
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    class _BenchConfig(DataclassInstance, Protocol):
+        """A bench's config (`Config`, bench.gpu_flux's `FluxConfig`), as `run_report` reads it."""
+
+        @property
+        def device(self) -> torch.device: ...
+
+        @property
+        def dtype(self) -> torch.dtype: ...
+
+
+BenchConfig = TypeVar("BenchConfig", bound="_BenchConfig")
 
 
 @dataclass(frozen=True)
@@ -817,9 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repeats < 1 or args.loras < 4:
         # (c) needs two files loaded from disk and two from host RAM.
         raise SystemExit("--repeats must be at least 1 and --loras at least 4")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu --tiny for a smoke run")
+    device = bench_device(args.device)
     config = Config(
         device=device,
         # float16 kernels are the GPU path; the CPU has no fast (or complete) float16 support.
@@ -832,6 +846,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections=tuple(name for name in args.sections.split(",") if name),
         compile_mode=args.compile,
     )
+    return run_report("gpu", config, run, args, argv)
+
+
+def bench_device(name: str) -> torch.device:
+    """The --device a GPU bench was given, refused where it names CUDA and torch sees none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu --tiny for a smoke run")
+    return device
+
+
+def run_report(
+    name: str,
+    config: BenchConfig,
+    run: Callable[[BenchConfig, Report, Path], None],
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+) -> int:
+    """A GPU bench's run (`python -m bench.<name>`) in a temp folder, then its table and checks; the exit
+    status is 1 when a section failed. `config` is a dataclass with `device` and `dtype`."""
+    device = config.device
     meta: dict[str, Any] = {
         "config": {**asdict(config), "device": str(device), "dtype": str(config.dtype)},
         "versions": versions(),
@@ -840,8 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     quiet()
     report = Report(args.json, meta)
-    report.log(f"bench.gpu {json.dumps(meta)}")
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-", dir=args.workdir) as tmp:
+    report.log(f"bench.{name} {json.dumps(meta)}")
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name.replace('_', '-')}-", dir=args.workdir) as tmp:
         run(config, report, Path(tmp))
     print("\n" + report.table(), flush=True)
     print("\n" + format_checks(report.checks), flush=True)

@@ -27,21 +27,30 @@ runs every row on the tiny FLUX of serving/tiny_flux.py in seconds (scripts/gpu_
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-from bench.gpu import HOST_LORA_BYTES, LORA_RANK, LORA_STD, MIB, SWITCH_ROUNDS, Device, Report, mib, ms, versions
-from bench.inprocess import plain_call, quiet
+from bench.gpu import (
+    HOST_LORA_BYTES,
+    LORA_RANK,
+    LORA_STD,
+    MIB,
+    SWITCH_ROUNDS,
+    Device,
+    Report,
+    bench_device,
+    mib,
+    ms,
+    run_report,
+)
+from bench.inprocess import plain_call
 from bench.plan import GUIDANCE_SCALE, PROMPT, SEED
-from bench.stats import format_checks
 from loraserve.v1 import flux_pb2
 from serving import compiled
 from serving.flux_generation import REGULAR, FluxParams, generate_flux
@@ -255,9 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeats < 1 or not 0 < args.short < args.long:
         raise SystemExit("--repeats must be at least 1 and 0 < --short < --long")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu --tiny for a smoke run")
+    device = bench_device(args.device)
     config = FluxConfig(
         device=device,
         # FLUX.1 is published and served in bfloat16 on a GPU (serving/app.py); the CPU runs float32.
@@ -269,23 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         compile_mode=args.compile,
     )
-    meta: dict[str, Any] = {
-        "config": {**asdict(config), "device": str(device), "dtype": str(config.dtype)},
-        "versions": versions(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "argv": sys.argv[1:] if argv is None else list(argv),
-    }
-    quiet()
-    report = Report(args.json, meta)
-    report.log(f"bench.gpu_flux {json.dumps(meta)}")
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-flux-", dir=args.workdir) as tmp:
-        run(config, report, Path(tmp))
-    print("\n" + report.table(), flush=True)
-    print("\n" + format_checks(report.checks), flush=True)
-    if report.errors:
-        report.log(f"sections with errors: {', '.join(report.errors)}")
-    report.log(f"done; JSON: {args.json or '-'}")
-    return 1 if report.errors else 0
+    return run_report("gpu_flux", config, run, args, argv)
 
 
 if __name__ == "__main__":

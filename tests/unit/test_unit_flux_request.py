@@ -7,7 +7,7 @@ import pytest
 
 from gateway.errors import field_loc
 from loraserve.inputs import to_input
-from loraserve.request import flux
+from loraserve.request import flux, schema
 from loraserve.request.limits import RequestLimits
 from loraserve.request.violations import InvalidInput
 from loraserve.v1 import flux_pb2, types_pb2
@@ -32,7 +32,7 @@ def test_fal_defaults_when_fields_are_left_out() -> None:
     assert flux.image_size(inp) == (1024, 768)
     assert (flux.num_inference_steps(inp), flux.guidance_scale(inp), flux.num_images(inp)) == (28, 3.5, 1)
     assert (flux.output_format(inp), flux.acceleration(inp), flux.safety_checker(inp)) == ("jpeg", "none", True)
-    assert flux.lora_scale(inp.loras[0]) == 1.0 and not inp.HasField("seed")
+    assert schema.lora_scale(inp.loras[0]) == 1.0 and not inp.HasField("seed")
     start = flux.parse_flux_input({"prompt": "p", "image_url": "https://x.example/a.png"}, I2I)
     assert flux.strength(start) == 0.85 and flux.image_size(start) is None
 

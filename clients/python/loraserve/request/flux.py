@@ -126,10 +126,6 @@ def acceleration(inp: flux_pb2.FluxInput) -> str:
     return inp.acceleration or "none"
 
 
-def lora_scale(lora: types_pb2.LoraWeight) -> float:
-    return lora.scale if lora.HasField("scale") else schema.DEFAULT_LORA_SCALE
-
-
 # --- validation ----------------------------------------------------------------------------------
 
 

@@ -42,7 +42,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 from bench.gpu import LORA_RANK, LORA_STD
 from bench.inprocess import quiet
-from bench.lora import materialise, ms, peft_layers, report, timed
+from bench.lora import compare_arms, materialise, ms, parsed_miss, peft_layers, report, switch_and_repeat, timed
 from bench.stats import check as target_check
 from bench.targets import TARGETS
 from serving import flux_memory
@@ -189,15 +189,6 @@ def run(
         finally:
             pipe.unload_lora_weights()
 
-    def service_parsed(path: Path) -> None:
-        file = lora_file(str(path))
-        host.get(file)  # parsed beforehand, as Prefetch does for a waiting request
-        raw["miss_from_host"].append(timed(device, lambda: tier.ensure_resident(file, adapter_name(file))))
-        try:
-            raw["merge_after_miss"].append(timed(device, lambda: loaded.activate_loras([(str(path), 1.0)])))
-        finally:
-            loaded.deactivate_loras()
-
     for index in range(rounds + 1):
         file_path, parsed_path = paths[2 * index], paths[2 * index + 1]
         state_dict = safetensors.torch.load_file(str(parsed_path))
@@ -205,25 +196,16 @@ def run(
         forward("plain")
         pairs = [
             [lambda: diffusers_file(file_path), lambda: service_file(file_path)],
-            [lambda: diffusers_parsed(state_dict), lambda: service_parsed(parsed_path)],
+            [lambda: diffusers_parsed(state_dict), lambda: parsed_miss(device, loaded, host, parsed_path, raw)],
         ]
-        for pair in pairs:
-            for arm in pair if index % 2 else pair[::-1]:
-                arm()
-        raw["max_abs_diff"].append((outputs["diffusers"] - outputs["service"]).abs().max().item())
-        raw["lora_effect"].append((outputs["service"] - outputs["plain"]).abs().max().item())
-        one = [(str(file_path), 1.0)]
-        raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
-        loaded.deactivate_loras()
-        before = loaded.lora_merges
-        raw["repeat"].append(timed(device, lambda: loaded.activate_loras(one)))
-        loaded.deactivate_loras()
+        compare_arms(index, pairs, outputs, raw)
+        merged, _ = switch_and_repeat(device, loaded, file_path, raw)
         if index == 0:
             # The warm-up round (first imports, allocator arenas, first merge) is left out for both sides.
             for samples in raw.values():
                 samples.clear()
             continue
-        repeat_merges += loaded.lora_merges - before
+        repeat_merges += merged
         say(
             f"round {index}/{rounds}: miss from host {raw['miss_from_host'][-1] * 1000:.1f} ms + merge "
             f"{raw['merge_after_miss'][-1] * 1000:.0f} ms; load_lora_weights(state dict) "

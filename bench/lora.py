@@ -232,13 +232,9 @@ def run(
             pipe.unload_lora_weights()
 
     def service_parsed(path: Path) -> None:
-        file = lora_file(str(path))
-        host.get(file)  # parsed beforehand, as Prefetch does for a waiting request
-        raw["miss_from_host"].append(timed(device, lambda: tier.ensure_resident(file, adapter_name(file))))
         try:
-            raw["merge_after_miss"].append(timed(device, lambda: loaded.activate_loras([(str(path), 1.0)])))
+            parsed_miss(device, loaded, host, path, raw)
         finally:
-            loaded.deactivate_loras()
             plain()
         raw["service_parsed"].append(raw["miss_from_host"][-1] + raw["merge_after_miss"][-1])
 
@@ -246,24 +242,12 @@ def run(
         file_path, parsed_path = paths[2 * index], paths[2 * index + 1]
         state_dict = safetensors.torch.load_file(str(parsed_path))
         forward("plain")
-        # Alternate which arm goes first, so neither always follows the other's memory traffic.
         pairs = [
             [lambda: diffusers_file(file_path), lambda: service_file(file_path)],
             [lambda: diffusers_parsed(state_dict), lambda: service_parsed(parsed_path)],
         ]
-        for pair in pairs:
-            for arm in pair if index % 2 else pair[::-1]:
-                arm()
-        raw["max_abs_diff"].append((outputs["diffusers"] - outputs["service"]).abs().max().item())
-        raw["lora_effect"].append((outputs["service"] - outputs["plain"]).abs().max().item())
-        # The file's LoRA again: resident, while the parsed one's copies are kept; then a repeat of it.
-        one = [(str(file_path), 1.0)]
-        raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
-        loaded.deactivate_loras()
-        before, written = loaded.lora_merges, tier.weight_writes
-        raw["repeat"].append(timed(device, lambda: loaded.activate_loras(one)))
-        loaded.deactivate_loras()
-        written = tier.weight_writes - written
+        compare_arms(index, pairs, outputs, raw)
+        merged, written = switch_and_repeat(device, loaded, file_path, raw)
         plain()
         if index == 0:
             # The warm-up round (first PEFT import paths, allocator arenas, first merge, first forward
@@ -271,7 +255,7 @@ def run(
             for samples in raw.values():
                 samples.clear()
             continue
-        repeat_merges += loaded.lora_merges - before
+        repeat_merges += merged
         repeat_writes += written
         say(
             f"round {index}/{rounds}: file → ready: load_lora_weights {raw['diffusers_file'][-1] * 1000:.0f} ms, "
@@ -321,6 +305,49 @@ def run(
         figures.update(option_figures)
         result["options_raw"] = option_raw
     return result
+
+
+def parsed_miss(
+    device: torch.device, loaded: LoadedPipeline, host: HostLoraCache, path: Path, raw: dict[str, list[float]]
+) -> None:
+    """The service's parsed arm: `path` parsed in host RAM beforehand (as Prefetch does for a waiting
+    request), then its miss into the device tier and its merge timed apart; the plain weights back after."""
+    file = lora_file(str(path))
+    host.get(file)
+    raw["miss_from_host"].append(timed(device, lambda: loaded.lora_tier.ensure_resident(file, adapter_name(file))))
+    try:
+        raw["merge_after_miss"].append(timed(device, lambda: loaded.activate_loras([(str(path), 1.0)])))
+    finally:
+        loaded.deactivate_loras()
+
+
+def compare_arms(
+    index: int,
+    pairs: Sequence[Sequence[Callable[[], None]]],
+    outputs: dict[str, torch.Tensor],
+    raw: dict[str, list[float]],
+) -> None:
+    """One round's pairs of arms, then how far the service's output is from diffusers' and from the plain
+    model's. The order alternates by round, so neither arm always follows the other's memory traffic."""
+    for pair in pairs:
+        for arm in pair if index % 2 else pair[::-1]:
+            arm()
+    raw["max_abs_diff"].append((outputs["diffusers"] - outputs["service"]).abs().max().item())
+    raw["lora_effect"].append((outputs["service"] - outputs["plain"]).abs().max().item())
+
+
+def switch_and_repeat(
+    device: torch.device, loaded: LoadedPipeline, path: Path, raw: dict[str, list[float]]
+) -> tuple[int, int]:
+    """The switch back to `path`'s LoRA (resident, while the parsed one's copies are kept) timed, then a
+    repeat of it; (merges, weight writes) the repeat did, none where a repeat costs nothing."""
+    one = [(str(path), 1.0)]
+    raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
+    loaded.deactivate_loras()
+    merges, writes = loaded.lora_merges, loaded.lora_tier.weight_writes
+    raw["repeat"].append(timed(device, lambda: loaded.activate_loras(one)))
+    loaded.deactivate_loras()
+    return loaded.lora_merges - merges, loaded.lora_tier.weight_writes - writes
 
 
 def peft_layers(unet: torch.nn.Module) -> int:

@@ -7,6 +7,7 @@ loaded back by path through the normal loading code.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -48,10 +49,35 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip("needs CUDA")
 
 
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_START = _ephemeral_ports_start()
+_ports = random.Random()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing binds, between Ray's worker ports (10002-19999) and the kernel's ephemeral range.
+
+    A port from bind(0) lies in the ephemeral range, where any outgoing connection (Ray's processes make
+    many) can take it before the server it was given to binds it ("Failed to bind to address")."""
+    for _ in range(1000):
+        port = _ports.randrange(20000, _EPHEMERAL_START)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port between 20000 and {_EPHEMERAL_START}")
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def generate_flux(
     should_stop: Callable[[], bool] | None = None,
     safety_checker: SafetyChecker | None = None,
 ) -> GenerationResult:
-    """Runs one request; the pipeline is left with no LoRA active whatever happens."""
+    """Runs one request; its LoRA set is released whatever happens (kept installed for a repeat)."""
     if loaded.family != "flux":
         raise ModelLoadError(
             f"the flux_model setting names {loaded.model_name!r}, a {loaded.family} model; fal-ai/flux-lora needs a "

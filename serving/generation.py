@@ -56,7 +56,8 @@ def generate_result(
     safety_checker: SafetyChecker | None = None,
     on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> GenerationResult:
-    """Run one request; the pipeline is left with no LoRA active and no embedding loaded whatever happens.
+    """Run one request; its LoRA set is released (kept installed for a repeat) and no embedding is left loaded
+    whatever happens.
 
     Scheduler, tiling wrappers and prompt embeddings live in a per-request view of the pipeline,
     so nothing but the LoRA activation touches the resident pipeline.

@@ -109,8 +109,8 @@ class LoadedPipeline:
     def activate_loras(self, loras: Sequence[tuple[str, float]]) -> None:
         """Make exactly these LoRAs (at these scales) active; an empty list gives the plain model.
 
-        Until `deactivate_loras`, the models run with the LoRAs merged into copies of the weights
-        they touch (serving/lora_merge.py).
+        The models run with the LoRAs merged into the weights they touch (serving/lora_merge.py) until
+        a request activates another set; an empty list puts the base weights back.
         """
         self._loras.activate([(lora_file(path), scale) for path, scale in loras])
 
@@ -132,7 +132,8 @@ class LoadedPipeline:
         self._loras.wait_for_merge()
 
     def deactivate_loras(self) -> None:
-        """The resident weights back in every module: output equals the plain model."""
+        """The request's end: its set stays installed for a repeat (within the LoRA budget); the next
+        `activate_loras` with another set, or none, puts the base weights back first."""
         self._loras.deactivate()
 
     def load_embeddings(self, embeddings: Sequence[tuple[str, Sequence[str]]]) -> None:

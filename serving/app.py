@@ -329,20 +329,12 @@ class Worker:
         started = time.perf_counter()
         inp = request.input
         await self._check_input(inp, request.tenant)
-        loads_before = self._pipeline_loads
-        pipelines: list[EvictablePipeline] = []
         # The pipeline is the one the request's own input names: the routing key is not trusted for that.
         ref = BaseModelRef.normalised(inp.model_name, inp.unet_name, inp.variant)
-        async for event in self._hold(ref, holding, pipelines):
+        held: list[tuple[LoadedPipeline, float]] = []
+        async for event in self._hold_base(ref, holding, started, held):
             yield event
-        loaded = pipelines[-1].loaded
-        load_seconds = time.perf_counter() - started
-        hot = self._pipeline_loads == loads_before
-        (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
-        if not hot:
-            yield _log(f"loaded base model {redact_url(inp.model_name)} ({loaded.family}) in {load_seconds:.2f}s")
-        else:
-            yield _log(f"base model {redact_url(inp.model_name)} already loaded on this replica")
+        loaded, load_seconds = held[-1]
         params = params_from_input(inp, request.seed)
         resolved: list[None] = []
         async for event in self._in_thread(lambda emit, _stop: self._resolve_inputs(inp, params, emit), resolved):
@@ -380,16 +372,10 @@ class Worker:
         inp = request.flux_input
         validate_flux_input(inp, self._settings.request_limits)
         await asyncio.to_thread(check_stored_inputs, inp, request.tenant, self._store, "flux_input")
-        loads_before = self._pipeline_loads
-        pipelines: list[EvictablePipeline] = []
-        async for event in self._hold(self._flux_ref, holding, pipelines):
+        held: list[tuple[LoadedPipeline, float]] = []
+        async for event in self._hold_base(self._flux_ref, holding, started, held):
             yield event
-        loaded = pipelines[-1].loaded
-        load_seconds = time.perf_counter() - started
-        hot = self._pipeline_loads == loads_before
-        (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
-        label = redact_url(self._settings.flux_model)
-        yield _log(f"loaded base model {label} in {load_seconds:.2f}s" if not hot else f"base model {label} hot")
+        loaded, load_seconds = held[-1]
         params = flux_generation.flux_params(inp, request.seed)
 
         def resolve(emit: Emit, _stop: threading.Event) -> None:
@@ -413,6 +399,29 @@ class Worker:
             safety_checker=safety_checker,
         )
         out.append(_Job(params, run, params.output_format, inp.sync_mode, load_seconds))
+
+    async def _hold_base(
+        self,
+        ref: BaseModelRef,
+        holding: contextlib.ExitStack,
+        started: float,
+        out: list[tuple[LoadedPipeline, float]],
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """The request's base model held (`_hold`), counted as a pipeline cache hit or miss and logged;
+        `out` gets the pipeline and the seconds since the request `started`."""
+        loads_before = self._pipeline_loads
+        pipelines: list[EvictablePipeline] = []
+        async for event in self._hold(ref, holding, pipelines):
+            yield event
+        loaded = pipelines[-1].loaded
+        load_seconds = time.perf_counter() - started
+        hot = self._pipeline_loads == loads_before
+        (self._metrics.cache_hits if hot else self._metrics.cache_misses).labels(tier="pipeline").inc()
+        if not hot:
+            yield _log(f"loaded base model {redact_url(ref.model_name)} ({loaded.family}) in {load_seconds:.2f}s")
+        else:
+            yield _log(f"base model {redact_url(ref.model_name)} already loaded on this replica")
+        out.append((loaded, load_seconds))
 
     async def _hold(
         self, ref: BaseModelRef, holding: contextlib.ExitStack, out: list[EvictablePipeline]

@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline, FluxImg2ImgPipeline, FluxInpaintPipelin
 
 from loraserve.request import flux, schema
 from loraserve.v1 import flux_pb2
-from serving import compiled
+from serving import compiled, safety
 from serving.controlnet import quiet_dtype_warnings
 from serving.errors import GenerationCancelled, ModelLoadError, OptionUnavailableError
 from serving.request import GenerationResult
@@ -35,7 +35,6 @@ from storage.fetch import fetch_image
 
 if TYPE_CHECKING:
     from serving.loaded import LoadedPipeline
-    from serving.safety import SafetyChecker
     from storage.fetch import FetchPolicy, StoredFiles
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ def generate_flux(
     *,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    safety_checker: SafetyChecker | None = None,
+    safety_checker: safety.SafetyChecker | None = None,
 ) -> GenerationResult:
     """Runs one request; its LoRA set is released whatever happens (kept installed for a repeat)."""
     if loaded.family != "flux":
@@ -120,12 +119,7 @@ def generate_flux(
             f"the flux_model setting names {loaded.model_name!r}, a {loaded.family} model; fal-ai/flux-lora needs a "
             "diffusers FLUX.1 checkpoint (e.g. black-forest-labs/FLUX.1-dev)"
         )
-    if params.enable_safety_checker and safety_checker is None:
-        raise OptionUnavailableError(
-            "enable_safety_checker",
-            "enable_safety_checker: this server has no safety checker model configured, so images cannot be "
-            "checked; set enable_safety_checker to false or ask the operator to configure one",
-        )
+    checker = safety.require(safety_checker) if params.enable_safety_checker else None
     assert params.width is not None and params.height is not None, "resolve_start_image sets the size"
     cancelled = False
 
@@ -159,9 +153,8 @@ def generate_flux(
     if cancelled:
         raise GenerationCancelled("generation was cancelled before it finished")
     result = GenerationResult(images=list(output.images))
-    if params.enable_safety_checker:
-        assert safety_checker is not None
-        result.images, result.has_nsfw_concepts = safety_checker.censor(result.images)
+    if checker is not None:
+        result.images, result.has_nsfw_concepts = checker.censor(result.images)
     return result
 
 

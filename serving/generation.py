@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import PIL.Image
 import torch
@@ -23,14 +23,11 @@ from diffusers import DiffusionPipeline
 
 from core import tracing
 from serving import latents as debug_files
-from serving import image_to_image, prompts, schedulers, tiling
+from serving import image_to_image, prompts, safety, schedulers, tiling
 from serving.conditioning import applied
 from serving.errors import GenerationCancelled, OptionUnavailableError
 from serving.loaded import LoadedPipeline
 from serving.request import GenerationParams, GenerationResult
-
-if TYPE_CHECKING:
-    from serving.safety import SafetyChecker
 
 
 def generate(
@@ -39,7 +36,7 @@ def generate(
     *,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    safety_checker: SafetyChecker | None = None,
+    safety_checker: safety.SafetyChecker | None = None,
 ) -> list[PIL.Image.Image]:
     """Run one request and return only its images (see generate_result for the other outputs)."""
     return generate_result(
@@ -53,7 +50,7 @@ def generate_result(
     *,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    safety_checker: SafetyChecker | None = None,
+    safety_checker: safety.SafetyChecker | None = None,
     on_latents: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     """Run one request; its LoRA set is released (kept installed for a repeat) and no embedding is left loaded
@@ -62,12 +59,7 @@ def generate_result(
     Scheduler, tiling wrappers and prompt embeddings live in a per-request view of the pipeline,
     so nothing but the LoRA activation touches the resident pipeline.
     """
-    if params.enable_safety_checker and safety_checker is None:
-        raise OptionUnavailableError(
-            "enable_safety_checker",
-            "enable_safety_checker: this server has no safety checker model configured, so images cannot be "
-            "checked; leave enable_safety_checker off or ask the operator to configure one",
-        )
+    checker = safety.require(safety_checker) if params.enable_safety_checker else None
     image_to_image.check_model(loaded.pipe, params, loaded.model_name)
     with loaded.in_use():
         view, call_kwargs = _prepare(loaded.pipe, params)
@@ -80,9 +72,8 @@ def generate_result(
         finally:
             loaded.unload_embeddings()
             loaded.deactivate_loras()
-    if params.enable_safety_checker:
-        assert safety_checker is not None
-        result.images, result.has_nsfw_concepts = safety_checker.censor(result.images)
+    if checker is not None:
+        result.images, result.has_nsfw_concepts = checker.censor(result.images)
     return result
 
 

@@ -20,7 +20,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessor
 
-from serving.errors import ModelLoadError
+from serving.errors import ModelLoadError, OptionUnavailableError
 
 
 class SafetyCheckerLoadError(ModelLoadError):
@@ -52,6 +52,18 @@ class SafetyChecker:
             PIL.Image.new(image.mode, image.size) if flagged else image for image, flagged in zip(images, flags)
         ]
         return censored, flags
+
+
+def require(checker: SafetyChecker | None) -> SafetyChecker:
+    """The checker a request with `enable_safety_checker` needs, refused before any denoising when the operator
+    configured none: an unchecked image must never go out as if it had been checked."""
+    if checker is None:
+        raise OptionUnavailableError(
+            "enable_safety_checker",
+            "enable_safety_checker: this server has no safety checker model configured, so images cannot be "
+            "checked; set enable_safety_checker to false or ask the operator to configure one",
+        )
+    return checker
 
 
 def load_safety_checker(

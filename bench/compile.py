@@ -15,6 +15,9 @@ Four parts, each printed as it ends and together in one table:
   eager, compiled with an empty compile cache, compiled again with the cache the cold start left.
 - shapes: static size buckets against dynamic height/width on the tiny SDXL U-Net, in fresh
   processes: the first compile's seconds, a step at the warmed size and at a size never warmed.
+- flux: a transformer with FLUX.1's 19 double and 38 single blocks at tiny widths, compiled whole
+  and regionally in fresh processes with empty caches: the first compile's seconds (what
+  `compile_regional: auto` decides for FLUX) and a step compiled ÷ eager.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from bench.stats import verdict
 from bench.targets import TARGETS
 
 SIZE = 64
+# FLUX.1 [dev]'s transformer blocks.
+FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS = 19, 38
 # Every this many requests of the round robin, one without a LoRA.
 PLAIN_EVERY = 5
 
@@ -67,7 +72,7 @@ def service(workdir: Path, loras: int, requests: int, regional: bool) -> dict[st
                 data_dir=workdir / f"data-{mode}",
                 device="cpu",
                 compile=mode,
-                compile_regional=regional,
+                compile_regional="on" if regional else "off",
                 compile_warmup_sizes=f"{SIZE}x{SIZE}",
                 allowed_local_roots=str(workdir),
             )
@@ -258,6 +263,40 @@ def shape_child(model_dir: str, dynamic: bool, cache: str) -> dict[str, float]:
             "step ÷ eager, new size": medians["new size"] / medians["new size eager"]}
 
 
+def flux_child(regional: bool, cache: str) -> dict[str, float]:
+    """FLUX.1's block count at tiny widths: compile time grows with the graph's blocks, not their width."""
+    from serving import compiled, tiny_flux
+
+    compiled.use_cache_dir(Path(cache))
+    transformer = tiny_flux.build_flux_transformer(num_layers=FLUX_DOUBLE_BLOCKS, num_single_layers=FLUX_SINGLE_BLOCKS)
+    eager = transformer.forward
+    modules = compiled.compile_modules(transformer, None, "default", regional=regional)
+    tokens, text_tokens = (SIZE // 16) ** 2, 8
+    inputs = {
+        "hidden_states": torch.randn(1, tokens, tiny_flux.PACKED_CHANNELS),
+        "encoder_hidden_states": torch.randn(1, text_tokens, transformer.config.joint_attention_dim),
+        "pooled_projections": torch.randn(1, transformer.config.pooled_projection_dim),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([3.5]),
+        "img_ids": torch.zeros(tokens, 3),
+        "txt_ids": torch.zeros(text_tokens, 3),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        started = time.perf_counter()
+        transformer(**inputs)
+        first = time.perf_counter() - started
+        modules.warmed()
+        samples: dict[str, list[float]] = {"compiled": [], "eager": []}
+        for index in range(9):
+            for arm in ("compiled", "eager") if index % 2 else ("eager", "compiled"):
+                forward = modules.gates[0] if arm == "compiled" else eager
+                samples[arm].append(timed(torch.device("cpu"), lambda: forward(**inputs)))
+    modules.close()
+    compiled_step, eager_step = (statistics.median(samples[arm]) for arm in ("compiled", "eager"))
+    return {"first compile s": first, "step ÷ eager": compiled_step / eager_step}
+
+
 def parts(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, float]]:
     from serving.tiny import make_tiny_model
 
@@ -285,6 +324,14 @@ def parts(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, float]
             for key, value in _child(["shape", model, kind, str(workdir / f"{kind}-cache")]).items():
                 figures["shapes"][f"{kind}: {key}"] = value
         say(json.dumps(figures["shapes"]))
+    if "flux" in args.only:
+        figures["flux"] = {}
+        for kind in ("whole", "regional"):
+            for key, value in _child(["flux", "-", kind, str(workdir / f"flux-{kind}-cache")]).items():
+                figures["flux"][f"{kind}: {key}"] = value
+        flux = figures["flux"]
+        flux["first compile whole ÷ regional"] = flux["whole: first compile s"] / flux["regional: first compile s"]
+        say(json.dumps(flux))
     return figures
 
 
@@ -309,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compile", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and rounds")
     parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument("--only", default="service,unet,start,shapes", help="comma-separated parts")
+    parser.add_argument("--only", default="service,unet,start,shapes,flux", help="comma-separated parts")
     parser.add_argument("--loras", type=int, default=50)
     parser.add_argument("--requests", type=int, default=0, help="per arm (default: two rounds of the LoRAs)")
     parser.add_argument("--rounds", type=int, default=0, help="U-Net switches and steps per arm")
@@ -318,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         kind, model, option, cache = args.child
-        result = start_child(model, option, cache) if kind == "start" else shape_child(model, option == "dynamic", cache)
+        if kind == "start":
+            result = start_child(model, option, cache)
+        elif kind == "flux":
+            result = flux_child(option == "regional", cache)
+        else:
+            result = shape_child(model, option == "dynamic", cache)
         print(json.dumps(result))
         return 0
     args.only = set(args.only.split(","))

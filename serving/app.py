@@ -155,6 +155,7 @@ class Worker:
         self._flux_dtype = torch.bfloat16 if auto_cuda else self._dtype
         self._compile_mode = compiled.resolve_mode(settings.compile, self._device)
         self._compile_sizes = compiled.parse_sizes(settings.compile_warmup_sizes)
+        self._compile_regional = compiled.resolve_regional(settings.compile_regional)
         self._store = from_settings.object_store(settings)
         self._metrics = WorkerMetrics()
         if settings.worker_metrics_port:
@@ -229,7 +230,7 @@ class Worker:
                 variant=variant,
                 compile_mode=self._compile_mode,
                 compile_sizes=self._compile_sizes,
-                compile_regional=self._settings.compile_regional,
+                compile_regional=self._compile_regional,
                 make_room=lambda family, weights: self._evicted(self._residency.make_room(family, weights)),
             )
             self._evicted(self._residency.admit(key, loaded))

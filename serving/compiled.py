@@ -68,6 +68,10 @@ RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"
 MAX_REASON_CHARS = 600
 # Inductor's caches, under the weights cache's folder.
 CACHE_FOLDER = "torch-compile"
+# Families whose denoiser `compile_regional: auto` compiles block by block: FLUX.1's transformer is
+# 19 double and 38 single blocks of two shapes, and compiling it whole takes ~6x as long (bench.compile's flux part).
+REGIONAL_FAMILIES = frozenset({"flux"})
+REGIONAL_SETTINGS = {AUTO: None, "on": True, "off": False}
 # Graphs per compiled function and warmed size: a regional compile has one per block shape (SD 1.5: 3).
 GRAPHS_PER_SIZE = 4
 
@@ -78,6 +82,13 @@ def resolve_mode(setting: str, device: str) -> str:
     if setting not in MODES:
         raise ValueError(f"compile must be one of {', '.join((AUTO, *MODES))}, got {setting!r}")
     return setting
+
+
+def resolve_regional(setting: str) -> bool | None:
+    """`compile_regional`: None (auto) leaves it to the family (`REGIONAL_FAMILIES`)."""
+    if setting not in REGIONAL_SETTINGS:
+        raise ValueError(f"compile_regional must be one of {', '.join(REGIONAL_SETTINGS)}, got {setting!r}")
+    return REGIONAL_SETTINGS[setting]
 
 
 def parse_sizes(setting: str) -> list[tuple[int, int]]:
@@ -313,7 +324,10 @@ class _Region:
 class CompiledModules:
     """A pipeline's compiled forwards (U-Net first, then the VAE decoder's if compiled) and their Runner."""
 
-    def __init__(self, gates: Sequence[tuple[torch.nn.Module, ShapeGate]], runner: Runner) -> None:
+    def __init__(
+        self, gates: Sequence[tuple[torch.nn.Module, ShapeGate]], runner: Runner, *, regional: bool = False
+    ) -> None:
+        self.regional = regional
         self._installed = list(gates)
         self.gates = [gate for _, gate in gates]
         self._runner = runner
@@ -368,17 +382,17 @@ def compile_modules(unet: Any, vae: Any, mode: str, *, regional: bool) -> Compil
         gates.append((decoder, ShapeGate(decoder.forward, compiled_decoder, runner, clone_outputs=clone)))
     for module, gate in gates:
         module.forward = gate
-    return CompiledModules(gates, runner)
+    return CompiledModules(gates, runner, regional=regional)
 
 
 def compile_pipeline(
-    pipe: Any, *, family: str, mode: str, sizes: Sequence[tuple[int, int]], regional: bool = False
+    pipe: Any, *, family: str, mode: str, sizes: Sequence[tuple[int, int]], regional: bool | None = None
 ) -> CompiledModules | None:
     """Compiles the denoiser and the VAE decoder (`compile_modules`), then warms each size; None when `mode` is off.
 
     `regional` compiles only the denoiser's repeated transformer blocks (as diffusers'
     compile_repeated_blocks does): one compile serves every block of a shape, the rest of the
-    U-Net runs eagerly. A warm-up that fails puts the eager forwards back and re-raises: a
+    U-Net runs eagerly; None: regional for the families in `REGIONAL_FAMILIES`. A warm-up that fails puts the eager forwards back and re-raises: a
     replica must not serve from a half-compiled model.
     """
     if mode == OFF:
@@ -387,6 +401,8 @@ def compile_pipeline(
     limit = GRAPHS_PER_SIZE * len(sizes)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     denoiser = pipe.transformer if family == "flux" else pipe.unet
+    if regional is None:
+        regional = family in REGIONAL_FAMILIES
     modules = compile_modules(denoiser, pipe.vae, mode, regional=regional)
     started = time.perf_counter()
     try:
@@ -397,7 +413,8 @@ def compile_pipeline(
         modules.uninstall()
         raise
     modules.warmed()
-    log.info("compiled (%s) and warmed %s in %.1f s", mode, sizes, time.perf_counter() - started)
+    how = f"{mode}, {'its repeated blocks' if modules.regional else 'whole'}"
+    log.info("compiled (%s) and warmed %s in %.1f s", how, sizes, time.perf_counter() - started)
     return modules
 
 

@@ -44,7 +44,7 @@ def load_pipeline(
     variant: str | None = None,
     compile_mode: str = compiled.OFF,
     compile_sizes: Sequence[tuple[int, int]] = (),
-    compile_regional: bool = False,
+    compile_regional: bool | None = None,
     make_room: Callable[[str, int], object] | None = None,
 ) -> LoadedPipeline:
     """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.

@@ -64,7 +64,7 @@ def workers(
             data_dir=tmp_path_factory.mktemp(f"compile-{mode}"),
             device="cpu",
             compile=mode,
-            compile_regional=True,
+            compile_regional="on",
             compile_warmup_sizes=f"{SIZE}x{SIZE}",
             safety_checker_path=str(flag_everything_checker),
             allowed_local_roots=str(tmp_path_factory.getbasetemp()),
@@ -277,6 +277,9 @@ def test_settings_parse_and_refuse() -> None:
         compiled.resolve_mode("fast", "cpu")
     with pytest.raises(ValueError, match="compile_warmup_sizes: '1000x7'"):
         compiled.parse_sizes("1000x7")
+    assert [compiled.resolve_regional(value) for value in ("auto", "on", "off")] == [None, True, False]
+    with pytest.raises(ValueError, match="compile_regional must be one of auto, on, off, got 'true'"):
+        compiled.resolve_regional("true")
 
 
 def test_a_dedicated_inpainting_checkpoint_is_warmed_through_its_inpaint_pipeline(

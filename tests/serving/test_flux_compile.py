@@ -1,7 +1,7 @@
 """FLUX's `acceleration`: "regular" runs the compiled transformer blocks and VAE decoder, "none" the same modules eagerly.
 
-One tiny FLUX pipeline compiled as the worker compiles it (`compile=default`, regional: the
-transformer's double and single blocks, warmed at one size) beside an eager one; requests go
+One tiny FLUX pipeline compiled as the worker compiles it (`compile=default`, `compile_regional`
+left to the family: the transformer's double and single blocks, warmed at one size) beside an eager one; requests go
 through serving/flux_generation.py as the worker sends them.
 """
 
@@ -29,9 +29,7 @@ MAX_TOLERANCE = 4
 def pipelines(tiny_flux: TinyModel) -> Iterator[tuple[LoadedPipeline, LoadedPipeline]]:
     """(eager, compiled) pipelines of the tiny FLUX model."""
     eager = load_pipeline(str(tiny_flux.pipeline_dir))
-    fast = load_pipeline(
-        str(tiny_flux.pipeline_dir), compile_mode="default", compile_sizes=[(SIZE, SIZE)], compile_regional=True
-    )
+    fast = load_pipeline(str(tiny_flux.pipeline_dir), compile_mode="default", compile_sizes=[(SIZE, SIZE)])
     yield eager, fast
     fast.release()
 
@@ -56,6 +54,7 @@ def test_regular_runs_compiled_with_eager_pixels_and_a_lora_switch_never_recompi
 ) -> None:
     eager, fast = pipelines
     assert fast.compiled is not None
+    assert fast.compiled.regional, "compile_regional auto compiled FLUX's transformer whole"
     transformer, decoder = fast.compiled.gates
     one = str(tiny_flux.lora_paths[0])
     other = str(make_tiny_flux_lora(tmp_path / "other.safetensors", seed=9))

@@ -321,6 +321,12 @@ class Settings:
         "path; [schnell] too), loaded through the same weights cache and replicas as SD models, in bfloat16 on "
         "cuda when torch_dtype is auto.",
     )
+    flux_single_file_config: str = setting(
+        "", MODELS, (WORKER,),
+        "Diffusers FLUX.1 checkpoint (Hugging Face ID or path) giving a single-file FLUX base (one .safetensors "
+        "in BFL's layout) its transformer config and the parts the file lacks (VAE, text encoders, tokenizers, "
+        "scheduler); empty: FLUX.1 [dev] or [schnell] from the Hugging Face Hub, as the file's weights say.",
+    )
     worker_metrics_port: int = setting(0, LOGS, (WORKER,), "A worker replica's Prometheus port (0: none).", unit="port")
     device: str = setting(
         "auto", MODELS, (WORKER,),

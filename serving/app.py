@@ -232,6 +232,7 @@ class Worker:
                 compile_sizes=self._compile_sizes,
                 compile_regional=self._compile_regional,
                 make_room=lambda family, weights: self._evicted(self._residency.make_room(family, weights)),
+                flux_single_file_config=self._settings.flux_single_file_config,
             )
             self._evicted(self._residency.admit(key, loaded))
             self._hot[key] = loaded

@@ -7,14 +7,28 @@ message names the model and the reason, never a stack trace.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import accelerate
 import safetensors
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.loaders.single_file_utils import (
+    DIFFUSERS_DEFAULT_PIPELINE_PATHS,
+    LDM_VAE_KEYS,
+    infer_diffusers_model_type,
+)
 
-from serving import compiled, image_to_image, unets
+from serving import compiled, flux_checkpoint, image_to_image, unets
 from serving.errors import ModelLoadError
 from serving.lora_cache import HostLoraCache
 from serving.loaded import LoadedPipeline
@@ -22,8 +36,13 @@ from serving.metrics import WorkerMetrics
 from serving.residency import weight_bytes
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle"})
-# Keys only an SDXL original-layout checkpoint has (its second, OpenCLIP text encoder).
-SDXL_SINGLE_FILE_KEY_PREFIX = "conditioner.embedders.1"
+# diffusers' single-file model types (`infer_diffusers_model_type`) served, by pipeline: the SDXL ones
+# are the files with SDXL's second, OpenCLIP text encoder.
+SD_SINGLE_FILE_TYPES: dict[str, type[DiffusionPipeline]] = {
+    **dict.fromkeys(("v1", "v2", "inpainting", "inpainting_v2"), StableDiffusionPipeline),
+    **dict.fromkeys(("xl_base", "xl_inpaint", "playground-v2-5"), StableDiffusionXLPipeline),
+}
+FLUX_SINGLE_FILE_TYPES = frozenset({"flux-dev", "flux-schnell"})
 MAX_REASON_CHARS = 400
 
 
@@ -46,6 +65,7 @@ def load_pipeline(
     compile_sizes: Sequence[tuple[int, int]] = (),
     compile_regional: bool | None = None,
     make_room: Callable[[str, int], object] | None = None,
+    flux_single_file_config: str = "",
 ) -> LoadedPipeline:
     """Load a base model from a folder, a .safetensors file, or a Hugging Face repo id.
 
@@ -56,12 +76,14 @@ def load_pipeline(
     files in diffusers folders. `compile_mode` other than off compiles the denoiser and VAE decoder and
     warms `compile_sizes` (serving/compiled.py) before the LoRA budget is read from the free memory.
     `make_room(family, weight bytes)` runs before the weights move to `device`, so that the replica can
-    evict what they would not fit beside (serving/residency.py).
+    evict what they would not fit beside (serving/residency.py). A single-file FLUX.1 checkpoint takes
+    the parts it lacks, and its transformer's config, from the diffusers FLUX.1 checkpoint
+    `flux_single_file_config` names (empty: FLUX.1 [dev] or [schnell] from the Hub, as its keys say).
     """
     label = label or model_name
     variant = variant or None
     pipe = image_to_image.resident_pipeline(
-        _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant), label
+        _load_diffusers_pipeline(model_name, label, torch_dtype, cache_dir, variant, flux_single_file_config), label
     )
     family = _detect_family(pipe, label)
     if unet and family == "flux":
@@ -103,14 +125,19 @@ def load_pipeline(
 
 
 def _load_diffusers_pipeline(
-    source: str, label: str, torch_dtype: torch.dtype, cache_dir: Path | None, variant: str | None = None
+    source: str,
+    label: str,
+    torch_dtype: torch.dtype,
+    cache_dir: Path | None,
+    variant: str | None = None,
+    flux_config: str = "",
 ) -> DiffusionPipeline:
     if "://" in source:
         # Fetching is storage.weights' job: it guards URLs (SSRF, sizes) and caches by content.
         raise ModelLoadError(f"model {label!r}: resolve URLs through the weights cache before loading")
     local = Path(source).expanduser()
     if local.exists() or _looks_like_path(source):
-        return _load_local(local, label, torch_dtype, variant)
+        return _load_local(local, label, torch_dtype, variant, cache_dir, flux_config)
     return _from_pretrained(source, label, torch_dtype, cache_dir, variant)
 
 
@@ -123,7 +150,14 @@ def _looks_like_path(model_name: str) -> bool:
     )
 
 
-def _load_local(path: Path, model_name: str, torch_dtype: torch.dtype, variant: str | None = None) -> DiffusionPipeline:
+def _load_local(
+    path: Path,
+    model_name: str,
+    torch_dtype: torch.dtype,
+    variant: str | None = None,
+    cache_dir: Path | None = None,
+    flux_config: str = "",
+) -> DiffusionPipeline:
     if not path.exists():
         raise ModelLoadError(f"model {model_name!r}: local path does not exist")
     if path.is_file():
@@ -132,7 +166,7 @@ def _load_local(path: Path, model_name: str, torch_dtype: torch.dtype, variant: 
                 f"model {model_name!r} is a single .safetensors file; variant {variant!r} only applies to "
                 "diffusers folders and Hugging Face repos — leave variant unset"
             )
-        return _load_single_file(path, model_name, torch_dtype)
+        return _load_single_file(path, model_name, torch_dtype, cache_dir, flux_config)
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"model {model_name!r}: folder is not a diffusers pipeline (no model_index.json)")
     if variant and not any(path.glob(f"*/*.{variant}.safetensors")):
@@ -161,21 +195,103 @@ def _from_pretrained(
         raise ModelLoadError(f"could not load model {model_name!r}: {_reason(exc)}") from exc
 
 
-def _load_single_file(path: Path, model_name: str, torch_dtype: torch.dtype) -> DiffusionPipeline:
+def _load_single_file(
+    path: Path, model_name: str, torch_dtype: torch.dtype, cache_dir: Path | None, flux_config: str
+) -> DiffusionPipeline:
     _refuse_pickle(path.name, model_name)
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"model {model_name!r}: a single-file model must be a .safetensors file")
+    model_type = _single_file_model_type(path, model_name)
+    if model_type in FLUX_SINGLE_FILE_TYPES:
+        return _load_flux_single_file(path, model_name, model_type, torch_dtype, cache_dir, flux_config)
+    pipeline_class = SD_SINGLE_FILE_TYPES.get(model_type)
+    if pipeline_class is None:
+        raise ModelLoadError(
+            f"model {model_name!r} is a single-file {model_type} checkpoint (by its tensor names); only Stable "
+            "Diffusion 1.x/2.x, SDXL and FLUX.1 [dev] / [schnell] single files are supported"
+        )
     try:
-        pipeline_class = _single_file_pipeline_class(path)
         return pipeline_class.from_single_file(str(path), dtype=torch_dtype)
     except Exception as exc:
         raise ModelLoadError(f"could not load single-file model {model_name!r}: {_reason(exc)}") from exc
 
 
-def _single_file_pipeline_class(path: Path) -> type[DiffusionPipeline]:
+class _TensorShapes(Mapping[str, torch.Tensor]):
+    """A safetensors file's tensors as diffusers' family inference reads them: names and shapes (meta
+    tensors), without reading the weights."""
+
+    def __init__(self, checkpoint: Any) -> None:
+        self._checkpoint = checkpoint
+        self._keys = list(checkpoint.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return torch.empty(self._checkpoint.get_slice(key).get_shape(), device="meta")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _single_file_model_type(path: Path, model_name: str) -> str:
+    """diffusers' own inference from the tensor names and shapes ("v1" when nothing else fits)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as checkpoint:
+            return str(infer_diffusers_model_type(_TensorShapes(checkpoint)))
+    except Exception as exc:
+        raise ModelLoadError(f"could not read single-file model {model_name!r}: {_reason(exc)}") from exc
+
+
+def _load_flux_single_file(
+    path: Path, model_name: str, model_type: str, torch_dtype: torch.dtype, cache_dir: Path | None, config: str
+) -> DiffusionPipeline:
+    """The file's transformer (BFL's layout, serving/flux_checkpoint.py) in the `config` checkpoint's
+    transformer, with that checkpoint's VAE, text encoders, tokenizers and scheduler, or those the file
+    carries (an all-in-one file) loaded by diffusers' `FluxPipeline.from_single_file`."""
+    source = config or DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     with safetensors.safe_open(str(path), framework="pt") as checkpoint:
-        is_sdxl = any(key.startswith(SDXL_SINGLE_FILE_KEY_PREFIX) for key in checkpoint.keys())
-    return StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+        names = set(checkpoint.keys())
+        keys = flux_checkpoint.transformer_keys(names)
+        bfl = {name: checkpoint.get_tensor(key) for name, key in keys.items()}
+    try:
+        weights = flux_checkpoint.to_diffusers(bfl)
+    except flux_checkpoint.LayoutError as exc:
+        raise ModelLoadError(f"single-file model {model_name!r} is not a FLUX.1 transformer: {exc}") from exc
+    del bfl
+    try:
+        transformer_config = FluxTransformer2DModel.load_config(source, subfolder="transformer", cache_dir=cache_dir)
+        with accelerate.init_empty_weights():
+            transformer = FluxTransformer2DModel.from_config(transformer_config)
+        transformer.load_state_dict(weights, strict=True, assign=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"single-file model {model_name!r} does not fit the FLUX.1 transformer of {source!r} "
+            f"(setting flux_single_file_config): {_reason(exc)}"
+        ) from exc
+    transformer.to(torch_dtype).eval()
+    try:
+        if names == set(keys.values()):
+            return FluxPipeline.from_pretrained(
+                source,
+                transformer=transformer,
+                use_safetensors=True,
+                dtype=torch_dtype,
+                cache_dir=cache_dir,
+                trust_remote_code=False,
+            )
+        parts: dict[str, Any] = {"transformer": transformer}
+        if not any(name.startswith(tuple(LDM_VAE_KEYS)) for name in names):
+            parts["vae"] = AutoencoderKL.from_pretrained(
+                source, subfolder="vae", use_safetensors=True, dtype=torch_dtype, cache_dir=cache_dir
+            )
+        return FluxPipeline.from_single_file(str(path), config=source, dtype=torch_dtype, cache_dir=cache_dir, **parts)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load single-file model {model_name!r} with the rest of {source!r}: {_reason(exc)}"
+        ) from exc
 
 
 def _refuse_pickle(file_name: str, what: str) -> None:

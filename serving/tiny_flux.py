@@ -16,6 +16,9 @@ LoRAs come in each layout diffusers' `FluxLoraLoaderMixin` reads, with seeded ra
   3072 × 3 + 12288, which a tiny transformer does not have.
 - "xlabs": XLabs' processor names (`double_blocks.0.processor.qkv_lora1.down.weight`), double
   blocks only, as XLabs trains them, without alpha.
+
+Beside the pipeline folder, its transformer as single-file FLUX.1 checkpoints ship one
+(`flux1-dev.safetensors`): BFL's original layout, q/k/v fused (serving/flux_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
+from serving import flux_checkpoint
 from serving.tiny import (
     LORA_INIT_STD,
     LORA_RANK,
@@ -41,6 +45,8 @@ from serving.tiny import (
 )
 
 FLUX = "flux"
+# The tiny transformer in BFL's layout, next to `pipeline/`.
+SINGLE_FILE_NAME = "flux1-tiny-transformer.safetensors"
 FluxLoraFormat = Literal["peft", "kohya", "xlabs"]
 FluxLoraComponent = Literal["transformer", "text_encoder"]
 # FLUX.1's latents: 16 channels, packed 2×2 into the transformer's 64 input features.
@@ -133,13 +139,15 @@ def flux1_dev_models() -> tuple[FluxTransformer2DModel, T5EncoderModel, CLIPText
 
 
 def make_tiny_flux_model(out_dir: Path, num_loras: int = 3, seed: int = 0) -> TinyModel:
-    """Build and save the tiny FLUX pipeline plus `num_loras` PEFT-layout LoRAs; same seed, same files."""
+    """Build and save the tiny FLUX pipeline plus `num_loras` PEFT-layout LoRAs; same seed, same files.
+    Its transformer is also written as a BFL-layout single file, `SINGLE_FILE_NAME`."""
     out_dir = Path(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = build_tiny_flux_pipeline()
     pipeline_dir = out_dir / "pipeline"
     pipe.save_pretrained(pipeline_dir, safe_serialization=True)
+    save_flux_single_file(pipe.transformer, out_dir / SINGLE_FILE_NAME)
     lora_paths = [
         make_tiny_flux_lora(out_dir / "loras" / f"lora_{i}.safetensors", seed=seed * 1000 + i + 1, pipe=pipe)
         for i in range(num_loras)
@@ -163,6 +171,15 @@ def make_tiny_flux_layouts(folder: Path, seed: int = 0) -> list[Path]:
         make_tiny_flux_lora(folder / "xlabs.safetensors", seed=base + 1, lora_format="xlabs", pipe=pipe),
         make_tiny_flux_lora(folder / "text_encoder.safetensors", seed=base + 2, components=("text_encoder",), pipe=pipe),
     ]
+
+
+def save_flux_single_file(transformer: FluxTransformer2DModel, path: Path, *, prefix: str = "") -> Path:
+    """`transformer` as a single-file checkpoint in BFL's layout, each name after `prefix` (all-in-one
+    files use `flux_checkpoint.ALL_IN_ONE_PREFIX`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(flux_checkpoint.to_bfl(transformer.state_dict(), prefix), str(path))
+    return path
 
 
 def build_tiny_flux_pipeline() -> FluxPipeline:

@@ -1,0 +1,128 @@
+"""A FLUX.1 base as one .safetensors file in BFL's layout (how flux1-dev.safetensors and most shared
+fine-tunes ship): loaded by the real loader with its other parts from `flux_single_file_config`, it
+generates exactly what the diffusers folder it was written from does, LoRAs included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+from loraserve.v1 import flux_pb2
+from serving import flux_checkpoint, flux_generation
+from serving.errors import ModelLoadError
+from serving.pipelines import LoadedPipeline, load_pipeline
+from serving.tiny import TinyModel
+from serving.tiny_flux import SINGLE_FILE_NAME
+
+SIZE = 32
+# FLUX.1's width and single-block MLP width: diffusers' converter splits `linear1` at these.
+FLUX1_WIDTH, FLUX1_MLP = 3072, 12288
+
+
+def params(lora: Path | None = None) -> flux_generation.FluxParams:
+    inp = flux_pb2.FluxInput(prompt="a cat", num_inference_steps=2, enable_safety_checker=False)
+    inp.image_size.custom.width = inp.image_size.custom.height = SIZE
+    request = flux_generation.flux_params(inp, seed=1)
+    request.loras = [(str(lora), 1.0)] if lora else []
+    return request
+
+
+def pixels(loaded: LoadedPipeline, request: flux_generation.FluxParams) -> np.ndarray:
+    return np.asarray(flux_generation.generate_flux(loaded, request).images[0])
+
+
+def load_single_file(path: Path, tiny_flux: TinyModel) -> LoadedPipeline:
+    return load_pipeline(str(path), flux_single_file_config=str(tiny_flux.pipeline_dir))
+
+
+def bfl_tensors(tiny_flux: TinyModel) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(tiny_flux.pipeline_dir.parent / SINGLE_FILE_NAME))
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    safetensors.torch.save_file({name: tensor.clone() for name, tensor in tensors.items()}, str(path))
+    return path
+
+
+def test_a_bfl_single_file_generates_the_folders_pixels_with_and_without_a_lora(
+    tiny_flux: TinyModel, tmp_path: Path
+) -> None:
+    folder = load_pipeline(str(tiny_flux.pipeline_dir))
+    single = load_single_file(tiny_flux.pipeline_dir.parent / SINGLE_FILE_NAME, tiny_flux)
+    assert single.family == "flux"
+    plain = pixels(folder, params())
+    np.testing.assert_array_equal(pixels(single, params()), plain)
+    lora = tiny_flux.lora_paths[0]
+    with_lora = pixels(single, params(lora))
+    assert not np.array_equal(with_lora, plain)
+    np.testing.assert_array_equal(with_lora, pixels(folder, params(lora)))
+    # The comparison sees a layout slip: the final modulation in diffusers' (scale, shift) order, unswapped.
+    tensors = bfl_tensors(tiny_flux)
+    for kind in ("weight", "bias"):
+        shift, scale = tensors[f"final_layer.adaLN_modulation.1.{kind}"].chunk(2)
+        tensors[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([scale, shift])
+    unswapped = load_single_file(write(tmp_path / "unswapped.safetensors", tensors), tiny_flux)
+    assert not np.array_equal(pixels(unswapped, params()), plain)
+
+
+def test_an_all_in_one_file_takes_its_transformer_from_under_model_diffusion_model(
+    tiny_flux: TinyModel, tmp_path: Path
+) -> None:
+    prefixed = {flux_checkpoint.ALL_IN_ONE_PREFIX + name: t for name, t in bfl_tensors(tiny_flux).items()}
+    loaded = load_single_file(write(tmp_path / "prefixed.safetensors", prefixed), tiny_flux)
+    folder = load_pipeline(str(tiny_flux.pipeline_dir))
+    np.testing.assert_array_equal(pixels(loaded, params()), pixels(folder, params()))
+
+
+def test_weights_that_do_not_fit_the_config_checkpoint_are_refused_naming_the_model(
+    tiny_flux: TinyModel, tmp_path: Path
+) -> None:
+    tensors = bfl_tensors(tiny_flux)
+    extra_block = {**tensors, **{k.replace("double_blocks.1.", "double_blocks.2."): t for k, t in tensors.items()}}
+    unexpected = r"extra\.safetensors' does not fit .*Unexpected key.*transformer_blocks\.2\."
+    with pytest.raises(ModelLoadError, match=unexpected):
+        load_single_file(write(tmp_path / "extra.safetensors", extra_block), tiny_flux)
+    wider = dict(tensors)
+    wider["txt_in.weight"] = torch.zeros(tensors["txt_in.weight"].shape[0], 48)
+    with pytest.raises(ModelLoadError, match=r"wider\.safetensors' does not fit .*context_embedder\.weight"):
+        load_single_file(write(tmp_path / "wider.safetensors", wider), tiny_flux)
+    missing = {k: t for k, t in tensors.items() if k != "img_in.bias"}
+    with pytest.raises(ModelLoadError, match=r"missing\.safetensors' is not a FLUX.1 transformer: no 'img_in.bias'"):
+        load_single_file(write(tmp_path / "missing.safetensors", missing), tiny_flux)
+
+
+def test_other_single_file_families_and_pickle_files_are_refused(tiny_flux: TinyModel, tmp_path: Path) -> None:
+    tensors = bfl_tensors(tiny_flux)
+    # FLUX.1 Fill: its image input also takes the masked image and the mask (384 features).
+    fill = {**tensors, "img_in.weight": torch.zeros(tensors["img_in.weight"].shape[0], 384)}
+    with pytest.raises(ModelLoadError, match=r"'.*fill\.safetensors' is a single-file flux-fill checkpoint"):
+        load_single_file(write(tmp_path / "fill.safetensors", fill), tiny_flux)
+    pickle = tmp_path / "flux1-dev.ckpt"
+    pickle.write_bytes(b"not read")
+    with pytest.raises(ModelLoadError, match=r"flux1-dev\.ckpt'.*pickle"):
+        load_single_file(pickle, tiny_flux)
+
+
+def test_the_layout_mapping_agrees_with_diffusers_converter_at_flux1_widths() -> None:
+    """diffusers' converter only splits FLUX.1's own widths, so it is checked on FLUX.1-shaped fused
+    tensors with every other tensor small (the mapping reads no other shape)."""
+    generator = torch.Generator().manual_seed(0)
+    bfl: dict[str, torch.Tensor] = {}
+    for diffusers_names, name, how in flux_checkpoint.tensor_pairs({"guidance_in.in_layer.weight"}, (2, 3)):
+        rows = FLUX1_WIDTH if name.startswith("img_in.") else 4
+        if how == flux_checkpoint.FUSED:
+            rows = FLUX1_WIDTH * 3 + (FLUX1_MLP if len(diffusers_names) == 4 else 0)
+        bfl[name] = torch.randn((rows, 2) if name.endswith(".weight") else (rows,), generator=generator)
+    ours = flux_checkpoint.to_diffusers(bfl)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    back = flux_checkpoint.to_bfl(ours)
+    assert sorted(back) == sorted(bfl)
+    assert all(torch.equal(back[name], tensor) for name, tensor in bfl.items())

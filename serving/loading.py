@@ -257,7 +257,7 @@ def _load_flux_single_file(
         keys = flux_checkpoint.transformer_keys(names)
         bfl = {name: checkpoint.get_tensor(key) for name, key in keys.items()}
     try:
-        weights = flux_checkpoint.to_diffusers(bfl)
+        weights = {name: tensor.to(torch_dtype) for name, tensor in flux_checkpoint.to_diffusers(bfl).items()}
     except flux_checkpoint.LayoutError as exc:
         raise ModelLoadError(f"single-file model {model_name!r} is not a FLUX.1 transformer: {exc}") from exc
     del bfl
@@ -271,7 +271,7 @@ def _load_flux_single_file(
             f"single-file model {model_name!r} does not fit the FLUX.1 transformer of {source!r} "
             f"(setting flux_single_file_config): {_reason(exc)}"
         ) from exc
-    transformer.to(torch_dtype).eval()
+    transformer.eval()
     try:
         if names == set(keys.values()):
             return FluxPipeline.from_pretrained(
@@ -287,11 +287,16 @@ def _load_flux_single_file(
             parts["vae"] = AutoencoderKL.from_pretrained(
                 source, subfolder="vae", use_safetensors=True, dtype=torch_dtype, cache_dir=cache_dir
             )
-        return FluxPipeline.from_single_file(str(path), config=source, dtype=torch_dtype, cache_dir=cache_dir, **parts)
+        pipe = FluxPipeline.from_single_file(str(path), config=source, dtype=torch_dtype, cache_dir=cache_dir, **parts)
     except Exception as exc:
         raise ModelLoadError(
             f"could not load single-file model {model_name!r} with the rest of {source!r}: {_reason(exc)}"
         ) from exc
+    # diffusers builds a T5 found in the file in training mode: its dropout would make every image random.
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
 def _refuse_pickle(file_name: str, what: str) -> None:

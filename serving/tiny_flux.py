@@ -18,7 +18,8 @@ LoRAs come in each layout diffusers' `FluxLoraLoaderMixin` reads, with seeded ra
   blocks only, as XLabs trains them, without alpha.
 
 Beside the pipeline folder, its transformer as single-file FLUX.1 checkpoints ship one
-(`flux1-dev.safetensors`): BFL's original layout, q/k/v fused (serving/flux_checkpoint.py).
+(`flux1-dev.safetensors`): BFL's original layout, q/k/v fused (serving/flux_checkpoint.py);
+`save_flux_all_in_one` adds the text encoders under ComfyUI's names, as all-in-one files carry them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from serving.tiny import (
 FLUX = "flux"
 # The tiny transformer in BFL's layout, next to `pipeline/`.
 SINGLE_FILE_NAME = "flux1-tiny-transformer.safetensors"
+# Where all-in-one files keep CLIP-L (under transformers' `text_model.`) and T5, as diffusers reads them.
+ALL_IN_ONE_CLIP_PREFIX = "text_encoders.clip_l.transformer.text_model."
+ALL_IN_ONE_T5_PREFIX = "text_encoders.t5xxl.transformer."
 FluxLoraFormat = Literal["peft", "kohya", "xlabs"]
 FluxLoraComponent = Literal["transformer", "text_encoder"]
 # FLUX.1's latents: 16 channels, packed 2×2 into the transformer's 64 input features.
@@ -179,6 +183,23 @@ def save_flux_single_file(transformer: FluxTransformer2DModel, path: Path, *, pr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(flux_checkpoint.to_bfl(transformer.state_dict(), prefix), str(path))
+    return path
+
+
+def save_flux_all_in_one(pipe: FluxPipeline, path: Path) -> Path:
+    """`pipe`'s transformer (BFL's layout, under `model.diffusion_model.`) and text encoders in one file.
+
+    The VAE is left out: it would go in the original LDM layout, which nothing here writes; the loader
+    takes a VAE the file lacks from `flux_single_file_config`.
+    """
+    tensors = flux_checkpoint.to_bfl(pipe.transformer.state_dict(), flux_checkpoint.ALL_IN_ONE_PREFIX)
+    clip = pipe.text_encoder.state_dict()
+    # transformers >= 5.6 flattens CLIPTextModel; all-in-one files keep the `text_model.` level.
+    tensors.update({ALL_IN_ONE_CLIP_PREFIX + key.removeprefix("text_model."): t for key, t in clip.items()})
+    tensors.update({ALL_IN_ONE_T5_PREFIX + key: t for key, t in pipe.text_encoder_2.state_dict().items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({key: t.detach().clone().contiguous() for key, t in tensors.items()}, str(path))
     return path
 
 

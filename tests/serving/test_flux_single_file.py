@@ -17,7 +17,7 @@ from serving import flux_checkpoint, flux_generation
 from serving.errors import ModelLoadError
 from serving.pipelines import LoadedPipeline, load_pipeline
 from serving.tiny import TinyModel
-from serving.tiny_flux import SINGLE_FILE_NAME
+from serving.tiny_flux import ALL_IN_ONE_T5_PREFIX, SINGLE_FILE_NAME, save_flux_all_in_one
 
 SIZE = 32
 # FLUX.1's width and single-block MLP width: diffusers' converter splits `linear1` at these.
@@ -70,13 +70,23 @@ def test_a_bfl_single_file_generates_the_folders_pixels_with_and_without_a_lora(
     assert not np.array_equal(pixels(unswapped, params()), plain)
 
 
-def test_an_all_in_one_file_takes_its_transformer_from_under_model_diffusion_model(
+def test_an_all_in_one_file_takes_its_transformer_and_text_encoders_from_the_file(
     tiny_flux: TinyModel, tmp_path: Path
 ) -> None:
-    prefixed = {flux_checkpoint.ALL_IN_ONE_PREFIX + name: t for name, t in bfl_tensors(tiny_flux).items()}
-    loaded = load_single_file(write(tmp_path / "prefixed.safetensors", prefixed), tiny_flux)
     folder = load_pipeline(str(tiny_flux.pipeline_dir))
-    np.testing.assert_array_equal(pixels(loaded, params()), pixels(folder, params()))
+    plain = pixels(folder, params())
+    prefixed = {flux_checkpoint.ALL_IN_ONE_PREFIX + name: t for name, t in bfl_tensors(tiny_flux).items()}
+    transformer_only = load_single_file(write(tmp_path / "prefixed.safetensors", prefixed), tiny_flux)
+    np.testing.assert_array_equal(pixels(transformer_only, params()), plain)
+    all_in_one = load_single_file(save_flux_all_in_one(folder.pipe, tmp_path / "aio.safetensors"), tiny_flux)
+    np.testing.assert_array_equal(pixels(all_in_one, params()), plain)
+    # The text encoders are the file's, not the config checkpoint's.
+    tensors = safetensors.torch.load_file(str(tmp_path / "aio.safetensors"))
+    t5_norm = ALL_IN_ONE_T5_PREFIX + "encoder.final_layer_norm.weight"
+    tensors[t5_norm] = tensors[t5_norm] * 2
+    edited = load_single_file(write(tmp_path / "edited.safetensors", tensors), tiny_flux)
+    torch.testing.assert_close(edited.pipe.text_encoder_2.encoder.final_layer_norm.weight, tensors[t5_norm])
+    assert not np.array_equal(pixels(edited, params()), plain)
 
 
 def test_weights_that_do_not_fit_the_config_checkpoint_are_refused_naming_the_model(

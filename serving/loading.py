@@ -255,9 +255,10 @@ def _load_flux_single_file(
     with safetensors.safe_open(str(path), framework="pt") as checkpoint:
         names = set(checkpoint.keys())
         keys = flux_checkpoint.transformer_keys(names)
-        bfl = {name: checkpoint.get_tensor(key) for name, key in keys.items()}
+        # Cast as read: a float32 file never sits in host memory whole beside its bfloat16 copy.
+        bfl = {name: checkpoint.get_tensor(key).to(torch_dtype) for name, key in keys.items()}
     try:
-        weights = {name: tensor.to(torch_dtype) for name, tensor in flux_checkpoint.to_diffusers(bfl).items()}
+        weights = flux_checkpoint.to_diffusers(bfl)
     except flux_checkpoint.LayoutError as exc:
         raise ModelLoadError(f"single-file model {model_name!r} is not a FLUX.1 transformer: {exc}") from exc
     del bfl

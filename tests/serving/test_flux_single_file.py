@@ -4,6 +4,11 @@ generates exactly what the diffusers folder it was written from does, LoRAs incl
 
 from __future__ import annotations
 
+import functools
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,8 @@ from serving.errors import ModelLoadError
 from serving.pipelines import LoadedPipeline, load_pipeline
 from serving.tiny import TinyModel
 from serving.tiny_flux import ALL_IN_ONE_T5_PREFIX, SINGLE_FILE_NAME, save_flux_all_in_one
+from storage.fetch import FetchPolicy
+from storage.weights import WeightsCache
 
 SIZE = 32
 # FLUX.1's width and single-block MLP width: diffusers' converter splits `linear1` at these.
@@ -68,6 +75,40 @@ def test_a_bfl_single_file_generates_the_folders_pixels_with_and_without_a_lora(
         tensors[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([scale, shift])
     unswapped = load_single_file(write(tmp_path / "unswapped.safetensors", tensors), tiny_flux)
     assert not np.array_equal(pixels(unswapped, params()), plain)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on loopback, and its URL."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_by_url_through_the_weights_cache_and_in_bfloat16(
+    tiny_flux: TinyModel, tmp_path: Path, served: tuple[Path, str]
+) -> None:
+    """As the worker loads `flux_model`: the URL becomes a content-named blob, which the loader reads by its keys."""
+    folder, url = served
+    shutil.copy(tiny_flux.pipeline_dir.parent / SINGLE_FILE_NAME, folder / "flux1-finetune.safetensors")
+    weights = WeightsCache(tmp_path / "weights", FetchPolicy(allowed_hosts=frozenset({"127.0.0.1"})))
+    blob = weights.resolve(f"{url}/flux1-finetune.safetensors", "flux_model")
+    assert "flux" not in blob.name
+    bf16 = torch.bfloat16
+    loaded = load_pipeline(str(blob), torch_dtype=bf16, flux_single_file_config=str(tiny_flux.pipeline_dir))
+    assert loaded.family == "flux" and loaded.pipe.transformer.dtype == bf16
+    folder_bf16 = load_pipeline(str(tiny_flux.pipeline_dir), torch_dtype=bf16)
+    np.testing.assert_array_equal(pixels(loaded, params()), pixels(folder_bf16, params()))
 
 
 def test_an_all_in_one_file_takes_its_transformer_and_text_encoders_from_the_file(

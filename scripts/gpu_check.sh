@@ -23,7 +23,8 @@ TESTS_S=100
 GPU_BENCH_S=300
 FLUX_BENCH_S=170
 # Pinned to this project's environment; pure Python but protobuf (a manylinux wheel for the GPU image's 3.12).
-WHEELS="diffusers peft protobuf pytest pytest-asyncio pytest-timeout pluggy iniconfig prometheus_client boto3 botocore s3transfer jmespath"
+# What the steps import that the image (scripts/gpu_image_packages.txt) lacks; tests/test_gpu_check_env.py checks it.
+WHEELS="diffusers peft protobuf pytest pytest-asyncio pytest-timeout pluggy iniconfig prometheus_client boto3 botocore s3transfer jmespath opentelemetry-api"
 
 case "$MODE" in
   --wheels)
@@ -62,6 +63,7 @@ import sys
 
 import diffusers, peft, pytest, pytest_asyncio, torch  # noqa: F401
 import loraserve.v1.generation_pb2  # noqa: F401  (generated stubs, carried: git ignores them)
+import bench.gpu, bench.gpu_flux  # noqa: F401  (all that the benchmarks import, at once rather than per step)
 
 print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda", torch.version.cuda,
       "available", torch.cuda.is_available(), "| diffusers", diffusers.__version__, "| peft", peft.__version__, flush=True)

@@ -349,7 +349,8 @@ class Settings:
         "auto", MODELS, (WORKER,),
         "Compile only the denoiser's repeated transformer blocks (the rest eager, CUDA graphs covering only the "
         'blocks): on | off | "auto": on for FLUX, whose transformer is 57 blocks of two shapes (compiled whole it '
-        "takes about 7x as long, for the same speed), off for SD U-Nets, compiled whole as diffusers' SDXL recipe does.",
+        "takes about 7x as long, for the same speed), off for SD U-Nets, compiled whole as diffusers' SDXL recipe "
+        "does.",
     )
     preview_interval_seconds: float = setting(
         1.0, MODELS, (WORKER,),

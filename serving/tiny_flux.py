@@ -19,11 +19,12 @@ LoRAs come in each layout diffusers' `FluxLoraLoaderMixin` reads, with seeded ra
 
 Beside the pipeline folder, its transformer as single-file FLUX.1 checkpoints ship one
 (`flux1-dev.safetensors`): BFL's original layout, q/k/v fused (serving/flux_checkpoint.py);
-`save_flux_all_in_one` adds the text encoders under ComfyUI's names, as all-in-one files carry them.
+`save_flux_all_in_one` adds the VAE and text encoders under ComfyUI's names, as all-in-one files carry them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,9 @@ from serving.tiny import (
 FLUX = "flux"
 # The tiny transformer in BFL's layout, next to `pipeline/`.
 SINGLE_FILE_NAME = "flux1-tiny-transformer.safetensors"
-# Where all-in-one files keep CLIP-L (under transformers' `text_model.`) and T5, as diffusers reads them.
+# Where all-in-one files keep the VAE (original LDM names), CLIP-L (under transformers' `text_model.`) and
+# T5, as diffusers reads them.
+ALL_IN_ONE_VAE_PREFIX = "vae."
 ALL_IN_ONE_CLIP_PREFIX = "text_encoders.clip_l.transformer.text_model."
 ALL_IN_ONE_T5_PREFIX = "text_encoders.t5xxl.transformer."
 FluxLoraFormat = Literal["peft", "kohya", "xlabs"]
@@ -186,13 +189,12 @@ def save_flux_single_file(transformer: FluxTransformer2DModel, path: Path, *, pr
     return path
 
 
-def save_flux_all_in_one(pipe: FluxPipeline, path: Path) -> Path:
-    """`pipe`'s transformer (BFL's layout, under `model.diffusion_model.`) and text encoders in one file.
-
-    The VAE is left out: it would go in the original LDM layout, which nothing here writes; the loader
-    takes a VAE the file lacks from `flux_single_file_config`.
-    """
+def save_flux_all_in_one(pipe: FluxPipeline, path: Path, *, vae: bool = True) -> Path:
+    """`pipe`'s transformer (BFL's layout, under `model.diffusion_model.`), VAE (unless `vae` is False)
+    and text encoders in one file."""
     tensors = flux_checkpoint.to_bfl(pipe.transformer.state_dict(), flux_checkpoint.ALL_IN_ONE_PREFIX)
+    if vae:
+        tensors.update({ALL_IN_ONE_VAE_PREFIX + key: t for key, t in _ldm_vae(pipe.vae).items()})
     clip = pipe.text_encoder.state_dict()
     # transformers >= 5.6 flattens CLIPTextModel; all-in-one files keep the `text_model.` level.
     tensors.update({ALL_IN_ONE_CLIP_PREFIX + key.removeprefix("text_model."): t for key, t in clip.items()})
@@ -201,6 +203,32 @@ def save_flux_all_in_one(pipe: FluxPipeline, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file({key: t.detach().clone().contiguous() for key, t in tensors.items()}, str(path))
     return path
+
+
+def _ldm_vae(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """The VAE under the original LDM names: the inverse of diffusers' `convert_ldm_vae_checkpoint`
+    (up blocks numbered from the bottom, the mid attention's projections as 1×1 convolutions)."""
+    last_up = len(vae.config.up_block_types) - 1
+    renames: list[tuple[str, Any]] = [
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{last_up - int(m[1])}.block."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{last_up - int(m[1])}.upsample."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+        (r"\.attn_1\.to_(q|k|v)\.", r".attn_1.\1."),
+        (r"\.attn_1\.to_out\.0\.", ".attn_1.proj_out."),
+    ]
+    ldm: dict[str, torch.Tensor] = {}
+    for key, tensor in vae.state_dict().items():
+        for pattern, new in renames:
+            key = re.sub(pattern, new, key)
+        is_projection = ".attn_1." in key and ".norm." not in key and key.endswith(".weight")
+        ldm[key] = tensor[:, :, None, None] if is_projection else tensor
+    return ldm
 
 
 def build_tiny_flux_pipeline() -> FluxPipeline:

@@ -111,7 +111,7 @@ def test_by_url_through_the_weights_cache_and_in_bfloat16(
     np.testing.assert_array_equal(pixels(loaded, params()), pixels(folder_bf16, params()))
 
 
-def test_an_all_in_one_file_takes_its_transformer_and_text_encoders_from_the_file(
+def test_an_all_in_one_file_takes_its_transformer_vae_and_text_encoders_from_the_file(
     tiny_flux: TinyModel, tmp_path: Path
 ) -> None:
     folder = load_pipeline(str(tiny_flux.pipeline_dir))
@@ -121,12 +121,15 @@ def test_an_all_in_one_file_takes_its_transformer_and_text_encoders_from_the_fil
     np.testing.assert_array_equal(pixels(transformer_only, params()), plain)
     all_in_one = load_single_file(save_flux_all_in_one(folder.pipe, tmp_path / "aio.safetensors"), tiny_flux)
     np.testing.assert_array_equal(pixels(all_in_one, params()), plain)
-    # The text encoders are the file's, not the config checkpoint's.
+    without_vae = save_flux_all_in_one(folder.pipe, tmp_path / "no-vae.safetensors", vae=False)
+    np.testing.assert_array_equal(pixels(load_single_file(without_vae, tiny_flux), params()), plain)
+    # The VAE and text encoders are the file's, not the config checkpoint's.
     tensors = safetensors.torch.load_file(str(tmp_path / "aio.safetensors"))
-    t5_norm = ALL_IN_ONE_T5_PREFIX + "encoder.final_layer_norm.weight"
-    tensors[t5_norm] = tensors[t5_norm] * 2
+    t5_norm, vae_out = ALL_IN_ONE_T5_PREFIX + "encoder.final_layer_norm.weight", "vae.decoder.conv_out.bias"
+    tensors[t5_norm], tensors[vae_out] = tensors[t5_norm] * 2, tensors[vae_out] + 0.5
     edited = load_single_file(write(tmp_path / "edited.safetensors", tensors), tiny_flux)
     torch.testing.assert_close(edited.pipe.text_encoder_2.encoder.final_layer_norm.weight, tensors[t5_norm])
+    torch.testing.assert_close(edited.pipe.vae.decoder.conv_out.bias, tensors[vae_out])
     assert not np.array_equal(pixels(edited, params()), plain)
 
 

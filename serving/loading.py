@@ -223,9 +223,13 @@ class _TensorShapes(Mapping[str, torch.Tensor]):
     def __init__(self, checkpoint: Any) -> None:
         self._checkpoint = checkpoint
         self._keys = list(checkpoint.keys())
+        self._names = frozenset(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
+        if key not in self._names:
             raise KeyError(key)
         return torch.empty(self._checkpoint.get_slice(key).get_shape(), device="meta")
 
@@ -252,16 +256,18 @@ def _load_flux_single_file(
     transformer, with that checkpoint's VAE, text encoders, tokenizers and scheduler, or those the file
     carries (an all-in-one file) loaded by diffusers' `FluxPipeline.from_single_file`."""
     source = config or DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
-    with safetensors.safe_open(str(path), framework="pt") as checkpoint:
-        names = set(checkpoint.keys())
-        keys = flux_checkpoint.transformer_keys(names)
-        # Cast as read: a float32 file never sits in host memory whole beside its bfloat16 copy.
-        bfl = {name: checkpoint.get_tensor(key).to(torch_dtype) for name, key in keys.items()}
     try:
-        weights = flux_checkpoint.to_diffusers(bfl)
+        with safetensors.safe_open(str(path), framework="pt") as checkpoint:
+            names = set(checkpoint.keys())
+            keys = flux_checkpoint.transformer_keys(names)
+            # Cast as read: a float32 file never sits in host memory whole beside its bfloat16 copy.
+            weights = flux_checkpoint.to_diffusers(
+                {name: checkpoint.get_tensor(key).to(torch_dtype) for name, key in keys.items()}
+            )
     except flux_checkpoint.LayoutError as exc:
         raise ModelLoadError(f"single-file model {model_name!r} is not a FLUX.1 transformer: {exc}") from exc
-    del bfl
+    except Exception as exc:
+        raise ModelLoadError(f"could not read single-file model {model_name!r}: {_reason(exc)}") from exc
     try:
         transformer_config = FluxTransformer2DModel.load_config(source, subfolder="transformer", cache_dir=cache_dir)
         with accelerate.init_empty_weights():

@@ -1,6 +1,7 @@
 """A FLUX.1 base as one .safetensors file in BFL's layout (how flux1-dev.safetensors and most shared
 fine-tunes ship): loaded by the real loader with its other parts from `flux_single_file_config`, it
-generates exactly what the diffusers folder it was written from does, LoRAs included."""
+generates exactly what the diffusers folder it was written from does, LoRAs included. The family of
+any single file comes from diffusers' inference on its tensor names; SD files keep their pipelines."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
 from loraserve.v1 import flux_pb2
-from serving import flux_checkpoint, flux_generation
+from serving import flux_checkpoint, flux_generation, loading
 from serving.errors import ModelLoadError
 from serving.pipelines import LoadedPipeline, load_pipeline
 from serving.tiny import TinyModel
@@ -29,6 +30,7 @@ from storage.weights import WeightsCache
 SIZE = 32
 # FLUX.1's width and single-block MLP width: diffusers' converter splits `linear1` at these.
 FLUX1_WIDTH, FLUX1_MLP = 3072, 12288
+SD_UNET = "model.diffusion_model."
 
 
 def params(lora: Path | None = None) -> flux_generation.FluxParams:
@@ -180,3 +182,24 @@ def test_the_layout_mapping_agrees_with_diffusers_converter_at_flux1_widths() ->
     back = flux_checkpoint.to_bfl(ours)
     assert sorted(back) == sorted(bfl)
     assert all(torch.equal(back[name], tensor) for name, tensor in bfl.items())
+
+
+@pytest.mark.parametrize(
+    ("tensors", "pipeline"),
+    [
+        ({f"{SD_UNET}output_blocks.11.0.skip_connection.weight": (1,)}, "StableDiffusionPipeline"),
+        ({f"{SD_UNET}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}, "StableDiffusionPipeline"),
+        ({f"{SD_UNET}input_blocks.0.0.weight": (320, 9, 3, 3)}, "StableDiffusionPipeline"),
+        ({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1,)}, "StableDiffusionXLPipeline"),
+        ({"conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias": (1,)}, None),
+    ],
+    ids=["sd15", "sd2", "sd-inpainting", "sdxl", "sdxl-refiner"],
+)
+def test_sd_single_files_keep_their_pipelines(
+    tensors: dict[str, tuple[int, ...]], pipeline: str | None, tmp_path: Path
+) -> None:
+    """SD 1.x/2.x and SDXL files go to the pipelines the old SDXL-key check chose (the refiner, which that
+    check sent to the SD pipeline to fail there, is refused by name)."""
+    path = write(tmp_path / "model.safetensors", {key: torch.zeros(shape) for key, shape in tensors.items()})
+    model_type = loading._single_file_model_type(path, "model")
+    assert getattr(loading.SD_SINGLE_FILE_TYPES.get(model_type), "__name__", None) == pipeline

@@ -80,8 +80,10 @@ run_step() {  # run_step SECONDS LOG COMMAND...: at most SECONDS, and never past
 }
 
 mapfile -t CUDA_TESTS < <(grep -rl "pytest.mark.cuda" tests --include='test_*.py' | sort)
-run_step "$TESTS_S" cuda-tests.log "$PY" -m pytest -q -p no:cacheprovider -m cuda -o addopts= \
-  --junitxml="$OUT/cuda-tests.xml" -rs "${CUDA_TESTS[@]}"
+# Only the plugins the tests use: the image's own (xdist, cov, benchmark, hypothesis, ...) were built for its
+# pytest, not the carried one, and one that fails to load would stop the step before any test ran.
+run_step "$TESTS_S" cuda-tests.log env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest -p pytest_asyncio.plugin \
+  -p pytest_timeout -q -p no:cacheprovider -m cuda -o addopts= --junitxml="$OUT/cuda-tests.xml" -rs "${CUDA_TESTS[@]}"
 run_step "$GPU_BENCH_S" gpu.log "$PY" -m bench.gpu --json "$OUT/gpu.json" "${BENCH_ARGS[@]}"
 run_step "$FLUX_BENCH_S" gpu_flux.log "$PY" -m bench.gpu_flux --json "$OUT/gpu_flux.json" "${FLUX_ARGS[@]}"
 

@@ -33,6 +33,13 @@ def carried_wheels() -> set[str]:
     return {_name(name) for name in match.group(1).split()}
 
 
+def cuda_test_files() -> list[str]:
+    """The files the script's test step runs: those holding its grep pattern."""
+    match = re.search(r'grep -rl "([^"]+)" tests', SCRIPT.read_text(encoding="utf-8"))
+    assert match, "scripts/gpu_check.sh no longer finds its CUDA tests by grep"
+    return sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("test_*.py") if match.group(1) in path.read_text())
+
+
 def image_packages() -> set[str]:
     lines = IMAGE.read_text(encoding="utf-8").splitlines()
     return {_name(line) for line in lines if line.strip() and not line.startswith("#")}
@@ -80,19 +87,19 @@ def test_the_gpu_checks_steps_import_with_only_the_images_packages_and_the_carri
     # The wheels go in with --no-deps: their own needs must be on the image or carried too.
     allowed = with_their_needs(image_packages() - wheels, dists) | wheels
     site = linked_site(tmp_path / "site", allowed, dists)
-    cuda_tests = sorted(
-        str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.cuda" in path.read_text()
-    )
+    cuda_tests = cuda_test_files()
     assert cuda_tests, "no CUDA-marked test found"
-    # What the script's steps import: the two benchmarks, the table, and the CUDA tests as pytest collects them.
+    # What the script's steps import: the two benchmarks, the table, and the CUDA tests as its pytest collects them.
     code = (
         "import sys, pytest, bench.gpu, bench.gpu_flux, bench.gpu_check\n"
-        "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', '-m', 'cuda', '-o', 'addopts=', *sys.argv[1:]]))"
+        "sys.exit(pytest.main(['-p', 'pytest_asyncio.plugin', '-p', 'pytest_timeout', '--collect-only', '-q',"
+        " '-p', 'no:cacheprovider', '-m', 'cuda', '-o', 'addopts=', *sys.argv[1:]]))"
     )
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), str(ROOT / "clients" / "python")]),
         "HF_HUB_OFFLINE": "1",
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
     }
     result = subprocess.run(
         [sys.executable, "-S", "-c", code, *cuda_tests], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

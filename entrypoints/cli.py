@@ -124,15 +124,16 @@ def _serve_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _tiny_fixtures(args: argparse.Namespace, pipeline_dir: Path) -> list[Path]:
-    """The make-tiny-model extras for unet_name, variant, kohya LoRAs and embeddings; FLUX's LoRA layouts."""
+    """The make-tiny-model extras for unet_name, variant, kohya LoRAs and embeddings; FLUX's single-file transformer
+    and LoRA layouts."""
     from serving.tiny import make_tiny_embedding, make_tiny_lora, make_tiny_unet, make_tiny_variant
 
     if args.family == "flux":
-        from serving.tiny_flux import make_tiny_flux_layouts
+        from serving.tiny_flux import SINGLE_FILE_NAME, make_tiny_flux_layouts
 
         if args.kohya_loras or args.embedding or args.unet or args.variant or args.adapters:
             raise SystemExit("make-tiny-model --family flux: only --loras and --seed apply")
-        return make_tiny_flux_layouts(args.dir / "loras", args.seed)
+        return [pipeline_dir.parent / SINGLE_FILE_NAME, *make_tiny_flux_layouts(args.dir / "loras", args.seed)]
 
     paths = [
         make_tiny_lora(

@@ -254,6 +254,32 @@ def test_prefetch_during_a_request_never_evicts_its_loras(
     assert loaded.resident_loras == [Path(waiting).resolve()]
 
 
+@pytest.mark.cuda
+def test_on_cuda_a_lora_prefetched_from_another_thread_mid_request_gives_the_image_of_one_loaded_in_line(
+    tiny_models: dict[str, TinyModel],
+) -> None:
+    """The worker's Prefetch runs in another thread while a request denoises: there the transfer runs on the
+    tier's copy stream, beside the request's kernels, and the request that then uses the LoRA must see it whole."""
+    model = tiny_models["sd15"]
+    running, waiting = (str(path) for path in model.lora_paths[:2])
+    expected = pixels(load_pipeline(str(model.pipeline_dir), device="cuda"), loras=[(waiting, 1.0)])
+    metrics = WorkerMetrics()
+    loaded = load_pipeline(str(model.pipeline_dir), device="cuda", metrics=metrics)
+    prefetches: list[threading.Thread] = []
+
+    def prefetch_mid_request(_step: int, _total: int) -> None:
+        if not prefetches:
+            prefetches.append(threading.Thread(target=loaded.prefetch_loras, args=([waiting],)))
+            prefetches[0].start()
+            prefetches[0].join()
+
+    generate(loaded, params(loras=[(running, 1.0)]), on_step=prefetch_mid_request)
+    assert loaded.lora_tier._copy_stream is not None, "the prefetch did not run on the copy stream"
+    hits = samples(metrics, "gpu")["hits_total"]
+    assert np.array_equal(pixels(loaded, loras=[(waiting, 1.0)]), expected)
+    assert samples(metrics, "gpu")["hits_total"] == hits + 1, "the request did not use the prefetched tensors"
+
+
 def test_prefetch_on_a_released_pipeline_does_nothing(tiny_models: dict[str, TinyModel]) -> None:
     model = tiny_models["sd15"]
     loaded = load_pipeline(str(model.pipeline_dir))
@@ -357,7 +383,21 @@ def test_switching_sets_puts_the_base_weights_back_before_anything_else_runs_or_
 def test_copies_evicted_while_installed_give_the_base_weights_back(
     tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline]
 ) -> None:
-    model, reference = tiny_models["sd15"], pipelines["sd15"]
+    evict_installed_copies(tiny_models["sd15"], pipelines["sd15"], "cpu")
+
+
+@pytest.mark.cuda
+def test_on_cuda_copies_evicted_while_installed_give_the_base_weights_back(tiny_models: dict[str, TinyModel]) -> None:
+    """The same switches on a GPU: copies merged on the side stream, put back by copy and freed from the main
+    stream, a set merged again into memory they held, and a waiting LoRA made resident on the copy stream."""
+    model = tiny_models["sd15"]
+    loaded = evict_installed_copies(model, load_pipeline(str(model.pipeline_dir), device="cuda"), "cuda")
+    assert loaded.lora_tier._stream is not None and loaded.lora_tier._copy_stream is not None
+
+
+def evict_installed_copies(model: TinyModel, reference: LoadedPipeline, device: str) -> LoadedPipeline:
+    """A set kept, a waiting LoRA prefetched beside it, then two sets that do not fit: images and weights as
+    `reference` (on `device`) gives them."""
     lora_a, lora_b = (str(path) for path in model.lora_paths[:2])
     expected = {"plain": pixels(reference)}
     base = live_weights(reference)
@@ -367,7 +407,7 @@ def test_copies_evicted_while_installed_give_the_base_weights_back(
     merged = reference.lora_tier.merged_bytes
     metrics = WorkerMetrics()
     # Room for one adapter and one set's copies.
-    loaded = load_pipeline(str(model.pipeline_dir), max_lora_bytes=adapter + merged, metrics=metrics)
+    loaded = load_pipeline(str(model.pipeline_dir), device=device, max_lora_bytes=adapter + merged, metrics=metrics)
     assert np.array_equal(pixels(loaded, loras=[(lora_a, 1.0)]), expected["a"])
     # A waiting request's LoRA takes the installed set's adapter out, never its copies.
     loaded.prefetch_loras([lora_b])
@@ -383,6 +423,7 @@ def test_copies_evicted_while_installed_give_the_base_weights_back(
     assert same_weights(live_weights(loaded), base)
     assert np.array_equal(pixels(loaded), expected["plain"])
     assert np.array_equal(pixels(loaded, loras=[(lora_a, 1.0)]), expected["a"])
+    return loaded
 
 
 def test_a_merge_or_an_install_failing_half_way_leaves_the_base_weights(

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The first check of a GPU machine, in one command that fits 9.5 minutes and needs no network there:
 # the CUDA-marked tests (side-stream merge race, copy-stream prefetch, LoRA switches and evictions,
-# pinned buffers, CUDA memory given back), then the GPU benchmark (bench/gpu.py: SDXL base's architecture with random weights, built on the GPU, 1024²,
-# 30 steps, fp16, fifty rank-32 LoRAs), the FLUX benchmark (bench/gpu_flux.py: FLUX.1 [dev]'s structure
-# with random weights in bf16, 1024², served + LoRA vs plain diffusers per step, LoRA switch, peak memory),
+# pinned buffers, CUDA memory given back), then the GPU benchmark (bench/gpu.py: SDXL base's
+# architecture with random weights, built on the GPU, 1024², 30 steps, fp16, fifty rank-32 LoRAs),
+# the FLUX benchmark (bench/gpu_flux.py: FLUX.1 [dev]'s structure with random weights in bf16, 1024²,
+# served + LoRA vs plain diffusers per step, LoRA switch, peak memory),
 # and one table of verdicts computed against bench/targets.py (bench/gpu_check.py).
 #
 #   bash scripts/gpu_check.sh --wheels    here, where PyPI answers: the wheels the GPU machine lacks, into .whl/

@@ -7,12 +7,15 @@ single block's q, k, v and MLP input in another (`linear1`). `to_diffusers` maps
 `FluxTransformer2DModel`'s names as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`
 does, but splits `linear1` at the checkpoint's own width, where diffusers' converter assumes
 FLUX.1's 3072 (so the tests' tiny transformer takes the same path as FLUX.1's); `to_bfl` is its
-inverse, for the tests' fixtures.
+inverse, for the tests' fixtures. A file already in diffusers' names (a diffusers folder's transformer
+weights handed over as one file) needs no mapping: `is_diffusers_layout` tells it apart, and
+`bfl_names` shows diffusers' family inference, which only knows BFL's names, what it looks for.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 import torch
 
@@ -64,6 +67,14 @@ DOUBLE_BLOCK_NORMS = {
 SINGLE_BLOCK_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
 # Tensors: diffusers names → BFL name, how.
 Pairs = list[tuple[tuple[str, ...], str, str]]
+# Names only diffusers' `FluxTransformer2DModel` has all of: SD3's transformer has no single blocks,
+# Chroma's and FLUX.2's single blocks no modulation of their own, HunyuanVideo's image input is a convolution.
+DIFFUSERS_SIGNATURE = frozenset({
+    "x_embedder.weight",
+    "transformer_blocks.0.norm1_context.linear.weight",
+    "single_transformer_blocks.0.norm.linear.weight",
+})
+DIFFUSERS_GUIDANCE = "time_text_embed.guidance_embedder.linear_1.weight"
 
 
 class LayoutError(ValueError):
@@ -75,6 +86,20 @@ def transformer_keys(keys: set[str]) -> dict[str, str]:
     if any(key.startswith(ALL_IN_ONE_PREFIX) for key in keys):
         return {key.removeprefix(ALL_IN_ONE_PREFIX): key for key in keys if key.startswith(ALL_IN_ONE_PREFIX)}
     return {key: key for key in keys}
+
+
+def is_diffusers_layout(names: Collection[str]) -> bool:
+    """The tensors are named as `FluxTransformer2DModel`'s state dict (unprefixed)."""
+    return DIFFUSERS_SIGNATURE.issubset(names)
+
+
+def bfl_names(names: Collection[str]) -> dict[str, str]:
+    """BFL name → diffusers name, of a diffusers-layout transformer's tensors the two layouts share unchanged
+    (all but the fused and swapped ones): what diffusers' family inference reads, guidance and image input
+    included."""
+    guidance = {"guidance_in.in_layer.weight"} if DIFFUSERS_GUIDANCE in names else set()
+    pairs = tensor_pairs(guidance, _block_counts(names, "transformer_blocks.", "single_transformer_blocks."))
+    return {bfl: diffusers[0] for diffusers, bfl, how in pairs if how == PLAIN and diffusers[0] in names}
 
 
 def to_diffusers(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,7 +153,7 @@ def _width(bfl: dict[str, torch.Tensor]) -> int:
     return int(bfl["img_in.weight"].shape[0])
 
 
-def _block_counts(names: dict[str, torch.Tensor], double: str, single: str) -> tuple[int, int]:
+def _block_counts(names: Collection[str], double: str, single: str) -> tuple[int, int]:
     """How many double and single blocks the names number, blocks named `{double}{i}.` and `{single}{i}.`."""
 
     def count(prefix: str) -> int:

@@ -218,33 +218,34 @@ def _load_single_file(
 
 class _TensorShapes(Mapping[str, torch.Tensor]):
     """A safetensors file's tensors as diffusers' family inference reads them: names and shapes (meta
-    tensors), without reading the weights."""
+    tensors), without reading the weights; `names` (shown name → name in the file) renames them."""
 
-    def __init__(self, checkpoint: Any) -> None:
+    def __init__(self, checkpoint: Any, names: dict[str, str] | None = None) -> None:
         self._checkpoint = checkpoint
-        self._keys = list(checkpoint.keys())
-        self._names = frozenset(self._keys)
+        self._names = names if names is not None else {key: key for key in checkpoint.keys()}
 
     def __contains__(self, key: object) -> bool:
         return key in self._names
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._names:
-            raise KeyError(key)
-        return torch.empty(self._checkpoint.get_slice(key).get_shape(), device="meta")
+        return torch.empty(self._checkpoint.get_slice(self._names[key]).get_shape(), device="meta")
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._names)
 
 
 def _single_file_model_type(path: Path, model_name: str) -> str:
-    """diffusers' own inference from the tensor names and shapes ("v1" when nothing else fits)."""
+    """diffusers' own inference from the tensor names and shapes ("v1" when nothing else fits). It knows
+    FLUX.1 by BFL's names only: a transformer in diffusers' names is shown it under those."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as checkpoint:
-            return str(infer_diffusers_model_type(_TensorShapes(checkpoint)))
+            tensors = _TensorShapes(checkpoint)
+            if flux_checkpoint.is_diffusers_layout(tensors):
+                tensors = _TensorShapes(checkpoint, flux_checkpoint.bfl_names(tensors))
+            return str(infer_diffusers_model_type(tensors))
     except Exception as exc:
         raise ModelLoadError(f"could not read single-file model {model_name!r}: {_reason(exc)}") from exc
 
@@ -252,24 +253,25 @@ def _single_file_model_type(path: Path, model_name: str) -> str:
 def _load_flux_single_file(
     path: Path, model_name: str, model_type: str, torch_dtype: torch.dtype, cache_dir: Path | None, config: str
 ) -> DiffusionPipeline:
-    """The file's transformer (BFL's layout, serving/flux_checkpoint.py) in the `config` checkpoint's
-    transformer, with that checkpoint's VAE, text encoders, tokenizers and scheduler, or those the file
-    carries (an all-in-one file) loaded by diffusers' `FluxPipeline.from_single_file`."""
+    """The file's transformer (BFL's layout, serving/flux_checkpoint.py, or diffusers' own) in the `config`
+    checkpoint's transformer, with that checkpoint's VAE, text encoders, tokenizers and scheduler, or those
+    the file carries (an all-in-one file) loaded by diffusers' `FluxPipeline.from_single_file`."""
     source = config or DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
     try:
         with safetensors.safe_open(str(path), framework="pt") as checkpoint:
             names = set(checkpoint.keys())
-            keys = flux_checkpoint.transformer_keys(names)
+            diffusers_layout = flux_checkpoint.is_diffusers_layout(names)
+            keys = {name: name for name in names} if diffusers_layout else flux_checkpoint.transformer_keys(names)
             # Cast as read: a float32 file never sits in host memory whole beside its bfloat16 copy.
-            weights = flux_checkpoint.to_diffusers(
-                {name: checkpoint.get_tensor(key).to(torch_dtype) for name, key in keys.items()}
-            )
+            weights = {name: checkpoint.get_tensor(key).to(torch_dtype) for name, key in keys.items()}
+            if not diffusers_layout:
+                weights = flux_checkpoint.to_diffusers(weights)
     except flux_checkpoint.LayoutError as exc:
         raise ModelLoadError(f"single-file model {model_name!r} is not a FLUX.1 transformer: {exc}") from exc
     except Exception as exc:
         raise ModelLoadError(f"could not read single-file model {model_name!r}: {_reason(exc)}") from exc
+    transformer_config = _flux_transformer_config(source, model_name, cache_dir)
     try:
-        transformer_config = FluxTransformer2DModel.load_config(source, subfolder="transformer", cache_dir=cache_dir)
         with accelerate.init_empty_weights():
             transformer = FluxTransformer2DModel.from_config(transformer_config)
         transformer.load_state_dict(weights, strict=True, assign=True)
@@ -304,6 +306,24 @@ def _load_flux_single_file(
         if isinstance(component, torch.nn.Module):
             component.eval()
     return pipe
+
+
+def _flux_transformer_config(source: str, model_name: str, cache_dir: Path | None) -> dict[str, Any]:
+    """The transformer config of the checkpoint a single file takes its other parts from: when that is not a
+    diffusers FLUX.1 checkpoint, the fault is the setting's, not the file's."""
+    where = (
+        f"single-file model {model_name!r} takes its transformer config from {source!r} "
+        "(setting flux_single_file_config)"
+    )
+    if _looks_like_path(source) and not Path(source).expanduser().exists():
+        raise ModelLoadError(f"{where}: local path does not exist")
+    try:
+        config = dict(FluxTransformer2DModel.load_config(source, subfolder="transformer", cache_dir=cache_dir))
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: it has none that can be read: {_reason(exc)}") from exc
+    if config.get("_class_name") != FluxTransformer2DModel.__name__:
+        raise ModelLoadError(f"{where}: its transformer is a {config.get('_class_name')}, not FLUX.1's")
+    return config
 
 
 def _refuse_pickle(file_name: str, what: str) -> None:

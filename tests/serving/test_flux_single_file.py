@@ -1,7 +1,9 @@
 """A FLUX.1 base as one .safetensors file in BFL's layout (how flux1-dev.safetensors and most shared
 fine-tunes ship): loaded by the real loader with its other parts from `flux_single_file_config`, it
-generates exactly what the diffusers folder it was written from does, LoRAs included. The family of
-any single file comes from diffusers' inference on its tensor names; SD files keep their pipelines."""
+generates exactly what the diffusers folder it was written from does, LoRAs included, as does a
+transformer saved in diffusers' own names, and a real worker serves it with the settings as an operator
+writes them. The family of any single file comes from diffusers' inference on its tensor names; SD
+files keep their pipelines."""
 
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ import safetensors.torch
 import torch
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-from loraserve.v1 import flux_pb2
+from bench.worker_in_process import in_process
+from core.config import Settings
+from loraserve.errors import ErrorType
+from loraserve.inputs import to_input
+from loraserve.v1 import flux_pb2, worker_pb2
 from serving import flux_checkpoint, flux_generation, loading
+from serving.app import Worker
 from serving.errors import ModelLoadError
 from serving.pipelines import LoadedPipeline, load_pipeline
 from serving.tiny import TinyModel
@@ -77,6 +84,45 @@ def test_a_bfl_single_file_generates_the_folders_pixels_with_and_without_a_lora(
         tensors[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([scale, shift])
     unswapped = load_single_file(write(tmp_path / "unswapped.safetensors", tensors), tiny_flux)
     assert not np.array_equal(pixels(unswapped, params()), plain)
+
+
+async def worker_events(
+    tmp_path_factory: pytest.TempPathFactory, flux_model: Path, flux_single_file_config: str = ""
+) -> list[worker_pb2.GenerateResponse]:
+    """One fal-ai/flux-lora request through a real Worker (in process, as tests/serving/test_residency.py's)."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("single-file-worker"),
+        device="cpu",
+        flux_model=str(flux_model),
+        flux_single_file_config=flux_single_file_config,
+        allowed_local_roots=str(tmp_path_factory.getbasetemp()),
+    )
+    fields = {"prompt": "a cat", "image_size": {"width": SIZE, "height": SIZE}, "num_inference_steps": 2,
+              "enable_safety_checker": False, "sync_mode": True, "image_format": "png"}
+    request = worker_pb2.GenerateRequest(request_id="flux", flux_input=to_input(fields, "fal-ai/flux-lora"), seed=1)
+    return [event async for event in in_process(Worker(settings)).Generate(request)]
+
+
+async def test_the_worker_serves_a_single_file_flux_model_with_its_config_setting(
+    tiny_flux: TinyModel, tiny_sd15: TinyModel, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The settings as an operator writes them: `flux_model` the file (through the worker's weights cache),
+    `flux_single_file_config` the diffusers folder; a config that is no FLUX.1 checkpoint is the operator's
+    error, named by its setting, not an internal one."""
+    single = tiny_flux.pipeline_dir.parent / SINGLE_FILE_NAME
+    images = []
+    for flux_model, config in ((tiny_flux.pipeline_dir, ""), (single, str(tiny_flux.pipeline_dir))):
+        events = await worker_events(tmp_path_factory, flux_model, config)
+        assert events[-1].WhichOneof("event") == "result", events[-1]
+        images.append(events[-1].result.output.images[0].file_data)
+    assert images[0] == images[1]
+    refused = {tiny_sd15.pipeline_dir: "it has none that can be read", tmp_path / "FLUX.1-dev": "local path does not"}
+    for config, reason in refused.items():
+        failure = (await worker_events(tmp_path_factory, single, str(config)))[-1]
+        assert failure.WhichOneof("event") == "failure", failure
+        assert failure.failure.type == ErrorType.MODEL_LOAD_FAILED, failure.failure
+        expected = f"{SINGLE_FILE_NAME}' takes its transformer config from '{config}' (setting flux_single_file_config)"
+        assert f"{expected}: {reason}" in failure.failure.message, failure.failure.message
 
 
 @pytest.fixture
@@ -150,6 +196,33 @@ def test_weights_that_do_not_fit_the_config_checkpoint_are_refused_naming_the_mo
     missing = {k: t for k, t in tensors.items() if k != "img_in.bias"}
     with pytest.raises(ModelLoadError, match=r"missing\.safetensors' is not a FLUX.1 transformer: no 'img_in.bias'"):
         load_single_file(write(tmp_path / "missing.safetensors", missing), tiny_flux)
+    sd3 = tmp_path / "sd3" / "transformer"
+    sd3.mkdir(parents=True)
+    (sd3 / "config.json").write_text('{"_class_name": "SD3Transformer2DModel"}')
+    single = str(tiny_flux.pipeline_dir.parent / SINGLE_FILE_NAME)
+    with pytest.raises(ModelLoadError, match=r"sd3' \(setting flux_single_file_config\): .* SD3Transformer2DModel"):
+        load_pipeline(single, flux_single_file_config=str(sd3.parent))
+
+
+def test_a_transformer_in_diffusers_names_loads_as_it_is_and_is_refused_as_the_bfl_layout_is(
+    tiny_flux: TinyModel, tmp_path: Path
+) -> None:
+    """A diffusers folder's transformer weights handed over as one file: diffusers' inference alone takes
+    it for SD 1.x ("v1") and sends it down the Stable Diffusion path."""
+    weights = tiny_flux.pipeline_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = safetensors.torch.load_file(str(weights))
+    single = write(tmp_path / "flux1-finetune.safetensors", tensors)
+    assert loading._single_file_model_type(single, "model") == "flux-dev"
+    unguided = {name: t for name, t in tensors.items() if not name.startswith("time_text_embed.guidance_embedder.")}
+    assert loading._single_file_model_type(write(tmp_path / "schnell.safetensors", unguided), "model") == "flux-schnell"
+    folder = load_pipeline(str(tiny_flux.pipeline_dir))
+    np.testing.assert_array_equal(pixels(load_single_file(single, tiny_flux), params()), pixels(folder, params()))
+    extra_block = {**tensors, **{k.replace("s.1.", "s.2."): t for k, t in tensors.items()}}
+    with pytest.raises(ModelLoadError, match=r"extra\.safetensors' does not fit .*Unexpected key.*blocks\.2\."):
+        load_single_file(write(tmp_path / "extra.safetensors", extra_block), tiny_flux)
+    fill = {**tensors, "x_embedder.weight": torch.zeros(tensors["x_embedder.weight"].shape[0], 384)}
+    with pytest.raises(ModelLoadError, match=r"'.*fill\.safetensors' is a single-file flux-fill checkpoint"):
+        load_single_file(write(tmp_path / "fill.safetensors", fill), tiny_flux)
 
 
 def test_other_single_file_families_and_pickle_files_are_refused(tiny_flux: TinyModel, tmp_path: Path) -> None:

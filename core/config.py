@@ -324,8 +324,9 @@ class Settings:
     flux_single_file_config: str = setting(
         "", MODELS, (WORKER,),
         "Diffusers FLUX.1 checkpoint (Hugging Face ID or path) giving a single-file FLUX base (one .safetensors "
-        "in BFL's layout) its transformer config and the parts the file lacks (VAE, text encoders, tokenizers, "
-        "scheduler); empty: FLUX.1 [dev] or [schnell] from the Hugging Face Hub, as the file's weights say.",
+        "in BFL's or diffusers' names, or an all-in-one file) its transformer config and the parts the file lacks "
+        "(VAE, text encoders, tokenizers, scheduler); empty: FLUX.1 [dev] or [schnell] from the Hugging Face Hub, "
+        "as the file's weights say.",
     )
     worker_metrics_port: int = setting(0, LOGS, (WORKER,), "A worker replica's Prometheus port (0: none).", unit="port")
     device: str = setting(

@@ -7,11 +7,12 @@ loaded back by path through the normal loading code.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,6 +21,7 @@ import pytest_asyncio
 from core.config import Settings
 
 if TYPE_CHECKING:
+    from gateway.server import Gateway
     from serving.tiny import TinyModel
     from tests.postgres_server import PostgresServer
 
@@ -78,6 +80,36 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port between 20000 and {_EPHEMERAL_START}")
+
+
+def own_gateway_settings(base: Settings, folder: Path, **overrides: Any) -> Settings:
+    """`base` for one more gateway beside the others a test or the session runs: free ports and a data dir of
+    its own under `folder` (its SQLite store takes a lock on it), unless `overrides` name them, as a gateway
+    meant to share another's store, files or ports does."""
+    ports = {name: free_port() for name in ("grpc_port", "http_port") if name not in overrides}
+    settings = base.replace(**ports, **overrides)
+    if "data_dir" not in overrides:
+        settings = settings.replace(data_dir=folder / f"gateway-{settings.grpc_port}")
+    return settings
+
+
+async def start_gateway(settings: Settings) -> Gateway:
+    """A started gateway, for a test that stops it itself (mid-test, or with a grace period of its own)."""
+    from gateway.server import Gateway
+
+    gateway = Gateway(settings)
+    await gateway.start()
+    return gateway
+
+
+@contextlib.asynccontextmanager
+async def gateway_for(settings: Settings) -> AsyncIterator[Gateway]:
+    """A started gateway, stopped at once (grace 0) however the block ends, so no test leaves one running."""
+    gateway = await start_gateway(settings)
+    try:
+        yield gateway
+    finally:
+        await gateway.stop(grace_seconds=0)
 
 
 @pytest.fixture(scope="session")

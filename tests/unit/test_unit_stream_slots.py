@@ -20,7 +20,7 @@ from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
-from tests.conftest import free_port
+from tests.conftest import gateway_for, own_gateway_settings
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until
 
 BODY = {"model_name": "org/model", "prompt": "a red house"}
@@ -35,17 +35,8 @@ async def worker() -> AsyncIterator[WorkerServer]:
     await server.stop()
 
 
-async def start(tmp_path: Path, worker: WorkerServer, **overrides: Any) -> Gateway:
-    settings = Settings(
-        data_dir=tmp_path / f"gw-{free_port()}",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        serve_grpc_port=worker.port,
-        max_in_flight=4,
-    ).replace(**overrides)
-    gateway = Gateway(settings)
-    await gateway.start()
-    return gateway
+def settings(tmp_path: Path, worker: WorkerServer, **overrides: Any) -> Settings:
+    return own_gateway_settings(Settings(serve_grpc_port=worker.port, max_in_flight=4), tmp_path, **overrides)
 
 
 async def key_of(gateway: Gateway, tenant: str) -> str:
@@ -61,10 +52,9 @@ def streams_open(gateway: Gateway) -> float:
 async def test_a_tenant_at_its_stream_limit_is_refused_while_another_tenants_streams_open(
     tmp_path: Path, worker: WorkerServer
 ) -> None:
-    gateway = await start(tmp_path, worker, tenant_max_open_streams=1, max_open_streams=10)
-    key_a, key_b = await key_of(gateway, "a"), await key_of(gateway, "b")
-    target = f"127.0.0.1:{gateway.grpc_port}"
-    try:
+    async with gateway_for(settings(tmp_path, worker, tenant_max_open_streams=1, max_open_streams=10)) as gateway:
+        key_a, key_b = await key_of(gateway, "a"), await key_of(gateway, "b")
+        target = f"127.0.0.1:{gateway.grpc_port}"
         async with AsyncClient(target, key=key_a) as a, AsyncClient(target, key=key_b) as b:
             held = await a.submit(BODY)
             first = a.stream_status(held).__aiter__()
@@ -87,16 +77,13 @@ async def test_a_tenant_at_its_stream_limit_is_refused_while_another_tenants_str
             assert (await other.__anext__()).request_id == theirs
             for stream in (first, other):
                 await stream.aclose()  # type: ignore[attr-defined]
-    finally:
-        await gateway.stop(grace_seconds=0)
 
 
 async def test_a_run_whose_caller_hangs_up_gives_its_slot_back_and_its_request_goes_on(
     tmp_path: Path, worker: WorkerServer
 ) -> None:
-    gateway = await start(tmp_path, worker, max_open_streams=1)
-    target = f"127.0.0.1:{gateway.grpc_port}"
-    try:
+    async with gateway_for(settings(tmp_path, worker, max_open_streams=1)) as gateway:
+        target = f"127.0.0.1:{gateway.grpc_port}"
         http = aiohttp.ClientSession(f"http://127.0.0.1:{gateway.settings.http_port}")
         run = asyncio.ensure_future(http.post("/run/fal-ai/lora", json=BODY))
         await wait_until(lambda: worker.worker.holding and streams_open(gateway) == 1, "the run waits for its request")
@@ -110,5 +97,3 @@ async def test_a_run_whose_caller_hangs_up_gives_its_slot_back_and_its_request_g
             stream = client.stream_status(request_id).__aiter__()
             assert (await stream.__anext__()).state == gen.REQUEST_STATE_IN_PROGRESS, "the request goes on"
             await stream.aclose()  # type: ignore[attr-defined]
-    finally:
-        await gateway.stop(grace_seconds=0)

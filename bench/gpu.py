@@ -286,6 +286,9 @@ class Device:
     def peak(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
 
+    def peak_reserved(self) -> int | None:
+        return torch.cuda.max_memory_reserved(self.device) if self.cuda else None
+
     def snapshot(self) -> Snapshot:
         return Snapshot(self.allocated(), self.reserved(), memory_figures().rss_bytes)
 

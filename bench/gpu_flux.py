@@ -11,7 +11,8 @@ Report and Device:
 - served + one LoRA (rank 32 on all 494 block Linears, as ai-toolkit writes) ÷ plain diffusers
   eager (the same modules called directly, under `compiled.eager()` so a compiled pipeline's gates
   step aside); with `--compile` also served with `acceleration: "regular"` ÷ the same plain call.
-- switch between two resident LoRAs (`activate_loras` of the other set, synchronised), median.
+- switch between two resident LoRAs (`activate_loras` of the other set, synchronised), median, and the
+  allocator's peak reserved over the switches (a second merged set held beside the first shows there).
 - peak GPU memory (torch.cuda.max_memory_allocated) of a request with the other LoRA set active
   (compiled with `--compile`, so its graphs are checked to survive the switches: no compile after
   warm-up), and what the loaded pipeline holds before it.
@@ -72,7 +73,10 @@ SECTION = "h_flux"
 # What the check's table shows of this benchmark besides its verdicts (bench/gpu_check.py).
 PEAK = "FLUX peak allocated, with a LoRA set"
 LOADED = "FLUX allocated, loaded"
-REPORTED = (LOADED, PEAK)
+# The allocator's peak over the switches: a set's freed copies are read by the main stream until its copy back
+# ends, so a merge that cannot reuse them yet holds a second set beside them (or frees the cache to fit).
+SWITCH_RESERVED = "FLUX peak reserved, switching LoRAs"
+REPORTED = (LOADED, SWITCH_RESERVED, PEAK)
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,7 @@ def measure(config: FluxConfig, device: Device, report: Report, loaded: LoadedPi
     for path in loras:
         loaded.activate_loras([(str(path), 1.0)])
         loaded.deactivate_loras()
+    device.reset_peak()
     switches = []
     for _ in range(SWITCH_ROUNDS):
         for path in loras:
@@ -233,6 +238,8 @@ def measure(config: FluxConfig, device: Device, report: Report, loaded: LoadedPi
             loaded.deactivate_loras()
     report.keep(SECTION, "switch_s", switches)
     report.add(SECTION, "FLUX switch between resident LoRAs", ms(switches), "ms", f"median of {len(switches)}")
+    detail = "weights, adapters, the allocator's cache, and one merged set (two if the freed copies were not reused)"
+    report.add(SECTION, SWITCH_RESERVED, mib(device.peak_reserved()), "MiB", detail)
     report.verdict("FLUX switch between resident LoRAs ms", ms(switches), "gpu flux lora switch ms")
     device.collect()
     device.reset_peak()

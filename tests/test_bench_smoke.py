@@ -286,6 +286,7 @@ def test_gpu_check_table_says_what_passed_missed_skipped_and_never_ran(
     flux_rows = ["FLUX served + one LoRA ÷ plain diffusers eager", "FLUX switch between resident LoRAs ms"]
     assert [table[name][1] for name in flux_rows] == ["SKIP", "SKIP"]
     assert table[gpu_flux.PEAK] == ("n/a", "INFO"), "the CPU has no CUDA peak; the row is there, without a target"
+    assert set(gpu_flux.REPORTED) == gpu_check.REPORTED and table[gpu_flux.SWITCH_RESERVED] == ("n/a", "INFO")
     # On a GPU the same files fail: tests that skipped did not run there, and 12 ms is over the 10 ms target.
     assert gpu_check.main([str(tmp_path)]) == 1
     table = results()

@@ -22,7 +22,7 @@ from gateway.auth import new_key
 from gateway.server import Gateway
 from core.config import Settings
 from loraserve.v1 import types_pb2, worker_pb2
-from tests.conftest import free_port, self_signed_cert
+from tests.conftest import free_port, gateway_for, own_gateway_settings, self_signed_cert
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until
 
 pytestmark = pytest.mark.integration
@@ -62,26 +62,21 @@ async def worker() -> AsyncIterator[WorkerServer]:
     await server.stop()
 
 
-async def start_gateway(tmp_path: Path, worker_port: int, **overrides: Any) -> Gateway:
-    settings = Settings(
-        data_dir=tmp_path / f"gw-{free_port()}",
-        grpc_port=free_port(),
-        http_port=free_port(),
+def on_worker(tmp_path: Path, worker_port: int, **overrides: Any) -> Settings:
+    """A gateway of its own in front of the worker at `worker_port`, which it retries quickly."""
+    base = Settings(
         serve_grpc_port=worker_port,
         retry_backoff_seconds=0.01,
         retry_backoff_max_seconds=0.05,
         worker_unreachable_threshold=1,
-    ).replace(**overrides)
-    gateway = Gateway(settings)
-    await gateway.start()
-    return gateway
+    )
+    return own_gateway_settings(base, tmp_path, **overrides)
 
 
 @pytest.fixture
 async def gateway(tmp_path: Path, worker: WorkerServer) -> AsyncIterator[Gateway]:
-    running = await start_gateway(tmp_path, worker.port)
-    yield running
-    await running.stop(grace_seconds=0)
+    async with gateway_for(on_worker(tmp_path, worker.port)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -306,8 +301,8 @@ async def test_proxy_mode_routes_by_target_url(http: aiohttp.ClientSession) -> N
 
 async def test_cors_preflight_and_exposed_headers(tmp_path: Path, worker: WorkerServer) -> None:
     origin = "https://app.example"
-    allowing = await start_gateway(tmp_path, worker.port, cors_allowed_origins=f"{origin}, http://localhost:3000")
-    try:
+    settings = on_worker(tmp_path, worker.port, cors_allowed_origins=f"{origin}, http://localhost:3000")
+    async with gateway_for(settings) as allowing:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{allowing.settings.http_port}") as http:
             async with http.options(
                 "/api/fal/proxy",
@@ -328,8 +323,6 @@ async def test_cors_preflight_and_exposed_headers(tmp_path: Path, worker: Worker
                 assert {"x-fal-request-id", "x-fal-error-type", "x-fal-request-timeout-type"} <= {
                     h.strip() for h in exposed.split(",")
                 }
-    finally:
-        await allowing.stop(grace_seconds=0)
 
 
 async def test_forwarded_headers_only_from_trusted_proxies(
@@ -349,19 +342,15 @@ async def test_forwarded_headers_only_from_trusted_proxies(
     assert result["images"][0]["url"].startswith("https://lora.example.com/files/outputs/r/a.png?expires=")
     _, result, _ = await call(http, "GET", f"/fal-ai/lora/requests/{body['request_id']}")
     assert result["images"][0]["url"].startswith(f"http://127.0.0.1:{port}/files/outputs/r/a.png?expires=")
-    untrusting = await start_gateway(tmp_path, worker.port, trusted_proxies="10.0.0.0/8")
-    try:
+    async with gateway_for(on_worker(tmp_path, worker.port, trusted_proxies="10.0.0.0/8")) as untrusting:
         port = untrusting.settings.http_port
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as other:
             _, body, _ = await call(other, "POST", "/fal-ai/lora", json=BODY, headers=forwarded)
         assert body["status_url"].startswith(f"http://127.0.0.1:{port}/fal-ai/lora/requests/")
-    finally:
-        await untrusting.stop(grace_seconds=0)
 
 
 async def test_keys_and_tenants(tmp_path: Path, worker: WorkerServer) -> None:
-    guarded = await start_gateway(tmp_path, worker.port, grpc_host="0.0.0.0")
-    try:
+    async with gateway_for(on_worker(tmp_path, worker.port, grpc_host="0.0.0.0")) as guarded:
         keys = {}
         for tenant in ("team-a", "team-b"):
             key, secret = new_key(tenant)
@@ -381,14 +370,11 @@ async def test_keys_and_tenants(tmp_path: Path, worker: WorkerServer) -> None:
                 assert status == (404 if who else 401)
             status, _, _ = await call(session, "PUT", f"{path}/cancel", headers=keys["team-b"])
             assert status == 404
-    finally:
-        await guarded.stop(grace_seconds=0)
 
 
 async def test_start_timeout_is_504_user_and_over_quota_is_429(tmp_path: Path) -> None:
     # No worker listens: requests wait in the queue.
-    stalled = await start_gateway(tmp_path, free_port(), tenant_submits_per_second=0.01)
-    try:
+    async with gateway_for(on_worker(tmp_path, free_port(), tenant_submits_per_second=0.01)) as stalled:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{stalled.settings.http_port}") as session:
             status, body, _ = await call(session, "POST", "/fal-ai/lora", json=BODY, headers={"X-Fal-Request-Timeout": "1.5"})
             assert status == 200
@@ -402,19 +388,14 @@ async def test_start_timeout_is_504_user_and_over_quota_is_429(tmp_path: Path) -
             assert headers["X-Fal-Request-Id"] == request_id
             status, body, _ = await call(session, "POST", "/fal-ai/lora", json=BODY, headers={"X-Fal-Request-Timeout": "soon"})
             assert status == 422 and body["detail"][0]["loc"] == ["header", "x-fal-request-timeout"]
-    finally:
-        await stalled.stop(grace_seconds=0)
 
 
 async def test_tls_on_the_http_port(tmp_path: Path, worker: WorkerServer) -> None:
     cert, key = self_signed_cert("localhost", tmp_path / "tls", ip="127.0.0.1")
-    secure = await start_gateway(tmp_path, worker.port, tls_cert_file=str(cert), tls_key_file=str(key))
-    try:
+    async with gateway_for(on_worker(tmp_path, worker.port, tls_cert_file=str(cert), tls_key_file=str(key))) as secure:
         context = ssl.create_default_context(cafile=str(cert))
         port = secure.settings.http_port
         async with aiohttp.ClientSession(f"https://127.0.0.1:{port}", connector=aiohttp.TCPConnector(ssl=context)) as session:
             status, body, _ = await call(session, "POST", "/fal-ai/lora", json=BODY)
             assert status == 200 and body["status_url"].startswith(f"https://127.0.0.1:{port}/")
             await completed(session, f"/fal-ai/lora/requests/{body['request_id']}/status")
-    finally:
-        await secure.stop(grace_seconds=0)

@@ -46,7 +46,8 @@ from gateway.server import Gateway
 from loraserve.request import flux
 from loraserve.request.fal_json import input_schema
 from loraserve.v1 import flux_pb2, generation_pb2, generation_pb2_grpc
-from tests.integration.test_fal_http import BODY, start_gateway, worker  # noqa: F401
+from tests.conftest import gateway_for
+from tests.integration.test_fal_http import BODY, on_worker, worker  # noqa: F401
 from tests.unit.worker_testkit import WorkerServer
 
 pytestmark = pytest.mark.integration
@@ -98,11 +99,10 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 @pytest.fixture
 async def keyed(tmp_path: Path, worker: WorkerServer) -> AsyncIterator[tuple[Gateway, dict[str, str]]]:  # noqa: F811
     """A gateway that requires keys (its gRPC port listens beyond loopback), and one tenant's key."""
-    gateway = await start_gateway(tmp_path, worker.port, grpc_host="0.0.0.0")
-    key, secret = new_key("fuzz")
-    await gateway.store.add_key(key)
-    yield gateway, {"Authorization": header_value(key.id, secret)}
-    await gateway.stop(grace_seconds=0)
+    async with gateway_for(on_worker(tmp_path, worker.port, grpc_host="0.0.0.0")) as gateway:
+        key, secret = new_key("fuzz")
+        await gateway.store.add_key(key)
+        yield gateway, {"Authorization": header_value(key.id, secret)}
 
 
 def base_url(gateway: Gateway) -> str:

@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from gateway.fal_http import allowed_origins
-from gateway.server import Gateway
-from tests.integration.test_fal_http import BODY, JSON, call, gateway, http, start_gateway, worker  # noqa: F401
+from tests.conftest import gateway_for
+from tests.integration.test_fal_http import BODY, JSON, call, gateway, http, on_worker, worker  # noqa: F401
 from tests.unit.worker_testkit import WorkerServer
 
 pytestmark = pytest.mark.integration
@@ -106,9 +106,10 @@ async def test_keyless_gateway_answers_only_loopback_and_public_names(
     for host in ("localhost", "127.0.0.1:1234", "[::1]:80", "LOCALHOST:9"):
         status, body, _ = await call(http, "POST", "/fal-ai/lora", json=BODY, headers={"Host": host})
         assert status == 200, (host, body)
-    named = await start_gateway(tmp_path, worker.port, public_url="https://lora.example.com")
-    keyed = await start_gateway(tmp_path, worker.port, grpc_host="0.0.0.0")
-    try:
+    async with (
+        gateway_for(on_worker(tmp_path, worker.port, public_url="https://lora.example.com")) as named,
+        gateway_for(on_worker(tmp_path, worker.port, grpc_host="0.0.0.0")) as keyed,
+    ):
         async with aiohttp.ClientSession(f"http://127.0.0.1:{named.settings.http_port}") as session:
             status, _, _ = await call(session, "POST", "/fal-ai/lora", json=BODY, headers={"Host": "lora.example.com"})
             assert status == 200
@@ -118,6 +119,3 @@ async def test_keyless_gateway_answers_only_loopback_and_public_names(
         async with aiohttp.ClientSession(f"http://127.0.0.1:{keyed.settings.http_port}") as session:
             status, _, _ = await call(session, "POST", "/fal-ai/lora", json=BODY, headers=rebound)
             assert status == 401
-    finally:
-        await named.stop(grace_seconds=0)
-        await keyed.stop(grace_seconds=0)

@@ -17,7 +17,7 @@ from gateway.server import SERVICE_NAMES, Gateway
 from loraserve.client import AsyncClient
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
-from tests.conftest import free_port
+from tests.conftest import gateway_for, own_gateway_settings
 from tests.unit.worker_testkit import FakeWorker, WorkerServer, wait_until
 
 GENERATION_SERVICE = SERVICE_NAMES[0]
@@ -33,19 +33,14 @@ async def worker() -> AsyncIterator[WorkerServer]:
 @pytest.fixture
 async def gateway(tmp_path: Path, worker: WorkerServer) -> AsyncIterator[Gateway]:
     settings = Settings(
-        data_dir=tmp_path,
-        grpc_port=free_port(),
-        http_port=free_port(),
         serve_grpc_port=worker.port,
         retry_backoff_seconds=0.005,
         retry_backoff_max_seconds=0.05,
         worker_unreachable_threshold=1,
         max_attempts=2,
     )
-    running = Gateway(settings)
-    await running.start()
-    yield running
-    await running.stop(grace_seconds=0)
+    async with gateway_for(own_gateway_settings(settings, tmp_path)) as running:
+        yield running
 
 
 async def health(channel: grpc.aio.Channel, service: str) -> int:

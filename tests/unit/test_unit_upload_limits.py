@@ -25,7 +25,7 @@ from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from storage.object_store import uploads_prefix
-from tests.conftest import free_port
+from tests.conftest import free_port, gateway_for, own_gateway_settings
 
 MIN_PART = 64
 MAX_UPLOAD = 1024 * 1024
@@ -41,26 +41,15 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@contextlib.asynccontextmanager
-async def running_gateway(data_dir: Path, **settings: Any) -> AsyncIterator[Gateway]:
-    running = Gateway(
-        Settings(
-            data_dir=data_dir,
-            grpc_host="0.0.0.0",
-            grpc_port=free_port(),
-            http_port=free_port(),
-            serve_grpc_port=free_port(),
-            upload_min_part_bytes=MIN_PART,
-            max_upload_bytes=MAX_UPLOAD,
-            tenant_max_upload_bytes=3 * MAX_UPLOAD,
-            **settings,
-        )
+def running_gateway(tmp_path: Path, **settings: Any) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    base = Settings(
+        grpc_host="0.0.0.0",
+        serve_grpc_port=free_port(),
+        upload_min_part_bytes=MIN_PART,
+        max_upload_bytes=MAX_UPLOAD,
+        tenant_max_upload_bytes=3 * MAX_UPLOAD,
     )
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop(grace_seconds=0)
+    return gateway_for(own_gateway_settings(base, tmp_path, **settings))
 
 
 @pytest.fixture

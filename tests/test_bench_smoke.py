@@ -302,21 +302,16 @@ async def test_gateway_load_proves_the_auth_arm_refuses_a_keyless_call(tmp_path:
     """bench.gateway_load times Submit on a gateway that must check keys: a keyless Submit there is refused,
     and the check tells a gateway that accepts it apart."""
     from bench.gateway_load import keyless_refused
-    from bench.run import free_port
-    from gateway.server import Gateway
     from core.config import Settings
+    from tests.conftest import free_port, gateway_for, own_gateway_settings
 
     base = Settings(serve_grpc_port=free_port(), device="cpu", log_level="WARNING")
-    keyed = Gateway(base.replace(data_dir=tmp_path / "keyed", grpc_host="0.0.0.0", grpc_port=free_port(), http_port=free_port()))
-    open_gateway = Gateway(base.replace(data_dir=tmp_path / "open", grpc_port=free_port(), http_port=free_port()))
-    await keyed.start()
-    await open_gateway.start()
-    try:
+    async with (
+        gateway_for(own_gateway_settings(base, tmp_path, grpc_host="0.0.0.0")) as keyed,
+        gateway_for(own_gateway_settings(base, tmp_path)) as open_gateway,
+    ):
         assert await keyless_refused(keyed.grpc_port) == ""
         assert "accepted" in await keyless_refused(open_gateway.grpc_port)
-    finally:
-        await open_gateway.stop(grace_seconds=0)
-        await keyed.stop(grace_seconds=0)
 
 
 # An SDXL-shaped U-Net small enough for a smoke test (serving/tiny.py's, with its text_time conditioning).

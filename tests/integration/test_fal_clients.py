@@ -34,11 +34,10 @@ import pytest_asyncio
 from ray import serve
 
 from gateway.auth import new_key
-from gateway.server import Gateway
 from core.config import Settings
 from serving.app import build_app
 from serving.tiny import TinyModel
-from tests.conftest import free_port, require_tool, self_signed_cert
+from tests.conftest import free_port, gateway_for, require_tool, self_signed_cert
 from tests.integration.test_conditioning import data_uri, picture
 from tests.integration.test_generation_api import request
 
@@ -89,12 +88,10 @@ async def fal_service(
     await asyncio.to_thread(
         serve.run, build_app(settings), name=settings.serve_app_name, route_prefix=f"/{settings.serve_app_name}"
     )
-    gateway = Gateway(settings)
-    await gateway.start()
-    key, secret = new_key(TENANT)
-    await gateway.store.add_key(key)
-    yield FalService(settings=settings, cert_file=cert_file, fal_key=f"{key.id}:{secret}")
-    await gateway.stop(grace_seconds=0)
+    async with gateway_for(settings) as gateway:
+        key, secret = new_key(TENANT)
+        await gateway.store.add_key(key)
+        yield FalService(settings=settings, cert_file=cert_file, fal_key=f"{key.id}:{secret}")
     await asyncio.to_thread(serve.delete, settings.serve_app_name)
 
 

@@ -27,7 +27,7 @@ from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from serving.tiny import TinyModel
 from storage.object_store import tenant_folder
-from tests.conftest import free_port, read_image_bytes
+from tests.conftest import gateway_for, own_gateway_settings, read_image_bytes
 from tests.integration.test_generation_api import fetch, request
 
 pytestmark = pytest.mark.integration
@@ -207,13 +207,9 @@ async def test_every_upload_route_lands_a_file_its_tenant_and_only_its_tenant_ca
 @pytest_asyncio.fixture
 async def capped(stack: object, stack_settings: Settings, tmp_path: Path) -> AsyncIterator[Gateway]:
     """A gateway that requires keys (bound to every interface) and takes uploads of at most 1,000 bytes."""
-    settings = stack_settings.replace(
-        data_dir=tmp_path / "capped", grpc_host="0.0.0.0", grpc_port=free_port(), http_port=free_port(), max_upload_bytes=1000
-    )
-    gateway = Gateway(settings)
-    await gateway.start()
-    yield gateway
-    await gateway.stop(grace_seconds=0)
+    settings = own_gateway_settings(stack_settings, tmp_path, grpc_host="0.0.0.0", max_upload_bytes=1000)
+    async with gateway_for(settings) as gateway:
+        yield gateway
 
 
 async def test_caps_types_and_keys_answer_json(capped: Gateway, http: aiohttp.ClientSession) -> None:

@@ -9,7 +9,6 @@ import grpc
 import pytest
 import ray
 
-from gateway.server import Gateway
 from gateway.store import State
 from gateway.store_sqlite import SqliteStore
 from loraserve.client import AsyncClient, LoraServeError
@@ -18,15 +17,10 @@ from loraserve.inputs import to_input
 from core.model_key import BaseModelRef
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
-from tests.conftest import free_port
+from tests.conftest import own_gateway_settings, start_gateway
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
-
-
-def own_gateway_settings(base: Settings, data_dir: Path) -> Settings:
-    """A second gateway in front of the same Serve workers, with its own store and ports."""
-    return base.replace(data_dir=data_dir, grpc_port=free_port(), http_port=free_port())
 
 
 async def wait_until_running(client: AsyncClient, request_id: str) -> None:
@@ -39,8 +33,7 @@ async def test_graceful_shutdown_finishes_running_and_refuses_new(
     stack: object, stack_settings: Settings, tiny_sdxl: TinyModel, tmp_path: Path
 ) -> None:
     settings = own_gateway_settings(stack_settings, tmp_path)
-    gateway = Gateway(settings)
-    await gateway.start()
+    gateway = await start_gateway(settings)
     async with AsyncClient(f"127.0.0.1:{settings.grpc_port}") as client:
         running = await client.submit(request(tiny_sdxl, num_inference_steps=30))
         await wait_until_running(client, running)
@@ -67,8 +60,7 @@ async def test_restart_runs_what_was_waiting_or_running(
     assert await store.claim(interrupted.id)
     await store.close()  # the gateway "died" with one request running and one waiting
 
-    gateway = Gateway(settings)
-    await gateway.start()
+    gateway = await start_gateway(settings)
     try:
         async with AsyncClient(f"127.0.0.1:{settings.grpc_port}") as client:
             for request_id in (interrupted.id, waiting.id):

@@ -14,14 +14,13 @@ import pytest_asyncio
 from PIL import Image
 from ray import serve
 
-from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.app import build_app
 from serving.tiny import TinyModel, make_tiny_embedding
 from storage.object_store import tenant_folder
-from tests.conftest import free_port
+from tests.conftest import free_port, start_gateway
 from tests.integration.test_generation_api import fetch, generate_pixels, request
 from tests.integration.test_metrics import samples, scrape
 from tests.s3_server import verify_presigned_url
@@ -170,8 +169,7 @@ async def s3_gateway(
     await asyncio.to_thread(
         serve.run, build_app(settings), name=settings.serve_app_name, route_prefix=f"/{settings.serve_app_name}"
     )
-    gateway = Gateway(settings)
-    await gateway.start()
+    gateway = await start_gateway(settings)
     yield settings
     await gateway.stop()
     await asyncio.to_thread(serve.delete, settings.serve_app_name)

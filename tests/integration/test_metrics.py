@@ -20,7 +20,7 @@ from core.config import Settings
 from serving.tiny import TinyModel
 from tests.chart.charttest import render
 from tests.chart.monitoring import MONITORING_ON, TARGET_LABELS, alert_rules, dashboard, dashboard_queries, selectors
-from tests.conftest import free_port, require_tool
+from tests.conftest import gateway_for, own_gateway_settings, require_tool
 from tests.integration.test_generation_api import request
 from tests.integration.test_quotas import client_for
 
@@ -98,16 +98,11 @@ async def test_gateway_and_worker_metrics(target: str, stack_settings: Settings,
 @pytest_asyncio.fixture
 async def metered(stack: object, stack_settings: Settings, tmp_path: Path) -> AsyncIterator[Gateway]:
     """A gateway of its own in front of the session's workers, whose tenant "metered" may submit once."""
-    settings = stack_settings.replace(
-        data_dir=tmp_path / "metered",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        tenant_limits=json.dumps({"metered": {"submits_per_second": 0.001}}),
+    settings = own_gateway_settings(
+        stack_settings, tmp_path, tenant_limits=json.dumps({"metered": {"submits_per_second": 0.001}})
     )
-    gateway = Gateway(settings)
-    await gateway.start()
-    yield gateway
-    await gateway.stop(grace_seconds=0)
+    async with gateway_for(settings) as gateway:
+        yield gateway
 
 
 async def test_a_tenants_requests_and_refusals_are_counted_under_its_name(

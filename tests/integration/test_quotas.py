@@ -18,7 +18,7 @@ from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
-from tests.conftest import free_port
+from tests.conftest import gateway_for, own_gateway_settings
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -26,18 +26,15 @@ pytestmark = pytest.mark.integration
 
 @pytest_asyncio.fixture
 async def limited(stack: object, stack_settings: Settings, tmp_path: Path) -> AsyncIterator[Gateway]:
-    settings = stack_settings.replace(
-        data_dir=tmp_path / "limited",
-        grpc_port=free_port(),
-        http_port=free_port(),
+    settings = own_gateway_settings(
+        stack_settings,
+        tmp_path,
         max_in_flight=1,
         max_open_streams=2,
         tenant_limits=json.dumps({"capped": {"max_waiting": 3}, "paced": {"submits_per_second": 0.2}}),
     )
-    gateway = Gateway(settings)
-    await gateway.start()
-    yield gateway
-    await gateway.stop(grace_seconds=0)
+    async with gateway_for(settings) as gateway:
+        yield gateway
 
 
 async def client_for(gateway: Gateway, tenant: str) -> AsyncClient:

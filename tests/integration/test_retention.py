@@ -16,12 +16,11 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 
-from gateway.server import Gateway
 from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
-from tests.conftest import free_port
+from tests.conftest import free_port, gateway_for
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -32,17 +31,14 @@ RETENTION_SECONDS = 3600.0
 async def test_a_finished_request_expires_with_its_files_and_says_so(
     stack: Any, stack_settings: Settings, postgres_dsn: str, tiny_sdxl: TinyModel
 ) -> None:
-    gateway = Gateway(
-        stack_settings.replace(
-            grpc_port=free_port(),
-            http_port=free_port(),
-            store_url=postgres_dsn,
-            public_url=stack_settings.files_base_url,
-            retention_seconds=RETENTION_SECONDS,
-        )
+    settings = stack_settings.replace(
+        grpc_port=free_port(),
+        http_port=free_port(),
+        store_url=postgres_dsn,
+        public_url=stack_settings.files_base_url,
+        retention_seconds=RETENTION_SECONDS,
     )
-    await gateway.start()
-    try:
+    async with gateway_for(settings) as gateway:
         assert gateway.retention is not None
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             done = await client.subscribe(request(tiny_sdxl, seed=4242))
@@ -64,5 +60,3 @@ async def test_a_finished_request_expires_with_its_files_and_says_so(
             assert "expired" in refused.value.message
             status = await client.status(done.request_id, logs=True)
             assert status.state == gen.REQUEST_STATE_COMPLETED and not status.logs
-    finally:
-        await gateway.stop(0)

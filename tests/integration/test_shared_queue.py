@@ -17,7 +17,7 @@ from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
-from tests.conftest import free_port
+from tests.conftest import gateway_for, own_gateway_settings
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -27,17 +27,9 @@ pytestmark = pytest.mark.integration
 async def gateways(
     stack: object, stack_settings: Settings, postgres_dsn: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    started = []
-    for name in ("a", "b"):
-        settings = stack_settings.replace(
-            data_dir=tmp_path / name, grpc_port=free_port(), http_port=free_port(), store_url=postgres_dsn
-        )
-        gateway = Gateway(settings)
-        await gateway.start()
-        started.append(gateway)
-    yield started[0], started[1]
-    for gateway in started:
-        await gateway.stop(grace_seconds=0)
+    settings = [own_gateway_settings(stack_settings, tmp_path, store_url=postgres_dsn) for _ in range(2)]
+    async with gateway_for(settings[0]) as a, gateway_for(settings[1]) as b:
+        yield a, b
 
 
 def target(gateway: Gateway) -> str:

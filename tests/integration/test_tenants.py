@@ -18,7 +18,7 @@ from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1 import generation_pb2 as gen
 from serving.tiny import TinyModel
-from tests.conftest import free_port, self_signed_cert
+from tests.conftest import gateway_for, own_gateway_settings, self_signed_cert
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -33,13 +33,8 @@ async def make_key(gateway: Gateway, tenant: str) -> str:
 @pytest_asyncio.fixture
 async def guarded(stack: object, stack_settings: Settings, tmp_path: Path) -> AsyncIterator[Gateway]:
     """A gateway bound to every interface: keys required."""
-    settings = stack_settings.replace(
-        data_dir=tmp_path / "guarded", grpc_host="0.0.0.0", grpc_port=free_port(), http_port=free_port()
-    )
-    gateway = Gateway(settings)
-    await gateway.start()
-    yield gateway
-    await gateway.stop(grace_seconds=0)
+    async with gateway_for(own_gateway_settings(stack_settings, tmp_path, grpc_host="0.0.0.0")) as gateway:
+        yield gateway
 
 
 def target(gateway: Gateway) -> str:
@@ -152,17 +147,14 @@ async def test_the_keys_command_makes_a_key_a_running_gateway_accepts(
 async def test_tls_with_client_certificates(stack: object, stack_settings: Settings, tmp_path: Path) -> None:
     server_cert, server_key = self_signed_cert("gateway.test", tmp_path / "server", ip="127.0.0.1")
     client_cert, client_key = self_signed_cert("caller.test", tmp_path / "client")
-    settings = stack_settings.replace(
-        data_dir=tmp_path / "tls",
-        grpc_port=free_port(),
-        http_port=free_port(),
+    settings = own_gateway_settings(
+        stack_settings,
+        tmp_path,
         tls_cert_file=str(server_cert),
         tls_key_file=str(server_key),
         tls_client_ca_file=str(client_cert),
     )
-    gateway = Gateway(settings)
-    await gateway.start()
-    try:
+    async with gateway_for(settings) as gateway:
         tls = {"root_certificates": server_cert.read_bytes()}
         async with AsyncClient(target(gateway), **tls) as without_cert:
             assert (await refused(lambda c: c.status("x"), without_cert)).code == grpc.StatusCode.UNAVAILABLE
@@ -171,5 +163,3 @@ async def test_tls_with_client_certificates(stack: object, stack_settings: Setti
         mine = {**tls, "client_cert_chain": client_cert.read_bytes(), "client_private_key": client_key.read_bytes()}
         async with AsyncClient(target(gateway), **mine) as client:
             assert (await refused(lambda c: c.status("no-such-id"), client)).code == grpc.StatusCode.NOT_FOUND
-    finally:
-        await gateway.stop(grace_seconds=0)

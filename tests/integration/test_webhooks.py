@@ -16,8 +16,7 @@ import hashlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from loraserve.client import AsyncClient, LoraServeError
 from core.config import Settings
 from loraserve.v1.generation_pb2 import REQUEST_STATE_COMPLETED as COMPLETED
 from serving.tiny import TinyModel
-from tests.conftest import free_port
+from tests.conftest import free_port, gateway_for
 from tests.integration.test_generation_api import request
 
 pytestmark = pytest.mark.integration
@@ -159,16 +158,6 @@ def gateway_settings(stack: Any, stack_settings: Settings, postgres_dsn: str) ->
     )
 
 
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Gateway]:
-    gateway = Gateway(settings)
-    await gateway.start()
-    try:
-        yield gateway
-    finally:
-        await gateway.stop(0)
-
-
 async def until(check: Callable[[], Any], what: str) -> Any:
     """Polls the store-side condition `check` (a coroutine function) until it holds."""
     deadline = time.monotonic() + WAIT_SECONDS
@@ -198,7 +187,7 @@ def metric(gateway: Gateway, name: str, outcome: str) -> float:
 async def test_a_completed_request_is_delivered_with_fals_body_and_a_verifiable_signature(
     gateway_settings: Settings, tiny_sdxl: TinyModel
 ) -> None:
-    async with Receiver() as receiver, running(gateway_settings) as gateway:
+    async with Receiver() as receiver, gateway_for(gateway_settings) as gateway:
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             request_id = await client.submit(request(tiny_sdxl, seed=31337), webhook_url=receiver.url())
             delivery = await receiver.next()
@@ -255,7 +244,7 @@ async def test_a_failed_request_is_delivered_as_fals_error(
     gateway_settings: Settings, tiny_sdxl: TinyModel, tmp_path: Path
 ) -> None:
     missing = str(tmp_path / "no-such-model")
-    async with Receiver() as receiver, running(gateway_settings) as gateway:
+    async with Receiver() as receiver, gateway_for(gateway_settings) as gateway:
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             request_id = await client.submit(request(tiny_sdxl, model_name=missing), webhook_url=receiver.url())
             delivery = await receiver.next()
@@ -275,7 +264,7 @@ async def test_a_receiver_failing_gets_a_retry_with_the_same_body_and_a_fresh_si
 ) -> None:
     # A backoff of 1-2 s puts the retry in a later second than the first attempt: a fresh timestamp.
     settings = gateway_settings.replace(webhook_backoff_seconds=2.0, webhook_backoff_max_seconds=2.0)
-    async with Receiver(statuses=(500,)) as receiver, running(settings) as gateway:
+    async with Receiver(statuses=(500,)) as receiver, gateway_for(settings) as gateway:
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             request_id = await client.submit(request(tiny_sdxl, seed=5), webhook_url=receiver.url())
             first = await receiver.next()
@@ -295,7 +284,7 @@ async def test_a_receiver_that_keeps_failing_is_given_up_after_the_last_retry(
     gateway_settings: Settings, tiny_sdxl: TinyModel
 ) -> None:
     settings = gateway_settings.replace(webhook_retries=2)
-    async with Receiver(statuses=(503, 500, 404, 200)) as receiver, running(settings) as gateway:
+    async with Receiver(statuses=(503, 500, 404, 200)) as receiver, gateway_for(settings) as gateway:
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             request_id = await client.submit(request(tiny_sdxl, seed=6), webhook_url=receiver.url())
         attempts = [await receiver.next() for _ in range(3)]
@@ -315,7 +304,7 @@ async def test_a_delivery_pending_when_the_gateway_stops_goes_out_after_it_resta
     if engine == "sqlite":
         settings = settings.replace(store_url="", data_dir=tmp_path / "gateway-data")
     async with Receiver() as receiver:
-        async with running(settings) as gateway:
+        async with gateway_for(settings) as gateway:
             # As if the gateway died right after the request ended: its sender never gets to the delivery.
             assert gateway.webhooks is not None
             await gateway.webhooks.stop()
@@ -328,7 +317,7 @@ async def test_a_delivery_pending_when_the_gateway_stops_goes_out_after_it_resta
             assert pending.attempts == 0 and pending.delivered_at is None
         assert receiver.received.empty()
 
-        async with running(settings) as restarted:
+        async with gateway_for(settings) as restarted:
             delivery = await receiver.next()
             assert delivery.json()["request_id"] == request_id and delivery.json()["status"] == "OK"
             assert verified(delivery, await asyncio.to_thread(fetch_jwks, settings.http_port))
@@ -337,7 +326,7 @@ async def test_a_delivery_pending_when_the_gateway_stops_goes_out_after_it_resta
 
 async def test_webhook_urls_pass_the_input_guard(gateway_settings: Settings, tiny_sdxl: TinyModel) -> None:
     strict = gateway_settings.replace(fetch_allowed_hosts="", allow_private_networks=False)
-    async with Receiver() as receiver, running(strict) as gateway:
+    async with Receiver() as receiver, gateway_for(strict) as gateway:
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             for url, why in (
                 (receiver.url(), "loopback"),

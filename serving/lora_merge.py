@@ -1,30 +1,28 @@
-"""A request's LoRA set merged into copies of the weights it touches, swapped into the modules for the request.
+"""A request's LoRA set merged into the modules' own weights, beside an exact copy of each base weight.
 
 For each adapted layer the request runs with `W' = W + Σ scale · scaling · up @ down` (PEFT's
 alpha / r; DoRA layers are rescaled per output feature as PEFT merges them): what diffusers'
-`fuse_lora` computes, but beside an exact copy of each base weight (the merge writes a new tensor,
-or on a CPU the module's weight once its base weight is copied aside), so no rounding drift
-accumulates and nothing has to be unfused. On a GPU, layers of one shape group
-(serving/lora_tensors.py) are merged by one `baddbmm` over their stacked weights, so a switch
-costs a few launches per group and LoRA, not per layer: an SDXL attention LoRA's 560 layers are
-4 groups. A CPU has no launches to save and merges layer by layer, in the weights' dtype where it
-multiplies that fast (`_merge_layers`). Several LoRAs are applied one after the other, as
+`fuse_lora` computes, but beside an exact copy of each base weight, so no rounding drift
+accumulates and nothing has to be unfused. Several LoRAs are applied one after the other, as
 `fuse_lora` does.
 
-The merged copies are installed by swapping their contents with the modules' own `weight`
-tensors (copies into the same storage, never a new parameter) and restored by swapping back: no
-module is wrapped and no parameter replaced, so the forward pass is the plain model's and a
-compiled, CUDA-graphed U-Net (serving/compiled.py) keeps reading the tensors it was built on. While
-installed, each merged copy holds the weight it replaced (the only copy of it: dropping an installed
-set would lose the base weights); after `restore` it holds the merged one again, ready for a repeat.
-A swap is all or nothing: one that fails half-way swaps back what it did before raising.
+`apply` copies each base weight aside (the partner) and writes the merged weight straight into the
+module's own weight tensor, one `addmm` per layer (`_apply_layers`) in the weights' dtype (on a
+CPU where it multiplies that fast). A switch puts the set it replaces back by copy, whose
+partners then already hold the base weights and become the new set's (`spares`): two passes over
+each weight and nothing allocated where the sets adapt the same layers. Writing into the same
+storage (never a new parameter) keeps the forward pass the plain model's, and a compiled,
+CUDA-graphed U-Net (serving/compiled.py) reads the tensors it was built on. A per-layer launch
+costs a GPU microseconds; merging a shape group's layers at once into new tensors and swapping
+them in (as DoRA's layers still are, below) moves every weight four more times: tens of ms for
+FLUX.1's 22 GiB of adapted weights.
 
-On a CPU `apply` merges straight into the modules' weights instead (`_apply_layers`), keeping a
-copy of each base weight as the partner: the state `install` would leave, for one copy and one
-merge pass per weight where merging into a new tensor and swapping it in took a merge pass and
-three copies, with the scratch and the new tensor's pages faulted in on every switch (on SDXL's
-U-Net in bfloat16 on 2 cores the swap alone took longer than the merge). The base copies can be the
-buffers of the set it replaces (`spares`), so that a switch allocates nothing.
+DoRA layers, whose norms read the base weights, are merged into new tensors (`merge`: on a GPU one
+`baddbmm` per shape group of serving/lora_tensors.py, on a CPU layer by layer, `_merge_layers`)
+and swapped in (`install`). Either way the state left is the same: each module's partner holds the
+weight it replaced (the only copy of it: dropping an installed set would lose the base weights);
+`restore` swaps back, after which the partner holds the merged weights, ready for a repeat. A
+merge or a swap is all or nothing: one that fails half-way puts back what it did before raising.
 """
 
 from __future__ import annotations
@@ -164,8 +162,8 @@ def apply(
     """
     spares = spares if spares is not None else {}
     groups = [(group, scale) for lora, scale in active for group in lora.groups if which(group)]
-    if not all(group.magnitudes is None and group.modules[0].weight.device.type == "cpu" for group, _ in groups):
-        # DoRA norms read the base weights, and a GPU merges a group's layers at once: merged into new tensors.
+    if not all(group.magnitudes is None for group, _ in groups):
+        # DoRA norms read the base weights: merged into new tensors.
         spares.clear()
         return install(merge(active, which=which))
     bases: dict[Mergeable, torch.Tensor] = {}
@@ -188,9 +186,14 @@ def _apply_layers(
     spares: dict[torch.nn.Module, torch.Tensor],
     spares_hold_weights: bool,
 ) -> None:
-    """`_merge_layers`' arithmetic, written into each module's weight; its base weight copied aside first."""
+    """`_merge_layers`' arithmetic, written into each module's weight; its base weight copied aside first.
+
+    One `addmm` per layer reading the base copy and writing the weight: on a GPU a layer's launch
+    costs microseconds, where merging a group at once (`_merge_group`) moves every weight four more
+    times (stacked, merged, swapped in), which for FLUX.1's 22 GiB of adapted weights is tens of ms.
+    """
     dtype = group.modules[0].weight.dtype
-    fast = _fast_cpu_matmul(dtype)
+    fast = group.modules[0].weight.device.type != "cpu" or _fast_cpu_matmul(dtype)
     alphas = (group.scalings.view(-1) * scale).tolist()
     for module, up, down, alpha in zip(group.modules, group.ups, group.downs, alphas, strict=True):
         live = module.weight.detach()

@@ -4,10 +4,10 @@ Below it sit the replica's host-RAM tier of parsed files (serving/lora_cache.py)
 weights cache on disk. A miss here turns a parsed file into stacked `up` / `down` matrices on the
 pipeline's device (serving/lora_tensors.py): no module is built, so it costs the key conversion
 and one transfer per shape group, and the device holds exactly the LoRA's tensors. A request's
-set is merged into copies of the weights it touches (serving/lora_merge.py) whose contents are
-swapped into the modules' own weight tensors (never a new parameter: a compiled U-Net reads the
-same storage). The set stays installed after its request: a request repeating it merges and copies
-nothing (on SDXL's U-Net a swap each way was 0.4 s of a 2-core CPU). A request for another set, or
+set is merged into the modules' own weight tensors beside copies of the base weights they held
+(serving/lora_merge.py; never a new parameter: a compiled U-Net reads the same storage). The set
+stays installed after its request: a request repeating it merges and copies nothing (on SDXL's
+U-Net a swap each way was 0.4 s of a 2-core CPU). A request for another set, or
 for none, first puts the base weights back, so a merge only ever reads base weights; after a
 request without LoRAs the copies of the last set stay (then holding the merged weights) so that a
 later repeat merges nothing.
@@ -27,6 +27,7 @@ transfer runs on a copy stream of its own. On a CPU everything runs in order.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -177,10 +178,10 @@ class DeviceLoraTier:
             # The copies stay, holding the merged weights again, for a later repeat.
             self._restore()
         elif self._merged is not None and self._merged.key != key:
-            # Out of the budget before the next set's adapters come in; on a CPU the next set's base
-            # weights go into its buffers (`lora_merge.apply`), elsewhere its memory goes first.
+            # Out of the budget before the next set's adapters come in; the next set's base weights go
+            # into its buffers (`lora_merge.apply`), so that a switch allocates nothing.
             spares_hold_weights = self._installed_key is not None
-            spares = self._drop_merged(spare=self._unet_device()[1].type == "cpu")
+            spares = self._drop_merged(spare=True)
         resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
         if not key or self._installed_key == key:
             return
@@ -254,27 +255,28 @@ class DeviceLoraTier:
         spares: dict[torch.nn.Module, torch.Tensor],
         spares_hold_weights: bool,
     ) -> list[tuple[torch.nn.Module, torch.nn.Parameter]]:
-        """The U-Net's share merged and installed (on a GPU on the side stream, after the main stream's work so far)."""
+        """The U-Net's share merged into its weights: on a GPU on the side stream, after the main stream's work so far
+        (the last request's U-Net), and the U-Net's first call waits for it."""
         unet, device = self._unet_device()
-        if device.type != "cuda" or unet is None:
+        side: torch.cuda.Stream | None = None
+        if device.type == "cuda" and unet is not None:
+            main = torch.cuda.current_stream(device)
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
+            side = self._stream
+            side.wait_stream(main)
+            # Before any kernel is queued: a merge that raises half-way is waited for by `deactivate` too.
+            self._merging = (main, side, [tensors for tensors, _ in active])
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             merged = lora_merge.apply(active, which=_is_unet, spares=spares, spares_hold_weights=spares_hold_weights)
-            self._installed += merged
-            self.weight_writes += len(merged)
+        self._installed += merged
+        self.weight_writes += len(merged)
+        if side is None or unet is None:
             return merged
-        main = torch.cuda.current_stream(device)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        self._stream.wait_stream(main)
-        # Before any kernel is queued: a merge that raises half-way is waited for by `deactivate` too.
-        self._merging = (main, self._stream, [tensors for tensors, _ in active])
-        with torch.cuda.stream(self._stream):
-            # Installed here too: the copies into the U-Net's own weights must follow the merge.
-            merged = lora_merge.merge(active, which=_is_unet)
-            self._install(merged)
         for _, parameter in merged:
-            # Allocated on the side stream, read on the main one: the allocator must know.
+            # The base copies: allocated (or, spares, last written) on the side stream, read on the main one.
             parameter.record_stream(main)
-        done = self._stream.record_event()
+        done = side.record_event()
 
         def wait(_module: torch.nn.Module, _args: object) -> None:
             torch.cuda.current_stream(device).wait_event(done)

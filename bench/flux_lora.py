@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -78,6 +79,8 @@ RAW_SAMPLES = (
     "merge_after_miss",
     "switch",
     "repeat",
+    "installed_switch",
+    "installed_switch_writes",
     "max_abs_diff",
     "lora_effect",
 )
@@ -199,7 +202,7 @@ def run(
             [lambda: diffusers_parsed(state_dict), lambda: parsed_miss(device, loaded, host, parsed_path, raw)],
         ]
         compare_arms(index, pairs, outputs, raw)
-        merged, _ = switch_and_repeat(device, loaded, file_path, raw)
+        merged, _ = switch_and_repeat(device, loaded, file_path, parsed_path, raw)
         if index == 0:
             # The warm-up round (first imports, allocator arenas, first merge) is left out for both sides.
             for samples in raw.values():
@@ -225,6 +228,8 @@ def run(
         "file → ready: service ÷ diffusers": ms(raw["service_file"]) / ms(raw["diffusers_file"]),
         "switch (merge + swap) ms": ms(raw["switch"]),
         "repeat ms": ms(raw["repeat"]),
+        "switch from an installed set ms": ms(raw["installed_switch"]),
+        "weight writes, switch from an installed set": statistics.median(raw["installed_switch_writes"]),
         "merges during repeats": float(repeat_merges),
         "max |diffusers − service| ÷ LoRA effect": max(raw["max_abs_diff"]) / min(raw["lora_effect"]),
         "adapted layers, diffusers": float(max(adapted["diffusers"])),

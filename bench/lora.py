@@ -87,6 +87,8 @@ RAW_SAMPLES = (
     "merge_after_miss",
     "switch",
     "repeat",
+    "installed_switch",
+    "installed_switch_writes",
     "forward_plain",
     "forward_diffusers",
     "forward_service",
@@ -247,7 +249,7 @@ def run(
             [lambda: diffusers_parsed(state_dict), lambda: service_parsed(parsed_path)],
         ]
         compare_arms(index, pairs, outputs, raw)
-        merged, written = switch_and_repeat(device, loaded, file_path, raw)
+        merged, written = switch_and_repeat(device, loaded, file_path, parsed_path, raw)
         plain()
         if index == 0:
             # The warm-up round (first PEFT import paths, allocator arenas, first merge, first forward
@@ -281,6 +283,8 @@ def run(
         "merge after the miss ms": ms(raw["merge_after_miss"]),
         "switch (merge + swap) ms": ms(raw["switch"]),
         "repeat ms": ms(raw["repeat"]),
+        "switch from an installed set ms": ms(raw["installed_switch"]),
+        "weight writes, switch from an installed set": statistics.median(raw["installed_switch_writes"]),
         "merges during repeats": float(repeat_merges),
         "weight writes during repeats": float(repeat_writes),
         f"forward {CFG_BATCH}×{latent}², no LoRA ms": ms(raw["forward_plain"]),
@@ -337,17 +341,24 @@ def compare_arms(
 
 
 def switch_and_repeat(
-    device: torch.device, loaded: LoadedPipeline, path: Path, raw: dict[str, list[float]]
+    device: torch.device, loaded: LoadedPipeline, path: Path, other: Path, raw: dict[str, list[float]]
 ) -> tuple[int, int]:
     """The switch back to `path`'s LoRA (resident, while the parsed one's copies are kept) timed, then a
-    repeat of it; (merges, weight writes) the repeat did, none where a repeat costs nothing."""
+    repeat of it; (merges, weight writes) the repeat did, none where a repeat costs nothing. Then a switch
+    straight from that installed set to `other`'s (resident), as a request after a request with LoRAs
+    makes it, timed with the weight tensors it writes (not in the returned counts)."""
     one = [(str(path), 1.0)]
     raw["switch"].append(timed(device, lambda: loaded.activate_loras(one)))
     loaded.deactivate_loras()
     merges, writes = loaded.lora_merges, loaded.lora_tier.weight_writes
     raw["repeat"].append(timed(device, lambda: loaded.activate_loras(one)))
     loaded.deactivate_loras()
-    return loaded.lora_merges - merges, loaded.lora_tier.weight_writes - writes
+    repeat = loaded.lora_merges - merges, loaded.lora_tier.weight_writes - writes
+    writes = loaded.lora_tier.weight_writes
+    raw["installed_switch"].append(timed(device, lambda: loaded.activate_loras([(str(other), 1.0)])))
+    loaded.deactivate_loras()
+    raw["installed_switch_writes"].append(float(loaded.lora_tier.weight_writes - writes))
+    return repeat
 
 
 def peft_layers(unet: torch.nn.Module) -> int:

@@ -40,8 +40,8 @@ is not free when it is read.
 The alternative weighed: merging in place with the original weights kept in pinned host memory.
 It needs no device memory for copies (and would fit two pipelines), but every switch moves the
 adapted layers both ways over PCIe (2 × 22 GiB, ~1-2 s at 25-50 GB/s) where the on-device copies
-switch in about 30 ms (two passes, each reading and writing 22 GiB at ~3 TB/s, estimated); it is the
-way to go for GPUs under 80 GB.
+switch in about 15 ms (one pass reading and writing 22 GiB at ~3 TB/s, where both sets adapt the
+same layers, estimated); it is the way to go for GPUs under 80 GB.
 """
 
 from __future__ import annotations

@@ -8,14 +8,15 @@ accumulates and nothing has to be unfused. Several LoRAs are applied one after t
 
 `apply` copies each base weight aside (the partner) and writes the merged weight straight into the
 module's own weight tensor, one `addmm` per layer (`_apply_layers`) in the weights' dtype (on a
-CPU where it multiplies that fast). A switch puts the set it replaces back by copy, whose
-partners then already hold the base weights and become the new set's (`spares`): two passes over
-each weight and nothing allocated where the sets adapt the same layers. Writing into the same
+CPU where it multiplies that fast). On a switch the partners of the set it replaces, which hold
+the base weights, become the new set's (`spares`): a layer both sets adapt is written once, from
+its partner, with nothing put back first and nothing allocated; only the layers the new set leaves
+are copied back. Writing into the same
 storage (never a new parameter) keeps the forward pass the plain model's, and a compiled,
 CUDA-graphed U-Net (serving/compiled.py) reads the tensors it was built on. A per-layer launch
-costs a GPU microseconds; merging a shape group's layers at once into new tensors and swapping
-them in (as DoRA's layers still are, below) moves every weight four more times: tens of ms for
-FLUX.1's 22 GiB of adapted weights.
+costs a GPU microseconds; putting the base weights back, merging a shape group's layers at once
+into new tensors and swapping them in (as DoRA's layers still are, below) moved every weight five
+more times: tens of ms for FLUX.1's 22 GiB of adapted weights.
 
 DoRA layers, whose norms read the base weights, are merged into new tensors (`merge`: on a GPU one
 `baddbmm` per shape group of serving/lora_tensors.py, on a CPU layer by layer, `_merge_layers`)
@@ -175,6 +176,12 @@ def apply(
         with torch.no_grad():
             for module, base in bases.items():
                 module.weight.detach().copy_(base)
+            if spares_hold_weights:
+                # Modules of the replaced set not reached yet may still hold its merged weights.
+                for holder, spare in spares.items():
+                    weight = holder._parameters["weight"]
+                    assert weight is not None
+                    weight.detach().copy_(spare)
         raise
     return [(module, torch.nn.Parameter(base, requires_grad=False)) for module, base in bases.items()]
 
@@ -204,12 +211,17 @@ def _apply_layers(
         if module in bases:
             source = live.reshape(rows, -1)
         else:
-            base, reused = spares.pop(module, None), True
+            # With `spares_hold_weights` the spare holds the base weight and the module may not (the
+            # replaced set's merged weight, left for this write): the base is read from the spare.
+            spare = spares.get(module)
+            held = spare if spares_hold_weights else None
+            base = spare
             if base is None or base.shape != live.shape or base.dtype != dtype or not base.is_contiguous():
-                base, reused = torch.empty(live.shape, dtype=dtype, device=live.device), False
-            if not (reused and spares_hold_weights):
-                base.copy_(live)
+                base = torch.empty(live.shape, dtype=dtype, device=live.device)
+            if base is not held:
+                base.copy_(live if held is None else held)
             bases[module] = base
+            spares.pop(module, None)
             source = base.view(rows, -1)
         if live.is_contiguous():
             out = live.view(rows, -1)

@@ -7,8 +7,10 @@ and one transfer per shape group, and the device holds exactly the LoRA's tensor
 set is merged into the modules' own weight tensors beside copies of the base weights they held
 (serving/lora_merge.py; never a new parameter: a compiled U-Net reads the same storage). The set
 stays installed after its request: a request repeating it merges and copies nothing (on SDXL's
-U-Net a swap each way was 0.4 s of a 2-core CPU). A request for another set, or
-for none, first puts the base weights back, so a merge only ever reads base weights; after a
+U-Net a swap each way was 0.4 s of a 2-core CPU). A request for none puts the base weights back;
+one for another set puts back the layers it does not adapt and merges into the others from their
+base copies, so a merge only ever reads base weights (DoRA's, which read the weights themselves,
+after all are put back); after a
 request without LoRAs the copies of the last set stay (then holding the merged weights) so that a
 later repeat merges nothing.
 
@@ -161,8 +163,8 @@ class DeviceLoraTier:
     def activate(self, loras: Sequence[tuple[Path, float]]) -> None:
         """Exactly these LoRAs at these scales until `deactivate`; an empty list gives the plain weights.
 
-        The set installed by the last request is kept if it is this one (no merge, no copy), put back
-        otherwise before anything is merged: merges read the modules' weights, which must be the base ones.
+        The set installed by the last request is kept if it is this one (no merge, no copy); otherwise its
+        layers this set does not adapt are put back, and the merge writes the others from their base copies.
         """
         self.deactivate()
         names = [adapter_name(path) for path, _ in loras]
@@ -179,18 +181,26 @@ class DeviceLoraTier:
             self._restore()
         elif self._merged is not None and self._merged.key != key:
             # Out of the budget before the next set's adapters come in; the next set's base weights go
-            # into its buffers (`lora_merge.apply`), so that a switch allocates nothing.
+            # into its buffers (`lora_merge.apply`), so that a switch allocates nothing. Put back below.
             spares_hold_weights = self._installed_key is not None
-            spares = self._drop_merged(spare=True)
-        resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
+            spares = self._drop_merged(spare=True, restore=False)
+        active: list[tuple[LoraTensors, float]] | None = None
+        try:
+            resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
+            active = [(resident[name], scale) for name, scale in key]
+        finally:
+            if spares_hold_weights:
+                # The replaced set's layers that this one adapts too keep their merged weights: this
+                # merge writes them from their base copies (`spares`), one pass rather than two. All are
+                # put back if the LoRAs did not load, or if the merge reads the weights (DoRA).
+                self._restore_by_copy(keep=_rewritten(active or []))
         if not key or self._installed_key == key:
             return
         if self._merged is not None:
             self._install(self._merged.parameters)
             self._installed_key = key
             return
-        assert not self._installed, "a merge must read the base weights"
-        active = [(resident[name], scale) for name, scale in key]
+        assert not self._installed and active is not None, "a merge must read the base weights"
         self.merges += 1
         first = lora_merge.apply(
             active, which=lambda group: not _is_unet(group), spares=spares, spares_hold_weights=spares_hold_weights
@@ -220,20 +230,25 @@ class DeviceLoraTier:
         self._installed = []
         self._installed_key = None
 
-    def _restore_by_copy(self) -> None:
-        """The base weights copied back (one copy each, not a swap's three): the merged ones are not kept."""
-        lora_merge.restore(self._installed, keep_merged=False)
-        self.weight_writes += len(self._installed)
+    def _restore_by_copy(self, keep: frozenset[torch.nn.Module] = frozenset()) -> None:
+        """The base weights copied back (one copy each, not a swap's three): the merged ones are not kept.
+
+        `keep`: modules left as they are, for the next merge to write from their base copies (its spares).
+        """
+        back = [(module, partner) for module, partner in self._installed if module not in keep]
+        lora_merge.restore(back, keep_merged=False)
+        self.weight_writes += len(back)
         self._installed = []
         self._installed_key = None
 
-    def _drop_merged(self, *, spare: bool = False) -> dict[torch.nn.Module, torch.Tensor]:
+    def _drop_merged(self, *, spare: bool = False, restore: bool = True) -> dict[torch.nn.Module, torch.Tensor]:
         """Restored first if installed: while installed the copies hold the only base weights.
 
         `spare`: returns the copies' buffers by module (holding the base weights if they were
         installed) for the next merge to keep its base weights in; their bytes leave the budget now.
+        Without `restore` the caller puts the installed set back (`_restore_by_copy`) before anything else.
         """
-        if self._installed_key is not None:
+        if restore and self._installed_key is not None:
             self._restore_by_copy()
         with self._lock:
             spares = {} if self._merged is None or not spare else {m: p.detach() for m, p in self._merged.parameters}
@@ -415,6 +430,14 @@ class DeviceLoraTier:
     def _track_bytes(self, delta: int) -> None:
         if self._metrics is not None:
             self._metrics.cache_bytes.labels(tier=GPU_TIER).inc(delta)
+
+
+def _rewritten(active: Sequence[tuple[LoraTensors, float]]) -> frozenset[torch.nn.Module]:
+    """The modules a merge of `active` writes without reading their weights: all it adapts, none with DoRA."""
+    groups = [group for tensors, _ in active for group in tensors.groups]
+    if any(group.magnitudes is not None for group in groups):
+        return frozenset()
+    return frozenset(module for group in groups for module in group.modules)
 
 
 def _reason(exc: BaseException) -> str:

@@ -306,7 +306,11 @@ class WeightWrites(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        for argument, value in zip(func._schema.arguments, args):
+        values = [*zip(func._schema.arguments, args)]
+        # Keyword arguments too: `out=` of addmm is how a merge writes a weight.
+        values += [(argument, (kwargs or {})[argument.name]) for argument in func._schema.arguments
+                   if argument.name in (kwargs or {})]
+        for argument, value in values:
             if argument.alias_info is not None and argument.alias_info.is_write:
                 written = value if isinstance(value, (list, tuple)) else [value]
                 self.count += sum(
@@ -374,8 +378,13 @@ def test_switching_sets_puts_the_base_weights_back_before_anything_else_runs_or_
     assert np.array_equal(pixels(loaded), expected_plain)
     assert same_weights(live_weights(loaded), base)
     assert np.array_equal(pixels(loaded, loras=lora_b), expected_b)
-    # Straight from B to A: A's merge reads the base weights, not B's merged ones.
-    assert np.array_equal(pixels(loaded, loras=lora_a), expected_a)
+    # Straight from B to A: A's merge reads the base weights, not B's merged ones. The two adapt the same
+    # layers, so each is written once, from its base copy, rather than put back first and merged after.
+    tier = loaded.lora_tier
+    written = tier.weight_writes
+    with WeightWrites(loaded) as writes:
+        assert np.array_equal(pixels(loaded, loras=lora_a), expected_a)
+    assert writes.count == tier.weight_writes - written == len(tier._installed) > 0
     assert np.array_equal(pixels(loaded), expected_plain)
     assert same_weights(live_weights(loaded), base)
 
@@ -467,6 +476,39 @@ def test_a_merge_or_an_install_failing_half_way_leaves_the_base_weights(
     assert same_weights(live_weights(loaded), base)
     assert len(chunks) > 3, "the failed swap did not undo its first chunks"
     assert np.array_equal(pixels(loaded, loras=lora), expected)
+
+
+def test_a_switch_failing_half_way_leaves_the_base_weights(
+    tiny_models: dict[str, TinyModel], pipelines: dict[str, LoadedPipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch writes the layers both sets adapt from their base copies without putting them back first: one
+    that fails half-way (no memory for the merge) puts back the layers it had not reached as well."""
+    model, reference = tiny_models["sd15"], pipelines["sd15"]
+    lora_a, lora_b = ([(str(path), 1.0)] for path in model.lora_paths[:2])
+    expected_plain = pixels(reference)  # the shared reference may still hold another test's set until now
+    base, expected_b = live_weights(reference), pixels(reference, loras=lora_b)
+    loaded = load_pipeline(str(model.pipeline_dir))
+    pixels(loaded, loras=lora_a)
+    fast_cpu_matmul = lora_merge._fast_cpu_matmul
+    groups: list[torch.dtype] = []
+
+    def out_of_memory_on_the_second_group(dtype: torch.dtype) -> bool:
+        groups.append(dtype)
+        if len(groups) == 2:
+            raise torch.OutOfMemoryError("no memory for the merge")
+        return fast_cpu_matmul(dtype)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lora_merge, "_fast_cpu_matmul", out_of_memory_on_the_second_group)
+        with pytest.raises(torch.OutOfMemoryError):
+            pixels(loaded, loras=lora_b)
+    assert len(groups) == 2 and same_weights(live_weights(loaded), base)
+    assert np.array_equal(pixels(loaded), expected_plain)
+    assert np.array_equal(pixels(loaded, loras=lora_b), expected_b)
+    # A switch to a LoRA that does not load (an SDXL LoRA on SD 1.5) leaves the base weights too.
+    with pytest.raises(AdapterLoadError):
+        pixels(loaded, loras=[(str(tiny_models["sdxl"].lora_paths[0]), 1.0)])
+    assert same_weights(live_weights(loaded), base)
 
 
 # --- embeddings in the same tier -------------------------------------------------------------

@@ -113,7 +113,7 @@ def _merge_layers(
     """
     dtype = weights[0].dtype
     fast = _fast_cpu_matmul(dtype)
-    alphas = (group.scalings.view(-1) * scale).tolist()
+    alphas = [scaling * scale for scaling in group.host_scalings]
     for module, weight, up, down, alpha in zip(group.modules, weights, group.ups, group.downs, alphas, strict=True):
         flat = weight.detach().reshape(weight.shape[0], -1)
         owned = module in current
@@ -201,7 +201,7 @@ def _apply_layers(
     """
     dtype = group.modules[0].weight.dtype
     fast = group.modules[0].weight.device.type != "cpu" or _fast_cpu_matmul(dtype)
-    alphas = (group.scalings.view(-1) * scale).tolist()
+    alphas = [scaling * scale for scaling in group.host_scalings]
     for module, up, down, alpha in zip(group.modules, group.ups, group.downs, alphas, strict=True):
         live = module.weight.detach()
         rows = live.shape[0]

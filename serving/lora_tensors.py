@@ -90,6 +90,8 @@ class ShapeGroup:
     downs: tuple[torch.Tensor, ...]
     # Each layer's scaling, (n, 1, 1) float32 on the device, to multiply the stacked `ups` by.
     scalings: torch.Tensor
+    # The same on the host: a per-layer merge reads them without waiting for the device.
+    host_scalings: tuple[float, ...]
     # DoRA layers' magnitudes (out,) each; None in a group of plain LoRA layers.
     magnitudes: tuple[torch.Tensor, ...] | None = None
 
@@ -418,5 +420,6 @@ def _grouped(deltas: list[LayerDelta]) -> Iterable[ShapeGroup]:
             torch.tensor([d.scaling for d in members], dtype=torch.float32)
             .view(-1, 1, 1)
             .to(members[0].up.device, non_blocking=True),
+            tuple(float(d.scaling) for d in members),
             tuple(d.magnitude for d in members if d.magnitude is not None) if key[4] else None,
         )

@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from loraserve.client import AsyncClient, LoraServeError
-from tests.unit.test_unit_stream_slots import BODY, start, worker  # noqa: F401 - the fixture
+from tests.conftest import gateway_for
+from tests.unit.test_unit_stream_slots import BODY, settings, worker  # noqa: F401 - the fixture
 from tests.unit.worker_testkit import WorkerServer
 
 IDN = "https://bücher.example/style.safetensors?x=é"
@@ -22,8 +23,7 @@ NO_ASCII_FORM = "https://é..x/style.safetensors"
 
 
 async def test_file_fields_are_made_ascii_or_refused_at_submit(tmp_path: Path, worker: WorkerServer) -> None:  # noqa: F811
-    gateway = await start(tmp_path, worker, max_data_uri_bytes=1000)
-    try:
+    async with gateway_for(settings(tmp_path, worker, max_data_uri_bytes=1000)) as gateway:
         async with AsyncClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             queued = await client.submit({**BODY, "loras": [{"path": IDN}]}, webhook_url="https://hooks.example/h?x=é")
             record = await gateway.store.get(queued)
@@ -45,5 +45,4 @@ async def test_file_fields_are_made_ascii_or_refused_at_submit(tmp_path: Path, w
                 assert response.status == 422
                 (detail,) = (await response.json())["detail"]
                 assert detail["loc"] == ["query", "fal_webhook"] and "internationalised" in detail["msg"]
-    finally:
-        await gateway.stop(grace_seconds=0)
+

@@ -424,7 +424,7 @@ class FalHttp:
             await response.prepare(request)
             last: dict[str, Any] | None = None
             try:
-                async for status in _with_pings(self._generation.updates(record, logs)):
+                async for status in _with_pings(self._generation.updates(record, logs), PING_SECONDS):
                     if status is None:
                         await response.write(b": ping\n\n")
                         continue
@@ -543,7 +543,7 @@ def _caller_gone(request: web.Request) -> bool:
 
 
 async def _with_pings(
-    updates: AsyncIterator[generation_pb2.RequestStatus], every: float = PING_SECONDS
+    updates: AsyncIterator[generation_pb2.RequestStatus], every: float
 ) -> AsyncGenerator[generation_pb2.RequestStatus | None, None]:
     """The updates, with a None whenever `every` seconds pass without one. The pending read is kept across
     pings (cancelling it would end the generator)."""

@@ -33,3 +33,13 @@ class OptionUnavailableError(Exception):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(message)
         self.field_name = field_name
+
+
+def reason(exc: BaseException, limit: int = 400) -> str:
+    """One short line a caller can act on, for the messages of these errors: torch's shape errors (and
+    diffusers' converters) put the useful part on line two, and some run to pages."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join([f"{type(exc).__name__}:", *lines[:2]])
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text + (f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else "")

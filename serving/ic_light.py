@@ -25,7 +25,7 @@ import PIL.Image
 import safetensors.torch
 import torch
 
-from serving.errors import AdapterLoadError, OptionUnavailableError
+from serving.errors import AdapterLoadError, OptionUnavailableError, reason
 from serving.model_cache import file_key
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ def read_offset(path: Path, label: str, device: torch.device) -> dict[str, torch
     try:
         return safetensors.torch.load_file(str(path), device=str(device))
     except Exception as exc:
-        raise AdapterLoadError(f"IC-Light model {label!r} is not a readable safetensors file: {_reason(exc)}") from exc
+        why = reason(exc, MAX_REASON_CHARS)
+        raise AdapterLoadError(f"IC-Light model {label!r} is not a readable safetensors file: {why}") from exc
 
 
 def _base_parameters(unet: Any) -> list[str]:
@@ -202,9 +203,3 @@ def _to_tensor(image: PIL.Image.Image) -> torch.Tensor:
     """HWC uint8 → CHW in [-1, 1], as the reference's numpy2pytorch (÷127.5 here, the VAE's own range)."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def _reason(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {' '.join(lines[:2])}"
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"

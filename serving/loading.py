@@ -29,7 +29,7 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from serving import compiled, flux_checkpoint, image_to_image, unets
-from serving.errors import ModelLoadError
+from serving.errors import ModelLoadError, reason
 from serving.lora_cache import HostLoraCache
 from serving.loaded import LoadedPipeline
 from serving.metrics import WorkerMetrics
@@ -43,7 +43,6 @@ SD_SINGLE_FILE_TYPES: dict[str, type[DiffusionPipeline]] = {
     **dict.fromkeys(("xl_base", "xl_inpaint", "playground-v2-5"), StableDiffusionXLPipeline),
 }
 FLUX_SINGLE_FILE_TYPES = frozenset({"flux-dev", "flux-schnell"})
-MAX_REASON_CHARS = 400
 
 
 def load_pipeline(
@@ -106,7 +105,7 @@ def load_pipeline(
     try:
         pipe.to(device)
     except Exception as exc:
-        raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"could not move model {label!r} to device {device!r}: {reason(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
     compiled_modules = compiled.compile_pipeline(
         pipe, family=family, mode=compile_mode, sizes=compile_sizes, regional=compile_regional
@@ -192,7 +191,7 @@ def _from_pretrained(
             variant=variant,
         )
     except Exception as exc:
-        raise ModelLoadError(f"could not load model {model_name!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"could not load model {model_name!r}: {reason(exc)}") from exc
 
 
 def _load_single_file(
@@ -213,7 +212,7 @@ def _load_single_file(
     try:
         return pipeline_class.from_single_file(str(path), dtype=torch_dtype)
     except Exception as exc:
-        raise ModelLoadError(f"could not load single-file model {model_name!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"could not load single-file model {model_name!r}: {reason(exc)}") from exc
 
 
 class _TensorShapes(Mapping[str, torch.Tensor]):
@@ -247,7 +246,7 @@ def _single_file_model_type(path: Path, model_name: str) -> str:
                 tensors = _TensorShapes(checkpoint, flux_checkpoint.bfl_names(tensors))
             return str(infer_diffusers_model_type(tensors))
     except Exception as exc:
-        raise ModelLoadError(f"could not read single-file model {model_name!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"could not read single-file model {model_name!r}: {reason(exc)}") from exc
 
 
 def _load_flux_single_file(
@@ -269,7 +268,7 @@ def _load_flux_single_file(
     except flux_checkpoint.LayoutError as exc:
         raise ModelLoadError(f"single-file model {model_name!r} is not a FLUX.1 transformer: {exc}") from exc
     except Exception as exc:
-        raise ModelLoadError(f"could not read single-file model {model_name!r}: {_reason(exc)}") from exc
+        raise ModelLoadError(f"could not read single-file model {model_name!r}: {reason(exc)}") from exc
     transformer_config = _flux_transformer_config(source, model_name, cache_dir)
     try:
         with accelerate.init_empty_weights():
@@ -278,7 +277,7 @@ def _load_flux_single_file(
     except Exception as exc:
         raise ModelLoadError(
             f"single-file model {model_name!r} does not fit the FLUX.1 transformer of {source!r} "
-            f"(setting flux_single_file_config): {_reason(exc)}"
+            f"(setting flux_single_file_config): {reason(exc)}"
         ) from exc
     transformer.eval()
     try:
@@ -299,7 +298,7 @@ def _load_flux_single_file(
         pipe = FluxPipeline.from_single_file(str(path), config=source, dtype=torch_dtype, cache_dir=cache_dir, **parts)
     except Exception as exc:
         raise ModelLoadError(
-            f"could not load single-file model {model_name!r} with the rest of {source!r}: {_reason(exc)}"
+            f"could not load single-file model {model_name!r} with the rest of {source!r}: {reason(exc)}"
         ) from exc
     # diffusers builds a T5 found in the file in training mode: its dropout would make every image random.
     for component in pipe.components.values():
@@ -320,7 +319,7 @@ def _flux_transformer_config(source: str, model_name: str, cache_dir: Path | Non
     try:
         config = dict(FluxTransformer2DModel.load_config(source, subfolder="transformer", cache_dir=cache_dir))
     except Exception as exc:
-        raise ModelLoadError(f"{where}: it has none that can be read: {_reason(exc)}") from exc
+        raise ModelLoadError(f"{where}: it has none that can be read: {reason(exc)}") from exc
     if config.get("_class_name") != FluxTransformer2DModel.__name__:
         raise ModelLoadError(f"{where}: its transformer is a {config.get('_class_name')}, not FLUX.1's")
     return config
@@ -345,12 +344,3 @@ def _detect_family(pipe: DiffusionPipeline, model_name: str) -> str:
     raise ModelLoadError(
         f"model {model_name!r} is a {type(pipe).__name__}; only Stable Diffusion 1.x/2.x, SDXL and FLUX.1 are supported"
     )
-
-
-def _reason(exc: BaseException) -> str:
-    """One short line a caller can act on; torch's shape errors put the useful part on line two."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join([f"{type(exc).__name__}:", *lines[:2]])
-    if len(text) > MAX_REASON_CHARS:
-        text = text[: MAX_REASON_CHARS - 1] + "…"
-    return text + (f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else "")

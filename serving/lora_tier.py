@@ -41,7 +41,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from serving import flux_memory, lora_merge
-from serving.errors import AdapterLoadError
+from serving.errors import AdapterLoadError, reason
 from serving.lora_cache import ParsedLora, adapter_name
 from serving.lora_tensors import DENOISERS, LoraFitError, LoraTensors, ShapeGroup, lora_tensors
 from serving.metrics import WorkerMetrics
@@ -52,7 +52,6 @@ GPU_TIER = "gpu"
 # pipeline is loaded (the GPU's, or the host's available RAM on a CPU), split among the pipelines a
 # replica may hold (the rest is for their weights and activations, and on a CPU the host tier).
 DEVICE_BUDGET_FRACTION = 0.25
-MAX_REASON_CHARS = 400
 
 
 def default_budget(device: torch.device, pipelines: int = 1, family: str = "") -> int:
@@ -403,11 +402,11 @@ class DeviceLoraTier:
         try:
             return lora_tensors(self._pipe, parsed, sdxl=self._sdxl)
         except LoraFitError as exc:
-            reason = str(exc)
+            why = str(exc)
         except Exception as exc:  # noqa: BLE001 - diffusers' converters raise anything on a malformed file
-            reason = _reason(exc)
+            why = reason(exc)
         raise AdapterLoadError(
-            f"LoRA {str(path)!r} does not fit {self._describe}: {reason}; is it a LoRA for another model family?"
+            f"LoRA {str(path)!r} does not fit {self._describe}: {why}; is it a LoRA for another model family?"
         )
 
     def _evict_over_budget(self) -> None:
@@ -438,9 +437,3 @@ def _rewritten(active: Sequence[tuple[LoraTensors, float]]) -> frozenset[torch.n
     if any(group.magnitudes is not None for group in groups):
         return frozenset()
     return frozenset(module for group in groups for module in group.modules)
-
-
-def _reason(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = " ".join([f"{type(exc).__name__}:", *lines[:2]])
-    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"

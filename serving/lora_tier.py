@@ -7,12 +7,11 @@ and one transfer per shape group, and the device holds exactly the LoRA's tensor
 set is merged into the modules' own weight tensors beside copies of the base weights they held
 (serving/lora_merge.py; never a new parameter: a compiled U-Net reads the same storage). The set
 stays installed after its request: a request repeating it merges and copies nothing (on SDXL's
-U-Net a swap each way was 0.4 s of a 2-core CPU). A request for none puts the base weights back;
-one for another set puts back the layers it does not adapt and merges into the others from their
-base copies, so a merge only ever reads base weights (DoRA's, which read the weights themselves,
-after all are put back); after a
-request without LoRAs the copies of the last set stay (then holding the merged weights) so that a
-later repeat merges nothing.
+U-Net a swap each way was 0.4 s of a 2-core CPU). A request for none puts the base weights back,
+and the copies of the last set stay (then holding the merged weights) so that a later repeat merges
+nothing. One for another set puts back the layers it does not adapt and merges into the others from
+their base copies, so a merge only ever reads base weights (DoRA's, which read the weights
+themselves, after all are put back).
 
 One byte budget covers both: the adapters and the merged copies kept for a repeat (on SDXL fp16
 1.9 GB per set, as much as twenty rank-32 LoRAs). Over it, the least recently used adapters not
@@ -182,7 +181,7 @@ class DeviceLoraTier:
             # Out of the budget before the next set's adapters come in; the next set's base weights go
             # into its buffers (`lora_merge.apply`), so that a switch allocates nothing. Put back below.
             spares_hold_weights = self._installed_key is not None
-            spares = self._drop_merged(spare=True, restore=False)
+            spares = self._drop_merged(spare=True)
         active: list[tuple[LoraTensors, float]] | None = None
         try:
             resident = {name: self.ensure_resident(path, name) for (path, _), name in zip(loras, names)}
@@ -240,14 +239,14 @@ class DeviceLoraTier:
         self._installed = []
         self._installed_key = None
 
-    def _drop_merged(self, *, spare: bool = False, restore: bool = True) -> dict[torch.nn.Module, torch.Tensor]:
+    def _drop_merged(self, *, spare: bool = False) -> dict[torch.nn.Module, torch.Tensor]:
         """Restored first if installed: while installed the copies hold the only base weights.
 
         `spare`: returns the copies' buffers by module (holding the base weights if they were
         installed) for the next merge to keep its base weights in; their bytes leave the budget now.
-        Without `restore` the caller puts the installed set back (`_restore_by_copy`) before anything else.
+        The caller then puts an installed set back itself (`_restore_by_copy`) before anything else.
         """
-        if restore and self._installed_key is not None:
+        if not spare and self._installed_key is not None:
             self._restore_by_copy()
         with self._lock:
             spares = {} if self._merged is None or not spare else {m: p.detach() for m, p in self._merged.parameters}

@@ -131,17 +131,7 @@ def flux1_dev_models() -> tuple[FluxTransformer2DModel, T5EncoderModel, CLIPText
     clip = CLIPTextModel(
         CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
     )
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=LATENT_CHANNELS,
-        layers_per_block=2,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=VAE_SCALING_FACTOR,
-        shift_factor=VAE_SHIFT_FACTOR,
-    )
+    vae = _build_flux_vae([128, 256, 512, 512], layers_per_block=2)
     return build_flux_transformer(**FLUX1_DEV_TRANSFORMER), t5, clip, vae
 
 
@@ -251,7 +241,7 @@ def build_tiny_flux_pipeline() -> FluxPipeline:
     )
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-        vae=_build_flux_vae(),
+        vae=_build_flux_vae([8, 16, 16, 16], norm_num_groups=8),
         text_encoder=CLIPTextModel(clip_config),
         tokenizer=clip_tokenizer,
         text_encoder_2=t5,
@@ -287,20 +277,21 @@ def build_flux_transformer(
     )
 
 
-def _build_flux_vae() -> AutoencoderKL:
-    """Four blocks, as FLUX.1's VAE has: 8× downsampling, so image sides go in multiples of 16."""
+def _build_flux_vae(block_out_channels: Sequence[int], **options: Any) -> AutoencoderKL:
+    """FLUX.1's VAE structure at these widths: four blocks (8× downsampling, so image sides go in multiples
+    of 16), 16 latent channels, no quant convolutions, its scaling and shift."""
     return AutoencoderKL(
-        block_out_channels=[8, 16, 16, 16],
+        block_out_channels=list(block_out_channels),
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
         use_quant_conv=False,
         use_post_quant_conv=False,
         scaling_factor=VAE_SCALING_FACTOR,
         shift_factor=VAE_SHIFT_FACTOR,
+        **options,
     )
 
 
